@@ -1,0 +1,1 @@
+"""fastddpm: train and sample DDPM image models fast, with the reference math."""

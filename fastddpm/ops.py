@@ -1,0 +1,226 @@
+"""The one dispatch place: each fused op picks a backend per (op, device, dtype).
+
+Backends: ``reference`` (pure PyTorch, always there), ``cpp`` (the compiled
+extension ``fastddpm._C``, CPU and CUDA) and ``triton`` (``fastddpm.kernels``,
+CUDA).  A backend module exposes ``IMPLS = {op_name: fn}`` with the same
+signatures as the reference functions below, and ``unsupported(op, device,
+dtype) -> str | None`` (a reason, or None when it can run).
+
+Choice: ``FASTDDPM_BACKEND=reference|cpp|triton`` (or ``use_backend(...)``)
+forces one and raises if it cannot run; otherwise the first available of
+``triton, cpp, reference`` on CUDA and ``cpp, reference`` on CPU, with one
+warning when a fast backend that should be there failed to load.
+
+The functions here check metadata only (no device synchronisation), so they
+are safe inside the sampling loop and a CUDA graph.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import threading
+import warnings
+
+import torch
+
+from . import reference
+from .checks import FLOAT_DTYPES, check_same_device, check_tensor
+from .noise import check_seed
+
+__all__ = ["BACKENDS", "q_sample", "diffusion_loss", "ddpm_step", "attention", "select_backend",
+           "use_backend", "available_backends"]
+
+BACKENDS = ("reference", "cpp", "triton")
+OPS = ("q_sample", "diffusion_loss", "ddpm_step", "attention")
+_BACKEND_MODULES = {"cpp": "fastddpm.cpp_ops", "triton": "fastddpm.kernels.ops"}
+_AUTO_ORDER = {"cuda": ("triton", "cpp", "reference"), "cpu": ("cpp", "reference")}
+
+_loaded: dict[str, object] = {}
+_load_errors: dict[str, str] = {}
+_warned: set = set()
+_local = threading.local()
+
+
+def _backend_module(name: str):
+    """The backend's module, or None (reason kept in ``_load_errors``)."""
+    if name in _loaded or name in _load_errors:
+        return _loaded.get(name)
+    try:
+        _loaded[name] = importlib.import_module(_BACKEND_MODULES[name])
+    except ModuleNotFoundError as e:
+        if e.name == _BACKEND_MODULES[name]:
+            _load_errors[name] = "not part of this installation"
+        else:
+            _load_errors[name] = f"failed to load: {e}"
+    except Exception as e:  # a broken build must not break the package
+        _load_errors[name] = f"failed to load: {type(e).__name__}: {e}"
+    return _loaded.get(name)
+
+
+def _unsupported(name: str, op: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    if name == "reference":
+        return None
+    mod = _backend_module(name)
+    if mod is None:
+        return _load_errors[name]
+    if op not in mod.IMPLS:
+        return f"has no {op}"
+    return mod.unsupported(op, device, dtype)
+
+
+def _forced() -> str | None:
+    name = getattr(_local, "backend", None) or os.environ.get("FASTDDPM_BACKEND") or None
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"FASTDDPM_BACKEND must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None):
+    """Force a backend for the ops called inside the block (None: automatic)."""
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    old = getattr(_local, "backend", None)
+    _local.backend = name
+    try:
+        yield
+    finally:
+        _local.backend = old
+
+
+def select_backend(op: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend that runs ``op`` for tensors on ``device`` of ``dtype``."""
+    forced = _forced()
+    if forced is not None:
+        reason = _unsupported(forced, op, device, dtype)
+        if reason is not None:
+            raise RuntimeError(f"backend {forced!r} was requested for {op} on {device} ({dtype}) but {reason}")
+        return forced
+    for name in _AUTO_ORDER.get(device.type, ("reference",)):
+        reason = _unsupported(name, op, device, dtype)
+        if reason is None:
+            return name
+        if name != "reference" and reason.startswith("failed to load") and name not in _warned:
+            _warned.add(name)
+            warnings.warn(f"fastddpm: backend {name!r} {reason}; falling back", RuntimeWarning, stacklevel=3)
+    return "reference"
+
+
+def available_backends(op: str, device, dtype=torch.float32) -> list[str]:
+    device = torch.device(device)
+    return [b for b in BACKENDS if _unsupported(b, op, device, dtype) is None]
+
+
+def _impl(op: str, device: torch.device, dtype: torch.dtype, backend: str | None):
+    name = backend if backend is not None else select_backend(op, device, dtype)
+    if backend is not None:
+        reason = _unsupported(name, op, device, dtype)
+        if reason is not None:
+            raise RuntimeError(f"backend {name!r} was requested for {op} on {device} ({dtype}) but {reason}")
+    if name == "reference":
+        return None
+    return _loaded[name].IMPLS[op]
+
+
+def _check_batch(op, x, t, **tables):
+    check_tensor("t", t, dtypes=(torch.int64,))
+    if t.ndim > 1 or (t.ndim == 1 and t.shape[0] != x.shape[0]):
+        raise ValueError(f"{op}: t must be a scalar or have shape ({x.shape[0]},), got {tuple(t.shape)}")
+    for name, table in tables.items():
+        check_tensor(name, table, dtypes=(torch.float32,))
+    check_same_device(x=x, t=t, **tables)
+
+
+# -- the ops ---------------------------------------------------------------------------
+def q_sample(x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, *, seed: int, sample_offset: int = 0,
+             noise=None, backend: str | None = None):
+    """Forward noising with the contract's noise (slot 0) or an explicit ``noise``.
+
+    :param x0: ``[n, ...]`` float; :param t: int64 ``[n]``; tables float32 ``[T]``.
+    :return: float32 ``x_t``.
+    """
+    check_tensor("x0", x0, dtypes=FLOAT_DTYPES, min_ndim=1)
+    _check_batch("q_sample", x0, t, sqrt_alphas_cumprod=sqrt_alphas_cumprod,
+                 sqrt_one_minus_alphas_cumprod=sqrt_one_minus_alphas_cumprod)
+    check_seed(seed)
+    t = t.expand(x0.shape[0]) if t.ndim == 0 else t
+    if noise is None:
+        impl = _impl("q_sample", x0.device, x0.dtype, backend)
+        if impl is not None:
+            return impl(x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, seed, sample_offset)
+        noise = reference.batch_noise(seed, sample_offset, 0, x0.shape, x0.device)
+    else:
+        check_tensor("noise", noise, dtypes=FLOAT_DTYPES, shape=x0.shape, device=x0.device)
+    return reference.q_sample(x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, noise)
+
+
+def diffusion_loss(model_output, x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, weights, *,
+                   seed: int, sample_offset: int = 0, prediction: str = "epsilon", loss_type: str = "l2",
+                   huber_delta: float = 1.0, noise=None, backend: str | None = None):
+    """The training loss against the target built from the same noise as
+    ``q_sample`` (regenerated from ``seed``, or the explicit ``noise``)."""
+    check_tensor("model_output", model_output, dtypes=FLOAT_DTYPES, min_ndim=1)
+    check_tensor("x0", x0, dtypes=FLOAT_DTYPES, shape=model_output.shape)
+    _check_batch("diffusion_loss", x0, t, sqrt_alphas_cumprod=sqrt_alphas_cumprod,
+                 sqrt_one_minus_alphas_cumprod=sqrt_one_minus_alphas_cumprod, weights=weights)
+    check_same_device(model_output=model_output, x0=x0)
+    check_seed(seed)
+    if prediction not in reference.PREDICTIONS:
+        raise ValueError(f"prediction must be one of {reference.PREDICTIONS}, got {prediction!r}")
+    if loss_type not in reference.LOSSES:
+        raise ValueError(f"loss_type must be one of {reference.LOSSES}, got {loss_type!r}")
+    t = t.expand(x0.shape[0]) if t.ndim == 0 else t
+    if noise is None:
+        impl = _impl("diffusion_loss", model_output.device, model_output.dtype, backend)
+        if impl is not None:
+            return impl(model_output, x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, weights,
+                        seed, sample_offset, prediction, loss_type, float(huber_delta))
+        noise = reference.batch_noise(seed, sample_offset, 0, x0.shape, x0.device)
+    else:
+        check_tensor("noise", noise, dtypes=FLOAT_DTYPES, shape=x0.shape, device=x0.device)
+    return reference.diffusion_loss(model_output, x0, noise, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod,
+                                    weights, prediction, loss_type, huber_delta)
+
+
+def ddpm_step(x, model_output, step, coefs, *, seed: int, sample_offset: int = 0, clip_denoised: bool = True,
+              noise=None, backend: str | None = None):
+    """One reverse step ``x_t -> x_{t-1}`` for every sample.
+
+    :param x: float32 ``[n, ...]``.
+    :param model_output: ``[n, ...]`` float32/bf16/fp16.
+    :param step: int64 ``[n]`` or 0-dim: the process step index (row of
+        ``coefs`` and the noise slot).
+    :param coefs: float32 ``[K, 5]`` from ``reference.step_coefficients``.
+    :param noise: explicit standard normals; default: the contract's.
+    :return: float32 ``x_{t-1}``.
+    """
+    check_tensor("x", x, dtypes=(torch.float32,), min_ndim=1)
+    check_tensor("model_output", model_output, dtypes=FLOAT_DTYPES, shape=x.shape)
+    check_tensor("coefs", coefs, dtypes=(torch.float32,), ndim=2)
+    if coefs.shape[1] != 5:
+        raise ValueError(f"coefs must have shape (K, 5), got {tuple(coefs.shape)}")
+    _check_batch("ddpm_step", x, step, coefs=coefs)
+    check_same_device(x=x, model_output=model_output)
+    check_seed(seed)
+    step = step.expand(x.shape[0]) if step.ndim == 0 else step
+    if noise is None:
+        impl = _impl("ddpm_step", x.device, model_output.dtype, backend)
+        if impl is not None:
+            return impl(x, model_output, step, coefs, seed, sample_offset, bool(clip_denoised))
+        noise = reference.batch_noise(seed, sample_offset, step, x.shape, x.device)
+    else:
+        check_tensor("noise", noise, dtypes=FLOAT_DTYPES, shape=x.shape, device=x.device)
+    return reference.ddpm_step(x, model_output, coefs.index_select(0, step), clip_denoised, noise)
+
+
+def attention(q, k, v, *, backend: str | None = None):
+    """Softmax attention ``softmax(q k^T / sqrt(d)) v`` over ``[B, heads, L, d]``."""
+    check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=4)
+    check_tensor("k", k, dtypes=(q.dtype,), shape=q.shape)
+    check_tensor("v", v, dtypes=(q.dtype,), shape=q.shape)
+    check_same_device(q=q, k=k, v=v)
+    impl = _impl("attention", q.device, q.dtype, backend)
+    if impl is not None:
+        return impl(q, k, v)
+    return reference.attention(q, k, v)

@@ -1,0 +1,186 @@
+"""Noise schedules: betas and every table derived from them (Ho et al. 2020, §2).
+
+Tables are computed in float64 (as improved-diffusion and
+denoising-diffusion-pytorch do) and handed out as float32 tensors on the
+device that uses them, cached per device.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal, Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["ScheduleKind", "NoiseSchedule", "make_betas", "space_timesteps"]
+
+ScheduleKind = Literal["linear", "cosine", "sigmoid", "quadratic", "custom"]
+SCHEDULE_KINDS = ("linear", "cosine", "sigmoid", "quadratic")
+
+
+def _betas_from_alphas_cumprod(alphas_cumprod: np.ndarray, max_beta: float = 0.999) -> np.ndarray:
+    prev = np.append(1.0, alphas_cumprod[:-1])
+    return np.minimum(1.0 - alphas_cumprod / prev, max_beta)
+
+
+def make_betas(kind: str, num_timesteps: int, beta_start: float | None = None, beta_end: float | None = None) -> np.ndarray:
+    """Betas of a named schedule, float64 ``[T]``.
+
+    :param kind: ``linear`` (Ho et al.: 1e-4..0.02 at T=1000, scaled by 1000/T
+        for other T, as improved-diffusion), ``cosine`` (Nichol & Dhariwal 2021,
+        s=0.008, betas capped at 0.999), ``sigmoid`` (Chen 2023, start=-3,
+        end=3, tau=1, as denoising-diffusion-pytorch), ``quadratic`` (linear
+        in sqrt(beta), diffusers' ``scaled_linear``).
+    :param num_timesteps: T.
+    :param beta_start, beta_end: override the linear/quadratic end points
+        (unscaled when given).
+    """
+    T = num_timesteps
+    if kind in ("linear", "quadratic"):
+        scale = 1000.0 / T
+        start = beta_start if beta_start is not None else scale * 1e-4
+        end = beta_end if beta_end is not None else scale * 0.02
+        if kind == "linear":
+            return np.linspace(start, end, T, dtype=np.float64)
+        return np.linspace(start**0.5, end**0.5, T, dtype=np.float64) ** 2
+    if kind == "cosine":
+        s = 0.008
+        steps = np.arange(T + 1, dtype=np.float64) / T
+        f = np.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+        return np.minimum(1.0 - f[1:] / f[:-1], 0.999)
+    if kind == "sigmoid":
+        start, end, tau = -3.0, 3.0, 1.0
+        steps = np.arange(T + 1, dtype=np.float64) / T
+        sig = lambda z: 1.0 / (1.0 + np.exp(-z))  # noqa: E731
+        v_start, v_end = sig(start / tau), sig(end / tau)
+        f = (-sig((steps * (end - start) + start) / tau) + v_end) / (v_end - v_start)
+        return np.clip(1.0 - f[1:] / f[:-1], 0.0, 0.999)
+    raise ValueError(f"schedule must be one of {SCHEDULE_KINDS} or explicit betas, got {kind!r}")
+
+
+def space_timesteps(num_timesteps: int, steps: int) -> list[int]:
+    """``steps`` timesteps evenly spaced over ``[0, T-1]``, both ends kept
+    (improved-diffusion's ``space_timesteps(T, [steps])``)."""
+    if not 1 <= steps <= num_timesteps:
+        raise ValueError(f"steps must be in [1, {num_timesteps}], got {steps}")
+    if steps == 1:
+        return [num_timesteps - 1]
+    stride = (num_timesteps - 1) / (steps - 1)
+    return sorted({round(i * stride) for i in range(steps)})
+
+
+@dataclass(frozen=True, eq=False)
+class NoiseSchedule:
+    """A variance schedule ``beta_1..beta_T`` and its derived tables.
+
+    Index ``i`` of every table is the process's own step; ``timesteps[i]`` is
+    the timestep the model was trained with at that step (``i`` itself unless
+    the schedule is respaced).
+
+    :param betas: float64 numpy array ``[T]``, each in (0, 1].
+    :param timesteps: original timesteps kept by a respacing.
+    :param kind: the name it was made from, for serialisation.
+    """
+
+    betas: np.ndarray
+    timesteps: tuple[int, ...] = ()
+    kind: str = "custom"
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self):
+        betas = np.asarray(self.betas, dtype=np.float64)
+        if betas.ndim != 1 or betas.size == 0:
+            raise ValueError(f"betas must be a non-empty 1-D sequence, got shape {betas.shape}")
+        if not np.all(np.isfinite(betas)) or np.any(betas <= 0) or np.any(betas > 1):
+            raise ValueError("betas must be finite and in (0, 1]")
+        object.__setattr__(self, "betas", betas)
+        ts = tuple(int(t) for t in self.timesteps) or tuple(range(betas.size))
+        if len(ts) != betas.size:
+            raise ValueError(f"timesteps has {len(ts)} entries for {betas.size} betas")
+        object.__setattr__(self, "timesteps", ts)
+
+    # -- constructors -------------------------------------------------------------
+    @classmethod
+    def make(cls, kind: str | Sequence[float] = "linear", num_timesteps: int = 1000, **kw) -> "NoiseSchedule":
+        """A named schedule (``linear``, ``cosine``, ``sigmoid``, ``quadratic``) or explicit betas."""
+        if isinstance(kind, str):
+            if not isinstance(num_timesteps, int) or num_timesteps < 1:
+                raise ValueError(f"num_timesteps must be a positive int, got {num_timesteps!r}")
+            return cls(make_betas(kind, num_timesteps, **kw), kind=kind)
+        return cls(np.asarray(kind, dtype=np.float64), kind="custom")
+
+    def respace(self, steps: int | Sequence[int]) -> "NoiseSchedule":
+        """The respaced process over fewer steps (improved-diffusion's ``respace.py``):
+        keep ``alphas_cumprod`` at the chosen timesteps and recompute betas from it.
+
+        :param steps: number of steps (evenly spaced, both ends kept) or the
+            explicit timesteps to keep.
+        """
+        if isinstance(steps, int):
+            keep = space_timesteps(self.num_timesteps, steps)
+        else:
+            keep = sorted({int(t) for t in steps})
+            if not keep or keep[0] < 0 or keep[-1] >= self.num_timesteps:
+                raise ValueError(f"respace timesteps must lie in [0, {self.num_timesteps - 1}]")
+        ac = self.alphas_cumprod64[keep]
+        betas = 1.0 - ac / np.append(1.0, ac[:-1])
+        return NoiseSchedule(betas, timesteps=tuple(self.timesteps[k] for k in keep), kind=self.kind)
+
+    # -- float64 tables -----------------------------------------------------------
+    @property
+    def num_timesteps(self) -> int:
+        return int(self.betas.size)
+
+    @property
+    def is_respaced(self) -> bool:
+        return self.timesteps != tuple(range(self.num_timesteps))
+
+    @property
+    def alphas_cumprod64(self) -> np.ndarray:
+        return np.cumprod(1.0 - self.betas)
+
+    def tables64(self) -> dict[str, np.ndarray]:
+        """Every derived table in float64 (names as improved-diffusion)."""
+        betas = self.betas
+        ac = self.alphas_cumprod64
+        ac_prev = np.append(1.0, ac[:-1])
+        post_var = betas * (1.0 - ac_prev) / (1.0 - ac)
+        return {
+            "betas": betas,
+            "alphas": 1.0 - betas,
+            "alphas_cumprod": ac,
+            "alphas_cumprod_prev": ac_prev,
+            "sqrt_alphas_cumprod": np.sqrt(ac),
+            "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - ac),
+            "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / ac),
+            "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / ac - 1.0),
+            "posterior_variance": post_var,
+            # Eq. 7: posterior mean = coef1 * x0 + coef2 * x_t
+            "posterior_mean_coef1": betas * np.sqrt(ac_prev) / (1.0 - ac),
+            "posterior_mean_coef2": (1.0 - ac_prev) * np.sqrt(1.0 - betas) / (1.0 - ac),
+            "snr": ac / (1.0 - ac),
+        }
+
+    # -- float32 tensors per device -----------------------------------------------
+    def table(self, name: str, device: torch.device | str | None = None) -> torch.Tensor:
+        """A float32 table on ``device`` (cached)."""
+        key = (name, str(torch.device(device or "cpu")))
+        if key not in self._cache:
+            arr = self.tables64()[name]
+            self._cache[key] = torch.as_tensor(arr, dtype=torch.float64).to(torch.float32).to(device or "cpu")
+        return self._cache[key]
+
+    def timesteps_tensor(self, device=None) -> torch.Tensor:
+        """int64 ``[T]``: the model timestep of each step."""
+        key = ("timesteps", str(torch.device(device or "cpu")))
+        if key not in self._cache:
+            self._cache[key] = torch.tensor(self.timesteps, dtype=torch.int64, device=device or "cpu")
+        return self._cache[key]
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "betas": self.betas.tolist(), "timesteps": list(self.timesteps)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "NoiseSchedule":
+        return cls(np.asarray(d["betas"], dtype=np.float64), timesteps=tuple(d["timesteps"]), kind=d.get("kind", "custom"))

@@ -1,0 +1,1 @@
+"""Triton kernels of fastddpm, installed as ``fastddpm.kernels``."""

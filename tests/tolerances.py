@@ -1,0 +1,46 @@
+"""The one tolerance table of the test suite, and an assertion helper that
+says where values disagree.  Every test that compares numbers imports from here.
+
+* ``EXACT``: same algorithm, same float32 operation order.
+* ``FP32``: a fused backend or a peer library against the reference in float32
+  (different operation order, FMA contraction).
+* ``PEER``: our float64-derived tables against a peer's float32-derived ones
+  over all t (the issue's "about 1e-4").
+* ``BY_DTYPE``: model outputs / inputs at that dtype, compared with the
+  reference computed from the same rounded inputs in float32.
+* ``NORMAL_ULP``: normals of the noise contract across libraries (log, cos, sin
+  round differently); Philox integers are compared exactly.
+"""
+import torch
+
+EXACT = dict(atol=0.0, rtol=0.0)
+FP32 = dict(atol=1e-5, rtol=1e-5)
+PEER = dict(atol=1e-4, rtol=1e-4)
+NORMAL_ULP = dict(atol=2e-6, rtol=1e-6)
+BY_DTYPE = {
+    torch.float32: dict(atol=1e-5, rtol=1e-5),
+    torch.float16: dict(atol=1e-3, rtol=1e-3),
+    torch.bfloat16: dict(atol=1e-2, rtol=1e-2),
+}
+# attention outputs and gradients against F.scaled_dot_product_attention
+ATTENTION = {
+    torch.float32: dict(atol=2e-5, rtol=2e-5),
+    torch.float16: dict(atol=2e-3, rtol=2e-3),
+    torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
+}
+
+
+def assert_close(actual, expected, *, atol, rtol, msg=""):
+    """``torch.testing.assert_close`` with the worst element's index and values in the message."""
+    actual = torch.as_tensor(actual)
+    expected = torch.as_tensor(expected)
+    assert actual.shape == expected.shape, f"{msg} shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    a, e = actual.double().cpu(), expected.double().cpu()
+    err = (a - e).abs() - rtol * e.abs()
+    if a.numel() and bool((err > atol).any()) or bool((a.isnan() != e.isnan()).any()):
+        idx = tuple(int(i) for i in torch.unravel_index(torch.argmax(torch.nan_to_num(err, nan=float("inf"))), a.shape))
+        n_bad = int((err > atol).sum())
+        raise AssertionError(
+            f"{msg} {n_bad}/{a.numel()} elements differ beyond atol={atol}, rtol={rtol}; worst at {idx}: "
+            f"actual={a[idx].item()!r} expected={e[idx].item()!r} (max abs diff {(a - e).abs().max().item():.3e})"
+        )
