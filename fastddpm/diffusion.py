@@ -1,0 +1,186 @@
+"""The DDPM process: schedule + prediction type + variance + loss, with the
+operations users call (``q_sample``, ``loss``, ``step``, ``sample``)."""
+from __future__ import annotations
+
+import json
+
+import torch
+
+from . import ops, reference
+from .adapters import ModelAdapter
+from .checks import FLOAT_DTYPES, check_tensor, check_timesteps
+from .config import DiffusionConfig
+from .noise import check_seed
+from .schedule import NoiseSchedule
+
+__all__ = ["DDPM"]
+
+
+class DDPM:
+    """A diffusion process (Ho et al. 2020), optionally respaced for sampling.
+
+    ``DDPM()`` is the original: 1000 linear steps, epsilon prediction, clipped
+    x0, fixed_small variance.  Options are the fields of ``DiffusionConfig``::
+
+        process = DDPM(schedule="cosine", prediction="v")
+        fast = process.respace(50)          # 50-step sampler of the same model
+
+    :param config: a ``DiffusionConfig`` (default: the original DDPM).
+    :param noise_schedule: an explicit (e.g. respaced) ``NoiseSchedule``; default made from the config.
+    :param options: overrides of config fields.
+    """
+
+    def __init__(self, config: DiffusionConfig | None = None, *, noise_schedule: NoiseSchedule | None = None,
+                 **options):
+        config = config if config is not None else DiffusionConfig()
+        if not isinstance(config, DiffusionConfig):
+            raise TypeError(f"config must be a DiffusionConfig, got {type(config).__name__}")
+        self.config = config.replace(**options) if options else config
+        if noise_schedule is None:
+            noise_schedule = self._base_schedule()
+        elif not isinstance(noise_schedule, NoiseSchedule):
+            raise TypeError(f"noise_schedule must be a NoiseSchedule, got {type(noise_schedule).__name__}")
+        self.schedule = noise_schedule
+        self._tables: dict = {}
+
+    # -- structure ----------------------------------------------------------------
+    @property
+    def num_steps(self) -> int:
+        """Steps of this process (T, or fewer when respaced)."""
+        return self.schedule.num_timesteps
+
+    def _base_schedule(self) -> NoiseSchedule:
+        c = self.config
+        return NoiseSchedule.make(c.betas if c.schedule == "custom" else c.schedule, c.num_timesteps)
+
+    def respace(self, steps) -> "DDPM":
+        """The same model sampled over ``steps`` kept timesteps (int or list)."""
+        return DDPM(self.config, noise_schedule=self._base_schedule().respace(steps))
+
+    def with_options(self, **options) -> "DDPM":
+        """A copy with some config fields changed (the schedule is kept if respaced)."""
+        schedule_fields = {"num_timesteps", "schedule", "betas"}
+        keep = None if schedule_fields & set(options) else self.schedule
+        return DDPM(self.config.replace(**options), noise_schedule=keep)
+
+    def tables(self, device) -> dict[str, torch.Tensor]:
+        """Device float32 tables used by the ops (cached per device)."""
+        key = str(torch.device(device))
+        if key not in self._tables:
+            c = self.config
+            s = self.schedule
+            as32 = lambda a: torch.as_tensor(a, dtype=torch.float64).to(torch.float32).to(device)  # noqa: E731
+            self._tables[key] = {
+                "sqrt_alphas_cumprod": s.table("sqrt_alphas_cumprod", device),
+                "sqrt_one_minus_alphas_cumprod": s.table("sqrt_one_minus_alphas_cumprod", device),
+                "loss_weights": as32(reference.loss_weights(s, c.prediction, c.min_snr_gamma)),
+                "coefs": as32(reference.step_coefficients(s, c.prediction, c.variance, c.sampler, c.eta)),
+                "timesteps": s.timesteps_tensor(device),
+            }
+        return self._tables[key]
+
+    def _step_index(self, t, n: int, device) -> torch.Tensor:
+        """Model timesteps -> this process's step indices (identity unless respaced)."""
+        if not self.schedule.is_respaced:
+            return check_timesteps("t", t, n, self.num_steps, device)
+        t = check_timesteps("t", t, n, self.config.num_timesteps, device)
+        kept = self.tables(device)["timesteps"]
+        idx = torch.searchsorted(kept, t)
+        if bool((idx >= kept.numel()).any()) or bool((kept[idx.clamp(max=kept.numel() - 1)] != t).any()):
+            raise ValueError(f"t must be one of this respaced process's timesteps {list(self.schedule.timesteps)[:8]}...")
+        return idx
+
+    # -- forward process and training ----------------------------------------------------
+    def q_sample(self, x0, t, noise=None, *, seed: int = 0, sample_offset: int = 0):
+        """``x_t`` for clean images ``x0`` at per-sample (or scalar) timesteps ``t``.
+
+        :param noise: explicit noise; default: the noise contract's for ``seed``.
+        """
+        check_tensor("x0", x0, dtypes=FLOAT_DTYPES, min_ndim=2)
+        t = check_timesteps("t", t, x0.shape[0], self.num_steps, x0.device)
+        tb = self.tables(x0.device)
+        return ops.q_sample(x0, t, tb["sqrt_alphas_cumprod"], tb["sqrt_one_minus_alphas_cumprod"],
+                            seed=check_seed(seed), sample_offset=sample_offset, noise=noise)
+
+    def training_target(self, x0, noise, t):
+        """What the model is trained to output for ``(x0, noise, t)``."""
+        check_tensor("x0", x0, dtypes=FLOAT_DTYPES, min_ndim=2)
+        check_tensor("noise", noise, dtypes=FLOAT_DTYPES, shape=x0.shape)
+        t = check_timesteps("t", t, x0.shape[0], self.num_steps, x0.device)
+        tb = self.tables(x0.device)
+        return reference.training_target(self.config.prediction, x0, noise, t, tb["sqrt_alphas_cumprod"],
+                                         tb["sqrt_one_minus_alphas_cumprod"])
+
+    def loss(self, model, x0, t=None, *, seed: int | None = None, sample_offset: int = 0, noise=None,
+             generator: torch.Generator | None = None):
+        """The training loss of ``model`` on a batch ``x0`` (a 0-dim tensor).
+
+        :param t: timesteps; default uniform in [0, T) from ``generator``.
+        :param seed: noise seed; default drawn from ``generator`` (or torch's global RNG).
+        """
+        check_tensor("x0", x0, dtypes=FLOAT_DTYPES, min_ndim=2)
+        n = x0.shape[0]
+        if t is None:
+            t = torch.randint(0, self.num_steps, (n,), generator=generator).to(x0.device)
+        t = check_timesteps("t", t, n, self.num_steps, x0.device)
+        if seed is None:
+            seed = int(torch.randint(0, 2**31 - 1, (), generator=generator))
+        tb = self.tables(x0.device)
+        adapter = ModelAdapter(model)
+        x_t = ops.q_sample(x0, t, tb["sqrt_alphas_cumprod"], tb["sqrt_one_minus_alphas_cumprod"],
+                           seed=check_seed(seed), sample_offset=sample_offset, noise=noise)
+        out = adapter.check_output(adapter(x_t, tb["timesteps"][t]), x_t)
+        return ops.diffusion_loss(out, x0, t, tb["sqrt_alphas_cumprod"], tb["sqrt_one_minus_alphas_cumprod"],
+                                  tb["loss_weights"], seed=seed, sample_offset=sample_offset,
+                                  prediction=self.config.prediction, loss_type=self.config.loss,
+                                  huber_delta=self.config.huber_delta, noise=noise)
+
+    # -- reverse process ----------------------------------------------------------------
+    def step(self, model_output, t, x_t, noise=None, *, seed: int = 0, sample_offset: int = 0):
+        """One reverse step ``x_t -> x_{t-1}`` (diffusers' ``scheduler.step(model_output, timestep, sample)``).
+
+        :param model_output: the model's prediction for ``(x_t, t)``.
+        :param t: model timestep(s): int or ``[n]``; for a respaced process, one of its kept timesteps.
+        :param x_t: current sample.
+        :param noise: explicit standard normals; default: the noise contract's (slot = step index).
+        :return: float32 ``x_{t-1}``.
+        """
+        check_tensor("x_t", x_t, dtypes=FLOAT_DTYPES, min_ndim=2)
+        check_tensor("model_output", model_output, dtypes=FLOAT_DTYPES, shape=x_t.shape, device=x_t.device)
+        idx = self._step_index(t, x_t.shape[0], x_t.device)
+        return ops.ddpm_step(x_t.float(), model_output, idx, self.tables(x_t.device)["coefs"],
+                             seed=check_seed(seed), sample_offset=sample_offset,
+                             clip_denoised=self.config.clip_denoised, noise=noise)
+
+    def sample(self, model, n: int, **kwargs):
+        """Draw ``n`` images; see ``fastddpm.sample`` for the arguments."""
+        from .sampling import sample
+
+        return sample(model, n, process=self, **kwargs)
+
+    # -- serialisation ------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        d = {"config": self.config.to_dict()}
+        if self.schedule.is_respaced:
+            d["timesteps"] = list(self.schedule.timesteps)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DDPM":
+        if not isinstance(d, dict) or "config" not in d:
+            raise ValueError("a DDPM dict needs a 'config' entry")
+        process = cls(DiffusionConfig.from_dict(d["config"]))
+        return process.respace(d["timesteps"]) if "timesteps" in d else process
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "DDPM":
+        return cls.from_dict(json.loads(text))
+
+    def __repr__(self) -> str:
+        c = self.config
+        steps = f", steps={self.num_steps}" if self.schedule.is_respaced else ""
+        return (f"DDPM(T={c.num_timesteps}, schedule={c.schedule!r}, prediction={c.prediction!r}, "
+                f"variance={c.variance!r}, clip_denoised={c.clip_denoised}, sampler={c.sampler!r}{steps})")

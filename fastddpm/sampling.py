@@ -1,0 +1,113 @@
+"""``fastddpm.sample``: the DDPM sampler (Ho et al. Algorithm 2) for any model.
+
+This is the eager loop, run on every device; it is the reference that the
+CUDA-graph engine is held to.  Noise follows the contract (``noise.py``):
+``x_T`` is slot K and the noise of step ``i`` is slot ``i`` of each sample's
+stream, so sample ``i`` of a seed is the same whatever ``n`` or the batch split.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from . import ops, reference
+from .adapters import ModelAdapter
+from .checks import check_finite_values
+from .diffusion import DDPM
+from .noise import check_noise_capacity, check_seed
+
+__all__ = ["sample"]
+
+
+def _process(process, steps, options) -> DDPM:
+    if process is None:
+        process = DDPM(**options)
+    elif not isinstance(process, DDPM):
+        raise TypeError(f"process must be a fastddpm.DDPM, got {type(process).__name__}")
+    elif options:
+        process = process.with_options(**options)
+    if steps is not None:
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be a positive int, got {steps!r}")
+        if steps > process.config.num_timesteps:
+            raise ValueError(f"steps must be <= num_timesteps={process.config.num_timesteps}, got {steps}")
+        if steps != process.num_steps:
+            process = process.respace(steps)
+    return process
+
+
+@torch.no_grad()
+def sample(model, n: int, *, steps: int | None = None, seed: int = 0, device=None, dtype=None, image_size=None,
+           channels=None, batch_size: int | None = None, progress: bool = True, callback=None,
+           process: DDPM | None = None, sample_offset: int = 0, **process_options) -> torch.Tensor:
+    """Draw ``n`` images from ``model`` with the DDPM reverse process.
+
+    :param model: fastddpm ``UNet``, diffusers ``UNet2DModel``, denoising-diffusion-pytorch
+        ``Unet``, or any ``model(x, t)`` (t int64 ``[n]``) returning a tensor shaped like x.
+    :param n: number of images.
+    :param steps: sampling steps; fewer than T samples the respaced process.
+    :param seed: noise seed (int in [0, 2**63)); sample i of a seed is fixed.
+    :param device: where to sample (default: the model's device).
+    :param dtype: model input dtype (default: the model's); x itself stays float32.
+    :param image_size, channels: when the model does not say.
+    :param batch_size: micro-batch size (default: all ``n`` at once).
+    :param progress: show a tqdm bar.
+    :param callback: ``callback(i, t, x)`` after each step (step index, model timestep, current x).
+    :param process: a ``DDPM`` (default: built from ``process_options``: schedule, prediction,
+        variance, clip_denoised, sampler, eta, num_timesteps, ...).
+    :param sample_offset: global index of the first sample (for sharding).
+    :return: float32 ``[n, C, H, W]`` in the model's data range [-1, 1], on ``device``.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int, got {n!r}")
+    check_seed(seed)
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if callback is not None and not callable(callback):
+        raise TypeError("callback must be callable as callback(i, t, x)")
+    process = _process(process, steps, process_options)
+    adapter = ModelAdapter(model, image_size=image_size, channels=channels)
+    device = torch.device(device) if device is not None else adapter.device
+    dtype = dtype if dtype is not None else adapter.dtype
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    shape = adapter.shape(n)
+    numel = int(torch.Size(shape[1:]).numel())
+    check_noise_capacity(numel, process.num_steps + 1, sample_offset + n - 1)
+
+    batch_size = batch_size or n
+    chunks = []
+    start = time.perf_counter()
+    bar = tqdm(total=process.num_steps * ((n + batch_size - 1) // batch_size), disable=not progress,
+               desc="sampling", unit="step", leave=False)
+    for first in range(0, n, batch_size):
+        m = min(batch_size, n - first)
+        chunks.append(_sample_batch(adapter, process, (m, *shape[1:]), seed, sample_offset + first, device, dtype,
+                                    callback, bar))
+    bar.close()
+    x = torch.cat(chunks) if len(chunks) > 1 else chunks[0]
+    check_finite_values("the sampled images", x)
+    sample.last_seconds = time.perf_counter() - start
+    return x
+
+
+def _sample_batch(adapter, process, shape, seed, sample_offset, device, dtype, callback, bar):
+    tables = process.tables(device)
+    coefs, timesteps = tables["coefs"], tables["timesteps"]
+    K = process.num_steps
+    x = reference.batch_noise(seed, sample_offset, K, shape, device)  # x_T: slot K
+    autocast = dtype != adapter.dtype
+    for i in reversed(range(K)):
+        step = torch.full((shape[0],), i, dtype=torch.int64, device=device)
+        with torch.autocast(device.type, dtype=dtype, enabled=autocast):
+            out = adapter(x.to(dtype) if not autocast else x, timesteps[step])
+        if i == K - 1:
+            adapter.check_output(out, x)
+        x = ops.ddpm_step(x, out, step, coefs, seed=seed, sample_offset=sample_offset,
+                          clip_denoised=process.config.clip_denoised)
+        bar.update(1)
+        if callback is not None:
+            callback(i, int(process.schedule.timesteps[i]), x)
+    return x
