@@ -112,12 +112,24 @@ def available_backends(op: str, device, dtype=torch.float32) -> list[str]:
     return [b for b in BACKENDS if _unsupported(b, op, device, dtype) is None]
 
 
+@torch._dynamo.assume_constant_result
+def _resolve(op: str, device_type: str, dtype: torch.dtype, backend: str | None) -> str:
+    """The backend name for ``op``.  Under ``torch.compile`` this runs eagerly
+    at trace time and its result is a constant of the graph (module imports and
+    environment reads cannot be traced), so a compiled function keeps the
+    backend it was compiled with."""
+    device = torch.device(device_type)
+    if backend is None:
+        return select_backend(op, device, dtype)
+    reason = _unsupported(backend, op, device, dtype)
+    if reason is not None:
+        raise RuntimeError(f"backend {backend!r} was requested for {op} on {device} ({dtype}) but {reason}")
+    return backend
+
+
 def _impl(op: str, device: torch.device, dtype: torch.dtype, backend: str | None):
-    name = backend if backend is not None else select_backend(op, device, dtype)
-    if backend is not None:
-        reason = _unsupported(name, op, device, dtype)
-        if reason is not None:
-            raise RuntimeError(f"backend {name!r} was requested for {op} on {device} ({dtype}) but {reason}")
+    """The backend function for ``op``, or None for the reference."""
+    name = _resolve(op, device.type, dtype, backend)
     if name == "reference":
         return None
     return _loaded[name].IMPLS[op]

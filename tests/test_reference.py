@@ -191,3 +191,22 @@ def test_reference_backend_is_always_available():
     assert "reference" in ops.available_backends("ddpm_step", "cpu")
     with ops.use_backend("reference"):
         assert ops.select_backend("attention", torch.device("cpu"), torch.float16) == "reference"
+
+
+def test_dispatch_traces_under_torch_compile_fullgraph():
+    """Backend resolution runs at trace time (module imports cannot be traced),
+    so a model calling the ops compiles as one graph even on its first call."""
+    from fastddpm.models import create_model
+
+    model = create_model("tiny").eval()
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([1, 500])
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        assert_close(compiled(x, t), model(x, t), **FP32)
+
+    def step(x, out, i, coefs):
+        return ops.ddpm_step(x, out, i, coefs, seed=1, sample_offset=0, clip_denoised=True)
+
+    coefs = DDPM().tables("cpu")["coefs"]
+    args = (torch.randn(2, 3), torch.randn(2, 3), torch.tensor([3, 999]), coefs)
+    assert_close(torch.compile(step, fullgraph=True, backend="eager")(*args), step(*args), **FP32)

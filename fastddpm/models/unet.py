@@ -1,0 +1,442 @@
+"""The DDPM U-Net of Ho et al. 2020, configurable.
+
+Architecture as in the TF original (``diffusion_tf/models/unet.py``) and its
+PyTorch port (pesser's ``pytorch_diffusion`` ``Model``):
+
+* a sinusoidal timestep embedding (Transformer-style, Ho et al. Sec. 4) fed to
+  an MLP ``Linear(ch, 4ch) - SiLU - Linear(4ch, 4ch)``;
+* per resolution level ``num_res_blocks`` residual blocks (Wide-ResNet style,
+  GroupNorm, the timestep added as a per-channel shift), self-attention after
+  each block where the feature map has one of ``attention_resolutions``, and a
+  stride-2 downsample between levels;
+* a middle block ``ResBlock - Attention - ResBlock``;
+* an up path with ``num_res_blocks + 1`` blocks per level, each taking one
+  stored activation of the down path by channel concatenation (every block
+  output, the input conv and each downsample are stored);
+* ``GroupNorm - SiLU - conv3x3`` to the output channels.
+
+Module names mirror pesser's port (``temb.dense``, ``down[i].block[j]``,
+``mid.attn_1``, ``up[i].upsample.conv``, ``norm_out`` ...), and an attention
+block accepts his separate ``q``/``k``/``v`` weights when loading a state
+dict, so his converted checkpoints of Ho et al.'s models load unchanged
+(``ddpm_cifar10`` has exactly his 35,746,307 parameters).
+
+Differences from the original, on purpose:
+
+* Attention is multi-head (``num_heads`` / ``head_channels``; one head gives
+  Ho et al.'s block) and computed by ``fastddpm.ops.attention`` on
+  ``[B, heads, L, d]`` so a fused kernel replaces it; q, k, v come from one
+  fused 1x1 conv (same parameters as three).
+* Initialisation is PyTorch's default for every layer (as diffusers and
+  pesser's port), not Ho et al.'s fan-avg uniform with near-zero output
+  layers: the model trains well either way, and an untrained model then
+  depends on every parameter and on ``t``, which the tests check.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import ops
+
+__all__ = ["UNetConfig", "UNet", "timestep_embedding", "ResBlock", "AttentionBlock", "Downsample", "Upsample"]
+
+GROUPNORM_EPS = 1e-6  # as the TF original (tf.contrib group_norm) and pesser's port
+
+
+# -- configuration ---------------------------------------------------------------------
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Hyper-parameters of :class:`UNet`; JSON-safe via :meth:`to_dict`.
+
+    :param image_size: the training resolution; decides where attention goes.
+        Any input whose sides are divisible by ``2**(len(channel_mult)-1)``
+        runs.
+    :param out_channels: None means ``in_channels`` (epsilon prediction).
+    :param channel_mult: channels of level ``i`` are ``base_channels * channel_mult[i]``.
+    :param attention_resolutions: feature-map sizes at which attention blocks
+        follow the residual blocks; the middle block always has attention.
+    :param num_heads: heads of every attention block, unless ``head_channels``
+        is set, in which case a block of ``C`` channels has ``C // head_channels`` heads.
+    """
+
+    image_size: int
+    in_channels: int = 3
+    out_channels: int | None = None
+    base_channels: int = 128
+    channel_mult: tuple[int, ...] = (1, 2, 2, 2)
+    num_res_blocks: int = 2
+    attention_resolutions: tuple[int, ...] = (16,)
+    num_heads: int = 1
+    head_channels: int | None = None
+    dropout: float = 0.1
+    resample_with_conv: bool = True
+    num_groups: int = 32
+
+    def __post_init__(self):
+        # Lists (from JSON or keyword arguments) become tuples, so the config stays hashable.
+        for name in ("channel_mult", "attention_resolutions"):
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple)):
+                object.__setattr__(self, name, tuple(value))
+            elif _is_int(value):
+                object.__setattr__(self, name, (value,))
+            else:
+                raise TypeError(f"{name} must be a tuple of ints, got {type(value).__name__}")
+        self._validate()
+
+    def _validate(self) -> None:
+        for name in ("image_size", "in_channels", "base_channels", "num_res_blocks", "num_heads", "num_groups"):
+            value = getattr(self, name)
+            if not _is_int(value) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name in ("out_channels", "head_channels"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or value <= 0):
+                raise ValueError(f"{name} must be None or a positive int, got {value!r}")
+        if not self.channel_mult or not all(_is_int(m) and m > 0 for m in self.channel_mult):
+            raise ValueError(f"channel_mult must be a non-empty tuple of positive ints, got {self.channel_mult!r}")
+        if not all(_is_int(r) and r > 0 for r in self.attention_resolutions):
+            raise ValueError(f"attention_resolutions must be positive ints, got {self.attention_resolutions!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be a float in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.resample_with_conv, bool):
+            raise ValueError(f"resample_with_conv must be a bool, got {self.resample_with_conv!r}")
+
+        factor = self.downsample_factor
+        if self.image_size % factor:
+            raise ValueError(
+                f"image_size={self.image_size} must be divisible by 2**(len(channel_mult)-1) = {factor} "
+                f"(channel_mult={self.channel_mult} has {self.num_levels} levels)")
+        for mult in (1,) + self.channel_mult:
+            channels = self.base_channels * mult
+            if channels % self.num_groups:
+                raise ValueError(
+                    f"num_groups={self.num_groups} must divide the channels of every level, but "
+                    f"base_channels={self.base_channels} x {mult} = {channels} is not divisible by it")
+        sizes = self.feature_sizes
+        unknown = [r for r in self.attention_resolutions if r not in sizes]
+        if unknown:
+            raise ValueError(
+                f"attention_resolutions {unknown} match no feature-map size; with image_size={self.image_size} "
+                f"and {self.num_levels} levels the sizes are {sizes}")
+        attn_channels = [self.base_channels * m for m, s in zip(self.channel_mult, sizes)
+                         if s in self.attention_resolutions] + [self.base_channels * self.channel_mult[-1]]
+        for channels in attn_channels:
+            if self.head_channels is not None:
+                if channels % self.head_channels:
+                    raise ValueError(
+                        f"head_channels={self.head_channels} must divide the channels of every attention "
+                        f"block, but a block has {channels}")
+            elif channels % self.num_heads:
+                raise ValueError(
+                    f"num_heads={self.num_heads} must divide the channels of every attention block, "
+                    f"but a block has {channels}")
+
+    # derived quantities
+    @property
+    def num_levels(self) -> int:
+        return len(self.channel_mult)
+
+    @property
+    def downsample_factor(self) -> int:
+        """Input sides must be divisible by this."""
+        return 2 ** (self.num_levels - 1)
+
+    @property
+    def feature_sizes(self) -> tuple[int, ...]:
+        """Feature-map side at each level for an ``image_size`` input."""
+        return tuple(self.image_size // 2**i for i in range(self.num_levels))
+
+    @property
+    def resolved_out_channels(self) -> int:
+        return self.in_channels if self.out_channels is None else self.out_channels
+
+    def heads_for(self, channels: int) -> int:
+        """Number of heads of an attention block with ``channels`` channels."""
+        return channels // self.head_channels if self.head_channels is not None else self.num_heads
+
+    # serialisation
+    def to_dict(self) -> dict:
+        """JSON-safe dict (tuples become lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "UNetConfig":
+        """Inverse of :meth:`to_dict`; unknown or missing keys raise ValueError naming them."""
+        if not isinstance(d, dict):
+            raise TypeError(f"UNetConfig.from_dict expects a dict, got {type(d).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown UNetConfig keys {unknown}; known keys are {sorted(names)}")
+        if "image_size" not in d:
+            raise ValueError("UNetConfig needs image_size")
+        return cls(**d)
+
+
+# -- building blocks ---------------------------------------------------------------------
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of Ho et al. (``get_timestep_embedding``): ``[n] -> [n, dim]`` float32.
+
+    Frequencies ``exp(-log(10000) * i / (half - 1))``, sines then cosines, a
+    zero column when ``dim`` is odd.  Always float32, whatever autocast says.
+    """
+    half = dim // 2
+    scale = math.log(10000) / max(half - 1, 1)
+    freqs = torch.exp(torch.arange(half, device=t.device, dtype=torch.float32) * -scale)
+    args = t.to(torch.float32)[:, None] * freqs[None, :]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+def _norm(channels: int, groups: int) -> nn.GroupNorm:
+    return nn.GroupNorm(groups, channels, eps=GROUPNORM_EPS)
+
+
+class ResBlock(nn.Module):
+    """``x + conv(drop(act(norm(conv(act(norm(x))) + W act(temb)))))`` with a 1x1
+    shortcut when the channel count changes (Ho et al.'s ``resnet_block``)."""
+
+    def __init__(self, in_channels: int, out_channels: int, temb_channels: int, dropout: float, groups: int):
+        super().__init__()
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.norm1 = _norm(in_channels, groups)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.temb_proj = nn.Linear(temb_channels, out_channels)
+        self.norm2 = _norm(out_channels, groups)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.temb_proj(F.silu(temb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        if self.nin_shortcut is not None:
+            x = self.nin_shortcut(x)
+        return x + h
+
+
+class AttentionBlock(nn.Module):
+    """Multi-head self-attention over the ``H*W`` positions, with a residual.
+
+    ``norm -> 1x1 conv to q, k, v -> fastddpm.ops.attention -> 1x1 proj_out``.
+    The attention call sees ``[B, heads, L, d]`` views (scale ``d**-0.5``); with
+    one head this is Ho et al.'s ``attn_block``.
+    """
+
+    def __init__(self, channels: int, num_heads: int, groups: int):
+        super().__init__()
+        if channels % num_heads:
+            raise ValueError(f"num_heads={num_heads} must divide channels={channels}")
+        self.channels, self.num_heads = channels, num_heads
+        self.norm = _norm(channels, groups)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)  # output channels ordered (q|k|v, head, d)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def qkv_heads(self, x: torch.Tensor):
+        """q, k, v of shape ``[B, heads, H*W, d]`` for input ``x``."""
+        b, c, hgt, wid = x.shape
+        qkv = self.qkv(self.norm(x))
+        # [B, 3C, H, W] -> [B, L, 3, heads, d] is a view for channels_last (a copy otherwise)
+        qkv = qkv.flatten(2).transpose(1, 2).reshape(b, hgt * wid, 3, self.num_heads, c // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, hgt, wid = x.shape
+        q, k, v = self.qkv_heads(x)
+        o = ops.attention(q, k, v)  # [B, heads, L, d]
+        o = o.transpose(1, 2).reshape(b, hgt * wid, c).transpose(1, 2).reshape(b, c, hgt, wid)
+        o = o.contiguous(memory_format=_memory_format(x))
+        return x + self.proj_out(o)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Accept pesser's / Ho et al.'s separate q, k, v 1x1 convs by fusing them.
+        names = [prefix + f"{p}.{s}" for p in "qkv" for s in ("weight", "bias")]
+        if all(n in state_dict for n in names) and prefix + "qkv.weight" not in state_dict:
+            for s in ("weight", "bias"):
+                state_dict[prefix + "qkv." + s] = torch.cat([state_dict.pop(prefix + f"{p}.{s}") for p in "qkv"])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
+        else torch.contiguous_format
+
+
+class Downsample(nn.Module):
+    """Halve H and W: conv3x3 stride 2 after a TF-"SAME"-style (0, 1, 0, 1) pad, or 2x2 average pooling."""
+
+    def __init__(self, channels: int, with_conv: bool):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2) if with_conv else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.conv is None:
+            return F.avg_pool2d(x, 2)
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    """Double H and W: nearest neighbour, then conv3x3 (if ``with_conv``)."""
+
+    def __init__(self, channels: int, with_conv: bool):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1) if with_conv else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        return x if self.conv is None else self.conv(x)
+
+
+class _Level(nn.Module):
+    """One resolution level: ``block[i]`` each followed by ``attn[i]`` if the level has attention."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = nn.ModuleList()
+        self.attn = nn.ModuleList()
+
+
+# -- the model -------------------------------------------------------------------------
+class UNet(nn.Module):
+    """The DDPM noise-prediction U-Net: ``model(x, t) -> [n, out_channels, H, W]``.
+
+    Build with ``UNet(config)`` or ``UNet(image_size=32, ...)`` (the
+    :class:`UNetConfig` fields).
+    """
+
+    def __init__(self, config: UNetConfig | None = None, **fields):
+        super().__init__()
+        if config is None:
+            config = UNetConfig(**fields)
+        elif fields:
+            raise TypeError("give UNet a config or keyword fields, not both")
+        elif isinstance(config, dict):
+            config = UNetConfig.from_dict(config)
+        elif not isinstance(config, UNetConfig):
+            raise TypeError(f"config must be a UNetConfig, got {type(config).__name__}")
+        self.config = config
+        self.image_size = config.image_size
+        self.in_channels = config.in_channels
+        self.out_channels = config.resolved_out_channels
+
+        ch, groups, dropout = config.base_channels, config.num_groups, config.dropout
+        temb_ch = 4 * ch
+        self.temb = nn.Module()
+        self.temb.dense = nn.ModuleList([nn.Linear(ch, temb_ch), nn.Linear(temb_ch, temb_ch)])
+        self.conv_in = nn.Conv2d(config.in_channels, ch, 3, padding=1)
+
+        def attention(channels: int) -> AttentionBlock:
+            return AttentionBlock(channels, config.heads_for(channels), groups)
+
+        # Down path; skip_channels lists the channels of every stored activation.
+        skip_channels = [ch]
+        block_in = ch
+        self.down = nn.ModuleList()
+        for level, (mult, size) in enumerate(zip(config.channel_mult, config.feature_sizes)):
+            down = _Level()
+            block_out = ch * mult
+            for _ in range(config.num_res_blocks):
+                down.block.append(ResBlock(block_in, block_out, temb_ch, dropout, groups))
+                block_in = block_out
+                if size in config.attention_resolutions:
+                    down.attn.append(attention(block_in))
+                skip_channels.append(block_in)
+            if level != config.num_levels - 1:
+                down.downsample = Downsample(block_in, config.resample_with_conv)
+                skip_channels.append(block_in)
+            self.down.append(down)
+
+        self.mid = nn.Module()
+        self.mid.block_1 = ResBlock(block_in, block_in, temb_ch, dropout, groups)
+        self.mid.attn_1 = attention(block_in)
+        self.mid.block_2 = ResBlock(block_in, block_in, temb_ch, dropout, groups)
+
+        # Up path: self.up[level], built (and run) from the deepest level up.
+        up_levels = []
+        for level in reversed(range(config.num_levels)):
+            up = _Level()
+            block_out = ch * config.channel_mult[level]
+            for _ in range(config.num_res_blocks + 1):
+                up.block.append(ResBlock(block_in + skip_channels.pop(), block_out, temb_ch, dropout, groups))
+                block_in = block_out
+                if config.feature_sizes[level] in config.attention_resolutions:
+                    up.attn.append(attention(block_in))
+            if level != 0:
+                up.upsample = Upsample(block_in, config.resample_with_conv)
+            up_levels.insert(0, up)
+        self.up = nn.ModuleList(up_levels)
+        assert not skip_channels
+
+        self.norm_out = _norm(block_in, groups)
+        self.conv_out = nn.Conv2d(block_in, self.out_channels, 3, padding=1)
+
+    def _check_inputs(self, x, t):
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point torch.Tensor, got "
+                            f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
+        factor = self.config.downsample_factor
+        if x.ndim != 4 or x.shape[1] != self.in_channels or x.shape[2] % factor or x.shape[3] % factor:
+            raise ValueError(
+                f"x must have shape [n, {self.in_channels}, H, W] with H and W divisible by {factor} "
+                f"(e.g. [n, {self.in_channels}, {self.image_size}, {self.image_size}]), got {tuple(x.shape)}")
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"t must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype == torch.bool or t.is_complex():
+            raise TypeError(f"t must be an integer or float tensor, got {t.dtype}")
+        if t.ndim > 1 or (t.ndim == 1 and t.shape[0] != x.shape[0]):
+            raise ValueError(f"t must be a scalar or have shape ({x.shape[0]},), got {tuple(t.shape)}")
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Predict from ``x`` ``[n, C, H, W]`` (any float dtype) at timesteps ``t`` (``[n]`` or 0-dim).
+
+        ``x`` is cast to the parameters' dtype; under autocast the output has
+        the autocast dtype.  Shape checks only: no device synchronisation.
+        """
+        self._check_inputs(x, t)
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        x = x.to(self.conv_in.weight.dtype)
+
+        temb = timestep_embedding(t, self.config.base_channels).to(x.dtype)
+        temb = self.temb.dense[1](F.silu(self.temb.dense[0](temb)))
+
+        hs = [self.conv_in(x)]
+        for down in self.down:
+            for i, block in enumerate(down.block):
+                h = block(hs[-1], temb)
+                if len(down.attn):
+                    h = down.attn[i](h)
+                hs.append(h)
+            if hasattr(down, "downsample"):
+                hs.append(down.downsample(hs[-1]))
+
+        h = hs[-1]
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h, temb)), temb)
+
+        for up in reversed(self.up):
+            for i, block in enumerate(up.block):
+                h = block(torch.cat([h, hs.pop()], dim=1), temb)
+                if len(up.attn):
+                    h = up.attn[i](h)
+            if hasattr(up, "upsample"):
+                h = up.upsample(h)
+
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
