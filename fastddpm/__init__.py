@@ -3,11 +3,15 @@
     import fastddpm
     images = fastddpm.sample(model, 16)          # [16, C, H, W] in [-1, 1]
 """
+from .checkpoint import load_model, save_model
 from .config import DiffusionConfig
 from .diffusion import DDPM
+from .models import UNet, UNetConfig, create_model
 from .noise import normal
 from .sampling import sample
 from .schedule import NoiseSchedule
+from .trainer import TrainConfig, Trainer
 
 __version__ = "0.1.0"
-__all__ = ["DDPM", "DiffusionConfig", "NoiseSchedule", "normal", "sample", "__version__"]
+__all__ = ["DDPM", "DiffusionConfig", "NoiseSchedule", "TrainConfig", "Trainer", "UNet", "UNetConfig",
+           "create_model", "load_model", "normal", "sample", "save_model", "__version__"]

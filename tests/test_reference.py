@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from fastddpm import DDPM, DiffusionConfig, ops, reference
 from fastddpm.schedule import NoiseSchedule
-from tolerances import EXACT, FP32, assert_close
+from tolerances import EXACT, FP32, NORMAL_ULP, assert_close
 
 LINEAR = NoiseSchedule.make("linear", 1000)
 
@@ -90,7 +90,8 @@ def test_q_sample_uses_the_contract_noise():
     t = torch.tensor([999, 999])
     x_t = DDPM().q_sample(x0, t, seed=5)
     eps = reference.batch_noise(5, 0, 0, x0.shape, "cpu")
-    assert_close(x_t, eps * LINEAR.table("sqrt_one_minus_alphas_cumprod")[999], **EXACT)
+    # whichever backend runs it: the same normals to within a few ulp
+    assert_close(x_t, eps * LINEAR.table("sqrt_one_minus_alphas_cumprod")[999], **NORMAL_ULP)
 
 
 # -- config and serialisation -------------------------------------------------------------------

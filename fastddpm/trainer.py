@@ -1,0 +1,824 @@
+"""``fastddpm.Trainer``: the DDPM training loop (Ho et al. Algorithm 1), resumable bit for bit.
+
+Each step draws ``x0`` from the data, ``t ~ U{0..T-1}`` and ``eps`` from the
+noise contract, and descends ``|| target - model(x_t, t) ||^2`` (or the
+process's loss).  What makes a run reproducible and resumable exactly:
+
+* data order: a permutation per epoch from a generator seeded by ``(seed, epoch)``;
+  the position ``(epoch, index)`` is saved in each checkpoint;
+* timesteps and flips: a generator seeded by ``(seed, step)``, no carried state;
+* noise: the contract's ``normal(seed, offset)`` through ``ops.q_sample`` and
+  ``ops.diffusion_loss`` with ``sample_offset`` the global example index
+  (never torch's global RNG), so it is regenerated, not stored;
+* dropout: torch's global RNG, whose state is saved in each checkpoint;
+* the learning rate: a function of the step.
+
+So 40 steps in one go and 20 steps + resume + 20 give the same tensors, bit
+for bit, on the same device.  Metrics stay on the device and are read back
+every ``log_every`` steps (and at validation, sampling and checkpoint steps).
+
+Output directory::
+
+    config.json                          model config, diffusion, train config
+    checkpoints/step_0001000.safetensors (+ .json)   the last ``keep_last``
+    checkpoints/best.safetensors         lowest val loss (or smoothed train loss)
+    metrics.jsonl, metrics.csv           step, loss, lr, grad_norm, val_loss, ...
+    loss.png                             the loss curve
+    samples/step_0001000.png             EMA samples every ``sample_every`` steps
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import json
+import math
+import shutil
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import ops
+from .checkpoint import check_model_config, load_checkpoint, load_weights, save_checkpoint, write_text_atomic
+from .diffusion import DDPM
+
+__all__ = ["TrainConfig", "Trainer"]
+
+MASK64 = 2**64 - 1
+MAX_SEED = 2**63 - 1
+# generator streams derived from the seed
+_STREAM_EPOCH, _STREAM_STEP, _STREAM_VAL = 1, 2, 3
+DATA_CACHE_BYTES = 2**30  # datasets up to this size are held as one tensor on the training device
+LOSS_EMA_BETA = 0.98  # smoothing of the train loss that picks "best" when there is no validation
+CSV_COLUMNS = ("step", "loss", "lr", "grad_norm", "val_loss", "val_loss_ema", "images_per_s", "elapsed")
+# train-config fields that may change on resume without changing the training trajectory
+_RESUME_FREE = {"steps", "val_every", "sample_every", "sample_n", "sample_steps", "checkpoint_every", "keep_last",
+                "keep_best", "log_every"}
+
+
+def _mix(seed: int, stream: int, i: int) -> int:
+    """A 63-bit seed for item ``i`` of ``stream`` (splitmix64 finaliser), so streams never collide."""
+    x = (seed * 0x9E3779B97F4A7C15 + stream * 0xD1B54A32D192ED03 + i * 0xBF58476D1CE4E5B9) & MASK64
+    x ^= x >> 30
+    x = (x * 0xBF58476D1CE4E5B9) & MASK64
+    x ^= x >> 27
+    x = (x * 0x94D049BB133111EB) & MASK64
+    x ^= x >> 31
+    return x & MAX_SEED
+
+
+# -- configuration ---------------------------------------------------------------------
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train.  Defaults follow Ho et al. (Adam, lr 2e-4, grad clip 1, EMA 0.9999).
+
+    :param steps: optimizer steps in total (a resumed run continues up to this).
+    :param batch_size: examples per micro-batch; an optimizer step sees ``batch_size * grad_accum``.
+    :param lr: peak learning rate (after ``warmup_steps`` of linear warmup).
+    :param optimizer: ``adam`` or ``adamw`` (decoupled ``weight_decay``).
+    :param grad_clip: max global gradient norm; None disables clipping.
+    :param grad_accum: micro-batches per optimizer step.
+    :param ema_decay: ``ema = decay * ema + (1 - decay) * param`` after every step.
+    :param ema_start: for the first ``ema_start`` steps the EMA copies the model.
+    :param mixed_precision: ``auto`` (bf16 on a CUDA GPU that has it, else ``no``), ``no``, ``bf16``, ``fp16``.
+    :param seed: seeds the data order, timesteps, flips, noise and dropout.
+    :param random_flip: horizontal flips with probability 1/2.
+    :param val_fraction: share of the dataset held out for the validation loss (0: none).
+    :param val_every: validate every this many steps (0: only at the end).
+    :param sample_every: save an EMA sample grid every this many steps (0: never).
+    :param sample_n: images in a sample grid.
+    :param sample_steps: sampling steps (None: the full process).
+    :param checkpoint_every: checkpoint every this many steps (0: only at the end).
+    :param keep_last: step checkpoints kept.
+    :param keep_best: keep ``best.safetensors``.
+    :param log_every: read metrics back and log them every this many steps.
+    """
+
+    steps: int = 10_000
+    batch_size: int = 64
+    lr: float = 2e-4
+    optimizer: Literal["adam", "adamw"] = "adam"
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0
+    grad_clip: float | None = 1.0
+    grad_accum: int = 1
+    ema_decay: float = 0.9999
+    ema_start: int = 0
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    seed: int = 0
+    random_flip: bool = True
+    val_fraction: float = 0.0
+    val_every: int = 500
+    sample_every: int = 0
+    sample_n: int = 16
+    sample_steps: int | None = None
+    checkpoint_every: int = 1000
+    keep_last: int = 2
+    keep_best: bool = True
+    log_every: int = 50
+
+    def __post_init__(self):
+        if isinstance(self.adam_betas, list):
+            object.__setattr__(self, "adam_betas", tuple(self.adam_betas))
+        for name in ("steps", "batch_size", "grad_accum", "sample_n", "keep_last", "log_every"):
+            v = getattr(self, name)
+            if not _is_int(v) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        for name in ("warmup_steps", "ema_start", "val_every", "sample_every", "checkpoint_every"):
+            v = getattr(self, name)
+            if not _is_int(v) or v < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+        if not _is_num(self.lr) or self.lr <= 0:
+            raise ValueError(f"lr must be a float > 0, got {self.lr!r}")
+        if self.optimizer not in ("adam", "adamw"):
+            raise ValueError(f"optimizer must be 'adam' or 'adamw', got {self.optimizer!r}")
+        if not _is_num(self.weight_decay) or self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be a float >= 0, got {self.weight_decay!r}")
+        b = self.adam_betas
+        if not (isinstance(b, tuple) and len(b) == 2 and all(_is_num(x) and 0 <= x < 1 for x in b)):
+            raise ValueError(f"adam_betas must be two floats in [0, 1), got {b!r}")
+        if self.grad_clip is not None and (not _is_num(self.grad_clip) or self.grad_clip <= 0):
+            raise ValueError(f"grad_clip must be a float > 0 or None, got {self.grad_clip!r}")
+        if not _is_num(self.ema_decay) or not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be a float in [0, 1), got {self.ema_decay!r}")
+        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
+            raise ValueError(f"mixed_precision must be one of 'auto', 'no', 'bf16', 'fp16', "
+                             f"got {self.mixed_precision!r}")
+        if not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be an int in [0, 2**63), got {self.seed!r}")
+        for name in ("random_flip", "keep_best"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if not _is_num(self.val_fraction) or not 0 <= self.val_fraction < 1:
+            raise ValueError(f"val_fraction must be a float in [0, 1), got {self.val_fraction!r}")
+        if self.sample_steps is not None and (not _is_int(self.sample_steps) or self.sample_steps < 1):
+            raise ValueError(f"sample_steps must be a positive int or None, got {self.sample_steps!r}")
+
+    @property
+    def effective_batch_size(self) -> int:
+        return self.batch_size * self.grad_accum
+
+    def replace(self, **changes) -> "TrainConfig":
+        unknown = set(changes) - {f.name for f in fields(self)}
+        if unknown:
+            raise ValueError(f"unknown train config keys: {sorted(unknown)}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["adam_betas"] = list(d["adam_betas"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        if not isinstance(d, dict):
+            raise TypeError(f"train config must be a dict, got {type(d).__name__}")
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown train config keys: {sorted(unknown)}; known: {[f.name for f in fields(cls)]}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "TrainConfig":
+        return cls.from_dict(json.loads(text))
+
+
+def _resolve_precision(mode: str, device: torch.device) -> str:
+    if mode != "auto":
+        return mode
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "no"
+
+
+def _step_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def _step_of(path: Path) -> int:
+    """The step of a ``step_XXXXXXX.safetensors`` file (-1 for other names)."""
+    try:
+        return int(path.stem.split("_", 1)[1])
+    except (IndexError, ValueError):
+        return -1
+
+
+# -- the trainer ---------------------------------------------------------------------------
+class Trainer:
+    """Train ``model`` on ``dataset`` with the loss of ``process``.
+
+    ::
+
+        trainer = Trainer(create_model("small"), DDPM(), load_dataset("digits"),
+                          TrainConfig(steps=5000, batch_size=64), "runs/digits")
+        metrics = trainer.train()
+
+    :param model: an ``nn.Module`` ``model(x_t, t) -> prediction`` (fastddpm's ``UNet``
+        for ``load_model`` to rebuild it from a checkpoint).
+    :param process: the ``DDPM`` (not respaced) whose loss is trained.
+    :param dataset: a sized dataset of float32 ``[C, H, W]`` tensors in [-1, 1].
+    :param config: a ``TrainConfig`` (or its dict).
+    :param out_dir: where checkpoints, logs and samples go (created).
+    :param device: default: CUDA if available, else CPU.
+    :param resume: True: continue from the newest checkpoint in ``out_dir/checkpoints``
+        if there is one (start fresh otherwise); a path: continue from that checkpoint.
+    :param progress: show a tqdm bar.
+    """
+
+    def __init__(self, model: nn.Module, process: DDPM, dataset, config: TrainConfig | dict | None = None,
+                 out_dir="runs/fastddpm", device=None, *, resume=False, progress: bool = True):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(process, DDPM):
+            raise TypeError(f"process must be a fastddpm.DDPM, got {type(process).__name__}")
+        if process.schedule.is_respaced:
+            raise ValueError("process is respaced (a sampler); train with the full process and respace to sample")
+        config = TrainConfig() if config is None else config
+        if isinstance(config, dict):
+            config = TrainConfig.from_dict(config)
+        if not isinstance(config, TrainConfig):
+            raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+        self.config = config
+        self.process = process
+        self.device = torch.device(device) if device is not None else torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu")
+        self.precision = _resolve_precision(config.mixed_precision, self.device)
+        self.progress = progress
+        self.out_dir = Path(out_dir)
+        self.checkpoint_dir = self.out_dir / "checkpoints"
+
+        self.model = model.to(self.device).train()
+        self.ema_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self._params = [p for p in self.model.parameters() if p.requires_grad]
+        if not self._params:
+            raise ValueError("model has no trainable parameters")
+        self._ema_params = [p for p, q in zip(self.ema_model.parameters(), self.model.parameters()) if q.requires_grad]
+        self._buffers = list(self.model.buffers())
+        self._ema_buffers = list(self.ema_model.buffers())
+        self.optimizer = self._make_optimizer()
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
+
+        self._setup_data(dataset)
+        self._prepare_out_dir()
+
+        # training state (all of it goes into each checkpoint)
+        self.step = 0
+        self.epoch = 0
+        self.index = 0
+        self.best_metric: float | None = None
+        self.best_step: int | None = None
+        self.last_val: dict | None = None
+        self.elapsed_before = 0.0
+        self._loss_ema = torch.zeros((), device=self.device)
+        self._loss_ema_count = 0
+        self._history: list[dict] = []
+        self._resumed_from: Path | None = None
+        self._perm_epoch, self._perm = None, None
+        if resume:
+            self.resume(None if resume is True else resume, missing_ok=resume is True)
+
+    # -- setup -------------------------------------------------------------------------
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        c = self.config
+        cls = torch.optim.AdamW if c.optimizer == "adamw" else torch.optim.Adam
+        kw = dict(lr=c.lr, betas=c.adam_betas, weight_decay=c.weight_decay)
+        if self.device.type == "cuda" and all(p.dtype.is_floating_point for p in self._params):
+            kw["fused"] = True  # one kernel for all parameters
+        return cls(self._params, **kw)
+
+    def _setup_data(self, dataset) -> None:
+        from .data import split_validation
+
+        try:
+            n = len(dataset)
+        except TypeError:
+            raise TypeError(f"dataset must be a sized dataset (len and []), got {type(dataset).__name__}") from None
+        if n < 1:
+            raise ValueError("dataset is empty")
+        first = dataset[0]
+        if not isinstance(first, torch.Tensor) or first.ndim != 3 or not first.is_floating_point():
+            what = tuple(first.shape) if isinstance(first, torch.Tensor) else type(first).__name__
+            raise TypeError(f"dataset items must be float tensors [C, H, W] in [-1, 1], got {what}")
+        config = getattr(self.model, "config", None)
+        if config is not None and hasattr(config, "in_channels") and hasattr(config, "image_size"):
+            want = (config.in_channels, config.image_size, config.image_size)
+            if tuple(first.shape) != want:
+                raise ValueError(f"dataset images have shape {tuple(first.shape)} but the model takes {want} (load "
+                                 f"the dataset with image_size={config.image_size}, channels={config.in_channels})")
+        self.dataset = dataset
+        self.image_shape = tuple(first.shape)
+        if self.config.val_fraction > 0:
+            train_idx, val_idx = split_validation(n, self.config.val_fraction, self.config.seed)
+            if not val_idx:
+                warnings.warn(f"val_fraction={self.config.val_fraction} holds out nothing of {n} images; "
+                              f"no validation", RuntimeWarning, stacklevel=3)
+        else:
+            train_idx, val_idx = list(range(n)), []
+        self.train_indices = torch.tensor(train_idx, dtype=torch.int64)
+        self.val_indices = torch.tensor(val_idx, dtype=torch.int64)
+        self._train_cache = self._cache(self.train_indices)
+        self._val_cache = self._cache(self.val_indices) if val_idx else None
+
+    def _cache(self, indices: torch.Tensor) -> torch.Tensor | None:
+        """The images as one device tensor, when they fit (no per-step Python gather then)."""
+        numel = int(torch.Size(self.image_shape).numel())
+        if indices.numel() * numel * 4 > DATA_CACHE_BYTES:
+            return None
+        return torch.stack([self.dataset[int(i)] for i in indices]).to(self.device, torch.float32)
+
+    def _gather(self, cache, indices: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        if cache is not None:
+            return cache.index_select(0, positions.to(self.device))
+        batch = torch.stack([self.dataset[int(indices[p])] for p in positions])
+        return batch.to(self.device, torch.float32, non_blocking=True)
+
+    def _prepare_out_dir(self) -> None:
+        where = repr(str(self.out_dir))
+        try:
+            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            probe = self.out_dir / ".fastddpm_write_test"
+            probe.write_bytes(b"ok")
+            probe.unlink()
+        except OSError as e:
+            raise OSError(f"out_dir {where} cannot be created or written to: {e.strerror or e}") from e
+        free = shutil.disk_usage(self.out_dir).free
+        need = 2 * self.estimated_checkpoint_bytes()
+        if free < need:
+            raise OSError(f"out_dir {where} has {free / 2**20:.1f} MiB free; checkpoints need about "
+                          f"{need / 2**20:.1f} MiB (two checkpoints of {need / 2**21:.1f} MiB)")
+
+    def estimated_checkpoint_bytes(self) -> int:
+        """Model + EMA + Adam's two moments, plus a little."""
+        params = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        buffers = sum(b.numel() * b.element_size() for b in self.model.buffers())
+        return 4 * params + 2 * buffers + 2**16
+
+    # -- step pieces ---------------------------------------------------------------------
+    def lr_at(self, step: int) -> float:
+        """Learning rate of step ``step`` (0-based): linear warmup to ``lr``."""
+        c = self.config
+        return c.lr * min(1.0, (step + 1) / c.warmup_steps) if c.warmup_steps else c.lr
+
+    def _epoch_perm(self, epoch: int) -> torch.Tensor:
+        if self._perm_epoch != epoch:
+            g = torch.Generator().manual_seed(_mix(self.config.seed, _STREAM_EPOCH, epoch))
+            self._perm = torch.randperm(self.train_indices.numel(), generator=g)
+            self._perm_epoch = epoch
+        return self._perm
+
+    def _next_positions(self, n: int) -> torch.Tensor:
+        """The next ``n`` positions in the training set, crossing epochs as needed."""
+        parts, need = [], n
+        while need:
+            perm = self._epoch_perm(self.epoch)
+            take = perm[self.index:self.index + need]
+            parts.append(take)
+            need -= take.numel()
+            self.index += take.numel()
+            if self.index >= perm.numel():
+                self.epoch, self.index = self.epoch + 1, 0
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    def _batch(self, step: int):
+        """``(x0, t)`` of an optimizer step: ``batch_size * grad_accum`` images and timesteps."""
+        from .data import random_flip
+
+        c = self.config
+        x0 = self._gather(self._train_cache, self.train_indices, self._next_positions(c.effective_batch_size))
+        g = torch.Generator().manual_seed(_mix(c.seed, _STREAM_STEP, step))
+        t = torch.randint(0, self.process.num_steps, (c.effective_batch_size,), generator=g)
+        if c.random_flip:
+            x0 = random_flip(x0, g)
+        return x0, t.to(self.device, non_blocking=True)
+
+    def _autocast(self):
+        if self.precision == "no":
+            return nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _loss(self, model, x0, t, seed: int, sample_offset: int):
+        """The process's loss of ``model`` on ``x0`` at ``t``, noise from the contract."""
+        tb = self.process.tables(self.device)
+        pc = self.process.config
+        x_t = ops.q_sample(x0, t, tb["sqrt_alphas_cumprod"], tb["sqrt_one_minus_alphas_cumprod"],
+                           seed=seed, sample_offset=sample_offset)
+        with self._autocast():
+            out = model(x_t, t)
+        if hasattr(out, "sample"):  # diffusers' UNet2DOutput
+            out = out.sample
+        return ops.diffusion_loss(out, x0, t, tb["sqrt_alphas_cumprod"], tb["sqrt_one_minus_alphas_cumprod"],
+                                  tb["loss_weights"], seed=seed, sample_offset=sample_offset,
+                                  prediction=pc.prediction, loss_type=pc.loss, huber_delta=pc.huber_delta)
+
+    def _train_step(self, step: int):
+        """One optimizer step; returns the (device) loss and gradient norm."""
+        c = self.config
+        b, accum = c.batch_size, c.grad_accum
+        lr = self.lr_at(step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        x0, t = self._batch(step)
+        self.optimizer.zero_grad(set_to_none=True)
+        total = None
+        for m in range(accum):
+            part = slice(m * b, (m + 1) * b)
+            loss = self._loss(self.model, x0[part], t[part], c.seed, step * b * accum + m * b)
+            scaled = loss / accum if accum > 1 else loss
+            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            total = loss.detach() if total is None else total + loss.detach()
+        loss = total / accum if accum > 1 else total
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        grads = [p.grad for p in self._params if p.grad is not None]
+        if c.grad_clip is not None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self._params, c.grad_clip)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm(grads)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self._update_ema(step)
+        return loss, grad_norm
+
+    @torch.no_grad()
+    def _update_ema(self, step: int) -> None:
+        if step < self.config.ema_start:
+            torch._foreach_copy_(self._ema_params, self._params)
+        else:
+            torch._foreach_lerp_(self._ema_params, self._params, 1.0 - self.config.ema_decay)
+        for e, b in zip(self._ema_buffers, self._buffers):
+            e.copy_(b)
+
+    # -- validation and samples ------------------------------------------------------------
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Loss of the model and of the EMA model on the held-out images, with fixed
+        timesteps (spread evenly over [0, T)) and fixed noise: the same every call."""
+        n = self.val_indices.numel()
+        if n == 0:
+            return {}
+        T = self.process.num_steps
+        seed = _mix(self.config.seed, _STREAM_VAL, 0)
+        t_all = ((2 * torch.arange(n, dtype=torch.int64) + 1) * T) // (2 * n)
+        was_training = self.model.training
+        self.model.eval()
+        sums = {"val_loss": torch.zeros((), device=self.device), "val_loss_ema": torch.zeros((), device=self.device)}
+        try:
+            for first in range(0, n, self.config.batch_size):
+                pos = torch.arange(first, min(first + self.config.batch_size, n))
+                x0 = self._gather(self._val_cache, self.val_indices, pos)
+                t = t_all[pos].to(self.device)
+                for key, model in (("val_loss", self.model), ("val_loss_ema", self.ema_model)):
+                    sums[key] += self._loss(model, x0, t, seed, first) * pos.numel()
+        finally:
+            self.model.train(was_training)
+        return {k: float(v) / n for k, v in sums.items()}
+
+    def save_samples(self, step: int) -> Path:
+        """An EMA sample grid at ``out_dir/samples/step_XXXXXXX.png`` (seed 0: comparable across steps)."""
+        from .images import save_image_grid
+        from .sampling import sample
+
+        images = sample(self.ema_model, self.config.sample_n, steps=self.config.sample_steps, seed=0,
+                        progress=False, process=self.process, device=self.device)
+        path = self.out_dir / "samples" / f"{_step_name(step)}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_image_grid(images, path)
+        return path
+
+    # -- checkpoints -----------------------------------------------------------------------
+    @staticmethod
+    def checkpoints_in(out_dir) -> list[Path]:
+        """The ``step_*.safetensors`` checkpoints of a run, oldest first."""
+        d = Path(out_dir) / "checkpoints"
+        found = [(_step_of(p), p) for p in (d.glob("step_*.safetensors") if d.is_dir() else ())]
+        return [p for s, p in sorted(found) if s >= 0]
+
+    @classmethod
+    def latest_checkpoint(cls, out_dir) -> Path | None:
+        found = cls.checkpoints_in(out_dir)
+        return found[-1] if found else None
+
+    def _state(self) -> dict:
+        return {
+            "kind": "train",
+            "diffusion": self.process.to_dict(),
+            "train_config": self.config.to_dict(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "index": self.index,
+            "train_size": int(self.train_indices.numel()),
+            "val_size": int(self.val_indices.numel()),
+            "best_metric": self.best_metric,
+            "best_step": self.best_step,
+            "metric": "val_loss" if self.val_indices.numel() else "train_loss_smoothed",
+            "last_val": self.last_val,
+            "loss_ema": float(self._loss_ema),
+            "loss_ema_count": self._loss_ema_count,
+            "elapsed": self._elapsed(),
+            "precision": self.precision,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+        }
+
+    def save(self, path) -> Path:
+        """Write a resumable checkpoint of the current state at ``path``."""
+        return save_checkpoint(path, model=self.model, ema=self.ema_model, optimizer=self.optimizer,
+                               state=self._state())
+
+    def _checkpoint(self) -> Path:
+        path = self.save(self.checkpoint_dir / f"{_step_name(self.step)}.safetensors")
+        # only older ones: after resuming from an earlier checkpoint, later files are left alone
+        older = [p for p in self.checkpoints_in(self.out_dir) if _step_of(p) <= self.step]
+        for old in older[:-self.config.keep_last]:
+            old.unlink(missing_ok=True)
+            old.with_suffix(".json").unlink(missing_ok=True)
+        return path
+
+    def _improves(self, metric: float | None) -> bool:
+        """Record ``metric`` as the best if it is; True when ``best.safetensors`` should be rewritten."""
+        if not self.config.keep_best or metric is None or not math.isfinite(metric):
+            return False
+        if self.best_metric is None or metric < self.best_metric:
+            self.best_metric, self.best_step = metric, self.step
+            return True
+        return False
+
+    def resume(self, path=None, *, missing_ok: bool = False) -> int:
+        """Continue from a checkpoint (default: the newest in ``out_dir/checkpoints``).
+
+        Restores model, EMA, optimizer, grad scaler, data position, RNG state and
+        log files (rows after the checkpoint's step are dropped).
+        :return: the step resumed at (0 if ``missing_ok`` and there is none).
+        """
+        if path is None:
+            path = self.latest_checkpoint(self.out_dir)
+            if path is None:
+                if missing_ok:
+                    return 0
+                raise FileNotFoundError(f"no checkpoint to resume from in {str(self.checkpoint_dir)!r}")
+        ckpt = load_checkpoint(path)
+        where = repr(str(ckpt.path))
+        meta = ckpt.metadata
+        later = [p.name for p in self.checkpoints_in(self.out_dir) if _step_of(p) > ckpt.step]
+        if later:
+            warnings.warn(f"resuming from step {ckpt.step} of {where} while {str(self.checkpoint_dir)!r} holds later "
+                          f"checkpoints ({', '.join(later)}); they will be overwritten as training reaches them",
+                          RuntimeWarning, stacklevel=2)
+        if meta.get("kind") != "train" or "optimizer" not in meta:
+            raise ValueError(f"{where} is not a training checkpoint (no optimizer state); it cannot be resumed")
+        check_model_config(ckpt, self.model)
+        if meta.get("diffusion") != self.process.to_dict():
+            raise ValueError(f"{where} was trained with another diffusion process: {meta.get('diffusion')} "
+                             f"vs {self.process.to_dict()}")
+        saved_cfg = meta.get("train_config", {})
+        mine = self.config.to_dict()
+        changed = sorted(k for k in set(saved_cfg) | set(mine)
+                         if saved_cfg.get(k) != mine.get(k) and k not in _RESUME_FREE)
+        if changed:
+            warnings.warn(f"resuming {where} with a changed train config ({', '.join(changed)}): the run will not "
+                          f"be the one the checkpoint started", RuntimeWarning, stacklevel=2)
+        if meta.get("train_size") != self.train_indices.numel():
+            warnings.warn(f"{where} was trained on {meta.get('train_size')} images, this dataset has "
+                          f"{self.train_indices.numel()} for training", RuntimeWarning, stacklevel=2)
+
+        load_weights(self.model, ckpt.section("model"), path=ckpt.path, what="model")
+        if ckpt.has("ema"):
+            load_weights(self.ema_model, ckpt.section("ema"), path=ckpt.path, what="ema")
+        else:
+            self.ema_model.load_state_dict(self.model.state_dict())
+        sd = ckpt.optimizer_state_dict()
+        if len(sd["param_groups"]) != len(self.optimizer.param_groups):
+            raise ValueError(f"{where} has {len(sd['param_groups'])} optimizer param groups, expected "
+                             f"{len(self.optimizer.param_groups)}")
+        for saved, current in zip(sd["param_groups"], self.optimizer.param_groups):
+            # this run's implementation flags and the config's hyper-parameters win
+            for key in ("fused", "foreach", "capturable", "differentiable", "betas", "weight_decay", "lr"):
+                if key in current:
+                    saved[key] = current[key]
+        try:
+            self.optimizer.load_state_dict(sd)
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise ValueError(f"{where}: optimizer state does not fit this model: {e}") from None
+        if self.scaler is not None and meta.get("scaler"):
+            self.scaler.load_state_dict(meta["scaler"])
+
+        self.step = int(meta["step"])
+        self.epoch, self.index = int(meta["epoch"]), int(meta["index"])
+        self.best_metric, self.best_step = meta.get("best_metric"), meta.get("best_step")
+        self.last_val = meta.get("last_val")
+        self._loss_ema = torch.tensor(float(meta.get("loss_ema", 0.0)), device=self.device)
+        self._loss_ema_count = int(meta.get("loss_ema_count", 0))
+        self.elapsed_before = float(meta.get("elapsed", 0.0))
+        self._perm_epoch = None
+        ckpt.restore_rng()
+        self._truncate_logs(self.step)
+        self._resumed_from = ckpt.path
+        return self.step
+
+    # -- logs ------------------------------------------------------------------------------
+    @property
+    def _jsonl(self) -> Path:
+        return self.out_dir / "metrics.jsonl"
+
+    @property
+    def _csv(self) -> Path:
+        return self.out_dir / "metrics.csv"
+
+    def _truncate_logs(self, step: int) -> None:
+        """Keep log rows up to ``step`` (a crash after logging but before checkpointing must not duplicate)."""
+        rows = []
+        if self._jsonl.exists():
+            for line in self._jsonl.read_text(encoding="utf-8").splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # a line cut by a crash
+                    continue
+                if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+                    rows.append(row)
+        self._history = rows
+        self._rewrite_logs()
+
+    def _rewrite_logs(self) -> None:
+        write_text_atomic(self._jsonl, "".join(json.dumps(r) + "\n" for r in self._history))
+        lines = [",".join(CSV_COLUMNS) + "\n"] + [self._csv_line(r) for r in self._history]
+        write_text_atomic(self._csv, "".join(lines))
+
+    @staticmethod
+    def _csv_line(row: dict) -> str:
+        import io
+
+        buf = io.StringIO()
+        csv.writer(buf, lineterminator="\n").writerow(["" if row.get(k) is None else row[k] for k in CSV_COLUMNS])
+        return buf.getvalue()
+
+    def _log_row(self, row: dict) -> None:
+        self._history.append(row)
+        with open(self._jsonl, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        with open(self._csv, "a", encoding="utf-8") as f:
+            f.write(self._csv_line(row))
+
+    def plot_loss(self) -> Path | None:
+        """``out_dir/loss.png`` from the logged rows."""
+        from .images import plot_lines
+
+        series = {}
+        for key, name in (("loss", "train"), ("val_loss", "val"), ("val_loss_ema", "val (EMA)")):
+            pts = [(r["step"], r[key]) for r in self._history if r.get(key) is not None]
+            if pts:
+                series[name] = ([p[0] for p in pts], [p[1] for p in pts])
+        if not series:
+            return None
+        path = self.out_dir / "loss.png"
+        try:
+            plot_lines(series, path, title="loss", xlabel="step", ylabel="loss", logy=True)
+        except Exception as e:  # a plot must never end a training run
+            warnings.warn(f"could not draw {path}: {type(e).__name__}: {e}", RuntimeWarning, stacklevel=2)
+            return None
+        return path
+
+    def _write_config(self) -> None:
+        from . import __version__
+
+        mc = getattr(self.model, "config", None)
+        d = {"model_config": mc.to_dict() if hasattr(mc, "to_dict") else None,
+             "diffusion": self.process.to_dict(), "train_config": self.config.to_dict(),
+             "precision": self.precision, "device": str(self.device), "fastddpm_version": __version__,
+             "torch_version": torch.__version__}
+        write_text_atomic(self.out_dir / "config.json", json.dumps(d, indent=2, sort_keys=True) + "\n")
+
+    def _elapsed(self) -> float:
+        start = getattr(self, "_t_start", None)
+        return self.elapsed_before + (time.perf_counter() - start if start is not None else 0.0)
+
+    # -- the loop --------------------------------------------------------------------------
+    def _check_finite(self, bad_step: torch.Tensor) -> None:
+        s = int(bad_step)
+        if s >= 0:
+            last = self.latest_checkpoint(self.out_dir)
+            raise FloatingPointError(
+                f"non-finite training loss at step {s}; training stopped and no checkpoint was written for it "
+                f"(last checkpoint: {str(last) if last else 'none'}). Try a lower lr, grad_clip, or "
+                f"mixed_precision='no'.")
+
+    def train(self) -> dict:
+        """Train up to ``config.steps``; returns the final metrics.
+
+        :raises FloatingPointError: a non-finite loss (named by step), before any checkpoint holds it.
+        """
+        c = self.config
+        if self.step == 0 and self._resumed_from is None:
+            if self.checkpoints_in(self.out_dir):
+                raise ValueError(f"out_dir {str(self.out_dir)!r} already holds checkpoints of a run: pass "
+                                 f"resume=True to continue it, or choose another out_dir")
+            torch.manual_seed(c.seed)  # dropout draws from the global RNG; its state is checkpointed
+            self._history = []
+            self._rewrite_logs()
+        self._write_config()
+
+        device = self.device
+        self._t_start = time.perf_counter()
+        bad_step = torch.full((), -1, dtype=torch.int64, device=device)
+        loss_sum = torch.zeros((), device=device)
+        norm_sum = torch.zeros((), device=device)
+        window, t_window = 0, time.perf_counter()
+        last_row: dict = {}
+        last_ckpt: Path | None = None
+        has_val = self.val_indices.numel() > 0
+        bar = tqdm(total=c.steps, initial=self.step, disable=not self.progress, desc="training", unit="step",
+                   dynamic_ncols=True)
+        try:
+            while self.step < c.steps:
+                step = self.step
+                loss, grad_norm = self._train_step(step)
+                self.step = done = step + 1
+                # device-side bookkeeping: no host synchronisation
+                finite = torch.isfinite(loss)
+                bad_step = torch.where(finite | (bad_step >= 0), bad_step, torch.full_like(bad_step, done))
+                loss_sum += loss
+                norm_sum += grad_norm.float()
+                self._loss_ema.lerp_(loss, 1.0 - LOSS_EMA_BETA)
+                self._loss_ema_count += 1
+                window += 1
+                bar.update(1)
+
+                last = done == c.steps
+                do_log = done % c.log_every == 0 or last
+                do_val = has_val and ((c.val_every and done % c.val_every == 0) or last)
+                do_ckpt = (c.checkpoint_every and done % c.checkpoint_every == 0) or last
+                do_sample = c.sample_every and (done % c.sample_every == 0 or last)
+                if not (do_log or do_val or do_ckpt or do_sample):
+                    continue
+
+                self._check_finite(bad_step)  # never validate, sample or save a poisoned model
+                now = time.perf_counter()
+                row = {"step": done, "loss": float(loss_sum) / window, "lr": self.lr_at(step),
+                       "grad_norm": float(norm_sum) / window, "val_loss": None, "val_loss_ema": None,
+                       "images_per_s": window * c.effective_batch_size / max(now - t_window, 1e-9),
+                       "elapsed": self._elapsed()}
+                loss_sum.zero_()
+                norm_sum.zero_()
+                window, t_window = 0, now
+                if do_val:
+                    self.last_val = self.validate()
+                    row.update(self.last_val)
+                self._log_row(row)
+                last_row = row
+                bar.set_postfix(loss=f"{row['loss']:.4f}", **({"val": f"{row['val_loss']:.4f}"} if do_val else {}))
+                if do_sample:
+                    self.save_samples(done)
+                # best: by validation loss where validated, else by smoothed train loss at checkpoints
+                metric = row["val_loss"] if do_val else (self.smoothed_loss() if not has_val and do_ckpt else None)
+                improved = self._improves(metric)  # decided first, so the step checkpoint records it
+                if do_ckpt:
+                    last_ckpt = self._checkpoint()
+                    self.plot_loss()
+                if improved:
+                    self.save(self.checkpoint_dir / "best.safetensors")
+                t_window = time.perf_counter()  # do not count validation, samples and saving as training time
+        finally:
+            bar.close()
+            self.elapsed_before = self._elapsed()
+            self._t_start = None
+        return {
+            "step": self.step,
+            "loss": last_row.get("loss"),
+            "smoothed_loss": self.smoothed_loss(),
+            "val_loss": (self.last_val or {}).get("val_loss"),
+            "val_loss_ema": (self.last_val or {}).get("val_loss_ema"),
+            "best_metric": self.best_metric,
+            "best_step": self.best_step,
+            "lr": last_row.get("lr"),
+            "grad_norm": last_row.get("grad_norm"),
+            "images_per_s": last_row.get("images_per_s"),
+            "elapsed": self.elapsed_before,
+            "checkpoint": str(last_ckpt or self.latest_checkpoint(self.out_dir) or ""),
+        }
+
+    def smoothed_loss(self) -> float | None:
+        """Bias-corrected exponential moving average of the train loss (None before any step)."""
+        if self._loss_ema_count == 0:
+            return None
+        return float(self._loss_ema) / (1.0 - LOSS_EMA_BETA ** self._loss_ema_count)

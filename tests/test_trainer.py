@@ -1,0 +1,243 @@
+"""The trainer: exact resume, gradient accumulation, failure modes and the files a run writes.
+
+All runs use the ``tiny`` preset (8x8 gray) on a handful of images, a few steps each.
+"""
+import json
+import shutil
+
+import pytest
+import torch
+from torch import nn
+
+import fastddpm
+from fastddpm import DDPM
+from fastddpm.checkpoint import load_checkpoint, load_model
+from fastddpm.data import ArrayDataset, digits_dataset
+from fastddpm.models import create_model
+from fastddpm.trainer import TrainConfig, Trainer
+
+from tolerances import FP32, assert_close
+
+QUIET = dict(log_every=10, checkpoint_every=0, val_every=0, random_flip=True)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # the test machine's cores are shared: one thread is faster and steadier here
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return digits_dataset(image_size=8)
+
+
+@pytest.fixture(scope="module")
+def ten_images(digits):
+    return ArrayDataset(digits.images[:10].numpy())
+
+
+def _trainer(out_dir, dataset, seed=0, process=None, resume=False, dropout=0.0, **config):
+    torch.manual_seed(seed)  # model init
+    model = create_model("tiny", dropout=dropout)
+    return Trainer(model, process or DDPM(), dataset, TrainConfig(**config), out_dir, device="cpu", resume=resume,
+                   progress=False)
+
+
+def _tensors(trainer):
+    out = {f"model.{k}": v for k, v in trainer.model.state_dict().items()}
+    out.update({f"ema.{k}": v for k, v in trainer.ema_model.state_dict().items()})
+    for i, entries in trainer.optimizer.state_dict()["state"].items():
+        out.update({f"optim.{i}.{k}": v for k, v in entries.items()})
+    return out
+
+
+def _rows(out_dir):
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+# -- configuration --------------------------------------------------------------------------
+def test_config_round_trip_and_validation():
+    c = TrainConfig(steps=5, adam_betas=(0.8, 0.99), grad_clip=None, mixed_precision="bf16")
+    assert TrainConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+    assert TrainConfig.from_json(c.to_json()) == c
+    with pytest.raises(ValueError, match="unknown train config keys.*'stepz'"):
+        TrainConfig.from_dict({"stepz": 3})
+    for bad, field in [(dict(steps=0), "steps"), (dict(lr=-1.0), "lr"), (dict(optimizer="sgd"), "optimizer"),
+                       (dict(mixed_precision="fp8"), "mixed_precision"), (dict(ema_decay=1.0), "ema_decay"),
+                       (dict(grad_clip=0.0), "grad_clip"), (dict(adam_betas=(0.9,)), "adam_betas"),
+                       (dict(val_fraction=1.0), "val_fraction"), (dict(sample_steps=0), "sample_steps"),
+                       (dict(keep_last=0), "keep_last"), (dict(seed=-1), "seed"), (dict(batch_size=2.0), "batch_size")]:
+        with pytest.raises(ValueError, match=field):
+            TrainConfig(**bad)
+
+
+# -- exactness -------------------------------------------------------------------------------
+def test_resume_is_bit_identical(tmp_path, ten_images):
+    """40 steps in one go == 20 steps + resume + 20, with dropout, flips, warmup, validation and
+    epochs that end mid-batch (10 training images, batches of 4)."""
+    cfg = dict(batch_size=4, lr=1e-3, warmup_steps=10, ema_decay=0.9, val_fraction=0.2, val_every=20,
+               log_every=10, checkpoint_every=20, dropout=0.1)
+    whole = _trainer(tmp_path / "whole", ten_images, steps=40, **cfg)
+    whole.train()
+
+    first = _trainer(tmp_path / "split", ten_images, steps=20, **cfg)
+    first.train()
+    # a crash after logging step 30 but before its checkpoint: the row must not be duplicated
+    with open(tmp_path / "split" / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 30, "loss": 123.0}) + "\n")
+    torch.rand(100)  # the global RNG moves on; resume must restore it
+    second = _trainer(tmp_path / "split", ten_images, seed=1, steps=40, resume=True, **cfg)
+    assert second.step == 20
+    second.train()
+
+    a, b = _tensors(whole), _tensors(second)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    rows_a, rows_b = _rows(tmp_path / "whole"), _rows(tmp_path / "split")
+    assert [r["step"] for r in rows_b] == [10, 20, 30, 40]
+    for ra, rb in zip(rows_a, rows_b):
+        assert (ra["loss"], ra["val_loss"]) == (rb["loss"], rb["val_loss"])
+    csv_steps = [line.split(",")[0] for line in (tmp_path / "split" / "metrics.csv").read_text().splitlines()]
+    assert csv_steps == ["step", "10", "20", "30", "40"]
+    # the checkpoint written at the end holds the same tensors
+    ckpt = load_checkpoint(tmp_path / "split" / "checkpoints" / "step_0000040.safetensors")
+    for k, v in a.items():
+        assert torch.equal(ckpt.tensors[k], v), k
+
+
+def test_grad_accumulation_matches_one_big_batch(tmp_path, ten_images):
+    """2 micro-batches of 2 give the gradients of one batch of 4 (same images, timesteps, noise)."""
+    grads, losses = [], []
+    for batch_size, accum in ((4, 1), (2, 2)):
+        trainer = _trainer(tmp_path / f"b{batch_size}", ten_images, steps=1, batch_size=batch_size,
+                           grad_accum=accum, grad_clip=None, **QUIET)
+        loss, _ = trainer._train_step(0)
+        losses.append(loss)
+        grads.append([p.grad.clone() for p in trainer.model.parameters()])
+    assert_close(losses[1], losses[0], **FP32, msg="loss")
+    for i, (g2, g1) in enumerate(zip(grads[1], grads[0])):
+        assert_close(g2, g1, **FP32, msg=f"grad {i}")
+
+
+# -- failures -----------------------------------------------------------------------------
+class NaNAt(nn.Module):
+    """A tiny U-Net whose output becomes NaN from its ``at``-th call on."""
+
+    def __init__(self, at: int):
+        super().__init__()
+        self.inner = create_model("tiny")
+        self.at, self.calls = at, 0
+
+    def forward(self, x, t):
+        self.calls += 1
+        out = self.inner(x, t)
+        return out * float("nan") if self.calls >= self.at else out
+
+
+def test_non_finite_loss_stops_before_any_checkpoint_of_it(tmp_path, ten_images):
+    out = tmp_path / "run"
+    trainer = Trainer(NaNAt(5), DDPM(), ten_images, TrainConfig(steps=10, batch_size=2, checkpoint_every=2,
+                                                              log_every=100, keep_last=10), out, progress=False)
+    with pytest.raises(FloatingPointError, match="non-finite training loss at step 5"):
+        trainer.train()
+    names = sorted(p.name for p in (out / "checkpoints").glob("*.safetensors"))
+    assert names == ["best.safetensors", "step_0000002.safetensors", "step_0000004.safetensors"]
+    for name in names:
+        ckpt = load_checkpoint(out / "checkpoints" / name)
+        assert ckpt.step <= 4
+        assert all(bool(torch.isfinite(v).all()) for k, v in ckpt.tensors.items() if k.startswith(("model", "ema")))
+
+
+def test_unwritable_out_dir(tmp_path, ten_images):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(OSError, match=r"out_dir .*a_file.*cannot be created"):
+        _trainer(blocker / "run", ten_images, steps=1, batch_size=2)
+
+
+def test_not_enough_disk_space(tmp_path, ten_images, monkeypatch):
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=1000))
+    with pytest.raises(OSError, match=r"out_dir .*MiB free"):
+        _trainer(tmp_path / "run", ten_images, steps=1, batch_size=2)
+
+
+def test_refuses_to_mix_runs_and_resumes_only_the_same_model(tmp_path, ten_images):
+    _trainer(tmp_path, ten_images, steps=2, batch_size=2, **QUIET).train()
+    with pytest.raises(ValueError, match="already holds checkpoints.*resume=True"):
+        _trainer(tmp_path, ten_images, steps=4, batch_size=2, **QUIET).train()
+    model = create_model("tiny", base_channels=8)
+    with pytest.raises(ValueError, match="different model config.*base_channels"):
+        Trainer(model, DDPM(), ten_images, TrainConfig(steps=4, batch_size=2), tmp_path, resume=True, progress=False)
+    with pytest.raises(ValueError, match="another diffusion process"):
+        _trainer(tmp_path, ten_images, process=DDPM(schedule="cosine"), steps=4, batch_size=2, resume=True)
+    with pytest.raises(FileNotFoundError, match="no checkpoint to resume"):
+        _trainer(tmp_path / "empty", ten_images, steps=4, batch_size=2).resume()
+
+
+def test_dataset_must_fit_the_model(tmp_path, digits):
+    with pytest.raises(ValueError, match=r"dataset images have shape \(1, 16, 16\).*\(1, 8, 8\)"):
+        _trainer(tmp_path, digits_dataset(image_size=16), steps=1)
+
+
+# -- a real (small) run -------------------------------------------------------------------
+def test_loss_decreases(tmp_path, digits):
+    trainer = _trainer(tmp_path, digits, steps=100, batch_size=16, lr=2e-3, log_every=10, checkpoint_every=0,
+                       random_flip=False)
+    result = trainer.train()
+    rows = _rows(tmp_path)
+    assert len(rows) == 10 and rows[-1]["step"] == 100 == result["step"]
+    assert rows[-1]["loss"] < 0.75 * rows[0]["loss"], [r["loss"] for r in rows]
+    assert result["best_metric"] == pytest.approx(result["smoothed_loss"])
+
+
+def test_outputs_of_a_run(tmp_path, ten_images):
+    out = tmp_path / "run"
+    cfg = dict(steps=6, batch_size=2, checkpoint_every=2, keep_last=2, log_every=2, val_fraction=0.3, val_every=3,
+               sample_every=3, sample_n=4, sample_steps=3, mixed_precision="no")
+    result = _trainer(out, ten_images, **cfg).train()
+    assert result["step"] == 6 and result["val_loss"] is not None
+
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_config"] == create_model("tiny").config.to_dict()
+    assert config["train_config"] == TrainConfig(**cfg).to_dict()
+    assert DDPM.from_dict(config["diffusion"]).to_dict() == DDPM().to_dict()
+
+    rows = _rows(out)
+    assert [r["step"] for r in rows] == [2, 3, 4, 6]
+    assert [r["val_loss"] is not None for r in rows] == [False, True, False, True]
+    header, *lines = (out / "metrics.csv").read_text().splitlines()
+    assert header.split(",")[:5] == ["step", "loss", "lr", "grad_norm", "val_loss"]
+    assert len(lines) == 4
+    for name in ("loss.png", "samples/step_0000003.png", "samples/step_0000006.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert ckpts == ["best.json", "best.safetensors", "step_0000004.json", "step_0000004.safetensors",
+                     "step_0000006.json", "step_0000006.safetensors"]
+    best = load_checkpoint(out / "checkpoints" / "best.safetensors")
+    assert best.metadata["best_metric"] == min(r["val_loss"] for r in rows if r["val_loss"] is not None)
+    assert best.metadata["metric"] == "val_loss"
+
+    model, process = load_model(out / "checkpoints" / "step_0000006.safetensors")
+    images = fastddpm.sample(model, 2, steps=3, process=process, progress=False)
+    assert images.shape == (2, 1, 8, 8) and bool(torch.isfinite(images).all())
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_on_cpu(tmp_path, ten_images, precision):
+    trainer = _trainer(tmp_path, ten_images, steps=2, batch_size=2, mixed_precision=precision, **QUIET)
+    assert trainer.precision == precision
+    result = trainer.train()
+    assert result["loss"] is not None and result["loss"] == result["loss"]
+    if precision == "fp16":  # the grad scaler's state is saved and restored
+        saved = load_checkpoint(tmp_path / "checkpoints" / "step_0000002.safetensors").metadata["scaler"]
+        resumed = _trainer(tmp_path, ten_images, steps=3, batch_size=2, mixed_precision=precision, resume=True,
+                           **QUIET)
+        assert resumed.scaler.state_dict() == saved == trainer.scaler.state_dict()
+    assert _trainer(tmp_path / "auto", ten_images, steps=1, batch_size=2).precision == "no"  # auto on CPU
