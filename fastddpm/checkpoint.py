@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from .files import atomic_write, write_text_atomic
 
 __all__ = [
     "FORMAT_VERSION",
@@ -39,7 +39,6 @@ __all__ = [
     "save_model",
     "load_weights",
     "check_model_config",
-    "write_text_atomic",
 ]
 
 FORMAT_VERSION = 1
@@ -113,52 +112,6 @@ def _write_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str
     save_file(tensors, path, metadata=metadata)
 
 
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. Windows: directories cannot be opened
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Call ``write(temp_path)``, fsync the temp file and ``os.replace`` it onto ``path``.
-
-    On any failure the temp file is removed and ``path`` keeps its old content.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a checkpoint is an ordinary file
-        with open(tmp, "rb+") as f:
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-
-
-def write_text_atomic(path, text: str) -> None:
-    """Write a text file atomically (temp file, fsync, ``os.replace``)."""
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-
-    _atomic_write(path, write)
-
-
 def _jsonable(value):
     """Optimizer hyper-parameters as JSON values (tensors become floats)."""
     if isinstance(value, torch.Tensor):
@@ -211,7 +164,7 @@ def _save(path, tensors: dict[str, torch.Tensor], meta: dict, sidecar: bool) -> 
             "versions": _versions(),
             "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     text = json.dumps(meta, sort_keys=True, allow_nan=True)
-    _atomic_write(path, lambda tmp: _write_safetensors(tensors, {METADATA_KEY: text}, tmp))
+    atomic_write(path, lambda tmp: _write_safetensors(tensors, {METADATA_KEY: text}, tmp))
     if sidecar:
         write_text_atomic(path.with_suffix(".json"), json.dumps(meta, indent=2, sort_keys=True, allow_nan=True) + "\n")
     return path

@@ -58,8 +58,14 @@ def cmd_train(args) -> int:
 
 
 # -- sample ------------------------------------------------------------------------------------
+OUTPUT_SUFFIXES = (".png", ".npz", ".npy")
+
+
 def _sample_and_save(model, process, args, out: Path) -> float:
     from . import images
+
+    if out.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise SystemExit(f"error: --out must end in .png, .npz or .npy, got {str(out)!r}")
     from .sampling import sample
 
     frames = []
@@ -78,12 +84,10 @@ def _sample_and_save(model, process, args, out: Path) -> float:
                batch_size=args.batch_size, progress=not args.quiet, callback=keep_frames if every else None)
     seconds = time.perf_counter() - start
     x = x.cpu()
-    if out.suffix.lower() in (".npz", ".npy"):
-        images.save_images_npz(x, out)
-    elif out.suffix.lower() == ".png":
+    if out.suffix.lower() == ".png":
         images.save_image_grid(x, out, scale=args.scale)
     else:
-        raise SystemExit(f"error: --out must end in .png, .npz or .npy, got {str(out)!r}")
+        images.save_images_npz(x, out)
     if args.gif:
         images.save_gif(frames, args.gif, scale=args.scale)
     return seconds

@@ -1,18 +1,60 @@
-"""Serialisable, frozen configuration of a diffusion process."""
+"""Serialisable, frozen configurations: the JSON mixin every config uses, and
+the configuration of a diffusion process."""
 from __future__ import annotations
 
+import dataclasses
 import json
-from dataclasses import asdict, dataclass, fields
-from typing import Literal
+from dataclasses import MISSING, dataclass, fields
+from typing import ClassVar, Literal
 
 from .reference import LOSSES, PREDICTIONS, SAMPLERS, VARIANCES
 from .schedule import SCHEDULE_KINDS
 
-__all__ = ["DiffusionConfig"]
+__all__ = ["JsonConfig", "DiffusionConfig"]
+
+
+class JsonConfig:
+    """Mixin for frozen dataclass configs: a checked ``replace`` and a JSON round trip
+    (tuples are stored as lists; each config turns them back in ``__post_init__``)."""
+
+    _label: ClassVar[str] = "config"
+
+    def replace(self, **changes):
+        """A copy with some fields changed; unknown names raise TypeError."""
+        names = [f.name for f in fields(self)]
+        unknown = set(changes) - set(names)
+        if unknown:
+            raise TypeError(f"unknown {self._label} options: {sorted(unknown)}; known: {names}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        """Inverse of ``to_dict``; unknown or missing keys raise ValueError naming them."""
+        if not isinstance(d, dict):
+            raise TypeError(f"{cls._label} config must be a dict, got {type(d).__name__}")
+        names = [f.name for f in fields(cls)]
+        unknown = set(d) - set(names)
+        if unknown:
+            raise ValueError(f"unknown {cls._label} config keys: {sorted(unknown)}; known: {names}")
+        missing = [f.name for f in fields(cls)
+                   if f.default is MISSING and f.default_factory is MISSING and f.name not in d]
+        if missing:
+            raise ValueError(f"{cls._label} config needs {missing}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str):
+        return cls.from_dict(json.loads(text))
 
 
 @dataclass(frozen=True)
-class DiffusionConfig:
+class DiffusionConfig(JsonConfig):
     """How a DDPM process is defined.  Defaults are the original DDPM (Ho et al.
     2020): 1000 steps, linear betas 1e-4..0.02, epsilon prediction, x0 clipped
     to [-1, 1], sigma^2 = beta_tilde — the defaults of diffusers'
@@ -44,6 +86,8 @@ class DiffusionConfig:
     huber_delta: float = 1.0
     min_snr_gamma: float | None = None
 
+    _label: ClassVar[str] = "diffusion"
+
     def __post_init__(self):
         def choice(name, allowed):
             value = getattr(self, name)
@@ -72,31 +116,3 @@ class DiffusionConfig:
             raise ValueError(f"huber_delta must be > 0, got {self.huber_delta!r}")
         if self.min_snr_gamma is not None and not (isinstance(self.min_snr_gamma, (int, float)) and self.min_snr_gamma > 0):
             raise ValueError(f"min_snr_gamma must be > 0 or None, got {self.min_snr_gamma!r}")
-
-    def replace(self, **changes) -> "DiffusionConfig":
-        unknown = set(changes) - {f.name for f in fields(self)}
-        if unknown:
-            raise TypeError(f"unknown diffusion options: {sorted(unknown)}; known: {[f.name for f in fields(self)]}")
-        return DiffusionConfig(**{**asdict(self), **changes})
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        if d["betas"] is not None:
-            d["betas"] = list(d["betas"])
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "DiffusionConfig":
-        if not isinstance(d, dict):
-            raise TypeError(f"diffusion config must be a dict, got {type(d).__name__}")
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown diffusion config keys: {sorted(unknown)}")
-        return cls(**d)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> "DiffusionConfig":
-        return cls.from_dict(json.loads(text))

@@ -7,14 +7,13 @@ folder, then ``os.replace``d over it, so a reader never sees half a file.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 
+from .files import atomic_write
 from .reference import batch_noise, q_sample
 from .schedule import NoiseSchedule
 
@@ -36,31 +35,20 @@ COLORS = (
 )
 SUPERSAMPLE = 2  # plots are drawn at twice the size and downsampled (antialiasing)
 STRIP_MIN_COLUMN_PX = 48  # forward_process_strip upscales tiny images to at least this width
-_UMASK = os.umask(0o022)  # read the process umask (mkstemp files are 0600; ours honour it)
-os.umask(_UMASK)
 
 
 # -- files ------------------------------------------------------------------------------
-def _atomic_write(path, write: Callable) -> Path:
-    """Create the parent folders, call ``write(file)`` on a temporary file next
-    to ``path``, then move it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
+def _write_with(path, write: Callable) -> Path:
+    """Atomically write ``path`` (parents created) by calling ``write(file_object)``."""
+    def to_temp(tmp):
+        with open(tmp, "wb") as f:
             write(f)
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+
+    return atomic_write(path, to_temp, make_parents=True)
 
 
 def _save_pil(img, path, fmt: str, **kw) -> Path:
-    return _atomic_write(path, lambda f: img.save(f, format=fmt, **kw))
+    return _write_with(path, lambda f: img.save(f, format=fmt, **kw))
 
 
 # -- conversion and grids -------------------------------------------------------------------
@@ -149,9 +137,9 @@ def save_images_npz(x, path) -> Path:
     arr = _as_nhwc_uint8(x)
     suffix = Path(path).suffix.lower()
     if suffix == ".npz":
-        return _atomic_write(path, lambda f: np.savez(f, images=arr))
+        return _write_with(path, lambda f: np.savez(f, images=arr))
     if suffix == ".npy":
-        return _atomic_write(path, lambda f: np.save(f, arr))
+        return _write_with(path, lambda f: np.save(f, arr))
     raise ValueError(f"path must end in .npz or .npy, got {str(path)!r}")
 
 

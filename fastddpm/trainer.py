@@ -30,23 +30,24 @@ from __future__ import annotations
 
 import copy
 import csv
-import dataclasses
 import json
 import math
 import shutil
 import time
 import warnings
 from contextlib import nullcontext
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from . import ops
-from .checkpoint import check_model_config, load_checkpoint, load_weights, save_checkpoint, write_text_atomic
+from .checkpoint import check_model_config, load_checkpoint, load_weights, save_checkpoint
+from .files import write_text_atomic
+from .config import JsonConfig
 from .diffusion import DDPM
 
 __all__ = ["TrainConfig", "Trainer"]
@@ -84,7 +85,7 @@ def _is_num(v) -> bool:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(JsonConfig):
     """How to train.  Defaults follow Ho et al. (Adam, lr 2e-4, grad clip 1, EMA 0.9999).
 
     :param steps: optimizer steps in total (a resumed run continues up to this).
@@ -133,6 +134,8 @@ class TrainConfig:
     keep_best: bool = True
     log_every: int = 50
 
+    _label: ClassVar[str] = "train"
+
     def __post_init__(self):
         if isinstance(self.adam_betas, list):
             object.__setattr__(self, "adam_betas", tuple(self.adam_betas))
@@ -173,33 +176,6 @@ class TrainConfig:
     @property
     def effective_batch_size(self) -> int:
         return self.batch_size * self.grad_accum
-
-    def replace(self, **changes) -> "TrainConfig":
-        unknown = set(changes) - {f.name for f in fields(self)}
-        if unknown:
-            raise ValueError(f"unknown train config keys: {sorted(unknown)}")
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["adam_betas"] = list(d["adam_betas"])
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        if not isinstance(d, dict):
-            raise TypeError(f"train config must be a dict, got {type(d).__name__}")
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown train config keys: {sorted(unknown)}; known: {[f.name for f in fields(cls)]}")
-        return cls(**d)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> "TrainConfig":
-        return cls.from_dict(json.loads(text))
 
 
 def _resolve_precision(mode: str, device: torch.device) -> str:

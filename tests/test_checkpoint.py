@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fastddpm
-from fastddpm import DDPM, checkpoint
+from fastddpm import DDPM, checkpoint, files
 from fastddpm.checkpoint import (check_model_config, load_checkpoint, load_model, load_weights, save_checkpoint,
                                  save_model)
 from fastddpm.models import create_model
@@ -93,7 +93,7 @@ def test_atomic_write(tmp_path, monkeypatch, where):
     else:
         def crash(src, dst):
             raise OSError("power cut")
-        monkeypatch.setattr(checkpoint.os, "replace", crash)
+        monkeypatch.setattr(files.os, "replace", crash)
     with pytest.raises(OSError):
         save_checkpoint(path, model=model, ema=ema, optimizer=opt, state={**STATE, "step": 2})
     assert path.read_bytes() == before

@@ -34,15 +34,16 @@ Differences from the original, on purpose:
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
+from ..config import JsonConfig
 
 __all__ = ["UNetConfig", "UNet", "timestep_embedding", "ResBlock", "AttentionBlock", "Downsample", "Upsample"]
 
@@ -55,7 +56,7 @@ def _is_int(v) -> bool:
 
 
 @dataclass(frozen=True)
-class UNetConfig:
+class UNetConfig(JsonConfig):
     """Hyper-parameters of :class:`UNet`; JSON-safe via :meth:`to_dict`.
 
     :param image_size: the training resolution; decides where attention goes.
@@ -81,6 +82,8 @@ class UNetConfig:
     dropout: float = 0.1
     resample_with_conv: bool = True
     num_groups: int = 32
+
+    _label: ClassVar[str] = "UNet"
 
     def __post_init__(self):
         # Lists (from JSON or keyword arguments) become tuples, so the config stays hashable.
@@ -164,24 +167,6 @@ class UNetConfig:
     def heads_for(self, channels: int) -> int:
         """Number of heads of an attention block with ``channels`` channels."""
         return channels // self.head_channels if self.head_channels is not None else self.num_heads
-
-    # serialisation
-    def to_dict(self) -> dict:
-        """JSON-safe dict (tuples become lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "UNetConfig":
-        """Inverse of :meth:`to_dict`; unknown or missing keys raise ValueError naming them."""
-        if not isinstance(d, dict):
-            raise TypeError(f"UNetConfig.from_dict expects a dict, got {type(d).__name__}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown UNetConfig keys {unknown}; known keys are {sorted(names)}")
-        if "image_size" not in d:
-            raise ValueError("UNetConfig needs image_size")
-        return cls(**d)
 
 
 # -- building blocks ---------------------------------------------------------------------

@@ -1,0 +1,94 @@
+"""The command line, end to end on tiny runs."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastddpm.cli import DEMO_MODEL, main
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "run"
+    torch.set_num_threads(1)
+    code = main(["train", "--data", "digits", "--preset", "tiny", "--steps", "4", "--batch-size", "8",
+                 "--out", str(out), "--checkpoint-every", "2", "--log-every", "2", "--timesteps", "50"])
+    assert code == 0
+    return out
+
+
+def test_train_writes_a_run(run_dir):
+    assert (run_dir / "checkpoints" / "step_0000004.safetensors").is_file()
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["diffusion"]["config"]["num_timesteps"] == 50
+    assert (run_dir / "metrics.jsonl").read_text().strip()
+
+
+def test_resume_continues(run_dir):
+    code = main(["train", "--data", "digits", "--preset", "tiny", "--steps", "6", "--batch-size", "8",
+                 "--out", str(run_dir), "--checkpoint-every", "2", "--log-every", "2", "--timesteps", "50",
+                 "--resume"])
+    assert code == 0
+    assert (run_dir / "checkpoints" / "step_0000006.safetensors").is_file()
+
+
+def test_sample_png_npz_gif(run_dir, tmp_path):
+    ckpt = str(run_dir / "checkpoints" / "step_0000004.safetensors")
+    assert main(["sample", "--checkpoint", ckpt, "-n", "4", "--out", str(tmp_path / "s.png"), "--quiet",
+                 "--gif", str(tmp_path / "r.gif"), "--scale", "2"]) == 0
+    assert Image.open(tmp_path / "s.png").size[0] > 16
+    assert Image.open(tmp_path / "r.gif").n_frames > 1
+    assert main(["sample", "--checkpoint", ckpt, "-n", "3", "--steps", "10", "--out", str(tmp_path / "s.npz"),
+                 "--quiet", "--sampler", "ddim"]) == 0
+    arr = np.load(tmp_path / "s.npz")["images"]
+    assert arr.shape == (3, 8, 8, 1) and arr.dtype == np.uint8
+
+
+def test_export_and_demo(run_dir, tmp_path, capsys):
+    ckpt = str(run_dir / "checkpoints" / "step_0000004.safetensors")
+    release = tmp_path / "model.safetensors"
+    assert main(["export", "--checkpoint", ckpt, "--out", str(release)]) == 0
+    assert main(["demo", "--checkpoint", str(release), "-n", "4", "--steps", "5", "--out",
+                 str(tmp_path / "demo.png"), "--quiet"]) == 0
+    assert "sampling time:" in capsys.readouterr().out
+    assert (tmp_path / "demo.png").is_file()
+
+
+def test_the_shipped_demo_model_loads():
+    from fastddpm.checkpoint import load_model
+
+    model, process = load_model(DEMO_MODEL)
+    assert model.config.image_size == 16 and model.config.in_channels == 1
+    assert process.num_steps == 1000
+    x = torch.zeros(2, 1, 16, 16)
+    assert model(x, torch.tensor([0, 999])).shape == x.shape
+
+
+def test_visual_commands(tmp_path):
+    assert main(["plot-schedule", "--out", str(tmp_path / "s.png")]) == 0
+    assert main(["forward-strip", "-n", "2", "--out", str(tmp_path / "f.png")]) == 0
+    assert Image.open(tmp_path / "f.png").size[0] > Image.open(tmp_path / "f.png").size[1]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["sample", "--checkpoint", "nope.safetensors", "-n", "2", "--out", "x.png"], "nope.safetensors"),
+    (["train", "--data", "digits", "--preset", "huge", "--steps", "1", "--out", "x"], "unknown --preset"),
+    (["train", "--data", "/no/such/folder", "--steps", "1", "--out", "x"], "not found"),
+])
+def test_errors_are_clear(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code, err = 2, str(e)
+    else:
+        err = capsys.readouterr().err
+    assert code == 2 and message in err
+
+
+def test_bad_output_suffix(run_dir, tmp_path):
+    ckpt = str(run_dir / "checkpoints" / "step_0000004.safetensors")
+    with pytest.raises(SystemExit, match="--out must end in .png, .npz or .npy"):
+        main(["sample", "--checkpoint", ckpt, "-n", "1", "--steps", "2", "--out", str(tmp_path / "x.jpg"), "--quiet"])
