@@ -50,7 +50,9 @@ def cmd_train(args) -> int:
                          ema_decay=args.ema_decay, warmup_steps=args.warmup_steps,
                          sample_every=args.sample_every, checkpoint_every=args.checkpoint_every,
                          val_fraction=args.val_fraction, log_every=args.log_every,
-                         mixed_precision=args.mixed_precision)
+                         mixed_precision=args.mixed_precision,
+                         # digits are not mirror-symmetric: no flips unless asked for
+                         random_flip=args.flip if args.flip is not None else args.data != "digits")
     trainer = Trainer(model, process, dataset, config, args.out, device=_device(args.device), resume=args.resume)
     metrics = trainer.train()
     print(f"trained to step {metrics.get('step')}: {metrics}")
@@ -197,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=0.0)
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--mixed-precision", default="auto", help="auto | no | bf16 | fp16")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="random horizontal flips (default: on, except for digits)")
     p.add_argument("--min-snr-gamma", type=float, default=None)
     p.add_argument("--device", default=None)
     _add_diffusion_args(p)

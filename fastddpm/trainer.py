@@ -480,9 +480,9 @@ class Trainer:
         images = sample(self.ema_model, self.config.sample_n, steps=self.config.sample_steps, seed=0,
                         progress=False, process=self.process, device=self.device)
         path = self.out_dir / "samples" / f"{_step_name(step)}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_image_grid(images, path)
-        return path
+        # upscale small images so a grid is at least ~256 px wide to look at
+        side = max(images.shape[-1], 1) * math.ceil(math.sqrt(images.shape[0]))
+        return save_image_grid(images, path, scale=max(1, 256 // side))
 
     # -- checkpoints -----------------------------------------------------------------------
     @staticmethod

@@ -1,0 +1,66 @@
+"""How fastddpm's Triton kernels become torch operators.
+
+On a GPU every op is a ``torch.library.triton_op`` whose body launches its
+kernels through ``wrap_triton``: ``torch.compile`` traces into it and CUDA
+graphs capture the launches.  Under the Triton interpreter
+(``TRITON_INTERPRET=1``, CPU tests) ``triton_op`` cannot be traced by
+``torch.compile``, so the same body is registered as an opaque
+``torch.library.custom_op`` with an explicit fake implementation instead.
+
+``INTERPRET`` is read once, at import, from Triton's own setting: Triton decides
+between compiling and interpreting when a kernel is decorated, i.e. when this
+package is imported.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+import triton
+
+NAMESPACE = "fastddpm_triton"
+INTERPRET = bool(triton.knobs.runtime.interpret)  # TRITON_INTERPRET=1
+
+# Elementwise kernels: one program per (sample, block of elements).  Under the
+# interpreter, where every program costs Python time, use big blocks.
+ELEMENTWISE_BLOCK = 4096 if INTERPRET else 1024
+ELEMENTWISE_WARPS = 4
+
+
+def op(name: str, schema: str, *, fake: Callable, mutates_args: Iterable[str] = ()) -> Callable:
+    """Decorator: register ``fn`` as ``fastddpm_triton::name`` with ``schema``
+    (the C++ backend's schema where it has the op).
+
+    :param fake: the shape/dtype-only implementation used by the custom-op
+        path (``triton_op`` derives its own from ``fn``).
+    """
+    qualname = f"{NAMESPACE}::{name}"
+
+    def register(fn):
+        if INTERPRET:
+            opdef = torch.library.custom_op(qualname, fn, mutates_args=tuple(mutates_args), schema=schema)
+            opdef.register_fake(fake)
+            return opdef
+        return torch.library.triton_op(qualname, fn, mutates_args=tuple(mutates_args), schema=schema)
+
+    return register
+
+
+def launch(kernel):
+    """``wrap_triton(kernel)`` (a no-op wrapper under the interpreter)."""
+    return torch.library.wrap_triton(kernel)
+
+
+def elementwise_grid(n: int, numel: int, block: int) -> tuple[int, int]:
+    """Rows on axis 0 (up to 2**31-1 samples), element blocks on axis 1."""
+    return (n, triton.cdiv(numel, block))
+
+
+def elementwise_block(numel) -> int:
+    """Block size for ``numel`` elements per sample: the smallest power of two
+    >= ``numel`` between 128 and ELEMENTWISE_BLOCK.  Comparisons only, so a
+    symbolic ``numel`` (torch.compile with dynamic shapes) gives a constant."""
+    block = 128
+    while block < ELEMENTWISE_BLOCK and block < numel:
+        block *= 2
+    return block

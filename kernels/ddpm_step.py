@@ -1,0 +1,159 @@
+"""One reverse step ``x_t -> x_{t-1}`` for every sample, in one elementwise pass::
+
+    x0_hat = a * x_t + b * out            # from the prediction type
+    x0_hat = clamp(x0_hat, -1, 1)         # if clip_denoised
+    x_prev = c0 * x0_hat + c1 * x_t + sigma * z
+
+with the row ``(a, b, c0, c1, sigma)`` of ``coefs`` picked by the step index,
+which is read from a device tensor in the kernel: per sample (``step`` of
+shape ``[n]``) or one for the batch (0-dim or ``[1]``, read with stride 0), so
+a captured CUDA graph replays every step by updating that tensor.  The noise
+slot is the step index.  ``sigma == 0`` (last DDPM step, DDIM with eta 0)
+skips the noise generation.  Optionally the kernel also writes ``x_prev`` in the
+model's dtype, contiguous or channels_last: the next model call's input.
+
+Ops (as the C++ backend's ``torch.ops.fastddpm.*``, here ``fastddpm_triton``):
+``ddpm_step`` (functional), ``ddpm_step_cast`` (also returns the model-dtype
+copy) and ``ddpm_step_`` (updates ``x`` and ``model_input`` in place, the form
+a captured CUDA graph replays).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from fastddpm.noise import check_noise_capacity
+
+from ._library import ELEMENTWISE_WARPS, elementwise_block, elementwise_grid, launch, op
+from .noise import contract_offsets
+
+__all__ = ["ddpm_step", "ddpm_step_cast", "ddpm_step_", "ddpm_step_into"]
+
+
+@triton.jit
+def _ddpm_step_kernel(x_ptr, out_ptr, step_ptr, step_stride, coefs_ptr, x_prev_ptr, model_input_ptr, numel, channels,
+                      spatial, seed, sample_offset, CLIP: tl.constexpr, WRITE_MODEL_INPUT: tl.constexpr,
+                      CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    element = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = element < numel
+    base = row.to(tl.int64) * numel
+    step = tl.load(step_ptr + row * step_stride).to(tl.int64)
+    coef = coefs_ptr + step * 5
+    a = tl.load(coef)
+    b = tl.load(coef + 1)
+    c0 = tl.load(coef + 2)
+    c1 = tl.load(coef + 3)
+    sigma = tl.load(coef + 4)
+    x = tl.load(x_ptr + base + element, mask=mask, other=0.0).to(tl.float32)
+    out = tl.load(out_ptr + base + element, mask=mask, other=0.0).to(tl.float32)
+    x0_hat = a * x + b * out
+    if CLIP:
+        x0_hat = tl.minimum(tl.maximum(x0_hat, -1.0), 1.0)
+    x_prev = c0 * x0_hat + c1 * x
+    if sigma != 0.0:  # uniform per program: sigma*z == 0 exactly, skip Philox
+        sample = row.to(tl.int64) + sample_offset
+        z = tl.randn(seed, contract_offsets(sample, step * numel + element))
+        x_prev = x_prev + sigma * z
+    tl.store(x_prev_ptr + base + element, x_prev, mask=mask)
+    if WRITE_MODEL_INPUT:
+        if CHANNELS_LAST:  # element c*HW + hw of the sample lives at hw*C + c
+            dst = (element % spatial) * channels + element // spatial
+        else:
+            dst = element
+        tl.store(model_input_ptr + base + dst, x_prev.to(model_input_ptr.dtype.element_ty), mask=mask)
+
+
+def _model_input_layout(model_input, x) -> tuple[bool, int, int]:
+    """(channels_last, C, H*W) of the model-input buffer."""
+    if model_input.shape != x.shape or model_input.device != x.device:
+        raise ValueError(f"model_input must have x's shape {tuple(x.shape)} and device {x.device}")
+    if model_input.is_contiguous():
+        return False, 1, 1
+    if x.ndim == 4 and model_input.is_contiguous(memory_format=torch.channels_last):
+        return True, x.shape[1], x.shape[2] * x.shape[3]
+    raise ValueError("model_input must be contiguous or channels_last")
+
+
+def ddpm_step_into(x, model_output, step, coefs, seed: int, sample_offset: int, clip_denoised: bool,
+                   x_prev: torch.Tensor, model_input: torch.Tensor | None = None) -> None:
+    """Host launcher writing into preallocated buffers.
+
+    :param x: float32 ``[n, ...]`` contiguous; may be the same tensor as ``x_prev``
+        (each element is read before it is written).
+    :param model_output: ``[n, ...]`` float32/bf16/fp16 (made contiguous).
+    :param step: int64 ``[n]`` (per sample) or 0-dim/``[1]`` (whole batch) on the device.
+    :param coefs: float32 ``[K, 5]``.
+    :param x_prev: float32 output, shape of ``x``, contiguous.
+    :param model_input: optional copy of ``x_prev`` in another dtype, contiguous or channels_last.
+    """
+    n = x.shape[0]
+    numel = x.numel() // n if n else 0
+    check_noise_capacity(numel, coefs.shape[0] + 1, sample_offset + n - 1)
+    if not (x.is_contiguous() and x_prev.is_contiguous() and x_prev.dtype == torch.float32):
+        raise ValueError("ddpm_step: x and x_prev must be contiguous, x_prev float32")
+    if step.numel() not in (1, n):
+        raise ValueError(f"step must have 1 or {n} elements, got shape {tuple(step.shape)}")
+    channels_last, channels, spatial = (False, 1, 1) if model_input is None else _model_input_layout(model_input, x)
+    if x.numel() == 0:
+        return
+    step_stride = 0 if step.numel() == 1 else step.stride(0)
+    block = elementwise_block(numel)
+    launch(_ddpm_step_kernel)[elementwise_grid(n, numel, block)](
+        x, model_output.contiguous(), step, step_stride, coefs.contiguous(), x_prev, model_input, numel, channels,
+        spatial, seed, sample_offset, CLIP=bool(clip_denoised), WRITE_MODEL_INPUT=model_input is not None,
+        CHANNELS_LAST=channels_last, BLOCK=block, num_warps=ELEMENTWISE_WARPS)
+
+
+def _fake(x, model_output, step, coefs, seed, sample_offset, clip_denoised):
+    return torch.empty(x.shape, dtype=torch.float32, device=x.device)
+
+
+@op("ddpm_step", "(Tensor x, Tensor model_output, Tensor step, Tensor coefs, int seed, int sample_offset, "
+    "bool clip_denoised) -> Tensor", fake=_fake)
+def ddpm_step(x: torch.Tensor, model_output: torch.Tensor, step: torch.Tensor, coefs: torch.Tensor, seed: int,
+              sample_offset: int, clip_denoised: bool) -> torch.Tensor:
+    """:return: float32 ``x_{t-1}`` (see the module docstring)."""
+    x = x.contiguous()
+    x_prev = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    ddpm_step_into(x, model_output, step, coefs, seed, sample_offset, clip_denoised, x_prev)
+    return x_prev
+
+
+def _fake_cast(x, model_output, step, coefs, seed, sample_offset, clip_denoised, model_dtype, channels_last):
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    return (torch.empty(x.shape, dtype=torch.float32, device=x.device),
+            torch.empty(x.shape, dtype=model_dtype, device=x.device, memory_format=layout))
+
+
+@op("ddpm_step_cast", "(Tensor x, Tensor model_output, Tensor step, Tensor coefs, int seed, int sample_offset, "
+    "bool clip_denoised, ScalarType model_dtype, bool channels_last) -> (Tensor, Tensor)", fake=_fake_cast)
+def ddpm_step_cast(x: torch.Tensor, model_output: torch.Tensor, step: torch.Tensor, coefs: torch.Tensor, seed: int,
+                   sample_offset: int, clip_denoised: bool, model_dtype: torch.dtype,
+                   channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """:return: ``x_{t-1}`` in float32 and the same values in ``model_dtype``
+    (channels_last if asked; needs a 4-D ``x``)."""
+    if channels_last and x.ndim != 4:
+        raise ValueError(f"channels_last needs a 4-D x, got shape {tuple(x.shape)}")
+    x = x.contiguous()
+    x_prev = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    model_input = torch.empty(x.shape, dtype=model_dtype, device=x.device, memory_format=layout)
+    ddpm_step_into(x, model_output, step, coefs, seed, sample_offset, clip_denoised, x_prev, model_input)
+    return x_prev, model_input
+
+
+def _fake_inplace(x, model_output, step, coefs, seed, sample_offset, clip_denoised, model_input=None):
+    return None
+
+
+@op("ddpm_step_", "(Tensor(a!) x, Tensor model_output, Tensor step, Tensor coefs, int seed, int sample_offset, "
+    "bool clip_denoised, Tensor(b!)? model_input=None) -> ()", fake=_fake_inplace, mutates_args=("x", "model_input"))
+def ddpm_step_(x: torch.Tensor, model_output: torch.Tensor, step: torch.Tensor, coefs: torch.Tensor, seed: int,
+               sample_offset: int, clip_denoised: bool, model_input: Optional[torch.Tensor] = None) -> None:
+    """Update ``x`` (float32, contiguous) to ``x_{t-1}`` in place, and
+    ``model_input`` (contiguous or channels_last) with its cast copy."""
+    ddpm_step_into(x, model_output, step, coefs, seed, sample_offset, clip_denoised, x, model_input)

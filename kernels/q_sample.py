@@ -1,0 +1,54 @@
+"""Forward noising ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps`` (Ho et al. Eq. 4)
+with the contract's noise (slot 0) generated in the kernel."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastddpm.noise import check_noise_capacity
+
+from ._library import ELEMENTWISE_WARPS, elementwise_block, elementwise_grid, launch, op
+from .noise import contract_offsets
+
+__all__ = ["q_sample"]
+
+
+@triton.jit
+def _q_sample_kernel(x0_ptr, t_ptr, t_stride, sqrt_ac_ptr, sqrt_1mac_ptr, xt_ptr, numel, seed, sample_offset,
+                     BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    element = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = element < numel
+    base = row.to(tl.int64) * numel
+    t = tl.load(t_ptr + row * t_stride)
+    sqrt_ac = tl.load(sqrt_ac_ptr + t)
+    sqrt_1mac = tl.load(sqrt_1mac_ptr + t)
+    x0 = tl.load(x0_ptr + base + element, mask=mask, other=0.0).to(tl.float32)
+    sample = row.to(tl.int64) + sample_offset
+    eps = tl.randn(seed, contract_offsets(sample, element.to(tl.int64)))
+    tl.store(xt_ptr + base + element, sqrt_ac * x0 + sqrt_1mac * eps, mask=mask)
+
+
+def _fake(x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, seed, sample_offset):
+    return torch.empty(x0.shape, dtype=torch.float32, device=x0.device)
+
+
+@op("q_sample", "(Tensor x0, Tensor t, Tensor sqrt_alphas_cumprod, Tensor sqrt_one_minus_alphas_cumprod, "
+    "int seed, int sample_offset) -> Tensor", fake=_fake)
+def q_sample(x0: torch.Tensor, t: torch.Tensor, sqrt_alphas_cumprod: torch.Tensor,
+             sqrt_one_minus_alphas_cumprod: torch.Tensor, seed: int, sample_offset: int) -> torch.Tensor:
+    """:param x0: ``[n, ...]`` float; :param t: int64 ``[n]`` (any stride);
+    tables float32 ``[T]``.  :return: float32 ``x_t``."""
+    n = x0.shape[0]
+    numel = x0.numel() // n if n else 0
+    check_noise_capacity(numel, 1, sample_offset + n - 1)
+    x0 = x0.contiguous()
+    xt = torch.empty(x0.shape, dtype=torch.float32, device=x0.device)
+    if xt.numel() == 0:
+        return xt
+    block = elementwise_block(numel)
+    launch(_q_sample_kernel)[elementwise_grid(n, numel, block)](
+        x0, t, t.stride(0), sqrt_alphas_cumprod.contiguous(), sqrt_one_minus_alphas_cumprod.contiguous(), xt,
+        numel, seed, sample_offset, BLOCK=block, num_warps=ELEMENTWISE_WARPS)
+    return xt

@@ -1,0 +1,149 @@
+"""The Triton flash attention against ``F.scaled_dot_product_attention``.
+
+CPU (interpreter): fp32 and fp16, forward and gradients, sequence lengths that
+are and are not multiples of the blocks, head dims 16-64.  GPU: bf16/fp16 with
+the error bounded by a multiple of PyTorch's own error at that precision
+against an fp32 reference (flash-attention's test style), big head dims and
+sequence lengths up to 4096 (64x64 feature maps).
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastddpm import ops
+from tolerances import ATTENTION, assert_close
+
+kernels = pytest.importorskip("fastddpm.kernels.ops")
+from fastddpm.kernels.attention import attention  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+def qkv(B, H, L, d, dtype, device=DEVICE, layout="contiguous"):
+    """Inputs as the U-Net makes them: contiguous ``[B, H, L, d]``, or views of
+    one ``[B, 3*H*d, L]`` projection (strided, not contiguous)."""
+    if layout == "contiguous":
+        return [torch.randn(B, H, L, d, device=device, dtype=dtype, requires_grad=True) for _ in range(3)]
+    proj = torch.randn(B, 3 * H * d, L, device=device, dtype=dtype)
+    q, k, v = proj.reshape(B, 3, H, d, L).permute(1, 0, 2, 4, 3).unbind(0)
+    return [x.detach().requires_grad_() for x in (q, k, v)]
+
+
+def forward_backward(fn, q, k, v, grad_out):
+    out = fn(q, k, v)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    return [out, *grads]
+
+
+def fp32_reference(q, k, v, grad_out):
+    inputs = [x.detach().float().requires_grad_() for x in (q, k, v)]
+    return forward_backward(F.scaled_dot_product_attention, *inputs, grad_out.float())
+
+
+NAMES = ("out", "dq", "dk", "dv")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("L", [16, 20, 64])
+@pytest.mark.parametrize("d", [32, 64])
+def test_attention_matches_sdpa(dtype, L, d):
+    q, k, v = qkv(2, 2, L, d, dtype)
+    grad_out = torch.randn(2, 2, L, d, device=DEVICE, dtype=dtype)
+    got = forward_backward(attention, q, k, v, grad_out)
+    want = fp32_reference(q, k, v, grad_out)
+    for name, g, w in zip(NAMES, got, want):
+        assert g.dtype == dtype and g.shape == w.shape
+        assert_close(g.float(), w, **ATTENTION[dtype], msg=f"{name} L={L} d={d} {dtype}")
+
+
+@pytest.mark.parametrize("d", [16, 40])
+def test_attention_head_dims_padded(d):
+    """Head dims that are not a power of two (padded, masked) and the smallest tile."""
+    q, k, v = qkv(1, 3, 20, d, torch.float32)
+    grad_out = torch.randn(1, 3, 20, d, device=DEVICE)
+    for name, g, w in zip(NAMES, forward_backward(attention, q, k, v, grad_out), fp32_reference(q, k, v, grad_out)):
+        assert_close(g, w, **ATTENTION[torch.float32], msg=f"{name} d={d}")
+
+
+def test_attention_strided_inputs():
+    """q, k, v as strided views of one QKV projection, as in the U-Net's attention block."""
+    q, k, v = qkv(2, 2, 20, 32, torch.float32, layout="projection")
+    assert not q.is_contiguous()
+    grad_out = torch.randn(2, 2, 20, 32, device=DEVICE).transpose(-1, -2).contiguous().transpose(-1, -2)
+    for name, g, w in zip(NAMES, forward_backward(attention, q, k, v, grad_out), fp32_reference(q, k, v, grad_out)):
+        assert_close(g, w, **ATTENTION[torch.float32], msg=name)
+
+
+def test_attention_through_dispatch():
+    q, k, v = qkv(1, 1, 16, 32, torch.float32)
+    with ops.use_backend("triton"):
+        out = ops.attention(q, k, v)
+    assert_close(out, F.scaled_dot_product_attention(q, k, v), **ATTENTION[torch.float32])
+
+
+def test_attention_opcheck():
+    q, k, v = qkv(1, 2, 20, 32, torch.float32)
+    torch.library.opcheck(torch.ops.fastddpm_triton.attention_forward, (q, k, v))
+
+
+def test_attention_torch_compile_fullgraph():
+    def block(q, k, v):
+        return attention(q, k, v).sum(dim=-1)
+
+    compiled = torch.compile(block, fullgraph=True, backend="inductor" if HAS_CUDA else "aot_eager")
+    q, k, v = qkv(1, 2, 20, 32, torch.float32)
+    out = compiled(q, k, v)
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    want = fp32_reference(q, k, v, torch.ones(1, 2, 20, 32, device=DEVICE))
+    for name, g, w in zip(NAMES, [out, *grads], [want[0].sum(-1), *want[1:]]):
+        assert_close(g, w, **ATTENTION[torch.float32], msg=name)
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("d", [128, 256])
+def test_attention_large_head_dims(d):
+    """The Ho et al. CIFAR-10 model's 16x16 attention has one head of d=256."""
+    L = 256 if HAS_CUDA else 48
+    q, k, v = qkv(2, 1, L, d, torch.float16)
+    grad_out = torch.randn(2, 1, L, d, device=DEVICE, dtype=torch.float16)
+    got = forward_backward(attention, q, k, v, grad_out)
+    want = fp32_reference(q, k, v, grad_out)
+    for name, g, w in zip(NAMES, got, want):
+        assert_close(g.float(), w, **ATTENTION[torch.float16], msg=f"{name} d={d}")
+
+
+# -- GPU only -----------------------------------------------------------------------
+GPU_SHAPES = [(4, 1, 256, 256), (2, 4, 1024, 64), (1, 4, 4096, 64), (3, 2, 100, 128), (2, 1, 16, 32)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_attention_low_precision_bounded_by_pytorch_error(dtype, shape):
+    """|triton - fp32 ref| <= 2 |sdpa(dtype) - fp32 ref| + eps, per output and gradient."""
+    q, k, v = qkv(*shape, dtype)
+    grad_out = torch.randn(shape, device=DEVICE, dtype=dtype)
+    got = forward_backward(attention, q, k, v, grad_out)
+    torch_lowp = forward_backward(F.scaled_dot_product_attention, q, k, v, grad_out)
+    want = fp32_reference(q, k, v, grad_out)
+    for name, g, p, w in zip(NAMES, got, torch_lowp, want):
+        ours = (g.float() - w).abs().max().item()
+        theirs = (p.float() - w).abs().max().item()
+        eps = 1e-3 * w.abs().max().item()
+        assert ours <= 2 * theirs + eps, f"{name} {shape} {dtype}: error {ours:.3e} vs PyTorch's {theirs:.3e}"
+
+
+@pytest.mark.gpu
+def test_attention_fp32_gpu():
+    """fp32 on a GPU is handed to SDPA (no full-precision tensor-core tl.dot); still correct and differentiable."""
+    q, k, v = qkv(2, 2, 300, 64, torch.float32)
+    grad_out = torch.randn(2, 2, 300, 64, device=DEVICE)
+    for name, g, w in zip(NAMES, forward_backward(attention, q, k, v, grad_out), fp32_reference(q, k, v, grad_out)):
+        assert_close(g, w, atol=1e-4, rtol=1e-4, msg=name)
+
+
+@pytest.mark.gpu
+def test_attention_is_the_automatic_choice_on_gpu():
+    assert ops.select_backend("attention", torch.device("cuda"), torch.bfloat16) == "triton" or \
+        "FASTDDPM_BACKEND" in __import__("os").environ
