@@ -214,3 +214,27 @@ def test_load_model_samples(tmp_path):
     assert "optim.0.exp_avg" not in load_checkpoint(path).tensors
     images = fastddpm.sample(loaded, 3, steps=4, process=loaded_process, progress=False)
     assert images.shape == (3, 1, 8, 8) and bool(torch.isfinite(images).all())
+
+
+class _Trap:
+    """Unpickling this runs ``_spring``: a checkpoint loader must never do it."""
+
+    sprung = False
+
+    def __reduce__(self):
+        return (_spring, ())
+
+
+def _spring():
+    _Trap.sprung = True
+    return {}
+
+
+def test_pickles_are_never_unpickled(tmp_path):
+    path = tmp_path / "evil.safetensors"
+    torch.save({"model": _Trap()}, path)
+    with pytest.raises(ValueError, match="evil.safetensors"):
+        load_checkpoint(path)
+    with pytest.raises(ValueError, match="evil.safetensors"):
+        load_model(path)
+    assert not _Trap.sprung
