@@ -8,10 +8,11 @@ from .config import DiffusionConfig
 from .diffusion import DDPM
 from .models import UNet, UNetConfig, create_model
 from .noise import normal
+from .patching import patch_attention, unpatch_attention
 from .sampling import sample
 from .schedule import NoiseSchedule
 from .trainer import TrainConfig, Trainer
 
 __version__ = "0.1.0"
 __all__ = ["DDPM", "DiffusionConfig", "NoiseSchedule", "TrainConfig", "Trainer", "UNet", "UNetConfig",
-           "create_model", "load_model", "normal", "sample", "save_model", "__version__"]
+           "create_model", "load_model", "normal", "patch_attention", "sample", "unpatch_attention", "save_model", "__version__"]

@@ -41,7 +41,8 @@ def _process(process, steps, options) -> DDPM:
 @torch.no_grad()
 def sample(model, n: int, *, steps: int | None = None, seed: int = 0, device=None, dtype=None, image_size=None,
            channels=None, batch_size: int | None = None, progress: bool = True, callback=None,
-           process: DDPM | None = None, sample_offset: int = 0, **process_options) -> torch.Tensor:
+           process: DDPM | None = None, sample_offset: int = 0, distributed: bool = False,
+           **process_options) -> torch.Tensor:
     """Draw ``n`` images from ``model`` with the DDPM reverse process.
 
     :param model: fastddpm ``UNet``, diffusers ``UNet2DModel``, denoising-diffusion-pytorch
@@ -58,8 +59,17 @@ def sample(model, n: int, *, steps: int | None = None, seed: int = 0, device=Non
     :param process: a ``DDPM`` (default: built from ``process_options``: schedule, prediction,
         variance, clip_denoised, sampler, eta, num_timesteps, ...).
     :param sample_offset: global index of the first sample (for sharding).
+    :param distributed: shard ``n`` over the ranks of ``torch.distributed`` and gather the
+        images to every rank (``fastddpm.distributed``); equal to one device's images.
     :return: float32 ``[n, C, H, W]`` in the model's data range [-1, 1], on ``device``.
     """
+    if distributed:
+        from .distributed import dist_info, sample_distributed
+
+        return sample_distributed(model, n, steps=steps, seed=seed, device=device, dtype=dtype,
+                                  image_size=image_size, channels=channels, batch_size=batch_size,
+                                  progress=progress and dist_info()[0] == 0, callback=callback,
+                                  process=process, sample_offset=sample_offset, **process_options)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive int, got {n!r}")
     check_seed(seed)
