@@ -6,6 +6,7 @@
     fastddpm export --checkpoint CKPT --out model.safetensors
     fastddpm plot-schedule --out schedules.png
     fastddpm forward-strip --data digits --out forward.png
+    fastddpm eval --samples samples.npz --reference digits
 """
 from __future__ import annotations
 
@@ -239,6 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="forward.png")
     p.set_defaults(func=cmd_forward_strip)
+
+    from .metrics import add_eval_parser
+
+    add_eval_parser(sub)
     return parser
 
 
