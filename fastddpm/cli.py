@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="'digits', an image folder, or a .npy/.npz file")
     p.add_argument("--preset", default="small", help="model preset: small, ddpm_cifar10, tiny (default: small)")
     p.add_argument("--steps", type=int, required=True)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="global batch (split over torchrun ranks)")
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--warmup-steps", type=int, default=0)
     p.add_argument("--ema-decay", type=float, default=0.9999)

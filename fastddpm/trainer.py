@@ -17,6 +17,20 @@ So 40 steps in one go and 20 steps + resume + 20 give the same tensors, bit
 for bit, on the same device.  Metrics stay on the device and are read back
 every ``log_every`` steps (and at validation, sampling and checkpoint steps).
 
+Several processes (``torchrun``, ``torch.distributed`` initialised with more
+than one rank; under ``torchrun`` the trainer initialises it itself, NCCL on
+CUDA and gloo on the CPU): ``batch_size`` stays the *global* micro-batch and
+must be divisible by the world size.  Every rank computes the same global
+step (data positions, timesteps, flips) and takes its contiguous share of
+each micro-batch, rows ``r * b/W ... (r+1) * b/W - 1``, with noise offsets
+the examples' global indices; DistributedDataParallel averages the
+gradients, which are then those of the global mean loss.  So W ranks follow
+one process's trajectory up to floating-point rounding (sums split in other
+places), dropout excepted: ranks > 0 draw their own dropout masks.  A
+checkpoint holds global state only and resumes on any number of ranks.
+Rank 0 alone writes files (checkpoints, logs, plots, samples); validation
+is split over the ranks and the losses are summed with ``all_reduce``.
+
 Output directory::
 
     config.json                          model config, diffusion, train config
@@ -32,6 +46,7 @@ import copy
 import csv
 import json
 import math
+import os
 import shutil
 import time
 import warnings
@@ -41,6 +56,7 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -55,7 +71,7 @@ __all__ = ["TrainConfig", "Trainer"]
 MASK64 = 2**64 - 1
 MAX_SEED = 2**63 - 1
 # generator streams derived from the seed
-_STREAM_EPOCH, _STREAM_STEP, _STREAM_VAL = 1, 2, 3
+_STREAM_EPOCH, _STREAM_STEP, _STREAM_VAL, _STREAM_DROPOUT = 1, 2, 3, 4
 DATA_CACHE_BYTES = 2**30  # datasets up to this size are held as one tensor on the training device
 LOSS_EMA_BETA = 0.98  # smoothing of the train loss that picks "best" when there is no validation
 CSV_COLUMNS = ("step", "loss", "lr", "grad_norm", "val_loss", "val_loss_ema", "images_per_s", "elapsed")
@@ -75,6 +91,46 @@ def _mix(seed: int, stream: int, i: int) -> int:
     return x & MAX_SEED
 
 
+# -- several processes -----------------------------------------------------------------
+def _world() -> tuple[int, int]:
+    """``(rank, world_size)``: ``(0, 1)`` unless ``torch.distributed`` is initialised."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _launched_world_size() -> int:
+    """``WORLD_SIZE`` as set by ``torchrun`` (1 when not launched by it)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
+
+
+def _default_device(device) -> torch.device:
+    """The training device; under several processes a bare ``cuda`` means this process's ``LOCAL_RANK`` GPU."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None and (_world()[1] > 1 or _launched_world_size() > 1):
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+def _init_distributed(device: torch.device) -> None:
+    """Join the process group ``torchrun`` set up (env://), if there is one and nobody joined it yet."""
+    if _launched_world_size() > 1 and dist.is_available() and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+
+def _dropout_seed(seed: int, rank: int, step: int) -> int:
+    """The global RNG's seed of rank ``rank`` > 0 from step ``step`` on (rank 0 uses ``seed`` and the
+    checkpointed state): its own dropout masks, not a copy of rank 0's."""
+    return _mix(_mix(seed, _STREAM_DROPOUT, rank), _STREAM_DROPOUT, step)
+
+
 # -- configuration ---------------------------------------------------------------------
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
@@ -89,7 +145,9 @@ class TrainConfig(JsonConfig):
     """How to train.  Defaults follow Ho et al. (Adam, lr 2e-4, grad clip 1, EMA 0.9999).
 
     :param steps: optimizer steps in total (a resumed run continues up to this).
-    :param batch_size: examples per micro-batch; an optimizer step sees ``batch_size * grad_accum``.
+    :param batch_size: examples per micro-batch over all processes (the global micro-batch: with W
+        ranks each computes ``batch_size / W`` of them, so it must be divisible by W); an optimizer
+        step sees ``batch_size * grad_accum``.
     :param lr: peak learning rate (after ``warmup_steps`` of linear warmup).
     :param optimizer: ``adam`` or ``adamw`` (decoupled ``weight_decay``).
     :param grad_clip: max global gradient norm; None disables clipping.
@@ -214,10 +272,14 @@ class Trainer:
     :param dataset: a sized dataset of float32 ``[C, H, W]`` tensors in [-1, 1].
     :param config: a ``TrainConfig`` (or its dict).
     :param out_dir: where checkpoints, logs and samples go (created).
-    :param device: default: CUDA if available, else CPU.
+    :param device: default: CUDA if available (under several processes, GPU ``LOCAL_RANK``), else CPU.
     :param resume: True: continue from the newest checkpoint in ``out_dir/checkpoints``
         if there is one (start fresh otherwise); a path: continue from that checkpoint.
-    :param progress: show a tqdm bar.
+        Every rank loads it; it may come from a run on another number of ranks.
+    :param progress: show a tqdm bar (on rank 0).
+
+    Under ``torchrun`` (or with ``torch.distributed`` initialised by the caller) every rank
+    constructs the Trainer with the same arguments; see the module docstring.
     """
 
     def __init__(self, model: nn.Module, process: DDPM, dataset, config: TrainConfig | dict | None = None,
@@ -235,14 +297,27 @@ class Trainer:
             raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
         self.config = config
         self.process = process
-        self.device = torch.device(device) if device is not None else torch.device(
-            "cuda" if torch.cuda.is_available() else "cpu")
+        self.device = _default_device(device)
+        _init_distributed(self.device)
+        self.rank, self.world_size = _world()
+        if config.batch_size % self.world_size:
+            raise ValueError(f"batch_size={config.batch_size} is the global micro-batch and must be divisible by "
+                             f"the world size {self.world_size} (each rank computes batch_size / world_size)")
+        self.local_batch_size = config.batch_size // self.world_size
+        if self.device.type == "cuda" and self.world_size > 1:
+            torch.cuda.set_device(self.device)
         self.precision = _resolve_precision(config.mixed_precision, self.device)
         self.progress = progress
         self.out_dir = Path(out_dir)
         self.checkpoint_dir = self.out_dir / "checkpoints"
 
         self.model = model.to(self.device).train()
+        # DDP broadcasts rank 0's weights when it wraps, so the EMA copy below starts equal on every rank;
+        # self.model stays the plain module (EMA, checkpoints, validation), self._ddp runs the training steps
+        self._ddp: nn.Module | None = None
+        if self.world_size > 1:
+            self._ddp = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.ema_model = copy.deepcopy(self.model).eval().requires_grad_(False)
         self._params = [p for p in self.model.parameters() if p.requires_grad]
         if not self._params:
@@ -254,7 +329,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
 
         self._setup_data(dataset)
-        self._prepare_out_dir()
+        if self.is_main:
+            self._prepare_out_dir()
 
         # training state (all of it goes into each checkpoint)
         self.step = 0
@@ -271,6 +347,11 @@ class Trainer:
         self._perm_epoch, self._perm = None, None
         if resume:
             self.resume(None if resume is True else resume, missing_ok=resume is True)
+
+    @property
+    def is_main(self) -> bool:
+        """True on rank 0, the only process that writes files."""
+        return self.rank == 0
 
     # -- setup -------------------------------------------------------------------------
     def _make_optimizer(self) -> torch.optim.Optimizer:
@@ -374,16 +455,36 @@ class Trainer:
                 self.epoch, self.index = self.epoch + 1, 0
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
-    def _batch(self, step: int):
-        """``(x0, t)`` of an optimizer step: ``batch_size * grad_accum`` images and timesteps."""
-        from .data import random_flip
+    def _rank_rows(self) -> torch.Tensor | None:
+        """This rank's rows of the global step batch: its share of each micro-batch (None: all rows)."""
+        if self.world_size == 1:
+            return None
+        b, lb = self.config.batch_size, self.local_batch_size
+        return torch.cat([torch.arange(m * b + self.rank * lb, m * b + (self.rank + 1) * lb)
+                          for m in range(self.config.grad_accum)])
 
+    def _batch(self, step: int):
+        """``(x0, t)`` of an optimizer step on this rank: its ``grad_accum * batch_size / world_size`` rows of
+        the global ``batch_size * grad_accum`` images and timesteps.
+
+        The global step is drawn as one process draws it (data positions; then from the step's generator
+        the timesteps, then the flips as ``data.random_flip`` draws them: one uniform per image, flipped
+        below 1/2), so every rank agrees on it and keeps its rows; only those images are loaded.
+        """
         c = self.config
-        x0 = self._gather(self._train_cache, self.train_indices, self._next_positions(c.effective_batch_size))
+        n = c.effective_batch_size
+        positions = self._next_positions(n)  # every rank advances the global data position
         g = torch.Generator().manual_seed(_mix(c.seed, _STREAM_STEP, step))
-        t = torch.randint(0, self.process.num_steps, (c.effective_batch_size,), generator=g)
-        if c.random_flip:
-            x0 = random_flip(x0, g)
+        t = torch.randint(0, self.process.num_steps, (n,), generator=g)
+        flip = torch.rand(n, generator=g) < 0.5 if c.random_flip else None
+        rows = self._rank_rows()
+        if rows is not None:
+            positions, t = positions[rows], t[rows]
+            flip = flip[rows] if flip is not None else None
+        x0 = self._gather(self._train_cache, self.train_indices, positions)
+        if flip is not None:
+            flip = flip.to(self.device, non_blocking=True).reshape(-1, *([1] * (x0.ndim - 1)))
+            x0 = torch.where(flip, x0.flip(-1), x0)
         return x0, t.to(self.device, non_blocking=True)
 
     def _autocast(self):
@@ -407,22 +508,33 @@ class Trainer:
                                   prediction=pc.prediction, loss_type=pc.loss, huber_delta=pc.huber_delta)
 
     def _train_step(self, step: int):
-        """One optimizer step; returns the (device) loss and gradient norm."""
+        """One optimizer step; returns the (device) loss, the mean over all ranks, and gradient norm."""
         c = self.config
-        b, accum = c.batch_size, c.grad_accum
+        b, lb, accum = c.batch_size, self.local_batch_size, c.grad_accum
         lr = self.lr_at(step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         x0, t = self._batch(step)
         self.optimizer.zero_grad(set_to_none=True)
+        model = self._ddp if self._ddp is not None else self.model
         total = None
         for m in range(accum):
-            part = slice(m * b, (m + 1) * b)
-            loss = self._loss(self.model, x0[part], t[part], c.seed, step * b * accum + m * b)
-            scaled = loss / accum if accum > 1 else loss
-            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            part = slice(m * lb, (m + 1) * lb)
+            # noise offset: the global index of this rank's first example of micro-batch m
+            offset = step * b * accum + m * b + self.rank * lb
+            # DDP averages the gradients over the ranks once, after the last micro-batch
+            sync = self._ddp is None or m == accum - 1
+            with nullcontext() if sync else self._ddp.no_sync():
+                loss = self._loss(model, x0[part], t[part], c.seed, offset)
+                scaled = loss / accum if accum > 1 else loss
+                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             total = loss.detach() if total is None else total + loss.detach()
         loss = total / accum if accum > 1 else total
+        if self.world_size > 1:
+            # equal shards: the mean of the ranks' means is the global mean (stays on the device)
+            loss = loss.clone()
+            dist.all_reduce(loss)
+            loss /= self.world_size
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         grads = [p.grad for p in self._params if p.grad is not None]
@@ -458,18 +570,24 @@ class Trainer:
         T = self.process.num_steps
         seed = _mix(self.config.seed, _STREAM_VAL, 0)
         t_all = ((2 * torch.arange(n, dtype=torch.int64) + 1) * T) // (2 * n)
+        # each rank takes a contiguous share of the images; the sums of the losses are added over the ranks
+        lo, hi = self.rank * n // self.world_size, (self.rank + 1) * n // self.world_size
         was_training = self.model.training
         self.model.eval()
         sums = {"val_loss": torch.zeros((), device=self.device), "val_loss_ema": torch.zeros((), device=self.device)}
         try:
-            for first in range(0, n, self.config.batch_size):
-                pos = torch.arange(first, min(first + self.config.batch_size, n))
+            for first in range(lo, hi, self.local_batch_size):
+                pos = torch.arange(first, min(first + self.local_batch_size, hi))
                 x0 = self._gather(self._val_cache, self.val_indices, pos)
                 t = t_all[pos].to(self.device)
                 for key, model in (("val_loss", self.model), ("val_loss_ema", self.ema_model)):
                     sums[key] += self._loss(model, x0, t, seed, first) * pos.numel()
         finally:
             self.model.train(was_training)
+        if self.world_size > 1:
+            both = torch.stack([sums["val_loss"], sums["val_loss_ema"]])
+            dist.all_reduce(both)
+            sums = {"val_loss": both[0], "val_loss_ema": both[1]}
         return {k: float(v) / n for k, v in sums.items()}
 
     def save_samples(self, step: int) -> Path:
@@ -516,15 +634,22 @@ class Trainer:
             "elapsed": self._elapsed(),
             "precision": self.precision,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "world_size": self.world_size,  # for information: the state above is global, any number resumes it
         }
 
     def save(self, path) -> Path:
-        """Write a resumable checkpoint of the current state at ``path``."""
+        """Write a resumable checkpoint of the current state at ``path`` (on rank 0; other ranks write
+        nothing and return ``path``)."""
+        if not self.is_main:
+            return Path(path)
         return save_checkpoint(path, model=self.model, ema=self.ema_model, optimizer=self.optimizer,
                                state=self._state())
 
     def _checkpoint(self) -> Path:
+        """A step checkpoint, and older ones beyond ``keep_last`` removed (rank 0 only)."""
         path = self.save(self.checkpoint_dir / f"{_step_name(self.step)}.safetensors")
+        if not self.is_main:
+            return path
         # only older ones: after resuming from an earlier checkpoint, later files are left alone
         older = [p for p in self.checkpoints_in(self.out_dir) if _step_of(p) <= self.step]
         for old in older[:-self.config.keep_last]:
@@ -545,7 +670,8 @@ class Trainer:
         """Continue from a checkpoint (default: the newest in ``out_dir/checkpoints``).
 
         Restores model, EMA, optimizer, grad scaler, data position, RNG state and
-        log files (rows after the checkpoint's step are dropped).
+        log files (rows after the checkpoint's step are dropped).  Every rank calls it;
+        the checkpoint's state is global, so it may come from another number of ranks.
         :return: the step resumed at (0 if ``missing_ok`` and there is none).
         """
         if path is None:
@@ -558,7 +684,7 @@ class Trainer:
         where = repr(str(ckpt.path))
         meta = ckpt.metadata
         later = [p.name for p in self.checkpoints_in(self.out_dir) if _step_of(p) > ckpt.step]
-        if later:
+        if later and self.is_main:
             warnings.warn(f"resuming from step {ckpt.step} of {where} while {str(self.checkpoint_dir)!r} holds later "
                           f"checkpoints ({', '.join(later)}); they will be overwritten as training reaches them",
                           RuntimeWarning, stacklevel=2)
@@ -608,8 +734,11 @@ class Trainer:
         self._loss_ema_count = int(meta.get("loss_ema_count", 0))
         self.elapsed_before = float(meta.get("elapsed", 0.0))
         self._perm_epoch = None
-        ckpt.restore_rng()
-        self._truncate_logs(self.step)
+        ckpt.restore_rng()  # rank 0's dropout stream: the checkpoint holds no other
+        if self.is_main:
+            self._truncate_logs(self.step)
+        else:  # a stream of its own, from the step (so dropout on ranks > 0 is not resumed bit for bit)
+            torch.manual_seed(_dropout_seed(self.config.seed, self.rank, self.step))
         self._resumed_from = ckpt.path
         return self.step
 
@@ -651,15 +780,19 @@ class Trainer:
 
     def _log_row(self, row: dict) -> None:
         self._history.append(row)
+        if not self.is_main:
+            return
         with open(self._jsonl, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
         with open(self._csv, "a", encoding="utf-8") as f:
             f.write(self._csv_line(row))
 
     def plot_loss(self) -> Path | None:
-        """``out_dir/loss.png`` from the logged rows."""
+        """``out_dir/loss.png`` from the logged rows (rank 0 only; None elsewhere)."""
         from .images import plot_lines
 
+        if not self.is_main:
+            return None
         series = {}
         for key, name in (("loss", "train"), ("val_loss", "val"), ("val_loss_ema", "val (EMA)")):
             pts = [(r["step"], r[key]) for r in self._history if r.get(key) is not None]
@@ -681,7 +814,8 @@ class Trainer:
         mc = getattr(self.model, "config", None)
         d = {"model_config": mc.to_dict() if hasattr(mc, "to_dict") else None,
              "diffusion": self.process.to_dict(), "train_config": self.config.to_dict(),
-             "precision": self.precision, "device": str(self.device), "fastddpm_version": __version__,
+             "precision": self.precision, "device": str(self.device), "world_size": self.world_size,
+             "fastddpm_version": __version__,
              "torch_version": torch.__version__}
         write_text_atomic(self.out_dir / "config.json", json.dumps(d, indent=2, sort_keys=True) + "\n")
 
@@ -709,10 +843,13 @@ class Trainer:
             if self.checkpoints_in(self.out_dir):
                 raise ValueError(f"out_dir {str(self.out_dir)!r} already holds checkpoints of a run: pass "
                                  f"resume=True to continue it, or choose another out_dir")
-            torch.manual_seed(c.seed)  # dropout draws from the global RNG; its state is checkpointed
+            # dropout draws from the global RNG; rank 0's state is checkpointed
+            torch.manual_seed(c.seed if self.is_main else _dropout_seed(c.seed, self.rank, 0))
             self._history = []
-            self._rewrite_logs()
-        self._write_config()
+            if self.is_main:
+                self._rewrite_logs()
+        if self.is_main:
+            self._write_config()
 
         device = self.device
         self._t_start = time.perf_counter()
@@ -723,7 +860,8 @@ class Trainer:
         last_row: dict = {}
         last_ckpt: Path | None = None
         has_val = self.val_indices.numel() > 0
-        bar = tqdm(total=c.steps, initial=self.step, disable=not self.progress, desc="training", unit="step",
+        bar = tqdm(total=c.steps, initial=self.step, disable=not (self.progress and self.is_main), desc="training",
+                   unit="step",
                    dynamic_ncols=True)
         try:
             while self.step < c.steps:
@@ -763,7 +901,7 @@ class Trainer:
                 self._log_row(row)
                 last_row = row
                 bar.set_postfix(loss=f"{row['loss']:.4f}", **({"val": f"{row['val_loss']:.4f}"} if do_val else {}))
-                if do_sample:
+                if do_sample and self.is_main:
                     self.save_samples(done)
                 # best: by validation loss where validated, else by smoothed train loss at checkpoints
                 metric = row["val_loss"] if do_val else (self.smoothed_loss() if not has_val and do_ckpt else None)
@@ -778,6 +916,8 @@ class Trainer:
             bar.close()
             self.elapsed_before = self._elapsed()
             self._t_start = None
+        if self.world_size > 1:
+            dist.barrier()  # every rank returns once rank 0's last checkpoint is on disk
         return {
             "step": self.step,
             "loss": last_row.get("loss"),
