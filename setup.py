@@ -1,5 +1,7 @@
 """Build script: the package, plus the compiled extension ``fastddpm._C`` when
-its sources exist (see ``csrc/``).  ``FASTDDPM_BUILD_EXT=0`` skips the build."""
+its sources exist (``csrc/``; how and with which toolkit: ``csrc/build.py``).
+``FASTDDPM_BUILD_EXT=0`` skips the build; the package then runs on the reference."""
+import importlib.util
 import os
 from pathlib import Path
 
@@ -13,14 +15,17 @@ PACKAGE_DATA = {"fastddpm": ["assets/*.safetensors", "assets/*.json"]}
 
 
 def extension_kwargs() -> dict:
-    """ext_modules/cmdclass for fastddpm._C; empty when there is nothing to build."""
+    """ext_modules/cmdclass for fastddpm._C (built by csrc/build.py); empty when
+    there is nothing to build."""
     if os.environ.get("FASTDDPM_BUILD_EXT", "1") == "0":
         return {}
-    if not list((ROOT / "csrc").glob("*.cpp")):
+    helper = ROOT / "csrc" / "build.py"
+    if not helper.exists():
         return {}
-    from csrc_build import extension_kwargs as build  # noqa: WPS433 (local build helper)
-
-    return build(ROOT)
+    spec = importlib.util.spec_from_file_location("fastddpm_csrc_build", helper)
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    return build.extension_kwargs(ROOT)
 
 
 setup(

@@ -20,6 +20,8 @@ functions.  Conventions:
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -59,7 +61,7 @@ def batch_noise(seed: int, sample_offset: int, slot: torch.Tensor | int, shape, 
     """The contract's noise for a batch: sample ``b`` is global sample
     ``sample_offset + b``; ``slot`` is per sample or a scalar."""
     n = shape[0]
-    numel = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+    numel = math.prod(shape[1:])  # 1 for a 1-D batch; plain ints keep it traceable
     samples = torch.arange(sample_offset, sample_offset + n, device=device, dtype=torch.int64)
     return normal(seed, noise_offsets(samples, slot, numel)).reshape(shape)
 

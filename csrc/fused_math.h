@@ -1,0 +1,167 @@
+// The math of every fused op, once, for the CPU and the CUDA implementations.
+//
+// Everything here is `__host__ __device__` inline and float32, so the C++
+// loops (cpu_ops.cpp) and the CUDA kernels (cuda_ops.cu) compute the same
+// expressions as fastddpm/reference.py and fastddpm/noise.py:
+//
+//   * Philox4x32-10 (Salmon et al. 2011) exactly as Triton's `philox_impl`,
+//     then `uint_to_uniform_float` and Box-Muller as `tl.randn`: the integers
+//     are bit-exact on every backend, the normals agree to a few ulp.
+//   * the noise offset of element j of batch row b:
+//       ((sample_offset + b) << 32) | (slot * numel + j)
+//   * the reverse step  x_prev = c0 * clip?(a * x + b * out) + c1 * x + sigma * z
+//   * q_sample, the training target and the elementwise losses + gradients.
+#pragma once
+
+#include <math.h>
+#include <stdint.h>
+
+#if defined(__CUDACC__)
+#define FDDPM_HD __host__ __device__ __forceinline__
+#else
+#define FDDPM_HD inline
+#endif
+
+#if defined(__CUDACC__)
+#define FDDPM_UNROLL _Pragma("unroll")
+#elif defined(__GNUC__) && !defined(__clang__)
+#define FDDPM_UNROLL _Pragma("GCC unroll 10")
+#else
+#define FDDPM_UNROLL
+#endif
+
+namespace fastddpm {
+
+// -- noise: Philox4x32-10 + Box-Muller (fastddpm/noise.py) -------------------------
+constexpr uint32_t kPhiloxKeyA = 0x9E3779B9u;
+constexpr uint32_t kPhiloxKeyB = 0xBB67AE85u;
+constexpr uint32_t kPhiloxRoundA = 0xD2511F53u;
+constexpr uint32_t kPhiloxRoundB = 0xCD9E8D57u;
+constexpr int kPhiloxRounds = 10;
+// Triton's scale for 32-bit words: the largest float with INT32_MAX * scale < 1.
+constexpr float kUniformScale = 4.6566127342e-10f;
+constexpr float kTwoPi = 6.283185307179586f;
+constexpr float kU1Min = 1.0e-7f;
+
+FDDPM_HD uint32_t mulhi32(uint32_t a, uint32_t b) {
+#if defined(__CUDA_ARCH__)
+  return __umulhi(a, b);
+#else
+  return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
+#endif
+}
+
+// Philox4x32-10 of the counter (c0, c1, 0, 0) under the key (k0, k1): four words.
+struct PhiloxWords {
+  uint32_t x0, x1, x2, x3;
+};
+
+FDDPM_HD PhiloxWords philox4x32_10(uint32_t k0, uint32_t k1, uint32_t c0, uint32_t c1) {
+  uint32_t c2 = 0, c3 = 0;
+  FDDPM_UNROLL
+  for (int r = 0; r < kPhiloxRounds; ++r) {
+    const uint32_t a0 = c0, a2 = c2;
+    c0 = mulhi32(kPhiloxRoundB, a2) ^ c1 ^ k0;
+    c2 = mulhi32(kPhiloxRoundA, a0) ^ c3 ^ k1;
+    c1 = kPhiloxRoundB * a2;
+    c3 = kPhiloxRoundA * a0;
+    k0 += kPhiloxKeyA;
+    k1 += kPhiloxKeyB;
+  }
+  return PhiloxWords{c0, c1, c2, c3};
+}
+
+// `uint_to_uniform_float`: bitcast to int32, fold negatives with ~x, scale.
+FDDPM_HD float uint_to_uniform(uint32_t x) {
+  int32_t i = static_cast<int32_t>(x);
+  i = i < 0 ? ~i : i;
+  return static_cast<float>(i) * kUniformScale;
+}
+
+// Box-Muller on two Philox words, in the reference's float32 operation order.
+FDDPM_HD float box_muller(uint32_t i1, uint32_t i2) {
+  float u1 = uint_to_uniform(i1);
+  u1 = u1 < kU1Min ? kU1Min : u1;
+  const float th = kTwoPi * uint_to_uniform(i2);
+  const float r = sqrtf(-2.0f * logf(u1));
+  return r * cosf(th);
+}
+
+// The 64-bit counter of element j of global sample `sample` in noise `slot`.
+FDDPM_HD uint64_t noise_offset(int64_t sample, int64_t slot, int64_t numel, int64_t j) {
+  return (static_cast<uint64_t>(sample) << 32) | static_cast<uint64_t>(slot * numel + j);
+}
+
+// The key of a 64-bit seed: low word k0, high word k1.
+struct PhiloxKey {
+  uint32_t k0, k1;
+};
+
+FDDPM_HD PhiloxKey philox_key(int64_t seed) {
+  const uint64_t s = static_cast<uint64_t>(seed);
+  return PhiloxKey{static_cast<uint32_t>(s), static_cast<uint32_t>(s >> 32)};
+}
+
+// normal(seed, offset): low word of the offset is counter c0, high word c1.
+FDDPM_HD float philox_normal(PhiloxKey key, uint64_t offset) {
+  const PhiloxWords w = philox4x32_10(key.k0, key.k1, static_cast<uint32_t>(offset), static_cast<uint32_t>(offset >> 32));
+  return box_muller(w.x0, w.x1);  // Box-Muller uses the first two words
+}
+
+// -- reverse step (reference.ddpm_step) -----------------------------------------------
+constexpr int kCoefColumns = 5;  // (a, b, c0, c1, sigma)
+
+struct StepCoefs {
+  float a, b, c0, c1, sigma;
+};
+
+FDDPM_HD StepCoefs load_step_coefs(const float* row) {
+  return StepCoefs{row[0], row[1], row[2], row[3], row[4]};
+}
+
+FDDPM_HD float clamp_unit(float v) {
+  // comparisons, not fminf/fmaxf, so a NaN propagates as torch.clamp does;
+  // two selects (min/max instructions), not nested ones, so CPU loops vectorise
+  v = v < -1.0f ? -1.0f : v;
+  return v > 1.0f ? 1.0f : v;
+}
+
+// x0_hat = a x + b out (clamped to [-1, 1] if clip); x_prev = c0 x0_hat + c1 x + sigma z
+FDDPM_HD float ddpm_step_value(const StepCoefs& c, float x, float out, float z, bool clip) {
+  float x0_hat = c.a * x + c.b * out;
+  if (clip) x0_hat = clamp_unit(x0_hat);
+  return c.c0 * x0_hat + c.c1 * x + c.sigma * z;
+}
+
+// -- forward process and training (reference.q_sample / diffusion_loss) --------------
+// x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps  (Ho et al. Eq. 4)
+FDDPM_HD float q_sample_value(float sqrt_ac, float sqrt_1mac, float x0, float eps) {
+  return sqrt_ac * x0 + sqrt_1mac * eps;
+}
+
+enum Prediction : int { kEpsilon = 0, kX0 = 1, kV = 2 };
+enum LossType : int { kL2 = 0, kL1 = 1, kHuber = 2 };
+
+// eps, x0, or v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho 2022)
+FDDPM_HD float training_target(int prediction, float sqrt_ac, float sqrt_1mac, float x0, float eps) {
+  if (prediction == kEpsilon) return eps;
+  if (prediction == kX0) return x0;
+  return sqrt_ac * eps - sqrt_1mac * x0;
+}
+
+// Elementwise loss of d = output - target, as F.mse_loss / l1_loss / huber_loss.
+FDDPM_HD float elementwise_loss(int loss_type, float d, float delta) {
+  if (loss_type == kL2) return d * d;
+  const float ad = fabsf(d);
+  if (loss_type == kL1) return ad;
+  return ad < delta ? 0.5f * d * d : delta * (ad - 0.5f * delta);
+}
+
+// d(loss)/d(output), as the autograd formulas of those three losses.
+FDDPM_HD float elementwise_loss_grad(int loss_type, float d, float delta) {
+  if (loss_type == kL2) return 2.0f * d;
+  if (loss_type == kL1) return static_cast<float>((d > 0.0f) - (d < 0.0f));
+  return d < -delta ? -delta : (d > delta ? delta : d);
+}
+
+}  // namespace fastddpm

@@ -1,0 +1,130 @@
+"""The ``cpp`` backend: the compiled extension ``fastddpm._C`` (``csrc/``).
+
+Importing this module loads the extension, which registers the schemas and
+the CPU (and, when built with CUDA, CUDA) implementations of
+``torch.ops.fastddpm.*``; it raises ImportError when the extension was not
+built, and ``fastddpm.ops`` then falls back to another backend.  Here the ops
+get what the C++ side does not declare: a fake implementation each (shapes
+only, so ``torch.compile(fullgraph=True)`` and FakeTensor tracing see one node)
+and the autograd formula of ``diffusion_loss`` (its backward is another fused
+op that regenerates the noise instead of storing it).
+
+Ops (schemas in ``csrc/module.cpp``):
+
+* ``philox_normal(seed, offsets)``: the noise contract alone;
+  ``philox4x32(seed, offsets)``: its four Philox words (int64 ``[..., 4]``).
+* ``q_sample(x0, t, sqrt_ac, sqrt_1mac, seed, sample_offset)``.
+* ``diffusion_loss(model_output, x0, t, sqrt_ac, sqrt_1mac, weights, seed,
+  sample_offset, prediction, loss_type, huber_delta)`` and its backward.
+* ``ddpm_step(x, model_output, step, coefs, seed, sample_offset, clip_denoised)``;
+  ``ddpm_step_cast(..., model_dtype, channels_last)`` also returns ``x_prev`` in
+  the model's dtype/layout; ``ddpm_step_(x, ..., model_input=None)`` updates
+  ``x`` (and ``model_input``) in place, for CUDA graphs.  ``step`` is int64
+  ``[n]`` or a single value (0-dim/``[1]``, e.g. a device step counter read by
+  the kernel).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _C  # noqa: F401  (registers torch.ops.fastddpm.*; ImportError when not built)
+
+__all__ = ["IMPLS", "unsupported", "has_cuda", "philox_normal", "philox4x32", "q_sample", "diffusion_loss", "ddpm_step",
+           "ddpm_step_cast", "ddpm_step_"]
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_ops = torch.ops.fastddpm
+
+philox_normal = _ops.philox_normal.default
+philox4x32 = _ops.philox4x32.default
+q_sample = _ops.q_sample.default
+diffusion_loss = _ops.diffusion_loss.default
+ddpm_step = _ops.ddpm_step.default
+ddpm_step_cast = _ops.ddpm_step_cast.default
+ddpm_step_ = _ops.ddpm_step_.default
+
+# Same positional signatures as the calls in fastddpm/ops.py.
+IMPLS = {"q_sample": q_sample, "diffusion_loss": diffusion_loss, "ddpm_step": ddpm_step}
+
+
+def has_cuda() -> bool:
+    """Whether the extension was built with its CUDA kernels."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key("fastddpm::ddpm_step", "CUDA")
+
+
+def unsupported(op: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why ``op`` cannot run on ``device`` for ``dtype`` (None when it can)."""
+    if device.type == "cuda" and not has_cuda():
+        return "was built without CUDA"
+    if device.type not in ("cpu", "cuda"):
+        return f"runs on CPU and CUDA only, not {device.type}"
+    if dtype not in DTYPES:
+        return f"supports float32, float16 and bfloat16, not {dtype}"
+    return None
+
+
+# -- fake implementations (shapes, dtypes, devices only) ----------------------------------
+@torch.library.register_fake("fastddpm::philox_normal")
+def _philox_normal_fake(seed, offsets):
+    return offsets.new_empty(offsets.shape, dtype=torch.float32)
+
+
+@torch.library.register_fake("fastddpm::philox4x32")
+def _philox4x32_fake(seed, offsets):
+    return offsets.new_empty((*offsets.shape, 4))
+
+
+@torch.library.register_fake("fastddpm::q_sample")
+def _q_sample_fake(x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, seed, sample_offset):
+    torch._check(x0.dim() >= 1, lambda: "x0 must have a batch dimension")
+    return x0.new_empty(x0.shape, dtype=torch.float32)
+
+
+@torch.library.register_fake("fastddpm::diffusion_loss")
+def _diffusion_loss_fake(model_output, x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, weights, seed,
+                         sample_offset, prediction, loss_type, huber_delta):
+    torch._check(x0.shape == model_output.shape, lambda: "x0 must have model_output's shape")
+    return model_output.new_empty((), dtype=torch.float32)
+
+
+@torch.library.register_fake("fastddpm::diffusion_loss_backward")
+def _diffusion_loss_backward_fake(grad, model_output, *args):
+    return model_output.new_empty(model_output.shape)
+
+
+@torch.library.register_fake("fastddpm::ddpm_step")
+def _ddpm_step_fake(x, model_output, step, coefs, seed, sample_offset, clip_denoised):
+    torch._check(model_output.shape == x.shape, lambda: "model_output must have x's shape")
+    return x.new_empty(x.shape)
+
+
+@torch.library.register_fake("fastddpm::ddpm_step_cast")
+def _ddpm_step_cast_fake(x, model_output, step, coefs, seed, sample_offset, clip_denoised, model_dtype,
+                         channels_last):
+    torch._check(model_output.shape == x.shape, lambda: "model_output must have x's shape")
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    return x.new_empty(x.shape), torch.empty(x.shape, dtype=model_dtype, device=x.device, memory_format=layout)
+
+
+@torch.library.register_fake("fastddpm::ddpm_step_")
+def _ddpm_step_inplace_fake(x, model_output, step, coefs, seed, sample_offset, clip_denoised, model_input=None):
+    torch._check(model_output.shape == x.shape, lambda: "model_output must have x's shape")
+    return None
+
+
+# -- autograd of diffusion_loss: gradient to model_output only ---------------------------------
+def _diffusion_loss_setup_context(ctx, inputs, output):
+    model_output, x0, t, sqrt_ac, sqrt_1mac, weights, *params = inputs
+    ctx.save_for_backward(model_output, x0, t, sqrt_ac, sqrt_1mac, weights)
+    ctx.params = params  # seed, sample_offset, prediction, loss_type, huber_delta
+
+
+def _diffusion_loss_backward(ctx, grad):
+    grad_model_output = None
+    if ctx.needs_input_grad[0]:
+        grad_model_output = _ops.diffusion_loss_backward(grad, *ctx.saved_tensors, *ctx.params)
+    return (grad_model_output,) + (None,) * 10
+
+
+torch.library.register_autograd("fastddpm::diffusion_loss", _diffusion_loss_backward,
+                                setup_context=_diffusion_loss_setup_context)
