@@ -16,13 +16,7 @@ from fastddpm.models import create_model
 from tolerances import EXACT, assert_close
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # the test machine's cores are shared: one thread is faster and steadier here
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _trained(dropout=0.0):

@@ -12,23 +12,13 @@ import torch.multiprocessing as mp
 import fastddpm
 from fastddpm.distributed import dist_info, sample_distributed, shard_range
 from fastddpm.models import create_model
+from toy_models import Pointwise
 from tolerances import FP32, assert_close
 
 WORLD_SIZE = 2
 JOIN_SECONDS = 120  # the children finish in seconds; this only turns a hang into a failure
 
 
-class Pointwise(torch.nn.Module):
-    """Batch-invariant: sample i's output cannot depend on the batch, so shards must match bit for bit."""
-
-    image_size, in_channels = 6, 2
-
-    def __init__(self):
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.tensor(0.3))
-
-    def forward(self, x, t):
-        return torch.tanh(self.w * x + t.float().reshape(-1, 1, 1, 1) / 1000)
 
 
 class FailsOnRank1(Pointwise):

@@ -21,13 +21,7 @@ from tolerances import FP32, assert_close
 QUIET = dict(log_every=10, checkpoint_every=0, val_every=0, random_flip=True)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # the test machine's cores are shared: one thread is faster and steadier here
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -43,13 +43,7 @@ AFTER_STEPS = dict(atol=1e-5, rtol=1e-5)
 BASE = dict(lr=2e-4, ema_decay=0.9, grad_clip=1.0, random_flip=True, log_every=1, mixed_precision="no")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # as in the ranks (OMP_NUM_THREADS=1): the shared cores, and the same kernels for the same shapes
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _free_port() -> int:
