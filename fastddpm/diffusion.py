@@ -2,6 +2,7 @@
 operations users call (``q_sample``, ``loss``, ``step``, ``sample``)."""
 from __future__ import annotations
 
+import contextlib
 import json
 
 import torch
@@ -125,11 +126,24 @@ class DDPM:
         t = check_timesteps("t", t, n, self.num_steps, x0.device)
         if seed is None:
             seed = int(torch.randint(0, 2**31 - 1, (), generator=generator))
-        tb = self.tables(x0.device)
         adapter = ModelAdapter(model)
+        return self.training_loss(lambda x, tt: adapter.check_output(adapter(x, tt), x), x0, t,
+                                  seed=check_seed(seed), sample_offset=sample_offset, noise=noise)
+
+    def training_loss(self, model, x0, t, *, seed: int, sample_offset: int = 0, noise=None, autocast=None):
+        """The loss on the hot path: no value checks (``t`` must be a valid int64 ``[n]`` on
+        ``x0``'s device), so nothing synchronises with a GPU.
+
+        :param model: ``model(x_t, timesteps)``; an output with ``.sample`` (diffusers) is unwrapped.
+        :param autocast: a context manager around the model call (mixed precision), or None.
+        """
+        tb = self.tables(x0.device)
         x_t = ops.q_sample(x0, t, tb["sqrt_alphas_cumprod"], tb["sqrt_one_minus_alphas_cumprod"],
-                           seed=check_seed(seed), sample_offset=sample_offset, noise=noise)
-        out = adapter.check_output(adapter(x_t, tb["timesteps"][t]), x_t)
+                           seed=seed, sample_offset=sample_offset, noise=noise)
+        with autocast if autocast is not None else contextlib.nullcontext():
+            out = model(x_t, tb["timesteps"][t])
+        if hasattr(out, "sample"):
+            out = out.sample
         return ops.diffusion_loss(out, x0, t, tb["sqrt_alphas_cumprod"], tb["sqrt_one_minus_alphas_cumprod"],
                                   tb["loss_weights"], seed=seed, sample_offset=sample_offset,
                                   prediction=self.config.prediction, loss_type=self.config.loss,

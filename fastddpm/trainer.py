@@ -60,7 +60,6 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import ops
 from .checkpoint import check_model_config, load_checkpoint, load_weights, save_checkpoint
 from .files import write_text_atomic
 from .config import JsonConfig
@@ -495,17 +494,8 @@ class Trainer:
 
     def _loss(self, model, x0, t, seed: int, sample_offset: int):
         """The process's loss of ``model`` on ``x0`` at ``t``, noise from the contract."""
-        tb = self.process.tables(self.device)
-        pc = self.process.config
-        x_t = ops.q_sample(x0, t, tb["sqrt_alphas_cumprod"], tb["sqrt_one_minus_alphas_cumprod"],
-                           seed=seed, sample_offset=sample_offset)
-        with self._autocast():
-            out = model(x_t, t)
-        if hasattr(out, "sample"):  # diffusers' UNet2DOutput
-            out = out.sample
-        return ops.diffusion_loss(out, x0, t, tb["sqrt_alphas_cumprod"], tb["sqrt_one_minus_alphas_cumprod"],
-                                  tb["loss_weights"], seed=seed, sample_offset=sample_offset,
-                                  prediction=pc.prediction, loss_type=pc.loss, huber_delta=pc.huber_delta)
+        return self.process.training_loss(model, x0, t, seed=seed, sample_offset=sample_offset,
+                                          autocast=self._autocast())
 
     def _train_step(self, step: int):
         """One optimizer step; returns the (device) loss, the mean over all ranks, and gradient norm."""
