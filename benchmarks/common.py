@@ -3,13 +3,19 @@
 Every benchmark script times its providers with ``measure`` (median and
 20th/80th percentiles, GPU time from CUDA events, calls batched so launch
 overhead does not count) and writes its rows with ``write_results``: a JSON
-file and a markdown table under ``benchmarks/results/``.
+file and a markdown table under ``benchmarks/results/``.  ``environment``
+records the device, versions and git commit; ``PeakMemory``, ``forward_flops``
+and ``bf16_peak_tflops`` give the memory and tensor-core utilisation columns.
 """
 from __future__ import annotations
 
+import importlib.metadata
 import json
+import os
 import platform
 import statistics
+import subprocess
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,6 +24,16 @@ from typing import Callable, Sequence
 import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# Dense bf16 tensor-core peak (TFLOP/s, no sparsity) by device name: the
+# vendor data sheets.  The first entry whose words all occur in the name wins.
+BF16_PEAK_TFLOPS: tuple[tuple[tuple[str, ...], float], ...] = (
+    (("H200",), 989.0),
+    (("H100", "PCIe"), 756.0),
+    (("H100", "SXM"), 989.0),
+    (("H100", "HBM3"), 989.0),  # torch reports the SXM part as "NVIDIA H100 80GB HBM3"
+)
 
 
 @dataclass(frozen=True)
@@ -90,14 +106,112 @@ def device_name(device) -> str:
     return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
 
 
-def environment(device) -> dict:
+def bf16_peak_tflops(device) -> float | None:
+    """The device's dense bf16 tensor-core peak from ``BF16_PEAK_TFLOPS``, or None (unknown)."""
+    name = device_name(device)
+    for words, tflops in BF16_PEAK_TFLOPS:
+        if all(w.lower() in name.lower() for w in words):
+            return tflops
+    return None
+
+
+def git_commit() -> str | None:
+    """``HEAD`` of the repository, with ``-dirty`` when tracked files differ from it."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def package_versions(names: Sequence[str]) -> dict:
+    """``{name: version}`` of installed distributions ("not installed" otherwise)."""
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def environment(device, packages: Sequence[str] = ()) -> dict:
+    """Run metadata: device, torch/CUDA, threads, time, git commit, and the
+    versions of ``packages`` (distribution names)."""
     return {
         "device": device_name(device),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "threads": torch.get_num_threads(),
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
+        "commit": git_commit(),
+    } | package_versions(packages)
+
+
+def forward_flops(fn: Callable[[], object]) -> int:
+    """FLOPs of one call of ``fn`` as ``torch.utils.flop_counter`` counts them
+    (matmuls, convolutions, attention; elementwise ops count zero)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def _rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class PeakMemory:
+    """Peak memory over a ``with`` block, in MB (``.mb``; None where unknown).
+
+    CUDA: ``torch.cuda.max_memory_allocated`` (everything allocated on the
+    device, resident models included).  CPU: the peak resident set size above
+    the size at entry, sampled every ``interval_s`` by a thread (Linux
+    ``/proc``; None elsewhere).
+    """
+
+    kind = {"cuda": "torch.cuda.max_memory_allocated", "cpu": "peak RSS above the start (sampled)"}
+
+    def __init__(self, device, interval_s: float = 0.005):
+        self.device = torch.device(device)
+        self.interval_s = interval_s
+        self.mb: float | None = None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self._start = self._peak = _rss_bytes()
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            if self._start is not None:
+                self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(self.interval_s):
+            self._peak = max(self._peak, _rss_bytes() or 0)
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            synchronize(self.device)
+            self.mb = torch.cuda.max_memory_allocated(self.device) / 2**20
+        elif self._start is not None:
+            self._stop.set()
+            self._thread.join()
+            self._peak = max(self._peak, _rss_bytes() or 0)
+            self.mb = (self._peak - self._start) / 2**20
+        return False
 
 
 def markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
@@ -111,12 +225,18 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def write_results(name: str, rows: Sequence[dict], columns: Sequence[str], meta: dict) -> tuple[Path, Path]:
-    """``benchmarks/results/<name>.json`` (meta + rows) and ``<name>.md`` (a table)."""
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = RESULTS_DIR / f"{name}.json", RESULTS_DIR / f"{name}.md"
+def write_results(name: str, rows: Sequence[dict], columns: Sequence[str], meta: dict,
+                  out_dir: Path | str | None = None) -> tuple[Path, Path]:
+    """``<out_dir>/<name>.json`` (meta + rows) and ``<name>.md`` (meta as a list,
+    list values as sub-lists, then a table); ``out_dir`` defaults to ``benchmarks/results/``."""
+    out_dir = Path(out_dir) if out_dir is not None else RESULTS_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out_dir / f"{name}.json", out_dir / f"{name}.md"
     json_path.write_text(json.dumps({"meta": meta, "rows": list(rows)}, indent=2) + "\n")
-    header = f"# {name}\n\n" + "\n".join(f"- {k}: {v}" for k, v in meta.items()) + "\n\n"
+    def item(k, v):
+        return f"- {k}:" + "".join(f"\n  - {x}" for x in v) if isinstance(v, (list, tuple)) else f"- {k}: {v}"
+
+    header = f"# {name}\n\n" + "\n".join(item(k, v) for k, v in meta.items()) + "\n\n"
     md_path.write_text(header + markdown_table(rows, columns) + "\n")
     return json_path, md_path
 

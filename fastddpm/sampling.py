@@ -20,6 +20,8 @@ from .noise import check_noise_capacity, check_seed
 
 __all__ = ["sample"]
 
+ENGINE_OPTIONS = ("cuda_graph", "compile", "backend", "micro_batch", "steps_per_graph", "channels_last")
+
 
 def _process(process, steps, options) -> DDPM:
     if process is None:
@@ -42,7 +44,7 @@ def _process(process, steps, options) -> DDPM:
 def sample(model, n: int, *, steps: int | None = None, seed: int = 0, device=None, dtype=None, image_size=None,
            channels=None, batch_size: int | None = None, progress: bool = True, callback=None,
            process: DDPM | None = None, sample_offset: int = 0, distributed: bool = False,
-           **process_options) -> torch.Tensor:
+           engine: bool = False, **process_options) -> torch.Tensor:
     """Draw ``n`` images from ``model`` with the DDPM reverse process.
 
     :param model: fastddpm ``UNet``, diffusers ``UNet2DModel``, denoising-diffusion-pytorch
@@ -61,6 +63,10 @@ def sample(model, n: int, *, steps: int | None = None, seed: int = 0, device=Non
     :param sample_offset: global index of the first sample (for sharding).
     :param distributed: shard ``n`` over the ranks of ``torch.distributed`` and gather the
         images to every rank (``fastddpm.distributed``); equal to one device's images.
+    :param engine: run through ``fastddpm.engine`` (static buffers, CUDA graphs, an automatic
+        plan; on CUDA ``dtype=None`` then means bfloat16 where supported). Opt-in until its
+        CUDA path has been verified on a GPU. Plan overrides ``cuda_graph``, ``compile``,
+        ``backend``, ``micro_batch``, ``steps_per_graph``, ``channels_last`` come with it.
     :return: float32 ``[n, C, H, W]`` in the model's data range [-1, 1], on ``device``.
     """
     if distributed:
@@ -69,7 +75,19 @@ def sample(model, n: int, *, steps: int | None = None, seed: int = 0, device=Non
         return sample_distributed(model, n, steps=steps, seed=seed, device=device, dtype=dtype,
                                   image_size=image_size, channels=channels, batch_size=batch_size,
                                   progress=progress and dist_info()[0] == 0, callback=callback,
-                                  process=process, sample_offset=sample_offset, **process_options)
+                                  process=process, sample_offset=sample_offset, engine=engine,
+                                  **process_options)
+    engine_options = {k: process_options.pop(k) for k in ENGINE_OPTIONS if k in process_options}
+    if engine:
+        from .engine import engine_sample
+
+        x = engine_sample(model, n, steps=steps, seed=seed, device=device, dtype=dtype, image_size=image_size,
+                          channels=channels, batch_size=batch_size, progress=progress, callback=callback,
+                          process=process, sample_offset=sample_offset, **engine_options, **process_options)
+        sample.last_seconds = engine_sample.last_seconds
+        return x
+    if engine_options:
+        raise TypeError(f"{sorted(engine_options)} need engine=True")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive int, got {n!r}")
     check_seed(seed)

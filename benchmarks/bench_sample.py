@@ -1,0 +1,568 @@
+"""Sampling a DDPM U-Net end to end: fastddpm against the loops people run today.
+
+Rows, measured side by side in one run on the same architecture with random
+weights (nothing is downloaded):
+
+* ``diffusers``: the loop ``DDPMPipeline`` runs, ``unet(x, t).sample`` +
+  ``DDPMScheduler.step``, eager fp32, on a ``UNet2DModel`` built from
+  google/ddpm-cifar10-32's config (the baseline of the goals).  Image
+  post-processing (to PIL) is left out.
+* ``diffusers_compile``: the same loop with ``torch.compile(unet,
+  mode="reduce-overhead")`` (GPU only).  The UNet gets ``t`` as a device
+  tensor, so CUDA graphs are not skipped for a CPU input; the scheduler gets
+  the CPU ``t`` as in the pipeline.
+* ``ddpm_pytorch``: denoising-diffusion-pytorch's ``GaussianDiffusion.sample``
+  (eager, its own loop and math) around fastddpm's ``ddpm_cifar10`` UNet with
+  the reference ops: the same network, so this row differs from
+  ``fastddpm_reference`` only in the sampler loop.  (Its own ``Unet(dim=128,
+  dim_mults=(1, 2, 2, 2))`` is another network: linear attention at every
+  level.)  Its progress bar is switched off, as in every other row.
+* ``fastddpm_reference``: ``fastddpm.sample`` under ``ops.use_backend("reference")``.
+* ``fastddpm_sample``: ``fastddpm.sample`` with the automatic backend (eager).
+* ``engine_*``: ``fastddpm.engine.engine_sample``, one row per stage, each
+  adding one thing to the previous: CUDA graph (fp32, reference ops), +
+  ``torch.compile``, + bf16 model inputs, + fused kernels (``backend="triton"``:
+  the attention and the update).  ``engine_eager`` (no graph) is the CPU row.
+  Rows say "engine not available" when the module cannot be imported.
+
+Columns: seconds per 1000-step batch (each row times ``--steps`` denoising
+steps and scales to 1000: extrapolated when fewer, the header says so),
+images/s, speed-up over each baseline row and over the previous engine stage,
+achieved TFLOP/s (the model's FLOPs per forward, counted once by
+``torch.utils.flop_counter`` on fastddpm's UNet with the reference ops, times
+the steps) and % of the GPU's dense bf16 tensor-core peak, peak memory, the
+first call's seconds (compilation and capture).
+
+    python benchmarks/bench_sample.py                      # GPU: ddpm_cifar10, n 1,16,256
+    python benchmarks/bench_sample.py --smoke              # CPU: small preset, n 1,4, 20 steps
+    pytest benchmarks/bench_sample.py --benchmark-enable   # the same rows under pytest-benchmark
+
+Goals (issue 5, H100): at n=1, >= 25x the diffusers eager loop and >= 2x
+diffusers + reduce-overhead; at n=256, >= 40% of the bf16 tensor-core peak.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib
+import inspect
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_ops import time_limit  # noqa: E402
+from common import (  # noqa: E402
+    PeakMemory, bf16_peak_tflops, environment, forward_flops, measure, synchronize, timing_fields,
+    write_results,
+)
+
+import fastddpm  # noqa: E402
+from fastddpm import ops  # noqa: E402
+
+NUM_TIMESTEPS = 1000
+SEED = 0
+PACKAGES = ("fastddpm", "diffusers", "denoising-diffusion-pytorch", "triton", "pytest-benchmark")
+
+# UNet2DModel configs with fastddpm's preset architectures (equal parameter counts are checked)
+DIFFUSERS_CONFIGS = {
+    # google/ddpm-cifar10-32 (Ho et al.'s CIFAR-10 model, 35.7M parameters)
+    "ddpm_cifar10": dict(
+        sample_size=32, in_channels=3, out_channels=3, layers_per_block=2, block_out_channels=(128, 256, 256, 256),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=None, norm_eps=1e-6, dropout=0.1, downsample_padding=0, flip_sin_to_cos=False,
+        freq_shift=1,
+    ),
+    # fastddpm's "small": 16x16 gray, channels 32, 32, 64, attention at 8x8 with heads of 16 channels
+    "small": dict(
+        sample_size=16, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(32, 32, 64),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=16, norm_num_groups=8, norm_eps=1e-6, dropout=0.0,
+    ),
+}
+
+BASELINES = {  # column -> row whose time it divides
+    "x diffusers": "diffusers",
+    "x diffusers+compile": "diffusers_compile",
+    "x ddpm-pytorch": "ddpm_pytorch",
+    "x fastddpm ref": "fastddpm_reference",
+}
+COLUMNS = ["label", "n", "steps timed", "s/1000 steps", "images/s", *BASELINES, "x prev stage", "TFLOP/s",
+           "% bf16 peak", "mem_MB", "first call s", "note"]
+
+
+# -- the models ----------------------------------------------------------------------------
+@dataclass
+class Setup:
+    """The models of one run, on one device, with random weights."""
+
+    device: torch.device
+    preset: str
+    model: nn.Module  # fastddpm's UNet
+    unet: nn.Module  # diffusers' UNet2DModel of the same architecture
+    _flops: dict = field(default_factory=dict)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        c = self.model.config
+        return (c.in_channels, c.image_size, c.image_size)
+
+    def flops(self, n: int) -> int:
+        """FLOPs of one forward of the model at batch ``n`` (reference ops, so attention is SDPA)."""
+        if n not in self._flops:
+            x = torch.randn(n, *self.image_shape, device=self.device)
+            t = torch.full((n,), NUM_TIMESTEPS // 2, device=self.device)
+            with ops.use_backend("reference"):
+                self._flops[n] = forward_flops(lambda: self.model(x, t))
+        return self._flops[n]
+
+
+def param_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def make_setup(device, preset: str) -> Setup:
+    from diffusers import UNet2DModel
+
+    device = torch.device(device)
+    torch.manual_seed(SEED)
+    model = fastddpm.create_model(preset).to(device).eval().requires_grad_(False)
+    unet = UNet2DModel(**DIFFUSERS_CONFIGS[preset]).to(device).eval().requires_grad_(False)
+    if param_count(model) != param_count(unet):
+        print(f"warning: diffusers UNet2DModel has {param_count(unet):,} parameters, fastddpm's {preset} "
+              f"{param_count(model):,}: not the same architecture", file=sys.stderr)
+    return Setup(device, preset, model, unet)
+
+
+# -- the rows --------------------------------------------------------------------------------
+class Unavailable(Exception):
+    """A row that cannot run here; the message becomes the row's note."""
+
+
+@dataclass(frozen=True)
+class Runner:
+    """``call(n, steps)`` draws ``n`` images with ``steps`` denoising steps.
+
+    :param fixed_steps: the steps it always runs, when it cannot be told.
+    :param describe: after a call, a line saying how it ran (the engine's plan).
+    :param release: called after a row's measurements at one n (frees cached graphs).
+    """
+
+    call: Callable[[int, int], object]
+    fixed_steps: int | None = None
+    describe: Callable[[], str | None] = lambda: None
+    release: Callable[[], None] = lambda: None
+
+
+@dataclass(frozen=True)
+class Row:
+    label: str
+    make: Callable[[Setup], Runner]
+    needs_cuda: bool = False
+    compiles: bool = False  # left out of smoke runs unless named
+    default_on: tuple[str, ...] = ("cpu", "cuda")  # device types where the row runs unless named
+
+
+@torch.no_grad()
+def _diffusers_loop(unet, scheduler, n: int, steps: int, device, *, compiled: bool = False):
+    """``DDPMPipeline.__call__`` without the image post-processing."""
+    cfg = unet.config
+    image = torch.randn(n, cfg.in_channels, cfg.sample_size, cfg.sample_size, device=device)
+    scheduler.set_timesteps(steps)
+    for t in scheduler.timesteps:
+        if compiled:  # a new step: the CUDA-graph outputs of the last one are consumed
+            torch.compiler.cudagraph_mark_step_begin()
+        model_output = unet(image, t.to(device) if compiled else t).sample
+        image = scheduler.step(model_output, t, image).prev_sample
+    return image
+
+
+def _diffusers(setup: Setup) -> Runner:
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(num_train_timesteps=NUM_TIMESTEPS)
+    return Runner(lambda n, steps: _diffusers_loop(setup.unet, scheduler, n, steps, setup.device))
+
+
+def _diffusers_compile(setup: Setup) -> Runner:
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(num_train_timesteps=NUM_TIMESTEPS)
+    unet = torch.compile(setup.unet, mode="reduce-overhead", dynamic=False)
+    return Runner(lambda n, steps: _diffusers_loop(unet, scheduler, n, steps, setup.device, compiled=True))
+
+
+class _AsDDPMPytorchModel(nn.Module):
+    """fastddpm's UNet behind denoising-diffusion-pytorch's model interface."""
+
+    self_condition = False
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.unet = unet
+        self.channels = self.out_dim = unet.in_channels
+
+    def forward(self, x, t, x_self_cond=None):
+        return self.unet(x, t)
+
+
+def _ddpm_pytorch(setup: Setup) -> Runner:
+    from denoising_diffusion_pytorch import GaussianDiffusion
+
+    peer = sys.modules["denoising_diffusion_pytorch.denoising_diffusion_pytorch"]
+    diffusion = GaussianDiffusion(_AsDDPMPytorchModel(setup.model), image_size=setup.model.config.image_size,
+                                  timesteps=NUM_TIMESTEPS, objective="pred_noise", beta_schedule="linear",
+                                  auto_normalize=False).to(setup.device)
+
+    quiet = functools.partial(peer.tqdm, disable=True)  # no progress bar, as in every other row
+
+    def call(n, steps):
+        # p_sample_loop walks t = num_timesteps-1 .. 0: the last `steps` steps of the 1000-step chain
+        diffusion.num_timesteps = steps
+        saved, peer.tqdm = peer.tqdm, quiet
+        try:
+            with ops.use_backend("reference"):
+                return diffusion.sample(batch_size=n)
+        finally:
+            peer.tqdm = saved
+
+    return Runner(call)
+
+
+def _fastddpm_sample(backend: str | None):
+    def make(setup: Setup) -> Runner:
+        def call(n, steps):
+            with ops.use_backend(backend):
+                return fastddpm.sample(setup.model, n, steps=steps, seed=SEED, progress=False)
+
+        return Runner(call)
+
+    return make
+
+
+def _plan_line(plan) -> str | None:
+    if plan is None:
+        return None
+    fields = ("dtype", "channels_last", "backend", "cuda_graph", "compile", "steps_per_graph", "micro_batch")
+    return " ".join(f"{f}={str(getattr(plan, f, '?')).replace('torch.', '')}" for f in fields)
+
+
+def _engine(ops_backend: str | None = None, **options):
+    """A row of ``fastddpm.engine.engine_sample(model, n, ..., **options)``.
+
+    The engine's ``backend`` is that of its fused step; ``ops_backend`` is forced
+    (``ops.use_backend``) for the model's attention as well, at capture and
+    compile time: ``"reference"`` keeps SDPA, None lets the dispatch choose
+    (Triton on a GPU)."""
+
+    def make(setup: Setup) -> Runner:
+        try:
+            engine = importlib.import_module("fastddpm.engine")
+            engine_sample = engine.engine_sample
+        except Exception as e:  # noqa: BLE001 -- the module is optional (another branch writes it)
+            raise Unavailable(f"engine not available ({type(e).__name__}: {str(e).splitlines()[0][:80]})") from None
+        params = inspect.signature(engine_sample).parameters
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        extra = {k: v for k, v in dict(seed=SEED, progress=False).items() if takes_any or k in params}
+        takes_steps = takes_any or "steps" in params
+
+        def call(n, steps):
+            kwargs = dict(extra, steps=steps) if takes_steps else extra
+            with ops.use_backend(ops_backend):
+                return engine_sample(setup.model, n, **kwargs, **options)
+
+        return Runner(call, fixed_steps=None if takes_steps else NUM_TIMESTEPS,
+                      describe=lambda: _plan_line(getattr(engine, "last_plan", lambda: None)()),
+                      release=getattr(engine, "clear_engine_cache", lambda: None))
+
+    return make
+
+
+FP32, BF16 = torch.float32, torch.bfloat16
+ROWS: dict[str, Row] = {
+    "diffusers": Row("diffusers loop, eager fp32", _diffusers),
+    "diffusers_compile": Row("diffusers loop + compile(reduce-overhead)", _diffusers_compile, needs_cuda=True,
+                             compiles=True),
+    "ddpm_pytorch": Row("denoising-diffusion-pytorch sample, eager", _ddpm_pytorch),
+    "fastddpm_reference": Row("fastddpm.sample, reference ops", _fastddpm_sample("reference")),
+    "fastddpm_sample": Row("fastddpm.sample, automatic ops (eager)", _fastddpm_sample(None)),
+    "engine_eager": Row("engine, no graph, automatic ops",
+                        _engine(None, cuda_graph=False, compile=False, dtype=FP32), default_on=("cpu",)),
+    "engine_graph": Row("engine: CUDA graph (fp32, reference ops)",
+                        _engine("reference", cuda_graph=True, compile=False, dtype=FP32, backend="reference"),
+                        needs_cuda=True),
+    "engine_compile": Row("engine: + torch.compile",
+                          _engine("reference", cuda_graph=True, compile=True, dtype=FP32, backend="reference"),
+                          needs_cuda=True, compiles=True),
+    "engine_bf16": Row("engine: + bf16 (channels_last)",
+                       _engine("reference", cuda_graph=True, compile=True, dtype=BF16, backend="reference"),
+                       needs_cuda=True, compiles=True),
+    "engine_fast": Row("engine: + fused attention and step (triton)",
+                       _engine(None, cuda_graph=True, compile=True, dtype=BF16, backend="triton"),
+                       needs_cuda=True, compiles=True),
+}
+ENGINE_STAGES = ("fastddpm_reference", "engine_graph", "engine_compile", "engine_bf16", "engine_fast")
+FAST_ROW = "engine_fast"  # the fast path the goals are about
+
+
+def default_rows(device: torch.device, smoke: bool) -> list[str]:
+    """The rows that run on ``device`` (no compile rows in smoke mode)."""
+    return [name for name, row in ROWS.items() if device.type in row.default_on
+            and (device.type == "cuda" or not row.needs_cuda) and not (smoke and row.compiles)]
+
+
+def make_runners(setup: Setup, names) -> dict[str, Runner | str]:
+    """name -> Runner, or the reason the row cannot run here."""
+    runners = {}
+    for name in names:
+        row = ROWS[name]
+        if row.needs_cuda and setup.device.type != "cuda":
+            runners[name] = "needs CUDA"
+            continue
+        try:
+            runners[name] = row.make(setup)
+        except Unavailable as e:
+            runners[name] = str(e)
+        except Exception as e:  # noqa: BLE001 -- recorded in the results
+            runners[name] = f"setup failed: {type(e).__name__}: {str(e).splitlines()[0][:100]}"
+    return runners
+
+
+# -- measuring -----------------------------------------------------------------------------
+def measure_row(runner: Runner, n: int, steps: int, device, *, reps: int, first_call_timeout_s: float,
+                max_total_s: float) -> dict:
+    """Time ``runner`` at ``n``: a first call (compiles, captures), then ``measure``'s runs."""
+    steps = runner.fixed_steps or steps
+    try:
+        t0 = time.perf_counter()
+        with time_limit(first_call_timeout_s):
+            runner.call(n, steps)
+        synchronize(device)
+        first_s = time.perf_counter() - t0
+        how = runner.describe()
+        with PeakMemory(device) as memory:
+            timing = measure(lambda: runner.call(n, steps), device, warmup=0, reps=reps, min_sample_ms=0.0,
+                             max_total_s=max_total_s)
+    finally:
+        runner.release()
+    return dict(steps=steps, **timing_fields(timing), mem_MB=memory.mb, first_s=first_s, how=how)
+
+
+def run(setup: Setup, names, sizes, steps: int, *, reps: int = 3, first_call_timeout_s: float = 600.0,
+        max_total_s: float = 60.0) -> list[dict]:
+    """Every row at every ``n``: a list of result dicts (``note`` set where a row did not run)."""
+    device, peak = setup.device, bf16_peak_tflops(setup.device)
+    runners = make_runners(setup, names)
+    results = []
+    for n in sizes:
+        flops = setup.flops(n)
+        for name in names:
+            result = dict(row=name, label=ROWS[name].label, n=n)
+            runner = runners[name]
+            if isinstance(runner, str):
+                result["note"] = runner
+            else:
+                try:
+                    m = measure_row(runner, n, steps, device, reps=reps, first_call_timeout_s=first_call_timeout_s,
+                                    max_total_s=max_total_s)
+                except Exception as e:  # noqa: BLE001 -- recorded in the results
+                    result["note"] = f"failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:120]}"
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                else:
+                    seconds = m["median_ms"] * 1e-3 * NUM_TIMESTEPS / m["steps"]
+                    tflops = flops * m["steps"] / (m["median_ms"] * 1e-3) / 1e12
+                    result.update({
+                        "steps timed": m["steps"], "median_ms": m["median_ms"], "p20_ms": m["p20_ms"],
+                        "p80_ms": m["p80_ms"], "reps": m["reps"], "s/1000 steps": seconds, "images/s": n / seconds,
+                        "TFLOP/s": tflops, "% bf16 peak": 100.0 * tflops / peak if peak else None,
+                        "mem_MB": m["mem_MB"], "first call s": m["first_s"],
+                    } | ({"plan": m["how"]} if m["how"] else {}))
+            results.append(result)
+            print(_line(result), flush=True)
+    add_speedups(results)
+    return results
+
+
+def _line(r: dict) -> str:
+    head = f"{r['label']:44s} n={r['n']:<4d}"
+    if "s/1000 steps" not in r:
+        return f"{head} -- {r['note']}"
+    pct = f" {r['% bf16 peak']:5.1f}% peak" if r.get("% bf16 peak") is not None else ""
+    mem = f" {r['mem_MB']:8.1f} MB" if r.get("mem_MB") is not None else ""
+    return (f"{head} {r['s/1000 steps']:9.3f} s/1000 steps {r['images/s']:9.2f} img/s "
+            f"{r['TFLOP/s']:7.3f} TFLOP/s{pct}{mem}")
+
+
+def add_speedups(results: list[dict]) -> None:
+    """Speed-up columns: each baseline's time over the row's at the same n, and the
+    previous engine stage's (the stage's share)."""
+    seconds = {(r["row"], r["n"]): r["s/1000 steps"] for r in results if "s/1000 steps" in r}
+    for r in results:
+        mine = seconds.get((r["row"], r["n"]))
+        if mine is None:
+            continue
+        for column, base in BASELINES.items():
+            other = seconds.get((base, r["n"]))
+            r[column] = other / mine if other and base != r["row"] else None
+        if r["row"] in ENGINE_STAGES[1:]:
+            prev = seconds.get((ENGINE_STAGES[ENGINE_STAGES.index(r["row"]) - 1], r["n"]))
+            r["x prev stage"] = prev / mine if prev else None
+
+
+def fast_row(results: list[dict], n: int) -> dict | None:
+    """The fast path at ``n``: the ``engine_fast`` row, else the fastest fastddpm row measured."""
+    timed = [r for r in results if r["n"] == n and "s/1000 steps" in r]
+    ours = ([r for r in timed if r["row"] == FAST_ROW]
+            or [r for r in timed if r["row"].startswith(("fastddpm", "engine"))])
+    return min(ours, key=lambda r: r["s/1000 steps"]) if ours else None
+
+
+def goals(results: list[dict]) -> list[str]:
+    """The issue's goals, each "met", "not met" or "n/a" with the numbers."""
+    lines = []
+    fast1 = fast_row(results, 1)
+    for base, target in (("diffusers", 25.0), ("diffusers_compile", 2.0)):
+        what = f"n=1: fast path >= {target:g}x {ROWS[base].label}"
+        base_row = next((r for r in results if r["row"] == base and r["n"] == 1 and "s/1000 steps" in r), None)
+        if fast1 is None or base_row is None:
+            lines.append(f"{what}: n/a (no {'fastddpm' if fast1 is None else base} row measured at n=1)")
+            continue
+        x = base_row["s/1000 steps"] / fast1["s/1000 steps"]
+        lines.append(f"{what}: {'met' if x >= target else 'not met'} ({x:.2f}x, {fast1['row']})")
+    fast256 = fast_row(results, 256)
+    what = "n=256: fast path >= 40% of the bf16 tensor-core peak"
+    if fast256 is None:
+        lines.append(f"{what}: n/a (no fastddpm row measured at n=256)")
+    elif fast256.get("% bf16 peak") is None:
+        lines.append(f"{what}: n/a (peak of this device unknown; {fast256['TFLOP/s']:.2f} TFLOP/s, {fast256['row']})")
+    else:
+        pct = fast256["% bf16 peak"]
+        lines.append(f"{what}: {'met' if pct >= 40.0 else 'not met'} ({pct:.1f}%, {fast256['row']})")
+    return lines
+
+
+def metadata(setup: Setup, steps: int, smoke: bool) -> dict:
+    peak = bf16_peak_tflops(setup.device)
+    scaled = ("measured" if steps == NUM_TIMESTEPS
+              else f"extrapolated: {steps} steps timed, scaled by {NUM_TIMESTEPS / steps:g}")
+    meta = environment(setup.device, PACKAGES) | {
+        "mode": "smoke (the goals are for ddpm_cifar10 on an H100)" if smoke else "full",
+        "preset": setup.preset,
+        "image": "x".join(map(str, setup.image_shape)),
+        "params fastddpm": param_count(setup.model),
+        "params diffusers": param_count(setup.unet),
+        "GFLOP per image per forward": round(setup.flops(1) / 1e9, 4),
+        "FLOPs": "fastddpm's UNet forward at batch n (torch FlopCounterMode, reference ops) x steps, every row",
+        "s/1000 steps": scaled,
+        "bf16 peak TFLOP/s": peak if peak else "unknown for this device",
+        "mem_MB": PeakMemory.kind[setup.device.type],
+        "seed": SEED,
+    }
+    if setup.device.type == "cuda":
+        meta |= {"tf32 matmul": torch.backends.cuda.matmul.allow_tf32, "tf32 cudnn": torch.backends.cudnn.allow_tf32}
+    return meta
+
+
+# -- CLI -----------------------------------------------------------------------------------
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--smoke", action="store_true", help="small preset, n 1,4, 20 steps, no compile rows "
+                                                        "(always on a CPU)")
+    p.add_argument("--preset", default=None, choices=sorted(DIFFUSERS_CONFIGS),
+                   help="model preset (default: ddpm_cifar10; small in smoke mode)")
+    p.add_argument("--sizes", default=None, help="batch sizes n (default: 1,16,256; smoke 1,4)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="denoising steps timed per call; seconds are scaled to 1000 (default: 100; smoke 20)")
+    p.add_argument("--rows", default=None, help=f"comma-separated rows (default: all that run here): {','.join(ROWS)}")
+    p.add_argument("--reps", type=int, default=3, help="timed calls per row (after a first call and one more)")
+    p.add_argument("--max-row-seconds", type=float, default=60.0, help="fewer reps (>= 3) past this per row")
+    p.add_argument("--first-call-timeout", type=float, default=600.0, help="seconds allowed for a row's first "
+                                                                          "call (compilation, graph capture)")
+    p.add_argument("--name", default=None, help="results file name (default: sample_<device type>[_smoke])")
+    p.add_argument("--out-dir", default=None, help="where the results go (default: benchmarks/results)")
+    a = p.parse_args(argv)
+
+    device = torch.device(a.device)
+    smoke = a.smoke or device.type == "cpu"
+    preset = a.preset or ("small" if smoke else "ddpm_cifar10")
+    sizes = [int(s) for s in (a.sizes or ("1,4" if smoke else "1,16,256")).split(",")]
+    steps = a.steps or (20 if smoke else 100)
+    if not 1 <= steps <= NUM_TIMESTEPS:
+        p.error(f"--steps must be in [1, {NUM_TIMESTEPS}]")
+    names = a.rows.split(",") if a.rows else default_rows(device, smoke)
+    unknown = [n for n in names if n not in ROWS]
+    if unknown:
+        p.error(f"unknown rows {unknown}; known: {list(ROWS)}")
+    torch._dynamo.config.cache_size_limit = 64
+
+    setup = make_setup(device, preset)
+    meta = metadata(setup, steps, smoke)
+    print(f"{meta['device']}: {preset} ({meta['params fastddpm']:,} parameters, "
+          f"{meta['GFLOP per image per forward']} GFLOP per image per forward), n={sizes}, "
+          f"s/1000 steps {meta['s/1000 steps']}")
+    results = run(setup, names, sizes, steps, reps=a.reps, first_call_timeout_s=a.first_call_timeout,
+                  max_total_s=a.max_row_seconds)
+    goal_lines = goals(results)
+    meta["goals"] = goal_lines
+    json_path, md_path = write_results(a.name or f"sample_{device.type}{'_smoke' if smoke else ''}", results,
+                                       COLUMNS, meta, out_dir=a.out_dir)
+    print("goals" + (" (smoke run: the goals are for ddpm_cifar10 on an H100)" if smoke else "") + ":")
+    for g in goal_lines:
+        print(f"  {g}")
+    print(f"wrote {json_path} and {md_path}")
+    return results
+
+
+# -- pytest-benchmark ------------------------------------------------------------------------
+# pytest benchmarks/bench_sample.py --benchmark-enable  (env: BENCH_SAMPLE_SMOKE=1, BENCH_SAMPLE_SIZES=1,16,
+# BENCH_SAMPLE_STEPS=100, BENCH_SAMPLE_ROWS=diffusers,engine_fast).  Timings are of `steps` steps per call;
+# extra_info carries the seconds scaled to 1000 steps.
+try:
+    import pytest
+except ImportError:  # the CLI does not need pytest
+    pytest = None
+
+if pytest is not None:
+    _DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    _SMOKE = os.environ.get("BENCH_SAMPLE_SMOKE") == "1" or _DEVICE.type == "cpu"
+    _SIZES = [int(s) for s in os.environ.get("BENCH_SAMPLE_SIZES", "1,4" if _SMOKE else "1,16,256").split(",")]
+    _STEPS = int(os.environ.get("BENCH_SAMPLE_STEPS", "20" if _SMOKE else "100"))
+    _ROWS = os.environ["BENCH_SAMPLE_ROWS"].split(",") if "BENCH_SAMPLE_ROWS" in os.environ \
+        else default_rows(_DEVICE, _SMOKE)
+
+    @pytest.fixture(scope="module")
+    def sample_setup():
+        torch._dynamo.config.cache_size_limit = 64
+        setup = make_setup(_DEVICE, "small" if _SMOKE else "ddpm_cifar10")
+        return setup, make_runners(setup, _ROWS)
+
+    @pytest.mark.parametrize("n", _SIZES)
+    @pytest.mark.parametrize("row", _ROWS)
+    def test_sample(benchmark, sample_setup, row, n):
+        setup, runners = sample_setup
+        runner = runners[row]
+        if isinstance(runner, str):
+            pytest.skip(runner)
+        steps = runner.fixed_steps or _STEPS
+        benchmark.group = f"{setup.preset} n={n}"
+        benchmark.extra_info.update(row=row, label=ROWS[row].label, n=n, steps=steps,
+                                    flops_per_call=setup.flops(n) * steps)
+        sync = (lambda: torch.cuda.synchronize(setup.device)) if setup.device.type == "cuda" else (lambda: None)
+        benchmark.pedantic(lambda: (runner.call(n, steps), sync()), rounds=3, iterations=1, warmup_rounds=1)
+        stats = getattr(getattr(benchmark, "stats", None), "stats", None)
+        if stats is not None:
+            benchmark.extra_info["s/1000 steps"] = stats.median * NUM_TIMESTEPS / steps
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,315 @@
+"""fastddpm.engine: the plan, the eager engine against fastddpm.sample, the cache,
+micro-batching and bad overrides on CPU; CUDA graphs on a GPU (``gpu`` marker)."""
+import dataclasses
+
+import pytest
+import torch
+
+import fastddpm
+from fastddpm import DDPM, ops
+from fastddpm.engine import (SamplerEngine, cached_engines, clear_engine_cache, engine_sample, last_plan,
+                             make_plan)
+from toy_models import Pointwise
+from tolerances import BY_DTYPE, EXACT, FP32, PEER, assert_close
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache():
+    clear_engine_cache()
+    yield
+    clear_engine_cache()
+
+
+class GaussianDenoiser(torch.nn.Module):
+    """The exact epsilon-predictor for data ~ N(mean, std^2) per pixel: a "trained"
+    model whose samples have known statistics."""
+
+    def __init__(self, mean=0.2, std=0.3, channels=3, image_size=8):
+        super().__init__()
+        self.mean, self.std, self.in_channels, self.image_size = mean, std, channels, image_size
+        self.register_buffer("alphas_cumprod",
+                             torch.as_tensor(DDPM().schedule.alphas_cumprod64, dtype=torch.float32))
+
+    def forward(self, x, t):
+        abar = self.alphas_cumprod.gather(0, t).reshape(-1, 1, 1, 1)
+        # x_t = sqrt(abar) x0 + sqrt(1 - abar) eps: E[eps | x_t] for Gaussian x0
+        var = abar * self.std ** 2 + 1 - abar
+        return ((x.float() - abar.sqrt() * self.mean) * (1 - abar).sqrt() / var).to(x.dtype)
+
+
+def _tiny_unet():
+    torch.manual_seed(0)
+    return fastddpm.create_model("tiny").eval()
+
+
+def _diffusers_unet():
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4).eval()
+
+
+# -- the plan ----------------------------------------------------------------------------
+def test_plan_on_cpu_is_eager_and_says_why():
+    plan = make_plan(Pointwise(), 4, (2, 6, 6), "cpu")
+    assert (plan.cuda_graph, plan.compile, plan.dtype, plan.channels_last, plan.steps_per_graph, plan.micro_batch) \
+        == (False, None, torch.float32, False, 1, 4)
+    assert plan.backend == ops.select_backend("ddpm_step", torch.device("cpu"), torch.float32)
+    text = plan.explain()
+    for choice in ("cuda_graph=False", "compile=None", "dtype=torch.float32", "channels_last=False",
+                   f"backend={plan.backend!r}", "micro_batch=4"):
+        assert choice in text, text
+    with ops.use_backend("reference"):
+        assert make_plan(Pointwise(), 4, (2, 6, 6), "cpu").backend == "reference"
+
+
+def test_plan_overrides_are_kept():
+    plan = make_plan(Pointwise(), 10, (2, 6, 6), "cpu", dtype=torch.bfloat16, backend="reference", compile=True,
+                     micro_batch=3, cuda_graph=False, channels_last=True)
+    assert (plan.dtype, plan.backend, plan.compile, plan.micro_batch, plan.cuda_graph, plan.channels_last) == \
+        (torch.bfloat16, "reference", "default", 3, False, True)
+    assert all("requested" in r for r in plan.reasons if r.split("=")[0] in
+               ("dtype", "backend", "compile", "micro_batch", "cuda_graph", "channels_last"))
+    assert make_plan(Pointwise(), 2, (2, 6, 6), "cpu", compile="max-autotune-no-cudagraphs").compile == \
+        "max-autotune-no-cudagraphs"
+    assert make_plan(Pointwise(), 2, (2, 6, 6), "cpu", micro_batch=50).micro_batch == 2
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(cuda_graph=True), ValueError, "cuda_graph=True needs a CUDA device"),
+    (dict(cuda_graph="yes"), TypeError, "cuda_graph must be"),
+    (dict(backend="fast"), ValueError, "backend must be one of"),
+    (dict(dtype=torch.int32), TypeError, "dtype must be float32, float16 or bfloat16"),
+    (dict(dtype=torch.float64), TypeError, "dtype must be float32, float16 or bfloat16"),
+    (dict(compile="fastest"), ValueError, "compile must be"),
+    (dict(micro_batch=0), ValueError, "micro_batch must be a positive int"),
+    (dict(steps_per_graph=4), ValueError, "steps_per_graph needs cuda_graph=True"),
+    (dict(steps_per_graph=0), ValueError, "steps_per_graph must be a positive int"),
+    (dict(channels_last="no"), TypeError, "channels_last must be"),
+])
+def test_bad_overrides(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        make_plan(Pointwise(), 2, (2, 6, 6), "cpu", **kwargs)
+    with pytest.raises(error, match=match):
+        engine_sample(Pointwise(), 2, steps=2, progress=False, **kwargs)
+
+
+def test_bad_plan_inputs():
+    with pytest.raises(ValueError, match="channels_last=True needs"):
+        make_plan(lambda x, t: x, 2, (12,), "cpu", channels_last=True)
+    with pytest.raises(ValueError, match="n must be a positive int"):
+        make_plan(Pointwise(), 0, (2, 6, 6), "cpu")
+    with pytest.raises(ValueError, match="disagree"):
+        engine_sample(Pointwise(), 4, steps=2, progress=False, batch_size=2, micro_batch=3)
+    with pytest.raises(ValueError, match="does not shard"):
+        engine_sample(Pointwise(), 4, steps=2, progress=False, distributed=True)
+    if not HAS_CUDA:
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            make_plan(Pointwise(), 2, (2, 6, 6), "cuda")
+
+
+# -- the eager engine is fastddpm.sample ------------------------------------------------------
+@pytest.mark.parametrize("steps, options", [
+    (None, {}),
+    (25, {"prediction": "v", "variance": "fixed_large", "clip_denoised": False}),
+    (25, {"sampler": "ddim", "eta": 0.5, "schedule": "cosine"}),
+])
+def test_pointwise_equals_sample_exactly_on_reference(steps, options):
+    model = Pointwise()
+    with ops.use_backend("reference"):
+        expected = fastddpm.sample(model, 3, steps=steps, seed=11, progress=False, **options)
+        got = engine_sample(model, 3, steps=steps, seed=11, progress=False, **options)
+    assert_close(got, expected, **EXACT)
+    assert last_plan().backend == "reference" and not last_plan().cuda_graph
+
+
+@pytest.mark.parametrize("make_model, steps", [(_tiny_unet, 4), (_diffusers_unet, 4)], ids=["tiny_unet", "diffusers"])
+def test_unets_equal_sample_exactly_on_reference(make_model, steps, one_thread):
+    model = make_model()
+    with ops.use_backend("reference"):
+        expected = fastddpm.sample(model, 2, steps=steps, seed=5, progress=False)
+        got = engine_sample(model, 2, steps=steps, seed=5, progress=False)
+    assert_close(got, expected, **EXACT)
+
+
+@pytest.mark.parametrize("model_factory", [Pointwise, _tiny_unet], ids=["pointwise", "tiny_unet"])
+def test_automatic_backend_within_fp32(model_factory, one_thread):
+    model = model_factory()
+    expected = fastddpm.sample(model, 3, steps=10, seed=2, progress=False)
+    x, plan = engine_sample(model, 3, steps=10, seed=2, progress=False, return_plan=True)
+    assert plan is last_plan()
+    assert_close(x, expected, **FP32)
+
+
+def test_shards_callback_and_bf16_inputs():
+    model = Pointwise()
+    full = engine_sample(model, 5, steps=8, seed=3, progress=False)
+    assert_close(engine_sample(model, 2, steps=8, seed=3, progress=False, sample_offset=3), full[3:], **EXACT)
+    frames, ref_frames = [], []
+    x = engine_sample(model, 2, steps=8, seed=3, progress=False,
+                      callback=lambda i, t, x: frames.append((i, t, x)))
+    fastddpm.sample(model, 2, steps=8, seed=3, progress=False, callback=lambda i, t, x: ref_frames.append((i, t, x)))
+    assert [f[:2] for f in frames] == [f[:2] for f in ref_frames]
+    assert torch.equal(frames[-1][2], x)
+    frames[-1][2].add_(1)  # a copy: the engine's buffer is not handed out
+    assert not torch.equal(frames[-1][2], x)
+    for (_, _, a), (_, _, b) in zip(frames[:-1], ref_frames[:-1]):
+        assert_close(a, b, **FP32)
+    bf16 = engine_sample(model, 2, steps=8, seed=3, progress=False, dtype=torch.bfloat16)
+    assert bf16.dtype == torch.float32 and last_plan().dtype == torch.bfloat16
+    assert_close(bf16, full[:2], atol=0.1, rtol=0.1)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_fused_step_writes_x_and_the_channels_last_model_input(backend):
+    """The in-place op of each fast backend (the Triton one interpreted on CPU) against
+    the reference step, with a float16 channels_last model input."""
+    if backend not in ops.available_backends("ddpm_step", "cpu", torch.float16):
+        pytest.skip(f"{backend} cannot run here")
+    model = Pointwise()
+    kw = dict(steps=6, seed=8, progress=False, dtype=torch.float16, channels_last=True)
+    ref = engine_sample(model, 3, backend="reference", **kw)
+    got = engine_sample(model, 3, backend=backend, **kw)
+    assert_close(got, ref, **BY_DTYPE[torch.float16])
+    engine = cached_engines()[-1]
+    assert engine.plan.backend == backend and engine.model_input.dtype == torch.float16
+    assert engine.model_input.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(engine.model_input, engine.x.to(torch.float16))
+
+
+def test_micro_batches_equal_one_batch():
+    model = Pointwise()
+    one = engine_sample(model, 5, steps=6, seed=9, progress=False)
+    split = engine_sample(model, 5, steps=6, seed=9, progress=False, micro_batch=2)
+    assert last_plan().micro_batch == 2
+    assert_close(split, one, **EXACT)
+    assert_close(engine_sample(model, 5, steps=6, seed=9, progress=False, batch_size=2), one, **EXACT)
+    # batches of 2, 2 and 1: two engines, the batch-of-2 one ran twice
+    shapes = sorted(e.shape[0] for e in cached_engines())
+    assert shapes == [1, 2, 5]
+
+
+def test_a_trained_like_model_samples_its_data_distribution():
+    x = engine_sample(GaussianDenoiser(), 256, seed=1, progress=False)  # all 1000 steps: few steps of
+    # fixed_small variance under-disperse
+    assert abs(x.mean().item() - 0.2) < 0.02 and abs(x.std().item() - 0.3) < 0.03
+
+
+# -- the cache ----------------------------------------------------------------------------------
+def test_second_call_reuses_the_engine():
+    model = Pointwise()
+    first = engine_sample(model, 3, steps=5, seed=0, progress=False)
+    (engine,) = cached_engines()
+    second = engine_sample(model, 3, steps=5, seed=0, progress=False)
+    assert cached_engines() == [engine] and engine.runs == 2
+    assert torch.equal(first, second)
+    other_seed = engine_sample(model, 3, steps=5, seed=1, progress=False)
+    assert cached_engines() == [engine] and not torch.equal(other_seed, first)
+
+
+@pytest.mark.parametrize("change", [dict(n=4), dict(steps=6), dict(dtype=torch.bfloat16), dict(backend="reference"),
+                                    dict(prediction="v")])
+def test_cache_misses_when_the_engine_would_differ(change):
+    model = Pointwise()
+    kwargs = dict(n=3, steps=5, seed=0, progress=False)
+    engine_sample(model, **kwargs)
+    (engine,) = cached_engines()
+    engine_sample(model, **{**kwargs, **change})
+    assert len(cached_engines()) == 2 and cached_engines()[0] is engine
+
+
+def test_cache_misses_when_the_weights_move():
+    model = Pointwise()
+    engine_sample(model, 2, steps=3, progress=False)
+    model.w = torch.nn.Parameter(torch.tensor(0.5))
+    engine_sample(model, 2, steps=3, progress=False)
+    assert len(cached_engines()) == 2
+
+
+def test_engine_directly():
+    process = DDPM().respace(4)
+    model = Pointwise()
+    plan = make_plan(model, 2, (2, 6, 6), "cpu", backend="reference")
+    engine = SamplerEngine(model, process, (2, 2, 6, 6), plan)
+    with ops.use_backend("reference"):
+        expected = fastddpm.sample(model, 2, process=process, seed=7, sample_offset=4, progress=False)
+    assert_close(engine.run(7, 4), expected, **EXACT)
+    assert engine.step.ndim == 0 and engine.step.dtype == torch.int64 and engine.step.item() == -1
+    with pytest.raises(ValueError, match="sample_offset must be"):
+        engine.run(7, -1)
+    with pytest.raises(ValueError, match="cuda_graph=True needs"):
+        SamplerEngine(model, process, (2, 2, 6, 6), dataclasses.replace(plan, cuda_graph=True))
+
+
+def test_compiled_model_is_compiled_once(one_thread):
+    from torch._dynamo.utils import counters
+
+    model = Pointwise()
+    expected = fastddpm.sample(model, 3, steps=5, seed=1, progress=False)
+    assert_close(engine_sample(model, 3, steps=5, seed=1, progress=False, compile=True), expected, **FP32)
+    assert last_plan().compile == "default"
+    compiled = counters["frames"]["ok"]
+    assert compiled >= 1
+    assert_close(engine_sample(model, 3, steps=5, seed=1, progress=False, compile=True), expected, **FP32)
+    assert counters["frames"]["ok"] == compiled and len(cached_engines()) == 1
+
+
+# -- CUDA graphs ---------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_graph_replay_equals_eager(dtype):
+    model = _tiny_unet().cuda()
+    kw = dict(steps=20, seed=4, progress=False, dtype=dtype)
+    eager = engine_sample(model, 4, cuda_graph=False, **kw)
+    graph, plan = engine_sample(model, 4, cuda_graph=True, return_plan=True, **kw)
+    assert plan.cuda_graph and plan.channels_last == (dtype != torch.float32)
+    tol = PEER if dtype == torch.float32 else BY_DTYPE[dtype]
+    assert_close(graph, eager, **tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("steps_per_graph", [1, 3])
+def test_graph_loop_does_not_synchronise_or_recapture(steps_per_graph):
+    model = _tiny_unet().cuda()
+    kw = dict(steps=10, seed=0, progress=False, steps_per_graph=steps_per_graph)
+    first = engine_sample(model, 4, **kw)
+    (engine,) = cached_engines()
+    captures = engine.captures
+    assert captures == (1 if steps_per_graph == 1 else 2)  # 10 = 3 * 3 + 1
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        again = engine.run(0, 0)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert engine.captures == captures
+    second = engine_sample(model, 4, **kw)
+    assert cached_engines() == [engine] and engine.captures == captures
+    assert torch.equal(again, first) and torch.equal(second, first)
+    eager = engine_sample(model, 4, cuda_graph=False, **{k: v for k, v in kw.items() if k != "steps_per_graph"})
+    assert_close(first, eager, **BY_DTYPE[torch.bfloat16])
+
+
+@pytest.mark.gpu
+def test_graph_matches_the_reference_sampler_in_fp32():
+    model = Pointwise().cuda()
+    expected = fastddpm.sample(model, 3, steps=25, seed=11, progress=False)
+    got = engine_sample(model, 3, steps=25, seed=11, progress=False, dtype=torch.float32)
+    assert last_plan().cuda_graph
+    assert_close(got, expected, **PEER)
+
+
+@pytest.mark.gpu
+def test_bf16_and_fp32_sample_the_same_distribution():
+    model = GaussianDenoiser().cuda()  # buffers only: the device must be given
+    kw = dict(seed=1, progress=False, device="cuda")
+    fp32 = engine_sample(model, 512, dtype=torch.float32, **kw)
+    bf16 = engine_sample(model, 512, dtype=torch.bfloat16, **kw)
+    for x in (fp32, bf16):
+        assert abs(x.mean().item() - 0.2) < 0.02 and abs(x.std().item() - 0.3) < 0.03
+    assert abs(fp32.mean().item() - bf16.mean().item()) < 0.01
+    assert abs(fp32.std().item() - bf16.std().item()) < 0.01
