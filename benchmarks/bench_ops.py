@@ -17,8 +17,6 @@ reference.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import signal
 import sys
 from dataclasses import dataclass
 from functools import partial
@@ -28,7 +26,7 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import copy_bandwidth_gbs, environment, measure, timing_fields, write_results  # noqa: E402
+from common import copy_bandwidth_gbs, environment, measure, time_limit, timing_fields, write_results  # noqa: E402
 
 from fastddpm import ops, reference  # noqa: E402
 from fastddpm.schedule import NoiseSchedule  # noqa: E402
@@ -155,22 +153,6 @@ def _parse_size(s: str) -> int:
     s = s.strip().upper()
     scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(s[-1], 1)
     return int(float(s.rstrip("KMG")) * scale)
-
-
-@contextlib.contextmanager
-def time_limit(seconds: float):
-    """Raise TimeoutError in the main thread after ``seconds`` (Unix): a
-    compile that never finishes becomes a row note, not a hung benchmark."""
-    def on_alarm(signum, frame):
-        raise TimeoutError(f"over {seconds:.0f} s")
-
-    old = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def run(device: torch.device, sizes, op_names, provider_names, dtype_names, reps: int,

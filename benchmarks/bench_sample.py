@@ -57,10 +57,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_ops import time_limit  # noqa: E402
 from common import (  # noqa: E402
     PeakMemory, bf16_peak_tflops, environment, forward_flops, measure, synchronize, timing_fields,
-    write_results,
+    time_limit, write_results,
 )
 
 import fastddpm  # noqa: E402

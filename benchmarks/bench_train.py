@@ -75,9 +75,8 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_ops import time_limit  # noqa: E402
 from common import (PeakMemory, bf16_peak_tflops, environment, measure, timing_fields,  # noqa: E402
-                    write_results)
+                    time_limit, write_results)
 
 from fastddpm import DDPM, ops  # noqa: E402
 from fastddpm.models.presets import PRESETS, create_model  # noqa: E402

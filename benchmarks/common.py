@@ -9,10 +9,12 @@ and ``bf16_peak_tflops`` give the memory and tensor-core utilisation columns.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import threading
@@ -243,3 +245,19 @@ def write_results(name: str, rows: Sequence[dict], columns: Sequence[str], meta:
 
 def timing_fields(timing: Timing) -> dict:
     return asdict(timing)
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float):
+    """Raise TimeoutError in the main thread after ``seconds`` (Unix): a
+    compile that never finishes becomes a row note, not a hung benchmark."""
+    def on_alarm(signum, frame):
+        raise TimeoutError(f"over {seconds:.0f} s")
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
