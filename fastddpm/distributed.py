@@ -15,6 +15,8 @@ on the sampling device with NCCL and on the CPU with every other backend
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 
@@ -36,6 +38,32 @@ def dist_info(group=None) -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(group), dist.get_world_size(group)
     return 0, 1
+
+
+def launched_world_size() -> int:
+    """``WORLD_SIZE`` as set by ``torchrun`` (1 when not launched by it)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
+
+
+def process_device(device) -> torch.device:
+    """This process's device; under several processes a bare ``cuda`` means its ``LOCAL_RANK`` GPU."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None and (dist_info()[1] > 1 or launched_world_size() > 1):
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+def join_torchrun_group(device: torch.device) -> None:
+    """Join the process group ``torchrun`` set up (env://), if there is one and nobody joined it yet."""
+    if launched_world_size() > 1 and dist.is_available() and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
 
 def shard_range(n: int, rank: int, world_size: int) -> tuple[int, int]:

@@ -46,7 +46,6 @@ import copy
 import csv
 import json
 import math
-import os
 import shutil
 import time
 import warnings
@@ -64,6 +63,7 @@ from .checkpoint import check_model_config, load_checkpoint, load_weights, save_
 from .files import write_text_atomic
 from .config import JsonConfig
 from .diffusion import DDPM
+from .distributed import dist_info, join_torchrun_group, process_device
 
 __all__ = ["TrainConfig", "Trainer"]
 
@@ -88,40 +88,6 @@ def _mix(seed: int, stream: int, i: int) -> int:
     x = (x * 0x94D049BB133111EB) & MASK64
     x ^= x >> 31
     return x & MAX_SEED
-
-
-# -- several processes -----------------------------------------------------------------
-def _world() -> tuple[int, int]:
-    """``(rank, world_size)``: ``(0, 1)`` unless ``torch.distributed`` is initialised."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _launched_world_size() -> int:
-    """``WORLD_SIZE`` as set by ``torchrun`` (1 when not launched by it)."""
-    try:
-        return int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
-        return 1
-
-
-def _default_device(device) -> torch.device:
-    """The training device; under several processes a bare ``cuda`` means this process's ``LOCAL_RANK`` GPU."""
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None and (_world()[1] > 1 or _launched_world_size() > 1):
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return device
-
-
-def _init_distributed(device: torch.device) -> None:
-    """Join the process group ``torchrun`` set up (env://), if there is one and nobody joined it yet."""
-    if _launched_world_size() > 1 and dist.is_available() and not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
 
 def _dropout_seed(seed: int, rank: int, step: int) -> int:
@@ -296,9 +262,9 @@ class Trainer:
             raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
         self.config = config
         self.process = process
-        self.device = _default_device(device)
-        _init_distributed(self.device)
-        self.rank, self.world_size = _world()
+        self.device = process_device(device)
+        join_torchrun_group(self.device)
+        self.rank, self.world_size = dist_info()
         if config.batch_size % self.world_size:
             raise ValueError(f"batch_size={config.batch_size} is the global micro-batch and must be divisible by "
                              f"the world size {self.world_size} (each rank computes batch_size / world_size)")
