@@ -1,0 +1,116 @@
+"""How to train: ``TrainConfig``, a frozen, JSON-serialisable dataclass
+stored beside every checkpoint."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+from .config import JsonConfig
+from .noise import MAX_SEED
+
+__all__ = ["TrainConfig"]
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+@dataclass(frozen=True)
+class TrainConfig(JsonConfig):
+    """How to train.  Defaults follow Ho et al. (Adam, lr 2e-4, grad clip 1, EMA 0.9999).
+
+    :param steps: optimizer steps in total (a resumed run continues up to this).
+    :param batch_size: examples per micro-batch over all processes (the global micro-batch: with W
+        ranks each computes ``batch_size / W`` of them, so it must be divisible by W); an optimizer
+        step sees ``batch_size * grad_accum``.
+    :param lr: peak learning rate (after ``warmup_steps`` of linear warmup).
+    :param optimizer: ``adam`` or ``adamw`` (decoupled ``weight_decay``).
+    :param grad_clip: max global gradient norm; None disables clipping.
+    :param grad_accum: micro-batches per optimizer step.
+    :param ema_decay: ``ema = decay * ema + (1 - decay) * param`` after every step.
+    :param ema_start: for the first ``ema_start`` steps the EMA copies the model.
+    :param mixed_precision: ``auto`` (bf16 on a CUDA GPU that has it, else ``no``), ``no``, ``bf16``, ``fp16``.
+    :param seed: seeds the data order, timesteps, flips, noise and dropout.
+    :param random_flip: horizontal flips with probability 1/2.
+    :param val_fraction: share of the dataset held out for the validation loss (0: none).
+    :param val_every: validate every this many steps (0: only at the end).
+    :param sample_every: save an EMA sample grid every this many steps (0: never).
+    :param sample_n: images in a sample grid.
+    :param sample_steps: sampling steps (None: the full process).
+    :param checkpoint_every: checkpoint every this many steps (0: only at the end).
+    :param keep_last: step checkpoints kept.
+    :param keep_best: keep ``best.safetensors``.
+    :param log_every: read metrics back and log them every this many steps.
+    """
+
+    steps: int = 10_000
+    batch_size: int = 64
+    lr: float = 2e-4
+    optimizer: Literal["adam", "adamw"] = "adam"
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0
+    grad_clip: float | None = 1.0
+    grad_accum: int = 1
+    ema_decay: float = 0.9999
+    ema_start: int = 0
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    seed: int = 0
+    random_flip: bool = True
+    val_fraction: float = 0.0
+    val_every: int = 500
+    sample_every: int = 0
+    sample_n: int = 16
+    sample_steps: int | None = None
+    checkpoint_every: int = 1000
+    keep_last: int = 2
+    keep_best: bool = True
+    log_every: int = 50
+
+    _label: ClassVar[str] = "train"
+
+    def __post_init__(self):
+        if isinstance(self.adam_betas, list):
+            object.__setattr__(self, "adam_betas", tuple(self.adam_betas))
+        for name in ("steps", "batch_size", "grad_accum", "sample_n", "keep_last", "log_every"):
+            v = getattr(self, name)
+            if not _is_int(v) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        for name in ("warmup_steps", "ema_start", "val_every", "sample_every", "checkpoint_every"):
+            v = getattr(self, name)
+            if not _is_int(v) or v < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+        if not _is_num(self.lr) or self.lr <= 0:
+            raise ValueError(f"lr must be a float > 0, got {self.lr!r}")
+        if self.optimizer not in ("adam", "adamw"):
+            raise ValueError(f"optimizer must be 'adam' or 'adamw', got {self.optimizer!r}")
+        if not _is_num(self.weight_decay) or self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be a float >= 0, got {self.weight_decay!r}")
+        b = self.adam_betas
+        if not (isinstance(b, tuple) and len(b) == 2 and all(_is_num(x) and 0 <= x < 1 for x in b)):
+            raise ValueError(f"adam_betas must be two floats in [0, 1), got {b!r}")
+        if self.grad_clip is not None and (not _is_num(self.grad_clip) or self.grad_clip <= 0):
+            raise ValueError(f"grad_clip must be a float > 0 or None, got {self.grad_clip!r}")
+        if not _is_num(self.ema_decay) or not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be a float in [0, 1), got {self.ema_decay!r}")
+        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
+            raise ValueError(f"mixed_precision must be one of 'auto', 'no', 'bf16', 'fp16', "
+                             f"got {self.mixed_precision!r}")
+        if not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be an int in [0, 2**63), got {self.seed!r}")
+        for name in ("random_flip", "keep_best"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if not _is_num(self.val_fraction) or not 0 <= self.val_fraction < 1:
+            raise ValueError(f"val_fraction must be a float in [0, 1), got {self.val_fraction!r}")
+        if self.sample_steps is not None and (not _is_int(self.sample_steps) or self.sample_steps < 1):
+            raise ValueError(f"sample_steps must be a positive int or None, got {self.sample_steps!r}")
+
+    @property
+    def effective_batch_size(self) -> int:
+        return self.batch_size * self.grad_accum
