@@ -65,6 +65,11 @@ def _resize_center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
     return x.clamp(-1.0, 1.0)
 
 
+def to_float_images(x: torch.Tensor) -> torch.Tensor:
+    """uint8 images in [0, 255] as float32 in [-1, 1]; float images pass through as they are."""
+    return x.float() / 127.5 - 1.0 if x.dtype == torch.uint8 else x
+
+
 def _convert_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
     """``[n, c, H, W]`` with c in {1, 3} to ``channels`` channels (gray is
     repeated; RGB becomes luma)."""
@@ -166,8 +171,7 @@ class ImageFolderDataset(Dataset):
         except Exception as e:
             raise ValueError(f"cannot read image {str(path)!r}: {e}") from e
         arr = arr.reshape(size, size, self.channels)
-        x = torch.from_numpy(arr.copy()).permute(2, 0, 1).float()
-        return x / 127.5 - 1.0
+        return to_float_images(torch.from_numpy(arr.copy()).permute(2, 0, 1))
 
     def __getitem__(self, index: int) -> torch.Tensor:
         index = int(index)
@@ -254,6 +258,7 @@ def _normalise(arr: np.ndarray, name: str) -> torch.Tensor:
     return (x.clamp_(0.0, 1.0) * 2.0 - 1.0)
 
 
+
 class ArrayDataset(Dataset):
     """Images from a numpy array or a ``.npy`` / ``.npz`` file.
 
@@ -295,12 +300,11 @@ class ArrayDataset(Dataset):
             chunks = []
             for i in range(0, n, RESIZE_CHUNK):
                 part = x[i:i + RESIZE_CHUNK]
-                part = part.float() / 127.5 - 1.0 if part.dtype == torch.uint8 else part
+                part = to_float_images(part)
                 chunks.append(_resize_center_crop(_convert_channels(part, channels).contiguous(), image_size))
             x = torch.cat(chunks)
         elif channels != c:
-            x = x.float() / 127.5 - 1.0 if x.dtype == torch.uint8 else x
-            x = _convert_channels(x, channels).contiguous().clamp_(-1.0, 1.0)
+            x = _convert_channels(to_float_images(x), channels).contiguous().clamp_(-1.0, 1.0)
         self.data = x  # uint8 [N, C, H, W] (converted per item) or float32 in [-1, 1]
         self.channels = channels
         self.image_size = int(x.shape[-1])
@@ -310,9 +314,11 @@ class ArrayDataset(Dataset):
 
     def __getitem__(self, index: int) -> torch.Tensor:
         x = self.data[index]
-        if x.dtype == torch.uint8:
-            return x.float() / 127.5 - 1.0
-        return x.clone()
+        return to_float_images(x) if x.dtype == torch.uint8 else x.clone()
+
+    def float_images(self) -> torch.Tensor:
+        """All images as float32 ``[N, C, H, W]`` in [-1, 1]."""
+        return to_float_images(self.data)
 
     def __repr__(self) -> str:
         src = repr(str(self.path)) if self.path is not None else "array"

@@ -33,6 +33,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .data import to_float_images
+
 __all__ = [
     "DIGITS_CLASSIFIER",
     "DigitsFeatureNet",
@@ -156,7 +158,7 @@ def _as_float_images(images, name: str) -> torch.Tensor:
                             f"writes), got dtype {images.dtype}; pass floats as a torch tensor [n, C, H, W] in [-1, 1]")
         if images.ndim != 4 or images.shape[-1] not in (1, 3):
             raise ValueError(f"{name}: a uint8 array must be [n, H, W, C] with C = 1 or 3, got shape {images.shape}")
-        return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        return to_float_images(torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2))
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"{name}: expected a float tensor [n, C, H, W] in [-1, 1] or a uint8 numpy array "
                         f"[n, H, W, C], got {type(images).__name__}")
@@ -424,8 +426,7 @@ def _reference_images(reference, n_reference, seed: int) -> torch.Tensor:
     elif isinstance(reference, (str, os.PathLike)):
         from .data import ArrayDataset
 
-        data = ArrayDataset(reference).data
-        x = data.float() / 127.5 - 1.0 if data.dtype == torch.uint8 else data
+        x = ArrayDataset(reference).float_images()
     else:
         x = _as_float_images(reference, "reference")
     if n_reference is not None:
@@ -466,8 +467,7 @@ def _load_samples(path: str) -> torch.Tensor:
     if p.suffix.lower() not in (".npz", ".npy"):
         raise ValueError(f"--samples must be a .npz or .npy array (write one with `fastddpm sample --out x.npz`); "
                          f"got {str(p)!r}" + (" (PNG grids are not supported)" if p.suffix.lower() == ".png" else ""))
-    data = ArrayDataset(p).data
-    return data.float() / 127.5 - 1.0 if data.dtype == torch.uint8 else data
+    return ArrayDataset(p).float_images()
 
 
 def cmd_eval(args) -> int:
