@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _C  # noqa: F401  (registers torch.ops.fastddpm.*; ImportError when not built)
+from . import _C, fake_ops  # noqa: F401  (registers torch.ops.fastddpm.*; ImportError when not built)
 
 __all__ = ["IMPLS", "unsupported", "has_cuda", "philox_normal", "philox4x32", "q_sample", "diffusion_loss", "ddpm_step",
            "ddpm_step_cast", "ddpm_step_"]
@@ -63,7 +63,11 @@ def unsupported(op: str, device: torch.device, dtype: torch.dtype) -> str | None
     return None
 
 
-# -- fake implementations (shapes, dtypes, devices only) ----------------------------------
+# -- fake implementations (shapes, dtypes, devices only; shared with the Triton backend) -----------
+for _name in fake_ops.__all__:
+    torch.library.register_fake(f"fastddpm::{_name}")(getattr(fake_ops, _name))
+
+
 @torch.library.register_fake("fastddpm::philox_normal")
 def _philox_normal_fake(seed, offsets):
     return offsets.new_empty(offsets.shape, dtype=torch.float32)
@@ -72,44 +76,6 @@ def _philox_normal_fake(seed, offsets):
 @torch.library.register_fake("fastddpm::philox4x32")
 def _philox4x32_fake(seed, offsets):
     return offsets.new_empty((*offsets.shape, 4))
-
-
-@torch.library.register_fake("fastddpm::q_sample")
-def _q_sample_fake(x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, seed, sample_offset):
-    torch._check(x0.dim() >= 1, lambda: "x0 must have a batch dimension")
-    return x0.new_empty(x0.shape, dtype=torch.float32)
-
-
-@torch.library.register_fake("fastddpm::diffusion_loss")
-def _diffusion_loss_fake(model_output, x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, weights, seed,
-                         sample_offset, prediction, loss_type, huber_delta):
-    torch._check(x0.shape == model_output.shape, lambda: "x0 must have model_output's shape")
-    return model_output.new_empty((), dtype=torch.float32)
-
-
-@torch.library.register_fake("fastddpm::diffusion_loss_backward")
-def _diffusion_loss_backward_fake(grad, model_output, *args):
-    return model_output.new_empty(model_output.shape)
-
-
-@torch.library.register_fake("fastddpm::ddpm_step")
-def _ddpm_step_fake(x, model_output, step, coefs, seed, sample_offset, clip_denoised):
-    torch._check(model_output.shape == x.shape, lambda: "model_output must have x's shape")
-    return x.new_empty(x.shape)
-
-
-@torch.library.register_fake("fastddpm::ddpm_step_cast")
-def _ddpm_step_cast_fake(x, model_output, step, coefs, seed, sample_offset, clip_denoised, model_dtype,
-                         channels_last):
-    torch._check(model_output.shape == x.shape, lambda: "model_output must have x's shape")
-    layout = torch.channels_last if channels_last else torch.contiguous_format
-    return x.new_empty(x.shape), torch.empty(x.shape, dtype=model_dtype, device=x.device, memory_format=layout)
-
-
-@torch.library.register_fake("fastddpm::ddpm_step_")
-def _ddpm_step_inplace_fake(x, model_output, step, coefs, seed, sample_offset, clip_denoised, model_input=None):
-    torch._check(model_output.shape == x.shape, lambda: "model_output must have x's shape")
-    return None
 
 
 # -- autograd of diffusion_loss: gradient to model_output only ---------------------------------

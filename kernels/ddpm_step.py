@@ -27,6 +27,8 @@ import triton.language as tl
 
 from fastddpm.noise import check_noise_capacity
 
+from fastddpm import fake_ops
+
 from ._library import ELEMENTWISE_WARPS, elementwise_block, elementwise_grid, launch, op
 from .noise import contract_offsets
 
@@ -108,12 +110,8 @@ def ddpm_step_into(x, model_output, step, coefs, seed: int, sample_offset: int, 
         CHANNELS_LAST=channels_last, BLOCK=block, num_warps=ELEMENTWISE_WARPS)
 
 
-def _fake(x, model_output, step, coefs, seed, sample_offset, clip_denoised):
-    return torch.empty(x.shape, dtype=torch.float32, device=x.device)
-
-
 @op("ddpm_step", "(Tensor x, Tensor model_output, Tensor step, Tensor coefs, int seed, int sample_offset, "
-    "bool clip_denoised) -> Tensor", fake=_fake)
+    "bool clip_denoised) -> Tensor", fake=fake_ops.ddpm_step)
 def ddpm_step(x: torch.Tensor, model_output: torch.Tensor, step: torch.Tensor, coefs: torch.Tensor, seed: int,
               sample_offset: int, clip_denoised: bool) -> torch.Tensor:
     """:return: float32 ``x_{t-1}`` (see the module docstring)."""
@@ -123,14 +121,8 @@ def ddpm_step(x: torch.Tensor, model_output: torch.Tensor, step: torch.Tensor, c
     return x_prev
 
 
-def _fake_cast(x, model_output, step, coefs, seed, sample_offset, clip_denoised, model_dtype, channels_last):
-    layout = torch.channels_last if channels_last else torch.contiguous_format
-    return (torch.empty(x.shape, dtype=torch.float32, device=x.device),
-            torch.empty(x.shape, dtype=model_dtype, device=x.device, memory_format=layout))
-
-
 @op("ddpm_step_cast", "(Tensor x, Tensor model_output, Tensor step, Tensor coefs, int seed, int sample_offset, "
-    "bool clip_denoised, ScalarType model_dtype, bool channels_last) -> (Tensor, Tensor)", fake=_fake_cast)
+    "bool clip_denoised, ScalarType model_dtype, bool channels_last) -> (Tensor, Tensor)", fake=fake_ops.ddpm_step_cast)
 def ddpm_step_cast(x: torch.Tensor, model_output: torch.Tensor, step: torch.Tensor, coefs: torch.Tensor, seed: int,
                    sample_offset: int, clip_denoised: bool, model_dtype: torch.dtype,
                    channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,12 +138,8 @@ def ddpm_step_cast(x: torch.Tensor, model_output: torch.Tensor, step: torch.Tens
     return x_prev, model_input
 
 
-def _fake_inplace(x, model_output, step, coefs, seed, sample_offset, clip_denoised, model_input=None):
-    return None
-
-
 @op("ddpm_step_", "(Tensor(a!) x, Tensor model_output, Tensor step, Tensor coefs, int seed, int sample_offset, "
-    "bool clip_denoised, Tensor(b!)? model_input=None) -> ()", fake=_fake_inplace, mutates_args=("x", "model_input"))
+    "bool clip_denoised, Tensor(b!)? model_input=None) -> ()", fake=fake_ops.ddpm_step_, mutates_args=("x", "model_input"))
 def ddpm_step_(x: torch.Tensor, model_output: torch.Tensor, step: torch.Tensor, coefs: torch.Tensor, seed: int,
                sample_offset: int, clip_denoised: bool, model_input: Optional[torch.Tensor] = None) -> None:
     """Update ``x`` (float32, contiguous) to ``x_{t-1}`` in place, and

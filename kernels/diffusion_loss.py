@@ -16,6 +16,8 @@ import triton.language as tl
 
 from fastddpm.noise import check_noise_capacity
 
+from fastddpm import fake_ops
+
 from ._library import ELEMENTWISE_WARPS, elementwise_block, elementwise_grid, launch, op
 from .noise import contract_offsets
 
@@ -99,14 +101,9 @@ def _launch_args(model_output, x0, t, seed, sample_offset, prediction, loss_type
                                  num_warps=ELEMENTWISE_WARPS)
 
 
-def _fake_loss(model_output, x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, weights, seed,
-               sample_offset, prediction, loss_type, huber_delta):
-    return torch.empty((), dtype=torch.float32, device=model_output.device)
-
-
 @op("diffusion_loss", "(Tensor model_output, Tensor x0, Tensor t, Tensor sqrt_alphas_cumprod, "
     "Tensor sqrt_one_minus_alphas_cumprod, Tensor weights, int seed, int sample_offset, str prediction, "
-    "str loss_type, float huber_delta) -> Tensor", fake=_fake_loss)
+    "str loss_type, float huber_delta) -> Tensor", fake=fake_ops.diffusion_loss)
 def diffusion_loss(model_output: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, sqrt_alphas_cumprod: torch.Tensor,
                    sqrt_one_minus_alphas_cumprod: torch.Tensor, weights: torch.Tensor, seed: int, sample_offset: int,
                    prediction: str, loss_type: str, huber_delta: float) -> torch.Tensor:
@@ -123,14 +120,9 @@ def diffusion_loss(model_output: torch.Tensor, x0: torch.Tensor, t: torch.Tensor
     return partial.sum()
 
 
-def _fake_backward(grad, model_output, x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, weights, seed,
-                   sample_offset, prediction, loss_type, huber_delta):
-    return torch.empty_like(model_output, memory_format=torch.contiguous_format)
-
-
 @op("diffusion_loss_backward", "(Tensor grad, Tensor model_output, Tensor x0, Tensor t, "
     "Tensor sqrt_alphas_cumprod, Tensor sqrt_one_minus_alphas_cumprod, Tensor weights, int seed, "
-    "int sample_offset, str prediction, str loss_type, float huber_delta) -> Tensor", fake=_fake_backward)
+    "int sample_offset, str prediction, str loss_type, float huber_delta) -> Tensor", fake=fake_ops.diffusion_loss_backward)
 def diffusion_loss_backward(grad: torch.Tensor, model_output: torch.Tensor, x0: torch.Tensor, t: torch.Tensor,
                             sqrt_alphas_cumprod: torch.Tensor, sqrt_one_minus_alphas_cumprod: torch.Tensor,
                             weights: torch.Tensor, seed: int, sample_offset: int, prediction: str, loss_type: str,

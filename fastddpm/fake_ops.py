@@ -1,0 +1,44 @@
+"""Fake (meta) implementations of the fused ops: shapes, dtypes and devices
+only, so ``torch.compile`` and FakeTensor tracing see each op as one node.
+
+The C++ (``fastddpm::``) and Triton (``fastddpm_triton::``) backends declare
+the same schemas and register these same functions.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["q_sample", "diffusion_loss", "diffusion_loss_backward", "ddpm_step", "ddpm_step_cast", "ddpm_step_"]
+
+
+def q_sample(x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, seed, sample_offset):
+    torch._check(x0.dim() >= 1, lambda: "x0 must have a batch dimension")
+    return x0.new_empty(x0.shape, dtype=torch.float32)
+
+
+def diffusion_loss(model_output, x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, weights, seed,
+                   sample_offset, prediction, loss_type, huber_delta):
+    torch._check(x0.shape == model_output.shape, lambda: "x0 must have model_output's shape")
+    return model_output.new_empty((), dtype=torch.float32)
+
+
+def diffusion_loss_backward(grad, model_output, x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, weights,
+                            seed, sample_offset, prediction, loss_type, huber_delta):
+    return model_output.new_empty(model_output.shape)
+
+
+def ddpm_step(x, model_output, step, coefs, seed, sample_offset, clip_denoised):
+    torch._check(model_output.shape == x.shape, lambda: "model_output must have x's shape")
+    return x.new_empty(x.shape, dtype=torch.float32)
+
+
+def ddpm_step_cast(x, model_output, step, coefs, seed, sample_offset, clip_denoised, model_dtype, channels_last):
+    torch._check(model_output.shape == x.shape, lambda: "model_output must have x's shape")
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    return (x.new_empty(x.shape, dtype=torch.float32),
+            torch.empty(x.shape, dtype=model_dtype, device=x.device, memory_format=layout))
+
+
+def ddpm_step_(x, model_output, step, coefs, seed, sample_offset, clip_denoised, model_input=None):
+    torch._check(model_output.shape == x.shape, lambda: "model_output must have x's shape")
+    return None
