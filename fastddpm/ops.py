@@ -112,7 +112,6 @@ def available_backends(op: str, device, dtype=torch.float32) -> list[str]:
     return [b for b in BACKENDS if _unsupported(b, op, device, dtype) is None]
 
 
-@torch._dynamo.assume_constant_result
 def _resolve(op: str, device_type: str, dtype: torch.dtype, backend: str | None) -> str:
     """The backend name for ``op``.  Under ``torch.compile`` this runs eagerly
     at trace time and its result is a constant of the graph (module imports and
@@ -125,6 +124,11 @@ def _resolve(op: str, device_type: str, dtype: torch.dtype, backend: str | None)
     if reason is not None:
         raise RuntimeError(f"backend {backend!r} was requested for {op} on {device} ({dtype}) but {reason}")
     return backend
+
+
+# What torch.compiler.assume_constant_result does, without importing torch._dynamo (about 1 s, and
+# triton with it) at `import fastddpm`; test_dispatch_traces_under_torch_compile_fullgraph guards it.
+_resolve._dynamo_marked_constant = True
 
 
 def _impl(op: str, device: torch.device, dtype: torch.dtype, backend: str | None):
