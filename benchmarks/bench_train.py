@@ -81,6 +81,7 @@ from common import (PeakMemory, bf16_peak_tflops, environment, measure, timing_f
 from fastddpm import DDPM, ops  # noqa: E402
 from fastddpm.models.presets import PRESETS, create_model  # noqa: E402
 from fastddpm.models.unet import UNetConfig  # noqa: E402
+from fastddpm.train_config import COMPILE_MODES  # noqa: E402
 from fastddpm.trainer import TrainConfig, Trainer  # noqa: E402
 
 SEED = 0
@@ -326,18 +327,14 @@ def fastddpm_trainer(stage: Stage, cfg: BenchConfig, dataset, out_dir: str, **tr
     ops_backend, attn_backend = stage_backends(stage, cfg)
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.preset)
-    if stage.bf16_channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    # the Trainer's own options: what a user sets in TrainConfig
     config = TrainConfig(**{"steps": 10**9, "batch_size": cfg.batch, "random_flip": False, "seed": cfg.seed,
-                            "mixed_precision": "bf16" if stage.bf16_channels_last else "no", **train_options})
+                            "mixed_precision": "bf16" if stage.bf16_channels_last else "no",
+                            "channels_last": stage.bf16_channels_last,
+                            "compile": cfg.compile_mode if stage.compile else "no", **train_options})
     trainer = Trainer(AttentionOn(model, attn_backend), DDPM(), dataset, config, out_dir, device=cfg.device,
                       progress=False)
     return trainer, ops_backend
-
-
-def _compile_model(trainer: Trainer, cfg: BenchConfig) -> None:
-    # after the Trainer is built: its EMA copy stays eager; the wrapper's forced backend stays outside
-    trainer.model.model.compile(mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
 
 
 def build_stage(stage: Stage, cfg: BenchConfig, out_dir: str, count_flops: bool) -> Runner:
@@ -351,8 +348,6 @@ def build_stage(stage: Stage, cfg: BenchConfig, out_dir: str, count_flops: bool)
         t = torch.randint(0, T, (x.shape[0],), device=cfg.device)
         flops = train_flops(lambda: model(x, t).float().square().mean())
         trainer.optimizer.zero_grad(set_to_none=True)
-    if stage.compile:
-        _compile_model(trainer, cfg)
 
     def step():
         with ops.use_backend(ops_backend):
@@ -512,8 +507,6 @@ def run_quality(cfg: BenchConfig, stage_name: str, steps: int, n_samples: int, s
         try:
             with tempfile.TemporaryDirectory(prefix="bench_train_quality_") as tmp:
                 trainer, ops_backend = fastddpm_trainer(stage, cfg, digits, tmp, **recipe)
-                if stage.compile:
-                    _compile_model(trainer, cfg)
                 t0 = time.perf_counter()
                 with ops.use_backend(ops_backend):
                     trainer.train()
@@ -569,7 +562,8 @@ def main(argv=None):
     p.add_argument("--fused-backend", default=None, help="of q_sample and the loss (default: triton on CUDA, "
                                                           "cpp on CPU)")
     p.add_argument("--attention-backend", default="triton")
-    p.add_argument("--compile-mode", default="default", help="torch.compile mode (e.g. max-autotune-no-cudagraphs)")
+    p.add_argument("--compile-mode", default="default", choices=[m for m in COMPILE_MODES if m != "no"],
+                   help="the compile stage's TrainConfig.compile (e.g. max-autotune-no-cudagraphs)")
     p.add_argument("--first-call-timeout", type=float, default=900.0,
                    help="seconds for a row's build and first (compiling) step")
     p.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak (default: by device name)")

@@ -51,7 +51,8 @@ def cmd_train(args) -> int:
                          ema_decay=args.ema_decay, warmup_steps=args.warmup_steps,
                          sample_every=args.sample_every, checkpoint_every=args.checkpoint_every,
                          val_fraction=args.val_fraction, log_every=args.log_every,
-                         mixed_precision=args.mixed_precision,
+                         mixed_precision=args.mixed_precision, channels_last=args.channels_last,
+                         compile=args.compile, nonfinite=args.nonfinite,
                          # digits are not mirror-symmetric: no flips unless asked for
                          random_flip=args.flip if args.flip is not None else args.data != "digits")
     trainer = Trainer(model, process, dataset, config, args.out, device=_device(args.device), resume=args.resume)
@@ -179,6 +180,8 @@ def _add_sample_args(p, n=64, out="samples.png"):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .train_config import COMPILE_MODES
+
     parser = argparse.ArgumentParser(prog="fastddpm", description="Train and sample DDPM image models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -202,6 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mixed-precision", default="auto", help="auto | no | bf16 | fp16")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
                    help="random horizontal flips (default: on, except for digits)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="model in channels_last (default: on a CUDA GPU with mixed precision)")
+    p.add_argument("--compile", default="no", choices=COMPILE_MODES,
+                   help="torch.compile the model with this mode (default: no)")
+    p.add_argument("--nonfinite", default="error", choices=("error", "skip"),
+                   help="a non-finite loss stops training (error) or its step is left out (skip)")
     p.add_argument("--min-snr-gamma", type=float, default=None)
     p.add_argument("--device", default=None)
     _add_diffusion_args(p)

@@ -17,6 +17,16 @@ So 40 steps in one go and 20 steps + resume + 20 give the same tensors, bit
 for bit, on the same device.  Metrics stay on the device and are read back
 every ``log_every`` steps (and at validation, sampling and checkpoint steps).
 
+The step itself is the fast one wherever the device has it: the noising and
+the loss are the fused ops of ``fastddpm.ops`` (Triton or C++ on a GPU, C++
+on a CPU; the noise is regenerated in the backward, never stored), bf16
+autocast with the model in channels_last on a GPU (``mixed_precision``,
+``channels_last``), ``torch.compile`` of the model if asked for
+(``compile``), Adam(W) with ``fused=True`` on CUDA, the EMA as one
+``_foreach_lerp_``, and fastddpm's U-Net attention through the fused kernel.
+A non-finite step stops training (``nonfinite='error'``) or is left out on
+the device (``'skip'``).
+
 Several processes (``torchrun``, ``torch.distributed`` initialised with more
 than one rank; under ``torchrun`` the trainer initialises it itself, NCCL on
 CUDA and gloo on the CPU): ``batch_size`` stays the *global* micro-batch and
@@ -71,10 +81,13 @@ MASK64 = 2**64 - 1
 _STREAM_EPOCH, _STREAM_STEP, _STREAM_VAL, _STREAM_DROPOUT = 1, 2, 3, 4
 DATA_CACHE_BYTES = 2**30  # datasets up to this size are held as one tensor on the training device
 LOSS_EMA_BETA = 0.98  # smoothing of the train loss that picks "best" when there is no validation
-CSV_COLUMNS = ("step", "loss", "lr", "grad_norm", "val_loss", "val_loss_ema", "images_per_s", "elapsed")
-# train-config fields that may change on resume without changing the training trajectory
+CSV_COLUMNS = ("step", "loss", "lr", "grad_norm", "val_loss", "val_loss_ema", "images_per_s", "elapsed", "skipped")
+# train-config fields that may change on resume without changing the training trajectory (the layout and
+# compilation change rounding only; nonfinite matters only where a step is not finite, and resuming a run
+# stopped by a NaN with nonfinite='skip' is what it is for)
 _RESUME_FREE = {"steps", "val_every", "sample_every", "sample_n", "sample_steps", "checkpoint_every", "keep_last",
-                "keep_best", "log_every"}
+                "keep_best", "log_every", "channels_last", "compile", "nonfinite"}
+MAX_CONSECUTIVE_SKIPS = 50  # nonfinite='skip': this many non-finite steps in a row end training
 
 
 def _mix(seed: int, stream: int, i: int) -> int:
@@ -165,17 +178,25 @@ class Trainer:
         if self.device.type == "cuda" and self.world_size > 1:
             torch.cuda.set_device(self.device)
         self.precision = _resolve_precision(config.mixed_precision, self.device)
+        self.channels_last = (config.channels_last if config.channels_last is not None
+                              else self.device.type == "cuda" and self.precision != "no")
         self.progress = progress
         self.out_dir = Path(out_dir)
         self.checkpoint_dir = self.out_dir / "checkpoints"
 
-        self.model = model.to(self.device).train()
+        layout = torch.channels_last if self.channels_last else torch.contiguous_format
+        self.model = model.to(self.device, memory_format=layout).train()  # layout: 4-D weights only
         # DDP broadcasts rank 0's weights when it wraps, so the EMA copy below starts equal on every rank;
         # self.model stays the plain module (EMA, checkpoints, validation), self._ddp runs the training steps
         self._ddp: nn.Module | None = None
         if self.world_size > 1:
             self._ddp = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        # what the training steps call: DDP's wrapper or the module, compiled if asked for
+        self._train_model: nn.Module = self._ddp if self._ddp is not None else self.model
+        if config.compile != "no":
+            self._train_model = torch.compile(self._train_model,
+                                              mode=None if config.compile == "default" else config.compile)
         self.ema_model = copy.deepcopy(self.model).eval().requires_grad_(False)
         self._params = [p for p in self.model.parameters() if p.requires_grad]
         if not self._params:
@@ -200,6 +221,7 @@ class Trainer:
         self.elapsed_before = 0.0
         self._loss_ema = torch.zeros((), device=self.device)
         self._loss_ema_count = 0
+        self.skipped_steps = 0  # nonfinite='skip': steps left out so far
         self._history: list[dict] = []
         self._resumed_from: Path | None = None
         self._perm_epoch, self._perm = None, None
@@ -357,7 +379,8 @@ class Trainer:
                                           autocast=self._autocast())
 
     def _train_step(self, step: int):
-        """One optimizer step; returns the (device) loss, the mean over all ranks, and gradient norm."""
+        """One optimizer step; returns the (device) loss, the mean over all ranks, the gradient norm
+        and, with ``nonfinite='skip'``, a device bool: was the step taken (None otherwise)."""
         c = self.config
         b, lb, accum = c.batch_size, self.local_batch_size, c.grad_accum
         lr = self.lr_at(step)
@@ -365,7 +388,7 @@ class Trainer:
             group["lr"] = lr
         x0, t = self._batch(step)
         self.optimizer.zero_grad(set_to_none=True)
-        model = self._ddp if self._ddp is not None else self.model
+        model = self._train_model
         total = None
         for m in range(accum):
             part = slice(m * lb, (m + 1) * lb)
@@ -391,20 +414,41 @@ class Trainer:
             grad_norm = torch.nn.utils.clip_grad_norm_(self._params, c.grad_clip)
         else:
             grad_norm = torch.nn.utils.get_total_norm(grads)
-        if self.scaler is not None:
+        ok = None
+        if c.nonfinite == "skip":  # the same on every rank: loss and gradients are all-reduced
+            ok = torch.isfinite(loss) & torch.isfinite(grad_norm)
+        if self.scaler is not None:  # skips steps with non-finite gradients itself
             self.scaler.step(self.optimizer)
             self.scaler.update()
-        else:
+        elif ok is None:
             self.optimizer.step()
-        self._update_ema(step)
-        return loss, grad_norm
+        elif self.optimizer.defaults.get("fused"):
+            # the fused kernels skip the update and the step count on the device, as under GradScaler
+            self.optimizer.found_inf = (~ok).float()
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf
+        elif bool(ok):  # unfused optimizers read no found_inf: decide on the host (free on a CPU)
+            self.optimizer.step()
+        self._update_ema(step, ok)
+        return loss, grad_norm, ok
 
     @torch.no_grad()
-    def _update_ema(self, step: int) -> None:
+    def _update_ema(self, step: int, ok: torch.Tensor | None = None) -> None:
+        """``ema <- lerp(ema, params, 1 - decay)`` (a copy before ``ema_start``); with ``ok`` (a device
+        bool) the weight is 0 for a skipped step."""
+        weight = 1.0 if step < self.config.ema_start else 1.0 - self.config.ema_decay
+        if ok is not None:
+            w = ok.float() * weight
+            torch._foreach_lerp_(self._ema_params, self._params, [w] * len(self._params))
+            for e, b in zip(self._ema_buffers, self._buffers):
+                e.copy_(torch.where(ok, b, e))
+            return
         if step < self.config.ema_start:
             torch._foreach_copy_(self._ema_params, self._params)
         else:
-            torch._foreach_lerp_(self._ema_params, self._params, 1.0 - self.config.ema_decay)
+            torch._foreach_lerp_(self._ema_params, self._params, weight)
         for e, b in zip(self._ema_buffers, self._buffers):
             e.copy_(b)
 
@@ -480,6 +524,7 @@ class Trainer:
             "last_val": self.last_val,
             "loss_ema": float(self._loss_ema),
             "loss_ema_count": self._loss_ema_count,
+            "skipped_steps": self.skipped_steps,
             "elapsed": self._elapsed(),
             "precision": self.precision,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
@@ -581,6 +626,7 @@ class Trainer:
         self.last_val = meta.get("last_val")
         self._loss_ema = torch.tensor(float(meta.get("loss_ema", 0.0)), device=self.device)
         self._loss_ema_count = int(meta.get("loss_ema_count", 0))
+        self.skipped_steps = int(meta.get("skipped_steps", 0))
         self.elapsed_before = float(meta.get("elapsed", 0.0))
         self._perm_epoch = None
         ckpt.restore_rng()  # rank 0's dropout stream: the checkpoint holds no other
@@ -673,14 +719,22 @@ class Trainer:
         return self.elapsed_before + (time.perf_counter() - start if start is not None else 0.0)
 
     # -- the loop --------------------------------------------------------------------------
-    def _check_finite(self, bad_step: torch.Tensor) -> None:
+    def _check_finite(self, bad_step: torch.Tensor, run: torch.Tensor) -> None:
+        """Raise if a step was not finite (``nonfinite='error'``: ``bad_step`` >= 0) or if too many in a
+        row were skipped (``nonfinite='skip'``: ``run``, the longest run of skipped steps)."""
         s = int(bad_step)
+        last = self.latest_checkpoint(self.out_dir)
+        last = str(last) if last else "none"
         if s >= 0:
-            last = self.latest_checkpoint(self.out_dir)
             raise FloatingPointError(
                 f"non-finite training loss at step {s}; training stopped and no checkpoint was written for it "
-                f"(last checkpoint: {str(last) if last else 'none'}). Try a lower lr, grad_clip, or "
-                f"mixed_precision='no'.")
+                f"(last checkpoint: {last}). Try a lower lr, grad_clip, or mixed_precision='no', or "
+                f"nonfinite='skip' to leave such steps out.")
+        if int(run) >= MAX_CONSECUTIVE_SKIPS:
+            raise FloatingPointError(
+                f"{int(run)} training steps in a row (up to step {self.step}) had a non-finite loss or gradient "
+                f"and were skipped: the run has diverged (last checkpoint: {last}). Try a lower lr, grad_clip, "
+                f"or mixed_precision='no'.")
 
     def train(self) -> dict:
         """Train up to ``config.steps``; returns the final metrics.
@@ -705,6 +759,10 @@ class Trainer:
         bad_step = torch.full((), -1, dtype=torch.int64, device=device)
         loss_sum = torch.zeros((), device=device)
         norm_sum = torch.zeros((), device=device)
+        # nonfinite='skip': steps taken in this window, current and longest run of skipped steps
+        taken = torch.zeros((), dtype=torch.int64, device=device)
+        run = torch.zeros((), dtype=torch.int64, device=device)
+        longest = torch.zeros((), dtype=torch.int64, device=device)
         window, t_window = 0, time.perf_counter()
         last_row: dict = {}
         last_ckpt: Path | None = None
@@ -715,14 +773,22 @@ class Trainer:
         try:
             while self.step < c.steps:
                 step = self.step
-                loss, grad_norm = self._train_step(step)
+                loss, grad_norm, ok = self._train_step(step)
                 self.step = done = step + 1
                 # device-side bookkeeping: no host synchronisation
-                finite = torch.isfinite(loss)
-                bad_step = torch.where(finite | (bad_step >= 0), bad_step, torch.full_like(bad_step, done))
-                loss_sum += loss
-                norm_sum += grad_norm.float()
-                self._loss_ema.lerp_(loss, 1.0 - LOSS_EMA_BETA)
+                if ok is None:
+                    finite = torch.isfinite(loss)
+                    bad_step = torch.where(finite | (bad_step >= 0), bad_step, torch.full_like(bad_step, done))
+                    loss_sum += loss
+                    norm_sum += grad_norm.float()
+                    self._loss_ema.lerp_(loss, 1.0 - LOSS_EMA_BETA)
+                else:  # a skipped step counts nowhere
+                    loss_sum += torch.where(ok, loss, 0.0)
+                    norm_sum += torch.where(ok, grad_norm.float(), 0.0)
+                    taken += ok
+                    run.copy_(torch.where(ok, 0, run + 1))
+                    torch.maximum(longest, run, out=longest)
+                    self._loss_ema.lerp_(torch.where(ok, loss, self._loss_ema), 1.0 - LOSS_EMA_BETA)
                 self._loss_ema_count += 1
                 window += 1
                 bar.update(1)
@@ -735,21 +801,26 @@ class Trainer:
                 if not (do_log or do_val or do_ckpt or do_sample):
                     continue
 
-                self._check_finite(bad_step)  # never validate, sample or save a poisoned model
+                self._check_finite(bad_step, longest)  # never validate, sample or save a poisoned model
                 now = time.perf_counter()
-                row = {"step": done, "loss": float(loss_sum) / window, "lr": self.lr_at(step),
-                       "grad_norm": float(norm_sum) / window, "val_loss": None, "val_loss_ema": None,
+                kept = window if ok is None else int(taken)
+                self.skipped_steps += window - kept
+                row = {"step": done, "loss": float(loss_sum) / kept if kept else None, "lr": self.lr_at(step),
+                       "grad_norm": float(norm_sum) / kept if kept else None, "val_loss": None,
+                       "val_loss_ema": None,
                        "images_per_s": window * c.effective_batch_size / max(now - t_window, 1e-9),
-                       "elapsed": self._elapsed()}
+                       "elapsed": self._elapsed(), "skipped": window - kept}
                 loss_sum.zero_()
                 norm_sum.zero_()
+                taken.zero_()
                 window, t_window = 0, now
                 if do_val:
                     self.last_val = self.validate()
                     row.update(self.last_val)
                 self._log_row(row)
                 last_row = row
-                bar.set_postfix(loss=f"{row['loss']:.4f}", **({"val": f"{row['val_loss']:.4f}"} if do_val else {}))
+                bar.set_postfix(loss=f"{row['loss']:.4f}" if kept else "skipped",
+                                **({"val": f"{row['val_loss']:.4f}"} if do_val else {}))
                 if do_sample and self.is_main:
                     self.save_samples(done)
                 # best: by validation loss where validated, else by smoothed train loss at checkpoints
@@ -778,6 +849,7 @@ class Trainer:
             "lr": last_row.get("lr"),
             "grad_norm": last_row.get("grad_norm"),
             "images_per_s": last_row.get("images_per_s"),
+            "skipped_steps": self.skipped_steps,
             "elapsed": self.elapsed_before,
             "checkpoint": str(last_ckpt or self.latest_checkpoint(self.out_dir) or ""),
         }

@@ -14,7 +14,8 @@ def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "run"
     torch.set_num_threads(1)
     code = main(["train", "--data", "digits", "--preset", "tiny", "--steps", "4", "--batch-size", "8",
-                 "--out", str(out), "--checkpoint-every", "2", "--log-every", "2", "--timesteps", "50"])
+                 "--out", str(out), "--checkpoint-every", "2", "--log-every", "2", "--timesteps", "50",
+                 "--channels-last", "--nonfinite", "skip"])
     assert code == 0
     return out
 
@@ -23,6 +24,8 @@ def test_train_writes_a_run(run_dir):
     assert (run_dir / "checkpoints" / "step_0000004.safetensors").is_file()
     config = json.loads((run_dir / "config.json").read_text())
     assert config["diffusion"]["config"]["num_timesteps"] == 50
+    train = config["train_config"]
+    assert (train["channels_last"], train["nonfinite"], train["compile"]) == (True, "skip", "no")
     assert (run_dir / "metrics.jsonl").read_text().strip()
 
 
@@ -76,13 +79,14 @@ def test_visual_commands(tmp_path):
     (["sample", "--checkpoint", "nope.safetensors", "-n", "2", "--out", "x.png"], "nope.safetensors"),
     (["train", "--data", "digits", "--preset", "huge", "--steps", "1", "--out", "x"], "unknown --preset"),
     (["train", "--data", "/no/such/folder", "--steps", "1", "--out", "x"], "not found"),
+    (["train", "--data", "digits", "--steps", "1", "--out", "x", "--compile", "fast"], "--compile: invalid choice"),
 ])
 def test_errors_are_clear(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     try:
         code = main(argv)
-    except SystemExit as e:
-        code, err = 2, str(e)
+    except SystemExit as e:  # our messages are the exit's text; argparse's go to stderr
+        code, err = 2, str(e) + capsys.readouterr().err
     else:
         err = capsys.readouterr().err
     assert code == 2 and message in err

@@ -64,7 +64,9 @@ def test_config_round_trip_and_validation():
                        (dict(mixed_precision="fp8"), "mixed_precision"), (dict(ema_decay=1.0), "ema_decay"),
                        (dict(grad_clip=0.0), "grad_clip"), (dict(adam_betas=(0.9,)), "adam_betas"),
                        (dict(val_fraction=1.0), "val_fraction"), (dict(sample_steps=0), "sample_steps"),
-                       (dict(keep_last=0), "keep_last"), (dict(seed=-1), "seed"), (dict(batch_size=2.0), "batch_size")]:
+                       (dict(keep_last=0), "keep_last"), (dict(seed=-1), "seed"), (dict(batch_size=2.0), "batch_size"),
+                       (dict(compile="fast"), "compile"), (dict(compile=True), "compile"),
+                       (dict(channels_last="yes"), "channels_last"), (dict(nonfinite="ignore"), "nonfinite")]:
         with pytest.raises(ValueError, match=field):
             TrainConfig(**bad)
 
@@ -110,7 +112,7 @@ def test_grad_accumulation_matches_one_big_batch(tmp_path, ten_images):
     for batch_size, accum in ((4, 1), (2, 2)):
         trainer = _trainer(tmp_path / f"b{batch_size}", ten_images, steps=1, batch_size=batch_size,
                            grad_accum=accum, grad_clip=None, **QUIET)
-        loss, _ = trainer._train_step(0)
+        loss, _, _ = trainer._train_step(0)
         losses.append(loss)
         grads.append([p.grad.clone() for p in trainer.model.parameters()])
     assert_close(losses[1], losses[0], **FP32, msg="loss")
@@ -145,6 +147,129 @@ def test_non_finite_loss_stops_before_any_checkpoint_of_it(tmp_path, ten_images)
         ckpt = load_checkpoint(out / "checkpoints" / name)
         assert ckpt.step <= 4
         assert all(bool(torch.isfinite(v).all()) for k, v in ckpt.tensors.items() if k.startswith(("model", "ema")))
+
+
+class NaNOn(nn.Module):
+    """A tiny U-Net whose output is NaN on the calls numbered in ``bad`` (1-based)."""
+
+    def __init__(self, bad):
+        super().__init__()
+        self.inner = create_model("tiny")
+        self.bad, self.calls = set(bad), 0
+
+    def forward(self, x, t):
+        self.calls += 1
+        out = self.inner(x, t)
+        return out * float("nan") if self.calls in self.bad else out
+
+
+def _checkpoint_tensors(out, step):
+    return load_checkpoint(out / "checkpoints" / f"step_{step:07d}.safetensors").tensors
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["host-check", "fused-found_inf"])
+def test_nonfinite_skip_leaves_the_state_of_skipped_steps(tmp_path, ten_images, fused):
+    """Steps 3 and 4 have a NaN loss: with nonfinite='skip' the weights, the EMA and the optimizer
+    state (step count included) after step 4 are those after step 2; training goes on from there."""
+    out = tmp_path / "run"
+    torch.manual_seed(0)
+    trainer = Trainer(NaNOn({3, 4}), DDPM(), ten_images,
+                      TrainConfig(steps=6, batch_size=2, ema_decay=0.9, checkpoint_every=2, keep_last=10, log_every=2,
+                                  val_every=0, nonfinite="skip"), out, device="cpu", progress=False)
+    if fused:  # the fused kernels' found_inf path (the trainer makes fused Adam on CUDA; CPU has it too)
+        trainer.optimizer = torch.optim.Adam(trainer._params, lr=trainer.config.lr, fused=True)
+    result = trainer.train()
+    assert result["skipped_steps"] == 2 and trainer.skipped_steps == 2
+    s2, s4, s6 = (_checkpoint_tensors(out, s) for s in (2, 4, 6))
+    assert s2.keys() == s4.keys()
+    moved = [k for k in s2 if k.startswith(("model.", "ema.", "optim.")) and not torch.equal(s2[k], s4[k])]
+    assert moved == []
+    assert int(s4["optim.0.step"]) == 2 and int(s6["optim.0.step"]) == 4
+    assert any(not torch.equal(s4[k], s6[k]) for k in s4 if k.startswith("model."))
+    assert all(bool(torch.isfinite(v).all()) for k, v in s6.items() if k.startswith(("model.", "ema.", "optim.")))
+    rows = _rows(out)
+    assert [(r["step"], r["skipped"]) for r in rows] == [(2, 0), (4, 2), (6, 0)]
+    assert rows[1]["loss"] is None and rows[2]["loss"] is not None
+    header, *lines = (out / "metrics.csv").read_text().splitlines()
+    assert header.split(",")[-1] == "skipped" and [line.split(",")[-1] for line in lines] == ["0", "2", "0"]
+    # the count survives a resume
+    again = Trainer(NaNOn(()), DDPM(), ten_images, TrainConfig(steps=7, batch_size=2, ema_decay=0.9, log_every=2,
+                                                               val_every=0, nonfinite="skip"),
+                    out, device="cpu", progress=False, resume=True)
+    assert again.skipped_steps == 2
+
+
+def test_nonfinite_skip_without_progress_stops(tmp_path, ten_images, monkeypatch):
+    import fastddpm.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "MAX_CONSECUTIVE_SKIPS", 3)
+    out = tmp_path / "run"
+    trainer = Trainer(NaNOn(range(2, 100)), DDPM(), ten_images,
+                      TrainConfig(steps=8, batch_size=2, checkpoint_every=1, keep_last=10, log_every=1, val_every=0,
+                                  nonfinite="skip"), out, device="cpu", progress=False)
+    with pytest.raises(FloatingPointError, match=r"3 training steps in a row \(up to step 4\).*skipped"):
+        trainer.train()
+    assert trainer.skipped_steps == 2  # steps 2 and 3 were logged before step 4 ended the run
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*.safetensors"))[-1] == "step_0000003.safetensors"
+
+
+def _assert_trained_alike(trainer, expected):
+    """The same logged losses (to rounding) and the same state within what Adam makes of rounding:
+    a near-zero gradient's sign can flip, which moves that weight by up to a step (lr, 1e-3 here);
+    a real difference in the step moves every weight by about that much."""
+    for ra, rb in zip(_rows(expected.out_dir), _rows(trainer.out_dir), strict=True):
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5), ra["step"]
+    a, b = _tensors(expected), _tensors(trainer)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert_close(b[k], a[k], atol=3e-4 if k.startswith(("model", "ema")) else 1e-6, rtol=1e-4, msg=k)
+
+
+def test_channels_last_trains_like_contiguous_and_resumes_exactly(tmp_path, ten_images):
+    cfg = dict(batch_size=4, lr=1e-3, ema_decay=0.9, log_every=1, checkpoint_every=2, val_every=0)
+    grads = []
+    for channels_last in (False, True):
+        trainer = _trainer(tmp_path / f"grads{channels_last}", ten_images, steps=1, channels_last=channels_last,
+                           **cfg)
+        trainer._train_step(0)
+        grads.append([p.grad for p in trainer.model.parameters()])
+    for i, (g1, g0) in enumerate(zip(*grads[::-1])):
+        assert_close(g1, g0, **FP32, msg=f"grad {i}")
+
+    plain = _trainer(tmp_path / "plain", ten_images, steps=4, channels_last=False, **cfg)
+    plain.train()
+    whole = _trainer(tmp_path / "whole", ten_images, steps=4, channels_last=True, **cfg)
+    conv = next(p for p in whole.model.parameters() if p.ndim == 4 and p.shape[1] > 1 and p.shape[2] > 1)
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    whole.train()
+    _assert_trained_alike(whole, plain)
+    b = _tensors(whole)
+    first = _trainer(tmp_path / "split", ten_images, steps=2, channels_last=True, **cfg)
+    first.train()
+    second = _trainer(tmp_path / "split", ten_images, steps=4, channels_last=True, resume=True, **cfg)
+    second.train()
+    c = _tensors(second)
+    for k in b:
+        assert torch.equal(b[k], c[k]), k
+    # the checkpoint loads into a plain (contiguous) model
+    model, _ = load_model(tmp_path / "whole" / "checkpoints" / "step_0000004.safetensors")
+    for (k, v), w in zip(model.state_dict().items(), whole.ema_model.state_dict().values()):
+        assert torch.equal(v, w), k
+
+
+def test_compiled_model_trains_like_eager(tmp_path, ten_images):
+    """compile='default' (Inductor on the CPU): the same losses and weights as eager within tolerance,
+    checkpoints hold the plain module's names, and the EMA model stays eager."""
+    cfg = dict(steps=3, batch_size=4, lr=1e-3, ema_decay=0.9, log_every=1, checkpoint_every=3, val_every=0)
+    eager = _trainer(tmp_path / "eager", ten_images, **cfg)
+    eager.train()
+    compiled = _trainer(tmp_path / "compiled", ten_images, compile="default", **cfg)
+    assert compiled._train_model is not compiled.model
+    assert type(compiled.ema_model).__name__ == "UNet"
+    compiled.train()
+    _assert_trained_alike(compiled, eager)
+    names = load_checkpoint(tmp_path / "compiled" / "checkpoints" / "step_0000003.safetensors").tensors.keys()
+    assert not any("_orig_mod" in k for k in names)
 
 
 def test_unwritable_out_dir(tmp_path, ten_images):
