@@ -283,10 +283,18 @@ class Trainer:
         return torch.stack([self.dataset[int(i)] for i in indices]).to(self.device, torch.float32)
 
     def _gather(self, cache, indices: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The images at ``positions`` (on the device when ``cache`` is) of the split ``indices``."""
         if cache is not None:
-            return cache.index_select(0, positions.to(self.device))
+            return cache.index_select(0, self._to_device(positions))
         batch = torch.stack([self.dataset[int(indices[p])] for p in positions])
-        return batch.to(self.device, torch.float32, non_blocking=True)
+        return self._to_device(batch).float()
+
+    def _to_device(self, x: torch.Tensor) -> torch.Tensor:
+        """A host tensor on the training device without waiting for the GPU: a copy from pageable
+        memory blocks the host until the stream has drained, one from pinned memory does not."""
+        if self.device.type != "cuda":
+            return x.to(self.device)
+        return x.pin_memory().to(self.device, non_blocking=True)
 
     def _prepare_out_dir(self) -> None:
         where = repr(str(self.out_dir))
@@ -361,11 +369,13 @@ class Trainer:
         if rows is not None:
             positions, t = positions[rows], t[rows]
             flip = flip[rows] if flip is not None else None
+        # one host-to-device copy for the timesteps and flips
+        both = self._to_device(torch.stack([t, flip.long() if flip is not None else torch.zeros_like(t)]))
+        t_dev = both[0]
         x0 = self._gather(self._train_cache, self.train_indices, positions)
         if flip is not None:
-            flip = flip.to(self.device, non_blocking=True).reshape(-1, *([1] * (x0.ndim - 1)))
-            x0 = torch.where(flip, x0.flip(-1), x0)
-        return x0, t.to(self.device, non_blocking=True)
+            x0 = torch.where(both[1].bool().reshape(-1, *([1] * (x0.ndim - 1))), x0.flip(-1), x0)
+        return x0, t_dev
 
     def _autocast(self):
         if self.precision == "no":

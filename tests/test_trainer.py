@@ -34,10 +34,10 @@ def ten_images(digits):
     return ArrayDataset(digits.images[:10].numpy())
 
 
-def _trainer(out_dir, dataset, seed=0, process=None, resume=False, dropout=0.0, **config):
+def _trainer(out_dir, dataset, seed=0, process=None, resume=False, dropout=0.0, device="cpu", **config):
     torch.manual_seed(seed)  # model init
     model = create_model("tiny", dropout=dropout)
-    return Trainer(model, process or DDPM(), dataset, TrainConfig(**config), out_dir, device="cpu", resume=resume,
+    return Trainer(model, process or DDPM(), dataset, TrainConfig(**config), out_dir, device=device, resume=resume,
                    progress=False)
 
 
@@ -167,17 +167,20 @@ def _checkpoint_tensors(out, step):
     return load_checkpoint(out / "checkpoints" / f"step_{step:07d}.safetensors").tensors
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["host-check", "fused-found_inf"])
-def test_nonfinite_skip_leaves_the_state_of_skipped_steps(tmp_path, ten_images, fused):
+@pytest.mark.parametrize("device, fused", [("cpu", False), ("cpu", True), pytest.param("cuda", True, marks=pytest.mark.gpu)],
+                         ids=["cpu-host-check", "cpu-fused-found_inf", "cuda-fused-found_inf"])
+def test_nonfinite_skip_leaves_the_state_of_skipped_steps(tmp_path, ten_images, device, fused):
     """Steps 3 and 4 have a NaN loss: with nonfinite='skip' the weights, the EMA and the optimizer
     state (step count included) after step 4 are those after step 2; training goes on from there."""
     out = tmp_path / "run"
     torch.manual_seed(0)
     trainer = Trainer(NaNOn({3, 4}), DDPM(), ten_images,
                       TrainConfig(steps=6, batch_size=2, ema_decay=0.9, checkpoint_every=2, keep_last=10, log_every=2,
-                                  val_every=0, nonfinite="skip"), out, device="cpu", progress=False)
-    if fused:  # the fused kernels' found_inf path (the trainer makes fused Adam on CUDA; CPU has it too)
+                                  val_every=0, nonfinite="skip", mixed_precision="no"), out, device=device,
+                      progress=False)
+    if fused and device == "cpu":  # the fused kernels' found_inf path (the trainer makes fused Adam on CUDA)
         trainer.optimizer = torch.optim.Adam(trainer._params, lr=trainer.config.lr, fused=True)
+    assert bool(trainer.optimizer.defaults.get("fused")) == fused
     result = trainer.train()
     assert result["skipped_steps"] == 2 and trainer.skipped_steps == 2
     s2, s4, s6 = (_checkpoint_tensors(out, s) for s in (2, 4, 6))
@@ -194,8 +197,8 @@ def test_nonfinite_skip_leaves_the_state_of_skipped_steps(tmp_path, ten_images, 
     assert header.split(",")[-1] == "skipped" and [line.split(",")[-1] for line in lines] == ["0", "2", "0"]
     # the count survives a resume
     again = Trainer(NaNOn(()), DDPM(), ten_images, TrainConfig(steps=7, batch_size=2, ema_decay=0.9, log_every=2,
-                                                               val_every=0, nonfinite="skip"),
-                    out, device="cpu", progress=False, resume=True)
+                                                               val_every=0, nonfinite="skip", mixed_precision="no"),
+                    out, device=device, progress=False, resume=True)
     assert again.skipped_steps == 2
 
 
@@ -360,3 +363,53 @@ def test_mixed_precision_on_cpu(tmp_path, ten_images, precision):
                            **QUIET)
         assert resumed.scaler.state_dict() == saved == trainer.scaler.state_dict()
     assert _trainer(tmp_path / "auto", ten_images, steps=1, batch_size=2).precision == "no"  # auto on CPU
+
+
+# -- on a GPU (skipped without one) ------------------------------------------------------------
+@pytest.mark.gpu
+def test_gpu_training_steps_do_not_synchronise(tmp_path, ten_images):
+    """The fast path's step (bf16, channels_last, fused Adam, fused ops, nonfinite='skip') never
+    waits for the GPU: no value read back, no blocking copy."""
+    trainer = _trainer(tmp_path, ten_images, steps=10, batch_size=4, mixed_precision="bf16", nonfinite="skip",
+                       device="cuda", **QUIET)
+    assert trainer.device.type == "cuda" and trainer.channels_last and trainer.optimizer.defaults["fused"]
+    trainer._train_step(0)  # lazy initialisation, autotuning
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step in range(1, 4):
+            loss, grad_norm, ok = trainer._train_step(step)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert bool(torch.isfinite(loss)) and bool(ok)
+
+
+@pytest.mark.gpu
+def test_gpu_fused_ops_step_matches_the_reference_step(tmp_path, ten_images):
+    """One fp32 step on the GPU: the fused q_sample/loss (automatic backend) and the reference ops
+    give the same loss and gradients (the same noise, from the contract)."""
+    from fastddpm import ops
+
+    results = {}
+    for backend in ("reference", None):
+        trainer = _trainer(tmp_path / str(backend), ten_images, steps=1, batch_size=4, mixed_precision="no",
+                           grad_clip=None, device="cuda", **QUIET)
+        with ops.use_backend(backend):
+            loss, _, _ = trainer._train_step(0)
+        results[backend] = loss, [p.grad.clone() for p in trainer.model.parameters()]
+    (loss_ref, grads_ref), (loss_fast, grads_fast) = results["reference"], results[None]
+    assert_close(loss_fast, loss_ref, **FP32, msg="loss")
+    for i, (g, e) in enumerate(zip(grads_fast, grads_ref)):
+        assert_close(g, e, atol=1e-5, rtol=1e-4, msg=f"grad {i}")
+
+
+@pytest.mark.gpu
+def test_gpu_compiled_bf16_run_trains_and_saves_a_loadable_model(tmp_path, digits):
+    trainer = _trainer(tmp_path, digits, steps=60, batch_size=32, lr=1e-3, mixed_precision="bf16", compile="default",
+                       log_every=20, checkpoint_every=60, val_every=0, device="cuda")
+    result = trainer.train()
+    rows = _rows(tmp_path)
+    assert rows[-1]["loss"] < rows[0]["loss"] and result["skipped_steps"] == 0
+    model, process = load_model(tmp_path / "checkpoints" / "step_0000060.safetensors")
+    images = fastddpm.sample(model.cuda(), 2, steps=5, process=process, progress=False)
+    assert images.shape == (2, 1, 8, 8) and bool(torch.isfinite(images).all())
