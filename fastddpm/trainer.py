@@ -53,7 +53,6 @@ Output directory::
 from __future__ import annotations
 
 import copy
-import csv
 import json
 import math
 import shutil
@@ -72,6 +71,7 @@ from .files import write_text_atomic
 from .diffusion import DDPM
 from .distributed import dist_info, join_torchrun_group, process_device
 from .noise import MAX_SEED
+from .run_log import RunLog
 from .train_config import TrainConfig
 
 __all__ = ["TrainConfig", "Trainer"]
@@ -81,7 +81,6 @@ MASK64 = 2**64 - 1
 _STREAM_EPOCH, _STREAM_STEP, _STREAM_VAL, _STREAM_DROPOUT = 1, 2, 3, 4
 DATA_CACHE_BYTES = 2**30  # datasets up to this size are held as one tensor on the training device
 LOSS_EMA_BETA = 0.98  # smoothing of the train loss that picks "best" when there is no validation
-CSV_COLUMNS = ("step", "loss", "lr", "grad_norm", "val_loss", "val_loss_ema", "images_per_s", "elapsed", "skipped")
 # train-config fields that may change on resume without changing the training trajectory (the layout and
 # compilation change rounding only; nonfinite matters only where a step is not finite, and resuming a run
 # stopped by a NaN with nonfinite='skip' is what it is for)
@@ -222,7 +221,7 @@ class Trainer:
         self._loss_ema = torch.zeros((), device=self.device)
         self._loss_ema_count = 0
         self.skipped_steps = 0  # nonfinite='skip': steps left out so far
-        self._history: list[dict] = []
+        self.log = RunLog(self.out_dir, writes=self.is_main)
         self._resumed_from: Path | None = None
         self._perm_epoch, self._perm = None, None
         if resume:
@@ -641,77 +640,15 @@ class Trainer:
         self._perm_epoch = None
         ckpt.restore_rng()  # rank 0's dropout stream: the checkpoint holds no other
         if self.is_main:
-            self._truncate_logs(self.step)
+            self.log.truncate(self.step)
         else:  # a stream of its own, from the step (so dropout on ranks > 0 is not resumed bit for bit)
             torch.manual_seed(_dropout_seed(self.config.seed, self.rank, self.step))
         self._resumed_from = ckpt.path
         return self.step
 
-    # -- logs ------------------------------------------------------------------------------
-    @property
-    def _jsonl(self) -> Path:
-        return self.out_dir / "metrics.jsonl"
-
-    @property
-    def _csv(self) -> Path:
-        return self.out_dir / "metrics.csv"
-
-    def _truncate_logs(self, step: int) -> None:
-        """Keep log rows up to ``step`` (a crash after logging but before checkpointing must not duplicate)."""
-        rows = []
-        if self._jsonl.exists():
-            for line in self._jsonl.read_text(encoding="utf-8").splitlines():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:  # a line cut by a crash
-                    continue
-                if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
-                    rows.append(row)
-        self._history = rows
-        self._rewrite_logs()
-
-    def _rewrite_logs(self) -> None:
-        write_text_atomic(self._jsonl, "".join(json.dumps(r) + "\n" for r in self._history))
-        lines = [",".join(CSV_COLUMNS) + "\n"] + [self._csv_line(r) for r in self._history]
-        write_text_atomic(self._csv, "".join(lines))
-
-    @staticmethod
-    def _csv_line(row: dict) -> str:
-        import io
-
-        buf = io.StringIO()
-        csv.writer(buf, lineterminator="\n").writerow(["" if row.get(k) is None else row[k] for k in CSV_COLUMNS])
-        return buf.getvalue()
-
-    def _log_row(self, row: dict) -> None:
-        self._history.append(row)
-        if not self.is_main:
-            return
-        with open(self._jsonl, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
-        with open(self._csv, "a", encoding="utf-8") as f:
-            f.write(self._csv_line(row))
-
     def plot_loss(self) -> Path | None:
         """``out_dir/loss.png`` from the logged rows (rank 0 only; None elsewhere)."""
-        from .images import plot_lines
-
-        if not self.is_main:
-            return None
-        series = {}
-        for key, name in (("loss", "train"), ("val_loss", "val"), ("val_loss_ema", "val (EMA)")):
-            pts = [(r["step"], r[key]) for r in self._history if r.get(key) is not None]
-            if pts:
-                series[name] = ([p[0] for p in pts], [p[1] for p in pts])
-        if not series:
-            return None
-        path = self.out_dir / "loss.png"
-        try:
-            plot_lines(series, path, title="loss", xlabel="step", ylabel="loss", logy=True)
-        except Exception as e:  # a plot must never end a training run
-            warnings.warn(f"could not draw {path}: {type(e).__name__}: {e}", RuntimeWarning, stacklevel=2)
-            return None
-        return path
+        return self.log.plot()
 
     def _write_config(self) -> None:
         from . import __version__
@@ -758,9 +695,7 @@ class Trainer:
                                  f"resume=True to continue it, or choose another out_dir")
             # dropout draws from the global RNG; rank 0's state is checkpointed
             torch.manual_seed(c.seed if self.is_main else _dropout_seed(c.seed, self.rank, 0))
-            self._history = []
-            if self.is_main:
-                self._rewrite_logs()
+            self.log.start()
         if self.is_main:
             self._write_config()
 
@@ -827,7 +762,7 @@ class Trainer:
                 if do_val:
                     self.last_val = self.validate()
                     row.update(self.last_val)
-                self._log_row(row)
+                self.log.append(row)
                 last_row = row
                 bar.set_postfix(loss=f"{row['loss']:.4f}" if kept else "skipped",
                                 **({"val": f"{row['val_loss']:.4f}"} if do_val else {}))
