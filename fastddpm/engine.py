@@ -252,7 +252,7 @@ def make_plan(model, n: int, shape, device, *, dtype=None, cuda_graph=None, comp
 
 # -- the engine ------------------------------------------------------------------------------
 def _inplace_step_op(backend: str):
-    """``ddpm_step_(x, out, step, coefs, seed, sample_offset, clip, model_input)`` of a fast backend."""
+    """``ddpm_step_(x, out, step, coefs, rng, clip, model_input)`` of a fast backend."""
     if ops._backend_module(backend) is None:
         raise RuntimeError(f"backend {backend!r} {ops._load_errors.get(backend)}")
     if backend == "cpp":
@@ -300,6 +300,7 @@ class SamplerEngine:
         self.step_n = self.step.expand(n)  # the same counter seen per sample (stride 0)
         self.model_t = torch.empty(n, dtype=self.timesteps.dtype, device=device)  # timesteps[step]
         self._slot_x_T = torch.full((), K, dtype=torch.int64, device=device)  # noise slot of x_T
+        self.rng = torch.zeros(2, dtype=torch.int64, device=device)  # (seed, sample_offset), read by the fused step
         # -- the step's parts --------------------------------------------------------------
         self._autocast = plan.dtype != self.adapter.dtype  # as fastddpm.sample
         self._forward = self._compiled() if plan.compile else self.adapter
@@ -335,8 +336,7 @@ class SamplerEngine:
             self.adapter.check_output(out, self.x)
             self._checked = True
         if self._inplace is not None:  # fused: reads step on the device, writes x and the model input
-            self._inplace(self.x, out, self.step, self.coefs, seed, sample_offset, self.clip_denoised,
-                          self.model_input)
+            self._inplace(self.x, out, self.step, self.coefs, self.rng, self.clip_denoised, self.model_input)
         else:
             x_prev = ops.ddpm_step(self.x, out, self.step_n, self.coefs, seed=seed, sample_offset=sample_offset,
                                    clip_denoised=self.clip_denoised, backend="reference")
@@ -346,7 +346,10 @@ class SamplerEngine:
         self.step.sub_(1)
 
     def _reset(self, seed: int, sample_offset: int) -> None:
-        """``x = x_T`` (the contract's slot K), its model-input copy, ``step = K - 1``; on the device."""
+        """``rng = (seed, sample_offset)``, ``x = x_T`` (the contract's slot K), its model-input
+        copy, ``step = K - 1``; on the device, outside any graph."""
+        self.rng[0].fill_(seed)  # fills with a kernel argument: no host-to-device copy, no sync
+        self.rng[1].fill_(sample_offset)
         self.x.copy_(reference.batch_noise(seed, sample_offset, self._slot_x_T, self.shape, self.plan.device))
         if self.model_input is not None:
             self.model_input.copy_(self.x)
