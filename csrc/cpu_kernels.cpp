@@ -192,14 +192,16 @@ inline void step_chunk(const StepCoefs& c, const float* x, const out_t* out, con
 
 template <typename out_t>
 void ddpm_step_impl(const StepArgs& a) {
-  const PhiloxKey key = philox_key(a.seed);
+  const int64_t seed = a.rng != nullptr ? a.rng[0] : a.seed;
+  const int64_t sample_offset = a.rng != nullptr ? a.rng[1] : a.sample_offset;
+  const PhiloxKey key = philox_key(seed);
   const out_t* model_output = static_cast<const out_t*>(a.model_output);
   for_each_chunk(a.n, a.numel, [&](int64_t b, int64_t j, int64_t len) {
     const int64_t slot = row_value(a.step, b);
     const StepCoefs c = load_step_coefs(a.coefs + slot * kCoefColumns);
     float z[kChunk];
     if (c.sigma != 0.0f) {
-      normals(key, sample_word(a.sample_offset, b), static_cast<uint64_t>(slot * a.numel + j), len, z);
+      normals(key, sample_word(sample_offset, b), static_cast<uint64_t>(slot * a.numel + j), len, z);
     } else {
       std::fill(z, z + len, 0.0f);  // sigma * z == 0 exactly: skip the noise
     }

@@ -5,8 +5,9 @@
 // (fused_math.h), so the only memory traffic is the ops' inputs and outputs.
 //
 // No torch headers: this file compiles with nvcc alone, quickly.  Values that
-// would need a device sync to check on the host (t and step indices) are
-// checked here; an out-of-range index traps, like a device-side assert.
+// would need a device sync to check on the host (t and step indices, the noise
+// key of ddpm_step_) are checked here; an out-of-range value traps, like a
+// device-side assert.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -169,7 +170,11 @@ __device__ __forceinline__ void store_model_input(const StepArgs& a, int64_t b, 
 
 template <int N, typename out_t>
 __global__ void __launch_bounds__(kThreads) ddpm_step_kernel(StepArgs a) {
-  const PhiloxKey key = philox_key(a.seed);
+  // the noise key from device memory (ddpm_step_, graph replays) or the launch arguments
+  const int64_t seed = a.rng != nullptr ? a.rng[0] : a.seed;
+  const int64_t sample_offset = a.rng != nullptr ? a.rng[1] : a.sample_offset;
+  if (seed < 0 || sample_offset < 0) __trap();  // the host checks only the launch arguments
+  const PhiloxKey key = philox_key(seed);
   const out_t* model_output = static_cast<const out_t*>(a.model_output);
   const int64_t packs = a.n * a.numel / N;
   for (int64_t p = thread_index(); p < packs; p += thread_count()) {
@@ -178,7 +183,7 @@ __global__ void __launch_bounds__(kThreads) ddpm_step_kernel(StepArgs a) {
     const int64_t j = i - b * a.numel;
     const int64_t slot = row_value(a.step, b);
     const StepCoefs c = load_step_coefs(a.coefs + slot * kCoefColumns);
-    const uint64_t hi = sample_word(a.sample_offset, b);
+    const uint64_t hi = sample_word(sample_offset, b);
     const Pack<float, N> x = load_pack<N>(a.x + i);
     const Pack<out_t, N> out = load_pack<N>(model_output + i);
     Pack<float, N> y;

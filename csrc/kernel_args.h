@@ -51,6 +51,9 @@ struct StepArgs {
   const float* coefs;   // [K, 5]: (a, b, c0, c1, sigma)
   int64_t seed;
   int64_t sample_offset;
+  // (seed, sample_offset) in memory on the op's device, read by the kernel in place of the
+  // two values above (ddpm_step_: a captured CUDA graph replays with whatever it holds), or nullptr
+  const int64_t* rng;
   bool clip_denoised;
   int64_t n;
   int64_t numel;

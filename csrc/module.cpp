@@ -33,9 +33,11 @@ TORCH_LIBRARY(fastddpm, m) {
   m.def(
       "ddpm_step_cast(Tensor x, Tensor model_output, Tensor step, Tensor coefs, int seed, int sample_offset, "
       "bool clip_denoised, ScalarType model_dtype, bool channels_last) -> (Tensor, Tensor)");
-  // in place, into preallocated buffers: the form a captured CUDA graph replays
+  // in place, into preallocated buffers: the form a captured CUDA graph replays.  The noise key
+  // rng = (seed, sample_offset), int64 [2] on x's device, is read by the kernel, so one captured
+  // graph serves every seed: a new one is written into rng between replays.
   m.def(
-      "ddpm_step_(Tensor(a!) x, Tensor model_output, Tensor step, Tensor coefs, int seed, int sample_offset, "
+      "ddpm_step_(Tensor(a!) x, Tensor model_output, Tensor step, Tensor coefs, Tensor rng, "
       "bool clip_denoised, Tensor(b!)? model_input=None) -> ()");
 }
 

@@ -3,8 +3,9 @@
 // the CPU loops or launch the CUDA kernels on the current stream under a
 // device guard.  Registered per dispatch key at the bottom.
 //
-// Nothing here synchronises with a GPU: index values (t, step) are checked on
-// the host only for CPU tensors; CUDA kernels check them themselves.
+// Nothing here synchronises with a GPU: values held in tensors (the t and step
+// indices, the noise key rng of ddpm_step_) are checked on the host only for
+// CPU tensors; CUDA kernels check them themselves.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -321,7 +322,7 @@ struct StepInputs {
 };
 
 StepInputs step_inputs(const Tensor& x, const Tensor& model_output, const Tensor& step, const Tensor& coefs,
-                       int64_t seed, int64_t sample_offset, bool clip_denoised) {
+                       bool clip_denoised) {
   StepInputs in;
   check_dtype(x, at::kFloat, "x");
   const int64_t numel = sample_numel(x, "x");
@@ -333,7 +334,6 @@ StepInputs step_inputs(const Tensor& x, const Tensor& model_output, const Tensor
   check_device(coefs, x, "coefs");
   TORCH_CHECK(coefs.dim() == 2 && coefs.size(1) == kCoefColumns, "fastddpm: coefs must have shape [K, 5], got ",
               coefs.sizes());
-  check_seed(seed, sample_offset);
   in.model_output = model_output.contiguous();
   in.coefs = coefs.contiguous();
   in.step = index_arg(step, x, coefs.size(0), "step");
@@ -343,12 +343,35 @@ StepInputs step_inputs(const Tensor& x, const Tensor& model_output, const Tensor
   a.model_output_dtype = out_dtype;
   a.step = in.step.index;
   a.coefs = in.coefs.data_ptr<float>();
-  a.seed = seed;
-  a.sample_offset = sample_offset;
   a.clip_denoised = clip_denoised;
   a.n = x.size(0);
   a.numel = numel;
   return in;
+}
+
+// The noise key as two ints (the functional ops): launch arguments of the kernel.
+void set_seed(StepArgs& a, int64_t seed, int64_t sample_offset) {
+  check_seed(seed, sample_offset);
+  a.seed = seed;
+  a.sample_offset = sample_offset;
+}
+
+// The noise key as a tensor (ddpm_step_): rng = (seed, sample_offset), int64 [2], contiguous, on x's
+// device.  The kernel reads it, so a captured CUDA graph draws the noise of whatever rng holds at
+// replay time.  Its values are checked here for CPU tensors only (reading a CUDA one would sync);
+// the CUDA kernel traps on negative ones.
+void set_rng(StepArgs& a, const Tensor& rng, const Tensor& x) {
+  check_dtype(rng, at::kLong, "rng");
+  check_device(rng, x, "rng");
+  TORCH_CHECK(rng.dim() == 1 && rng.size(0) == 2, "fastddpm: rng must have shape [2] (seed, sample_offset), got shape ",
+              rng.sizes());
+  TORCH_CHECK(rng.is_contiguous(), "fastddpm: rng must be contiguous, got strides ", rng.strides());
+  a.rng = rng.data_ptr<int64_t>();
+  if (rng.is_cpu()) {
+    TORCH_CHECK(a.rng[0] >= 0 && a.rng[1] >= 0,
+                "fastddpm: rng must hold (seed, sample_offset) with seed in [0, 2**63) and sample_offset >= 0, got (",
+                a.rng[0], ", ", a.rng[1], ")");
+  }
 }
 
 // The optional low-precision copy: x's shape, contiguous or channels_last.
@@ -377,7 +400,8 @@ void run_step(const StepArgs& a, const Tensor& x) {
 
 Tensor ddpm_step_op(const Tensor& x, const Tensor& model_output, const Tensor& step, const Tensor& coefs, int64_t seed,
                  int64_t sample_offset, bool clip_denoised) {
-  StepInputs in = step_inputs(x, model_output, step, coefs, seed, sample_offset, clip_denoised);
+  StepInputs in = step_inputs(x, model_output, step, coefs, clip_denoised);
+  set_seed(in.args, seed, sample_offset);
   const Tensor xc = x.contiguous();
   Tensor x_prev = at::empty(x.sizes(), x.options());
   in.args.x = xc.data_ptr<float>();
@@ -389,7 +413,8 @@ Tensor ddpm_step_op(const Tensor& x, const Tensor& model_output, const Tensor& s
 std::tuple<Tensor, Tensor> ddpm_step_cast_op(const Tensor& x, const Tensor& model_output, const Tensor& step,
                                           const Tensor& coefs, int64_t seed, int64_t sample_offset,
                                           bool clip_denoised, at::ScalarType model_dtype, bool channels_last) {
-  StepInputs in = step_inputs(x, model_output, step, coefs, seed, sample_offset, clip_denoised);
+  StepInputs in = step_inputs(x, model_output, step, coefs, clip_denoised);
+  set_seed(in.args, seed, sample_offset);
   TORCH_CHECK(!channels_last || x.dim() == 4, "fastddpm: channels_last needs a 4-D x, got shape ", x.sizes());
   float_dtype(model_dtype, "model_dtype");
   const Tensor xc = x.contiguous();
@@ -405,9 +430,9 @@ std::tuple<Tensor, Tensor> ddpm_step_cast_op(const Tensor& x, const Tensor& mode
 }
 
 void ddpm_step_inplace_op(const Tensor& x, const Tensor& model_output, const Tensor& step, const Tensor& coefs,
-                       int64_t seed, int64_t sample_offset, bool clip_denoised,
-                       const std::optional<Tensor>& model_input) {
-  StepInputs in = step_inputs(x, model_output, step, coefs, seed, sample_offset, clip_denoised);
+                          const Tensor& rng, bool clip_denoised, const std::optional<Tensor>& model_input) {
+  StepInputs in = step_inputs(x, model_output, step, coefs, clip_denoised);
+  set_rng(in.args, rng, x);
   TORCH_CHECK(x.is_contiguous(), "fastddpm: ddpm_step_ updates x in place and needs it contiguous");
   in.args.x = x.data_ptr<float>();
   in.args.x_prev = x.data_ptr<float>();  // each element is read before it is written

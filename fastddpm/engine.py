@@ -5,21 +5,24 @@ Algorithm 2 (Ho et al.) with no host work per step on a GPU:
 
 * Every tensor the loop touches is allocated once per engine: ``x`` (float32),
   the model-input copy (``Plan.dtype``, channels_last for images), the
-  model-timestep vector, and a 0-dim int64 ``step`` counter on the device.
+  model-timestep vector, a 0-dim int64 ``step`` counter and the noise key
+  ``rng = (seed, sample_offset)`` (int64 ``[2]``), all on the device.
 * One step is ``t = timesteps[step]`` (a gather), the model call, the fused
   in-place ``ddpm_step_`` (which reads the row of ``coefs`` and the noise slot
-  from ``step``, draws the contract's noise itself and writes both ``x`` and the
-  model input), then ``step -= 1`` on the device.  Nothing in it reads a value
-  back, branches on a tensor, or copies from the host, so ``steps_per_graph``
-  of these are captured as one CUDA graph and replayed ``K / steps_per_graph``
-  times.
-* ``x_T`` (noise slot K) is drawn on the device before the loop.
+  from ``step`` and the noise key from ``rng``, draws the contract's noise
+  itself and writes both ``x`` and the model input), then ``step -= 1`` on the
+  device.  Nothing in it reads a value back, branches on a tensor, or copies
+  from the host, so ``steps_per_graph`` of these are captured as one CUDA graph
+  and replayed ``K / steps_per_graph`` times.
+* Before the loop, on the device and outside the graph: ``rng`` is filled with
+  this run's seed and sample offset, and ``x_T`` (noise slot K) is drawn.
 
-A CUDA graph bakes its kernels' scalar arguments, and the fused step takes
-``seed`` and ``sample_offset`` as scalars, so an engine keeps one set of graphs
-per ``(seed, sample_offset)`` (a small LRU sharing one memory pool): a repeated
-call replays, a new seed or micro-batch offset costs one capture (a couple of
-eager warm-up steps and the recording), never a recompile.
+A CUDA graph bakes its kernels' scalar arguments; the seed and the sample
+offset are not among them (the kernel loads them from ``rng``), so an engine
+captures its graphs once: every later run, whatever its seed or micro-batch
+offset, only replays them.  The exception is the ``reference`` backend, whose
+step is plain PyTorch with the key as Python ints: its graphs are recaptured
+when the key changes.
 
 On CPU (or ``cuda_graph=False``) the very same step runs eagerly, and equals
 ``fastddpm.sample`` bit for bit on the same backend.  With a ``callback`` the
@@ -57,7 +60,6 @@ _INDUCTOR_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # modes that bring 
 CUDA_MICRO_BATCH = 256  # automatic cap on one graph's batch (activation memory); micro_batch= overrides
 WARMUP_STEPS = 2  # eager steps on a side stream before each capture (autotuning, lazy init, JIT)
 MAX_ENGINES = 8
-MAX_GRAPH_SETS = 32  # (seed, sample_offset) graph sets kept per engine
 
 
 def _is_int(x) -> bool:
@@ -252,7 +254,7 @@ def make_plan(model, n: int, shape, device, *, dtype=None, cuda_graph=None, comp
 
 # -- the engine ------------------------------------------------------------------------------
 def _inplace_step_op(backend: str):
-    """``ddpm_step_(x, out, step, coefs, seed, sample_offset, clip, model_input)`` of a fast backend."""
+    """``ddpm_step_(x, out, step, coefs, rng, clip, model_input)`` of a fast backend."""
     if ops._backend_module(backend) is None:
         raise RuntimeError(f"backend {backend!r} {ops._load_errors.get(backend)}")
     if backend == "cpp":
@@ -300,12 +302,14 @@ class SamplerEngine:
         self.step_n = self.step.expand(n)  # the same counter seen per sample (stride 0)
         self.model_t = torch.empty(n, dtype=self.timesteps.dtype, device=device)  # timesteps[step]
         self._slot_x_T = torch.full((), K, dtype=torch.int64, device=device)  # noise slot of x_T
+        self.rng = torch.zeros(2, dtype=torch.int64, device=device)  # (seed, sample_offset), read by the fused step
         # -- the step's parts --------------------------------------------------------------
         self._autocast = plan.dtype != self.adapter.dtype  # as fastddpm.sample
         self._forward = self._compiled() if plan.compile else self.adapter
         self._inplace = None if plan.backend == "reference" else _inplace_step_op(plan.backend)
         self._checked = False
-        self._graphs: collections.OrderedDict = collections.OrderedDict()
+        self._graphs: list | None = None  # [(graph, steps, replays), ...], captured once
+        self._graphs_key = None  # the key baked into them: None, or (seed, sample_offset) for the reference step
         self._pool = None
         self.captures = self.warmups = self.runs = 0
 
@@ -325,7 +329,9 @@ class SamplerEngine:
     # -- one step: what a graph captures ------------------------------------------------------
     def _step(self, seed: int, sample_offset: int) -> None:
         """``x <- x_{t-1}`` for the step index held by ``self.step``, then ``step -= 1``,
-        all on the device (no value read back, no host copy)."""
+        all on the device (no value read back, no host copy).  The fused step reads
+        the noise key from ``self.rng``; ``seed`` and ``sample_offset`` are used by the
+        reference step only."""
         torch.index_select(self.timesteps, 0, self.step_n, out=self.model_t)
         model_input = self.x if self.model_input is None else self.model_input
         with torch.autocast(self.plan.device.type, dtype=self.plan.dtype, enabled=self._autocast,
@@ -335,8 +341,7 @@ class SamplerEngine:
             self.adapter.check_output(out, self.x)
             self._checked = True
         if self._inplace is not None:  # fused: reads step on the device, writes x and the model input
-            self._inplace(self.x, out, self.step, self.coefs, seed, sample_offset, self.clip_denoised,
-                          self.model_input)
+            self._inplace(self.x, out, self.step, self.coefs, self.rng, self.clip_denoised, self.model_input)
         else:
             x_prev = ops.ddpm_step(self.x, out, self.step_n, self.coefs, seed=seed, sample_offset=sample_offset,
                                    clip_denoised=self.clip_denoised, backend="reference")
@@ -346,7 +351,10 @@ class SamplerEngine:
         self.step.sub_(1)
 
     def _reset(self, seed: int, sample_offset: int) -> None:
-        """``x = x_T`` (the contract's slot K), its model-input copy, ``step = K - 1``; on the device."""
+        """``rng = (seed, sample_offset)``, ``x = x_T`` (the contract's slot K), its model-input
+        copy, ``step = K - 1``; on the device, outside any graph."""
+        self.rng[0].fill_(seed)  # fills with a kernel argument: no host-to-device copy, no sync
+        self.rng[1].fill_(sample_offset)
         self.x.copy_(reference.batch_noise(seed, sample_offset, self._slot_x_T, self.shape, self.plan.device))
         if self.model_input is not None:
             self.model_input.copy_(self.x)
@@ -355,7 +363,7 @@ class SamplerEngine:
     # -- CUDA graphs --------------------------------------------------------------------------
     def _warm_up(self, seed: int, sample_offset: int) -> None:
         """Eager steps on a side stream (as torch.cuda.graphs' docs require): Triton
-        autotuning, JIT specialisations for these scalars, compilation, lazy inits."""
+        autotuning, JIT specialisations, compilation, lazy inits."""
         device = self.plan.device
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
@@ -376,11 +384,14 @@ class SamplerEngine:
         return graph
 
     def graphs(self, seed: int, sample_offset: int) -> list:
-        """``[(graph, steps, replays), ...]`` covering the K steps for this seed and offset."""
-        key = (seed, sample_offset)
-        if key in self._graphs:
-            self._graphs.move_to_end(key)
-            return self._graphs[key]
+        """``[(graph, steps, replays), ...]`` covering the K steps, captured on the first
+        call.  The fused step reads the noise key from ``self.rng`` at replay time, so
+        they serve every seed and offset; the reference step bakes the key in, so its
+        graphs are recaptured when the key changes."""
+        key = (seed, sample_offset) if self._inplace is None else None
+        if self._graphs is not None and self._graphs_key == key:
+            return self._graphs
+        self._graphs = None  # the reference step's old graphs: their memory goes back to the pool
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()  # shared by all this engine's graphs
         self._warm_up(seed, sample_offset)
@@ -389,9 +400,7 @@ class SamplerEngine:
         sets = [(self._capture(per_graph, seed, sample_offset), per_graph, full)]
         if rest:
             sets.append((self._capture(rest, seed, sample_offset), rest, 1))
-        self._graphs[key] = sets
-        while len(self._graphs) > MAX_GRAPH_SETS:
-            self._graphs.popitem(last=False)
+        self._graphs, self._graphs_key = sets, key
         return sets
 
     # -- sampling ---------------------------------------------------------------------------
@@ -411,8 +420,8 @@ class SamplerEngine:
         if callback is not None and not callable(callback):
             raise TypeError("callback must be callable as callback(i, t, x)")
         if self.plan.cuda_graph and callback is None:
-            sets = self.graphs(seed, sample_offset)  # captured (and warmed up) once per seed/offset
-            self._reset(seed, sample_offset)
+            sets = self.graphs(seed, sample_offset)  # captured (and warmed up) once
+            self._reset(seed, sample_offset)  # writes this run's key into rng, outside the graph
             for graph, steps, replays in sets:
                 for _ in range(replays):
                     graph.replay()
@@ -487,8 +496,10 @@ def engine_sample(model, n: int, *, steps: int | None = None, seed: int = 0, dev
     to bfloat16 where supported (``fastddpm.sample`` defaults to the model's).
 
     Engines are cached by (model, its weights' storage, process, batch shape,
-    plan): a second call with the same arguments neither recompiles nor
-    recaptures.  ``callback`` makes the loop eager.
+    plan): a second call with the same arguments, or another ``seed`` or
+    ``sample_offset``, neither recompiles nor recaptures (the fused step reads
+    the noise key from a device buffer; only ``backend="reference"`` recaptures
+    for a new key).  ``callback`` makes the loop eager.
 
     :param return_plan: return ``(images, plan)``.
     :return: float32 ``[n, C, H, W]`` on ``device`` (and the plan).

@@ -15,7 +15,10 @@ model's dtype, contiguous or channels_last: the next model call's input.
 Ops (as the C++ backend's ``torch.ops.fastddpm.*``, here ``fastddpm_triton``):
 ``ddpm_step`` (functional), ``ddpm_step_cast`` (also returns the model-dtype
 copy) and ``ddpm_step_`` (updates ``x`` and ``model_input`` in place, the form
-a captured CUDA graph replays).
+a captured CUDA graph replays).  The functional ops take the noise key as two
+ints, ``seed`` and ``sample_offset``, which a captured graph would bake in;
+``ddpm_step_`` takes it as a device tensor ``rng = (seed, sample_offset)``
+(int64 ``[2]``) that the kernel loads, so one captured graph serves every seed.
 """
 from __future__ import annotations
 
@@ -37,8 +40,8 @@ __all__ = ["ddpm_step", "ddpm_step_cast", "ddpm_step_", "ddpm_step_into"]
 
 @triton.jit
 def _ddpm_step_kernel(x_ptr, out_ptr, step_ptr, step_stride, coefs_ptr, x_prev_ptr, model_input_ptr, numel, channels,
-                      spatial, seed, sample_offset, CLIP: tl.constexpr, WRITE_MODEL_INPUT: tl.constexpr,
-                      CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr):
+                      spatial, seed, sample_offset, rng_ptr, CLIP: tl.constexpr, WRITE_MODEL_INPUT: tl.constexpr,
+                      CHANNELS_LAST: tl.constexpr, RNG_IN_MEMORY: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     element = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = element < numel
@@ -57,8 +60,14 @@ def _ddpm_step_kernel(x_ptr, out_ptr, step_ptr, step_stride, coefs_ptr, x_prev_p
         x0_hat = tl.minimum(tl.maximum(x0_hat, -1.0), 1.0)
     x_prev = c0 * x0_hat + c1 * x
     if sigma != 0.0:  # uniform per program: sigma*z == 0 exactly, skip Philox
-        sample = row.to(tl.int64) + sample_offset
-        z = tl.randn(seed, contract_offsets(sample, step * numel + element))
+        if RNG_IN_MEMORY:  # the key (seed, sample_offset) from device memory, not the launch arguments
+            key_seed = tl.load(rng_ptr)
+            first_sample = tl.load(rng_ptr + 1)
+        else:
+            key_seed = seed
+            first_sample = sample_offset
+        sample = row.to(tl.int64) + first_sample
+        z = tl.randn(key_seed, contract_offsets(sample, step * numel + element))
         x_prev = x_prev + sigma * z
     tl.store(x_prev_ptr + base + element, x_prev, mask=mask)
     if WRITE_MODEL_INPUT:
@@ -80,8 +89,24 @@ def _model_input_layout(model_input, x) -> tuple[bool, int, int]:
     raise ValueError("model_input must be contiguous or channels_last")
 
 
+def _check_rng(rng: torch.Tensor, x: torch.Tensor) -> None:
+    """``rng``: the noise key ``(seed, sample_offset)``, int64 ``[2]``, contiguous, on ``x``'s device.
+    Its values are checked for CPU tensors only (reading a GPU one would synchronise)."""
+    if not isinstance(rng, torch.Tensor) or rng.dtype != torch.int64 or rng.shape != (2,):
+        what = f"{rng.dtype} {tuple(rng.shape)}" if isinstance(rng, torch.Tensor) else type(rng).__name__
+        raise ValueError(f"rng must be an int64 tensor of shape (2,) holding (seed, sample_offset), got {what}")
+    if rng.device != x.device:
+        raise ValueError(f"rng must be on x's device {x.device}, got {rng.device}")
+    if not rng.is_contiguous():
+        raise ValueError("rng must be contiguous")
+    if rng.device.type == "cpu" and bool((rng < 0).any()):
+        raise ValueError(f"rng must hold (seed, sample_offset) with seed in [0, 2**63) and sample_offset >= 0, "
+                         f"got {tuple(rng.tolist())}")
+
+
 def ddpm_step_into(x, model_output, step, coefs, seed: int, sample_offset: int, clip_denoised: bool,
-                   x_prev: torch.Tensor, model_input: torch.Tensor | None = None) -> None:
+                   x_prev: torch.Tensor, model_input: torch.Tensor | None = None, *,
+                   rng: torch.Tensor | None = None) -> None:
     """Host launcher writing into preallocated buffers.
 
     :param x: float32 ``[n, ...]`` contiguous; may be the same tensor as ``x_prev``
@@ -89,11 +114,17 @@ def ddpm_step_into(x, model_output, step, coefs, seed: int, sample_offset: int, 
     :param model_output: ``[n, ...]`` float32/bf16/fp16 (made contiguous).
     :param step: int64 ``[n]`` (per sample) or 0-dim/``[1]`` (whole batch) on the device.
     :param coefs: float32 ``[K, 5]``.
+    :param seed, sample_offset: the noise key, as kernel arguments (baked into a captured graph).
     :param x_prev: float32 output, shape of ``x``, contiguous.
     :param model_input: optional copy of ``x_prev`` in another dtype, contiguous or channels_last.
+    :param rng: the noise key as an int64 ``[2]`` tensor ``(seed, sample_offset)`` on ``x``'s
+        device, loaded by the kernel instead: pass ``seed = sample_offset = 0``.  The host cannot
+        check ``sample_offset + n <= 2**32`` then; the caller does (the engine checks every run).
     """
     n = x.shape[0]
     numel = x.numel() // n if n else 0
+    if rng is not None:
+        _check_rng(rng, x)
     check_noise_capacity(numel, coefs.shape[0] + 1, sample_offset + n - 1)
     if not (x.is_contiguous() and x_prev.is_contiguous() and x_prev.dtype == torch.float32):
         raise ValueError("ddpm_step: x and x_prev must be contiguous, x_prev float32")
@@ -106,8 +137,8 @@ def ddpm_step_into(x, model_output, step, coefs, seed: int, sample_offset: int, 
     block = elementwise_block(numel)
     launch(_ddpm_step_kernel)[elementwise_grid(n, numel, block)](
         x, model_output.contiguous(), step, step_stride, coefs.contiguous(), x_prev, model_input, numel, channels,
-        spatial, seed, sample_offset, CLIP=bool(clip_denoised), WRITE_MODEL_INPUT=model_input is not None,
-        CHANNELS_LAST=channels_last, BLOCK=block, num_warps=ELEMENTWISE_WARPS)
+        spatial, seed, sample_offset, rng, CLIP=bool(clip_denoised), WRITE_MODEL_INPUT=model_input is not None,
+        CHANNELS_LAST=channels_last, RNG_IN_MEMORY=rng is not None, BLOCK=block, num_warps=ELEMENTWISE_WARPS)
 
 
 @op("ddpm_step", "(Tensor x, Tensor model_output, Tensor step, Tensor coefs, int seed, int sample_offset, "
@@ -138,10 +169,14 @@ def ddpm_step_cast(x: torch.Tensor, model_output: torch.Tensor, step: torch.Tens
     return x_prev, model_input
 
 
-@op("ddpm_step_", "(Tensor(a!) x, Tensor model_output, Tensor step, Tensor coefs, int seed, int sample_offset, "
-    "bool clip_denoised, Tensor(b!)? model_input=None) -> ()", fake=fake_ops.ddpm_step_, mutates_args=("x", "model_input"))
-def ddpm_step_(x: torch.Tensor, model_output: torch.Tensor, step: torch.Tensor, coefs: torch.Tensor, seed: int,
-               sample_offset: int, clip_denoised: bool, model_input: Optional[torch.Tensor] = None) -> None:
+@op("ddpm_step_", "(Tensor(a!) x, Tensor model_output, Tensor step, Tensor coefs, Tensor rng, bool clip_denoised, "
+    "Tensor(b!)? model_input=None) -> ()", fake=fake_ops.ddpm_step_, mutates_args=("x", "model_input"))
+def ddpm_step_(x: torch.Tensor, model_output: torch.Tensor, step: torch.Tensor, coefs: torch.Tensor, rng: torch.Tensor,
+               clip_denoised: bool, model_input: Optional[torch.Tensor] = None) -> None:
     """Update ``x`` (float32, contiguous) to ``x_{t-1}`` in place, and
-    ``model_input`` (contiguous or channels_last) with its cast copy."""
-    ddpm_step_into(x, model_output, step, coefs, seed, sample_offset, clip_denoised, x, model_input)
+    ``model_input`` (contiguous or channels_last) with its cast copy.
+
+    :param rng: the noise key ``(seed, sample_offset)``, int64 ``[2]`` on ``x``'s device, read by
+        the kernel: a captured graph draws the noise of whatever it holds at replay time.
+    """
+    ddpm_step_into(x, model_output, step, coefs, 0, 0, clip_denoised, x, model_input, rng=rng)

@@ -5,9 +5,11 @@ noise, odd and round shapes, model outputs in float32/bfloat16/float16 (the
 reference computed from the same rounded output); the noise against
 ``fastddpm.noise`` (Philox integers exactly, normals within NORMAL_ULP); the
 loss and its gradient against autograd of the reference; ``opcheck`` of every
-op; one ``torch.compile(fullgraph=True)``; the dispatch.  GPU (``gpu`` marker):
-the CUDA ops against the reference and the CPU ops, and inside a captured
-CUDA graph driven by a device step counter.
+op; one ``torch.compile(fullgraph=True)``; the dispatch; the in-place step,
+whose noise key is a tensor, bit for bit against the functional one with the
+key as ints.  GPU (``gpu`` marker): the CUDA ops against the reference and the
+CPU ops, and inside a captured CUDA graph driven by a device step counter and
+a device noise key.
 """
 from functools import lru_cache
 
@@ -69,9 +71,14 @@ def _inputs(shape, dtype, device="cpu"):
     return x, out
 
 
-def _ref_step(x, out, step, coefs, clip):
-    z = reference.batch_noise(SEED, SAMPLE_OFFSET, step, x.shape, x.device)
+def _ref_step(x, out, step, coefs, clip, seed=SEED, sample_offset=SAMPLE_OFFSET):
+    z = reference.batch_noise(seed, sample_offset, step, x.shape, x.device)
     return reference.ddpm_step(x, out, coefs.index_select(0, step), clip, z)
+
+
+def _rng(seed, sample_offset, device="cpu"):
+    """The noise key of the in-place step: int64 [2] (seed, sample_offset)."""
+    return torch.tensor([seed, sample_offset], dtype=torch.int64, device=device)
 
 
 def _ref_loss(out, x0, t, weights, prediction, loss_type, delta):
@@ -167,9 +174,60 @@ def test_ddpm_step_cast_and_inplace(shape, model_dtype, channels_last):
 
     x_buf = x.clone()
     buf = torch.empty(shape, dtype=model_dtype).to(memory_format=layout)
-    cpp_ops.ddpm_step_(x_buf, out, step, coefs, SEED, SAMPLE_OFFSET, True, buf)
+    cpp_ops.ddpm_step_(x_buf, out, step, coefs, _rng(SEED, SAMPLE_OFFSET), True, buf)
     assert_close(x_buf, x_prev, **EXACT)
     assert_close(buf, model_input, **EXACT)
+
+
+# (seed, sample_offset): zero, a seed that fills both key words, the largest seed, offsets past 2**31
+RNG_KEYS = [(0, 0), (SEED, SAMPLE_OFFSET), (2**32 + 3, 2**31 + 1), (2**63 - 1, 2**32 - 8)]
+
+
+@pytest.mark.parametrize("clip", [True, False], ids=["clip", "noclip"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("shape", [(3, 5, 7, 9), (4, 3, 16, 16)], ids=_id)
+@pytest.mark.parametrize("key", RNG_KEYS, ids=_id)
+def test_ddpm_step_inplace_rng_equals_functional(key, shape, dtype, clip):
+    """ddpm_step_ reads (seed, sample_offset) from the tensor rng: bit for bit the
+    functional op given them as ints, for a per-sample and a shared step index, with
+    no model input, one of the output's dtype and a float16 channels_last one."""
+    seed, sample_offset = key
+    coefs = _coefs("epsilon", "ddpm", "fixed_large", 0.0)  # sigma > 0 at every step: noise everywhere
+    x, out = _inputs(shape, dtype)
+    for step in (_timesteps(shape[0]), torch.tensor(T // 2)):
+        want = cpp_ops.ddpm_step(x, out, step.expand(shape[0]), coefs, seed, sample_offset, clip)
+        for model_input in (None, torch.empty(shape, dtype=dtype),
+                            torch.empty(shape, dtype=torch.float16).to(memory_format=torch.channels_last)):
+            x_buf = x.clone()
+            cpp_ops.ddpm_step_(x_buf, out, step, coefs, _rng(seed, sample_offset), clip, model_input)
+            assert_close(x_buf, want, **EXACT, msg=f"x, step {tuple(step.shape)}")
+            if model_input is not None:
+                assert_close(model_input, x_buf.to(model_input.dtype), **EXACT, msg="model input")
+    # the key is what rng holds: another sample offset draws other noise
+    x_buf = x.clone()
+    cpp_ops.ddpm_step_(x_buf, out, step, coefs, _rng(seed, sample_offset + 1), clip)
+    assert not torch.equal(x_buf, want)
+
+
+@pytest.mark.parametrize("rng, match", [
+    (torch.tensor([1, 0], dtype=torch.int32), "rng must be Long"),
+    (torch.tensor([1.0, 0.0]), "rng must be Long"),
+    (torch.tensor([SEED, 0, 0]), r"rng must have shape \[2\]"),
+    (torch.tensor([[SEED, 0]]), r"rng must have shape \[2\]"),
+    (torch.tensor(SEED), r"rng must have shape \[2\]"),
+    (torch.tensor([SEED, 7, 0, 9])[::2], "rng must be contiguous"),
+    (torch.tensor([-1, 0]), r"rng must hold \(seed, sample_offset\)"),
+    (torch.tensor([SEED, -2]), r"rng must hold \(seed, sample_offset\)"),
+    # a meta rng with CPU x dispatches to the fake implementation, which checks the device
+    (torch.tensor([SEED, 0], device="meta"), r"rng must be an int64 \[2\] tensor .* on cpu"),
+], ids=["int32", "float", "3", "1x2", "0-dim", "strided", "negative-seed", "negative-offset", "other-device"])
+def test_ddpm_step_inplace_rejects_bad_rng(rng, match):
+    coefs = _coefs("epsilon", "ddpm", "fixed_small", 0.0)
+    x, out = _inputs((2, 3, 4, 4), torch.float32)
+    x_buf = x.clone()
+    with pytest.raises(RuntimeError, match=match):
+        cpp_ops.ddpm_step_(x_buf, out, torch.tensor([0, 1]), coefs, rng, True)
+    assert torch.equal(x_buf, x)
 
 
 def test_ddpm_step_rejects_bad_inputs():
@@ -245,8 +303,8 @@ def _opcheck_cases():
         ("diffusion_loss_backward", (torch.tensor(2.0), out, x, t, sac, s1mac, _weights("v"), SEED, 3, "v", "l2", 1.0)),
         ("ddpm_step", (x, out, t, coefs, SEED, 3, True)),
         ("ddpm_step_cast", (x, out, t, coefs, SEED, 3, True, torch.float16, True)),
-        ("ddpm_step_", (x.clone(), out, torch.tensor(7), coefs, SEED, 3, False, torch.empty(2, 3, 4, 4,
-                                                                                             dtype=torch.bfloat16))),
+        ("ddpm_step_", (x.clone(), out, torch.tensor(7), coefs, _rng(SEED, 3), False,
+                        torch.empty(2, 3, 4, 4, dtype=torch.bfloat16))),
     ]
 
 
@@ -363,10 +421,29 @@ def test_cuda_q_sample_and_loss(shape, dtype):
 
 @gpu
 @needs_cuda_ops
-def test_cuda_graph_with_device_step_counter():
-    """The in-place step inside a captured CUDA graph: the step index lives in a
-    device tensor that the graph itself decrements, so nothing changes on the host
-    between replays; the result equals the eager loop with the reference."""
+@pytest.mark.parametrize("key", RNG_KEYS, ids=_id)
+def test_cuda_ddpm_step_inplace_rng_equals_functional(key):
+    seed, sample_offset = key
+    coefs = _coefs("epsilon", "ddpm", "fixed_large", 0.0).cuda()
+    for shape in [(3, 5, 7, 9), (4, 3, 16, 16)]:
+        x, out = (t.cuda() for t in _inputs(shape, torch.bfloat16))
+        step = _timesteps(shape[0], "cuda")
+        want = cpp_ops.ddpm_step(x, out, step, coefs, seed, sample_offset, True)
+        model_input = torch.empty(shape, device="cuda", dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+        x_buf = x.clone()
+        cpp_ops.ddpm_step_(x_buf, out, step, coefs, _rng(seed, sample_offset, "cuda"), True, model_input)
+        assert_close(x_buf, want, **EXACT, msg="cuda in place vs functional")
+        assert_close(model_input, want.to(torch.bfloat16), **EXACT, msg="model input")
+    with pytest.raises(RuntimeError, match="rng must be on cuda"):
+        cpp_ops.ddpm_step_(x.clone(), out, step, coefs, _rng(seed, sample_offset), True)
+
+
+@gpu
+@needs_cuda_ops
+def test_cuda_graph_with_device_step_counter_and_noise_key():
+    """The in-place step inside a captured CUDA graph: the step index and the noise
+    key live in device tensors (the graph itself decrements the step), so one graph
+    replays every seed; each result equals the eager loop with the reference."""
     coefs = _coefs("epsilon", "ddpm", "fixed_small", 0.0).cuda()
     steps = 6
     shape = (4, 3, 16, 16)
@@ -377,26 +454,30 @@ def test_cuda_graph_with_device_step_counter():
     out_buf = torch.empty_like(outs[0])
     model_input = torch.empty(shape, device="cuda", dtype=torch.bfloat16).to(memory_format=torch.channels_last)
     counter = torch.tensor([steps - 1], device="cuda")
+    rng = _rng(SEED, 0, "cuda")
     torch.cuda.synchronize()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # warm up off the default stream, as capture requires
-        cpp_ops.ddpm_step_(x.clone(), out_buf, counter.clone(), coefs, SEED, 0, True, model_input.clone())
+        cpp_ops.ddpm_step_(x.clone(), out_buf, counter.clone(), coefs, rng, True, model_input.clone())
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        cpp_ops.ddpm_step_(x, out_buf, counter, coefs, SEED, 0, True, model_input)
+        cpp_ops.ddpm_step_(x, out_buf, counter, coefs, rng, True, model_input)
         counter.sub_(1)
-    x.copy_(x0)
-    counter.fill_(steps - 1)
-    for k in reversed(range(steps)):
-        out_buf.copy_(outs[k])
-        graph.replay()
-    torch.cuda.synchronize()
+    for seed, sample_offset in [(SEED, 0), (2**32 + 3, 9)]:
+        rng.copy_(_rng(seed, sample_offset))
+        x.copy_(x0)
+        counter.fill_(steps - 1)
+        for k in reversed(range(steps)):
+            out_buf.copy_(outs[k])
+            graph.replay()
+        torch.cuda.synchronize()
 
-    expected = x0.clone()
-    for k in reversed(range(steps)):
-        expected = _ref_step(expected, outs[k], torch.full((shape[0],), k, device="cuda"), coefs, True)
-    assert_close(x, expected, **FP32, msg="graph replay vs reference")
-    assert_close(model_input, x.to(torch.bfloat16), **EXACT, msg="model input")
-    assert int(counter.item()) == -1
+        expected = x0.clone()
+        for k in reversed(range(steps)):
+            expected = _ref_step(expected, outs[k], torch.full((shape[0],), k, device="cuda"), coefs, True, seed,
+                                 sample_offset)
+        assert_close(x, expected, **FP32, msg=f"graph replay vs reference, seed {seed}")
+        assert_close(model_input, x.to(torch.bfloat16), **EXACT, msg="model input")
+        assert int(counter.item()) == -1

@@ -181,6 +181,27 @@ def test_fused_step_writes_x_and_the_channels_last_model_input(backend):
     assert torch.equal(engine.model_input, engine.x.to(torch.float16))
 
 
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_fused_engine_equals_sample_exactly_for_every_key(backend):
+    """The fused step reads the noise key from the engine's rng buffer, which each run
+    rewrites: one engine, several (seed, sample_offset), each bit for bit
+    fastddpm.sample on the same backend (which passes the key as ints)."""
+    if backend not in ops.available_backends("ddpm_step", "cpu", torch.float32):
+        pytest.skip(f"{backend} cannot run here")
+    model = Pointwise()
+    process = DDPM().respace(5)
+    engine = SamplerEngine(model, process, (3, 2, 6, 6), make_plan(model, 3, (2, 6, 6), "cpu", backend=backend))
+    results = []
+    for seed, sample_offset in [(11, 0), (2**40 + 5, 7), (11, 0)]:
+        with ops.use_backend(backend):
+            expected = fastddpm.sample(model, 3, process=process, seed=seed, sample_offset=sample_offset,
+                                       progress=False)
+        results.append(engine.run(seed, sample_offset))
+        assert_close(results[-1], expected, **EXACT, msg=f"seed {seed}, sample_offset {sample_offset}")
+        assert engine.rng.tolist() == [seed, sample_offset]
+    assert not torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+
+
 def test_micro_batches_equal_one_batch():
     model = Pointwise()
     one = engine_sample(model, 5, steps=6, seed=9, progress=False)
@@ -292,6 +313,46 @@ def test_graph_loop_does_not_synchronise_or_recapture(steps_per_graph):
     assert torch.equal(again, first) and torch.equal(second, first)
     eager = engine_sample(model, 4, cuda_graph=False, **{k: v for k, v in kw.items() if k != "steps_per_graph"})
     assert_close(first, eager, **BY_DTYPE[torch.bfloat16])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("steps_per_graph", [1, 3])
+def test_graphs_are_captured_once_for_every_seed(steps_per_graph):
+    """The fused step reads (seed, sample_offset) from the engine's rng buffer, so a call
+    with another seed or micro-batch offset replays the graphs captured by the first:
+    ``captures`` stays put, and every result equals the eager engine's."""
+    model = _tiny_unet().cuda()
+    kw = dict(steps=10, progress=False, steps_per_graph=steps_per_graph)
+    first = engine_sample(model, 4, seed=4, **kw)
+    (engine,) = cached_engines()
+    assert engine.plan.cuda_graph and engine.plan.backend != "reference"
+    captures = engine.captures
+    results = {(4, 0): first}
+    for seed, sample_offset in [(2**40 + 1, 0), (4, 6), (4, 0)]:
+        results[seed, sample_offset] = engine_sample(model, 4, seed=seed, sample_offset=sample_offset, **kw)
+        assert cached_engines() == [engine] and engine.captures == captures
+    assert torch.equal(results[4, 0], first)
+    assert not torch.equal(results[2**40 + 1, 0], first) and not torch.equal(results[4, 6], first)
+    eager_kw = {k: v for k, v in kw.items() if k != "steps_per_graph"}
+    for (seed, sample_offset), graph in results.items():
+        eager = engine_sample(model, 4, seed=seed, sample_offset=sample_offset, cuda_graph=False, **eager_kw)
+        assert_close(graph, eager, **BY_DTYPE[torch.bfloat16], msg=f"seed {seed}, sample_offset {sample_offset}")
+
+
+@pytest.mark.gpu
+def test_reference_step_graphs_are_recaptured_for_a_new_seed():
+    """The reference step takes the key as Python ints, which a graph bakes in."""
+    model = Pointwise().cuda()
+    kw = dict(steps=5, progress=False, backend="reference", dtype=torch.float32)
+    first = engine_sample(model, 3, seed=1, **kw)
+    (engine,) = cached_engines()
+    assert engine.plan.cuda_graph and engine.captures == 1
+    assert torch.equal(engine_sample(model, 3, seed=1, **kw), first) and engine.captures == 1
+    other = engine_sample(model, 3, seed=2, **kw)
+    assert engine.captures == 2
+    with ops.use_backend("reference"):
+        expected = fastddpm.sample(model, 3, steps=5, seed=2, progress=False)
+    assert_close(other, expected, **PEER)
 
 
 @pytest.mark.gpu

@@ -202,12 +202,77 @@ def test_ddpm_step_in_place_and_model_input_copy(schedule):
         assert_close(model_input, want.half(), **EXACT)
     buffer = x.clone()
     model_input = torch.empty_like(x, dtype=torch.float16, memory_format=torch.channels_last)
-    ddpm_step_(buffer, out, step, coefs, SEED, 0, False, model_input)  # the sampler's buffers, updated in place
+    ddpm_step_(buffer, out, step, coefs, rng_key(SEED, 0), False, model_input)  # the sampler's buffers, in place
     assert_close(buffer, want, **EXACT)
     assert_close(model_input, want.half(), **EXACT)
     buffer = x.clone()
-    ddpm_step_(buffer, out, step, coefs, SEED, 0, False)
+    ddpm_step_(buffer, out, step, coefs, rng_key(SEED, 0), False)
     assert_close(buffer, want, **EXACT)
+
+
+def rng_key(seed, sample_offset):
+    """The noise key of the in-place step: int64 [2] (seed, sample_offset) on the device."""
+    return torch.tensor([seed, sample_offset], dtype=torch.int64, device=DEVICE)
+
+
+# (seed, sample_offset): zero, a seed past 32 bits, the largest seed, offsets past 2**31
+RNG_KEYS = [(0, 0), (SEED, 3), (2**32 + 3, 2**31 + 1), (2**63 - 1, 2**32 - 8)]
+
+
+@pytest.mark.parametrize("clip", [True, False], ids=["clip", "noclip"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(3, 5, 7, 9), (4, 3, 16, 16)])
+@pytest.mark.parametrize("key", RNG_KEYS)
+def test_ddpm_step_inplace_rng_equals_functional(schedule, key, shape, dtype, clip):
+    """``ddpm_step_`` loads (seed, sample_offset) from the tensor ``rng`` in the kernel: bit
+    for bit the functional op given them as ints, for a per-sample and a shared step, with
+    no model input, one of the output's dtype and a float16 channels_last one."""
+    seed, sample_offset = key
+    coefs = coefficients(schedule, "epsilon", "fixed_large")  # sigma > 0 at every step: noise everywhere
+    x = torch.randn(shape, device=DEVICE)
+    out = torch.randn(shape, device=DEVICE).to(dtype)
+    for step in (timesteps(shape[0]), torch.tensor(T // 2, device=DEVICE)):
+        want = kernels.IMPLS["ddpm_step"](x, out, step.expand(shape[0]), coefs, seed, sample_offset, clip)
+        channels_last = torch.empty(shape, dtype=torch.float16, device=DEVICE).to(memory_format=torch.channels_last)
+        for model_input in (None, torch.empty(shape, dtype=dtype, device=DEVICE), channels_last):
+            buffer = x.clone()
+            ddpm_step_(buffer, out, step, coefs, rng_key(seed, sample_offset), clip, model_input)
+            assert_close(buffer, want, **EXACT, msg=f"x, step {tuple(step.shape)}")
+            if model_input is not None:
+                assert_close(model_input, buffer.to(model_input.dtype), **EXACT, msg="model input")
+    buffer = x.clone()  # the key is what rng holds: another seed draws other noise
+    ddpm_step_(buffer, out, step, coefs, rng_key(seed ^ 1, sample_offset), clip)
+    assert not torch.equal(buffer, want)
+
+
+@pytest.mark.parametrize("rng, match", [
+    (torch.tensor([1, 0], dtype=torch.int32), "rng must be an int64 tensor of shape"),
+    (torch.tensor([SEED, 0, 0]), "rng must be an int64 tensor of shape"),
+    (torch.tensor([[SEED, 0]]), "rng must be an int64 tensor of shape"),
+    (torch.tensor([SEED, 7, 0, 9])[::2], "rng must be contiguous"),
+    (torch.tensor([SEED, -1]), r"rng must hold \(seed, sample_offset\)"),
+], ids=["int32", "3", "1x2", "strided", "negative"])
+def test_ddpm_step_inplace_rejects_bad_rng(schedule, rng, match):
+    if HAS_CUDA and match.startswith("rng must hold"):
+        pytest.skip("a GPU rng's values are not read on the host (that would synchronise)")
+    coefs = coefficients(schedule)
+    x = torch.randn(2, 1, 8, 8, device=DEVICE)
+    buffer = x.clone()
+    with pytest.raises(ValueError, match=match):
+        ddpm_step_(buffer, torch.randn_like(x), torch.tensor([0, 1], device=DEVICE), coefs, rng.to(DEVICE), True)
+    assert torch.equal(buffer, x)
+
+
+def test_ddpm_step_inplace_rejects_rng_on_another_device(schedule):
+    coefs = coefficients(schedule)
+    x = torch.randn(2, 1, 8, 8, device=DEVICE)
+    args = (x.clone(), torch.randn_like(x), torch.tensor([0, 1], device=DEVICE), coefs)
+    if HAS_CUDA:
+        with pytest.raises(ValueError, match="rng must be on x's device"):
+            ddpm_step_(*args, torch.tensor([SEED, 0]), True)
+    else:  # a meta rng with a CPU x dispatches to the fake implementation, which checks the device
+        with pytest.raises(RuntimeError, match=r"rng must be an int64 \[2\] tensor .* on cpu"):
+            ddpm_step_(*args, torch.tensor([SEED, 0], device="meta"), True)
 
 
 def test_ddpm_step_last_step_adds_no_noise(schedule):
@@ -290,7 +355,7 @@ def test_opcheck_elementwise_ops(schedule):
                                                1.0))
     torch.library.opcheck(lib.ddpm_step, (x0, out.detach(), t, coefs, SEED, 0, True))
     torch.library.opcheck(lib.ddpm_step_cast, (x0, out.detach(), t, coefs, SEED, 0, True, torch.float16, True))
-    torch.library.opcheck(lib.ddpm_step_, (x0.clone(), out.detach(), t, coefs, SEED, 0, True,
+    torch.library.opcheck(lib.ddpm_step_, (x0.clone(), out.detach(), t, coefs, rng_key(SEED, 0), True,
                                            torch.empty_like(x0, dtype=torch.float16)))
 
 
@@ -324,28 +389,31 @@ def test_torch_compile_sees_one_op(schedule):
 # -- GPU only -----------------------------------------------------------------------
 @pytest.mark.gpu
 def test_elementwise_ops_in_cuda_graph(schedule):
-    """The sampler's pattern: buffers allocated once, step index in a device tensor, graph replayed."""
+    """The sampler's pattern: buffers allocated once, step index and noise key in device
+    tensors, one graph replayed for every step and every seed."""
     coefs = coefficients(schedule, "epsilon", "fixed_large")
     x = torch.randn(4, 3, 32, 32, device="cuda")
     out = torch.randn(4, 3, 32, 32, device="cuda", dtype=torch.bfloat16)
     step = torch.tensor(999, device="cuda")
+    rng = rng_key(SEED, 0)
     x_half = torch.empty_like(x, dtype=torch.bfloat16)
     start = x.clone()
-    ddpm_step_into(x, out, step, coefs, SEED, 0, True, x, x_half)  # warm-up (compiles)
-    x.copy_(start)
+    ddpm_step_(x, out, step, coefs, rng, True, x_half)  # warm-up (compiles)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        ddpm_step_into(x, out, step, coefs, SEED, 0, True, x, x_half)
-    want = start
-    x.copy_(start)
-    for s in (999, 998, 500):
-        step.fill_(s)
-        graph.replay()
-        want = reference.ddpm_step(want, out, coefs[torch.full((4,), s, device="cuda")], True,
-                                   reference.batch_noise(SEED, 0, s, x.shape, "cuda"))
-    torch.cuda.synchronize()
-    assert_close(x, want, atol=1e-4, rtol=1e-4)
-    assert_close(x_half, x.bfloat16(), **EXACT)
+        ddpm_step_(x, out, step, coefs, rng, True, x_half)
+    for seed, sample_offset in [(SEED, 0), (2**40 + 1, 7)]:
+        rng.copy_(torch.tensor([seed, sample_offset]))
+        want = start
+        x.copy_(start)
+        for s in (999, 998, 500):
+            step.fill_(s)
+            graph.replay()
+            want = reference.ddpm_step(want, out, coefs[torch.full((4,), s, device="cuda")], True,
+                                       reference.batch_noise(seed, sample_offset, s, x.shape, "cuda"))
+        torch.cuda.synchronize()
+        assert_close(x, want, atol=1e-4, rtol=1e-4, msg=f"seed {seed}")
+        assert_close(x_half, x.bfloat16(), **EXACT)
 
 
 @pytest.mark.gpu
