@@ -285,25 +285,6 @@ def build_ddp(cfg: BenchConfig, out_dir: str, count_flops: bool) -> Runner:
                   _num_params(diffusion), flops)
 
 
-class AttentionOn(nn.Module):
-    """``model`` with its ``fastddpm.ops.attention`` calls on ``backend``.
-
-    The backend is forced inside the model only, so the trainer's q_sample and
-    loss keep the backend of the ``ops.use_backend`` around the step.  Under
-    ``torch.compile`` of ``model`` the choice is made at trace time, which
-    happens inside this forward.
-    """
-
-    def __init__(self, model: nn.Module, backend: str):
-        super().__init__()
-        self.model, self.backend = model, backend
-        self.config = getattr(model, "config", None)  # the trainer checks the data's shape against it
-
-    def forward(self, x, t):
-        with ops.use_backend(self.backend):
-            return self.model(x, t)
-
-
 def _check_backend(backend: str, op: str, device: torch.device, dtype: torch.dtype) -> None:
     if backend not in ops.available_backends(op, device, dtype):
         raise Skipped(f"backend {backend!r} cannot run {op} on {device.type} ({str(dtype).split('.')[-1]}); "
@@ -326,13 +307,15 @@ def fastddpm_trainer(stage: Stage, cfg: BenchConfig, dataset, out_dir: str, **tr
     backend its steps must run under (``with ops.use_backend(...)``)."""
     ops_backend, attn_backend = stage_backends(stage, cfg)
     torch.manual_seed(cfg.seed)
-    model = create_model(cfg.preset)
+    # attention's backend is the model's own (it holds under torch.compile, where a use_backend inside
+    # the model would not); q_sample and the loss take the ops.use_backend around the step
+    model = create_model(cfg.preset).set_attention_backend(attn_backend)
     # the Trainer's own options: what a user sets in TrainConfig
     config = TrainConfig(**{"steps": 10**9, "batch_size": cfg.batch, "random_flip": False, "seed": cfg.seed,
                             "mixed_precision": "bf16" if stage.bf16_channels_last else "no",
                             "channels_last": stage.bf16_channels_last,
                             "compile": cfg.compile_mode if stage.compile else "no", **train_options})
-    trainer = Trainer(AttentionOn(model, attn_backend), DDPM(), dataset, config, out_dir, device=cfg.device,
+    trainer = Trainer(model, DDPM(), dataset, config, out_dir, device=cfg.device,
                       progress=False)
     return trainer, ops_backend
 
@@ -341,12 +324,14 @@ def build_stage(stage: Stage, cfg: BenchConfig, out_dir: str, count_flops: bool)
     config = PRESETS[cfg.preset]
     dataset = _images(cfg, (config.in_channels, config.image_size, config.image_size))
     trainer, ops_backend = fastddpm_trainer(stage, cfg, dataset, out_dir)
-    model = trainer.model.model
+    model = trainer.model
     flops = None
     if count_flops:  # on the eager fp32 model, before any compile
         x = dataset[:cfg.batch].to(cfg.device)
         t = torch.randint(0, T, (x.shape[0],), device=cfg.device)
+        model.set_attention_backend("reference")  # so that the counter sees attention's matmuls
         flops = train_flops(lambda: model(x, t).float().square().mean())
+        model.set_attention_backend(stage_backends(stage, cfg)[1])
         trainer.optimizer.zero_grad(set_to_none=True)
 
     def step():
@@ -355,7 +340,7 @@ def build_stage(stage: Stage, cfg: BenchConfig, out_dir: str, count_flops: bool)
             trainer._train_step(trainer.step)
         trainer.step += 1
 
-    path = stage.label.format(ops=ops_backend, attn=trainer.model.backend, mode=cfg.compile_mode)
+    path = stage.label.format(ops=ops_backend, attn=stage_backends(stage, cfg)[1], mode=cfg.compile_mode)
     return Runner(step, "fastddpm", path, "bf16" if stage.bf16_channels_last else "fp32", _num_params(model), flops)
 
 
@@ -513,7 +498,7 @@ def run_quality(cfg: BenchConfig, stage_name: str, steps: int, n_samples: int, s
                 row["train_s"] = time.perf_counter() - t0
                 row["images/s"] = steps * cfg.batch / row["train_s"]
                 # the same sampler (automatic backends) and noise for both: only the training differs
-                images = sample(trainer.ema_model.model, n_samples, steps=sample_steps, seed=cfg.seed + 1,
+                images = sample(trainer.ema_model.set_attention_backend(None), n_samples, steps=sample_steps, seed=cfg.seed + 1,
                                 progress=False, process=DDPM(), device=cfg.device)
             row["fd"] = fid(images, digits.images, feature="digits")
         except Skipped as e:

@@ -129,3 +129,18 @@ def test_a_missing_backend_is_a_skipped_row():
                                   attention_backend="no-such-backend")
     with pytest.raises(bench_train.Skipped, match="no-such-backend"):
         bench_train.stage_backends(bench_train.STAGE_BY_NAME["fused_attn"], cfg)
+
+
+@pytest.mark.heavy
+def test_every_fastddpm_stage_runs(tmp_path, one_thread):
+    """bf16 + channels_last and torch.compile (Inductor on the CPU, about a minute) through the
+    Trainer's options; on a GPU also the fused attention."""
+    stages = ["reference", "fused_ops", "bf16_cl", "compile"] + (["fused_attn"] if torch.cuda.is_available() else [])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    bench_train.main(["--device", device, "--preset", "tiny", "--batch", "4", "--rows", ",".join(stages),
+                      "--steps", "2", "--warmup", "1", "--out-dir", str(tmp_path), "--name", "stages"])
+    rows = {r["row"]: r for r in json.loads((tmp_path / "stages.json").read_text())["rows"]}
+    assert list(rows) == stages
+    for name, row in rows.items():
+        assert "note" not in row or not row["note"], (name, row.get("note"))
+        assert row["median_ms"] > 0, name

@@ -191,6 +191,33 @@ def test_attention_goes_through_dispatch(monkeypatch):
     assert len(calls) == n_blocks
 
 
+def test_set_attention_backend_reaches_every_block_and_holds_under_compile(monkeypatch):
+    """The model's own backend choice wins over an ``ops.use_backend`` around the call, in eager
+    mode and when torch.compile traces the model (where a use_backend inside it would not hold)."""
+    model = tiny().eval()
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 4])
+    with torch.no_grad():
+        expected = model(x, t)
+    seen = []
+    original = fastddpm.ops.attention
+
+    def recording(q, k, v, *, backend=None):
+        seen.append(backend)
+        return original(q, k, v, backend=backend)
+
+    monkeypatch.setattr(fastddpm.ops, "attention", recording)
+    assert model.set_attention_backend("reference") is model
+    with torch.no_grad(), fastddpm.ops.use_backend("cpp"):  # cpp has no attention: it would raise
+        assert torch.equal(model(x, t), expected)
+        assert seen == ["reference"] * 4
+        compiled = torch.compile(model, backend="eager", fullgraph=True)
+        assert torch.equal(compiled(x, t), expected)
+    model.set_attention_backend(None)
+    assert {m.attention_backend for m in model.modules() if isinstance(m, AttentionBlock)} == {None}
+    with pytest.raises(ValueError, match="backend must be one of"):
+        model.set_attention_backend("cuda")
+
+
 def _reference_attention_block(block: AttentionBlock, x: torch.Tensor) -> torch.Tensor:
     """Ho et al.'s attention block written out with einsum, per head."""
     b, c, h, w = x.shape

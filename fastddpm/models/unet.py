@@ -25,8 +25,10 @@ Differences from the original, on purpose:
 
 * Attention is multi-head (``num_heads`` / ``head_channels``; one head gives
   Ho et al.'s block) and computed by ``fastddpm.ops.attention`` on
-  ``[B, heads, L, d]`` so a fused kernel replaces it; q, k, v come from one
-  fused 1x1 conv (same parameters as three).
+  ``[B, heads, L, d]`` so a fused kernel replaces it (the dispatch's automatic
+  choice, or the backend ``set_attention_backend`` names, which also holds
+  inside ``torch.compile``); q, k, v come from one fused 1x1 conv (same
+  parameters as three).
 * Initialisation is PyTorch's default for every layer (as diffusers and
   pesser's port), not Ho et al.'s fan-avg uniform with near-zero output
   layers: the model trains well either way, and an untrained model then
@@ -230,6 +232,7 @@ class AttentionBlock(nn.Module):
         self.norm = _norm(channels, groups)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)  # output channels ordered (q|k|v, head, d)
         self.proj_out = nn.Conv2d(channels, channels, 1)
+        self.attention_backend: str | None = None  # None: fastddpm.ops' choice
 
     def qkv_heads(self, x: torch.Tensor):
         """q, k, v of shape ``[B, heads, H*W, d]`` for input ``x``."""
@@ -243,7 +246,7 @@ class AttentionBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, hgt, wid = x.shape
         q, k, v = self.qkv_heads(x)
-        o = ops.attention(q, k, v)  # [B, heads, L, d]
+        o = ops.attention(q, k, v, backend=self.attention_backend)  # [B, heads, L, d]
         o = o.transpose(1, 2).reshape(b, hgt * wid, c).transpose(1, 2).reshape(b, c, hgt, wid)
         o = o.contiguous(memory_format=_memory_format(x))
         return x + self.proj_out(o)
@@ -425,3 +428,14 @@ class UNet(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def set_attention_backend(self, backend: str | None) -> "UNet":
+        """Run every attention block's ``fastddpm.ops.attention`` on ``backend`` (``reference``,
+        ``cpp`` or ``triton``; None: the automatic choice).  Unlike ``ops.use_backend`` around a
+        call, it is part of the model, so ``torch.compile`` traces it (and guards on it)."""
+        if backend is not None and backend not in ops.BACKENDS:
+            raise ValueError(f"backend must be one of {ops.BACKENDS} or None, got {backend!r}")
+        for module in self.modules():
+            if isinstance(module, AttentionBlock):
+                module.attention_backend = backend
+        return self
