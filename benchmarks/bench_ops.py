@@ -184,7 +184,7 @@ def run(device: torch.device, sizes, op_names, provider_names, dtype_names, reps
                                          note=failed[(op_name, provider)]))
                         print(f"{op_name:15s} {dtype_name} {numel:>10d} {provider:19s} {failed[(op_name, provider)]}")
                         continue
-                    timing = measure(lambda: op.finish(fn(), args), device, warmup=1 if device.type == "cpu" else 3,
+                    timing = measure(lambda args=args: op.finish(fn(), args), device, warmup=1 if device.type == "cpu" else 3,
                                      reps=reps)
                     base_ms = timing.median_ms if provider == "reference" else base_ms
                     gbs = op.bytes_per_element(dtype) * numel / (timing.median_ms * 1e-3) / 1e9

@@ -5,7 +5,6 @@ Without a GPU every kernel runs in the Triton interpreter (conftest sets
 ``TRITON_INTERPRET=1``): float32/float16 only and tiny shapes.  ``gpu`` tests
 (bf16, CUDA graphs, ``torch.compile`` with Inductor) run only on a GPU.
 """
-import numpy as np
 import pytest
 import torch
 
