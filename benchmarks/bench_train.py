@@ -302,9 +302,10 @@ def stage_backends(stage: Stage, cfg: BenchConfig) -> tuple[str, str]:
     return ops_backend, attn_backend
 
 
-def fastddpm_trainer(stage: Stage, cfg: BenchConfig, dataset, out_dir: str, **train_options) -> tuple[Trainer, str]:
-    """A ``Trainer`` of a fresh ``cfg.preset`` model (seeded) set up as ``stage`` says, and the
-    backend its steps must run under (``with ops.use_backend(...)``)."""
+def fastddpm_trainer(stage: Stage, cfg: BenchConfig, dataset, out_dir: str,
+                     **train_options) -> tuple[Trainer, str, str]:
+    """A ``Trainer`` of a fresh ``cfg.preset`` model (seeded) set up as ``stage`` says, the backend
+    its steps must run under (``with ops.use_backend(...)``) and its model's attention backend."""
     ops_backend, attn_backend = stage_backends(stage, cfg)
     torch.manual_seed(cfg.seed)
     # attention's backend is the model's own (it holds under torch.compile, where a use_backend inside
@@ -317,13 +318,13 @@ def fastddpm_trainer(stage: Stage, cfg: BenchConfig, dataset, out_dir: str, **tr
                             "compile": cfg.compile_mode if stage.compile else "no", **train_options})
     trainer = Trainer(model, DDPM(), dataset, config, out_dir, device=cfg.device,
                       progress=False)
-    return trainer, ops_backend
+    return trainer, ops_backend, attn_backend
 
 
 def build_stage(stage: Stage, cfg: BenchConfig, out_dir: str, count_flops: bool) -> Runner:
     config = PRESETS[cfg.preset]
     dataset = _images(cfg, (config.in_channels, config.image_size, config.image_size))
-    trainer, ops_backend = fastddpm_trainer(stage, cfg, dataset, out_dir)
+    trainer, ops_backend, attn_backend = fastddpm_trainer(stage, cfg, dataset, out_dir)
     model = trainer.model
     flops = None
     if count_flops:  # on the eager fp32 model, before any compile
@@ -331,7 +332,7 @@ def build_stage(stage: Stage, cfg: BenchConfig, out_dir: str, count_flops: bool)
         t = torch.randint(0, T, (x.shape[0],), device=cfg.device)
         model.set_attention_backend("reference")  # so that the counter sees attention's matmuls
         flops = train_flops(lambda: model(x, t).float().square().mean())
-        model.set_attention_backend(stage_backends(stage, cfg)[1])
+        model.set_attention_backend(attn_backend)
         trainer.optimizer.zero_grad(set_to_none=True)
 
     def step():
@@ -340,7 +341,7 @@ def build_stage(stage: Stage, cfg: BenchConfig, out_dir: str, count_flops: bool)
             trainer._train_step(trainer.step)
         trainer.step += 1
 
-    path = stage.label.format(ops=ops_backend, attn=stage_backends(stage, cfg)[1], mode=cfg.compile_mode)
+    path = stage.label.format(ops=ops_backend, attn=attn_backend, mode=cfg.compile_mode)
     return Runner(step, "fastddpm", path, "bf16" if stage.bf16_channels_last else "fp32", _num_params(model), flops)
 
 
@@ -491,7 +492,7 @@ def run_quality(cfg: BenchConfig, stage_name: str, steps: int, n_samples: int, s
         row = dict(path=path, stage=stage.name, steps=steps, samples=n_samples, sample_steps=sample_steps or T)
         try:
             with tempfile.TemporaryDirectory(prefix="bench_train_quality_") as tmp:
-                trainer, ops_backend = fastddpm_trainer(stage, cfg, digits, tmp, **recipe)
+                trainer, ops_backend, _ = fastddpm_trainer(stage, cfg, digits, tmp, **recipe)
                 t0 = time.perf_counter()
                 with ops.use_backend(ops_backend):
                     trainer.train()

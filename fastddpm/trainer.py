@@ -368,13 +368,12 @@ class Trainer:
         if rows is not None:
             positions, t = positions[rows], t[rows]
             flip = flip[rows] if flip is not None else None
-        # one host-to-device copy for the timesteps and flips
-        both = self._to_device(torch.stack([t, flip.long() if flip is not None else torch.zeros_like(t)]))
-        t_dev = both[0]
+        # one host-to-device copy for the timesteps and the flips
+        t_flip = self._to_device(torch.stack([t] if flip is None else [t, flip.long()]))
         x0 = self._gather(self._train_cache, self.train_indices, positions)
         if flip is not None:
-            x0 = torch.where(both[1].bool().reshape(-1, *([1] * (x0.ndim - 1))), x0.flip(-1), x0)
-        return x0, t_dev
+            x0 = torch.where(t_flip[1].bool().reshape(-1, *([1] * (x0.ndim - 1))), x0.flip(-1), x0)
+        return x0, t_flip[0]
 
     def _autocast(self):
         if self.precision == "no":
@@ -445,21 +444,18 @@ class Trainer:
 
     @torch.no_grad()
     def _update_ema(self, step: int, ok: torch.Tensor | None = None) -> None:
-        """``ema <- lerp(ema, params, 1 - decay)`` (a copy before ``ema_start``); with ``ok`` (a device
-        bool) the weight is 0 for a skipped step."""
+        """``ema <- lerp(ema, params, 1 - decay)`` (weight 1 before ``ema_start``: an exact copy); with
+        ``ok`` (a device bool) the weight is 0 for a skipped step."""
         weight = 1.0 if step < self.config.ema_start else 1.0 - self.config.ema_decay
-        if ok is not None:
+        if ok is None:
+            torch._foreach_lerp_(self._ema_params, self._params, weight)
+            for e, b in zip(self._ema_buffers, self._buffers):
+                e.copy_(b)
+        else:
             w = ok.float() * weight
             torch._foreach_lerp_(self._ema_params, self._params, [w] * len(self._params))
             for e, b in zip(self._ema_buffers, self._buffers):
                 e.copy_(torch.where(ok, b, e))
-            return
-        if step < self.config.ema_start:
-            torch._foreach_copy_(self._ema_params, self._params)
-        else:
-            torch._foreach_lerp_(self._ema_params, self._params, weight)
-        for e, b in zip(self._ema_buffers, self._buffers):
-            e.copy_(b)
 
     # -- validation and samples ------------------------------------------------------------
     @torch.no_grad()

@@ -106,6 +106,16 @@ def test_resume_is_bit_identical(tmp_path, ten_images):
         assert torch.equal(ckpt.tensors[k], v), k
 
 
+def test_ema_copies_the_model_exactly_before_ema_start(tmp_path, ten_images):
+    trainer = _trainer(tmp_path, ten_images, steps=3, batch_size=2, lr=1e-2, ema_decay=0.9, ema_start=3, **QUIET)
+    trainer.train()
+    for (k, a), b in zip(trainer.model.state_dict().items(), trainer.ema_model.state_dict().values()):
+        assert torch.equal(a, b), k
+    trainer.config = trainer.config.replace(steps=4)
+    trainer.train()  # step 4 averages: the EMA now lags the model
+    assert not all(torch.equal(a, b) for a, b in zip(trainer.model.parameters(), trainer.ema_model.parameters()))
+
+
 def test_grad_accumulation_matches_one_big_batch(tmp_path, ten_images):
     """2 micro-batches of 2 give the gradients of one batch of 4 (same images, timesteps, noise)."""
     grads, losses = [], []
