@@ -35,10 +35,11 @@ TORCH_LIBRARY(fastddpm, m) {
       "bool clip_denoised, ScalarType model_dtype, bool channels_last) -> (Tensor, Tensor)");
   // in place, into preallocated buffers: the form a captured CUDA graph replays.  The noise key
   // rng = (seed, sample_offset), int64 [2] on x's device, is read by the kernel, so one captured
-  // graph serves every seed: a new one is written into rng between replays.
+  // graph serves every seed: a new one is written into rng between replays.  model_input has no
+  // default: torch 2.11's custom ops fail on a mutable optional argument with one (IndexError).
   m.def(
       "ddpm_step_(Tensor(a!) x, Tensor model_output, Tensor step, Tensor coefs, Tensor rng, "
-      "bool clip_denoised, Tensor(b!)? model_input=None) -> ()");
+      "bool clip_denoised, Tensor(b!)? model_input) -> ()");
 }
 
 PyMODINIT_FUNC PyInit__C(void) {

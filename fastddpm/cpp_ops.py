@@ -19,7 +19,7 @@ Ops (schemas in ``csrc/module.cpp``):
 * ``ddpm_step(x, model_output, step, coefs, seed, sample_offset, clip_denoised)``;
   ``ddpm_step_cast(..., model_dtype, channels_last)`` also returns ``x_prev`` in
   the model's dtype/layout; ``ddpm_step_(x, model_output, step, coefs, rng,
-  clip_denoised, model_input=None)`` updates ``x`` (and ``model_input``) in
+  clip_denoised, model_input)`` (``model_input`` None or a tensor) updates ``x`` (and ``model_input``) in
   place, for CUDA graphs: its noise key ``rng`` is an int64 ``[2]`` tensor
   ``(seed, sample_offset)`` on ``x``'s device, read by the kernel, so one
   captured graph serves every seed.  ``step`` is int64 ``[n]`` or a single

@@ -39,7 +39,7 @@ def ddpm_step_cast(x, model_output, step, coefs, seed, sample_offset, clip_denoi
             torch.empty(x.shape, dtype=model_dtype, device=x.device, memory_format=layout))
 
 
-def ddpm_step_(x, model_output, step, coefs, rng, clip_denoised, model_input=None):
+def ddpm_step_(x, model_output, step, coefs, rng, clip_denoised, model_input):
     torch._check(model_output.shape == x.shape, lambda: "model_output must have x's shape")
     torch._check(rng.dtype == torch.int64 and rng.shape == (2,) and rng.device == x.device,
                  lambda: f"rng must be an int64 [2] tensor (seed, sample_offset) on {x.device}, got "

@@ -27,6 +27,36 @@ ELEMENTWISE_BLOCK = 4096 if INTERPRET else 1024
 ELEMENTWISE_WARPS = 4
 
 
+def _fix_interpreter_index() -> None:
+    """Let the interpreter use a scalar kernel argument as a ``range`` bound
+    with numpy >= 2.4.
+
+    The interpreter holds a scalar as a numpy array of shape ``(1,)`` and its
+    ``__index__`` calls ``int()`` on it, which numpy 2.4 made an error
+    ("only 0-dimensional arrays can be converted to Python scalars"), so
+    ``for start in range(0, n, BLOCK)`` fails in every attention kernel under
+    Triton 3.6.  This wraps the interpreter's own patching of ``tl.tensor``
+    (restored with it after each launch) and reads the single element instead.
+    Kernels compiled for a GPU are untouched.
+    """
+    from triton.runtime import interpreter
+
+    patch = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch is None or getattr(patch, "fastddpm_index_fix", False):
+        return
+
+    def patch_lang_tensor(tensor, scope, *args, **kwargs):
+        patch(tensor, scope, *args, **kwargs)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patch_lang_tensor.fastddpm_index_fix = True
+    interpreter._patch_lang_tensor = patch_lang_tensor
+
+
+if INTERPRET:
+    _fix_interpreter_index()
+
+
 def op(name: str, schema: str, *, fake: Callable, mutates_args: Iterable[str] = ()) -> Callable:
     """Decorator: register ``fn`` as ``fastddpm_triton::name`` with ``schema``
     (the C++ backend's schema where it has the op).
@@ -47,8 +77,11 @@ def op(name: str, schema: str, *, fake: Callable, mutates_args: Iterable[str] = 
 
 
 def launch(kernel):
-    """``wrap_triton(kernel)`` (a no-op wrapper under the interpreter)."""
-    return torch.library.wrap_triton(kernel)
+    """``wrap_triton(kernel)`` on a GPU, so ``torch.compile`` traces the launch
+    into the graph; the kernel itself under the interpreter (the body runs
+    inside an opaque custom op there, and torch >= 2.11's ``wrap_triton``
+    rejects interpreted kernels)."""
+    return kernel if INTERPRET else torch.library.wrap_triton(kernel)
 
 
 def elementwise_grid(n: int, numel: int, block: int) -> tuple[int, int]:

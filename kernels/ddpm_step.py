@@ -170,11 +170,13 @@ def ddpm_step_cast(x: torch.Tensor, model_output: torch.Tensor, step: torch.Tens
 
 
 @op("ddpm_step_", "(Tensor(a!) x, Tensor model_output, Tensor step, Tensor coefs, Tensor rng, bool clip_denoised, "
-    "Tensor(b!)? model_input=None) -> ()", fake=fake_ops.ddpm_step_, mutates_args=("x", "model_input"))
+    "Tensor(b!)? model_input) -> ()", fake=fake_ops.ddpm_step_, mutates_args=("x", "model_input"))
 def ddpm_step_(x: torch.Tensor, model_output: torch.Tensor, step: torch.Tensor, coefs: torch.Tensor, rng: torch.Tensor,
-               clip_denoised: bool, model_input: Optional[torch.Tensor] = None) -> None:
+               clip_denoised: bool, model_input: Optional[torch.Tensor]) -> None:
     """Update ``x`` (float32, contiguous) to ``x_{t-1}`` in place, and
-    ``model_input`` (contiguous or channels_last) with its cast copy.
+    ``model_input`` (contiguous or channels_last; None for none) with its cast copy.
+    ``model_input`` has no default: torch 2.11's custom ops raise IndexError on a
+    mutable optional argument with a default.
 
     :param rng: the noise key ``(seed, sample_offset)``, int64 ``[2]`` on ``x``'s device, read by
         the kernel: a captured graph draws the noise of whatever it holds at replay time.

@@ -205,7 +205,7 @@ def test_ddpm_step_inplace_rng_equals_functional(key, shape, dtype, clip):
                 assert_close(model_input, x_buf.to(model_input.dtype), **EXACT, msg="model input")
     # the key is what rng holds: another sample offset draws other noise
     x_buf = x.clone()
-    cpp_ops.ddpm_step_(x_buf, out, step, coefs, _rng(seed, sample_offset + 1), clip)
+    cpp_ops.ddpm_step_(x_buf, out, step, coefs, _rng(seed, sample_offset + 1), clip, None)
     assert not torch.equal(x_buf, want)
 
 
@@ -226,7 +226,7 @@ def test_ddpm_step_inplace_rejects_bad_rng(rng, match):
     x, out = _inputs((2, 3, 4, 4), torch.float32)
     x_buf = x.clone()
     with pytest.raises(RuntimeError, match=match):
-        cpp_ops.ddpm_step_(x_buf, out, torch.tensor([0, 1]), coefs, rng, True)
+        cpp_ops.ddpm_step_(x_buf, out, torch.tensor([0, 1]), coefs, rng, True, None)
     assert torch.equal(x_buf, x)
 
 
@@ -305,6 +305,7 @@ def _opcheck_cases():
         ("ddpm_step_cast", (x, out, t, coefs, SEED, 3, True, torch.float16, True)),
         ("ddpm_step_", (x.clone(), out, torch.tensor(7), coefs, _rng(SEED, 3), False,
                         torch.empty(2, 3, 4, 4, dtype=torch.bfloat16))),
+        ("ddpm_step_", (x.clone(), out, torch.tensor(7), coefs, _rng(SEED, 3), False, None)),
     ]
 
 
@@ -435,7 +436,7 @@ def test_cuda_ddpm_step_inplace_rng_equals_functional(key):
         assert_close(x_buf, want, **EXACT, msg="cuda in place vs functional")
         assert_close(model_input, want.to(torch.bfloat16), **EXACT, msg="model input")
     with pytest.raises(RuntimeError, match="rng must be on cuda"):
-        cpp_ops.ddpm_step_(x.clone(), out, step, coefs, _rng(seed, sample_offset), True)
+        cpp_ops.ddpm_step_(x.clone(), out, step, coefs, _rng(seed, sample_offset), True, None)
 
 
 @gpu

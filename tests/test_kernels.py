@@ -205,7 +205,7 @@ def test_ddpm_step_in_place_and_model_input_copy(schedule):
     assert_close(buffer, want, **EXACT)
     assert_close(model_input, want.half(), **EXACT)
     buffer = x.clone()
-    ddpm_step_(buffer, out, step, coefs, rng_key(SEED, 0), False)
+    ddpm_step_(buffer, out, step, coefs, rng_key(SEED, 0), False, None)
     assert_close(buffer, want, **EXACT)
 
 
@@ -240,7 +240,7 @@ def test_ddpm_step_inplace_rng_equals_functional(schedule, key, shape, dtype, cl
             if model_input is not None:
                 assert_close(model_input, buffer.to(model_input.dtype), **EXACT, msg="model input")
     buffer = x.clone()  # the key is what rng holds: another seed draws other noise
-    ddpm_step_(buffer, out, step, coefs, rng_key(seed ^ 1, sample_offset), clip)
+    ddpm_step_(buffer, out, step, coefs, rng_key(seed ^ 1, sample_offset), clip, None)
     assert not torch.equal(buffer, want)
 
 
@@ -258,7 +258,7 @@ def test_ddpm_step_inplace_rejects_bad_rng(schedule, rng, match):
     x = torch.randn(2, 1, 8, 8, device=DEVICE)
     buffer = x.clone()
     with pytest.raises(ValueError, match=match):
-        ddpm_step_(buffer, torch.randn_like(x), torch.tensor([0, 1], device=DEVICE), coefs, rng.to(DEVICE), True)
+        ddpm_step_(buffer, torch.randn_like(x), torch.tensor([0, 1], device=DEVICE), coefs, rng.to(DEVICE), True, None)
     assert torch.equal(buffer, x)
 
 
@@ -268,10 +268,10 @@ def test_ddpm_step_inplace_rejects_rng_on_another_device(schedule):
     args = (x.clone(), torch.randn_like(x), torch.tensor([0, 1], device=DEVICE), coefs)
     if HAS_CUDA:
         with pytest.raises(ValueError, match="rng must be on x's device"):
-            ddpm_step_(*args, torch.tensor([SEED, 0]), True)
+            ddpm_step_(*args, torch.tensor([SEED, 0]), True, None)
     else:  # a meta rng with a CPU x dispatches to the fake implementation, which checks the device
         with pytest.raises(RuntimeError, match=r"rng must be an int64 \[2\] tensor .* on cpu"):
-            ddpm_step_(*args, torch.tensor([SEED, 0], device="meta"), True)
+            ddpm_step_(*args, torch.tensor([SEED, 0], device="meta"), True, None)
 
 
 def test_ddpm_step_last_step_adds_no_noise(schedule):
@@ -356,6 +356,7 @@ def test_opcheck_elementwise_ops(schedule):
     torch.library.opcheck(lib.ddpm_step_cast, (x0, out.detach(), t, coefs, SEED, 0, True, torch.float16, True))
     torch.library.opcheck(lib.ddpm_step_, (x0.clone(), out.detach(), t, coefs, rng_key(SEED, 0), True,
                                            torch.empty_like(x0, dtype=torch.float16)))
+    torch.library.opcheck(lib.ddpm_step_, (x0.clone(), out.detach(), t, coefs, rng_key(SEED, 0), True, None))
 
 
 def test_torch_compile_sees_one_op(schedule):
