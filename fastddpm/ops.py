@@ -29,7 +29,7 @@ from .checks import FLOAT_DTYPES, check_same_device, check_tensor
 from .noise import check_seed
 
 __all__ = ["BACKENDS", "q_sample", "diffusion_loss", "ddpm_step", "attention", "select_backend",
-           "use_backend", "available_backends"]
+           "use_backend", "available_backends", "load_error"]
 
 BACKENDS = ("reference", "cpp", "triton")
 OPS = ("q_sample", "diffusion_loss", "ddpm_step", "attention")
@@ -58,7 +58,7 @@ def _backend_module(name: str):
     return _loaded.get(name)
 
 
-def _unsupported(name: str, op: str, device: torch.device, dtype: torch.dtype) -> str | None:
+def _unsupported(name: str, op: str, device: torch.device, dtype: torch.dtype, head_dim: int | None = None) -> str | None:
     if name == "reference":
         return None
     mod = _backend_module(name)
@@ -66,6 +66,8 @@ def _unsupported(name: str, op: str, device: torch.device, dtype: torch.dtype) -
         return _load_errors[name]
     if op not in mod.IMPLS:
         return f"has no {op}"
+    if head_dim is not None:  # attention: the kernels' limits depend on the head dim too
+        return mod.unsupported(op, device, dtype, head_dim=head_dim)
     return mod.unsupported(op, device, dtype)
 
 
@@ -89,16 +91,17 @@ def use_backend(name: str | None):
         _local.backend = old
 
 
-def select_backend(op: str, device: torch.device, dtype: torch.dtype) -> str:
-    """The backend that runs ``op`` for tensors on ``device`` of ``dtype``."""
+def select_backend(op: str, device: torch.device, dtype: torch.dtype, *, head_dim: int | None = None) -> str:
+    """The backend that runs ``op`` for tensors on ``device`` of ``dtype``
+    (for ``attention``, with heads of ``head_dim`` channels if given)."""
     forced = _forced()
     if forced is not None:
-        reason = _unsupported(forced, op, device, dtype)
+        reason = _unsupported(forced, op, device, dtype, head_dim)
         if reason is not None:
             raise RuntimeError(f"backend {forced!r} was requested for {op} on {device} ({dtype}) but {reason}")
         return forced
     for name in _AUTO_ORDER.get(device.type, ("reference",)):
-        reason = _unsupported(name, op, device, dtype)
+        reason = _unsupported(name, op, device, dtype, head_dim)
         if reason is None:
             return name
         if name != "reference" and reason.startswith("failed to load") and name not in _warned:
@@ -107,20 +110,29 @@ def select_backend(op: str, device: torch.device, dtype: torch.dtype) -> str:
     return "reference"
 
 
-def available_backends(op: str, device, dtype=torch.float32) -> list[str]:
+def load_error(name: str) -> str | None:
+    """Why backend ``name`` cannot be loaded here (None: it loads, or it is the reference)."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    if name == "reference" or _backend_module(name) is not None:
+        return None
+    return _load_errors[name]
+
+
+def available_backends(op: str, device, dtype=torch.float32, *, head_dim: int | None = None) -> list[str]:
     device = torch.device(device)
-    return [b for b in BACKENDS if _unsupported(b, op, device, dtype) is None]
+    return [b for b in BACKENDS if _unsupported(b, op, device, dtype, head_dim) is None]
 
 
-def _resolve(op: str, device_type: str, dtype: torch.dtype, backend: str | None) -> str:
+def _resolve(op: str, device_type: str, dtype: torch.dtype, backend: str | None, head_dim: int | None = None) -> str:
     """The backend name for ``op``.  Under ``torch.compile`` this runs eagerly
     at trace time and its result is a constant of the graph (module imports and
     environment reads cannot be traced), so a compiled function keeps the
     backend it was compiled with."""
     device = torch.device(device_type)
     if backend is None:
-        return select_backend(op, device, dtype)
-    reason = _unsupported(backend, op, device, dtype)
+        return select_backend(op, device, dtype, head_dim=head_dim)
+    reason = _unsupported(backend, op, device, dtype, head_dim)
     if reason is not None:
         raise RuntimeError(f"backend {backend!r} was requested for {op} on {device} ({dtype}) but {reason}")
     return backend
@@ -131,9 +143,9 @@ def _resolve(op: str, device_type: str, dtype: torch.dtype, backend: str | None)
 _resolve._dynamo_marked_constant = True
 
 
-def _impl(op: str, device: torch.device, dtype: torch.dtype, backend: str | None):
+def _impl(op: str, device: torch.device, dtype: torch.dtype, backend: str | None, head_dim: int | None = None):
     """The backend function for ``op``, or None for the reference."""
-    name = _resolve(op, device.type, dtype, backend)
+    name = _resolve(op, device.type, dtype, backend, head_dim)
     if name == "reference":
         return None
     return _loaded[name].IMPLS[op]
@@ -236,7 +248,7 @@ def attention(q, k, v, *, backend: str | None = None):
     check_tensor("k", k, dtypes=(q.dtype,), shape=q.shape)
     check_tensor("v", v, dtypes=(q.dtype,), shape=q.shape)
     check_same_device(q=q, k=k, v=v)
-    impl = _impl("attention", q.device, q.dtype, backend)
+    impl = _impl("attention", q.device, q.dtype, backend, int(q.shape[-1]))
     if impl is not None:
         return impl(q, k, v)
     return reference.attention(q, k, v)

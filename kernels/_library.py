@@ -57,9 +57,17 @@ if INTERPRET:
     _fix_interpreter_index()
 
 
-def op(name: str, schema: str, *, fake: Callable, mutates_args: Iterable[str] = ()) -> Callable:
-    """Decorator: register ``fn`` as ``fastddpm_triton::name`` with ``schema``
-    (the C++ backend's schema where it has the op).
+OPS: dict[str, Callable] = {}  # op name -> its Python function; the annotations are the schema
+
+
+def op(name: str, *, fake: Callable, mutates_args: Iterable[str] = ()) -> Callable:
+    """Decorator: register ``fn`` as ``fastddpm_triton::name``.
+
+    The schema is inferred from ``fn``'s annotations, on a GPU and under the
+    interpreter alike: torch 2.11's ``triton_op`` ignores a declared schema
+    and infers it anyway, so the annotations are the one contract (an ``int``
+    becomes ``SymInt``).  ``tests/test_op_schemas.py`` holds them equal to the
+    C++ backend's schemas.
 
     :param fake: the shape/dtype-only implementation used by the custom-op
         path (``triton_op`` derives its own from ``fn``).
@@ -67,11 +75,12 @@ def op(name: str, schema: str, *, fake: Callable, mutates_args: Iterable[str] = 
     qualname = f"{NAMESPACE}::{name}"
 
     def register(fn):
+        OPS[name] = fn
         if INTERPRET:
-            opdef = torch.library.custom_op(qualname, fn, mutates_args=tuple(mutates_args), schema=schema)
+            opdef = torch.library.custom_op(qualname, fn, mutates_args=tuple(mutates_args))
             opdef.register_fake(fake)
             return opdef
-        return torch.library.triton_op(qualname, fn, mutates_args=tuple(mutates_args), schema=schema)
+        return torch.library.triton_op(qualname, fn, mutates_args=tuple(mutates_args))
 
     return register
 

@@ -9,7 +9,8 @@ U-Net's spatial self-attention: ``softmax(q k^T / sqrt(d)) v`` over
   any ``d <= 256`` (padded to a power of two >= 16 with masked loads).
 * fp16/bf16 inputs run the tensor cores.  fp32 inputs use IEEE-precision
   ``tl.dot`` under the interpreter (the CPU tests); on a GPU ``attention``
-  hands fp32 to ``F.scaled_dot_product_attention`` (see there).
+  routes fp32 to the reference, ``F.scaled_dot_product_attention`` (see
+  ``attention_unsupported``).
 * Backward: ``delta = rowsum(dO * O)``, then one kernel per key block for
   ``dK, dV`` (loop over queries) and one per query block for ``dQ`` (loop over
   keys): no atomics, deterministic.
@@ -20,7 +21,6 @@ gets one small config (it cannot autotune).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -297,7 +297,7 @@ def _fake_forward(q, k, v):
             torch.empty((B, H, L), dtype=torch.float32, device=q.device))
 
 
-@op("attention_forward", "(Tensor q, Tensor k, Tensor v) -> (Tensor, Tensor)", fake=_fake_forward)
+@op("attention_forward", fake=_fake_forward)
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """:return: ``out`` (``q``'s dtype, contiguous ``[B, H, L, d]``) and the
     base-2 log-sum-exp of the scaled scores, float32 ``[B, H, L]``."""
@@ -316,8 +316,7 @@ def _fake_backward(grad_out, q, k, v, out, lse):
     return tuple(torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
 
 
-@op("attention_backward", "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse) "
-    "-> (Tensor, Tensor, Tensor)", fake=_fake_backward)
+@op("attention_backward", fake=_fake_backward)
 def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                        lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:return: ``dq, dk, dv`` (contiguous, ``q``'s dtype)."""
@@ -355,15 +354,29 @@ def _backward(ctx, grad_out, grad_lse):
 attention_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
+def attention_unsupported(device: torch.device, dtype: torch.dtype, head_dim: int | None) -> str | None:
+    """Why the kernels do not take this attention (the dispatch then runs the
+    reference, ``F.scaled_dot_product_attention``, and says so), or None.
+
+    Float32 on a GPU: a float32 ``tl.dot`` has no full-precision tensor-core
+    path (IEEE or TF32x3 tiles spill in every config at d >= 64), and the
+    U-Net runs its attention in bf16/fp16 there.  Under the interpreter float32
+    runs the kernels (IEEE dot), which is how they are tested on a CPU.
+    """
+    if head_dim is not None and head_dim > MAX_HEAD_DIM:
+        return f"takes head dims up to {MAX_HEAD_DIM}, not {head_dim}"
+    if dtype == torch.float32 and torch.device(device).type == "cuda":
+        return "runs float32 attention on a GPU through scaled_dot_product_attention (no full-precision tensor-core dot)"
+    return None
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """``softmax(q k^T / sqrt(d)) v`` over ``[B, heads, L, d]``, differentiable.
 
-    Goes to ``F.scaled_dot_product_attention`` for head dims above
-    ``MAX_HEAD_DIM`` and for float32 on a GPU: a float32 ``tl.dot`` has no
-    full-precision tensor-core path (IEEE or TF32x3 tiles spill heavily at
-    d = 256), and the U-Net runs its attention in bf16/fp16 there.  Under the
-    interpreter float32 runs the kernels (IEEE dot), which is how they are tested.
+    Only what ``attention_unsupported`` accepts: the dispatch (``fastddpm.ops``)
+    routes the rest to the reference, so the backend it reports is the one that ran.
     """
-    if q.shape[-1] > MAX_HEAD_DIM or (q.dtype == torch.float32 and not INTERPRET):
-        return F.scaled_dot_product_attention(q, k, v)
+    reason = attention_unsupported(q.device, q.dtype, int(q.shape[-1]))
+    if reason is not None:
+        raise ValueError(f"the Triton attention {reason}")
     return attention_forward(q, k, v)[0]

@@ -141,8 +141,7 @@ def ddpm_step_into(x, model_output, step, coefs, seed: int, sample_offset: int, 
         CHANNELS_LAST=channels_last, RNG_IN_MEMORY=rng is not None, BLOCK=block, num_warps=ELEMENTWISE_WARPS)
 
 
-@op("ddpm_step", "(Tensor x, Tensor model_output, Tensor step, Tensor coefs, int seed, int sample_offset, "
-    "bool clip_denoised) -> Tensor", fake=fake_ops.ddpm_step)
+@op("ddpm_step", fake=fake_ops.ddpm_step)
 def ddpm_step(x: torch.Tensor, model_output: torch.Tensor, step: torch.Tensor, coefs: torch.Tensor, seed: int,
               sample_offset: int, clip_denoised: bool) -> torch.Tensor:
     """:return: float32 ``x_{t-1}`` (see the module docstring)."""
@@ -152,8 +151,7 @@ def ddpm_step(x: torch.Tensor, model_output: torch.Tensor, step: torch.Tensor, c
     return x_prev
 
 
-@op("ddpm_step_cast", "(Tensor x, Tensor model_output, Tensor step, Tensor coefs, int seed, int sample_offset, "
-    "bool clip_denoised, ScalarType model_dtype, bool channels_last) -> (Tensor, Tensor)", fake=fake_ops.ddpm_step_cast)
+@op("ddpm_step_cast", fake=fake_ops.ddpm_step_cast)
 def ddpm_step_cast(x: torch.Tensor, model_output: torch.Tensor, step: torch.Tensor, coefs: torch.Tensor, seed: int,
                    sample_offset: int, clip_denoised: bool, model_dtype: torch.dtype,
                    channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,8 +167,7 @@ def ddpm_step_cast(x: torch.Tensor, model_output: torch.Tensor, step: torch.Tens
     return x_prev, model_input
 
 
-@op("ddpm_step_", "(Tensor(a!) x, Tensor model_output, Tensor step, Tensor coefs, Tensor rng, bool clip_denoised, "
-    "Tensor(b!)? model_input) -> ()", fake=fake_ops.ddpm_step_, mutates_args=("x", "model_input"))
+@op("ddpm_step_", fake=fake_ops.ddpm_step_, mutates_args=("x", "model_input"))
 def ddpm_step_(x: torch.Tensor, model_output: torch.Tensor, step: torch.Tensor, coefs: torch.Tensor, rng: torch.Tensor,
                clip_denoised: bool, model_input: Optional[torch.Tensor]) -> None:
     """Update ``x`` (float32, contiguous) to ``x_{t-1}`` in place, and

@@ -101,9 +101,7 @@ def _launch_args(model_output, x0, t, seed, sample_offset, prediction, loss_type
                                  num_warps=ELEMENTWISE_WARPS)
 
 
-@op("diffusion_loss", "(Tensor model_output, Tensor x0, Tensor t, Tensor sqrt_alphas_cumprod, "
-    "Tensor sqrt_one_minus_alphas_cumprod, Tensor weights, int seed, int sample_offset, str prediction, "
-    "str loss_type, float huber_delta) -> Tensor", fake=fake_ops.diffusion_loss)
+@op("diffusion_loss", fake=fake_ops.diffusion_loss)
 def diffusion_loss(model_output: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, sqrt_alphas_cumprod: torch.Tensor,
                    sqrt_one_minus_alphas_cumprod: torch.Tensor, weights: torch.Tensor, seed: int, sample_offset: int,
                    prediction: str, loss_type: str, huber_delta: float) -> torch.Tensor:
@@ -120,9 +118,7 @@ def diffusion_loss(model_output: torch.Tensor, x0: torch.Tensor, t: torch.Tensor
     return partial.sum()
 
 
-@op("diffusion_loss_backward", "(Tensor grad, Tensor model_output, Tensor x0, Tensor t, "
-    "Tensor sqrt_alphas_cumprod, Tensor sqrt_one_minus_alphas_cumprod, Tensor weights, int seed, "
-    "int sample_offset, str prediction, str loss_type, float huber_delta) -> Tensor", fake=fake_ops.diffusion_loss_backward)
+@op("diffusion_loss_backward", fake=fake_ops.diffusion_loss_backward)
 def diffusion_loss_backward(grad: torch.Tensor, model_output: torch.Tensor, x0: torch.Tensor, t: torch.Tensor,
                             sqrt_alphas_cumprod: torch.Tensor, sqrt_one_minus_alphas_cumprod: torch.Tensor,
                             weights: torch.Tensor, seed: int, sample_offset: int, prediction: str, loss_type: str,

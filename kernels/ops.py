@@ -12,7 +12,7 @@ import functools
 import torch
 
 from ._library import INTERPRET
-from .attention import attention
+from .attention import attention, attention_unsupported
 from .ddpm_step import ddpm_step
 from .diffusion_loss import diffusion_loss
 from .q_sample import q_sample
@@ -32,11 +32,16 @@ def _cuda_capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
-def unsupported(op: str, device, dtype: torch.dtype) -> str | None:
-    """Why the Triton kernels cannot run ``op`` on ``device`` for ``dtype``, or None."""
+def unsupported(op: str, device, dtype: torch.dtype, *, head_dim: int | None = None) -> str | None:
+    """Why the Triton kernels cannot run ``op`` on ``device`` for ``dtype`` (for
+    attention, with heads of ``head_dim`` channels if given), or None."""
     device = torch.device(device)
     if op not in IMPLS:
         return f"has no {op}"
+    if op == "attention":
+        reason = attention_unsupported(device, dtype, head_dim)
+        if reason is not None:
+            return reason
     if device.type == "cuda":
         if torch.version.hip is None:
             major, _ = _cuda_capability(device.index if device.index is not None else torch.cuda.current_device())

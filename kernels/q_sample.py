@@ -32,8 +32,7 @@ def _q_sample_kernel(x0_ptr, t_ptr, t_stride, sqrt_ac_ptr, sqrt_1mac_ptr, xt_ptr
     tl.store(xt_ptr + base + element, sqrt_ac * x0 + sqrt_1mac * eps, mask=mask)
 
 
-@op("q_sample", "(Tensor x0, Tensor t, Tensor sqrt_alphas_cumprod, Tensor sqrt_one_minus_alphas_cumprod, "
-    "int seed, int sample_offset) -> Tensor", fake=fake_ops.q_sample)
+@op("q_sample", fake=fake_ops.q_sample)
 def q_sample(x0: torch.Tensor, t: torch.Tensor, sqrt_alphas_cumprod: torch.Tensor,
              sqrt_one_minus_alphas_cumprod: torch.Tensor, seed: int, sample_offset: int) -> torch.Tensor:
     """:param x0: ``[n, ...]`` float; :param t: int64 ``[n]`` (any stride);

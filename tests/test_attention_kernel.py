@@ -1,7 +1,10 @@
 """The Triton flash attention against ``F.scaled_dot_product_attention``.
 
-CPU (interpreter): fp32 and fp16, forward and gradients, sequence lengths that
-are and are not multiples of the blocks, head dims 16-64.  GPU: bf16/fp16 with
+Every test runs the kernels themselves: CPU (interpreter) in fp32 and fp16,
+GPU in fp16 and bf16 (fp32 on a GPU is not the kernels' to run: the dispatch
+routes it to the reference and says so, tested below).  Forward and gradients,
+sequence lengths that are and are not multiples of the blocks, head dims
+16-256.  GPU also: bf16/fp16 with
 the error bounded by a multiple of PyTorch's own error at that precision
 against an fp32 reference (flash-attention's test style), big head dims and
 sequence lengths up to 4096 (64x64 feature maps).
@@ -13,11 +16,16 @@ import torch.nn.functional as F
 from fastddpm import ops
 from tolerances import ATTENTION, assert_close
 
-kernels = pytest.importorskip("fastddpm.kernels.ops")
+from backends import import_backend  # noqa: E402
+
+kernels = import_backend("fastddpm.kernels.ops")
 from fastddpm.kernels.attention import attention  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+# what the kernels run here: the interpreter takes fp32 (IEEE dot) and fp16; a GPU fp16 and bf16
+DTYPES = [torch.float16, torch.bfloat16] if HAS_CUDA else [torch.float32, torch.float16]
+DTYPE = DTYPES[0]
 
 
 def qkv(B, H, L, d, dtype, device=DEVICE, layout="contiguous"):
@@ -44,7 +52,7 @@ def fp32_reference(q, k, v, grad_out):
 NAMES = ("out", "dq", "dk", "dv")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("L", [16, 20, 64])
 @pytest.mark.parametrize("d", [32, 64])
 def test_attention_matches_sdpa(dtype, L, d):
@@ -60,44 +68,72 @@ def test_attention_matches_sdpa(dtype, L, d):
 @pytest.mark.parametrize("d", [16, 40])
 def test_attention_head_dims_padded(d):
     """Head dims that are not a power of two (padded, masked) and the smallest tile."""
-    q, k, v = qkv(1, 3, 20, d, torch.float32)
-    grad_out = torch.randn(1, 3, 20, d, device=DEVICE)
+    q, k, v = qkv(1, 3, 20, d, DTYPE)
+    grad_out = torch.randn(1, 3, 20, d, device=DEVICE, dtype=DTYPE)
     for name, g, w in zip(NAMES, forward_backward(attention, q, k, v, grad_out), fp32_reference(q, k, v, grad_out)):
-        assert_close(g, w, **ATTENTION[torch.float32], msg=f"{name} d={d}")
+        assert_close(g.float(), w, **ATTENTION[DTYPE], msg=f"{name} d={d}")
 
 
 def test_attention_strided_inputs():
     """q, k, v as strided views of one QKV projection, as in the U-Net's attention block."""
-    q, k, v = qkv(2, 2, 20, 32, torch.float32, layout="projection")
+    q, k, v = qkv(2, 2, 20, 32, DTYPE, layout="projection")
     assert not q.is_contiguous()
-    grad_out = torch.randn(2, 2, 20, 32, device=DEVICE).transpose(-1, -2).contiguous().transpose(-1, -2)
+    grad_out = torch.randn(2, 2, 20, 32, device=DEVICE, dtype=DTYPE).transpose(-1, -2).contiguous().transpose(-1, -2)
     for name, g, w in zip(NAMES, forward_backward(attention, q, k, v, grad_out), fp32_reference(q, k, v, grad_out)):
-        assert_close(g, w, **ATTENTION[torch.float32], msg=name)
+        assert_close(g.float(), w, **ATTENTION[DTYPE], msg=name)
 
 
-def test_attention_through_dispatch():
-    q, k, v = qkv(1, 1, 16, 32, torch.float32)
+def test_attention_through_dispatch(monkeypatch):
+    monkeypatch.delenv("FASTDDPM_BACKEND", raising=False)
+    q, k, v = qkv(1, 1, 16, 32, DTYPE)
+    if HAS_CUDA:
+        assert ops.select_backend("attention", DEVICE, DTYPE, head_dim=32) == "triton"
     with ops.use_backend("triton"):
         out = ops.attention(q, k, v)
-    assert_close(out, F.scaled_dot_product_attention(q, k, v), **ATTENTION[torch.float32])
+    assert_close(out.float(), fp32_reference(q, k, v, torch.ones_like(q))[0], **ATTENTION[DTYPE])
+
+
+def test_float32_and_large_heads_go_to_the_reference_on_a_gpu():
+    """No silent fallback inside the kernel: the dispatch sees why and runs (and reports) the reference."""
+    cuda = torch.device("cuda")
+    assert "scaled_dot_product_attention" in kernels.unsupported("attention", cuda, torch.float32)
+    assert "head dims up to 256" in kernels.unsupported("attention", DEVICE, DTYPE, head_dim=320)
+    assert kernels.unsupported("attention", DEVICE, DTYPE, head_dim=256) is None
+    assert "triton" not in ops.available_backends("attention", DEVICE, DTYPE, head_dim=320)
+    q = torch.randn(1, 1, 8, 320, device=DEVICE, dtype=DTYPE)
+    with pytest.raises(ValueError, match="head dims up to 256"):
+        attention(q, q, q)
+    with ops.use_backend("triton"), pytest.raises(RuntimeError, match="head dims up to 256"):
+        ops.attention(q, q, q)
+    assert ops.select_backend("attention", DEVICE, DTYPE, head_dim=320) == "reference"
+
+
+@pytest.mark.gpu
+def test_attention_fp32_gpu_runs_the_reference(monkeypatch):
+    monkeypatch.delenv("FASTDDPM_BACKEND", raising=False)
+    assert ops.select_backend("attention", DEVICE, torch.float32, head_dim=64) == "reference"
+    q, k, v = qkv(2, 2, 300, 64, torch.float32)
+    with pytest.raises(ValueError, match="float32"):
+        attention(q, k, v)
+    assert_close(ops.attention(q, k, v), F.scaled_dot_product_attention(q, k, v), **ATTENTION[torch.float32])
 
 
 def test_attention_opcheck():
-    q, k, v = qkv(1, 2, 20, 32, torch.float32)
+    q, k, v = qkv(1, 2, 20, 32, DTYPE)
     torch.library.opcheck(torch.ops.fastddpm_triton.attention_forward, (q, k, v))
 
 
 def test_attention_torch_compile_fullgraph():
     def block(q, k, v):
-        return attention(q, k, v).sum(dim=-1)
+        return attention(q, k, v) * 2.0
 
     compiled = torch.compile(block, fullgraph=True, backend="inductor" if HAS_CUDA else "aot_eager")
-    q, k, v = qkv(1, 2, 20, 32, torch.float32)
+    q, k, v = qkv(1, 2, 20, 32, DTYPE)
     out = compiled(q, k, v)
     grads = torch.autograd.grad(out.sum(), (q, k, v))
-    want = fp32_reference(q, k, v, torch.ones(1, 2, 20, 32, device=DEVICE))
-    for name, g, w in zip(NAMES, [out, *grads], [want[0].sum(-1), *want[1:]]):
-        assert_close(g, w, **ATTENTION[torch.float32], msg=name)
+    want = fp32_reference(q, k, v, torch.full((1, 2, 20, 32), 2.0, device=DEVICE))
+    for name, g, w in zip(NAMES, [out, *grads], [want[0] * 2.0, *want[1:]]):
+        assert_close(g.float(), w, **ATTENTION[DTYPE], msg=name)
 
 
 @pytest.mark.heavy
@@ -135,15 +171,7 @@ def test_attention_low_precision_bounded_by_pytorch_error(dtype, shape):
 
 
 @pytest.mark.gpu
-def test_attention_fp32_gpu():
-    """fp32 on a GPU is handed to SDPA (no full-precision tensor-core tl.dot); still correct and differentiable."""
-    q, k, v = qkv(2, 2, 300, 64, torch.float32)
-    grad_out = torch.randn(2, 2, 300, 64, device=DEVICE)
-    for name, g, w in zip(NAMES, forward_backward(attention, q, k, v, grad_out), fp32_reference(q, k, v, grad_out)):
-        assert_close(g, w, atol=1e-4, rtol=1e-4, msg=name)
-
-
-@pytest.mark.gpu
-def test_attention_is_the_automatic_choice_on_gpu():
-    assert ops.select_backend("attention", torch.device("cuda"), torch.bfloat16) == "triton" or \
-        "FASTDDPM_BACKEND" in __import__("os").environ
+def test_attention_is_the_automatic_choice_on_gpu(monkeypatch):
+    monkeypatch.delenv("FASTDDPM_BACKEND", raising=False)
+    for dtype in (torch.bfloat16, torch.float16):
+        assert ops.select_backend("attention", torch.device("cuda"), dtype, head_dim=256) == "triton"

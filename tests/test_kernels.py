@@ -12,7 +12,9 @@ from fastddpm import noise, ops, reference
 from fastddpm.schedule import NoiseSchedule
 from tolerances import BY_DTYPE, EXACT, FP32, NORMAL_ULP, assert_close
 
-kernels = pytest.importorskip("fastddpm.kernels.ops")
+from backends import import_backend  # noqa: E402
+
+kernels = import_backend("fastddpm.kernels.ops")
 from fastddpm.kernels import noise as knoise  # noqa: E402
 from fastddpm.kernels.ddpm_step import ddpm_step_, ddpm_step_cast, ddpm_step_into  # noqa: E402
 

@@ -1,0 +1,39 @@
+"""Importing a fast backend in a test module: a skip where the backend is
+optional, a failure with its reason where it is required.
+
+Required: both ``cpp`` and ``triton`` on a machine with a CUDA device (a GPU
+check that skipped them would report success having tested nothing), and
+whatever ``FASTDDPM_REQUIRE_BACKENDS`` names (``cpp,triton``; CI sets it).
+"""
+import importlib
+import os
+
+import pytest
+import torch
+
+BACKENDS = ("cpp", "triton")
+HAS_CUDA = torch.cuda.is_available()
+
+
+def required_backends() -> set[str]:
+    named = {b.strip() for b in os.environ.get("FASTDDPM_REQUIRE_BACKENDS", "").split(",") if b.strip()}
+    unknown = named - set(BACKENDS)
+    if unknown:
+        raise ValueError(f"FASTDDPM_REQUIRE_BACKENDS may name {BACKENDS}, got {sorted(unknown)}")
+    return set(BACKENDS) if HAS_CUDA else named
+
+
+def backend_of(module: str) -> str:
+    if module == "fastddpm.kernels" or module.startswith("fastddpm.kernels."):
+        return "triton"
+    if module in ("fastddpm._C", "fastddpm.cpp_ops"):
+        return "cpp"
+    raise ValueError(f"{module} is not a backend module")
+
+
+def import_backend(module: str):
+    """The module; if it cannot be imported, the test module fails when its
+    backend is required and is skipped otherwise."""
+    if backend_of(module) in required_backends():
+        return importlib.import_module(module)
+    return pytest.importorskip(module, reason=f"{module} cannot be imported here (backend not required)")
