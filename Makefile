@@ -1,6 +1,8 @@
 # The two commands for a fresh machine (see README.md):
 #   make demo   create .venv, install fastddpm, sample digits with the shipped model -> samples.png
 #   make test   create .venv, install with the test extras, run the test suite
+# and, for CI and before a GPU window:
+#   make device-stack   the lent GPU machine's stack on this CPU (see below)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -13,7 +15,31 @@ export HF_HUB_OFFLINE := 1
 BUILD_DEPS := $(TORCH_SPEC) setuptools wheel ninja pybind11
 TEST_DEPS := pytest pytest-benchmark diffusers denoising-diffusion-pytorch scikit-learn
 
-.PHONY: demo test install install-test bench clean
+# The lent GPU machine's stack, tested on a CPU: Python 3.12, torch 2.11.0 (its CUDA 13.0 build),
+# triton 3.6.0, numpy >= 2.4, in .venv-device.  The extension is built in place for sm_90 (the .so the
+# GPU check carries), the suite runs from the source checkout as scripts/gpu_check.py runs it (Triton
+# through the interpreter, both fast backends required), and every Triton kernel variant is compiled
+# for sm_90 and checked for spills and shared memory (scripts/compile_sm90.py).
+PYTHON_DEVICE ?= $(firstword $(shell command -v python3.12) $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12))
+DEVICE_VENV ?= .venv-device
+DEVICE_PY := $(DEVICE_VENV)/bin/python
+DEVICE_SPEC := torch==2.11.0 torchvision==0.26.0 triton==3.6.0 'numpy>=2.4'
+DEVICE_TEST_DEPS := $(TEST_DEPS) pytest-xdist pytest-timeout tqdm pillow safetensors setuptools wheel ninja pybind11
+
+.PHONY: demo test install install-test bench clean device-stack
+
+$(DEVICE_VENV)/.installed: pyproject.toml
+	@test -n "$(PYTHON_DEVICE)" || { echo "make device-stack needs a python3.12 (PYTHON_DEVICE=...)"; exit 1; }
+	$(PYTHON_DEVICE) -m venv $(DEVICE_VENV)
+	$(DEVICE_PY) -m pip install -q $(DEVICE_SPEC) $(DEVICE_TEST_DEPS)
+	touch $@
+
+device-stack: $(DEVICE_VENV)/.installed
+	@start=$$(date +%s); \
+	FASTDDPM_REQUIRE_CUDA=1 FASTDDPM_CUDA_ARCHS=9.0 $(DEVICE_PY) setup.py -q build_ext --inplace && \
+	FASTDDPM_REQUIRE_BACKENDS=cpp,triton PYTHONPATH=$(CURDIR) $(DEVICE_PY) -m pytest -q -n 2 -p no:cacheprovider && \
+	$(DEVICE_PY) scripts/compile_sm90.py --json build/compile_sm90.json && \
+	echo "device-stack: passed in $$(( $$(date +%s) - start )) s"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -41,4 +67,4 @@ bench: $(VENV)/.installed-test
 	$(PY) benchmarks/bench_ops.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info fastddpm/_C*.so
+	rm -rf $(VENV) $(DEVICE_VENV) build *.egg-info fastddpm/_C*.so

@@ -126,11 +126,18 @@ def run(shape_names, dtype_name, reps) -> list[dict]:
     return rows
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (scripts/gpu_check.py's arguments are checked against it)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--shapes", nargs="*", choices=sorted(SHAPES), default=list(SHAPES))
     parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--out-dir", default=None, help="where the results go (default: benchmarks/results)")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_attention.py needs a CUDA GPU and found none: nothing to measure on this machine.",
@@ -138,7 +145,7 @@ def main(argv=None) -> int:
         return 2
     rows = run(args.shapes, args.dtype, args.reps)
     meta = environment("cuda") | {"dtype": args.dtype, "flops": "fwd 4*B*H*L^2*d; fwd+bwd 3.5x that"}
-    json_path, md_path = write_results(f"attention_{args.dtype}", rows, COLUMNS, meta)
+    json_path, md_path = write_results(f"attention_{args.dtype}", rows, COLUMNS, meta, out_dir=args.out_dir)
     print(f"wrote {json_path} and {md_path}")
     return 0
 

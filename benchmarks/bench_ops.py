@@ -200,7 +200,8 @@ def run(device: torch.device, sizes, op_names, provider_names, dtype_names, reps
     return rows, copy_gbs
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (scripts/gpu_check.py's arguments are checked against it)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--sizes", default=None, help="elements per tensor, e.g. 1M,16M (default: CPU 1M,4M; GPU 1M,16M,64M)")
@@ -211,6 +212,12 @@ def main(argv=None):
     p.add_argument("--first-call-timeout", type=float, default=300.0,
                    help="seconds allowed for a provider's first call (torch.compile of the reference can take long)")
     p.add_argument("--name", default=None, help="results file name (default: ops_<device type>)")
+    p.add_argument("--out-dir", default=None, help="where the results go (default: benchmarks/results)")
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
     a = p.parse_args(argv)
     device = torch.device(a.device)
     torch._dynamo.config.cache_size_limit = 64
@@ -220,7 +227,7 @@ def main(argv=None):
                          a.first_call_timeout)
     meta = environment(device) | {"copy_bandwidth_GBs": round(copy_gbs, 1), "image": "x".join(map(str, IMAGE)),
                                   "seed": SEED}
-    json_path, md_path = write_results(a.name or f"ops_{device.type}", rows, COLUMNS, meta)
+    json_path, md_path = write_results(a.name or f"ops_{device.type}", rows, COLUMNS, meta, out_dir=a.out_dir)
     print(f"wrote {json_path} and {md_path}")
 
 

@@ -356,8 +356,12 @@ def measure_row(runner: Runner, n: int, steps: int, device, *, reps: int, first_
 
 
 def run(setup: Setup, names, sizes, steps: int, *, reps: int = 3, first_call_timeout_s: float = 600.0,
-        max_total_s: float = 60.0) -> list[dict]:
-    """Every row at every ``n``: a list of result dicts (``note`` set where a row did not run)."""
+        max_total_s: float = 60.0, on_row: Callable[[list[dict]], None] | None = None) -> list[dict]:
+    """Every row at every ``n``: a list of result dicts (``note`` set where a row did not run).
+
+    :param on_row: called with the results so far after every row (the GPU check writes
+        them out, so a run stopped at its time limit still leaves its numbers).
+    """
     device, peak = setup.device, bf16_peak_tflops(setup.device)
     runners = make_runners(setup, names)
     results = []
@@ -387,6 +391,8 @@ def run(setup: Setup, names, sizes, steps: int, *, reps: int = 3, first_call_tim
                     } | ({"plan": m["how"]} if m["how"] else {}))
             results.append(result)
             print(_line(result), flush=True)
+            if on_row is not None:
+                on_row(results)
     add_speedups(results)
     return results
 
@@ -472,7 +478,8 @@ def metadata(setup: Setup, steps: int, smoke: bool) -> dict:
 
 
 # -- CLI -----------------------------------------------------------------------------------
-def main(argv=None) -> list[dict]:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (scripts/gpu_check.py's arguments are checked against it)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--smoke", action="store_true", help="small preset, n 1,4, 20 steps, no compile rows "
@@ -489,6 +496,11 @@ def main(argv=None) -> list[dict]:
                                                                           "call (compilation, graph capture)")
     p.add_argument("--name", default=None, help="results file name (default: sample_<device type>[_smoke])")
     p.add_argument("--out-dir", default=None, help="where the results go (default: benchmarks/results)")
+    return p
+
+
+def main(argv=None) -> list[dict]:
+    p = build_parser()
     a = p.parse_args(argv)
 
     device = torch.device(a.device)
@@ -509,12 +521,17 @@ def main(argv=None) -> list[dict]:
     print(f"{meta['device']}: {preset} ({meta['params fastddpm']:,} parameters, "
           f"{meta['GFLOP per image per forward']} GFLOP per image per forward), n={sizes}, "
           f"s/1000 steps {meta['s/1000 steps']}")
+    name = a.name or f"sample_{device.type}{'_smoke' if smoke else ''}"
+
+    def write_partial(rows):
+        write_results(name, rows, COLUMNS, meta | {"partial": f"{len(rows)} rows so far; the run did not finish"},
+                      out_dir=a.out_dir)
+
     results = run(setup, names, sizes, steps, reps=a.reps, first_call_timeout_s=a.first_call_timeout,
-                  max_total_s=a.max_row_seconds)
+                  max_total_s=a.max_row_seconds, on_row=write_partial)
     goal_lines = goals(results)
     meta["goals"] = goal_lines
-    json_path, md_path = write_results(a.name or f"sample_{device.type}{'_smoke' if smoke else ''}", results,
-                                       COLUMNS, meta, out_dir=a.out_dir)
+    json_path, md_path = write_results(name, results, COLUMNS, meta, out_dir=a.out_dir)
     print("goals" + (" (smoke run: the goals are for ddpm_cifar10 on an H100)" if smoke else "") + ":")
     for g in goal_lines:
         print(f"  {g}")

@@ -535,7 +535,8 @@ def _default_rows(device: torch.device) -> str:
     return ",".join(ROWS) if device.type == "cuda" else "diffusers,reference,fused_ops"
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (scripts/gpu_check.py's arguments are checked against it)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--preset", default=None, help="default: ddpm_cifar10 on CUDA, small on CPU")
@@ -565,6 +566,11 @@ def main(argv=None):
                                                          "fused_ops on CPU)")
     q.add_argument("--quality-rel-tol", type=float, default=0.2)
     q.add_argument("--quality-abs-tol", type=float, default=20.0)
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
     a = p.parse_args(argv)
 
     device = torch.device(a.device)

@@ -141,13 +141,25 @@ def package_versions(names: Sequence[str]) -> dict:
     return versions
 
 
+def driver_version() -> str | None:
+    """The NVIDIA driver's version (``nvidia-smi``), or None without one."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20, check=True).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out[0] if out else None
+
+
 def environment(device, packages: Sequence[str] = ()) -> dict:
-    """Run metadata: device, torch/CUDA, threads, time, git commit, and the
-    versions of ``packages`` (distribution names)."""
+    """Run metadata: device, driver, torch/CUDA/Triton, threads, time, git
+    commit, and the versions of ``packages`` (distribution names)."""
     return {
         "device": device_name(device),
+        "driver": driver_version() if torch.device(device).type == "cuda" else None,
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
+        "triton": package_versions(["triton"])["triton"],
         "threads": torch.get_num_threads(),
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "commit": git_commit(),

@@ -130,11 +130,11 @@ def _fwd_block(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn
     return acc, l_i, m_new
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=["L", "HEAD_DIM"], prune_configs_by=_pruner("fwd"))
+@triton.autotune(configs=_FWD_CONFIGS, key=["L_BUCKET", "HEAD_DIM"], prune_configs_by=_pruner("fwd"))
 @triton.jit
 def _attn_fwd_kernel(Q, K, V, O, LSE,
                      sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
-                     H, L, qk_scale,
+                     H, L, L_BUCKET, qk_scale,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_D: tl.constexpr,
                      DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
@@ -199,11 +199,11 @@ def _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqm, sqd, s
     return dk, dv
 
 
-@triton.autotune(configs=_DKDV_CONFIGS, key=["L", "HEAD_DIM"], prune_configs_by=_pruner("dkdv"))
+@triton.autotune(configs=_DKDV_CONFIGS, key=["L_BUCKET", "HEAD_DIM"], prune_configs_by=_pruner("dkdv"))
 @triton.jit
 def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
                           sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd,
-                          H, L, sm_scale, qk_scale,
+                          H, L, L_BUCKET, sm_scale, qk_scale,
                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_D: tl.constexpr,
                           DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_n = tl.program_id(0) * BLOCK_N
@@ -249,11 +249,11 @@ def _dq_block(dq, q, do, lse, delta, k_base, v_base, skn, skd, svn, svd, start_n
     return dq
 
 
-@triton.autotune(configs=_DQ_CONFIGS, key=["L", "HEAD_DIM"], prune_configs_by=_pruner("dq"))
+@triton.autotune(configs=_DQ_CONFIGS, key=["L_BUCKET", "HEAD_DIM"], prune_configs_by=_pruner("dq"))
 @triton.jit
 def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
                         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd,
-                        H, L, sm_scale, qk_scale,
+                        H, L, L_BUCKET, sm_scale, qk_scale,
                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_D: tl.constexpr,
                         DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
@@ -287,6 +287,13 @@ def _head_meta(q: torch.Tensor) -> dict:
                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
 
 
+def l_bucket(L: int) -> int:
+    """The autotuner's key for the sequence length: the power of two >= ``L``
+    from 64 to 4096, so a new ``L`` re-tunes only in a new bucket (the
+    ``L_BUCKET`` argument of the kernels is read by the autotuner alone)."""
+    return min(max(64, 1 << max(int(L) - 1, 0).bit_length()), 4096)
+
+
 def _grid_over(L: int, H: int, B: int, block: str):
     return lambda meta: (triton.cdiv(L, meta[block]), H, B)
 
@@ -307,8 +314,8 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tupl
     if out.numel() == 0:
         return out, lse
     launch(_attn_fwd_kernel)[_grid_over(L, H, B, "BLOCK_M")](
-        q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), H, L, int(d) ** -0.5 * LOG2E,
-        **_head_meta(q))
+        q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), H, L, l_bucket(L),
+        int(d) ** -0.5 * LOG2E, **_head_meta(q))
     return out, lse
 
 
@@ -334,9 +341,9 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
     sm_scale = int(d) ** -0.5
     launch(_attn_bwd_dkdv_kernel)[_grid_over(L, H, B, "BLOCK_N")](
-        q, k, v, grad_out, lse, delta, dk, dv, *strides, H, L, sm_scale, sm_scale * LOG2E, **meta)
+        q, k, v, grad_out, lse, delta, dk, dv, *strides, H, L, l_bucket(L), sm_scale, sm_scale * LOG2E, **meta)
     launch(_attn_bwd_dq_kernel)[_grid_over(L, H, B, "BLOCK_M")](
-        q, k, v, grad_out, lse, delta, dq, *strides, H, L, sm_scale, sm_scale * LOG2E, **meta)
+        q, k, v, grad_out, lse, delta, dq, *strides, H, L, l_bucket(L), sm_scale, sm_scale * LOG2E, **meta)
     return dq, dk, dv
 
 

@@ -22,6 +22,7 @@ import contextlib
 import io
 import itertools
 import json
+import multiprocessing
 import os
 import re
 import sys
@@ -179,39 +180,58 @@ def _key(jit_fn, args, kwargs):
     return (jit_fn.__name__, tuple(spec(a) for a in args), tuple(sorted((k, str(v)) for k, v in kwargs.items())))
 
 
+VARIANTS: list[tuple] = []  # (JITFunction, args, kwargs), one per distinct compile
+
+
+def _label(jit_fn, kargs, kwargs) -> str:
+    constants = {k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages", "num_ctas", "maxnreg")}
+    dtypes = sorted({str(a.dtype).removeprefix("torch.") for a in kargs if isinstance(a, torch.Tensor)})
+    return (f"{jit_fn.__name__} " + " ".join(f"{k}={v}" for k, v in sorted(constants.items())) +
+            f" warps={kwargs.get('num_warps')} stages={kwargs.get('num_stages')} dtypes={','.join(dtypes)}")
+
+
+def _compile_index(index: int) -> dict:
+    jit_fn, kargs, kwargs = VARIANTS[index]
+    try:
+        row = compile_variant(jit_fn, kargs, kwargs)
+    except Exception as e:  # a compile error is a finding, not a crash of the check
+        row = dict(registers=-1, spill_bytes=-1, shared=-1, error=f"{type(e).__name__}: {str(e)[:300]}")
+    row["variant"] = _label(jit_fn, kargs, kwargs)
+    return row
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, help="write every variant's registers/spills/shared memory here")
     parser.add_argument("--list", action="store_true", help="list the variants without compiling")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiling processes (default: all cores)")
     args = parser.parse_args()
 
     triton.runtime.driver.set_active(Sm90Driver())
     triton.knobs.nvidia.dump_ptxas_log = True
     record_launches()
     drive_launchers()
+    seen = set()
+    for variant in variants():
+        key = _key(*variant)
+        if key not in seen:
+            seen.add(key)
+            VARIANTS.append(variant)
+    if args.list:
+        print("\n".join(_label(*v) for v in VARIANTS))
+        print(f"{len(VARIANTS)} variants")
+        return 0
 
     t0 = time.perf_counter()
-    rows, seen, failures = [], set(), []
-    for jit_fn, kargs, kwargs in variants():
-        key = _key(jit_fn, kargs, kwargs)
-        if key in seen:
-            continue
-        seen.add(key)
-        constants = {k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages", "num_ctas", "maxnreg")}
-        label = f"{jit_fn.__name__} " + " ".join(f"{k}={v}" for k, v in sorted(constants.items())) + \
-            f" warps={kwargs.get('num_warps')} stages={kwargs.get('num_stages')} dtypes=" + \
-            ",".join(sorted({str(a.dtype).removeprefix('torch.') for a in kargs if isinstance(a, torch.Tensor)}))
-        if args.list:
-            print(label)
-            continue
-        try:
-            row = compile_variant(jit_fn, kargs, kwargs)
-        except Exception as e:  # a compile error is a finding, not a crash of the check
-            row = dict(registers=-1, spill_bytes=-1, shared=-1, error=f"{type(e).__name__}: {str(e)[:300]}")
-        row["variant"] = label
-        rows.append(row)
-        if len(rows) % 50 == 0:
-            print(f"  {len(rows)} compiled ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+    rows, failures = [], []
+    with multiprocessing.get_context("fork").Pool(max(1, args.jobs)) as pool:  # children inherit the variants
+        for row in pool.imap(_compile_index, range(len(VARIANTS)), chunksize=4):
+            rows.append(row)
+            if len(rows) % 100 == 0:
+                print(f"  {len(rows)}/{len(VARIANTS)} compiled ({time.perf_counter() - t0:.0f} s)", file=sys.stderr,
+                      flush=True)
+    for row in rows:
+        label = row["variant"]
         problems = []
         if "error" in row:
             problems.append(row["error"])
@@ -222,9 +242,6 @@ def main() -> int:
                 problems.append(f"{row['shared']} bytes of shared memory > {SMEM_LIMIT}")
         if problems:
             failures.append(f"{label}: {'; '.join(problems)}")
-    if args.list:
-        print(f"{len(seen)} variants")
-        return 0
     seconds = time.perf_counter() - t0
     by_kernel: dict[str, list] = {}
     for row in rows:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The peers' wheels for the lent GPU machine (its image lacks them; see the device
 # tool's README): into .whl/ (ignored by git; name it in the run's `carry`), for its
-# Python 3.12.  scripts/gpu_session.sh installs whatever lies there.
+# Python 3.12.  scripts/gpu_check.py installs whatever lies there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 exclude=$(git rev-parse --git-path info/exclude)

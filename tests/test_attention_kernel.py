@@ -19,7 +19,9 @@ from tolerances import ATTENTION, assert_close
 from backends import import_backend  # noqa: E402
 
 kernels = import_backend("fastddpm.kernels.ops")
-from fastddpm.kernels.attention import attention  # noqa: E402
+from fastddpm.kernels.attention import attention, l_bucket  # noqa: E402
+
+pytestmark = pytest.mark.ops
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
@@ -116,6 +118,12 @@ def test_attention_fp32_gpu_runs_the_reference(monkeypatch):
     with pytest.raises(ValueError, match="float32"):
         attention(q, k, v)
     assert_close(ops.attention(q, k, v), F.scaled_dot_product_attention(q, k, v), **ATTENTION[torch.float32])
+
+
+def test_autotune_key_buckets_the_sequence_length():
+    """A new L re-tunes only in a new power-of-two bucket (64 .. 4096)."""
+    assert [l_bucket(L) for L in (1, 20, 64, 65, 100, 256, 257, 1024, 4096, 4097, 10**6)] == \
+        [64, 64, 64, 128, 128, 256, 512, 1024, 4096, 4096, 4096]
 
 
 def test_attention_opcheck():

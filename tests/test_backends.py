@@ -8,6 +8,8 @@ import torch
 from backends import BACKENDS, HAS_CUDA, backend_of, required_backends
 from fastddpm import ops
 
+pytestmark = pytest.mark.ops
+
 OPS = ("q_sample", "diffusion_loss", "ddpm_step", "attention")
 
 

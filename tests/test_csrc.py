@@ -24,6 +24,8 @@ from fastddpm import cpp_ops, noise, ops, reference  # noqa: E402
 from fastddpm.schedule import NoiseSchedule  # noqa: E402
 from tolerances import BY_DTYPE, EXACT, FP32, NORMAL_ULP, assert_close  # noqa: E402
 
+pytestmark = pytest.mark.ops
+
 SEED = 0x1234_5678_9ABC_DEF
 SAMPLE_OFFSET = 5
 T = 1000

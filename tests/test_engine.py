@@ -12,6 +12,8 @@ from fastddpm.engine import (SamplerEngine, cached_engines, clear_engine_cache, 
 from toy_models import Pointwise
 from tolerances import BY_DTYPE, EXACT, FP32, PEER, assert_close
 
+pytestmark = pytest.mark.ops
+
 HAS_CUDA = torch.cuda.is_available()
 
 

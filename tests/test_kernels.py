@@ -18,6 +18,8 @@ kernels = import_backend("fastddpm.kernels.ops")
 from fastddpm.kernels import noise as knoise  # noqa: E402
 from fastddpm.kernels.ddpm_step import ddpm_step_, ddpm_step_cast, ddpm_step_into  # noqa: E402
 
+pytestmark = pytest.mark.ops
+
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])

@@ -6,6 +6,8 @@ from fastddpm import noise
 from fastddpm.reference import batch_noise
 from tolerances import NORMAL_ULP, assert_close
 
+pytestmark = pytest.mark.ops
+
 # Random123's known-answer vectors for philox4x32-10: (counter, key, result).
 KAT = [
     ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),

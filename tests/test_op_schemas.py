@@ -2,6 +2,7 @@
 ``triton_op`` infers them and ignores a declared string), and they must equal
 the C++ backend's schemas (``csrc/module.cpp``), op for op, up to ``int`` being
 inferred as ``SymInt``."""
+import pytest
 import torch
 
 from backends import import_backend
@@ -9,6 +10,8 @@ from backends import import_backend
 kernels_library = import_backend("fastddpm.kernels._library")
 import_backend("fastddpm.kernels.ops")
 import_backend("fastddpm.cpp_ops")
+
+pytestmark = pytest.mark.ops
 
 
 def normalized(schema) -> tuple:

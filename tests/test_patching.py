@@ -11,6 +11,8 @@ from tolerances import ATTENTION, FP32, assert_close
 diffusers = pytest.importorskip("diffusers")
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0  # noqa: E402
 
+pytestmark = pytest.mark.ops
+
 
 def tiny_unet() -> torch.nn.Module:
     """Attention at 4x4 (L = 16) with 16 channels in 4 heads of 4."""
