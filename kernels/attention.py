@@ -12,8 +12,9 @@ U-Net's spatial self-attention: ``softmax(q k^T / sqrt(d)) v`` over
   routes fp32 to the reference, ``F.scaled_dot_product_attention`` (see
   ``attention_unsupported``).
 * Backward: ``delta = rowsum(dO * O)``, then one kernel per key block for
-  ``dK, dV`` (loop over queries) and one per query block for ``dQ`` (loop over
-  keys): no atomics, deterministic.
+  ``dK, dV`` (loop over queries; for head dims above 128 run twice, dK then
+  dV, so one float32 accumulator is live) and one per query block for ``dQ``
+  (loop over keys): no atomics, deterministic.
 
 Launch configs are autotuned per ``(L, d, dtype)`` on a GPU; the interpreter
 gets one small config (it cannot autotune).
@@ -41,46 +42,78 @@ def _configs(blocks, interpret_blocks):
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in blocks]
 
 
+# Registers one thread may fill by the estimate below (ptxas stops at 255; the
+# rest holds pointers, offsets and the softmax statistics).
+REGISTER_BUDGET = 224
+
+
+# Above this (padded) head dim the dK/dV kernel runs twice, once per output: dK and dV
+# accumulators of [BLOCK_N, 256] float32 together spill in every sm_90 config.
+SPLIT_DKDV_ABOVE = 128
+
+
+def dkdv_passes(block_d: int) -> tuple[tuple[bool, bool], ...]:
+    """(WRITE_DK, WRITE_DV) of each launch of the dK/dV kernel."""
+    return ((True, False), (False, True)) if block_d > SPLIT_DKDV_ABOVE else ((True, True),)
+
+
+def tile_cost(kind: str, block_m: int, block_n: int, block_d: int, stages: int, esize: int,
+              outputs: int = 2) -> tuple[int, int]:
+    """(shared memory bytes, 32-bit registers over the whole block) of one
+    kernel's tiles.  Registers: the float32 accumulators (``outputs`` of them
+    for dK/dV), the tiles that stay resident (``esize`` bytes per element), and
+    the float32 score-sized intermediates of the inner loop; shared memory: the
+    resident tiles and ``stages`` copies of the pipelined ones."""
+    if kind == "fwd":  # acc [m,d] + q [m,d] resident; s, p [m,n]; k, v pipelined
+        smem = esize * block_d * (block_m + 2 * stages * block_n)
+        regs = block_m * block_d * (4 + esize) // 4 + 2 * block_m * block_n
+    elif kind == "dkdv":  # dk, dv [n,d] + k, v [n,d] resident; q, dO [m,d] tiles; p, dp, ds [n,m]
+        smem = esize * block_d * (2 * block_n + 2 * stages * block_m)
+        regs = (outputs * block_n * block_d + 2 * block_n * block_d * esize // 4 + 2 * block_m * block_d * esize // 4
+                + 3 * block_n * block_m)
+    else:  # dq: dq [m,d] + q, dO [m,d] resident; p, dp, ds [m,n]; k, v pipelined
+        smem = esize * block_d * (2 * block_m + 2 * stages * block_n)
+        regs = block_m * block_d * (4 + 2 * esize) // 4 + 3 * block_m * block_n
+    return smem, regs
+
+
 def _pruner(kind: str):
     """Autotuning prune for one kernel: drop the configs whose tiles exceed
-    shared memory or whose float32 accumulators exceed ~128 registers per
-    thread (they spill).  The estimates match ptxas/Triton's figures for sm_90
-    (checked by compiling every config for d = 64, 128, 256 without a GPU)."""
+    shared memory or whose registers per thread exceed ``REGISTER_BUDGET``
+    (they spill).  ``scripts/compile_sm90.py`` compiles every config this keeps
+    for sm_90 at every head dim the tests and benchmarks use, and fails CI on
+    a spill: the estimate is held to ptxas's figures there."""
 
     def prune(configs, named_args, **kwargs):
         block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64))
         q = named_args.get("Q")
         esize = q.element_size() if hasattr(q, "element_size") else 2
+        outputs = int(kwargs.get("WRITE_DK", True)) + int(kwargs.get("WRITE_DV", True))
         keep = []
         for c in configs:
-            bm, bn, stages = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages
-            if kind == "fwd":  # q resident; k, v pipelined
-                smem, acc = esize * block_d * (bm + 2 * stages * bn), bm * block_d
-            elif kind == "dkdv":  # k, v resident; q, dO pipelined; dk, dv accumulated
-                smem, acc = esize * block_d * (2 * bn + 2 * stages * bm), 2 * bn * block_d
-            else:  # dq: q, dO resident; k, v pipelined
-                smem, acc = esize * block_d * (2 * bm + 2 * stages * bn), bm * block_d
-            if smem <= SMEM_LIMIT and acc <= 128 * 32 * c.num_warps:
+            smem, regs = tile_cost(kind, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], block_d, c.num_stages, esize,
+                                   outputs)
+            if smem <= SMEM_LIMIT and regs <= REGISTER_BUDGET * 32 * c.num_warps:
                 keep.append(c)
         return keep or configs[-1:]
 
     return {"early_config_prune": prune}
 
 
-# Candidates cover d = 64 (big tiles) to d = 256 (small tiles, 8 warps); the
-# pruner keeps those that fit the head dim.  The last of each list fits any d <= 256.
-_FWD_CONFIGS = _configs(
-    [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (64, 32, 4, 4), (64, 128, 8, 2),
-     (128, 64, 8, 2), (64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2)],
-    (32, 16))
-_DKDV_CONFIGS = _configs(
-    [(32, 128, 8, 3), (64, 128, 8, 2), (32, 128, 8, 2), (32, 64, 4, 3), (16, 64, 4, 2), (64, 64, 8, 2),
-     (32, 64, 8, 1), (32, 64, 8, 2)],
-    (16, 32))
-_DQ_CONFIGS = _configs(
-    [(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 8, 2), (64, 32, 4, 3), (64, 16, 4, 2), (128, 32, 8, 2),
-     (64, 32, 8, 2)],
-    (32, 16))
+# Candidates (BLOCK_M, BLOCK_N, num_warps, num_stages) cover d = 16 (big tiles)
+# to d = 256 (small tiles, 8 warps); the pruner keeps those that fit the head
+# dim.  The last of each list fits any d <= 256.
+FWD_BLOCKS = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (64, 32, 4, 4), (64, 128, 8, 2),
+              (128, 64, 8, 2), (64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2)]
+# (dK/dV: BLOCK_N under 64 spills on sm_90 whatever the head dim, a warpgroup's MMA spanning 64
+# rows; so does one stage, unpipelined, at d = 256)
+DKDV_BLOCKS = [(32, 128, 8, 3), (64, 128, 8, 2), (32, 128, 8, 2), (32, 64, 4, 3), (16, 64, 4, 2), (64, 64, 8, 2),
+               (32, 64, 8, 2)]
+DQ_BLOCKS = [(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 8, 2), (64, 32, 4, 3), (64, 16, 4, 2), (128, 32, 8, 2),
+             (64, 32, 8, 2)]
+_FWD_CONFIGS = _configs(FWD_BLOCKS, (32, 16))
+_DKDV_CONFIGS = _configs(DKDV_BLOCKS, (16, 32))
+_DQ_CONFIGS = _configs(DQ_BLOCKS, (32, 16))
 
 
 @triton.jit
@@ -180,8 +213,9 @@ def _attn_bwd_delta_kernel(O, DO, DELTA, sob, soh, som, sod, sdb, sdh, sdm, sdd,
 @triton.jit
 def _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqm, sqd, sdm, sdd, start_m, L, qk_scale,
                 offs_d, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, MASK_D: tl.constexpr,
-                MASK_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Accumulate one query block's contribution to this key block's dK, dV."""
+                MASK_M: tl.constexpr, DOT_PRECISION: tl.constexpr, WRITE_DK: tl.constexpr,
+                WRITE_DV: tl.constexpr):
+    """Accumulate one query block's contribution to this key block's dK and/or dV."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     q_t = _load_tile(q_base, offs_d, offs_m, sqd, sqm, HEAD_DIM, L, MASK_D, MASK_M)
     do = _load_tile(do_base, offs_m, offs_d, sdm, sdd, L, HEAD_DIM, MASK_M, MASK_D)
@@ -192,27 +226,34 @@ def _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqm, sqd, s
         lse = tl.load(lse_base + offs_m)
         delta = tl.load(delta_base + offs_m)
     p_t = tl.math.exp2(tl.dot(k, q_t, input_precision=DOT_PRECISION) * qk_scale - lse[None, :])
-    dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-    dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-    ds_t = p_t * (dp_t - delta[None, :])
-    dk = tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), dk, input_precision=DOT_PRECISION)
+    if WRITE_DV:
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+    if WRITE_DK:
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), dk, input_precision=DOT_PRECISION)
     return dk, dv
 
 
-@triton.autotune(configs=_DKDV_CONFIGS, key=["L_BUCKET", "HEAD_DIM"], prune_configs_by=_pruner("dkdv"))
+@triton.autotune(configs=_DKDV_CONFIGS, key=["L_BUCKET", "HEAD_DIM", "WRITE_DK", "WRITE_DV"],
+                 prune_configs_by=_pruner("dkdv"))
 @triton.jit
 def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
                           sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd,
                           H, L, L_BUCKET, sm_scale, qk_scale,
                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_D: tl.constexpr,
-                          DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                          DOT_PRECISION: tl.constexpr, WRITE_DK: tl.constexpr, WRITE_DV: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_n = tl.program_id(0) * BLOCK_N
     h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     k = _load_tile(K + b * skb + h * skh, offs_n, offs_d, skn, skd, L, HEAD_DIM, True, MASK_D)
-    v = _load_tile(V + b * svb + h * svh, offs_n, offs_d, svn, svd, L, HEAD_DIM, True, MASK_D)
+    if WRITE_DK:
+        v = _load_tile(V + b * svb + h * svh, offs_n, offs_d, svn, svd, L, HEAD_DIM, True, MASK_D)
+    else:  # dV alone needs no V
+        v = k
     q_base = Q + b * sqb + h * sqh
     do_base = DO + b * sdb + h * sdh
     lse_base = LSE + (b * H + h) * L
@@ -222,14 +263,16 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
     m_full = (L // BLOCK_M) * BLOCK_M
     for start_m in range(0, m_full, BLOCK_M):
         dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqm, sqd, sdm, sdd, start_m, L,
-                             qk_scale, offs_d, BLOCK_M, HEAD_DIM, MASK_D, False, DOT_PRECISION)
+                             qk_scale, offs_d, BLOCK_M, HEAD_DIM, MASK_D, False, DOT_PRECISION, WRITE_DK, WRITE_DV)
     if m_full < L:
         dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqm, sqd, sdm, sdd, m_full, L,
-                             qk_scale, offs_d, BLOCK_M, HEAD_DIM, MASK_D, True, DOT_PRECISION)
+                             qk_scale, offs_d, BLOCK_M, HEAD_DIM, MASK_D, True, DOT_PRECISION, WRITE_DK, WRITE_DV)
     # dK, dV are allocated contiguous [B, H, L, d]
     out_offset = (b * H + h) * L * HEAD_DIM
-    _store_tile(DK + out_offset, dk * sm_scale, offs_n, offs_d, HEAD_DIM, 1, L, HEAD_DIM, MASK_D)
-    _store_tile(DV + out_offset, dv, offs_n, offs_d, HEAD_DIM, 1, L, HEAD_DIM, MASK_D)
+    if WRITE_DK:
+        _store_tile(DK + out_offset, dk * sm_scale, offs_n, offs_d, HEAD_DIM, 1, L, HEAD_DIM, MASK_D)
+    if WRITE_DV:
+        _store_tile(DV + out_offset, dv, offs_n, offs_d, HEAD_DIM, 1, L, HEAD_DIM, MASK_D)
 
 
 @triton.jit
@@ -340,8 +383,10 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
         BLOCK_D=meta["BLOCK_D"], MASK_D=meta["MASK_D"], BLOCK_M=block_m, num_warps=4)
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
     sm_scale = int(d) ** -0.5
-    launch(_attn_bwd_dkdv_kernel)[_grid_over(L, H, B, "BLOCK_N")](
-        q, k, v, grad_out, lse, delta, dk, dv, *strides, H, L, l_bucket(L), sm_scale, sm_scale * LOG2E, **meta)
+    for write_dk, write_dv in dkdv_passes(meta["BLOCK_D"]):
+        launch(_attn_bwd_dkdv_kernel)[_grid_over(L, H, B, "BLOCK_N")](
+            q, k, v, grad_out, lse, delta, dk, dv, *strides, H, L, l_bucket(L), sm_scale, sm_scale * LOG2E,
+            WRITE_DK=write_dk, WRITE_DV=write_dv, **meta)
     launch(_attn_bwd_dq_kernel)[_grid_over(L, H, B, "BLOCK_M")](
         q, k, v, grad_out, lse, delta, dq, *strides, H, L, l_bucket(L), sm_scale, sm_scale * LOG2E, **meta)
     return dq, dk, dv

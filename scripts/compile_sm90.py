@@ -167,6 +167,8 @@ def variants():
 
 
 def _key(jit_fn, args, kwargs):
+    """What Triton compiles a kernel anew for: tensor dtypes, ints equal to 1,
+    divisible by 16 or 64-bit, and the compile-time constants and options."""
     def spec(a):
         if isinstance(a, torch.Tensor):
             return ("T", str(a.dtype))
@@ -204,6 +206,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, help="write every variant's registers/spills/shared memory here")
     parser.add_argument("--list", action="store_true", help="list the variants without compiling")
+    parser.add_argument("--match", default="", help="compile only the kernels whose name contains this")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiling processes (default: all cores)")
     args = parser.parse_args()
 
@@ -213,6 +216,8 @@ def main() -> int:
     drive_launchers()
     seen = set()
     for variant in variants():
+        if args.match not in variant[0].__name__:
+            continue
         key = _key(*variant)
         if key not in seen:
             seen.add(key)

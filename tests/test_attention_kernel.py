@@ -19,6 +19,7 @@ from tolerances import ATTENTION, assert_close
 from backends import import_backend  # noqa: E402
 
 kernels = import_backend("fastddpm.kernels.ops")
+from fastddpm.kernels import attention as attention_module  # noqa: E402
 from fastddpm.kernels.attention import attention, l_bucket  # noqa: E402
 
 pytestmark = pytest.mark.ops
@@ -126,6 +127,38 @@ def test_autotune_key_buckets_the_sequence_length():
         [64, 64, 64, 128, 128, 256, 512, 1024, 4096, 4096, 4096]
 
 
+# (kernel, BLOCK_M, BLOCK_N, head dim, warps, stages) that ptxas reported spilling registers when
+# scripts/compile_sm90.py compiled them for sm_90 (triton 3.6, fp16 and bf16)
+# (d = 256 dK/dV runs as two passes since; these are the one-pass figures)
+SPILLED_ON_SM90 = [("fwd", 128, 64, 128, 4, 3), ("fwd", 64, 64, 256, 4, 3), ("dkdv", 64, 128, 128, 8, 2),
+                   ("dq", 64, 16, 256, 4, 2), ("dq", 64, 32, 256, 4, 3)]
+SPILLED_ONE_PASS_D256 = [(32, 64, 8, 1), (32, 64, 8, 2), (64, 64, 8, 2)]
+BLOCKS = {"fwd": attention_module.FWD_BLOCKS, "dkdv": attention_module.DKDV_BLOCKS, "dq": attention_module.DQ_BLOCKS}
+
+
+def kept(kind, block_m, block_n, head_dim, warps, stages, esize=2):
+    outputs = sum(attention_module.dkdv_passes(head_dim)[0]) if kind == "dkdv" else 2
+    smem, regs = attention_module.tile_cost(kind, block_m, block_n, head_dim, stages, esize, outputs)
+    return smem <= attention_module.SMEM_LIMIT and regs <= attention_module.REGISTER_BUDGET * 32 * warps
+
+
+def test_autotune_pruner_drops_the_configs_that_spilled_on_sm90():
+    for kind, bm, bn, d, warps, stages in SPILLED_ON_SM90:
+        assert not kept(kind, bm, bn, d, warps, stages), (kind, bm, bn, d, warps, stages)
+    assert attention_module.dkdv_passes(256) == ((True, False), (False, True))
+    for bm, bn, warps, stages in SPILLED_ONE_PASS_D256:  # with both accumulators they would be dropped
+        _, regs = attention_module.tile_cost("dkdv", bm, bn, 256, stages, 2, outputs=2)
+        assert regs > attention_module.REGISTER_BUDGET * 32 * warps
+
+
+@pytest.mark.parametrize("kind", sorted(BLOCKS))
+def test_autotune_keeps_configs_for_every_head_dim(kind):
+    """Something to tune at every head dim, and the fallback (the last config) fits d = 256."""
+    for d in (16, 32, 64, 128, 256):
+        assert any(kept(kind, *block[:2], d, *block[2:]) for block in BLOCKS[kind]), (kind, d)
+    assert kept(kind, *BLOCKS[kind][-1][:2], 256, *BLOCKS[kind][-1][2:])
+
+
 def test_attention_opcheck():
     q, k, v = qkv(1, 2, 20, 32, DTYPE)
     torch.library.opcheck(torch.ops.fastddpm_triton.attention_forward, (q, k, v))
@@ -142,6 +175,14 @@ def test_attention_torch_compile_fullgraph():
     want = fp32_reference(q, k, v, torch.full((1, 2, 20, 32), 2.0, device=DEVICE))
     for name, g, w in zip(NAMES, [out, *grads], [want[0] * 2.0, *want[1:]]):
         assert_close(g.float(), w, **ATTENTION[DTYPE], msg=name)
+
+
+def test_attention_head_dim_256_backward_in_two_passes():
+    """d = 256 (the Ho U-Net's 16x16 attention) runs dK and dV as separate passes; both equal the reference."""
+    q, k, v = qkv(1, 1, 20, 256, DTYPE)
+    grad_out = torch.randn(1, 1, 20, 256, device=DEVICE, dtype=DTYPE)
+    for name, g, w in zip(NAMES, forward_backward(attention, q, k, v, grad_out), fp32_reference(q, k, v, grad_out)):
+        assert_close(g.float(), w, **ATTENTION[DTYPE], msg=f"{name} d=256")
 
 
 @pytest.mark.heavy

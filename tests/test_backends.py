@@ -2,6 +2,11 @@
 device, ``cpp`` (with its CUDA kernels) and ``triton`` always; elsewhere those
 named by ``FASTDDPM_REQUIRE_BACKENDS`` (CI: ``cpp,triton``).  A missing one
 fails here with its reason, instead of the dispatch quietly falling back."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -55,3 +60,20 @@ def test_load_error_names_the_reason(monkeypatch):
     assert ops.load_error("reference") is None
     with pytest.raises(ValueError, match="backend must be one of"):
         ops.load_error("cuda")
+
+
+def test_source_checkout_imports_the_kernels_from_itself():
+    """``PYTHONPATH=<checkout>`` (what the GPU check runs) imports ``fastddpm.kernels``
+    from the checkout's ``kernels/`` without an installed copy to map it."""
+    root = Path(__file__).resolve().parents[1]
+    code = ("import sys\n"
+            "sys.meta_path[:] = [f for f in sys.meta_path if 'Editable' not in getattr(f, '__name__', '')]\n"
+            "import fastddpm, fastddpm.kernels._library as lib\n"
+            "print(fastddpm.__file__); print(lib.__file__)\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"PYTHONPATH": str(root),
+                                                                       "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c", code], cwd="/", env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    package, library = (Path(line).resolve() for line in out.stdout.split())
+    assert package == root / "fastddpm" / "__init__.py"
+    assert library == root / "kernels" / "_library.py"

@@ -32,7 +32,7 @@ from fastddpm.trainer import TrainConfig, Trainer
 from tolerances import FP32, assert_close
 
 WORLD = 2
-TIMEOUT_S = 50  # a rank that hangs fails the test instead of blocking it
+TIMEOUT_S = 150  # a rank that hangs fails the test instead of blocking it (generous: CI runs two test processes on 2 cores)
 N_IMAGES = 22  # 18 for training with val_fraction 0.2: epochs end mid-batch (global batch 8)
 # Adam divides each gradient by its running RMS, so a rounding difference in a gradient component
 # near zero becomes a difference in the update of up to ~lr, and it compounds over steps.  Measured
