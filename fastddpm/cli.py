@@ -45,7 +45,8 @@ def cmd_train(args) -> int:
     preset = PRESETS[args.preset]
     image_size = args.image_size or preset.image_size
     dataset = load_dataset(args.data, image_size=image_size, channels=args.channels or preset.in_channels)
-    model = create_model(args.preset, image_size=dataset.image_size, in_channels=dataset.channels)
+    # the initial weights come from --seed too: two runs with the same arguments give the same checkpoints
+    model = create_model(args.preset, seed=args.seed, image_size=dataset.image_size, in_channels=dataset.channels)
     process = DDPM(**_diffusion_options(args))
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                          ema_decay=args.ema_decay, warmup_steps=args.warmup_steps,

@@ -49,7 +49,9 @@ class TrainConfig(JsonConfig):
         leaves the weights, optimizer state and EMA as they were (on the device, no synchronisation
         with a fused optimizer), counts the step in the ``skipped`` log column and goes on (an
         error still if every step of a logging window is skipped).
-    :param seed: seeds the data order, timesteps, flips, noise and dropout.
+    :param seed: seeds the data order, timesteps, flips, noise and dropout; the initial weights are the
+        model's, built by the caller: ``create_model(preset, seed=seed)`` makes them reproducible too (the
+        command line does so with ``--seed``).
     :param random_flip: horizontal flips with probability 1/2.
     :param val_fraction: share of the dataset held out for the validation loss (0: none).
     :param val_every: validate every this many steps (0: only at the end).

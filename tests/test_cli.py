@@ -96,3 +96,41 @@ def test_bad_output_suffix(run_dir, tmp_path):
     ckpt = str(run_dir / "checkpoints" / "step_0000004.safetensors")
     with pytest.raises(SystemExit, match="--out must end in .png, .npz or .npy"):
         main(["sample", "--checkpoint", ckpt, "-n", "1", "--steps", "2", "--out", str(tmp_path / "x.jpg"), "--quiet"])
+
+
+def _train_in_a_process(out, *extra):
+    """``fastddpm train`` in a fresh interpreter (its own RNG state, imports and threads)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    argv = [sys.executable, "-m", "fastddpm", "train", "--data", "digits", "--preset", "tiny", "--steps", "1",
+            "--batch-size", "16", "--seed", "0", "--timesteps", "50", "--out", str(out), *extra]
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_seed_makes_two_processes_write_identical_checkpoints(tmp_path):
+    from safetensors.torch import load_file
+
+    tensors = []
+    for name in ("a", "b"):
+        done = _train_in_a_process(tmp_path / name)
+        assert done.returncode == 0, done.stderr
+        tensors.append(load_file(tmp_path / name / "checkpoints" / "step_0000001.safetensors"))
+    a, b = tensors
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_create_model_seed_fixes_the_weights_and_leaves_the_global_rng():
+    from fastddpm.models import create_model
+
+    state = torch.get_rng_state()
+    one, two, other = (create_model("tiny", seed=s).state_dict() for s in (7, 7, 8))
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(torch.equal(one[k], two[k]) for k in one)
+    assert not all(torch.equal(one[k], other[k]) for k in one)
+    with pytest.raises(ValueError, match="seed"):
+        create_model("tiny", seed=-1)
