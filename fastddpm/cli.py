@@ -50,7 +50,9 @@ def cmd_train(args) -> int:
     process = DDPM(**_diffusion_options(args))
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                          ema_decay=args.ema_decay, warmup_steps=args.warmup_steps,
+                         ema_warmup_power=args.ema_warmup_power or None,
                          sample_every=args.sample_every, checkpoint_every=args.checkpoint_every,
+                         keep_last=args.keep_last,
                          val_fraction=args.val_fraction, log_every=args.log_every,
                          mixed_precision=args.mixed_precision, channels_last=args.channels_last,
                          compile=args.compile, nonfinite=args.nonfinite,
@@ -193,7 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="global batch (split over torchrun ranks)")
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--warmup-steps", type=int, default=0)
-    p.add_argument("--ema-decay", type=float, default=0.9999)
+    p.add_argument("--ema-decay", type=float, default=0.9999, help="the EMA decay once warmed up (default: 0.9999)")
+    p.add_argument("--ema-warmup-power", type=float, default=0.75,
+                   help="EMA warm-up: step k's decay is min(ema_decay, 1 - (1 + k)^-power) (default: 0.75; "
+                        "0: ema_decay from the first step)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="run directory (checkpoints, logs, samples)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
@@ -201,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels", type=int, default=None, help="default: the preset's")
     p.add_argument("--sample-every", type=int, default=0)
     p.add_argument("--checkpoint-every", type=int, default=1000)
+    p.add_argument("--keep-last", type=int, default=2, help="step checkpoints kept (default: 2)")
     p.add_argument("--val-fraction", type=float, default=0.0)
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--mixed-precision", default="auto", help="auto | no | bf16 | fp16")

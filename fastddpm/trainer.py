@@ -444,9 +444,10 @@ class Trainer:
 
     @torch.no_grad()
     def _update_ema(self, step: int, ok: torch.Tensor | None = None) -> None:
-        """``ema <- lerp(ema, params, 1 - decay)`` (weight 1 before ``ema_start``: an exact copy); with
-        ``ok`` (a device bool) the weight is 0 for a skipped step."""
-        weight = 1.0 if step < self.config.ema_start else 1.0 - self.config.ema_decay
+        """``ema <- lerp(ema, params, 1 - decay)`` with the decay of ``config.ema_decay_at(step)`` (weight 1
+        before ``ema_start`` and at the first warm-up step: an exact copy); with ``ok`` (a device bool)
+        the weight is 0 for a skipped step.  The weight is a function of the step: resumes exactly."""
+        weight = 1.0 - self.config.ema_decay_at(step)
         if ok is None:
             torch._foreach_lerp_(self._ema_params, self._params, weight)
             for e, b in zip(self._ema_buffers, self._buffers):

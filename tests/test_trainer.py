@@ -107,13 +107,37 @@ def test_resume_is_bit_identical(tmp_path, ten_images):
 
 
 def test_ema_copies_the_model_exactly_before_ema_start(tmp_path, ten_images):
-    trainer = _trainer(tmp_path, ten_images, steps=3, batch_size=2, lr=1e-2, ema_decay=0.9, ema_start=3, **QUIET)
+    # no warm-up: the first averaged step (step 4) lags the model (with the warm-up it copies it too, below)
+    trainer = _trainer(tmp_path, ten_images, steps=3, batch_size=2, lr=1e-2, ema_decay=0.9, ema_start=3,
+                       ema_warmup_power=None, **QUIET)
     trainer.train()
     for (k, a), b in zip(trainer.model.state_dict().items(), trainer.ema_model.state_dict().values()):
         assert torch.equal(a, b), k
     trainer.config = trainer.config.replace(steps=4)
     trainer.train()  # step 4 averages: the EMA now lags the model
     assert not all(torch.equal(a, b) for a, b in zip(trainer.model.parameters(), trainer.ema_model.parameters()))
+
+
+def test_ema_warmup_schedule():
+    c = TrainConfig(ema_decay=0.999, ema_start=10)
+    assert [c.ema_decay_at(s) for s in (0, 9, 10)] == [0.0, 0.0, 0.0]  # copies, then the first warm-up step
+    assert c.ema_decay_at(10 + 300) == pytest.approx(1 - 301 ** -0.75)  # ema-pytorch / diffusers, inv_gamma 1
+    decays = [c.ema_decay_at(s) for s in range(10, 100_000, 997)]
+    assert decays == sorted(decays) and max(decays) == 0.999  # rises to the cap and stays there
+    assert TrainConfig(ema_decay=0.9, ema_warmup_power=None).ema_decay_at(0) == 0.9
+    with pytest.raises(ValueError, match="ema_warmup_power"):
+        TrainConfig(ema_warmup_power=0.0)
+
+
+def test_short_runs_have_an_ema_of_recent_weights_by_default(tmp_path, ten_images):
+    """With the default decay (0.9999), 40 steps leave a plain EMA 99.6% the random start (samples are
+    noise); the warm-up makes it an average of the run's recent weights."""
+    trainer = _trainer(tmp_path, ten_images, steps=40, batch_size=2, lr=1e-2, **QUIET)
+    start = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.train()
+    moved = sum((p - s).norm() ** 2 for p, s in zip(trainer.model.parameters(), start)) ** 0.5
+    lag = sum((p - e).norm() ** 2 for p, e in zip(trainer.model.parameters(), trainer.ema_model.parameters())) ** 0.5
+    assert lag < 0.5 * moved
 
 
 def test_grad_accumulation_matches_one_big_batch(tmp_path, ten_images):
