@@ -134,3 +134,11 @@ def test_create_model_seed_fixes_the_weights_and_leaves_the_global_rng():
     assert not all(torch.equal(one[k], other[k]) for k in one)
     with pytest.raises(ValueError, match="seed"):
         create_model("tiny", seed=-1)
+
+
+def test_keep_last_flag(tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", "--data", "digits", "--preset", "tiny", "--steps", "4", "--batch-size", "4", "--out", str(out),
+                 "--checkpoint-every", "1", "--timesteps", "20", "--keep-last", "3"]) == 0
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*.safetensors")) == [
+        f"step_000000{s}.safetensors" for s in (2, 3, 4)]
