@@ -11,6 +11,8 @@
 from __future__ import annotations
 
 import argparse
+import shlex
+import signal
 import sys
 import time
 from pathlib import Path
@@ -60,6 +62,12 @@ def cmd_train(args) -> int:
                          random_flip=args.flip if args.flip is not None else args.data != "digits")
     trainer = Trainer(model, process, dataset, config, args.out, device=_device(args.device), resume=args.resume)
     metrics = trainer.train()
+    if metrics["stopped_by"]:
+        argv = list(args.argv)
+        resume = shlex.join(["fastddpm", *argv, *([] if "--resume" in argv else ["--resume"])])
+        print(f"stopped by {metrics['stopped_by']} at step {metrics['step']} of {config.steps}; checkpoint: "
+              f"{metrics['checkpoint']}\nto continue:\n  {resume}")
+        return 128 + signal.Signals[metrics["stopped_by"]].value
     print(f"trained to step {metrics.get('step')}: {metrics}")
     return 0
 
@@ -264,9 +272,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # to print the command that resumes an interrupted run
     try:
         return args.func(args)
+    except KeyboardInterrupt:
+        print(f"fastddpm {args.command}: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
     except (ValueError, TypeError, FileNotFoundError, FloatingPointError, ImportError, PermissionError) as e:
         print(f"fastddpm {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -125,7 +125,8 @@ class TrainConfig(JsonConfig):
             raise ValueError(f"grad_clip must be a float > 0 or None, got {self.grad_clip!r}")
         if not _is_num(self.ema_decay) or not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be a float in [0, 1), got {self.ema_decay!r}")
-        if self.ema_warmup_power is not None and (not _is_num(self.ema_warmup_power) or self.ema_warmup_power <= 0):
+        power = self.ema_warmup_power
+        if power is not None and (not _is_num(power) or power <= 0):
             raise ValueError(f"ema_warmup_power must be a float > 0 or None (no warm-up), got {self.ema_warmup_power!r}")
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
             raise ValueError(f"mixed_precision must be one of 'auto', 'no', 'bf16', 'fp16', "

@@ -72,6 +72,7 @@ from .diffusion import DDPM
 from .distributed import dist_info, join_torchrun_group, process_device
 from .noise import MAX_SEED
 from .run_log import RunLog
+from .stop_signals import StopOnSignal
 from .train_config import TrainConfig
 
 __all__ = ["TrainConfig", "Trainer"]
@@ -683,6 +684,10 @@ class Trainer:
     def train(self) -> dict:
         """Train up to ``config.steps``; returns the final metrics.
 
+        SIGINT (Ctrl-C) or SIGTERM in a single process: the step under way is finished, a checkpoint
+        written and the metrics returned early, with ``stopped_by`` the signal's name (None after a
+        full run); a second signal raises ``SystemExit(128 + signum)`` at once.
+
         :raises FloatingPointError: a non-finite loss (named by step), before any checkpoint holds it.
         """
         c = self.config
@@ -712,68 +717,75 @@ class Trainer:
         bar = tqdm(total=c.steps, initial=self.step, disable=not (self.progress and self.is_main), desc="training",
                    unit="step",
                    dynamic_ncols=True)
+        # SIGINT/SIGTERM: finish the step, checkpoint, return (one process only: ranks would stop at other steps)
+        stopper = StopOnSignal(enabled=self.world_size == 1)
         try:
-            while self.step < c.steps:
-                step = self.step
-                loss, grad_norm, ok = self._train_step(step)
-                self.step = done = step + 1
-                # device-side bookkeeping: no host synchronisation
-                if ok is None:
-                    finite = torch.isfinite(loss)
-                    bad_step = torch.where(finite | (bad_step >= 0), bad_step, torch.full_like(bad_step, done))
-                    loss_sum += loss
-                    norm_sum += grad_norm.float()
-                    self._loss_ema.lerp_(loss, 1.0 - LOSS_EMA_BETA)
-                else:  # a skipped step counts nowhere
-                    loss_sum += torch.where(ok, loss, 0.0)
-                    norm_sum += torch.where(ok, grad_norm.float(), 0.0)
-                    taken += ok
-                    run.copy_(torch.where(ok, 0, run + 1))
-                    torch.maximum(longest, run, out=longest)
-                    self._loss_ema.lerp_(torch.where(ok, loss, self._loss_ema), 1.0 - LOSS_EMA_BETA)
-                self._loss_ema_count += 1
-                window += 1
-                bar.update(1)
+            with stopper:
+                while self.step < c.steps:
+                    step = self.step
+                    stopper.doing = f"step {step + 1}"
+                    loss, grad_norm, ok = self._train_step(step)
+                    self.step = done = step + 1
+                    # device-side bookkeeping: no host synchronisation
+                    if ok is None:
+                        finite = torch.isfinite(loss)
+                        bad_step = torch.where(finite | (bad_step >= 0), bad_step, torch.full_like(bad_step, done))
+                        loss_sum += loss
+                        norm_sum += grad_norm.float()
+                        self._loss_ema.lerp_(loss, 1.0 - LOSS_EMA_BETA)
+                    else:  # a skipped step counts nowhere
+                        loss_sum += torch.where(ok, loss, 0.0)
+                        norm_sum += torch.where(ok, grad_norm.float(), 0.0)
+                        taken += ok
+                        run.copy_(torch.where(ok, 0, run + 1))
+                        torch.maximum(longest, run, out=longest)
+                        self._loss_ema.lerp_(torch.where(ok, loss, self._loss_ema), 1.0 - LOSS_EMA_BETA)
+                    self._loss_ema_count += 1
+                    window += 1
+                    bar.update(1)
 
-                last = done == c.steps
-                do_log = done % c.log_every == 0 or last
-                do_val = has_val and ((c.val_every and done % c.val_every == 0) or last)
-                do_ckpt = (c.checkpoint_every and done % c.checkpoint_every == 0) or last
-                do_sample = c.sample_every and (done % c.sample_every == 0 or last)
-                if not (do_log or do_val or do_ckpt or do_sample):
-                    continue
+                    last = done == c.steps
+                    stop = stopper.received is not None
+                    do_log = done % c.log_every == 0 or last or stop
+                    do_val = has_val and ((c.val_every and done % c.val_every == 0) or last)
+                    do_ckpt = (c.checkpoint_every and done % c.checkpoint_every == 0) or last or stop
+                    do_sample = c.sample_every and (done % c.sample_every == 0 or last)
+                    if not (do_log or do_val or do_ckpt or do_sample):
+                        continue
 
-                self._check_finite(bad_step, longest)  # never validate, sample or save a poisoned model
-                now = time.perf_counter()
-                kept = window if ok is None else int(taken)
-                self.skipped_steps += window - kept
-                row = {"step": done, "loss": float(loss_sum) / kept if kept else None, "lr": self.lr_at(step),
-                       "grad_norm": float(norm_sum) / kept if kept else None, "val_loss": None,
-                       "val_loss_ema": None,
-                       "images_per_s": window * c.effective_batch_size / max(now - t_window, 1e-9),
-                       "elapsed": self._elapsed(), "skipped": window - kept}
-                loss_sum.zero_()
-                norm_sum.zero_()
-                taken.zero_()
-                window, t_window = 0, now
-                if do_val:
-                    self.last_val = self.validate()
-                    row.update(self.last_val)
-                self.log.append(row)
-                last_row = row
-                bar.set_postfix(loss=f"{row['loss']:.4f}" if kept else "skipped",
-                                **({"val": f"{row['val_loss']:.4f}"} if do_val else {}))
-                if do_sample and self.is_main:
-                    self.save_samples(done)
-                # best: by validation loss where validated, else by smoothed train loss at checkpoints
-                metric = row["val_loss"] if do_val else (self.smoothed_loss() if not has_val and do_ckpt else None)
-                improved = self._improves(metric)  # decided first, so the step checkpoint records it
-                if do_ckpt:
-                    last_ckpt = self._checkpoint()
-                    self.plot_loss()
-                if improved:
-                    self.save(self.checkpoint_dir / "best.safetensors")
-                t_window = time.perf_counter()  # do not count validation, samples and saving as training time
+                    self._check_finite(bad_step, longest)  # never validate, sample or save a poisoned model
+                    now = time.perf_counter()
+                    kept = window if ok is None else int(taken)
+                    self.skipped_steps += window - kept
+                    row = {"step": done, "loss": float(loss_sum) / kept if kept else None, "lr": self.lr_at(step),
+                           "grad_norm": float(norm_sum) / kept if kept else None, "val_loss": None,
+                           "val_loss_ema": None,
+                           "images_per_s": window * c.effective_batch_size / max(now - t_window, 1e-9),
+                           "elapsed": self._elapsed(), "skipped": window - kept}
+                    loss_sum.zero_()
+                    norm_sum.zero_()
+                    taken.zero_()
+                    window, t_window = 0, now
+                    if do_val:
+                        self.last_val = self.validate()
+                        row.update(self.last_val)
+                    self.log.append(row)
+                    last_row = row
+                    bar.set_postfix(loss=f"{row['loss']:.4f}" if kept else "skipped",
+                                    **({"val": f"{row['val_loss']:.4f}"} if do_val else {}))
+                    if do_sample and self.is_main:
+                        self.save_samples(done)
+                    # best: by validation loss where validated, else by smoothed train loss at checkpoints
+                    metric = row["val_loss"] if do_val else (self.smoothed_loss() if not has_val and do_ckpt else None)
+                    improved = self._improves(metric)  # decided first, so the step checkpoint records it
+                    if do_ckpt:
+                        last_ckpt = self._checkpoint()
+                        self.plot_loss()
+                    if improved:
+                        self.save(self.checkpoint_dir / "best.safetensors")
+                    t_window = time.perf_counter()  # do not count validation, samples and saving as training time
+                    if stop:
+                        break
         finally:
             bar.close()
             self.elapsed_before = self._elapsed()
@@ -794,6 +806,7 @@ class Trainer:
             "skipped_steps": self.skipped_steps,
             "elapsed": self.elapsed_before,
             "checkpoint": str(last_ckpt or self.latest_checkpoint(self.out_dir) or ""),
+            "stopped_by": stopper.received,
         }
 
     def smoothed_loss(self) -> float | None:

@@ -142,3 +142,34 @@ def test_keep_last_flag(tmp_path):
                  "--checkpoint-every", "1", "--timesteps", "20", "--keep-last", "3"]) == 0
     assert sorted(p.name for p in (out / "checkpoints").glob("step_*.safetensors")) == [
         f"step_000000{s}.safetensors" for s in (2, 3, 4)]
+
+
+def test_sigterm_checkpoints_and_prints_the_resume_command(tmp_path):
+    import os
+    import shlex
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    argv = ["train", "--data", "digits", "--preset", "tiny", "--steps", "100000", "--batch-size", "4", "--timesteps",
+            "50", "--out", str(out)]
+    proc = subprocess.Popen([sys.executable, "-m", "fastddpm", *argv], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "metrics.csv").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(1.0)  # some steps in
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert "Traceback" not in stderr
+    (ckpt,) = (out / "checkpoints").glob("step_*.safetensors")
+    step = int(ckpt.stem.split("_")[1])
+    assert step > 0 and f"stopped by SIGTERM at step {step}" in stdout
+    resume = shlex.split(stdout.strip().splitlines()[-1])
+    assert resume == ["fastddpm", *argv, "--resume"]

@@ -3,7 +3,9 @@
 All runs use the ``tiny`` preset (8x8 gray) on a handful of images, a few steps each.
 """
 import json
+import os
 import shutil
+import signal
 
 import pytest
 import torch
@@ -307,6 +309,46 @@ def test_compiled_model_trains_like_eager(tmp_path, ten_images):
     _assert_trained_alike(compiled, eager)
     names = load_checkpoint(tmp_path / "compiled" / "checkpoints" / "step_0000003.safetensors").tensors.keys()
     assert not any("_orig_mod" in k for k in names)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_finishes_the_step_and_writes_a_checkpoint(tmp_path, ten_images, monkeypatch, signum):
+    trainer = _trainer(tmp_path / "run", ten_images, steps=50, batch_size=2, checkpoint_every=0, log_every=10)
+    take_step = trainer._train_step
+
+    def step_then_signal(step):
+        out = take_step(step)
+        if step == 2:  # arrives inside step 3; the step still completes
+            os.kill(os.getpid(), signum)
+        return out
+
+    monkeypatch.setattr(trainer, "_train_step", step_then_signal)
+    before = signal.getsignal(signum)
+    metrics = trainer.train()
+    assert signal.getsignal(signum) is before  # handlers restored
+    assert metrics["stopped_by"] == signal.Signals(signum).name and metrics["step"] == 3
+    assert metrics["checkpoint"].endswith("step_0000003.safetensors")
+    assert _rows(tmp_path / "run")[-1]["step"] == 3
+    again = _trainer(tmp_path / "run", ten_images, steps=5, batch_size=2, checkpoint_every=0, log_every=10,
+                     resume=True)
+    assert again.step == 3 and again.train()["stopped_by"] is None
+
+
+def test_a_second_signal_exits_at_once(tmp_path, ten_images, monkeypatch):
+    trainer = _trainer(tmp_path / "run", ten_images, steps=50, batch_size=2, checkpoint_every=0, log_every=10)
+    take_step = trainer._train_step
+
+    def signal_twice(step):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return take_step(step)
+
+    monkeypatch.setattr(trainer, "_train_step", signal_twice)
+    with pytest.raises(SystemExit) as stopped:
+        trainer.train()
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert trainer.step == 2 and not list((tmp_path / "run" / "checkpoints").iterdir())
 
 
 def test_unwritable_out_dir(tmp_path, ten_images):
