@@ -280,7 +280,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"fastddpm {args.command}: interrupted", file=sys.stderr)
         return 128 + signal.SIGINT
-    except (ValueError, TypeError, FileNotFoundError, FloatingPointError, ImportError, PermissionError) as e:
+    except (ValueError, TypeError, OSError, FloatingPointError, ImportError) as e:
         print(f"fastddpm {args.command}: error: {e}", file=sys.stderr)
         return 2
 

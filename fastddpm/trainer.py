@@ -49,6 +49,9 @@ Output directory::
     metrics.jsonl, metrics.csv           step, loss, lr, grad_norm, val_loss, ...
     loss.png                             the loss curve
     samples/step_0001000.png             EMA samples every ``sample_every`` steps
+    .fastddpm.lock                       held by the process writing the run (``run_dir.RunDirLock``)
+
+A folder that holds anything else and no fastddpm ``config.json`` is refused, not written into.
 """
 from __future__ import annotations
 
@@ -71,6 +74,7 @@ from .files import write_text_atomic
 from .diffusion import DDPM
 from .distributed import dist_info, join_torchrun_group, process_device
 from .noise import MAX_SEED
+from .run_dir import RunDirLock, check_is_run_dir
 from .run_log import RunLog
 from .stop_signals import StopOnSignal
 from .train_config import TrainConfig
@@ -208,10 +212,19 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
 
         self._setup_data(dataset)
+        # rank 0 holds the run directory's lock while it writes there: here and in train()
+        self._lock = RunDirLock(self.out_dir)
         if self.is_main:
+            check_is_run_dir(self.out_dir)
             self._prepare_out_dir()
+            self._lock.acquire()
+        try:
+            self._init_state(resume)
+        finally:
+            self._lock.release()
 
-        # training state (all of it goes into each checkpoint)
+    def _init_state(self, resume) -> None:
+        """The training state (all of it goes into each checkpoint): step 0, or the checkpoint's."""
         self.step = 0
         self.epoch = 0
         self.index = 0
@@ -689,12 +702,22 @@ class Trainer:
         full run); a second signal raises ``SystemExit(128 + signum)`` at once.
 
         :raises FloatingPointError: a non-finite loss (named by step), before any checkpoint holds it.
+        :raises RunDirInUseError: another trainer (in any process) is writing in ``out_dir``.
         """
+        if self.is_main:
+            self._lock.acquire()
+        try:
+            return self._train()
+        finally:
+            self._lock.release()
+
+    def _train(self) -> dict:
         c = self.config
         if self.step == 0 and self._resumed_from is None:
             if self.checkpoints_in(self.out_dir):
                 raise ValueError(f"out_dir {str(self.out_dir)!r} already holds checkpoints of a run: pass "
-                                 f"resume=True to continue it, or choose another out_dir")
+                                 f"resume=True (--resume on the command line) to continue it, or choose another "
+                                 f"out_dir")
             # dropout draws from the global RNG; rank 0's state is checkpointed
             torch.manual_seed(c.seed if self.is_main else _dropout_seed(c.seed, self.rank, 0))
             self.log.start()

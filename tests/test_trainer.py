@@ -489,3 +489,37 @@ def test_gpu_compiled_bf16_run_trains_and_saves_a_loadable_model(tmp_path, digit
     model, process = load_model(tmp_path / "checkpoints" / "step_0000060.safetensors")
     images = fastddpm.sample(model.cuda(), 2, steps=5, process=process, progress=False)
     assert images.shape == (2, 1, 8, 8) and bool(torch.isfinite(images).all())
+
+
+def test_a_run_directory_is_locked_while_written(tmp_path, ten_images):
+    from fastddpm.run_dir import RunDirInUseError, RunDirLock
+
+    first = _trainer(tmp_path / "run", ten_images, steps=2, batch_size=2, **QUIET)
+    other = RunDirLock(tmp_path / "run")  # as another process would: its own open file
+    other.acquire()
+    try:
+        with pytest.raises(RunDirInUseError, match=rf"run directory .*run'.* is in use by pid {os.getpid()}"):
+            first.train()
+        with pytest.raises(RunDirInUseError, match="in use by pid"):
+            _trainer(tmp_path / "run", ten_images, steps=2, batch_size=2, resume=True, **QUIET)
+        assert not (tmp_path / "run" / "metrics.csv").exists()  # nothing written by the refused ones
+    finally:
+        other.release()
+    assert first.train()["step"] == 2
+    other.acquire()  # released when training ends
+    other.release()
+
+
+def test_a_folder_that_is_not_a_run_is_left_alone(tmp_path, ten_images):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    files = {"config.json": '{"lr": 1}', "metrics.csv": "a,b\n1,2\n", "loss.png": "not a png"}
+    for name, text in files.items():
+        (mine / name).write_text(text)
+    with pytest.raises(ValueError, match=r"out_dir .*mine.* is not empty and is not a fastddpm run.*config.json"):
+        _trainer(mine, ten_images, steps=2, batch_size=2, **QUIET)
+    assert sorted(p.name for p in mine.iterdir()) == sorted(files)
+    assert all((mine / name).read_text() == text for name, text in files.items())
+    # a run's own folder is one: train, then resume into it
+    _trainer(tmp_path / "run", ten_images, steps=2, batch_size=2, **QUIET).train()
+    assert _trainer(tmp_path / "run", ten_images, steps=3, batch_size=2, resume=True, **QUIET).train()["step"] == 3
