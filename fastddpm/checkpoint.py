@@ -35,6 +35,7 @@ __all__ = [
     "Checkpoint",
     "save_checkpoint",
     "load_checkpoint",
+    "read_metadata",
     "load_model",
     "save_model",
     "load_weights",
@@ -261,20 +262,9 @@ def _read_header(path: Path) -> dict:
     return header
 
 
-def load_checkpoint(path) -> Checkpoint:
-    """Read a checkpoint (or a release file) written by fastddpm.
-
-    :raises FileNotFoundError: no such file.
-    :raises ValueError: not a safetensors file, truncated or corrupt, no ``fastddpm``
-        metadata, or a format version this fastddpm does not read.
-    """
-    path = Path(path)
+def _metadata_of(path: Path, header: dict) -> dict:
+    """The ``fastddpm`` JSON of a file's safetensors header, checked."""
     where = repr(str(path))
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {where} not found")
-    if not path.is_file():
-        raise ValueError(f"{where} is not a fastddpm checkpoint (not a file)")
-    header = _read_header(path)
     raw = (header.get("__metadata__") or {}).get(METADATA_KEY)
     if raw is None:
         raise ValueError(f"{where} is a safetensors file without fastddpm metadata (key {METADATA_KEY!r}); "
@@ -291,6 +281,37 @@ def load_checkpoint(path) -> Checkpoint:
     if version > FORMAT_VERSION or version < 1:
         raise ValueError(f"{where} has checkpoint format version {version}; this fastddpm reads version "
                          f"{FORMAT_VERSION} (upgrade fastddpm to read it)")
+    return metadata
+
+
+def _existing_file(path) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} not found")
+    if not path.is_file():
+        raise ValueError(f"{str(path)!r} is not a fastddpm checkpoint (not a file)")
+    return path
+
+
+def read_metadata(path) -> dict:
+    """The ``fastddpm`` JSON state of a checkpoint or release file, without reading its tensors.
+
+    :raises FileNotFoundError, ValueError: as :func:`load_checkpoint`.
+    """
+    path = _existing_file(path)
+    return _metadata_of(path, _read_header(path))
+
+
+def load_checkpoint(path) -> Checkpoint:
+    """Read a checkpoint (or a release file) written by fastddpm.
+
+    :raises FileNotFoundError: no such file.
+    :raises ValueError: not a safetensors file, truncated or corrupt, no ``fastddpm``
+        metadata, or a format version this fastddpm does not read.
+    """
+    path = _existing_file(path)
+    where = repr(str(path))
+    metadata = _metadata_of(path, _read_header(path))
     from safetensors import safe_open
 
     try:

@@ -129,9 +129,29 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _check_export_target(checkpoint: Path, out: Path, force: bool) -> None:
+    """Refuse to write the release file over its own checkpoint or over any training checkpoint (the
+    run could not resume from EMA-only weights), unless forced."""
+    from .checkpoint import read_metadata
+
+    if force or not out.exists():
+        return
+    if out.resolve() == checkpoint.resolve():
+        raise ValueError(f"--out {str(out)!r} is the --checkpoint itself: the export (EMA weights only) would "
+                         f"replace the training checkpoint; choose another --out (or --force)")
+    try:
+        kind = read_metadata(out).get("kind")
+    except (ValueError, OSError):
+        return  # not a fastddpm checkpoint
+    if kind == "train":
+        raise ValueError(f"--out {str(out)!r} is a training checkpoint; writing the export (EMA weights only) over "
+                         f"it would lose what resuming needs; choose another --out (or --force)")
+
+
 def cmd_export(args) -> int:
     from .checkpoint import load_checkpoint, load_model, save_model
 
+    _check_export_target(Path(args.checkpoint), Path(args.out), args.force)
     ckpt = load_checkpoint(args.checkpoint)
     model, process = load_model(args.checkpoint, ema=True)
     extra = {"exported_from": {"step": ckpt.metadata.get("step"), "train_config": ckpt.metadata.get("train_config")}}
@@ -246,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--note", default=None, help="a line stored in the file's metadata")
+    p.add_argument("--force", action="store_true", help="write --out even over a training checkpoint")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("plot-schedule", help="plot betas and alphas_cumprod of schedules")

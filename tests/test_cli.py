@@ -1,5 +1,6 @@
 """The command line, end to end on tiny runs."""
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -173,3 +174,22 @@ def test_sigterm_checkpoints_and_prints_the_resume_command(tmp_path):
     assert step > 0 and f"stopped by SIGTERM at step {step}" in stdout
     resume = shlex.split(stdout.strip().splitlines()[-1])
     assert resume == ["fastddpm", *argv, "--resume"]
+
+
+def test_export_never_replaces_a_training_checkpoint_unless_forced(run_dir, tmp_path, capsys):
+    ckpt = run_dir / "checkpoints" / "step_0000004.safetensors"
+    other = tmp_path / "other.safetensors"
+    shutil.copy(ckpt, other)
+    before = ckpt.read_bytes()
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(ckpt)]) == 2
+    assert "is the --checkpoint itself" in capsys.readouterr().err
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(other)]) == 2
+    assert "is a training checkpoint" in capsys.readouterr().err
+    assert ckpt.read_bytes() == before and other.read_bytes() == before
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(other), "--force"]) == 0
+    from fastddpm.checkpoint import read_metadata
+
+    assert read_metadata(other)["kind"] == "model"
+    release = tmp_path / "release.safetensors"
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(release)]) == 0
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(release)]) == 0  # a release may be replaced
