@@ -328,15 +328,23 @@ def _listing(names) -> str:
     return ", ".join(names[:_SHOW]) + more
 
 
-def load_weights(module: nn.Module, state: dict[str, torch.Tensor], *, path="", what: str = "model") -> None:
-    """``module.load_state_dict(state)`` after checking names and shapes, with an error that lists a few
-    missing, unexpected and mis-shaped entries and names the file."""
+def load_weights(module: nn.Module, state: dict[str, torch.Tensor], *, path="", what: str = "model",
+                 check_only: bool = False) -> None:
+    """``module.load_state_dict(state)`` after checking names, shapes and kinds of dtype (a float weight
+    stored as an integer tensor would be cast silently), with an error that lists a few missing,
+    unexpected and mis-shaped entries and names the file.
+
+    :param check_only: check, do not load (``module`` may live on the meta device).
+    """
     expected = module.state_dict()
     missing = set(expected) - set(state)
     unexpected = set(state) - set(expected)
+    common = sorted(set(expected) & set(state))
     shapes = [f"{k} {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-              for k in sorted(set(expected) & set(state)) if tuple(state[k].shape) != tuple(expected[k].shape)]
-    if missing or unexpected or shapes:
+              for k in common if tuple(state[k].shape) != tuple(expected[k].shape)]
+    dtypes = [f"{k} {state[k].dtype} vs model {expected[k].dtype}" for k in common
+              if expected[k].is_floating_point() and not state[k].is_floating_point()]
+    if missing or unexpected or shapes or dtypes:
         parts = []
         if missing:
             parts.append(f"missing {len(missing)}: {_listing(missing)}")
@@ -344,8 +352,11 @@ def load_weights(module: nn.Module, state: dict[str, torch.Tensor], *, path="", 
             parts.append(f"unexpected {len(unexpected)}: {_listing(unexpected)}")
         if shapes:
             parts.append(f"shape mismatch {len(shapes)}: {_listing(shapes)}")
+        if dtypes:
+            parts.append(f"not floating point {len(dtypes)}: {_listing(dtypes)}")
         raise ValueError(f"{what} weights in {str(path)!r} do not match the model config: " + "; ".join(parts))
-    module.load_state_dict(state)
+    if not check_only:
+        module.load_state_dict(state)
 
 
 def check_model_config(checkpoint: Checkpoint, model: nn.Module) -> None:
@@ -379,10 +390,23 @@ def load_model(path, *, ema: bool = True, device="cpu"):
     if "diffusion" not in ckpt.metadata:
         raise ValueError(f"{where} has no diffusion process in its metadata")
     try:
-        model = create_model(config)
+        process = DDPM.from_dict(ckpt.metadata["diffusion"])
+    except (TypeError, ValueError, KeyError) as e:
+        raise ValueError(f"{where} has an invalid diffusion process: {e}") from None
+    prefix = "ema" if ema and ckpt.has("ema") else "model"
+    state = ckpt.section(prefix)
+    # the declared config must fit the tensors in the file before anything is allocated: a crafted
+    # model_config must not make us build a model far larger than the file (checked on the meta device)
+    blocks = config.get("num_res_blocks", 0) * len(config.get("channel_mult") or ()) if isinstance(config, dict) else 0
+    if not isinstance(blocks, int) or blocks > len(state):
+        raise ValueError(f"{where}: its model_config declares {blocks} residual blocks but the file holds "
+                         f"{len(state)} {prefix} tensors; the file is corrupt or crafted")
+    try:
+        with torch.device("meta"):
+            skeleton = create_model(config)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{where} has an invalid model_config: {e}") from None
-    prefix = "ema" if ema and ckpt.has("ema") else "model"
-    load_weights(model, ckpt.section(prefix), path=ckpt.path, what=prefix)
-    process = DDPM.from_dict(ckpt.metadata["diffusion"])
+    load_weights(skeleton, state, path=ckpt.path, what=prefix, check_only=True)
+    model = create_model(config)
+    load_weights(model, state, path=ckpt.path, what=prefix)
     return model.to(device).eval(), process
