@@ -93,10 +93,11 @@ def test_errors_are_clear(argv, message, capsys, tmp_path, monkeypatch):
     assert code == 2 and message in err
 
 
-def test_bad_output_suffix(run_dir, tmp_path):
+def test_bad_output_suffix(run_dir, tmp_path, capsys):
     ckpt = str(run_dir / "checkpoints" / "step_0000004.safetensors")
-    with pytest.raises(SystemExit, match="--out must end in .png, .npz or .npy"):
-        main(["sample", "--checkpoint", ckpt, "-n", "1", "--steps", "2", "--out", str(tmp_path / "x.jpg"), "--quiet"])
+    assert main(["sample", "--checkpoint", ckpt, "-n", "1", "--steps", "2", "--out", str(tmp_path / "x.jpg"),
+                 "--quiet"]) == 2
+    assert "--out must end in .png, .npz or .npy" in capsys.readouterr().err
 
 
 def _train_in_a_process(out, *extra):
@@ -140,7 +141,7 @@ def test_create_model_seed_fixes_the_weights_and_leaves_the_global_rng():
 def test_keep_last_flag(tmp_path):
     out = tmp_path / "run"
     assert main(["train", "--data", "digits", "--preset", "tiny", "--steps", "4", "--batch-size", "4", "--out", str(out),
-                 "--checkpoint-every", "1", "--timesteps", "20", "--keep-last", "3"]) == 0
+                 "--checkpoint-every", "1", "--timesteps", "50", "--keep-last", "3"]) == 0
     assert sorted(p.name for p in (out / "checkpoints").glob("step_*.safetensors")) == [
         f"step_000000{s}.safetensors" for s in (2, 3, 4)]
 
@@ -193,3 +194,71 @@ def test_export_never_replaces_a_training_checkpoint_unless_forced(run_dir, tmp_
     release = tmp_path / "release.safetensors"
     assert main(["export", "--checkpoint", str(ckpt), "--out", str(release)]) == 0
     assert main(["export", "--checkpoint", str(ckpt), "--out", str(release)]) == 0  # a release may be replaced
+
+
+def _error_of(argv, capsys) -> tuple[int, str]:
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse's errors
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def test_bad_inputs_are_refused_before_any_work(run_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ckpt = str(run_dir / "checkpoints" / "step_0000004.safetensors")
+    sample = ["sample", "--checkpoint", ckpt, "-n", "2", "--quiet"]
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "a_dir.png").mkdir()
+    cases = [
+        (sample + ["--out", "a_file/s.png"], "its folder 'a_file' is not a folder"),
+        (sample + ["--out", "no/such/s.png"], "its folder 'no/such' does not exist"),
+        (sample + ["--out", "a_dir.png"], "--out 'a_dir.png' is a folder"),
+        (sample + ["--gif", "r.mp4"], "--gif must end in .gif"),
+        (sample + ["--scale", "0"], "argument --scale: expected an int in [1, 64], got '0'"),
+        (sample + ["--scale", "100000"], "argument --scale: expected an int in [1, 64]"),
+        (sample + ["--eta", "0.5"], "--eta is DDIM's: give --sampler ddim"),
+        (sample + ["--steps", "51"], "--steps 51 is more than the model's process has (50)"),
+        (sample + ["--device", "bogus"], "--device 'bogus' is not a device"),
+        (["demo", "--steps", "2000", "--quiet"], "--steps 2000 is more than"),
+        (["forward-strip", "-n", "0"], "argument -n: expected an int >= 1"),
+        (["eval", "--samples", "x.npz", "--batch-size", "0"], "argument --batch-size: expected an int >= 1"),
+        (["plot-schedule", "--out", "s.txt"], "--out must end in .png"),
+        (["forward-strip", "--out", "f.jpg"], "--out must end in .png"),
+        (["train", "--data", "digits", "--steps", "1", "--out", "r", "--image-size", "0"],
+         "argument --image-size: expected an int >= 1"),
+        (["train", "--data", "digits", "--steps", "1", "--out", "r", "--timesteps", "20"],
+         "linear schedule with num_timesteps=20"),
+        (["export", "--checkpoint", ckpt, "--out", "x.pt"], "--out must end in .safetensors"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((sample + ["--device", "cuda"], "no CUDA GPU is available here"))
+    for argv, message in cases:
+        code, err = _error_of(argv, capsys)
+        assert code == 2 and message in err and "Traceback" not in err, (argv, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_dir.png", "a_file"]  # nothing written
+
+
+def test_resume_edge_cases_say_what_happens(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--data", "digits", "--preset", "tiny", "--batch-size", "4", "--timesteps", "50", "--out", str(out)]
+    assert main(args + ["--steps", "2", "--resume"]) == 0
+    assert "--resume: no checkpoint in" in capsys.readouterr().out
+    code, err = _error_of(args + ["--steps", "1", "--resume"], capsys)
+    assert code == 2 and "--steps 1 is not beyond the checkpoint's step 2" in err
+    code, err = _error_of(args + ["--steps", "3"], capsys)
+    assert code == 2 and "--resume on the command line" in err
+
+
+def test_threads_and_help_defaults(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "fastddpm", "train", "--help"], capture_output=True, text=True)
+    assert "(default: 0.9999)" in done.stdout and "--threads" in done.stdout
+    n = torch.get_num_threads()
+    try:
+        assert main(["plot-schedule", "--out", str(tmp_path / "s.png"), "--threads", "1"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(n)
