@@ -70,7 +70,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .checkpoint import check_model_config, load_checkpoint, load_weights, save_checkpoint
-from .files import write_text_atomic
+from .files import remove_stale_temp_files, write_text_atomic
 from .diffusion import DDPM
 from .distributed import dist_info, join_torchrun_group, process_device
 from .noise import MAX_SEED
@@ -218,6 +218,8 @@ class Trainer:
             check_is_run_dir(self.out_dir)
             self._prepare_out_dir()
             self._lock.acquire()
+            for folder in (self.out_dir, self.checkpoint_dir, self.out_dir / "samples"):
+                remove_stale_temp_files(folder)  # left by writes a kill cut short; we hold the lock
         try:
             self._init_state(resume)
         finally:
@@ -319,10 +321,13 @@ class Trainer:
         except OSError as e:
             raise OSError(f"out_dir {where} cannot be created or written to: {e.strerror or e}") from e
         free = shutil.disk_usage(self.out_dir).free
-        need = 2 * self.estimated_checkpoint_bytes()
-        if free < need:
+        # the kept step checkpoints, best.safetensors and the one being written
+        count = self.config.keep_last + int(self.config.keep_best) + 1
+        one = self.estimated_checkpoint_bytes()
+        if free < count * one:
             raise OSError(f"out_dir {where} has {free / 2**20:.1f} MiB free; checkpoints need about "
-                          f"{need / 2**20:.1f} MiB (two checkpoints of {need / 2**21:.1f} MiB)")
+                          f"{count * one / 2**20:.1f} MiB ({count} checkpoints of {one / 2**20:.1f} MiB: keep_last="
+                          f"{self.config.keep_last}, best, one being written)")
 
     def estimated_checkpoint_bytes(self) -> int:
         """Model + EMA + Adam's two moments, plus a little."""

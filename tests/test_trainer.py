@@ -523,3 +523,34 @@ def test_a_folder_that_is_not_a_run_is_left_alone(tmp_path, ten_images):
     # a run's own folder is one: train, then resume into it
     _trainer(tmp_path / "run", ten_images, steps=2, batch_size=2, **QUIET).train()
     assert _trainer(tmp_path / "run", ten_images, steps=3, batch_size=2, resume=True, **QUIET).train()["step"] == 3
+
+
+def test_a_new_trainer_removes_the_debris_of_killed_writes(tmp_path, ten_images):
+    _trainer(tmp_path / "run", ten_images, steps=2, batch_size=2, **QUIET).train()
+    debris = [tmp_path / "run" / "checkpoints" / ".step_0000003.safetensors.abc123.tmp",
+              tmp_path / "run" / ".metrics.csv.xyz.tmp"]
+    for p in debris:
+        p.write_bytes(b"\0" * 1000)
+    _trainer(tmp_path / "run", ten_images, steps=3, batch_size=2, resume=True, **QUIET)
+    assert not any(p.exists() for p in debris)
+
+
+def test_write_errors_name_the_users_file(tmp_path, monkeypatch):
+    from fastddpm import files
+
+    def refuse(*a, **k):
+        raise PermissionError(13, "Permission denied", str(tmp_path / ".x.png.abc.tmp"))
+
+    monkeypatch.setattr(files.tempfile, "mkstemp", refuse)
+    with pytest.raises(PermissionError, match=r"cannot write '.*x\.png': Permission denied") as e:
+        files.write_text_atomic(tmp_path / "x.png", "a")
+    assert ".tmp" not in str(e.value)
+
+
+def test_disk_check_counts_every_checkpoint_a_run_keeps(tmp_path, ten_images, monkeypatch):
+    one = _trainer(tmp_path / "probe", ten_images, steps=1, batch_size=2).estimated_checkpoint_bytes()
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=int(3.5 * one)))
+    with pytest.raises(OSError, match=r"4 checkpoints of .* keep_last=2, best, one being written"):
+        _trainer(tmp_path / "run", ten_images, steps=1, batch_size=2)
+    _trainer(tmp_path / "run", ten_images, steps=1, batch_size=2, keep_last=1, keep_best=False)
