@@ -245,6 +245,8 @@ def _read_header(path: Path) -> dict:
         raw = f.read(n)
     try:
         header = json.loads(raw.decode("utf-8"))
+    except RecursionError:
+        raise ValueError(f"{where} is not a fastddpm checkpoint (its safetensors header nests too deeply)") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{where} is not a fastddpm checkpoint (corrupt safetensors header: {e})") from None
     if not isinstance(header, dict):
@@ -271,6 +273,8 @@ def _metadata_of(path: Path, header: dict) -> dict:
                          f"it was not written by fastddpm")
     try:
         metadata = json.loads(raw)
+    except RecursionError:
+        raise ValueError(f"{where} has corrupt fastddpm metadata (nested too deeply)") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{where} has corrupt fastddpm metadata: {e}") from None
     if not isinstance(metadata, dict):

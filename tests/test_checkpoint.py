@@ -118,6 +118,20 @@ def test_garbage_and_short_files(tmp_path):
         load_checkpoint(bad_json)
 
 
+def test_deeply_nested_header(tmp_path):
+    header = ("[" * 100_000 + "]" * 100_000).encode()
+    path = tmp_path / "deep.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header)
+    with pytest.raises(ValueError, match=r"deep\.safetensors.*nests too deeply"):
+        load_checkpoint(path)
+    model, _, _ = _trained()
+    deep = save_model(tmp_path / "m.safetensors", model, DDPM())
+    raw = load_checkpoint(deep)
+    checkpoint._write_safetensors(dict(raw.tensors), {"fastddpm": "[" * 100_000 + "]" * 100_000}, str(path))
+    with pytest.raises(ValueError, match=r"deep\.safetensors.*nested too deeply"):
+        load_checkpoint(path)
+
+
 def test_truncated_file(tmp_path):
     model, ema, opt = _trained()
     path = save_checkpoint(tmp_path / "c.safetensors", model=model, ema=ema, optimizer=opt, state=STATE)
