@@ -262,3 +262,10 @@ def test_threads_and_help_defaults(tmp_path, capsys):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(n)
+
+
+def test_gif_frames_follow_the_steps_taken(tmp_path):
+    gif = tmp_path / "r.gif"
+    assert main(["demo", "-n", "1", "--steps", "50", "--out", str(tmp_path / "d.png"), "--gif", str(gif),
+                 "--quiet", "--scale", "1"]) == 0
+    assert Image.open(gif).n_frames == 50  # every step of 50, not every 20th of T = 1000
