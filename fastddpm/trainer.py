@@ -146,7 +146,9 @@ class Trainer:
     :param process: the ``DDPM`` (not respaced) whose loss is trained.
     :param dataset: a sized dataset of float32 ``[C, H, W]`` tensors in [-1, 1].
     :param config: a ``TrainConfig`` (or its dict).
-    :param out_dir: where checkpoints, logs and samples go (created).
+    :param out_dir: where checkpoints, logs and samples go (created).  A folder that holds other
+        files and is not a fastddpm run is refused; while the trainer writes there (construction,
+        ``resume``, ``train``) it holds the folder's lock, and a second trainer is refused.
     :param device: default: CUDA if available (under several processes, GPU ``LOCAL_RANK``), else CPU.
     :param resume: True: continue from the newest checkpoint in ``out_dir/checkpoints``
         if there is one (start fresh otherwise); a path: continue from that checkpoint.
@@ -592,7 +594,18 @@ class Trainer:
         log files (rows after the checkpoint's step are dropped).  Every rank calls it;
         the checkpoint's state is global, so it may come from another number of ranks.
         :return: the step resumed at (0 if ``missing_ok`` and there is none).
+        :raises RunDirInUseError: another trainer is writing in ``out_dir``.
         """
+        locked_here = self.is_main and not self._lock.held
+        if locked_here:
+            self._lock.acquire()
+        try:
+            return self._resume(path, missing_ok)
+        finally:
+            if locked_here:
+                self._lock.release()
+
+    def _resume(self, path, missing_ok: bool) -> int:
         if path is None:
             path = self.latest_checkpoint(self.out_dir)
             if path is None:
@@ -606,7 +619,7 @@ class Trainer:
         if later and self.is_main:
             warnings.warn(f"resuming from step {ckpt.step} of {where} while {str(self.checkpoint_dir)!r} holds later "
                           f"checkpoints ({', '.join(later)}); they will be overwritten as training reaches them",
-                          RuntimeWarning, stacklevel=2)
+                          RuntimeWarning, stacklevel=3)
         if meta.get("kind") != "train" or "optimizer" not in meta:
             raise ValueError(f"{where} is not a training checkpoint (no optimizer state); it cannot be resumed")
         check_model_config(ckpt, self.model)
@@ -619,10 +632,10 @@ class Trainer:
                          if saved_cfg.get(k) != mine.get(k) and k not in _RESUME_FREE)
         if changed:
             warnings.warn(f"resuming {where} with a changed train config ({', '.join(changed)}): the run will not "
-                          f"be the one the checkpoint started", RuntimeWarning, stacklevel=2)
+                          f"be the one the checkpoint started", RuntimeWarning, stacklevel=3)
         if meta.get("train_size") != self.train_indices.numel():
             warnings.warn(f"{where} was trained on {meta.get('train_size')} images, this dataset has "
-                          f"{self.train_indices.numel()} for training", RuntimeWarning, stacklevel=2)
+                          f"{self.train_indices.numel()} for training", RuntimeWarning, stacklevel=3)
 
         load_weights(self.model, ckpt.section("model"), path=ckpt.path, what="model")
         if ckpt.has("ema"):

@@ -502,6 +502,8 @@ def test_a_run_directory_is_locked_while_written(tmp_path, ten_images):
             first.train()
         with pytest.raises(RunDirInUseError, match="in use by pid"):
             _trainer(tmp_path / "run", ten_images, steps=2, batch_size=2, resume=True, **QUIET)
+        with pytest.raises(RunDirInUseError, match="in use by pid"):
+            first.resume(missing_ok=True)  # it would rewrite the logs
         assert not (tmp_path / "run" / "metrics.csv").exists()  # nothing written by the refused ones
     finally:
         other.release()
