@@ -50,7 +50,7 @@ def cmd_train(args) -> int:
                          ema_decay=args.ema_decay, warmup_steps=args.warmup_steps,
                          ema_warmup_power=args.ema_warmup_power or None,
                          sample_every=args.sample_every, checkpoint_every=args.checkpoint_every,
-                         keep_last=args.keep_last,
+                         checkpoint_minutes=args.checkpoint_minutes, keep_last=args.keep_last,
                          val_fraction=args.val_fraction, log_every=args.log_every,
                          mixed_precision=args.mixed_precision, channels_last=args.channels_last,
                          compile=args.compile, nonfinite=args.nonfinite,
@@ -259,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels", type=int_in(1), default=None, help="default: the preset's")
     p.add_argument("--sample-every", type=int_in(0), default=0, help="EMA sample grid every N steps (0: never)")
     p.add_argument("--checkpoint-every", type=int_in(0), default=1000, help="0: only at the end")
+    p.add_argument("--checkpoint-minutes", type=float, default=0.0,
+                   help="also checkpoint when this many minutes passed since the last one (0: off)")
     p.add_argument("--keep-last", type=int_in(1), default=2, help="step checkpoints kept")
     p.add_argument("--val-fraction", type=float, default=0.0, help="share of the data held out for validation")
     p.add_argument("--log-every", type=int_in(1), default=50, help="metrics read back and logged every N steps")

@@ -66,6 +66,8 @@ class TrainConfig(JsonConfig):
     :param sample_n: images in a sample grid.
     :param sample_steps: sampling steps (None: the full process).
     :param checkpoint_every: checkpoint every this many steps (0: only at the end).
+    :param checkpoint_minutes: also checkpoint when this many minutes of training passed since the
+        last checkpoint (0: no time-based checkpoints), so a crash loses at most that much work.
     :param keep_last: step checkpoints kept.
     :param keep_best: keep ``best.safetensors``.
     :param log_every: read metrics back and log them every this many steps.
@@ -95,6 +97,7 @@ class TrainConfig(JsonConfig):
     sample_n: int = 16
     sample_steps: int | None = None
     checkpoint_every: int = 1000
+    checkpoint_minutes: float = 0.0
     keep_last: int = 2
     keep_best: bool = True
     log_every: int = 50
@@ -112,6 +115,8 @@ class TrainConfig(JsonConfig):
             v = getattr(self, name)
             if not _is_int(v) or v < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+        if not _is_num(self.checkpoint_minutes) or self.checkpoint_minutes < 0:
+            raise ValueError(f"checkpoint_minutes must be a float >= 0, got {self.checkpoint_minutes!r}")
         if not _is_num(self.lr) or self.lr <= 0:
             raise ValueError(f"lr must be a float > 0, got {self.lr!r}")
         if self.optimizer not in ("adam", "adamw"):

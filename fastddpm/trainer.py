@@ -89,7 +89,8 @@ LOSS_EMA_BETA = 0.98  # smoothing of the train loss that picks "best" when there
 # train-config fields that may change on resume without changing the training trajectory (the layout and
 # compilation change rounding only; nonfinite matters only where a step is not finite, and resuming a run
 # stopped by a NaN with nonfinite='skip' is what it is for)
-_RESUME_FREE = {"steps", "val_every", "sample_every", "sample_n", "sample_steps", "checkpoint_every", "keep_last",
+_RESUME_FREE = {"steps", "val_every", "sample_every", "sample_n", "sample_steps", "checkpoint_every",
+                "checkpoint_minutes", "keep_last",
                 "keep_best", "log_every", "channels_last", "compile", "nonfinite"}
 MAX_CONSECUTIVE_SKIPS = 50  # nonfinite='skip': this many non-finite steps in a row end training
 
@@ -752,6 +753,7 @@ class Trainer:
         run = torch.zeros((), dtype=torch.int64, device=device)
         longest = torch.zeros((), dtype=torch.int64, device=device)
         window, t_window = 0, time.perf_counter()
+        t_saved = t_window  # when the last checkpoint was written (checkpoint_minutes)
         last_row: dict = {}
         last_ckpt: Path | None = None
         has_val = self.val_indices.numel() > 0
@@ -787,9 +789,12 @@ class Trainer:
 
                     last = done == c.steps
                     stop = stopper.received is not None
-                    do_log = done % c.log_every == 0 or last or stop
+                    # time-based checkpoints: rank 0's clock decides (other ranks write nothing, and nothing
+                    # below is collective but validation, which keeps to its step schedule)
+                    overdue = bool(c.checkpoint_minutes) and time.perf_counter() - t_saved >= 60 * c.checkpoint_minutes
+                    do_ckpt = (c.checkpoint_every and done % c.checkpoint_every == 0) or last or stop or overdue
+                    do_log = done % c.log_every == 0 or do_ckpt
                     do_val = has_val and ((c.val_every and done % c.val_every == 0) or last)
-                    do_ckpt = (c.checkpoint_every and done % c.checkpoint_every == 0) or last or stop
                     do_sample = c.sample_every and (done % c.sample_every == 0 or last)
                     if not (do_log or do_val or do_ckpt or do_sample):
                         continue
@@ -822,6 +827,7 @@ class Trainer:
                     if do_ckpt:
                         last_ckpt = self._checkpoint()
                         self.plot_loss()
+                        t_saved = time.perf_counter()
                     if improved:
                         self.save(self.checkpoint_dir / "best.safetensors")
                     t_window = time.perf_counter()  # do not count validation, samples and saving as training time

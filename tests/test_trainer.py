@@ -556,3 +556,17 @@ def test_disk_check_counts_every_checkpoint_a_run_keeps(tmp_path, ten_images, mo
     with pytest.raises(OSError, match=r"4 checkpoints of .* keep_last=2, best, one being written"):
         _trainer(tmp_path / "run", ten_images, steps=1, batch_size=2)
     _trainer(tmp_path / "run", ten_images, steps=1, batch_size=2, keep_last=1, keep_best=False)
+
+
+def test_time_based_checkpoints(tmp_path, ten_images, monkeypatch):
+    clock = iter(range(0, 10**6, 20))  # 20 s a call: every step is past checkpoint_minutes=1 of the last save
+    import fastddpm.trainer as trainer_module
+
+    trainer = _trainer(tmp_path / "run", ten_images, steps=4, batch_size=2, checkpoint_every=0, log_every=10,
+                       keep_last=10, checkpoint_minutes=1.0)
+    monkeypatch.setattr(trainer_module.time, "perf_counter", lambda: float(next(clock)))
+    trainer.train()
+    steps = [p.name for p in Trainer.checkpoints_in(tmp_path / "run")]
+    assert len(steps) >= 2 and steps[-1] == "step_0000004.safetensors"  # not only the last one
+    with pytest.raises(ValueError, match="checkpoint_minutes"):
+        TrainConfig(checkpoint_minutes=-1.0)
