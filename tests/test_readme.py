@@ -5,6 +5,7 @@ import re
 import shlex
 from pathlib import Path
 
+import pytest
 import torch
 
 from fastddpm.cli import main
@@ -33,12 +34,24 @@ def _small(command: str) -> list[str]:
         if argv[0] == "train" and i > 0 and argv[i - 1] in ("--steps", "--warmup-steps"):
             a = str(max(1, int(a) // SCALE))
         a = re.sub(r"step_(\d{7})", lambda m: f"step_{int(m.group(1)) // SCALE:07d}", a)
-        out.append({"small": "tiny", "64": "8"}.get(a, a) if argv[i - 1] in ("--preset", "--batch-size", "-n") else a)
+        out.append({"small": "tiny", "64": "8"}.get(a, a) if argv[i - 1] in ("--preset", "--batch-size") else a)
     if argv[0] == "train":
         out += ["--checkpoint-every", str(1000 // SCALE), "--timesteps", "50", "--log-every", "1"]
-    if argv[0] == "sample":
-        out += ["--quiet"]
+    if argv[0] in ("sample", "demo"):
+        out = _short_sampler(out) + ["--quiet"]
     return out
+
+
+def _short_sampler(argv: list[str]) -> list[str]:
+    """At most 10 sampling steps and 128 images (more than the 64 features eval needs)."""
+    argv = list(argv)
+    for flag, most in (("--steps", 10), ("-n", 128)):
+        if flag in argv:
+            i = argv.index(flag) + 1
+            argv[i] = str(min(int(argv[i]), most))
+        else:
+            argv += [flag, str(most)]
+    return argv
 
 
 def _run_all(commands, tmp_path, monkeypatch):
@@ -65,3 +78,18 @@ def test_the_shipped_model_recipe(tmp_path, monkeypatch):
 
     model, process = load_model(tmp_path / "fastddpm" / "assets" / "digits_small.safetensors")
     assert process.num_steps == 50
+
+
+@pytest.mark.filterwarnings("error:.*rank-deficient")  # the eval example must sample enough images
+def test_the_other_command_line_examples(tmp_path, monkeypatch):
+    """Every other ``fastddpm`` line of "Command line" that names no placeholder but CKPT (a small run's
+    checkpoint here), in its order (``eval`` reads what ``sample`` wrote)."""
+    commands = [c for c in _blocks_after("## Command line")
+                if c.startswith("fastddpm ") and "..." not in c and "runs/digits" not in c]
+    assert {c.split()[1] for c in commands} >= {"sample", "demo", "plot-schedule", "forward-strip", "eval"}
+    _run_all(["fastddpm train --data digits --preset small --steps 2000 --batch-size 64 --out run"], tmp_path,
+             monkeypatch)
+    ckpt = "run/checkpoints/step_0002000.safetensors"  # at full scale, as the commands are written
+    _run_all([c.replace("CKPT", ckpt) for c in commands], tmp_path, monkeypatch)
+    for name in ("samples.npz", "reverse.gif", "samples.png", "schedules.png", "forward.png"):
+        assert (tmp_path / name).is_file(), name
