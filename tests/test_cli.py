@@ -163,7 +163,7 @@ def test_sigterm_checkpoints_and_prints_the_resume_command(tmp_path):
         deadline = time.monotonic() + 120
         while not (out / "metrics.csv").exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)
-        time.sleep(1.0)  # some steps in
+        time.sleep(3.0)  # some steps in (the handlers are installed just before the first step)
         proc.send_signal(signal.SIGTERM)
         stdout, stderr = proc.communicate(timeout=120)
     finally:
