@@ -269,3 +269,22 @@ def test_gif_frames_follow_the_steps_taken(tmp_path):
     assert main(["demo", "-n", "1", "--steps", "50", "--out", str(tmp_path / "d.png"), "--gif", str(gif),
                  "--quiet", "--scale", "1"]) == 0
     assert Image.open(gif).n_frames == 50  # every step of 50, not every 20th of T = 1000
+
+
+def test_sample_uses_a_bounded_micro_batch_by_default(run_dir, tmp_path, monkeypatch):
+    import fastddpm.sampling
+
+    seen = []
+    real = fastddpm.sampling.sample
+
+    def recording(model, n, **kw):
+        seen.append((n, kw["batch_size"]))
+        return real(model, 2, **{**kw, "batch_size": None})  # sample only 2, whatever n is
+
+    monkeypatch.setattr(fastddpm.sampling, "sample", recording)
+    ckpt = str(run_dir / "checkpoints" / "step_0000004.safetensors")
+    assert main(["sample", "--checkpoint", ckpt, "-n", "20000", "--steps", "2", "--out", str(tmp_path / "s.npz"),
+                 "--quiet"]) == 0
+    assert main(["sample", "--checkpoint", ckpt, "-n", "3", "--steps", "2", "--out", str(tmp_path / "s.npz"),
+                 "--quiet"]) == 0
+    assert seen == [(20000, 256), (3, 3)]
