@@ -90,7 +90,8 @@ class NoiseSchedule:
     :param betas: float64 numpy array ``[T]``, each in (0, 1].
     :param timesteps: original timesteps kept by a respacing.
     :param kind: the name it was made from, for serialisation.
-    :param base_num_timesteps: T of the process it was respaced from (0: not respaced, its own length).
+    :param base_num_timesteps: T of the process it was respaced from (0: its own length, or past its
+        last timestep).
     """
 
     betas: np.ndarray
@@ -113,8 +114,8 @@ class NoiseSchedule:
         if len(ts) != betas.size:
             raise ValueError(f"timesteps has {len(ts)} entries for {betas.size} betas")
         object.__setattr__(self, "timesteps", ts)
-        base = self.base_num_timesteps or betas.size
-        if base < betas.size or ts[-1] >= base:
+        base = self.base_num_timesteps or max(betas.size, max(ts) + 1)  # 0: a dict from before the field
+        if base < betas.size or max(ts) >= base:
             raise ValueError(f"base_num_timesteps={base} is smaller than the schedule's timesteps")
         object.__setattr__(self, "base_num_timesteps", base)
 

@@ -67,6 +67,8 @@ def test_respace_keeps_alphas_cumprod_and_recomputes_betas():
     explicit = s.respace([0, 500, 999])
     assert explicit.timesteps == (0, 500, 999)
     assert NoiseSchedule.from_dict(r.to_dict()).timesteps == r.timesteps
+    old = {k: v for k, v in explicit.to_dict().items() if k != "base_num_timesteps"}  # written before the field
+    assert NoiseSchedule.from_dict(old).is_respaced
 
 
 def test_bad_schedules():
