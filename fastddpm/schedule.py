@@ -45,7 +45,8 @@ def make_betas(kind: str, num_timesteps: int, beta_start: float | None = None, b
         if max(start, end) >= 1.0:
             # at beta = 1, alphas_cumprod reaches 0 and 1/sqrt(alphas_cumprod) is infinite
             if beta_end is None:
-                why, fix = f"its betas scale by 1000/T: 0.02 * 1000/{T}", "use num_timesteps (--timesteps) >= 21 or the cosine schedule"
+                why = f"its betas scale by 1000/T: 0.02 * 1000/{T}"
+                fix = "use num_timesteps (--timesteps) >= 21 or the cosine schedule"
             else:
                 why, fix = "beta_start/beta_end as given", "give beta_start and beta_end below 1"
             raise ValueError(f"the {kind} schedule with num_timesteps={T} has beta_T = {end:.4g} ({why}); every beta "

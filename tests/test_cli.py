@@ -140,8 +140,8 @@ def test_create_model_seed_fixes_the_weights_and_leaves_the_global_rng():
 
 def test_keep_last_flag(tmp_path):
     out = tmp_path / "run"
-    assert main(["train", "--data", "digits", "--preset", "tiny", "--steps", "4", "--batch-size", "4", "--out", str(out),
-                 "--checkpoint-every", "1", "--timesteps", "50", "--keep-last", "3"]) == 0
+    assert main(["train", "--data", "digits", "--preset", "tiny", "--steps", "4", "--batch-size", "4",
+                 "--out", str(out), "--checkpoint-every", "1", "--timesteps", "50", "--keep-last", "3"]) == 0
     assert sorted(p.name for p in (out / "checkpoints").glob("step_*.safetensors")) == [
         f"step_000000{s}.safetensors" for s in (2, 3, 4)]
 
@@ -241,7 +241,8 @@ def test_bad_inputs_are_refused_before_any_work(run_dir, tmp_path, capsys, monke
 
 def test_resume_edge_cases_say_what_happens(tmp_path, capsys):
     out = tmp_path / "run"
-    args = ["train", "--data", "digits", "--preset", "tiny", "--batch-size", "4", "--timesteps", "50", "--out", str(out)]
+    args = ["train", "--data", "digits", "--preset", "tiny", "--batch-size", "4", "--timesteps", "50",
+            "--out", str(out)]
     assert main(args + ["--steps", "2", "--resume"]) == 0
     assert "--resume: no checkpoint in" in capsys.readouterr().out
     code, err = _error_of(args + ["--steps", "1", "--resume"], capsys)
