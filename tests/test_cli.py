@@ -289,3 +289,16 @@ def test_sample_uses_a_bounded_micro_batch_by_default(run_dir, tmp_path, monkeyp
     assert main(["sample", "--checkpoint", ckpt, "-n", "3", "--steps", "2", "--out", str(tmp_path / "s.npz"),
                  "--quiet"]) == 0
     assert seen == [(20000, 256), (3, 3)]
+
+
+@pytest.mark.parametrize("bias", [float("inf"), 1e30])
+def test_a_diverged_model_is_not_sampled_silently(run_dir, tmp_path, capsys, bias):
+    from fastddpm.checkpoint import load_model, save_model
+
+    model, process = load_model(run_dir / "checkpoints" / "step_0000004.safetensors")
+    with torch.no_grad():
+        model.conv_out.bias.fill_(bias)
+    bad = save_model(tmp_path / "bad.safetensors", model, process)
+    out = tmp_path / "s.png"
+    assert main(["sample", "--checkpoint", str(bad), "-n", "2", "--steps", "3", "--out", str(out), "--quiet"]) == 2
+    assert "not finite or beyond" in capsys.readouterr().err and not out.exists()
