@@ -35,6 +35,7 @@ __all__ = [
     "Checkpoint",
     "save_checkpoint",
     "load_checkpoint",
+    "read_metadata",
     "load_model",
     "save_model",
     "load_weights",
@@ -244,6 +245,8 @@ def _read_header(path: Path) -> dict:
         raw = f.read(n)
     try:
         header = json.loads(raw.decode("utf-8"))
+    except RecursionError:
+        raise ValueError(f"{where} is not a fastddpm checkpoint (its safetensors header nests too deeply)") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{where} is not a fastddpm checkpoint (corrupt safetensors header: {e})") from None
     if not isinstance(header, dict):
@@ -261,26 +264,17 @@ def _read_header(path: Path) -> dict:
     return header
 
 
-def load_checkpoint(path) -> Checkpoint:
-    """Read a checkpoint (or a release file) written by fastddpm.
-
-    :raises FileNotFoundError: no such file.
-    :raises ValueError: not a safetensors file, truncated or corrupt, no ``fastddpm``
-        metadata, or a format version this fastddpm does not read.
-    """
-    path = Path(path)
+def _metadata_of(path: Path, header: dict) -> dict:
+    """The ``fastddpm`` JSON of a file's safetensors header, checked."""
     where = repr(str(path))
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {where} not found")
-    if not path.is_file():
-        raise ValueError(f"{where} is not a fastddpm checkpoint (not a file)")
-    header = _read_header(path)
     raw = (header.get("__metadata__") or {}).get(METADATA_KEY)
     if raw is None:
         raise ValueError(f"{where} is a safetensors file without fastddpm metadata (key {METADATA_KEY!r}); "
                          f"it was not written by fastddpm")
     try:
         metadata = json.loads(raw)
+    except RecursionError:
+        raise ValueError(f"{where} has corrupt fastddpm metadata (nested too deeply)") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{where} has corrupt fastddpm metadata: {e}") from None
     if not isinstance(metadata, dict):
@@ -291,6 +285,37 @@ def load_checkpoint(path) -> Checkpoint:
     if version > FORMAT_VERSION or version < 1:
         raise ValueError(f"{where} has checkpoint format version {version}; this fastddpm reads version "
                          f"{FORMAT_VERSION} (upgrade fastddpm to read it)")
+    return metadata
+
+
+def _existing_file(path) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} not found")
+    if not path.is_file():
+        raise ValueError(f"{str(path)!r} is not a fastddpm checkpoint (not a file)")
+    return path
+
+
+def read_metadata(path) -> dict:
+    """The ``fastddpm`` JSON state of a checkpoint or release file, without reading its tensors.
+
+    :raises FileNotFoundError, ValueError: as :func:`load_checkpoint`.
+    """
+    path = _existing_file(path)
+    return _metadata_of(path, _read_header(path))
+
+
+def load_checkpoint(path) -> Checkpoint:
+    """Read a checkpoint (or a release file) written by fastddpm.
+
+    :raises FileNotFoundError: no such file.
+    :raises ValueError: not a safetensors file, truncated or corrupt, no ``fastddpm``
+        metadata, or a format version this fastddpm does not read.
+    """
+    path = _existing_file(path)
+    where = repr(str(path))
+    metadata = _metadata_of(path, _read_header(path))
     from safetensors import safe_open
 
     try:
@@ -307,15 +332,23 @@ def _listing(names) -> str:
     return ", ".join(names[:_SHOW]) + more
 
 
-def load_weights(module: nn.Module, state: dict[str, torch.Tensor], *, path="", what: str = "model") -> None:
-    """``module.load_state_dict(state)`` after checking names and shapes, with an error that lists a few
-    missing, unexpected and mis-shaped entries and names the file."""
+def load_weights(module: nn.Module, state: dict[str, torch.Tensor], *, path="", what: str = "model",
+                 check_only: bool = False) -> None:
+    """``module.load_state_dict(state)`` after checking names, shapes and kinds of dtype (a float weight
+    stored as an integer tensor would be cast silently), with an error that lists a few missing,
+    unexpected and mis-shaped entries and names the file.
+
+    :param check_only: check, do not load (``module`` may live on the meta device).
+    """
     expected = module.state_dict()
     missing = set(expected) - set(state)
     unexpected = set(state) - set(expected)
+    common = sorted(set(expected) & set(state))
     shapes = [f"{k} {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-              for k in sorted(set(expected) & set(state)) if tuple(state[k].shape) != tuple(expected[k].shape)]
-    if missing or unexpected or shapes:
+              for k in common if tuple(state[k].shape) != tuple(expected[k].shape)]
+    dtypes = [f"{k} {state[k].dtype} vs model {expected[k].dtype}" for k in common
+              if expected[k].is_floating_point() and not state[k].is_floating_point()]
+    if missing or unexpected or shapes or dtypes:
         parts = []
         if missing:
             parts.append(f"missing {len(missing)}: {_listing(missing)}")
@@ -323,8 +356,11 @@ def load_weights(module: nn.Module, state: dict[str, torch.Tensor], *, path="", 
             parts.append(f"unexpected {len(unexpected)}: {_listing(unexpected)}")
         if shapes:
             parts.append(f"shape mismatch {len(shapes)}: {_listing(shapes)}")
+        if dtypes:
+            parts.append(f"not floating point {len(dtypes)}: {_listing(dtypes)}")
         raise ValueError(f"{what} weights in {str(path)!r} do not match the model config: " + "; ".join(parts))
-    module.load_state_dict(state)
+    if not check_only:
+        module.load_state_dict(state)
 
 
 def check_model_config(checkpoint: Checkpoint, model: nn.Module) -> None:
@@ -358,10 +394,23 @@ def load_model(path, *, ema: bool = True, device="cpu"):
     if "diffusion" not in ckpt.metadata:
         raise ValueError(f"{where} has no diffusion process in its metadata")
     try:
-        model = create_model(config)
+        process = DDPM.from_dict(ckpt.metadata["diffusion"])
+    except (TypeError, ValueError, KeyError) as e:
+        raise ValueError(f"{where} has an invalid diffusion process: {e}") from None
+    prefix = "ema" if ema and ckpt.has("ema") else "model"
+    state = ckpt.section(prefix)
+    # the declared config must fit the tensors in the file before anything is allocated: a crafted
+    # model_config must not make us build a model far larger than the file (checked on the meta device)
+    blocks = config.get("num_res_blocks", 0) * len(config.get("channel_mult") or ()) if isinstance(config, dict) else 0
+    if not isinstance(blocks, int) or blocks > len(state):
+        raise ValueError(f"{where}: its model_config declares {blocks} residual blocks but the file holds "
+                         f"{len(state)} {prefix} tensors; the file is corrupt or crafted")
+    try:
+        with torch.device("meta"):
+            skeleton = create_model(config)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{where} has an invalid model_config: {e}") from None
-    prefix = "ema" if ema and ckpt.has("ema") else "model"
-    load_weights(model, ckpt.section(prefix), path=ckpt.path, what=prefix)
-    process = DDPM.from_dict(ckpt.metadata["diffusion"])
+    load_weights(skeleton, state, path=ckpt.path, what=prefix, check_only=True)
+    model = create_model(config)
+    load_weights(model, state, path=ckpt.path, what=prefix)
     return model.to(device).eval(), process

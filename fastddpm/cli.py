@@ -11,19 +11,16 @@
 from __future__ import annotations
 
 import argparse
+import shlex
+import signal
 import sys
 import time
 from pathlib import Path
 
+from .cli_args import check_output, int_in, resolve_device
+from .noise import MAX_SEED
+
 DEMO_MODEL = Path(__file__).parent / "assets" / "digits_small.safetensors"
-
-
-def _device(name: str | None):
-    import torch
-
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def _diffusion_options(args) -> dict:
@@ -43,51 +40,83 @@ def cmd_train(args) -> int:
     if args.preset not in PRESETS:
         raise SystemExit(f"error: unknown --preset {args.preset!r}; known presets: {sorted(PRESETS)}")
     preset = PRESETS[args.preset]
-    image_size = args.image_size or preset.image_size
-    dataset = load_dataset(args.data, image_size=image_size, channels=args.channels or preset.in_channels)
-    model = create_model(args.preset, image_size=dataset.image_size, in_channels=dataset.channels)
+    image_size = args.image_size if args.image_size is not None else preset.image_size
+    channels = args.channels if args.channels is not None else preset.in_channels
+    dataset = load_dataset(args.data, image_size=image_size, channels=channels)
+    # the initial weights come from --seed too: two runs with the same arguments give the same checkpoints
+    model = create_model(args.preset, seed=args.seed, image_size=dataset.image_size, in_channels=dataset.channels)
     process = DDPM(**_diffusion_options(args))
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                          ema_decay=args.ema_decay, warmup_steps=args.warmup_steps,
+                         ema_warmup_power=args.ema_warmup_power or None,
                          sample_every=args.sample_every, checkpoint_every=args.checkpoint_every,
+                         checkpoint_minutes=args.checkpoint_minutes, keep_last=args.keep_last,
                          val_fraction=args.val_fraction, log_every=args.log_every,
                          mixed_precision=args.mixed_precision, channels_last=args.channels_last,
                          compile=args.compile, nonfinite=args.nonfinite,
                          # digits are not mirror-symmetric: no flips unless asked for
                          random_flip=args.flip if args.flip is not None else args.data != "digits")
-    trainer = Trainer(model, process, dataset, config, args.out, device=_device(args.device), resume=args.resume)
+    trainer = Trainer(model, process, dataset, config, args.out, device=resolve_device(args.device),
+                      resume=args.resume)
+    if args.resume and trainer.step == 0:
+        print(f"--resume: no checkpoint in {str(Path(args.out) / 'checkpoints')!r}; starting a new run")
+    elif trainer.step >= config.steps:
+        raise ValueError(f"--steps {config.steps} is not beyond the checkpoint's step {trainer.step}: nothing to "
+                         f"train; give --steps above {trainer.step} to continue the run")
     metrics = trainer.train()
+    if metrics["stopped_by"]:
+        argv = list(args.argv)
+        resume = shlex.join(["fastddpm", *argv, *([] if "--resume" in argv else ["--resume"])])
+        print(f"stopped by {metrics['stopped_by']} at step {metrics['step']} of {config.steps}; checkpoint: "
+              f"{metrics['checkpoint']}\nto continue:\n  {resume}")
+        return 128 + signal.Signals[metrics["stopped_by"]].value
     print(f"trained to step {metrics.get('step')}: {metrics}")
     return 0
 
 
 # -- sample ------------------------------------------------------------------------------------
 OUTPUT_SUFFIXES = (".png", ".npz", ".npy")
+MAX_SCALE = 64  # PNG/GIF upscaling: a 64x grid of 64 16x16 images is already 8192 px wide
+DEFAULT_MICRO_BATCH = 256  # images sampled at once unless --batch-size says otherwise: bounded memory for any -n
 
 
-def _sample_and_save(model, process, args, out: Path) -> float:
+def _sampling_process(process, args):
+    """The process ``sample``/``demo`` run, and their outputs checked, before any work."""
+    check_output(args.out, "--out", OUTPUT_SUFFIXES)
+    if args.gif:
+        check_output(args.gif, "--gif", (".gif",))
+    if args.steps is not None and args.steps > process.num_steps:
+        raise ValueError(f"--steps {args.steps} is more than the model's process has ({process.num_steps})")
+    sampler = args.sampler or process.config.sampler
+    if args.eta is not None and sampler != "ddim":
+        raise ValueError(f"--eta is DDIM's: give --sampler ddim with it (the process samples with {sampler!r})")
+    if args.steps is not None and args.steps != process.num_steps:
+        process = process.respace(args.steps)
+    options = {k: v for k, v in (("sampler", args.sampler), ("eta", args.eta)) if v is not None}
+    return process.with_options(**options) if options else process
+
+
+def _sample_and_save(model, process, args, device) -> float:
     from . import images
-
-    if out.suffix.lower() not in OUTPUT_SUFFIXES:
-        raise SystemExit(f"error: --out must end in .png, .npz or .npy, got {str(out)!r}")
+    from .output_watch import OutputWatch
     from .sampling import sample
 
     frames = []
-    every = max(1, process.num_steps // 50) if args.gif else 0
+    every = max(1, process.num_steps // 50) if args.gif else 0  # about 50 frames of the steps actually taken
 
     def keep_frames(i, t, x):
         if i % every == 0 or i == process.num_steps - 1:
             frames.append(x.detach().cpu().clamp(-1, 1))
 
-    if args.steps is not None and args.steps != process.num_steps:
-        process = process.respace(args.steps)
-    if args.sampler is not None:
-        process = process.with_options(sampler=args.sampler, eta=args.eta)
+    watched = OutputWatch(model)  # a diverged model's images are finite but wrong: refuse them
     start = time.perf_counter()
-    x = sample(model, args.n, seed=args.seed, process=process, device=_device(args.device),
-               batch_size=args.batch_size, progress=not args.quiet, callback=keep_frames if every else None)
+    x = sample(watched, args.n, seed=args.seed, process=process, device=device,
+               batch_size=args.batch_size or min(args.n, DEFAULT_MICRO_BATCH), progress=not args.quiet,
+               callback=keep_frames if every else None)
     seconds = time.perf_counter() - start
+    watched.check(f"the model of {getattr(args, 'checkpoint', None) or 'the demo'}")
     x = x.cpu()
+    out = Path(args.out)
     if out.suffix.lower() == ".png":
         images.save_image_grid(x, out, scale=args.scale)
     else:
@@ -100,8 +129,10 @@ def _sample_and_save(model, process, args, out: Path) -> float:
 def cmd_sample(args) -> int:
     from .checkpoint import load_model
 
-    model, process = load_model(args.checkpoint, ema=not args.no_ema, device=_device(args.device))
-    seconds = _sample_and_save(model, process, args, Path(args.out))
+    device = resolve_device(args.device)
+    check_output(args.out, "--out", OUTPUT_SUFFIXES)
+    model, process = load_model(args.checkpoint, ema=not args.no_ema, device=device)
+    seconds = _sample_and_save(model, _sampling_process(process, args), args, device)
     print(f"sampled {args.n} images in {seconds:.1f} s -> {args.out}")
     return 0
 
@@ -109,18 +140,41 @@ def cmd_sample(args) -> int:
 def cmd_demo(args) -> int:
     from .checkpoint import load_model
 
-    model, process = load_model(args.checkpoint or DEMO_MODEL, device=_device(args.device))
-    steps = args.steps or process.num_steps
-    print(f"fastddpm demo: {args.n} digits from the shipped 'small' model, {steps} DDPM steps "
-          f"on {_device(args.device)}")
-    seconds = _sample_and_save(model, process, args, Path(args.out))
+    device = resolve_device(args.device)
+    check_output(args.out, "--out", OUTPUT_SUFFIXES)
+    model, process = load_model(args.checkpoint or DEMO_MODEL, device=device)
+    process = _sampling_process(process, args)
+    print(f"fastddpm demo: {args.n} digits from the shipped 'small' model, {process.num_steps} DDPM steps "
+          f"on {device}")
+    seconds = _sample_and_save(model, process, args, device)
     print(f"sampling time: {seconds:.1f} s for {args.n} images ({args.n / seconds:.1f} images/s) -> {args.out}")
     return 0
+
+
+def _check_export_target(checkpoint: Path, out: Path, force: bool) -> None:
+    """Refuse to write the release file over its own checkpoint or over any training checkpoint (the
+    run could not resume from EMA-only weights), unless forced."""
+    from .checkpoint import read_metadata
+
+    if force or not out.exists():
+        return
+    if out.resolve() == checkpoint.resolve():
+        raise ValueError(f"--out {str(out)!r} is the --checkpoint itself: the export (EMA weights only) would "
+                         f"replace the training checkpoint; choose another --out (or --force)")
+    try:
+        kind = read_metadata(out).get("kind")
+    except (ValueError, OSError):
+        return  # not a fastddpm checkpoint
+    if kind == "train":
+        raise ValueError(f"--out {str(out)!r} is a training checkpoint; writing the export (EMA weights only) over "
+                         f"it would lose what resuming needs; choose another --out (or --force)")
 
 
 def cmd_export(args) -> int:
     from .checkpoint import load_checkpoint, load_model, save_model
 
+    check_output(args.out, "--out", (".safetensors",))
+    _check_export_target(Path(args.checkpoint), Path(args.out), args.force)
     ckpt = load_checkpoint(args.checkpoint)
     model, process = load_model(args.checkpoint, ema=True)
     extra = {"exported_from": {"step": ckpt.metadata.get("step"), "train_config": ckpt.metadata.get("train_config")}}
@@ -136,6 +190,7 @@ def cmd_plot_schedule(args) -> int:
     from .images import plot_schedule
     from .schedule import NoiseSchedule
 
+    check_output(args.out, "--out", (".png",))
     schedules = {name: NoiseSchedule.make(name, args.timesteps) for name in args.schedules.split(",")}
     plot_schedule(schedules, args.out)
     print(f"wrote {args.out}")
@@ -149,6 +204,7 @@ def cmd_forward_strip(args) -> int:
     from .images import forward_process_strip
     from .schedule import NoiseSchedule
 
+    check_output(args.out, "--out", (".png",))
     dataset = load_dataset(args.data, image_size=args.image_size, channels=args.channels)
     x0 = torch.stack([dataset[i] for i in range(min(args.n, len(dataset)))])
     T = args.timesteps
@@ -166,15 +222,16 @@ def _add_diffusion_args(p):
 
 
 def _add_sample_args(p, n=64, out="samples.png"):
-    p.add_argument("-n", type=int, default=n, help=f"number of images (default: {n})")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps; fewer than T respaces")
+    p.add_argument("-n", type=int_in(1), default=n, help=f"number of images (default: {n})")
+    p.add_argument("--steps", type=int_in(1), default=None, help="sampling steps; fewer than T respaces")
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default=None, help="override the sampler")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (with --sampler ddim)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=None, help="micro-batch size (default: all at once)")
+    p.add_argument("--eta", type=float, default=None, help="DDIM eta (with --sampler ddim; default: 0)")
+    p.add_argument("--seed", type=int_in(0, MAX_SEED), default=0)
+    p.add_argument("--batch-size", type=int_in(1), default=None,
+                   help=f"micro-batch size (default: up to {DEFAULT_MICRO_BATCH}; the images do not depend on it)")
     p.add_argument("--out", default=out, help="output .png grid or .npz/.npy uint8 array")
-    p.add_argument("--gif", default=None, help="also write the reverse process as an animated GIF")
-    p.add_argument("--scale", type=int, default=4, help="PNG/GIF upscaling factor (default: 4)")
+    p.add_argument("--gif", default=None, help="also write the reverse process as an animated .gif")
+    p.add_argument("--scale", type=int_in(1, MAX_SCALE), default=4, help="PNG/GIF upscaling factor (default: 4)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -185,34 +242,41 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastddpm", description="Train and sample DDPM image models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train a U-Net on a dataset")
+    p = sub.add_parser("train", help="train a U-Net on a dataset",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # --help shows the defaults
     p.add_argument("--data", required=True, help="'digits', an image folder, or a .npy/.npz file")
-    p.add_argument("--preset", default="small", help="model preset: small, ddpm_cifar10, tiny (default: small)")
-    p.add_argument("--steps", type=int, required=True)
-    p.add_argument("--batch-size", type=int, default=64, help="global batch (split over torchrun ranks)")
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--warmup-steps", type=int, default=0)
-    p.add_argument("--ema-decay", type=float, default=0.9999)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--preset", default="small", help="model preset: small, ddpm_cifar10, tiny")
+    p.add_argument("--steps", type=int_in(1), required=True, help="optimizer steps in total (a resumed run too)")
+    p.add_argument("--batch-size", type=int_in(1), default=64, help="global batch (split over torchrun ranks)")
+    p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate")
+    p.add_argument("--warmup-steps", type=int_in(0), default=0, help="linear learning-rate warmup")
+    p.add_argument("--ema-decay", type=float, default=0.9999, help="the EMA decay once warmed up")
+    p.add_argument("--ema-warmup-power", type=float, default=0.75,
+                   help="EMA warm-up: step k's decay is min(ema_decay, 1 - (1 + k)^-power); 0: ema_decay from the "
+                        "first step")
+    p.add_argument("--seed", type=int_in(0, MAX_SEED), default=0,
+                   help="seeds everything: initial weights, data order, timesteps, noise, dropout")
     p.add_argument("--out", required=True, help="run directory (checkpoints, logs, samples)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    p.add_argument("--image-size", type=int, default=None, help="default: the preset's")
-    p.add_argument("--channels", type=int, default=None, help="default: the preset's")
-    p.add_argument("--sample-every", type=int, default=0)
-    p.add_argument("--checkpoint-every", type=int, default=1000)
-    p.add_argument("--val-fraction", type=float, default=0.0)
-    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--image-size", type=int_in(1), default=None, help="default: the preset's")
+    p.add_argument("--channels", type=int_in(1), default=None, help="default: the preset's")
+    p.add_argument("--sample-every", type=int_in(0), default=0, help="EMA sample grid every N steps (0: never)")
+    p.add_argument("--checkpoint-every", type=int_in(0), default=1000, help="0: only at the end")
+    p.add_argument("--checkpoint-minutes", type=float, default=0.0,
+                   help="also checkpoint when this many minutes passed since the last one (0: off)")
+    p.add_argument("--keep-last", type=int_in(1), default=2, help="step checkpoints kept")
+    p.add_argument("--val-fraction", type=float, default=0.0, help="share of the data held out for validation")
+    p.add_argument("--log-every", type=int_in(1), default=50, help="metrics read back and logged every N steps")
     p.add_argument("--mixed-precision", default="auto", help="auto | no | bf16 | fp16")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
-                   help="random horizontal flips (default: on, except for digits)")
+                   help="random horizontal flips (None: on, except for digits)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="model in channels_last (default: on a CUDA GPU with mixed precision)")
-    p.add_argument("--compile", default="no", choices=COMPILE_MODES,
-                   help="torch.compile the model with this mode (default: no)")
+                   help="model in channels_last (None: on a CUDA GPU with mixed precision)")
+    p.add_argument("--compile", default="no", choices=COMPILE_MODES, help="torch.compile the model with this mode")
     p.add_argument("--nonfinite", default="error", choices=("error", "skip"),
                    help="a non-finite loss stops training (error) or its step is left out (skip)")
-    p.add_argument("--min-snr-gamma", type=float, default=None)
-    p.add_argument("--device", default=None)
+    p.add_argument("--min-snr-gamma", type=float, default=None, help="min-SNR-gamma loss weighting")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (None: cuda if available)")
     _add_diffusion_args(p)
     p.set_defaults(func=cmd_train)
 
@@ -231,36 +295,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--note", default=None, help="a line stored in the file's metadata")
+    p.add_argument("--force", action="store_true", help="write --out even over a training checkpoint")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("plot-schedule", help="plot betas and alphas_cumprod of schedules")
     p.add_argument("--schedules", default="linear,cosine,sigmoid,quadratic")
-    p.add_argument("--timesteps", type=int, default=1000)
+    p.add_argument("--timesteps", type=int_in(1), default=1000)
     p.add_argument("--out", default="schedules.png")
     p.set_defaults(func=cmd_plot_schedule)
 
     p = sub.add_parser("forward-strip", help="show images noised at increasing t")
     p.add_argument("--data", default="digits")
-    p.add_argument("--image-size", type=int, default=None)
-    p.add_argument("--channels", type=int, default=None)
-    p.add_argument("-n", type=int, default=6)
+    p.add_argument("--image-size", type=int_in(1), default=None)
+    p.add_argument("--channels", type=int_in(1), default=None)
+    p.add_argument("-n", type=int_in(1), default=6)
     p.add_argument("--schedule", default="linear")
-    p.add_argument("--timesteps", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timesteps", type=int_in(1), default=1000)
+    p.add_argument("--seed", type=int_in(0, MAX_SEED), default=0)
     p.add_argument("--out", default="forward.png")
     p.set_defaults(func=cmd_forward_strip)
 
     from .metrics import add_eval_parser
 
     add_eval_parser(sub)
+    for command in sub.choices.values():
+        command.add_argument("--threads", type=int_in(1), default=None,
+                             help="CPU threads torch uses (default: torch's; on a busy machine 1 or 2 is often "
+                                  "much faster)")
     return parser
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # to print the command that resumes an interrupted run
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, FloatingPointError, ImportError, PermissionError) as e:
+    except KeyboardInterrupt:
+        print(f"fastddpm {args.command}: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except (ValueError, TypeError, OSError, FloatingPointError, ImportError) as e:
         print(f"fastddpm {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -10,7 +10,9 @@ from typing import ClassVar, Literal
 from .reference import LOSSES, PREDICTIONS, SAMPLERS, VARIANCES
 from .schedule import SCHEDULE_KINDS
 
-__all__ = ["JsonConfig", "DiffusionConfig"]
+__all__ = ["JsonConfig", "DiffusionConfig", "MAX_TIMESTEPS"]
+
+MAX_TIMESTEPS = 100_000  # T: far above any published process (improved-diffusion: 4000); bounds the tables' memory
 
 
 class JsonConfig:
@@ -106,8 +108,9 @@ class DiffusionConfig(JsonConfig):
             object.__setattr__(self, "num_timesteps", len(self.betas))
         elif self.schedule == "custom":
             raise ValueError("schedule='custom' needs betas")
-        if isinstance(self.num_timesteps, bool) or not isinstance(self.num_timesteps, int) or self.num_timesteps < 1:
-            raise ValueError(f"num_timesteps must be a positive int, got {self.num_timesteps!r}")
+        T = self.num_timesteps
+        if isinstance(T, bool) or not isinstance(T, int) or not 1 <= T <= MAX_TIMESTEPS:
+            raise ValueError(f"num_timesteps must be a positive int <= {MAX_TIMESTEPS}, got {T!r}")
         if not isinstance(self.clip_denoised, bool):
             raise TypeError(f"clip_denoised must be a bool, got {self.clip_denoised!r}")
         if not (isinstance(self.eta, (int, float)) and 0.0 <= self.eta < float("inf")):

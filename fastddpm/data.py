@@ -85,13 +85,22 @@ def _convert_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
 # -- image folders ------------------------------------------------------------------
 def _find_images(root: Path) -> list[Path]:
     """Image files under ``root``, recursively, sorted by relative path.
-    Hidden files and folders (name starting with '.') are skipped."""
+    Hidden files and folders (name starting with '.') are skipped, so are files that are not regular
+    files (a FIFO would block the read forever); symlinked folders are followed once each (a link
+    loop would list the same images again and again)."""
     found = []
+    seen = set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen:
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         for name in filenames:
-            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
-                found.append(Path(dirpath) / name)
+            path = Path(dirpath) / name
+            if not name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
+                found.append(path)
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
 
@@ -195,22 +204,27 @@ class ImageFolderDataset(Dataset):
 def _load_array(path: Path) -> np.ndarray:
     if not path.exists():
         raise FileNotFoundError(f"array file {str(path)!r} does not exist")
+    if not path.is_file():  # a folder, or a FIFO that would block the read forever
+        raise ValueError(f"array file {str(path)!r} is not a regular file")
     suffix = path.suffix.lower()
-    if suffix == ".npy":
-        return np.load(path, allow_pickle=False)
-    if suffix == ".npz":
-        with np.load(path, allow_pickle=False) as z:
-            keys = list(z.keys())
-            if "images" in keys:
-                return z["images"]
-            if "arr_0" in keys:
-                return z["arr_0"]
-            if len(keys) == 1:
-                return z[keys[0]]
-            raise ValueError(
-                f"{str(path)!r} holds arrays {keys}; name the images 'images' (or store a single array)"
-            )
-    raise ValueError(f"array file must end in .npy or .npz, got {str(path)!r}")
+    if suffix not in (".npy", ".npz"):
+        raise ValueError(f"array file must end in .npy or .npz, got {str(path)!r}")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:  # numpy calls any unknown bytes "pickled data"
+        raise ValueError(f"{str(path)!r} is not a readable {suffix} array file (numpy: {e}; object arrays and "
+                         f"pickles are never loaded)") from None
+    if isinstance(loaded, np.ndarray):
+        return loaded
+    with loaded as z:  # an .npz archive
+        keys = list(z.keys())
+        if "images" in keys:
+            return z["images"]
+        if "arr_0" in keys:
+            return z["arr_0"]
+        if len(keys) == 1:
+            return z[keys[0]]
+        raise ValueError(f"{str(path)!r} holds arrays {keys}; name the images 'images' (or store a single array)")
 
 
 def _to_nchw(arr: np.ndarray, name: str) -> np.ndarray:

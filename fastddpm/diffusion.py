@@ -16,6 +16,16 @@ from .schedule import NoiseSchedule
 
 __all__ = ["DDPM"]
 
+NOISE_SAMPLES = 2**32  # the noise contract counts samples with 32 bits: offset + n beyond it would repeat noise
+
+
+def _check_sample_offset(sample_offset, n: int) -> int:
+    ok = isinstance(sample_offset, int) and not isinstance(sample_offset, bool)
+    if not ok or not 0 <= sample_offset <= NOISE_SAMPLES - n:
+        raise ValueError(f"sample_offset must be an int in [0, 2**32 - n] = [0, {NOISE_SAMPLES - n}] for n={n} "
+                         f"samples (the noise contract numbers 2**32 samples per seed), got {sample_offset!r}")
+    return sample_offset
+
 
 class DDPM:
     """A diffusion process (Ho et al. 2020), optionally respaced for sampling.
@@ -81,7 +91,8 @@ class DDPM:
         return self._tables[key]
 
     def _step_index(self, t, n: int, device) -> torch.Tensor:
-        """Model timesteps -> this process's step indices (identity unless respaced)."""
+        """Model timesteps -> this process's step indices (identity unless respaced).  Every method that
+        takes ``t`` (``q_sample``, ``training_target``, ``loss``, ``step``) takes model timesteps."""
         if not self.schedule.is_respaced:
             return check_timesteps("t", t, n, self.num_steps, device)
         t = check_timesteps("t", t, n, self.config.num_timesteps, device)
@@ -93,42 +104,46 @@ class DDPM:
 
     # -- forward process and training ----------------------------------------------------
     def q_sample(self, x0, t, noise=None, *, seed: int = 0, sample_offset: int = 0):
-        """``x_t`` for clean images ``x0`` at per-sample (or scalar) timesteps ``t``.
+        """``x_t`` for clean images ``x0`` at per-sample (or scalar) model timesteps ``t`` (for a respaced
+        process, its kept timesteps, as ``step`` takes them).
 
         :param noise: explicit noise; default: the noise contract's for ``seed``.
         """
         check_tensor("x0", x0, dtypes=FLOAT_DTYPES, min_ndim=2)
-        t = check_timesteps("t", t, x0.shape[0], self.num_steps, x0.device)
+        idx = self._step_index(t, x0.shape[0], x0.device)
         tb = self.tables(x0.device)
-        return ops.q_sample(x0, t, tb["sqrt_alphas_cumprod"], tb["sqrt_one_minus_alphas_cumprod"],
-                            seed=check_seed(seed), sample_offset=sample_offset, noise=noise)
+        return ops.q_sample(x0, idx, tb["sqrt_alphas_cumprod"], tb["sqrt_one_minus_alphas_cumprod"],
+                            seed=check_seed(seed), sample_offset=_check_sample_offset(sample_offset, x0.shape[0]),
+                            noise=noise)
 
     def training_target(self, x0, noise, t):
         """What the model is trained to output for ``(x0, noise, t)``."""
         check_tensor("x0", x0, dtypes=FLOAT_DTYPES, min_ndim=2)
         check_tensor("noise", noise, dtypes=FLOAT_DTYPES, shape=x0.shape)
-        t = check_timesteps("t", t, x0.shape[0], self.num_steps, x0.device)
+        idx = self._step_index(t, x0.shape[0], x0.device)
         tb = self.tables(x0.device)
-        return reference.training_target(self.config.prediction, x0, noise, t, tb["sqrt_alphas_cumprod"],
+        return reference.training_target(self.config.prediction, x0, noise, idx, tb["sqrt_alphas_cumprod"],
                                          tb["sqrt_one_minus_alphas_cumprod"])
 
     def loss(self, model, x0, t=None, *, seed: int | None = None, sample_offset: int = 0, noise=None,
              generator: torch.Generator | None = None):
         """The training loss of ``model`` on a batch ``x0`` (a 0-dim tensor).
 
-        :param t: timesteps; default uniform in [0, T) from ``generator``.
+        :param t: model timesteps; default uniform over the process's steps from ``generator``.
         :param seed: noise seed; default drawn from ``generator`` (or torch's global RNG).
         """
         check_tensor("x0", x0, dtypes=FLOAT_DTYPES, min_ndim=2)
         n = x0.shape[0]
         if t is None:
-            t = torch.randint(0, self.num_steps, (n,), generator=generator).to(x0.device)
-        t = check_timesteps("t", t, n, self.num_steps, x0.device)
+            idx = torch.randint(0, self.num_steps, (n,), generator=generator).to(x0.device)
+        else:
+            idx = self._step_index(t, n, x0.device)
         if seed is None:
             seed = int(torch.randint(0, 2**31 - 1, (), generator=generator))
         adapter = ModelAdapter(model)
-        return self.training_loss(lambda x, tt: adapter.check_output(adapter(x, tt), x), x0, t,
-                                  seed=check_seed(seed), sample_offset=sample_offset, noise=noise)
+        return self.training_loss(lambda x, tt: adapter.check_output(adapter(x, tt), x), x0, idx,
+                                  seed=check_seed(seed), sample_offset=_check_sample_offset(sample_offset, n),
+                                  noise=noise)
 
     def training_loss(self, model, x0, t, *, seed: int, sample_offset: int = 0, noise=None, autocast=None):
         """The loss on the hot path: no value checks (``t`` must be a valid int64 ``[n]`` on
@@ -163,7 +178,7 @@ class DDPM:
         check_tensor("model_output", model_output, dtypes=FLOAT_DTYPES, shape=x_t.shape, device=x_t.device)
         idx = self._step_index(t, x_t.shape[0], x_t.device)
         return ops.ddpm_step(x_t.float(), model_output, idx, self.tables(x_t.device)["coefs"],
-                             seed=check_seed(seed), sample_offset=sample_offset,
+                             seed=check_seed(seed), sample_offset=_check_sample_offset(sample_offset, x_t.shape[0]),
                              clip_denoised=self.config.clip_denoised, noise=noise)
 
     def sample(self, model, n: int, **kwargs):

@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["atomic_write", "write_text_atomic"]
+__all__ = ["atomic_write", "write_text_atomic", "remove_stale_temp_files"]
 
 _UMASK = os.umask(0o022)  # read the process umask: mkstemp files are 0600, ours honour the umask
 os.umask(_UMASK)
@@ -41,9 +41,12 @@ def atomic_write(path, write: Callable[[str], None], *, make_parents: bool = Fal
     :return: ``path``.
     """
     path = Path(path)
-    if make_parents:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        if make_parents:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise _naming(e, path) from e
     os.close(fd)
     try:
         write(tmp)
@@ -51,14 +54,45 @@ def atomic_write(path, write: Callable[[str], None], *, make_parents: bool = Fal
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(e, OSError):
+            raise _naming(e, path) from e
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def temp_prefix(path) -> str:
+    """The name prefix of ``path``'s temporary files (``.<name>.``); they end in ``.tmp``."""
+    return f".{Path(path).name}."
+
+
+def remove_stale_temp_files(directory) -> list[Path]:
+    """Remove the temporary files that writes killed mid-way left in ``directory`` (``.*.tmp``).
+
+    Call it only while no other process writes there (a run directory under its lock).
+    :return: the files removed.
+    """
+    directory = Path(directory)
+    removed = []
+    for p in directory.glob(".*.tmp") if directory.is_dir() else ():
+        try:
+            p.unlink()
+            removed.append(p)
+        except OSError:
+            pass
+    return removed
+
+
+def _naming(error: OSError, path: Path) -> OSError:
+    """``error`` re-raised with the user's path in its message, not the temporary file's."""
+    reason = error.strerror or str(error)
+    return type(error)(error.errno, f"cannot write {str(path)!r}: {reason}") if error.errno else \
+        OSError(f"cannot write {str(path)!r}: {reason}")
 
 
 def write_text_atomic(path, text: str, *, make_parents: bool = False) -> Path:

@@ -489,6 +489,8 @@ def cmd_eval(args) -> int:
 
 def add_eval_parser(subparsers):
     """Add the ``eval`` sub-command to ``subparsers``; returns its parser."""
+    from .cli_args import int_in
+
     p = subparsers.add_parser("eval", help="Fréchet distance and precision/recall of samples against a reference")
     p.add_argument("--samples", required=True,
                    help="a .npz/.npy uint8 [n, H, W, C] array (fastddpm sample --out x.npz)")
@@ -499,9 +501,10 @@ def add_eval_parser(subparsers):
                         "local weights)")
     p.add_argument("--inception-weights", default=None,
                    help=f"path to {INCEPTION_GLOB} (default: looked up in torch hub's cache)")
-    p.add_argument("--n-reference", type=int, default=None, help="random subset of the reference (default: all)")
-    p.add_argument("-k", "--k", type=int, default=3, help="k of the k-NN manifolds for precision/recall (default: 3)")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--n-reference", type=int_in(1), default=None, help="random subset of the reference (default: all)")
+    p.add_argument("-k", "--k", type=int_in(1), default=3,
+                   help="k of the k-NN manifolds for precision/recall (default: 3)")
+    p.add_argument("--batch-size", type=int_in(1), default=256)
     p.add_argument("--seed", type=int, default=0, help="seed of the reference subset")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cpu)")
     p.add_argument("--out", default=None, help="also write the JSON here")

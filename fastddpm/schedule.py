@@ -7,6 +7,7 @@ device that uses them, cached per device.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Literal, Sequence
 
@@ -41,6 +42,15 @@ def make_betas(kind: str, num_timesteps: int, beta_start: float | None = None, b
         scale = 1000.0 / T
         start = beta_start if beta_start is not None else scale * 1e-4
         end = beta_end if beta_end is not None else scale * 0.02
+        if max(start, end) >= 1.0:
+            # at beta = 1, alphas_cumprod reaches 0 and 1/sqrt(alphas_cumprod) is infinite
+            if beta_end is None:
+                why = f"its betas scale by 1000/T: 0.02 * 1000/{T}"
+                fix = "use num_timesteps (--timesteps) >= 21 or the cosine schedule"
+            else:
+                why, fix = "beta_start/beta_end as given", "give beta_start and beta_end below 1"
+            raise ValueError(f"the {kind} schedule with num_timesteps={T} has beta_T = {end:.4g} ({why}); every beta "
+                             f"must be < 1: {fix}")
         if kind == "linear":
             return np.linspace(start, end, T, dtype=np.float64)
         return np.linspace(start**0.5, end**0.5, T, dtype=np.float64) ** 2
@@ -81,24 +91,34 @@ class NoiseSchedule:
     :param betas: float64 numpy array ``[T]``, each in (0, 1].
     :param timesteps: original timesteps kept by a respacing.
     :param kind: the name it was made from, for serialisation.
+    :param base_num_timesteps: T of the process it was respaced from (0: its own length, or past its
+        last timestep).
     """
 
     betas: np.ndarray
     timesteps: tuple[int, ...] = ()
     kind: str = "custom"
+    base_num_timesteps: int = 0
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self):
         betas = np.asarray(self.betas, dtype=np.float64)
         if betas.ndim != 1 or betas.size == 0:
             raise ValueError(f"betas must be a non-empty 1-D sequence, got shape {betas.shape}")
-        if not np.all(np.isfinite(betas)) or np.any(betas <= 0) or np.any(betas > 1):
-            raise ValueError("betas must be finite and in (0, 1]")
+        if not np.all(np.isfinite(betas)) or np.any(betas <= 0) or np.any(betas >= 1):
+            bad = int(np.flatnonzero(~(np.isfinite(betas) & (betas > 0) & (betas < 1)))[0])
+            raise ValueError(f"betas must be finite and in (0, 1) (at 1, alphas_cumprod is 0 and the reverse "
+                             f"coefficients are infinite): beta[{bad}] = {betas[bad]!r} in the {self.kind} schedule "
+                             f"of {betas.size} steps")
         object.__setattr__(self, "betas", betas)
         ts = tuple(int(t) for t in self.timesteps) or tuple(range(betas.size))
         if len(ts) != betas.size:
             raise ValueError(f"timesteps has {len(ts)} entries for {betas.size} betas")
         object.__setattr__(self, "timesteps", ts)
+        base = self.base_num_timesteps or max(betas.size, max(ts) + 1)  # 0: a dict from before the field
+        if base < betas.size or max(ts) >= base:
+            raise ValueError(f"base_num_timesteps={base} is smaller than the schedule's timesteps")
+        object.__setattr__(self, "base_num_timesteps", base)
 
     # -- constructors -------------------------------------------------------------
     @classmethod
@@ -117,15 +137,21 @@ class NoiseSchedule:
         :param steps: number of steps (evenly spaced, both ends kept) or the
             explicit timesteps to keep.
         """
-        if isinstance(steps, int):
-            keep = space_timesteps(self.num_timesteps, steps)
+        if isinstance(steps, numbers.Integral) and not isinstance(steps, bool):
+            keep = space_timesteps(self.num_timesteps, int(steps))
+        elif isinstance(steps, (str, bytes)) or not isinstance(steps, (Sequence, np.ndarray, torch.Tensor)):
+            raise TypeError(f"steps must be a number of steps (int) or a list of timesteps, got {steps!r}")
         else:
-            keep = sorted({int(t) for t in steps})
+            values = list(np.asarray(steps).reshape(-1)) if not isinstance(steps, Sequence) else list(steps)
+            if not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in values):
+                raise TypeError(f"respace timesteps must be ints, got {values[:8]!r}")
+            keep = sorted({int(t) for t in values})
             if not keep or keep[0] < 0 or keep[-1] >= self.num_timesteps:
                 raise ValueError(f"respace timesteps must lie in [0, {self.num_timesteps - 1}]")
         ac = self.alphas_cumprod64[keep]
         betas = 1.0 - ac / np.append(1.0, ac[:-1])
-        return NoiseSchedule(betas, timesteps=tuple(self.timesteps[k] for k in keep), kind=self.kind)
+        return NoiseSchedule(betas, timesteps=tuple(self.timesteps[k] for k in keep), kind=self.kind,
+                             base_num_timesteps=self.base_num_timesteps)
 
     # -- float64 tables -----------------------------------------------------------
     @property
@@ -134,7 +160,9 @@ class NoiseSchedule:
 
     @property
     def is_respaced(self) -> bool:
-        return self.timesteps != tuple(range(self.num_timesteps))
+        """Whether steps were left out of the process it comes from (any ``respace`` to fewer steps, the
+        first ones too: ``respace(range(10))`` of T=1000 is a 10-step process, not a T=10 one)."""
+        return self.timesteps != tuple(range(self.base_num_timesteps))
 
     @property
     def alphas_cumprod64(self) -> np.ndarray:
@@ -179,8 +207,10 @@ class NoiseSchedule:
         return self._cache[key]
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "betas": self.betas.tolist(), "timesteps": list(self.timesteps)}
+        return {"kind": self.kind, "betas": self.betas.tolist(), "timesteps": list(self.timesteps),
+                "base_num_timesteps": self.base_num_timesteps}
 
     @classmethod
     def from_dict(cls, d: dict) -> "NoiseSchedule":
-        return cls(np.asarray(d["betas"], dtype=np.float64), timesteps=tuple(d["timesteps"]), kind=d.get("kind", "custom"))
+        return cls(np.asarray(d["betas"], dtype=np.float64), timesteps=tuple(d["timesteps"]),
+                   kind=d.get("kind", "custom"), base_num_timesteps=int(d.get("base_num_timesteps", 0)))

@@ -25,7 +25,8 @@ def _is_num(v) -> bool:
 
 @dataclass(frozen=True)
 class TrainConfig(JsonConfig):
-    """How to train.  Defaults follow Ho et al. (Adam, lr 2e-4, grad clip 1, EMA 0.9999).
+    """How to train.  Defaults follow Ho et al. (Adam, lr 2e-4, grad clip 1, EMA 0.9999), the
+    EMA with a warm-up (``ema_warmup_power``) so that short runs sample well too.
 
     :param steps: optimizer steps in total (a resumed run continues up to this).
     :param batch_size: examples per micro-batch over all processes (the global micro-batch: with W
@@ -35,8 +36,14 @@ class TrainConfig(JsonConfig):
     :param optimizer: ``adam`` or ``adamw`` (decoupled ``weight_decay``).
     :param grad_clip: max global gradient norm; None disables clipping.
     :param grad_accum: micro-batches per optimizer step.
-    :param ema_decay: ``ema = decay * ema + (1 - decay) * param`` after every step.
+    :param ema_decay: ``ema = decay * ema + (1 - decay) * param`` after every step; the decay once
+        warmed up (the cap of the warm-up schedule).
     :param ema_start: for the first ``ema_start`` steps the EMA copies the model.
+    :param ema_warmup_power: the EMA warm-up: step ``k`` counted from ``ema_start`` uses the decay
+        ``min(ema_decay, 1 - (1 + k) ** -ema_warmup_power)`` (the inverse-gamma schedule of ema-pytorch
+        and diffusers' ``EMAModel``, ``inv_gamma=1``): 0 at the first step, 0.986 at step 300, 0.999 at
+        10k with 3/4, so a short run's EMA is an average of its recent weights, not the random start.
+        None: ``ema_decay`` from the first step (Ho et al.).
     :param mixed_precision: ``auto`` (bf16 on a CUDA GPU that has it, else ``no``), ``no``, ``bf16``, ``fp16``.
     :param channels_last: the model's weights (and so its activations) in channels_last, the layout
         tensor cores want under bf16/fp16; None: on a CUDA GPU with mixed precision and an image model.
@@ -49,7 +56,9 @@ class TrainConfig(JsonConfig):
         leaves the weights, optimizer state and EMA as they were (on the device, no synchronisation
         with a fused optimizer), counts the step in the ``skipped`` log column and goes on (an
         error still if every step of a logging window is skipped).
-    :param seed: seeds the data order, timesteps, flips, noise and dropout.
+    :param seed: seeds the data order, timesteps, flips, noise and dropout; the initial weights are the
+        model's, built by the caller: ``create_model(preset, seed=seed)`` makes them reproducible too (the
+        command line does so with ``--seed``).
     :param random_flip: horizontal flips with probability 1/2.
     :param val_fraction: share of the dataset held out for the validation loss (0: none).
     :param val_every: validate every this many steps (0: only at the end).
@@ -57,6 +66,8 @@ class TrainConfig(JsonConfig):
     :param sample_n: images in a sample grid.
     :param sample_steps: sampling steps (None: the full process).
     :param checkpoint_every: checkpoint every this many steps (0: only at the end).
+    :param checkpoint_minutes: also checkpoint when this many minutes of training passed since the
+        last checkpoint (0: no time-based checkpoints), so a crash loses at most that much work.
     :param keep_last: step checkpoints kept.
     :param keep_best: keep ``best.safetensors``.
     :param log_every: read metrics back and log them every this many steps.
@@ -73,6 +84,7 @@ class TrainConfig(JsonConfig):
     grad_accum: int = 1
     ema_decay: float = 0.9999
     ema_start: int = 0
+    ema_warmup_power: float | None = 0.75
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     channels_last: bool | None = None
     compile: Literal["no", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "no"
@@ -85,6 +97,7 @@ class TrainConfig(JsonConfig):
     sample_n: int = 16
     sample_steps: int | None = None
     checkpoint_every: int = 1000
+    checkpoint_minutes: float = 0.0
     keep_last: int = 2
     keep_best: bool = True
     log_every: int = 50
@@ -102,6 +115,8 @@ class TrainConfig(JsonConfig):
             v = getattr(self, name)
             if not _is_int(v) or v < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+        if not _is_num(self.checkpoint_minutes) or self.checkpoint_minutes < 0:
+            raise ValueError(f"checkpoint_minutes must be a float >= 0, got {self.checkpoint_minutes!r}")
         if not _is_num(self.lr) or self.lr <= 0:
             raise ValueError(f"lr must be a float > 0, got {self.lr!r}")
         if self.optimizer not in ("adam", "adamw"):
@@ -115,6 +130,9 @@ class TrainConfig(JsonConfig):
             raise ValueError(f"grad_clip must be a float > 0 or None, got {self.grad_clip!r}")
         if not _is_num(self.ema_decay) or not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be a float in [0, 1), got {self.ema_decay!r}")
+        power = self.ema_warmup_power
+        if power is not None and (not _is_num(power) or power <= 0):
+            raise ValueError(f"ema_warmup_power must be a float > 0 or None (no warm-up), got {self.ema_warmup_power!r}")
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
             raise ValueError(f"mixed_precision must be one of 'auto', 'no', 'bf16', 'fp16', "
                              f"got {self.mixed_precision!r}")
@@ -133,6 +151,16 @@ class TrainConfig(JsonConfig):
             raise ValueError(f"val_fraction must be a float in [0, 1), got {self.val_fraction!r}")
         if self.sample_steps is not None and (not _is_int(self.sample_steps) or self.sample_steps < 1):
             raise ValueError(f"sample_steps must be a positive int or None, got {self.sample_steps!r}")
+
+    def ema_decay_at(self, step: int) -> float:
+        """The EMA decay after optimizer step ``step`` (0-based): 0 (a copy) before ``ema_start``, then
+        the warm-up schedule capped by ``ema_decay`` (see ``ema_warmup_power``)."""
+        k = step - self.ema_start
+        if k < 0:
+            return 0.0
+        if self.ema_warmup_power is None:
+            return self.ema_decay
+        return min(self.ema_decay, 1.0 - (1.0 + k) ** -self.ema_warmup_power)
 
     @property
     def effective_batch_size(self) -> int:

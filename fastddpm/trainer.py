@@ -49,6 +49,9 @@ Output directory::
     metrics.jsonl, metrics.csv           step, loss, lr, grad_norm, val_loss, ...
     loss.png                             the loss curve
     samples/step_0001000.png             EMA samples every ``sample_every`` steps
+    .fastddpm.lock                       held by the process writing the run (``run_dir.RunDirLock``)
+
+A folder that holds anything else and no fastddpm ``config.json`` is refused, not written into.
 """
 from __future__ import annotations
 
@@ -67,11 +70,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .checkpoint import check_model_config, load_checkpoint, load_weights, save_checkpoint
-from .files import write_text_atomic
+from .files import remove_stale_temp_files, write_text_atomic
 from .diffusion import DDPM
 from .distributed import dist_info, join_torchrun_group, process_device
 from .noise import MAX_SEED
+from .run_dir import RunDirLock, check_is_run_dir
 from .run_log import RunLog
+from .stop_signals import StopOnSignal
 from .train_config import TrainConfig
 
 __all__ = ["TrainConfig", "Trainer"]
@@ -84,7 +89,8 @@ LOSS_EMA_BETA = 0.98  # smoothing of the train loss that picks "best" when there
 # train-config fields that may change on resume without changing the training trajectory (the layout and
 # compilation change rounding only; nonfinite matters only where a step is not finite, and resuming a run
 # stopped by a NaN with nonfinite='skip' is what it is for)
-_RESUME_FREE = {"steps", "val_every", "sample_every", "sample_n", "sample_steps", "checkpoint_every", "keep_last",
+_RESUME_FREE = {"steps", "val_every", "sample_every", "sample_n", "sample_steps", "checkpoint_every",
+                "checkpoint_minutes", "keep_last",
                 "keep_best", "log_every", "channels_last", "compile", "nonfinite"}
 MAX_CONSECUTIVE_SKIPS = 50  # nonfinite='skip': this many non-finite steps in a row end training
 
@@ -141,7 +147,9 @@ class Trainer:
     :param process: the ``DDPM`` (not respaced) whose loss is trained.
     :param dataset: a sized dataset of float32 ``[C, H, W]`` tensors in [-1, 1].
     :param config: a ``TrainConfig`` (or its dict).
-    :param out_dir: where checkpoints, logs and samples go (created).
+    :param out_dir: where checkpoints, logs and samples go (created).  A folder that holds other
+        files and is not a fastddpm run is refused; while the trainer writes there (construction,
+        ``resume``, ``train``) it holds the folder's lock, and a second trainer is refused.
     :param device: default: CUDA if available (under several processes, GPU ``LOCAL_RANK``), else CPU.
     :param resume: True: continue from the newest checkpoint in ``out_dir/checkpoints``
         if there is one (start fresh otherwise); a path: continue from that checkpoint.
@@ -207,10 +215,21 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
 
         self._setup_data(dataset)
+        # rank 0 holds the run directory's lock while it writes there: here and in train()
+        self._lock = RunDirLock(self.out_dir)
         if self.is_main:
+            check_is_run_dir(self.out_dir)
             self._prepare_out_dir()
+            self._lock.acquire()
+            for folder in (self.out_dir, self.checkpoint_dir, self.out_dir / "samples"):
+                remove_stale_temp_files(folder)  # left by writes a kill cut short; we hold the lock
+        try:
+            self._init_state(resume)
+        finally:
+            self._lock.release()
 
-        # training state (all of it goes into each checkpoint)
+    def _init_state(self, resume) -> None:
+        """The training state (all of it goes into each checkpoint): step 0, or the checkpoint's."""
         self.step = 0
         self.epoch = 0
         self.index = 0
@@ -305,10 +324,13 @@ class Trainer:
         except OSError as e:
             raise OSError(f"out_dir {where} cannot be created or written to: {e.strerror or e}") from e
         free = shutil.disk_usage(self.out_dir).free
-        need = 2 * self.estimated_checkpoint_bytes()
-        if free < need:
+        # the kept step checkpoints, best.safetensors and the one being written
+        count = self.config.keep_last + int(self.config.keep_best) + 1
+        one = self.estimated_checkpoint_bytes()
+        if free < count * one:
             raise OSError(f"out_dir {where} has {free / 2**20:.1f} MiB free; checkpoints need about "
-                          f"{need / 2**20:.1f} MiB (two checkpoints of {need / 2**21:.1f} MiB)")
+                          f"{count * one / 2**20:.1f} MiB ({count} checkpoints of {one / 2**20:.1f} MiB: keep_last="
+                          f"{self.config.keep_last}, best, one being written)")
 
     def estimated_checkpoint_bytes(self) -> int:
         """Model + EMA + Adam's two moments, plus a little."""
@@ -444,9 +466,10 @@ class Trainer:
 
     @torch.no_grad()
     def _update_ema(self, step: int, ok: torch.Tensor | None = None) -> None:
-        """``ema <- lerp(ema, params, 1 - decay)`` (weight 1 before ``ema_start``: an exact copy); with
-        ``ok`` (a device bool) the weight is 0 for a skipped step."""
-        weight = 1.0 if step < self.config.ema_start else 1.0 - self.config.ema_decay
+        """``ema <- lerp(ema, params, 1 - decay)`` with the decay of ``config.ema_decay_at(step)`` (weight 1
+        before ``ema_start`` and at the first warm-up step: an exact copy); with ``ok`` (a device bool)
+        the weight is 0 for a skipped step.  The weight is a function of the step: resumes exactly."""
+        weight = 1.0 - self.config.ema_decay_at(step)
         if ok is None:
             torch._foreach_lerp_(self._ema_params, self._params, weight)
             for e, b in zip(self._ema_buffers, self._buffers):
@@ -572,7 +595,18 @@ class Trainer:
         log files (rows after the checkpoint's step are dropped).  Every rank calls it;
         the checkpoint's state is global, so it may come from another number of ranks.
         :return: the step resumed at (0 if ``missing_ok`` and there is none).
+        :raises RunDirInUseError: another trainer is writing in ``out_dir``.
         """
+        locked_here = self.is_main and not self._lock.held
+        if locked_here:
+            self._lock.acquire()
+        try:
+            return self._resume(path, missing_ok)
+        finally:
+            if locked_here:
+                self._lock.release()
+
+    def _resume(self, path, missing_ok: bool) -> int:
         if path is None:
             path = self.latest_checkpoint(self.out_dir)
             if path is None:
@@ -586,7 +620,7 @@ class Trainer:
         if later and self.is_main:
             warnings.warn(f"resuming from step {ckpt.step} of {where} while {str(self.checkpoint_dir)!r} holds later "
                           f"checkpoints ({', '.join(later)}); they will be overwritten as training reaches them",
-                          RuntimeWarning, stacklevel=2)
+                          RuntimeWarning, stacklevel=3)
         if meta.get("kind") != "train" or "optimizer" not in meta:
             raise ValueError(f"{where} is not a training checkpoint (no optimizer state); it cannot be resumed")
         check_model_config(ckpt, self.model)
@@ -599,10 +633,10 @@ class Trainer:
                          if saved_cfg.get(k) != mine.get(k) and k not in _RESUME_FREE)
         if changed:
             warnings.warn(f"resuming {where} with a changed train config ({', '.join(changed)}): the run will not "
-                          f"be the one the checkpoint started", RuntimeWarning, stacklevel=2)
+                          f"be the one the checkpoint started", RuntimeWarning, stacklevel=3)
         if meta.get("train_size") != self.train_indices.numel():
             warnings.warn(f"{where} was trained on {meta.get('train_size')} images, this dataset has "
-                          f"{self.train_indices.numel()} for training", RuntimeWarning, stacklevel=2)
+                          f"{self.train_indices.numel()} for training", RuntimeWarning, stacklevel=3)
 
         load_weights(self.model, ckpt.section("model"), path=ckpt.path, what="model")
         if ckpt.has("ema"):
@@ -682,13 +716,27 @@ class Trainer:
     def train(self) -> dict:
         """Train up to ``config.steps``; returns the final metrics.
 
+        SIGINT (Ctrl-C) or SIGTERM in a single process: the step under way is finished, a checkpoint
+        written and the metrics returned early, with ``stopped_by`` the signal's name (None after a
+        full run); a second signal raises ``SystemExit(128 + signum)`` at once.
+
         :raises FloatingPointError: a non-finite loss (named by step), before any checkpoint holds it.
+        :raises RunDirInUseError: another trainer (in any process) is writing in ``out_dir``.
         """
+        if self.is_main:
+            self._lock.acquire()
+        try:
+            return self._train()
+        finally:
+            self._lock.release()
+
+    def _train(self) -> dict:
         c = self.config
         if self.step == 0 and self._resumed_from is None:
             if self.checkpoints_in(self.out_dir):
                 raise ValueError(f"out_dir {str(self.out_dir)!r} already holds checkpoints of a run: pass "
-                                 f"resume=True to continue it, or choose another out_dir")
+                                 f"resume=True (--resume on the command line) to continue it, or choose another "
+                                 f"out_dir")
             # dropout draws from the global RNG; rank 0's state is checkpointed
             torch.manual_seed(c.seed if self.is_main else _dropout_seed(c.seed, self.rank, 0))
             self.log.start()
@@ -705,74 +753,86 @@ class Trainer:
         run = torch.zeros((), dtype=torch.int64, device=device)
         longest = torch.zeros((), dtype=torch.int64, device=device)
         window, t_window = 0, time.perf_counter()
+        t_saved = t_window  # when the last checkpoint was written (checkpoint_minutes)
         last_row: dict = {}
         last_ckpt: Path | None = None
         has_val = self.val_indices.numel() > 0
         bar = tqdm(total=c.steps, initial=self.step, disable=not (self.progress and self.is_main), desc="training",
                    unit="step",
                    dynamic_ncols=True)
+        # SIGINT/SIGTERM: finish the step, checkpoint, return (one process only: ranks would stop at other steps)
+        stopper = StopOnSignal(enabled=self.world_size == 1)
         try:
-            while self.step < c.steps:
-                step = self.step
-                loss, grad_norm, ok = self._train_step(step)
-                self.step = done = step + 1
-                # device-side bookkeeping: no host synchronisation
-                if ok is None:
-                    finite = torch.isfinite(loss)
-                    bad_step = torch.where(finite | (bad_step >= 0), bad_step, torch.full_like(bad_step, done))
-                    loss_sum += loss
-                    norm_sum += grad_norm.float()
-                    self._loss_ema.lerp_(loss, 1.0 - LOSS_EMA_BETA)
-                else:  # a skipped step counts nowhere
-                    loss_sum += torch.where(ok, loss, 0.0)
-                    norm_sum += torch.where(ok, grad_norm.float(), 0.0)
-                    taken += ok
-                    run.copy_(torch.where(ok, 0, run + 1))
-                    torch.maximum(longest, run, out=longest)
-                    self._loss_ema.lerp_(torch.where(ok, loss, self._loss_ema), 1.0 - LOSS_EMA_BETA)
-                self._loss_ema_count += 1
-                window += 1
-                bar.update(1)
+            with stopper:
+                while self.step < c.steps:
+                    step = self.step
+                    stopper.doing = f"step {step + 1}"
+                    loss, grad_norm, ok = self._train_step(step)
+                    self.step = done = step + 1
+                    # device-side bookkeeping: no host synchronisation
+                    if ok is None:
+                        finite = torch.isfinite(loss)
+                        bad_step = torch.where(finite | (bad_step >= 0), bad_step, torch.full_like(bad_step, done))
+                        loss_sum += loss
+                        norm_sum += grad_norm.float()
+                        self._loss_ema.lerp_(loss, 1.0 - LOSS_EMA_BETA)
+                    else:  # a skipped step counts nowhere
+                        loss_sum += torch.where(ok, loss, 0.0)
+                        norm_sum += torch.where(ok, grad_norm.float(), 0.0)
+                        taken += ok
+                        run.copy_(torch.where(ok, 0, run + 1))
+                        torch.maximum(longest, run, out=longest)
+                        self._loss_ema.lerp_(torch.where(ok, loss, self._loss_ema), 1.0 - LOSS_EMA_BETA)
+                    self._loss_ema_count += 1
+                    window += 1
+                    bar.update(1)
 
-                last = done == c.steps
-                do_log = done % c.log_every == 0 or last
-                do_val = has_val and ((c.val_every and done % c.val_every == 0) or last)
-                do_ckpt = (c.checkpoint_every and done % c.checkpoint_every == 0) or last
-                do_sample = c.sample_every and (done % c.sample_every == 0 or last)
-                if not (do_log or do_val or do_ckpt or do_sample):
-                    continue
+                    last = done == c.steps
+                    stop = stopper.received is not None
+                    # time-based checkpoints: rank 0's clock decides (other ranks write nothing, and nothing
+                    # below is collective but validation, which keeps to its step schedule)
+                    overdue = bool(c.checkpoint_minutes) and time.perf_counter() - t_saved >= 60 * c.checkpoint_minutes
+                    do_ckpt = (c.checkpoint_every and done % c.checkpoint_every == 0) or last or stop or overdue
+                    do_log = done % c.log_every == 0 or do_ckpt
+                    do_val = has_val and ((c.val_every and done % c.val_every == 0) or last)
+                    do_sample = c.sample_every and (done % c.sample_every == 0 or last)
+                    if not (do_log or do_val or do_ckpt or do_sample):
+                        continue
 
-                self._check_finite(bad_step, longest)  # never validate, sample or save a poisoned model
-                now = time.perf_counter()
-                kept = window if ok is None else int(taken)
-                self.skipped_steps += window - kept
-                row = {"step": done, "loss": float(loss_sum) / kept if kept else None, "lr": self.lr_at(step),
-                       "grad_norm": float(norm_sum) / kept if kept else None, "val_loss": None,
-                       "val_loss_ema": None,
-                       "images_per_s": window * c.effective_batch_size / max(now - t_window, 1e-9),
-                       "elapsed": self._elapsed(), "skipped": window - kept}
-                loss_sum.zero_()
-                norm_sum.zero_()
-                taken.zero_()
-                window, t_window = 0, now
-                if do_val:
-                    self.last_val = self.validate()
-                    row.update(self.last_val)
-                self.log.append(row)
-                last_row = row
-                bar.set_postfix(loss=f"{row['loss']:.4f}" if kept else "skipped",
-                                **({"val": f"{row['val_loss']:.4f}"} if do_val else {}))
-                if do_sample and self.is_main:
-                    self.save_samples(done)
-                # best: by validation loss where validated, else by smoothed train loss at checkpoints
-                metric = row["val_loss"] if do_val else (self.smoothed_loss() if not has_val and do_ckpt else None)
-                improved = self._improves(metric)  # decided first, so the step checkpoint records it
-                if do_ckpt:
-                    last_ckpt = self._checkpoint()
-                    self.plot_loss()
-                if improved:
-                    self.save(self.checkpoint_dir / "best.safetensors")
-                t_window = time.perf_counter()  # do not count validation, samples and saving as training time
+                    self._check_finite(bad_step, longest)  # never validate, sample or save a poisoned model
+                    now = time.perf_counter()
+                    kept = window if ok is None else int(taken)
+                    self.skipped_steps += window - kept
+                    row = {"step": done, "loss": float(loss_sum) / kept if kept else None, "lr": self.lr_at(step),
+                           "grad_norm": float(norm_sum) / kept if kept else None, "val_loss": None,
+                           "val_loss_ema": None,
+                           "images_per_s": window * c.effective_batch_size / max(now - t_window, 1e-9),
+                           "elapsed": self._elapsed(), "skipped": window - kept}
+                    loss_sum.zero_()
+                    norm_sum.zero_()
+                    taken.zero_()
+                    window, t_window = 0, now
+                    if do_val:
+                        self.last_val = self.validate()
+                        row.update(self.last_val)
+                    self.log.append(row)
+                    last_row = row
+                    bar.set_postfix(loss=f"{row['loss']:.4f}" if kept else "skipped",
+                                    **({"val": f"{row['val_loss']:.4f}"} if do_val else {}))
+                    if do_sample and self.is_main:
+                        self.save_samples(done)
+                    # best: by validation loss where validated, else by smoothed train loss at checkpoints
+                    metric = row["val_loss"] if do_val else (self.smoothed_loss() if not has_val and do_ckpt else None)
+                    improved = self._improves(metric)  # decided first, so the step checkpoint records it
+                    if do_ckpt:
+                        last_ckpt = self._checkpoint()
+                        self.plot_loss()
+                        t_saved = time.perf_counter()
+                    if improved:
+                        self.save(self.checkpoint_dir / "best.safetensors")
+                    t_window = time.perf_counter()  # do not count validation, samples and saving as training time
+                    if stop:
+                        break
         finally:
             bar.close()
             self.elapsed_before = self._elapsed()
@@ -793,6 +853,7 @@ class Trainer:
             "skipped_steps": self.skipped_steps,
             "elapsed": self.elapsed_before,
             "checkpoint": str(last_ckpt or self.latest_checkpoint(self.out_dir) or ""),
+            "stopped_by": stopper.received,
         }
 
     def smoothed_loss(self) -> float | None:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import fastddpm
+import fastddpm.models.unet
 from fastddpm import DDPM, checkpoint, files
 from fastddpm.checkpoint import (check_model_config, load_checkpoint, load_model, load_weights, save_checkpoint,
                                  save_model)
@@ -117,6 +118,20 @@ def test_garbage_and_short_files(tmp_path):
         load_checkpoint(bad_json)
 
 
+def test_deeply_nested_header(tmp_path):
+    header = ("[" * 100_000 + "]" * 100_000).encode()
+    path = tmp_path / "deep.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header)
+    with pytest.raises(ValueError, match=r"deep\.safetensors.*nests too deeply"):
+        load_checkpoint(path)
+    model, _, _ = _trained()
+    deep = save_model(tmp_path / "m.safetensors", model, DDPM())
+    raw = load_checkpoint(deep)
+    checkpoint._write_safetensors(dict(raw.tensors), {"fastddpm": "[" * 100_000 + "]" * 100_000}, str(path))
+    with pytest.raises(ValueError, match=r"deep\.safetensors.*nested too deeply"):
+        load_checkpoint(path)
+
+
 def test_truncated_file(tmp_path):
     model, ema, opt = _trained()
     path = save_checkpoint(tmp_path / "c.safetensors", model=model, ema=ema, optimizer=opt, state=STATE)
@@ -169,6 +184,45 @@ def test_weights_do_not_match_config(tmp_path):
     checkpoint._write_safetensors(tensors, {"fastddpm": json.dumps(meta)}, str(bad))
     with pytest.raises(ValueError, match="invalid model_config"):
         load_model(bad)
+
+
+def test_a_crafted_config_is_refused_before_anything_is_built(tmp_path, monkeypatch):
+    """A few-KB file whose metadata declares a 77 GiB model (or T = 2e9) must not allocate it."""
+    model, ema, _ = _trained()
+    path = save_model(tmp_path / "m.safetensors", model, DDPM(), ema_state=ema)
+    ckpt = load_checkpoint(path)
+    bad = tmp_path / "crafted.safetensors"
+    built = []
+    monkeypatch.setattr(fastddpm.models.unet.UNet, "__init__",
+                        _recording(fastddpm.models.unet.UNet.__init__, built))
+    cases = [
+        ({"base_channels": 2048, "channel_mult": [1, 2, 2, 2], "num_res_blocks": 6}, "do not match the model config"),
+        ({"base_channels": 2048}, "shape mismatch"),
+        ({"num_res_blocks": 10**9}, "residual blocks"),
+    ]
+    for change, match in cases:
+        meta = {**ckpt.metadata, "model_config": {**ckpt.metadata["model_config"], **change}}
+        checkpoint._write_safetensors(dict(ckpt.tensors), {"fastddpm": json.dumps(meta)}, str(bad))
+        built.clear()
+        with pytest.raises(ValueError, match=rf"crafted\.safetensors.*{match}"):
+            load_model(bad)
+        assert all(device == "meta" for device in built), built  # only a meta skeleton, never real memory
+    meta = {**ckpt.metadata, "diffusion": {"config": {"num_timesteps": 2 * 10**9}}}
+    checkpoint._write_safetensors(dict(ckpt.tensors), {"fastddpm": json.dumps(meta)}, str(bad))
+    with pytest.raises(ValueError, match=r"crafted\.safetensors' has an invalid diffusion process.*num_timesteps"):
+        load_model(bad)
+    # integer weights would be cast silently
+    tensors = {k: (v.to(torch.int8) if k == "ema.conv_out.weight" else v) for k, v in ckpt.tensors.items()}
+    checkpoint._write_safetensors(tensors, {"fastddpm": json.dumps(ckpt.metadata)}, str(bad))
+    with pytest.raises(ValueError, match=r"not floating point 1: conv_out.weight torch.int8"):
+        load_model(bad)
+
+
+def _recording(init, built):
+    def wrapped(self, config):
+        built.append(str(torch.get_default_device()))
+        init(self, config)
+    return wrapped
 
 
 def test_resume_into_another_model(tmp_path):

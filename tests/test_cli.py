@@ -1,5 +1,6 @@
 """The command line, end to end on tiny runs."""
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -92,7 +93,212 @@ def test_errors_are_clear(argv, message, capsys, tmp_path, monkeypatch):
     assert code == 2 and message in err
 
 
-def test_bad_output_suffix(run_dir, tmp_path):
+def test_bad_output_suffix(run_dir, tmp_path, capsys):
     ckpt = str(run_dir / "checkpoints" / "step_0000004.safetensors")
-    with pytest.raises(SystemExit, match="--out must end in .png, .npz or .npy"):
-        main(["sample", "--checkpoint", ckpt, "-n", "1", "--steps", "2", "--out", str(tmp_path / "x.jpg"), "--quiet"])
+    assert main(["sample", "--checkpoint", ckpt, "-n", "1", "--steps", "2", "--out", str(tmp_path / "x.jpg"),
+                 "--quiet"]) == 2
+    assert "--out must end in .png, .npz or .npy" in capsys.readouterr().err
+
+
+def _train_in_a_process(out, *extra):
+    """``fastddpm train`` in a fresh interpreter (its own RNG state, imports and threads)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    argv = [sys.executable, "-m", "fastddpm", "train", "--data", "digits", "--preset", "tiny", "--steps", "1",
+            "--batch-size", "16", "--seed", "0", "--timesteps", "50", "--out", str(out), *extra]
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_seed_makes_two_processes_write_identical_checkpoints(tmp_path):
+    from safetensors.torch import load_file
+
+    tensors = []
+    for name in ("a", "b"):
+        done = _train_in_a_process(tmp_path / name)
+        assert done.returncode == 0, done.stderr
+        tensors.append(load_file(tmp_path / name / "checkpoints" / "step_0000001.safetensors"))
+    a, b = tensors
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_create_model_seed_fixes_the_weights_and_leaves_the_global_rng():
+    from fastddpm.models import create_model
+
+    state = torch.get_rng_state()
+    one, two, other = (create_model("tiny", seed=s).state_dict() for s in (7, 7, 8))
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(torch.equal(one[k], two[k]) for k in one)
+    assert not all(torch.equal(one[k], other[k]) for k in one)
+    with pytest.raises(ValueError, match="seed"):
+        create_model("tiny", seed=-1)
+
+
+def test_keep_last_flag(tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", "--data", "digits", "--preset", "tiny", "--steps", "4", "--batch-size", "4",
+                 "--out", str(out), "--checkpoint-every", "1", "--timesteps", "50", "--keep-last", "3"]) == 0
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*.safetensors")) == [
+        f"step_000000{s}.safetensors" for s in (2, 3, 4)]
+
+
+def test_sigterm_checkpoints_and_prints_the_resume_command(tmp_path):
+    import os
+    import shlex
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    argv = ["train", "--data", "digits", "--preset", "tiny", "--steps", "100000", "--batch-size", "4", "--timesteps",
+            "50", "--out", str(out)]
+    proc = subprocess.Popen([sys.executable, "-m", "fastddpm", *argv], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "metrics.csv").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(3.0)  # some steps in (the handlers are installed just before the first step)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert "Traceback" not in stderr
+    (ckpt,) = (out / "checkpoints").glob("step_*.safetensors")
+    step = int(ckpt.stem.split("_")[1])
+    assert step > 0 and f"stopped by SIGTERM at step {step}" in stdout
+    resume = shlex.split(stdout.strip().splitlines()[-1])
+    assert resume == ["fastddpm", *argv, "--resume"]
+
+
+def test_export_never_replaces_a_training_checkpoint_unless_forced(run_dir, tmp_path, capsys):
+    ckpt = run_dir / "checkpoints" / "step_0000004.safetensors"
+    other = tmp_path / "other.safetensors"
+    shutil.copy(ckpt, other)
+    before = ckpt.read_bytes()
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(ckpt)]) == 2
+    assert "is the --checkpoint itself" in capsys.readouterr().err
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(other)]) == 2
+    assert "is a training checkpoint" in capsys.readouterr().err
+    assert ckpt.read_bytes() == before and other.read_bytes() == before
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(other), "--force"]) == 0
+    from fastddpm.checkpoint import read_metadata
+
+    assert read_metadata(other)["kind"] == "model"
+    release = tmp_path / "release.safetensors"
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(release)]) == 0
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(release)]) == 0  # a release may be replaced
+
+
+def _error_of(argv, capsys) -> tuple[int, str]:
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse's errors
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def test_bad_inputs_are_refused_before_any_work(run_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ckpt = str(run_dir / "checkpoints" / "step_0000004.safetensors")
+    sample = ["sample", "--checkpoint", ckpt, "-n", "2", "--quiet"]
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "a_dir.png").mkdir()
+    cases = [
+        (sample + ["--out", "a_file/s.png"], "its folder 'a_file' is not a folder"),
+        (sample + ["--out", "no/such/s.png"], "its folder 'no/such' does not exist"),
+        (sample + ["--out", "a_dir.png"], "--out 'a_dir.png' is a folder"),
+        (sample + ["--gif", "r.mp4"], "--gif must end in .gif"),
+        (sample + ["--scale", "0"], "argument --scale: expected an int in [1, 64], got '0'"),
+        (sample + ["--scale", "100000"], "argument --scale: expected an int in [1, 64]"),
+        (sample + ["--eta", "0.5"], "--eta is DDIM's: give --sampler ddim"),
+        (sample + ["--steps", "51"], "--steps 51 is more than the model's process has (50)"),
+        (sample + ["--device", "bogus"], "--device 'bogus' is not a device"),
+        (["demo", "--steps", "2000", "--quiet"], "--steps 2000 is more than"),
+        (["forward-strip", "-n", "0"], "argument -n: expected an int >= 1"),
+        (["eval", "--samples", "x.npz", "--batch-size", "0"], "argument --batch-size: expected an int >= 1"),
+        (["plot-schedule", "--out", "s.txt"], "--out must end in .png"),
+        (["forward-strip", "--out", "f.jpg"], "--out must end in .png"),
+        (["train", "--data", "digits", "--steps", "1", "--out", "r", "--image-size", "0"],
+         "argument --image-size: expected an int >= 1"),
+        (["train", "--data", "digits", "--steps", "1", "--out", "r", "--timesteps", "20"],
+         "linear schedule with num_timesteps=20"),
+        (["export", "--checkpoint", ckpt, "--out", "x.pt"], "--out must end in .safetensors"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((sample + ["--device", "cuda"], "no CUDA GPU is available here"))
+    for argv, message in cases:
+        code, err = _error_of(argv, capsys)
+        assert code == 2 and message in err and "Traceback" not in err, (argv, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_dir.png", "a_file"]  # nothing written
+
+
+def test_resume_edge_cases_say_what_happens(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--data", "digits", "--preset", "tiny", "--batch-size", "4", "--timesteps", "50",
+            "--out", str(out)]
+    assert main(args + ["--steps", "2", "--resume"]) == 0
+    assert "--resume: no checkpoint in" in capsys.readouterr().out
+    code, err = _error_of(args + ["--steps", "1", "--resume"], capsys)
+    assert code == 2 and "--steps 1 is not beyond the checkpoint's step 2" in err
+    code, err = _error_of(args + ["--steps", "3"], capsys)
+    assert code == 2 and "--resume on the command line" in err
+
+
+def test_threads_and_help_defaults(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "fastddpm", "train", "--help"], capture_output=True, text=True)
+    assert "(default: 0.9999)" in done.stdout and "--threads" in done.stdout
+    n = torch.get_num_threads()
+    try:
+        assert main(["plot-schedule", "--out", str(tmp_path / "s.png"), "--threads", "1"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(n)
+
+
+def test_gif_frames_follow_the_steps_taken(tmp_path):
+    gif = tmp_path / "r.gif"
+    assert main(["demo", "-n", "1", "--steps", "50", "--out", str(tmp_path / "d.png"), "--gif", str(gif),
+                 "--quiet", "--scale", "1"]) == 0
+    assert Image.open(gif).n_frames == 50  # every step of 50, not every 20th of T = 1000
+
+
+def test_sample_uses_a_bounded_micro_batch_by_default(run_dir, tmp_path, monkeypatch):
+    import fastddpm.sampling
+
+    seen = []
+    real = fastddpm.sampling.sample
+
+    def recording(model, n, **kw):
+        seen.append((n, kw["batch_size"]))
+        return real(model, 2, **{**kw, "batch_size": None})  # sample only 2, whatever n is
+
+    monkeypatch.setattr(fastddpm.sampling, "sample", recording)
+    ckpt = str(run_dir / "checkpoints" / "step_0000004.safetensors")
+    assert main(["sample", "--checkpoint", ckpt, "-n", "20000", "--steps", "2", "--out", str(tmp_path / "s.npz"),
+                 "--quiet"]) == 0
+    assert main(["sample", "--checkpoint", ckpt, "-n", "3", "--steps", "2", "--out", str(tmp_path / "s.npz"),
+                 "--quiet"]) == 0
+    assert seen == [(20000, 256), (3, 3)]
+
+
+@pytest.mark.parametrize("bias", [float("inf"), 1e30])
+def test_a_diverged_model_is_not_sampled_silently(run_dir, tmp_path, capsys, bias):
+    from fastddpm.checkpoint import load_model, save_model
+
+    model, process = load_model(run_dir / "checkpoints" / "step_0000004.safetensors")
+    with torch.no_grad():
+        model.conv_out.bias.fill_(bias)
+    bad = save_model(tmp_path / "bad.safetensors", model, process)
+    out = tmp_path / "s.png"
+    assert main(["sample", "--checkpoint", str(bad), "-n", "2", "--steps", "3", "--out", str(out), "--quiet"]) == 2
+    assert "not finite or beyond" in capsys.readouterr().err and not out.exists()

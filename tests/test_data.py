@@ -272,3 +272,24 @@ def test_split_validation():
     assert split_validation(5, 0.0, seed=0) == ([0, 1, 2, 3, 4], [])
     with pytest.raises(ValueError, match=r"fraction must be in \[0, 1\)"):
         split_validation(5, 1.0, seed=0)
+
+
+def test_folders_follow_links_once_and_read_regular_files_only(folder):
+    import os
+
+    os.symlink(folder, folder / "b" / "loop")  # a link back to the root
+    os.mkfifo(folder / "a" / "pipe.png")  # reading it would block forever
+    ds = ImageFolderDataset(folder, image_size=8, channels=1)
+    assert len(ds) == 3
+
+
+def test_garbage_and_special_array_files_are_named(tmp_path):
+    import os
+
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(b"this is not numpy at all" * 10)
+    with pytest.raises(ValueError, match=r"garbage\.npz' is not a readable \.npz array file"):
+        ArrayDataset(garbage)
+    os.mkfifo(tmp_path / "pipe.npy")
+    with pytest.raises(ValueError, match=r"pipe\.npy' is not a regular file"):
+        ArrayDataset(tmp_path / "pipe.npy")

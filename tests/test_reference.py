@@ -214,3 +214,55 @@ def test_dispatch_traces_under_torch_compile_fullgraph():
         torch._dynamo.reset()
         with ops.use_backend(backend):
             assert_close(torch.compile(step, fullgraph=True, backend="eager")(*args), step(*args), **FP32)
+
+
+# -- respaced processes: one meaning of t -------------------------------------------------------
+def test_respaced_processes_take_model_timesteps_everywhere():
+    full, fast = DDPM(), DDPM().respace(10)
+    x0, eps = torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4)
+    assert fast.schedule.timesteps[-1] == 999
+    # the respaced process keeps alphas_cumprod at its timesteps: noising at 999 is the full process's 999
+    assert_close(fast.q_sample(x0, 999, noise=eps), full.q_sample(x0, 999, noise=eps), **FP32)
+    assert_close(fast.q_sample(x0, 555, noise=eps), full.q_sample(x0, 555, noise=eps), **FP32)
+    assert torch.equal(DDPM(prediction="v").respace(10).training_target(x0, eps, 999),
+                       DDPM(prediction="v").training_target(x0, eps, 999))
+    for call in (lambda: fast.q_sample(x0, 5), lambda: fast.training_target(x0, eps, 5),
+                 lambda: fast.loss(lambda x, t: x, x0, 5), lambda: fast.step(x0, 5, x0)):
+        with pytest.raises(ValueError, match="t must be one of this respaced process's timesteps"):
+            call()
+
+
+def test_respace_takes_a_count_or_a_list_and_round_trips():
+    with pytest.raises(TypeError, match="steps must be a number of steps"):
+        DDPM().respace("10")
+    with pytest.raises(TypeError, match="respace timesteps must be ints"):
+        DDPM().respace([0.5, 10])
+    first_ten = DDPM().respace(list(range(10)))
+    assert first_ten.schedule.is_respaced and first_ten.num_steps == 10
+    again = DDPM.from_dict(first_ten.to_dict())
+    assert again.num_steps == 10 and again.schedule.timesteps == tuple(range(10))
+    assert again.config.num_timesteps == 1000
+    assert not DDPM().respace(1000).schedule.is_respaced  # every step kept: the process itself
+
+
+def test_sample_offset_is_bounded():
+    x0 = torch.zeros(2, 1, 4, 4)
+    with pytest.raises(ValueError, match=r"sample_offset must be an int in \[0, 2\*\*32 - n\]"):
+        DDPM().q_sample(x0, 3, sample_offset=2**32)
+    with pytest.raises(ValueError, match="sample_offset"):
+        DDPM().step(x0, 3, x0, sample_offset=2**32 - 1)
+    with pytest.raises(ValueError, match="sample_offset"):
+        DDPM().q_sample(x0, 3, sample_offset=-1)
+    DDPM().q_sample(x0, 3, sample_offset=2**32 - 2)
+
+
+@pytest.mark.parametrize("T", [10, 19, 20])
+def test_small_T_linear_schedule_names_the_fix(T):
+    with pytest.raises(ValueError, match=rf"linear schedule with num_timesteps={T} has beta_T = .* >= 21"):
+        DDPM(num_timesteps=T)
+    DDPM(num_timesteps=21)
+    DDPM(num_timesteps=T, schedule="cosine")
+    with pytest.raises(ValueError, match=r"betas must be finite and in \(0, 1\)"):
+        DDPM(schedule="custom", betas=[0.5, 1.0])
+    with pytest.raises(ValueError, match="num_timesteps must be a positive int <= 100000"):
+        DDPM(num_timesteps=2_000_000_000)

@@ -67,12 +67,14 @@ def test_respace_keeps_alphas_cumprod_and_recomputes_betas():
     explicit = s.respace([0, 500, 999])
     assert explicit.timesteps == (0, 500, 999)
     assert NoiseSchedule.from_dict(r.to_dict()).timesteps == r.timesteps
+    old = {k: v for k, v in explicit.to_dict().items() if k != "base_num_timesteps"}  # written before the field
+    assert NoiseSchedule.from_dict(old).is_respaced
 
 
 def test_bad_schedules():
     with pytest.raises(ValueError, match="schedule must be one of"):
         NoiseSchedule.make("exponential")
-    with pytest.raises(ValueError, match="betas must be finite and in"):
+    with pytest.raises(ValueError, match=r"betas must be finite and in \(0, 1\)"):
         NoiseSchedule.make([0.1, 1.5])
     with pytest.raises(ValueError, match="num_timesteps must be a positive int"):
         NoiseSchedule.make("linear", 0)

@@ -3,7 +3,9 @@
 All runs use the ``tiny`` preset (8x8 gray) on a handful of images, a few steps each.
 """
 import json
+import os
 import shutil
+import signal
 
 import pytest
 import torch
@@ -107,13 +109,37 @@ def test_resume_is_bit_identical(tmp_path, ten_images):
 
 
 def test_ema_copies_the_model_exactly_before_ema_start(tmp_path, ten_images):
-    trainer = _trainer(tmp_path, ten_images, steps=3, batch_size=2, lr=1e-2, ema_decay=0.9, ema_start=3, **QUIET)
+    # no warm-up: the first averaged step (step 4) lags the model (with the warm-up it copies it too, below)
+    trainer = _trainer(tmp_path, ten_images, steps=3, batch_size=2, lr=1e-2, ema_decay=0.9, ema_start=3,
+                       ema_warmup_power=None, **QUIET)
     trainer.train()
     for (k, a), b in zip(trainer.model.state_dict().items(), trainer.ema_model.state_dict().values()):
         assert torch.equal(a, b), k
     trainer.config = trainer.config.replace(steps=4)
     trainer.train()  # step 4 averages: the EMA now lags the model
     assert not all(torch.equal(a, b) for a, b in zip(trainer.model.parameters(), trainer.ema_model.parameters()))
+
+
+def test_ema_warmup_schedule():
+    c = TrainConfig(ema_decay=0.999, ema_start=10)
+    assert [c.ema_decay_at(s) for s in (0, 9, 10)] == [0.0, 0.0, 0.0]  # copies, then the first warm-up step
+    assert c.ema_decay_at(10 + 300) == pytest.approx(1 - 301 ** -0.75)  # ema-pytorch / diffusers, inv_gamma 1
+    decays = [c.ema_decay_at(s) for s in range(10, 100_000, 997)]
+    assert decays == sorted(decays) and max(decays) == 0.999  # rises to the cap and stays there
+    assert TrainConfig(ema_decay=0.9, ema_warmup_power=None).ema_decay_at(0) == 0.9
+    with pytest.raises(ValueError, match="ema_warmup_power"):
+        TrainConfig(ema_warmup_power=0.0)
+
+
+def test_short_runs_have_an_ema_of_recent_weights_by_default(tmp_path, ten_images):
+    """With the default decay (0.9999), 40 steps leave a plain EMA 99.6% the random start (samples are
+    noise); the warm-up makes it an average of the run's recent weights."""
+    trainer = _trainer(tmp_path, ten_images, steps=40, batch_size=2, lr=1e-2, **QUIET)
+    start = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.train()
+    moved = sum((p - s).norm() ** 2 for p, s in zip(trainer.model.parameters(), start)) ** 0.5
+    lag = sum((p - e).norm() ** 2 for p, e in zip(trainer.model.parameters(), trainer.ema_model.parameters())) ** 0.5
+    assert lag < 0.5 * moved
 
 
 def test_grad_accumulation_matches_one_big_batch(tmp_path, ten_images):
@@ -285,6 +311,46 @@ def test_compiled_model_trains_like_eager(tmp_path, ten_images):
     assert not any("_orig_mod" in k for k in names)
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_finishes_the_step_and_writes_a_checkpoint(tmp_path, ten_images, monkeypatch, signum):
+    trainer = _trainer(tmp_path / "run", ten_images, steps=50, batch_size=2, checkpoint_every=0, log_every=10)
+    take_step = trainer._train_step
+
+    def step_then_signal(step):
+        out = take_step(step)
+        if step == 2:  # arrives inside step 3; the step still completes
+            os.kill(os.getpid(), signum)
+        return out
+
+    monkeypatch.setattr(trainer, "_train_step", step_then_signal)
+    before = signal.getsignal(signum)
+    metrics = trainer.train()
+    assert signal.getsignal(signum) is before  # handlers restored
+    assert metrics["stopped_by"] == signal.Signals(signum).name and metrics["step"] == 3
+    assert metrics["checkpoint"].endswith("step_0000003.safetensors")
+    assert _rows(tmp_path / "run")[-1]["step"] == 3
+    again = _trainer(tmp_path / "run", ten_images, steps=5, batch_size=2, checkpoint_every=0, log_every=10,
+                     resume=True)
+    assert again.step == 3 and again.train()["stopped_by"] is None
+
+
+def test_a_second_signal_exits_at_once(tmp_path, ten_images, monkeypatch):
+    trainer = _trainer(tmp_path / "run", ten_images, steps=50, batch_size=2, checkpoint_every=0, log_every=10)
+    take_step = trainer._train_step
+
+    def signal_twice(step):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return take_step(step)
+
+    monkeypatch.setattr(trainer, "_train_step", signal_twice)
+    with pytest.raises(SystemExit) as stopped:
+        trainer.train()
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert trainer.step == 2 and not list((tmp_path / "run" / "checkpoints").iterdir())
+
+
 def test_unwritable_out_dir(tmp_path, ten_images):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
@@ -423,3 +489,84 @@ def test_gpu_compiled_bf16_run_trains_and_saves_a_loadable_model(tmp_path, digit
     model, process = load_model(tmp_path / "checkpoints" / "step_0000060.safetensors")
     images = fastddpm.sample(model.cuda(), 2, steps=5, process=process, progress=False)
     assert images.shape == (2, 1, 8, 8) and bool(torch.isfinite(images).all())
+
+
+def test_a_run_directory_is_locked_while_written(tmp_path, ten_images):
+    from fastddpm.run_dir import RunDirInUseError, RunDirLock
+
+    first = _trainer(tmp_path / "run", ten_images, steps=2, batch_size=2, **QUIET)
+    other = RunDirLock(tmp_path / "run")  # as another process would: its own open file
+    other.acquire()
+    try:
+        with pytest.raises(RunDirInUseError, match=rf"run directory .*run'.* is in use by pid {os.getpid()}"):
+            first.train()
+        with pytest.raises(RunDirInUseError, match="in use by pid"):
+            _trainer(tmp_path / "run", ten_images, steps=2, batch_size=2, resume=True, **QUIET)
+        with pytest.raises(RunDirInUseError, match="in use by pid"):
+            first.resume(missing_ok=True)  # it would rewrite the logs
+        assert not (tmp_path / "run" / "metrics.csv").exists()  # nothing written by the refused ones
+    finally:
+        other.release()
+    assert first.train()["step"] == 2
+    other.acquire()  # released when training ends
+    other.release()
+
+
+def test_a_folder_that_is_not_a_run_is_left_alone(tmp_path, ten_images):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    files = {"config.json": '{"lr": 1}', "metrics.csv": "a,b\n1,2\n", "loss.png": "not a png"}
+    for name, text in files.items():
+        (mine / name).write_text(text)
+    with pytest.raises(ValueError, match=r"out_dir .*mine.* is not empty and is not a fastddpm run.*config.json"):
+        _trainer(mine, ten_images, steps=2, batch_size=2, **QUIET)
+    assert sorted(p.name for p in mine.iterdir()) == sorted(files)
+    assert all((mine / name).read_text() == text for name, text in files.items())
+    # a run's own folder is one: train, then resume into it
+    _trainer(tmp_path / "run", ten_images, steps=2, batch_size=2, **QUIET).train()
+    assert _trainer(tmp_path / "run", ten_images, steps=3, batch_size=2, resume=True, **QUIET).train()["step"] == 3
+
+
+def test_a_new_trainer_removes_the_debris_of_killed_writes(tmp_path, ten_images):
+    _trainer(tmp_path / "run", ten_images, steps=2, batch_size=2, **QUIET).train()
+    debris = [tmp_path / "run" / "checkpoints" / ".step_0000003.safetensors.abc123.tmp",
+              tmp_path / "run" / ".metrics.csv.xyz.tmp"]
+    for p in debris:
+        p.write_bytes(b"\0" * 1000)
+    _trainer(tmp_path / "run", ten_images, steps=3, batch_size=2, resume=True, **QUIET)
+    assert not any(p.exists() for p in debris)
+
+
+def test_write_errors_name_the_users_file(tmp_path, monkeypatch):
+    from fastddpm import files
+
+    def refuse(*a, **k):
+        raise PermissionError(13, "Permission denied", str(tmp_path / ".x.png.abc.tmp"))
+
+    monkeypatch.setattr(files.tempfile, "mkstemp", refuse)
+    with pytest.raises(PermissionError, match=r"cannot write '.*x\.png': Permission denied") as e:
+        files.write_text_atomic(tmp_path / "x.png", "a")
+    assert ".tmp" not in str(e.value)
+
+
+def test_disk_check_counts_every_checkpoint_a_run_keeps(tmp_path, ten_images, monkeypatch):
+    one = _trainer(tmp_path / "probe", ten_images, steps=1, batch_size=2).estimated_checkpoint_bytes()
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=int(3.5 * one)))
+    with pytest.raises(OSError, match=r"4 checkpoints of .* keep_last=2, best, one being written"):
+        _trainer(tmp_path / "run", ten_images, steps=1, batch_size=2)
+    _trainer(tmp_path / "run", ten_images, steps=1, batch_size=2, keep_last=1, keep_best=False)
+
+
+def test_time_based_checkpoints(tmp_path, ten_images, monkeypatch):
+    clock = iter(range(0, 10**6, 20))  # 20 s a call: every step is past checkpoint_minutes=1 of the last save
+    import fastddpm.trainer as trainer_module
+
+    trainer = _trainer(tmp_path / "run", ten_images, steps=4, batch_size=2, checkpoint_every=0, log_every=10,
+                       keep_last=10, checkpoint_minutes=1.0)
+    monkeypatch.setattr(trainer_module.time, "perf_counter", lambda: float(next(clock)))
+    trainer.train()
+    steps = [p.name for p in Trainer.checkpoints_in(tmp_path / "run")]
+    assert len(steps) >= 2 and steps[-1] == "step_0000004.safetensors"  # not only the last one
+    with pytest.raises(ValueError, match="checkpoint_minutes"):
+        TrainConfig(checkpoint_minutes=-1.0)

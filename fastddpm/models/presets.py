@@ -10,6 +10,8 @@
 """
 from __future__ import annotations
 
+import torch
+
 from .unet import UNet, UNetConfig
 
 __all__ = ["PRESETS", "create_model"]
@@ -30,9 +32,16 @@ PRESETS: dict[str, UNetConfig] = {
 }
 
 
-def create_model(preset_or_config: str | UNetConfig | dict, **overrides) -> UNet:
+def create_model(preset_or_config: str | UNetConfig | dict, *, seed: int | None = None, **overrides) -> UNet:
     """A fresh :class:`UNet` from a preset name, a :class:`UNetConfig` or a config dict,
-    with any field replaced by ``overrides`` (``create_model("small", dropout=0.1)``)."""
+    with any field replaced by ``overrides`` (``create_model("small", dropout=0.1)``).
+
+    :param seed: the initial weights are drawn from ``torch.manual_seed(seed)`` in a forked RNG
+        (the global RNG is left as it was), so the same seed gives the same weights in any process;
+        None: from torch's global RNG, as ``nn.Module`` constructors do.
+    """
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63):
+        raise ValueError(f"seed must be an int in [0, 2**63) or None, got {seed!r}")
     if isinstance(preset_or_config, str):
         if preset_or_config not in PRESETS:
             raise ValueError(f"unknown preset {preset_or_config!r}; known presets: {sorted(PRESETS)}")
@@ -44,4 +53,9 @@ def create_model(preset_or_config: str | UNetConfig | dict, **overrides) -> UNet
     else:
         raise TypeError(f"preset_or_config must be a preset name, a UNetConfig or a dict, "
                         f"got {type(preset_or_config).__name__}")
-    return UNet(UNetConfig.from_dict({**base, **overrides}))
+    config = UNetConfig.from_dict({**base, **overrides})
+    if seed is None:
+        return UNet(config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return UNet(config)
