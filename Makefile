@@ -20,7 +20,9 @@ TEST_DEPS := pytest pytest-benchmark diffusers denoising-diffusion-pytorch sciki
 # GPU check carries), the suite runs from the source checkout as scripts/gpu_check.py runs it (Triton
 # through the interpreter, both fast backends required), and every Triton kernel variant is compiled
 # for sm_90 and checked for spills and shared memory (scripts/compile_sm90.py).
-PYTHON_DEVICE ?= $(firstword $(shell command -v python3.12) $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12))
+# the first Python 3.12 that runs (a pyenv shim may exist and fail)
+PYTHON_DEVICE ?= $(shell for p in $(HOME)/.pyenv/versions/3.12*/bin/python3.12 python3.12; do \
+	"$$p" -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null && { command -v "$$p"; break; }; done)
 DEVICE_VENV ?= .venv-device
 DEVICE_PY := $(DEVICE_VENV)/bin/python
 DEVICE_SPEC := torch==2.11.0 torchvision==0.26.0 triton==3.6.0 'numpy>=2.4'
