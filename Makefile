@@ -49,7 +49,7 @@ $(PY):
 # --no-build-isolation: the extension must build against the torch installed here.
 $(VENV)/.installed: $(PY) pyproject.toml setup.py $(wildcard csrc/*)
 	$(PIP) install -q $(BUILD_DEPS)
-	$(PIP) install -q --no-build-isolation -e . $(TORCH_SPEC)
+	$(PIP) install -q --no-build-isolation -e '.[digits]' $(TORCH_SPEC)
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
