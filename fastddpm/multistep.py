@@ -65,6 +65,7 @@ SOLVER_ORDER = {"dpm++2m": 2, "dpm++3m": 3, "dpm++2m-sde": 2, "unipc": 2}
 # (T = 0.9946 for the continuous cosine); diffusers expresses that as lambda_min_clipped, and its
 # cosine pipelines (DeepFloyd IF, unCLIP) use -5.1.  We apply it by default for the cosine schedule.
 COSINE_LAMBDA_MIN = -5.1
+DEFAULT_STEPS = 20  # model calls when none are given (DPM-Solver: ~DDPM-1000 quality at 10-25)
 HISTORY_SLOTS = 3  # two data predictions (a ring indexed by step % 2) and x_last
 
 

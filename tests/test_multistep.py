@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from fastddpm import multistep
+import fastddpm
+from fastddpm import DDPM, multistep
 from fastddpm.multistep import MultistepSampler, make_plan, multistep_update, new_history
 from fastddpm.schedule import NoiseSchedule
 from tolerances import FP32, PEER, PEER64, PEER_KARRAS32, assert_close
@@ -207,3 +208,81 @@ def test_new_history_is_zero_and_follows_the_compute_dtype():
     assert new_history(torch.ones(2, 3, dtype=torch.float16)).dtype == torch.float32
     h = new_history(torch.ones(2, 3, dtype=torch.float64))
     assert h.dtype == torch.float64 and h.shape == (3, 2, 3) and not h.any()
+
+
+# -- fastddpm.sample and DDPM with a multistep sampler ---------------------------------------------
+def _diffusers_loop(model, sched, x, noise_of_step=None):
+    for j, t in enumerate(sched.timesteps.tolist()):
+        out = model(x, torch.full((x.shape[0],), t, dtype=torch.int64))
+        kw = {"variance_noise": noise_of_step(j)} if noise_of_step else {}
+        x = sched.step(out, t, x, **kw).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("solver", multistep.SOLVERS)
+@pytest.mark.parametrize("options", [{}, {"prediction": "v", "timestep_spacing": "trailing"},
+                                     {"prediction": "x0", "timestep_spacing": "leading", "clip_denoised": True}])
+def test_sample_equals_the_diffusers_loop(solver, options):
+    """``fastddpm.sample(model, n, sampler=..., steps=K)``: K model calls, the contract's x_T and
+    (SDE) the contract's noise of slot K-1-j at running step j, equal to diffusers' loop."""
+    from fastddpm.reference import batch_noise
+    from toy_models import Pointwise
+
+    model, n, K, shape = Pointwise(), 3, 9, (3, 2, 6, 6)
+    options = {"clip_denoised": False, **options}
+    calls = []
+    images = fastddpm.sample(model, n, steps=K, seed=5, sampler=solver, progress=False,
+                             callback=lambda i, t, x: calls.append((i, t)), **options)
+    sched = _diffusers(solver, options.get("prediction", "epsilon"), options.get("timestep_spacing", "linspace"),
+                       clip=options["clip_denoised"])
+    sched.set_timesteps(K)
+    assert calls == [(K - 1 - j, t) for j, t in enumerate(sched.timesteps.tolist())]
+    noise = (lambda j: batch_noise(5, 0, K - 1 - j, shape, "cpu")) if solver.endswith("sde") else None
+    theirs = _diffusers_loop(model, sched, batch_noise(5, 0, K, shape, "cpu"), noise)
+    assert_close(images, theirs, **PEER, msg=solver)
+
+
+def test_sde_sampling_follows_the_noise_contract():
+    """Sample i of a seed is the same for any n, batch split or offset."""
+    from toy_models import Pointwise
+
+    model = Pointwise()
+    kw = dict(steps=6, seed=9, sampler="dpm++2m-sde", progress=False)
+    whole = fastddpm.sample(model, 5, **kw)
+    assert torch.equal(fastddpm.sample(model, 5, batch_size=2, **kw), whole)
+    assert torch.equal(fastddpm.sample(model, 2, sample_offset=3, **kw), whole[3:])
+    assert not torch.equal(fastddpm.sample(model, 5, **{**kw, "seed": 10}), whole)
+
+
+def test_ddpm_with_a_multistep_sampler():
+    from toy_models import Pointwise
+
+    process = DDPM(sampler="unipc", timestep_spacing="trailing", karras_sigmas=False, prediction="v")
+    assert DDPM.from_json(process.to_json()).config == process.config
+    plan = process.multistep_plan(12)
+    assert plan.num_steps == 12 and plan.solver == "unipc" and plan.clip_denoised
+    assert process.multistep_plan().num_steps == multistep.DEFAULT_STEPS
+    images = process.sample(Pointwise(), 2, steps=12, progress=False)
+    assert images.shape == (2, 2, 6, 6) and torch.isfinite(images).all()
+    x = torch.zeros(2, 2, 6, 6)
+    with pytest.raises(ValueError, match="MultistepSampler"):
+        process.step(x, 999, x)
+    assert process.loss(lambda x, t: x, x, torch.tensor([1, 2])).isfinite()  # training is unaffected
+    with pytest.raises(ValueError, match="not a multistep solver"):
+        DDPM().multistep_plan(10)
+
+
+def test_sample_errors_for_solvers():
+    from toy_models import Pointwise
+
+    model = Pointwise()
+    with pytest.raises(ValueError, match=r"sampler must be one of .*'dpm\+\+2m', 'dpm\+\+3m'"):
+        fastddpm.sample(model, 1, sampler="dpm++4m", progress=False)
+    with pytest.raises(ValueError, match=r"timestep_spacing must be one of \('linspace', 'leading', 'trailing'\)"):
+        fastddpm.sample(model, 1, sampler="dpm++2m", timestep_spacing="uniform", progress=False)
+    with pytest.raises(ValueError, match=r"dpm\+\+3m is a 3-step method: it needs at least 3 steps"):
+        fastddpm.sample(model, 1, sampler="dpm++3m", steps=2, progress=False)
+    with pytest.raises(ValueError, match=r"steps must be an int in \[1, 1000\]"):
+        fastddpm.sample(model, 1, sampler="unipc", steps=1001, progress=False)
+    with pytest.raises(NotImplementedError, match="not yet in the engine"):
+        fastddpm.sample(model, 1, sampler="dpm++2m", steps=5, engine=True, progress=False)
