@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 
 DEMO_MODEL = Path(__file__).parent / "assets" / "digits_small.safetensors"
+# reference.SAMPLERS + multistep.SOLVERS, spelled out so that --help imports no torch (a test holds them equal)
+SAMPLER_CHOICES = ("ddpm", "ddim", "dpm++2m", "dpm++3m", "dpm++2m-sde", "unipc")
 
 
 def _device(name: str | None):
@@ -72,19 +74,23 @@ def _sample_and_save(model, process, args, out: Path) -> float:
         raise SystemExit(f"error: --out must end in .png, .npz or .npy, got {str(out)!r}")
     from .sampling import sample
 
-    frames = []
-    every = max(1, process.num_steps // 50) if args.gif else 0
-
-    def keep_frames(i, t, x):
-        if i % every == 0 or i == process.num_steps - 1:
-            frames.append(x.detach().cpu().clamp(-1, 1))
-
-    if args.steps is not None and args.steps != process.num_steps:
-        process = process.respace(args.steps)
     if args.sampler is not None:
         process = process.with_options(sampler=args.sampler, eta=args.eta)
+    steps = None  # a multistep solver's --steps are its model calls, not a respacing
+    if process.is_multistep:
+        steps = process.multistep_plan(args.steps).num_steps  # checks them now
+    elif args.steps is not None and args.steps != process.num_steps:
+        process = process.respace(args.steps)
+    num_steps = steps or process.num_steps
+    frames = []
+    every = max(1, num_steps // 50) if args.gif else 0
+
+    def keep_frames(i, t, x):
+        if i % every == 0 or i == num_steps - 1:
+            frames.append(x.detach().cpu().clamp(-1, 1))
+
     start = time.perf_counter()
-    x = sample(model, args.n, seed=args.seed, process=process, device=_device(args.device),
+    x = sample(model, args.n, steps=steps, seed=args.seed, process=process, device=_device(args.device),
                batch_size=args.batch_size, progress=not args.quiet, callback=keep_frames if every else None)
     seconds = time.perf_counter() - start
     x = x.cpu()
@@ -167,8 +173,9 @@ def _add_diffusion_args(p):
 
 def _add_sample_args(p, n=64, out="samples.png"):
     p.add_argument("-n", type=int, default=n, help=f"number of images (default: {n})")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps; fewer than T respaces")
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], default=None, help="override the sampler")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampling steps; fewer than T respaces (a multistep sampler: model calls, default 20)")
+    p.add_argument("--sampler", choices=SAMPLER_CHOICES, default=None, help="override the sampler")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (with --sampler ddim)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=None, help="micro-batch size (default: all at once)")

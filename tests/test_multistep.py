@@ -286,3 +286,18 @@ def test_sample_errors_for_solvers():
         fastddpm.sample(model, 1, sampler="unipc", steps=1001, progress=False)
     with pytest.raises(NotImplementedError, match="not yet in the engine"):
         fastddpm.sample(model, 1, sampler="dpm++2m", steps=5, engine=True, progress=False)
+
+
+def test_cli_sample_with_a_solver(tmp_path, capsys):
+    from fastddpm import cli, reference
+
+    assert cli.SAMPLER_CHOICES == reference.SAMPLERS + multistep.SOLVERS
+    out = tmp_path / "s.npz"
+    assert cli.main(["sample", "--checkpoint", str(cli.DEMO_MODEL), "-n", "2", "--steps", "4", "--sampler",
+                     "dpm++2m", "--out", str(out), "--quiet", "--device", "cpu"]) == 0
+    assert np.load(out)["images"].shape[0] == 2
+    assert cli.main(["sample", "--checkpoint", str(cli.DEMO_MODEL), "-n", "1", "--steps", "2", "--sampler",
+                     "dpm++3m", "--out", str(out), "--quiet", "--device", "cpu"]) == 2
+    assert "dpm++3m is a 3-step method" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["sample", "--checkpoint", "x", "--sampler", "euler"])
