@@ -301,3 +301,67 @@ def test_cli_sample_with_a_solver(tmp_path, capsys):
     assert "dpm++3m is a 3-step method" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["sample", "--checkpoint", "x", "--sampler", "euler"])
+
+
+# -- quality on the shipped digits model ----------------------------------------------------------
+@pytest.fixture(scope="module")
+def digits_model():
+    from fastddpm.cli import DEMO_MODEL
+
+    return fastddpm.load_model(DEMO_MODEL, device="cpu")
+
+
+def test_solvers_converge_faster_than_ddim_on_the_digits_model(digits_model, one_thread):
+    """The deterministic solvers integrate the probability-flow ODE of the shipped model: from one
+    x_T, their 20-call images are closer to a 200-step DPM-Solver++(3M) solution than DDIM's
+    20-step ones (measured: DDIM 0.040 RMS; 2M 0.024, 3M 0.017, UniPC 0.019), and 2M converges
+    (0.006 at 50 calls)."""
+    from fastddpm.multistep import MultistepSampler
+
+    model, process = digits_model
+    x_T = torch.randn(8, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+
+    @torch.no_grad()
+    def solve(sampler, steps):
+        x, p = x_T, process.with_options(sampler=sampler)
+        if sampler == "ddim":
+            p = p.respace(steps)
+            for i in reversed(range(steps)):
+                t = p.schedule.timesteps[i]
+                x = p.step(model(x, torch.full((8,), t)), t, x, noise=torch.zeros_like(x))
+            return x
+        s = MultistepSampler(p.multistep_plan(steps), x_T)
+        for t in s.timesteps.tolist():
+            x = s.step(model(x, torch.full((8,), t)), x)
+        return x
+
+    exact = solve("dpm++3m", 200)
+
+    def rms(sampler, steps):
+        return float(((solve(sampler, steps) - exact) ** 2).mean(dim=(1, 2, 3)).sqrt().mean())
+
+    ddim20 = rms("ddim", 20)
+    for solver in ("dpm++2m", "dpm++3m", "unipc"):
+        assert rms(solver, 20) < 0.7 * ddim20, solver
+    assert rms("dpm++2m", 50) < 0.5 * rms("ddim", 50)
+
+
+def test_bench_solvers_smoke(tmp_path):
+    """The quality benchmark's smoke rows run, and diffusers' DPM-Solver++ from the same x_T gives
+    the same Fréchet distance as ours."""
+    import json
+    import sys
+    import warnings
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import bench_solvers
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # 16 images: FD's covariance warning
+        assert bench_solvers.main(["--smoke", "--out-dir", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "solvers_cpu_smoke.json").read_text())["rows"]
+    assert all("fd" in r for r in rows), rows
+    ours, theirs = (next(r["fd"] for r in rows if r["impl"] == impl and r["sampler"] == "dpm++2m")
+                    for impl in ("fastddpm", "diffusers"))
+    assert ours == pytest.approx(theirs, rel=1e-3)
