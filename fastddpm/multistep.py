@@ -2,7 +2,7 @@
 
 The probability-flow ODE of a VP diffusion, written in ``lambda = log(alpha/sigma)``
 (half the log-SNR) with the data prediction ``D`` (the model's x0 estimate), has the
-exact solution (Lu et al. 2022, "DPM-Solver++", Eq. 9)::
+exact solution (Lu et al. 2022, "DPM-Solver++", §3)::
 
     x_t = (sigma_t / sigma_s) x_s + sigma_t * integral_{lambda_s}^{lambda_t} e^lambda D dlambda
 
@@ -85,7 +85,7 @@ def solver_timesteps(schedule: NoiseSchedule, steps: int, solver: str = "dpm++2m
 
     As diffusers' ``set_timesteps`` (``linspace``/``leading``/``trailing``, ``steps_offset=0``):
     timesteps where ``lambda`` is below ``lambda_min_clipped`` are dropped, and Karras sigmas
-    (rho = 7, Karras et al. 2022 Eq. 5) replace the spacing when asked.  diffusers has the
+    (Karras et al. 2022, rho = 7) replace the spacing when asked.  diffusers has the
     clip for DPM-Solver++'s spacings only; we apply it to every solver and to the Karras
     sigma_max too (so ``lambda_min_clipped=-inf`` gives diffusers' UniPC and Karras sigmas).
 
@@ -199,7 +199,8 @@ def multistep_table(sigmas: np.ndarray, solver: str, prediction: str = "epsilon"
 
     col["u"][:] = 1.0
     if solver in ("dpm++2m", "dpm++3m"):
-        # Lu et al. 2022, Algorithm 2 (2M, "midpoint" as diffusers) and its third-order form
+        # DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2; "midpoint" as diffusers) and the
+        # third-order multistep form diffusers uses for solver_order=3
         col["cx"][:] = ratio
         phi = -alpha[t] * em1  # alpha_t (1 - e^{-h})
         o2, o3 = orders == 2, orders == 3
@@ -217,7 +218,7 @@ def multistep_table(sigmas: np.ndarray, solver: str, prediction: str = "epsilon"
             col["p1"][o3] = -A / rr0 + B / rr1
             col["p2"][o3] = -B / rr1
     elif solver == "dpm++2m-sde":
-        # Lu et al. 2022, Eq. 18 (SDE-DPM-Solver++2M, midpoint as diffusers)
+        # SDE-DPM-Solver++(2M) (Lu et al. 2022; midpoint, as diffusers' sde-dpmsolver++)
         col["cx"][:] = ratio * e
         phi = alpha[t] * (1.0 - e**2)
         o2 = orders == 2
@@ -231,7 +232,7 @@ def multistep_table(sigmas: np.ndarray, solver: str, prediction: str = "epsilon"
 
 
 def _unipc_columns(col, orders, alpha, ratio, em1, h, r0, lam):
-    """UniPC-bh2 (Zhao et al. 2023, Algorithms 1-2, B(h) = e^{-h} - 1) with data prediction.
+    """UniPC-bh2 (Zhao et al. 2023; B(h) = e^{-h} - 1) with data prediction, order 2.
 
     Predictor of order 2 (rho = 1/2) equals DPM-Solver++(2M).  The corrector of step ``j``
     re-solves step ``j-1 -> j`` from ``x_last`` with ``D_j`` included, at the order the
