@@ -259,6 +259,12 @@ def test_ddpm_with_a_multistep_sampler():
 
     process = DDPM(sampler="unipc", timestep_spacing="trailing", karras_sigmas=False, prediction="v")
     assert DDPM.from_json(process.to_json()).config == process.config
+    unclipped = DDPM(schedule="cosine", sampler="dpm++3m", lambda_min_clipped=-math.inf, karras_sigmas=True)
+    assert DDPM.from_json(unclipped.to_json()).config == unclipped.config
+    with pytest.raises(TypeError, match="karras_sigmas must be a bool"):
+        DDPM(karras_sigmas="yes")
+    with pytest.raises(ValueError, match="lambda_min_clipped must be a float or None"):
+        DDPM(lambda_min_clipped=float("nan"))
     plan = process.multistep_plan(12)
     assert plan.num_steps == 12 and plan.solver == "unipc" and plan.clip_denoised
     assert process.multistep_plan().num_steps == multistep.DEFAULT_STEPS
