@@ -21,6 +21,8 @@ from .cli_args import check_output, int_in, resolve_device
 from .noise import MAX_SEED
 
 DEMO_MODEL = Path(__file__).parent / "assets" / "digits_small.safetensors"
+# reference.SAMPLERS + multistep.SOLVERS, spelled out so that --help imports no torch (a test holds them equal)
+SAMPLER_CHOICES = ("ddpm", "ddim", "dpm++2m", "dpm++3m", "dpm++2m-sde", "unipc")
 
 
 def _diffusion_options(args) -> dict:
@@ -85,14 +87,18 @@ def _sampling_process(process, args):
     check_output(args.out, "--out", OUTPUT_SUFFIXES)
     if args.gif:
         check_output(args.gif, "--gif", (".gif",))
-    if args.steps is not None and args.steps > process.num_steps:
-        raise ValueError(f"--steps {args.steps} is more than the model's process has ({process.num_steps})")
     sampler = args.sampler or process.config.sampler
     if args.eta is not None and sampler != "ddim":
         raise ValueError(f"--eta is DDIM's: give --sampler ddim with it (the process samples with {sampler!r})")
+    options = {k: v for k, v in (("sampler", args.sampler), ("eta", args.eta)) if v is not None}
+    chosen = process.with_options(**options) if options else process
+    if chosen.is_multistep:  # --steps are the solver's model calls: checked here, no respacing
+        chosen.multistep_plan(args.steps)
+        return chosen
+    if args.steps is not None and args.steps > process.num_steps:
+        raise ValueError(f"--steps {args.steps} is more than the model's process has ({process.num_steps})")
     if args.steps is not None and args.steps != process.num_steps:
         process = process.respace(args.steps)
-    options = {k: v for k, v in (("sampler", args.sampler), ("eta", args.eta)) if v is not None}
     return process.with_options(**options) if options else process
 
 
@@ -101,16 +107,20 @@ def _sample_and_save(model, process, args, device) -> float:
     from .output_watch import OutputWatch
     from .sampling import sample
 
+    steps = None  # a multistep solver's --steps are its model calls, not a respacing
+    if process.is_multistep:
+        steps = process.multistep_plan(args.steps).num_steps
+    num_steps = steps or process.num_steps
     frames = []
-    every = max(1, process.num_steps // 50) if args.gif else 0  # about 50 frames of the steps actually taken
+    every = max(1, num_steps // 50) if args.gif else 0  # about 50 frames of the steps actually taken
 
     def keep_frames(i, t, x):
-        if i % every == 0 or i == process.num_steps - 1:
+        if i % every == 0 or i == num_steps - 1:
             frames.append(x.detach().cpu().clamp(-1, 1))
 
     watched = OutputWatch(model)  # a diverged model's images are finite but wrong: refuse them
     start = time.perf_counter()
-    x = sample(watched, args.n, seed=args.seed, process=process, device=device,
+    x = sample(watched, args.n, steps=steps, seed=args.seed, process=process, device=device,
                batch_size=args.batch_size or min(args.n, DEFAULT_MICRO_BATCH), progress=not args.quiet,
                callback=keep_frames if every else None)
     seconds = time.perf_counter() - start
@@ -144,8 +154,11 @@ def cmd_demo(args) -> int:
     check_output(args.out, "--out", OUTPUT_SUFFIXES)
     model, process = load_model(args.checkpoint or DEMO_MODEL, device=device)
     process = _sampling_process(process, args)
-    print(f"fastddpm demo: {args.n} digits from the shipped 'small' model, {process.num_steps} DDPM steps "
-          f"on {device}")
+    if process.is_multistep:
+        how = f"{process.multistep_plan(args.steps).num_steps} {process.config.sampler} model calls"
+    else:
+        how = f"{process.num_steps} {process.config.sampler.upper()} steps"
+    print(f"fastddpm demo: {args.n} digits from the shipped 'small' model, {how} on {device}")
     seconds = _sample_and_save(model, process, args, device)
     print(f"sampling time: {seconds:.1f} s for {args.n} images ({args.n / seconds:.1f} images/s) -> {args.out}")
     return 0
@@ -223,8 +236,9 @@ def _add_diffusion_args(p):
 
 def _add_sample_args(p, n=64, out="samples.png"):
     p.add_argument("-n", type=int_in(1), default=n, help=f"number of images (default: {n})")
-    p.add_argument("--steps", type=int_in(1), default=None, help="sampling steps; fewer than T respaces")
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], default=None, help="override the sampler")
+    p.add_argument("--steps", type=int_in(1), default=None,
+                   help="sampling steps; fewer than T respaces (a multistep sampler: model calls, default 20)")
+    p.add_argument("--sampler", choices=SAMPLER_CHOICES, default=None, help="override the sampler")
     p.add_argument("--eta", type=float, default=None, help="DDIM eta (with --sampler ddim; default: 0)")
     p.add_argument("--seed", type=int_in(0, MAX_SEED), default=0)
     p.add_argument("--batch-size", type=int_in(1), default=None,

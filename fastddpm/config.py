@@ -7,6 +7,7 @@ import json
 from dataclasses import MISSING, dataclass, fields
 from typing import ClassVar, Literal
 
+from .multistep import SOLVERS, SPACINGS
 from .reference import LOSSES, PREDICTIONS, SAMPLERS, VARIANCES
 from .schedule import SCHEDULE_KINDS
 
@@ -70,8 +71,15 @@ class DiffusionConfig(JsonConfig):
     :param prediction: what the model outputs: ``epsilon``, ``x0`` or ``v``.
     :param variance: reverse variance ``fixed_small`` (beta_tilde) or ``fixed_large`` (beta).
     :param clip_denoised: clamp the predicted x0 to [-1, 1] in the reverse step.
-    :param sampler: ``ddpm`` (ancestral) or ``ddim``.
+    :param sampler: ``ddpm`` (ancestral), ``ddim``, or a multistep solver: ``dpm++2m``,
+        ``dpm++3m``, ``dpm++2m-sde`` (DPM-Solver++, Lu et al. 2022) or ``unipc`` (UniPC-bh2,
+        Zhao et al. 2023); see ``fastddpm.multistep``.
     :param eta: DDIM's eta (0: deterministic; 1: DDPM's fixed_small variance).
+    :param timestep_spacing: how a multistep solver picks its timesteps: ``linspace``,
+        ``leading`` or ``trailing`` (diffusers' ``timestep_spacing``).
+    :param karras_sigmas: multistep solvers step on Karras et al.'s sigmas (rho = 7) instead.
+    :param lambda_min_clipped: multistep solvers skip timesteps whose ``lambda = log(alpha/sigma)``
+        is below this; None: -5.1 for the cosine schedule (DPM-Solver's fix), none otherwise.
     :param loss: ``l2``, ``l1`` or ``huber`` (with ``huber_delta``).
     :param min_snr_gamma: min-SNR-gamma loss weighting, or None for uniform.
     """
@@ -82,8 +90,11 @@ class DiffusionConfig(JsonConfig):
     prediction: Literal["epsilon", "x0", "v"] = "epsilon"
     variance: Literal["fixed_small", "fixed_large"] = "fixed_small"
     clip_denoised: bool = True
-    sampler: Literal["ddpm", "ddim"] = "ddpm"
+    sampler: Literal["ddpm", "ddim", "dpm++2m", "dpm++3m", "dpm++2m-sde", "unipc"] = "ddpm"
     eta: float = 0.0
+    timestep_spacing: Literal["linspace", "leading", "trailing"] = "linspace"
+    karras_sigmas: bool = False
+    lambda_min_clipped: float | None = None
     loss: Literal["l2", "l1", "huber"] = "l2"
     huber_delta: float = 1.0
     min_snr_gamma: float | None = None
@@ -99,7 +110,8 @@ class DiffusionConfig(JsonConfig):
         choice("schedule", SCHEDULE_KINDS + ("custom",))
         choice("prediction", PREDICTIONS)
         choice("variance", VARIANCES)
-        choice("sampler", SAMPLERS)
+        choice("sampler", SAMPLERS + SOLVERS)
+        choice("timestep_spacing", SPACINGS)
         choice("loss", LOSSES)
         if self.betas is not None:
             object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
@@ -113,6 +125,11 @@ class DiffusionConfig(JsonConfig):
             raise ValueError(f"num_timesteps must be a positive int <= {MAX_TIMESTEPS}, got {T!r}")
         if not isinstance(self.clip_denoised, bool):
             raise TypeError(f"clip_denoised must be a bool, got {self.clip_denoised!r}")
+        if not isinstance(self.karras_sigmas, bool):
+            raise TypeError(f"karras_sigmas must be a bool, got {self.karras_sigmas!r}")
+        if self.lambda_min_clipped is not None and (isinstance(self.lambda_min_clipped, bool) or not isinstance(
+                self.lambda_min_clipped, (int, float)) or self.lambda_min_clipped != self.lambda_min_clipped):
+            raise ValueError(f"lambda_min_clipped must be a float or None, got {self.lambda_min_clipped!r}")
         if not (isinstance(self.eta, (int, float)) and 0.0 <= self.eta < float("inf")):
             raise ValueError(f"eta must be a float >= 0, got {self.eta!r}")
         if not (isinstance(self.huber_delta, (int, float)) and self.huber_delta > 0):

@@ -7,7 +7,7 @@ import json
 
 import torch
 
-from . import ops, reference
+from . import multistep, ops, reference
 from .adapters import ModelAdapter
 from .checks import FLOAT_DTYPES, check_tensor, check_timesteps
 from .config import DiffusionConfig
@@ -85,10 +85,30 @@ class DDPM:
                 "sqrt_alphas_cumprod": s.table("sqrt_alphas_cumprod", device),
                 "sqrt_one_minus_alphas_cumprod": s.table("sqrt_one_minus_alphas_cumprod", device),
                 "loss_weights": as32(reference.loss_weights(s, c.prediction, c.min_snr_gamma)),
-                "coefs": as32(reference.step_coefficients(s, c.prediction, c.variance, c.sampler, c.eta)),
+                # a multistep solver's own table is its plan's (``multistep_plan``); step() is DDPM's
+                "coefs": as32(reference.step_coefficients(s, c.prediction, c.variance, self._one_step_sampler, c.eta)),
                 "timesteps": s.timesteps_tensor(device),
             }
         return self._tables[key]
+
+    @property
+    def is_multistep(self) -> bool:
+        """Whether the sampler is a multistep solver (``fastddpm.multistep.SOLVERS``)."""
+        return self.config.sampler in multistep.SOLVERS
+
+    @property
+    def _one_step_sampler(self) -> str:
+        return "ddpm" if self.is_multistep else self.config.sampler
+
+    def multistep_plan(self, steps: int | None = None) -> multistep.MultistepPlan:
+        """The timesteps and coefficient table of this process's multistep solver over ``steps``
+        model calls (default ``multistep.DEFAULT_STEPS``), from the full (unrespaced) schedule."""
+        c = self.config
+        if not self.is_multistep:
+            raise ValueError(f"sampler={c.sampler!r} is not a multistep solver {multistep.SOLVERS}")
+        return multistep.make_plan(self._base_schedule(), c.sampler,
+                                   multistep.DEFAULT_STEPS if steps is None else steps, c.prediction,
+                                   c.timestep_spacing, c.karras_sigmas, c.lambda_min_clipped, c.clip_denoised)
 
     def _step_index(self, t, n: int, device) -> torch.Tensor:
         """Model timesteps -> this process's step indices (identity unless respaced).  Every method that
@@ -174,6 +194,9 @@ class DDPM:
         :param noise: explicit standard normals; default: the noise contract's (slot = step index).
         :return: float32 ``x_{t-1}``.
         """
+        if self.is_multistep:
+            raise ValueError(f"sampler={self.config.sampler!r} keeps a history of model outputs: step with "
+                             "fastddpm.multistep.MultistepSampler(process.multistep_plan(steps), x)")
         check_tensor("x_t", x_t, dtypes=FLOAT_DTYPES, min_ndim=2)
         check_tensor("model_output", model_output, dtypes=FLOAT_DTYPES, shape=x_t.shape, device=x_t.device)
         idx = self._step_index(t, x_t.shape[0], x_t.device)

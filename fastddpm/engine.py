@@ -520,6 +520,9 @@ def engine_sample(model, n: int, *, steps: int | None = None, seed: int = 0, dev
     if callback is not None and not callable(callback):
         raise TypeError("callback must be callable as callback(i, t, x)")
     process = _process(process, steps, process_options)
+    if process.is_multistep:
+        raise NotImplementedError(f"sampler={process.config.sampler!r} is not yet in the engine; "
+                                  "sample with engine=False (the eager loop)")
     adapter = ModelAdapter(model, image_size=image_size, channels=channels)
     device = _device_of(device if device is not None else adapter.device)
     shape = adapter.shape(n)

@@ -4,6 +4,8 @@ This is the eager loop, run on every device; it is the reference that the
 CUDA-graph engine is held to.  Noise follows the contract (``noise.py``):
 ``x_T`` is slot K and the noise of step ``i`` is slot ``i`` of each sample's
 stream, so sample ``i`` of a seed is the same whatever ``n`` or the batch split.
+The multistep solvers (``fastddpm.multistep``) run the same loop with their
+own table and history; ``steps`` is then their number of model calls.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from . import ops, reference
+from . import multistep, ops, reference
 from .adapters import ModelAdapter
 from .checks import check_finite_values
 from .diffusion import DDPM
@@ -30,6 +32,8 @@ def _process(process, steps, options) -> DDPM:
         raise TypeError(f"process must be a fastddpm.DDPM, got {type(process).__name__}")
     elif options:
         process = process.with_options(**options)
+    if process.is_multistep:
+        return process  # a solver's steps are its own (DDPM.multistep_plan), not a respacing
     if steps is not None:
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be a positive int, got {steps!r}")
@@ -50,7 +54,9 @@ def sample(model, n: int, *, steps: int | None = None, seed: int = 0, device=Non
     :param model: fastddpm ``UNet``, diffusers ``UNet2DModel``, denoising-diffusion-pytorch
         ``Unet``, or any ``model(x, t)`` (t int64 ``[n]``) returning a tensor shaped like x.
     :param n: number of images.
-    :param steps: sampling steps; fewer than T samples the respaced process.
+    :param steps: sampling steps; fewer than T samples the respaced process.  For a multistep
+        ``sampler`` (``dpm++2m``, ``dpm++3m``, ``dpm++2m-sde``, ``unipc``) the number of model
+        calls, default 20.
     :param seed: noise seed (int in [0, 2**63)); sample i of a seed is fixed.
     :param device: where to sample (default: the model's device).
     :param dtype: model input dtype (default: the model's); x itself stays float32.
@@ -103,17 +109,20 @@ def sample(model, n: int, *, steps: int | None = None, seed: int = 0, device=Non
         raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
     shape = adapter.shape(n)
     numel = int(torch.Size(shape[1:]).numel())
-    check_noise_capacity(numel, process.num_steps + 1, sample_offset + n - 1)
+    plan = process.multistep_plan(steps) if process.is_multistep else None
+    num_steps = plan.num_steps if plan is not None else process.num_steps
+    check_noise_capacity(numel, num_steps + 1, sample_offset + n - 1)
 
     batch_size = batch_size or n
     chunks = []
     start = time.perf_counter()
-    bar = tqdm(total=process.num_steps * ((n + batch_size - 1) // batch_size), disable=not progress,
+    bar = tqdm(total=num_steps * ((n + batch_size - 1) // batch_size), disable=not progress,
                desc="sampling", unit="step", leave=False)
+    run_batch = _sample_batch if plan is None else _multistep_batch
     for first in range(0, n, batch_size):
         m = min(batch_size, n - first)
-        chunks.append(_sample_batch(adapter, process, (m, *shape[1:]), seed, sample_offset + first, device, dtype,
-                                    callback, bar))
+        chunks.append(run_batch(adapter, plan or process, (m, *shape[1:]), seed, sample_offset + first, device,
+                                dtype, callback, bar))
     bar.close()
     x = torch.cat(chunks) if len(chunks) > 1 else chunks[0]
     check_finite_values("the sampled images", x)
@@ -138,4 +147,26 @@ def _sample_batch(adapter, process, shape, seed, sample_offset, device, dtype, c
         bar.update(1)
         if callback is not None:
             callback(i, int(process.schedule.timesteps[i]), x)
+    return x
+
+
+def _multistep_batch(adapter, plan, shape, seed, sample_offset, device, dtype, callback, bar):
+    """The same loop for a multistep solver: row ``i`` of its table, its history on the device,
+    SDE noise from slot ``i`` (as the DDPM step's)."""
+    table, timesteps = plan.tensors(device)
+    K = plan.num_steps
+    x = reference.batch_noise(seed, sample_offset, K, shape, device)  # x_T: slot K
+    history = multistep.new_history(x)
+    autocast = dtype != adapter.dtype
+    for i in reversed(range(K)):
+        step = torch.full((shape[0],), i, dtype=torch.int64, device=device)
+        with torch.autocast(device.type, dtype=dtype, enabled=autocast):
+            out = adapter(x.to(dtype) if not autocast else x, timesteps[step])
+        if i == K - 1:
+            adapter.check_output(out, x)
+        noise = reference.batch_noise(seed, sample_offset, i, shape, device) if plan.stochastic else None
+        x = multistep.multistep_update(x, out, history, step[0], table, noise, plan.clip_denoised)
+        bar.update(1)
+        if callback is not None:
+            callback(i, int(plan.timesteps[i]), x)
     return x

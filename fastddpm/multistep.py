@@ -1,0 +1,378 @@
+"""Few-step multistep solvers: DPM-Solver++ 2M/3M/2M-SDE and UniPC-bh2, as one table.
+
+The probability-flow ODE of a VP diffusion, written in ``lambda = log(alpha/sigma)``
+(half the log-SNR) with the data prediction ``D`` (the model's x0 estimate), has the
+exact solution (Lu et al. 2022, "DPM-Solver++", §3)::
+
+    x_t = (sigma_t / sigma_s) x_s + sigma_t * integral_{lambda_s}^{lambda_t} e^lambda D dlambda
+
+Each solver approximates ``D`` over the step by a polynomial through the last one to
+three model outputs, so every step is a linear combination of ``x``, the current
+``D`` and the previous one or two, with coefficients that depend only on the
+schedule.  They are all computed here once, in float64, into a per-step table
+whose row ``i`` holds twelve numbers (``TABLE_COLUMNS``)::
+
+    D      = a * x + b * model_output              # x0 from the prediction type
+    D      = clamp(D, -1, 1)                        # if clip_denoised
+    x_corr = u * x + cl * x_last + k0 * D + k1 * H1 + k2 * H2   # UniPC's corrector (else x_corr = x)
+    x_next = cx * x_corr + p0 * D + p1 * H1 + p2 * H2 + cz * z  # predictor (+ SDE noise)
+
+where ``H1``, ``H2`` are the data predictions of the previous two steps and
+``x_last`` the (corrected) ``x`` of the previous step, all kept in a small
+history buffer on the device that ``multistep_update`` advances.  The step index
+is the only per-step input; the update branches on nothing but static flags.
+
+Conventions are those of the DDPM sampler (``reference.step_coefficients``): row
+``i`` is the reverse-process step index, ``K-1`` first and ``0`` last; the model
+timestep of row ``i`` is ``timesteps[i]``; SDE noise of row ``i`` is noise slot ``i``.
+
+Everything equals diffusers' ``DPMSolverMultistepScheduler`` (``dpmsolver++``,
+``sde-dpmsolver++``, midpoint) and ``UniPCMultistepScheduler`` (bh2, order 2) with
+their default final-step handling (``lower_order_final=True``,
+``final_sigmas_type="zero"``): the last step is first order and lands on ``D``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .schedule import NoiseSchedule
+
+__all__ = [
+    "SOLVERS",
+    "SPACINGS",
+    "TABLE_COLUMNS",
+    "COSINE_LAMBDA_MIN",
+    "MultistepPlan",
+    "make_plan",
+    "solver_timesteps",
+    "multistep_table",
+    "new_history",
+    "multistep_update",
+    "MultistepSampler",
+]
+
+SOLVERS = ("dpm++2m", "dpm++3m", "dpm++2m-sde", "unipc")
+SPACINGS = ("linspace", "leading", "trailing")
+TABLE_COLUMNS = ("a", "b", "u", "cl", "k0", "k1", "k2", "cx", "p0", "p1", "p2", "cz")
+# The order of each solver, which is also the fewest steps it accepts.
+SOLVER_ORDER = {"dpm++2m": 2, "dpm++3m": 3, "dpm++2m-sde": 2, "unipc": 2}
+# The cosine schedule's alpha_T is ~1e-4 (beta capped at 0.999), so lambda_T ~ -9 and the first
+# step's 1/alpha amplifies rounding by ~1e4.  DPM-Solver's authors stop the ODE early for it
+# (T = 0.9946 for the continuous cosine); diffusers expresses that as lambda_min_clipped, and its
+# cosine pipelines (DeepFloyd IF, unCLIP) use -5.1.  We apply it by default for the cosine schedule.
+COSINE_LAMBDA_MIN = -5.1
+DEFAULT_STEPS = 20  # model calls when none are given (DPM-Solver: ~DDPM-1000 quality at 10-25)
+HISTORY_SLOTS = 3  # two data predictions (a ring indexed by step % 2) and x_last
+
+
+def _check_choice(name, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
+
+
+# -- the steps -------------------------------------------------------------------------------
+def default_lambda_min(schedule: NoiseSchedule) -> float:
+    return COSINE_LAMBDA_MIN if schedule.kind == "cosine" else -math.inf
+
+
+def solver_timesteps(schedule: NoiseSchedule, steps: int, solver: str = "dpm++2m", spacing: str = "linspace",
+                     karras_sigmas: bool = False, lambda_min_clipped: float | None = None):
+    """The model timesteps and sigmas of ``steps`` solver steps, in the order they run.
+
+    As diffusers' ``set_timesteps`` (``linspace``/``leading``/``trailing``, ``steps_offset=0``):
+    timesteps where ``lambda`` is below ``lambda_min_clipped`` are dropped, and Karras sigmas
+    (Karras et al. 2022, rho = 7) replace the spacing when asked.  diffusers has the
+    clip for DPM-Solver++'s spacings only; we apply it to every solver and to the Karras
+    sigma_max too (so ``lambda_min_clipped=-inf`` gives diffusers' UniPC and Karras sigmas).
+
+    :return: ``(timesteps int64 [K], sigmas float64 [K + 1])`` with ``sigma = sqrt((1 - abar) / abar)``
+        and a final sigma of 0.
+    """
+    _check_choice("sampler", solver, SOLVERS)
+    _check_choice("timestep_spacing", spacing, SPACINGS)
+    T = schedule.num_timesteps
+    if schedule.is_respaced:
+        raise ValueError("multistep solvers choose their own timesteps: give the full (not respaced) schedule")
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= T:
+        raise ValueError(f"steps must be an int in [1, {T}], got {steps!r}")
+    if steps < SOLVER_ORDER[solver]:
+        raise ValueError(f"{solver} is a {SOLVER_ORDER[solver]}-step method: it needs at least "
+                         f"{SOLVER_ORDER[solver]} steps of history, got steps={steps}")
+    K = steps
+    ac = schedule.alphas_cumprod64
+    all_sigmas = np.sqrt((1.0 - ac) / ac)
+    if lambda_min_clipped is None:
+        lambda_min_clipped = default_lambda_min(schedule)
+    lam = -np.log(all_sigmas)
+    last = T - int(np.searchsorted(lam[::-1], lambda_min_clipped))  # torch.searchsorted, side="left"
+    if last < K + 1:
+        raise ValueError(f"lambda_min_clipped={lambda_min_clipped} leaves {last} timesteps, too few for {K} steps")
+    if spacing == "linspace":
+        ts = np.linspace(0, last - 1, K + 1).round()[::-1][:-1].astype(np.int64)
+    elif spacing == "leading":
+        ratio = last // (K + 1)
+        ts = (np.arange(0, K + 1) * ratio).round()[::-1][:-1].astype(np.int64)
+    else:  # trailing
+        ts = np.arange(last, 0, -T / K).round().astype(np.int64) - 1
+    if karras_sigmas:
+        rho = 7.0
+        ramp = np.linspace(0, 1, K)
+        hi, lo = all_sigmas[last - 1] ** (1 / rho), all_sigmas[0] ** (1 / rho)  # the clip bounds sigma_max too
+        sigmas = (hi + ramp * (lo - hi)) ** rho
+        t_cont = _sigma_to_t(sigmas, np.log(all_sigmas))
+        # diffusers rounds, except DPM-Solver on the cosine schedule, where it truncates
+        ts = (t_cont if solver != "unipc" and schedule.kind == "cosine" else t_cont.round()).astype(np.int64)
+    else:
+        sigmas = all_sigmas[ts]
+    return ts, np.append(sigmas, 0.0)
+
+
+def _sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
+    """The fractional timestep of each sigma: linear interpolation in log sigma."""
+    log_sigma = np.log(np.maximum(sigmas, 1e-10))
+    dists = log_sigma - log_sigmas[:, None]
+    low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
+    w = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[low + 1]), 0, 1)
+    return (1 - w) * low + w * (low + 1)
+
+
+def solver_orders(solver: str, K: int) -> np.ndarray:
+    """The order of each step, in running order: warm-up from first order, and diffusers'
+    ``lower_order_final`` (the last step is first order; DPM-Solver++ also drops to second
+    order on the step before it when K < 15)."""
+    j = np.arange(K)
+    if solver == "unipc":
+        return np.minimum(np.minimum(2, K - j), j + 1)
+    order = np.where((j == 1) | ((j == K - 2) & (K < 15)), 2, SOLVER_ORDER[solver])
+    order = np.minimum(order, SOLVER_ORDER[solver])
+    return np.where((j == 0) | (j == K - 1), 1, order)
+
+
+# -- the table -------------------------------------------------------------------------------
+def multistep_table(sigmas: np.ndarray, solver: str, prediction: str = "epsilon") -> np.ndarray:
+    """The float64 ``[K, 12]`` table (``TABLE_COLUMNS``), row ``i`` for reverse-process step ``i``.
+
+    :param sigmas: float64 ``[K + 1]`` from ``solver_timesteps`` (running order, last 0).
+    :param solver: one of ``SOLVERS``.
+    :param prediction: ``epsilon``, ``x0`` or ``v``.
+    """
+    _check_choice("sampler", solver, SOLVERS)
+    K = sigmas.size - 1
+    s = np.asarray(sigmas, dtype=np.float64)
+    alpha = 1.0 / np.sqrt(1.0 + s**2)  # VP: alpha^2 + sigma^2 = 1, s = sigma / alpha
+    sigma = s * alpha
+    with np.errstate(divide="ignore"):
+        lam = -np.log(s)  # lambda_K = +inf: only first-order steps reach it
+    tab = np.zeros((K, len(TABLE_COLUMNS)), dtype=np.float64)
+    col = {name: tab[:, c] for c, name in enumerate(TABLE_COLUMNS)}
+
+    # D = a x + b out
+    if prediction == "epsilon":
+        col["a"][:], col["b"][:] = 1.0 / alpha[:K], -s[:K]
+    elif prediction == "x0":
+        col["a"][:], col["b"][:] = 0.0, 1.0
+    elif prediction == "v":
+        col["a"][:], col["b"][:] = alpha[:K], -sigma[:K]
+    else:
+        raise ValueError(f"prediction must be one of ('epsilon', 'x0', 'v'), got {prediction!r}")
+
+    orders = solver_orders(solver, K)
+    j = np.arange(K)
+    t = j + 1
+    final = s[t] == 0.0
+    # e^{-h} = sigma-ratio of the step and h_phi_1 = e^{-h} - 1, exact 0 and -1 on the final step
+    h = np.where(final, np.inf, lam[np.minimum(t, K)] - lam[j])
+    with np.errstate(invalid="ignore"):
+        em1 = np.where(final, -1.0, np.expm1(-h))  # e^{-h} - 1
+    e = em1 + 1.0
+    ratio = sigma[t] / sigma[j]
+    # r0 = h_{j-1} / h_j, r1 = h_{j-2} / h_j (only read where the order needs them)
+    lam_m1 = lam[np.maximum(j - 1, 0)]
+    lam_m2 = lam[np.maximum(j - 2, 0)]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r0 = (lam[j] - lam_m1) / h
+        r1 = (lam_m1 - lam_m2) / h
+
+    col["u"][:] = 1.0
+    if solver in ("dpm++2m", "dpm++3m"):
+        # DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2; "midpoint" as diffusers) and the
+        # third-order multistep form diffusers uses for solver_order=3
+        col["cx"][:] = ratio
+        phi = -alpha[t] * em1  # alpha_t (1 - e^{-h})
+        o2, o3 = orders == 2, orders == 3
+        col["p0"][:] = phi
+        col["p0"][o2] += 0.5 * phi[o2] / r0[o2]
+        col["p1"][o2] = -0.5 * phi[o2] / r0[o2]
+        if o3.any():
+            hh, rr0, rr1 = h[o3], r0[o3], r1[o3]
+            g1 = alpha[t][o3] * (em1[o3] / hh + 1.0)
+            g2 = -alpha[t][o3] * ((em1[o3] + hh) / hh**2 - 0.5)
+            # D1 = (1 + r0/(r0+r1)) D1_0 - r0/(r0+r1) D1_1,  D2 = (D1_0 - D1_1)/(r0+r1)
+            A = g1 * (1.0 + rr0 / (rr0 + rr1)) + g2 / (rr0 + rr1)
+            B = -g1 * rr0 / (rr0 + rr1) - g2 / (rr0 + rr1)
+            col["p0"][o3] = phi[o3] + A / rr0
+            col["p1"][o3] = -A / rr0 + B / rr1
+            col["p2"][o3] = -B / rr1
+    elif solver == "dpm++2m-sde":
+        # SDE-DPM-Solver++(2M) (Lu et al. 2022; midpoint, as diffusers' sde-dpmsolver++)
+        col["cx"][:] = ratio * e
+        phi = alpha[t] * (1.0 - e**2)
+        o2 = orders == 2
+        col["p0"][:] = phi
+        col["p0"][o2] += 0.5 * phi[o2] / r0[o2]
+        col["p1"][o2] = -0.5 * phi[o2] / r0[o2]
+        col["cz"][:] = sigma[t] * np.sqrt(np.maximum(1.0 - e**2, 0.0))
+    else:
+        _unipc_columns(col, orders, alpha, ratio, em1, h, r0, lam)
+    return tab[::-1].copy()
+
+
+def _unipc_columns(col, orders, alpha, ratio, em1, h, r0, lam):
+    """UniPC-bh2 (Zhao et al. 2023; B(h) = e^{-h} - 1) with data prediction, order 2.
+
+    Predictor of order 2 (rho = 1/2) equals DPM-Solver++(2M).  The corrector of step ``j``
+    re-solves step ``j-1 -> j`` from ``x_last`` with ``D_j`` included, at the order the
+    predictor of step ``j-1`` used; step 0 has none (``u = 1``, identity).
+    """
+    K = orders.size
+    # predictor: x_next = ratio x_c - alpha_t em1 D - alpha_t em1 * 0.5 * (H1 - D) / rk,  rk = -r0
+    col["cx"][:] = ratio
+    at = alpha[1:]
+    col["p0"][:] = -at * em1
+    o2 = orders == 2
+    rk = -r0
+    col["p0"][o2] += at[o2] * em1[o2] * 0.5 / rk[o2]
+    col["p1"][o2] = -at[o2] * em1[o2] * 0.5 / rk[o2]
+    # corrector of step j (j >= 1): step j-1 -> j again, so its h, ratio, em1 are step j-1's
+    for j in range(1, K):
+        q = orders[j - 1]
+        hj, bh = h[j - 1], em1[j - 1]  # B(h) = h_phi_1 = expm1(-h) for bh2
+        a_t = alpha[j]
+        hh = -hj
+        phi_k = bh / hh - 1.0
+        b1 = phi_k / bh
+        phi_k = phi_k / hh - 0.5
+        b2 = phi_k * 2.0 / bh
+        if q == 1:
+            rho0, rho1, rkc = 0.0, 0.5, 1.0
+        else:
+            rkc = (lam[j - 2] - lam[j - 1]) / hj
+            rho0, rho1 = np.linalg.solve(np.array([[1.0, 1.0], [rkc, 1.0]]), np.array([b1, b2]))
+        col["u"][j] = 0.0
+        col["cl"][j] = ratio[j - 1]
+        col["k0"][j] = -a_t * bh * rho1
+        col["k1"][j] = -a_t * bh + a_t * bh * rho0 / rkc + a_t * bh * rho1
+        col["k2"][j] = -a_t * bh * rho0 / rkc
+
+
+# -- a plan: the timesteps and the table of one sampler setting --------------------------------
+@dataclass(frozen=True, eq=False)
+class MultistepPlan:
+    """Everything a multistep sampler needs, computed once on the host.
+
+    :param solver: one of ``SOLVERS``.
+    :param timesteps: int64 ``[K]``: model timestep of reverse-process step ``i`` (row ``i``).
+    :param table: float64 ``[K, 12]`` coefficient table.
+    :param clip_denoised: clamp ``D`` to [-1, 1] (diffusers: ``thresholding=True, sample_max_value=1``).
+    """
+
+    solver: str
+    timesteps: np.ndarray
+    table: np.ndarray
+    clip_denoised: bool = False
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.timesteps.size)
+
+    @property
+    def stochastic(self) -> bool:
+        return self.solver.endswith("-sde")
+
+    def tensors(self, device, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(table [K, 12] in dtype, timesteps int64 [K])`` on ``device``."""
+        table = torch.as_tensor(self.table, dtype=torch.float64).to(dtype).to(device)
+        return table, torch.as_tensor(self.timesteps, dtype=torch.int64, device=device)
+
+
+def make_plan(schedule: NoiseSchedule, solver: str, steps: int, prediction: str = "epsilon",
+              spacing: str = "linspace", karras_sigmas: bool = False, lambda_min_clipped: float | None = None,
+              clip_denoised: bool = False) -> MultistepPlan:
+    """The plan of ``solver`` over ``steps`` model calls of a model trained on ``schedule``."""
+    ts, sigmas = solver_timesteps(schedule, steps, solver, spacing, karras_sigmas, lambda_min_clipped)
+    table = multistep_table(sigmas, solver, prediction)
+    if not np.all(np.isfinite(table)):
+        raise ValueError(f"{solver} table is not finite for this schedule; try lambda_min_clipped")
+    return MultistepPlan(solver, ts[::-1].copy(), table, bool(clip_denoised))
+
+
+# -- the update --------------------------------------------------------------------------------
+def new_history(x: torch.Tensor) -> torch.Tensor:
+    """A zeroed history buffer for a batch like ``x``: ``[3, *x.shape]`` (float64 for a
+    float64 ``x``, else float32)."""
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return torch.zeros((HISTORY_SLOTS, *x.shape), dtype=dtype, device=x.device)
+
+
+def multistep_update(x, model_output, history, step, table, noise=None, clip_denoised: bool = False):
+    """One multistep solver step, elementwise; advances ``history`` in place.
+
+    :param x: ``[n, ...]`` current sample (float32, or float64 for a float64 run).
+    :param model_output: ``[n, ...]`` any float dtype.
+    :param history: ``new_history(x)`` at the first step, then passed back unchanged.
+    :param step: int64 0-dim (or ``[1]``) device tensor: the reverse-process step index (row).
+    :param table: ``[K, 12]`` coefficient table (its row is cast to the compute dtype).
+    :param noise: ``[n, ...]`` standard normals for the SDE solver (None: no noise term).
+    :param clip_denoised: clamp the data prediction to [-1, 1].
+    :return: the next sample, in the compute dtype.
+    """
+    dtype = history.dtype
+    step = step.reshape(1)
+    a, b, u, cl, k0, k1, k2, cx, p0, p1, p2, cz = table.index_select(0, step).to(dtype).reshape(-1).unbind(0)
+    x = x.to(dtype)
+    d = a * x + b * model_output.to(dtype)
+    if clip_denoised:
+        d = d.clamp(-1.0, 1.0)
+    cur = torch.remainder(step, 2)  # ring slot: written at this step, read two steps later
+    h2 = history.index_select(0, cur)[0]
+    h1 = history.index_select(0, 1 - cur)[0]
+    x_corr = u * x + cl * history[2] + k0 * d + k1 * h1 + k2 * h2
+    x_next = cx * x_corr + p0 * d + p1 * h1 + p2 * h2
+    if noise is not None:
+        x_next = x_next + cz * noise.to(dtype)
+    history.index_copy_(0, cur, d.unsqueeze(0))
+    history[2].copy_(x_corr)
+    return x_next
+
+
+class MultistepSampler:
+    """Step-by-step use of a plan, like a diffusers scheduler::
+
+        sampler = MultistepSampler(plan, x)
+        for t in sampler.timesteps:           # running order
+            x = sampler.step(model(x, t), x)
+
+    :param plan: a ``MultistepPlan``.
+    :param x: the initial sample (sets shape, device and the compute dtype).
+    """
+
+    def __init__(self, plan: MultistepPlan, x: torch.Tensor):
+        self.plan = plan
+        self.history = new_history(x)
+        self.table, timesteps = plan.tensors(x.device, self.history.dtype)
+        self.timesteps = timesteps.flip(0)  # running order
+        self.index = plan.num_steps - 1  # reverse-process step of the next call
+
+    def step(self, model_output, x, noise=None):
+        """Advance one step; ``noise`` is required by the SDE solver."""
+        if self.index < 0:
+            raise RuntimeError(f"all {self.plan.num_steps} steps have been taken")
+        if self.plan.stochastic and noise is None:
+            raise ValueError(f"{self.plan.solver} needs noise at every step")
+        step = torch.tensor(self.index, dtype=torch.int64, device=x.device)
+        self.index -= 1
+        return multistep_update(x, model_output, self.history, step, self.table, noise, self.plan.clip_denoised)
