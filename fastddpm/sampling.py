@@ -22,6 +22,10 @@ from .noise import check_noise_capacity, check_seed
 
 __all__ = ["sample"]
 
+# A trained model predicts noise, x0 or v: values of a few units.  An output beyond this (or not
+# finite) means a diverged model, whose images the x0 clip would still keep finite.
+OUTPUT_LIMIT = 1e4
+
 ENGINE_OPTIONS = ("cuda_graph", "compile", "backend", "micro_batch", "steps_per_graph", "channels_last")
 
 
@@ -119,18 +123,29 @@ def sample(model, n: int, *, steps: int | None = None, seed: int = 0, device=Non
     bar = tqdm(total=num_steps * ((n + batch_size - 1) // batch_size), disable=not progress,
                desc="sampling", unit="step", leave=False)
     run_batch = _sample_batch if plan is None else _multistep_batch
+    watch = torch.zeros((), dtype=torch.bool, device=device)  # any model output non-finite or beyond the limit
     for first in range(0, n, batch_size):
         m = min(batch_size, n - first)
         chunks.append(run_batch(adapter, plan or process, (m, *shape[1:]), seed, sample_offset + first, device,
-                                dtype, callback, bar))
+                                dtype, callback, bar, watch))
     bar.close()
     x = torch.cat(chunks) if len(chunks) > 1 else chunks[0]
+    if bool(watch):  # the x0 clip keeps such images finite: they would pass for a result
+        raise FloatingPointError(f"the model gave outputs that are not finite or beyond ±{OUTPUT_LIMIT:g} while "
+                                 f"sampling: the images would look finite but be wrong, so none are returned "
+                                 f"(a diverged checkpoint? try an earlier one, or the weights without EMA)")
     check_finite_values("the sampled images", x)
     sample.last_seconds = time.perf_counter() - start
     return x
 
 
-def _sample_batch(adapter, process, shape, seed, sample_offset, device, dtype, callback, bar):
+def _watch(watch: torch.Tensor, out: torch.Tensor) -> None:
+    """Raise the flag ``watch`` (on the device, no synchronisation) if ``out`` has a value that is
+    not finite or beyond ``OUTPUT_LIMIT``: a trained model predicts values of a few units."""
+    watch |= ~(out.abs() <= OUTPUT_LIMIT).all()  # NaN compares False: caught too
+
+
+def _sample_batch(adapter, process, shape, seed, sample_offset, device, dtype, callback, bar, watch):
     tables = process.tables(device)
     coefs, timesteps = tables["coefs"], tables["timesteps"]
     K = process.num_steps
@@ -142,6 +157,7 @@ def _sample_batch(adapter, process, shape, seed, sample_offset, device, dtype, c
             out = adapter(x.to(dtype) if not autocast else x, timesteps[step])
         if i == K - 1:
             adapter.check_output(out, x)
+        _watch(watch, out)
         x = ops.ddpm_step(x, out, step, coefs, seed=seed, sample_offset=sample_offset,
                           clip_denoised=process.config.clip_denoised)
         bar.update(1)
@@ -150,7 +166,7 @@ def _sample_batch(adapter, process, shape, seed, sample_offset, device, dtype, c
     return x
 
 
-def _multistep_batch(adapter, plan, shape, seed, sample_offset, device, dtype, callback, bar):
+def _multistep_batch(adapter, plan, shape, seed, sample_offset, device, dtype, callback, bar, watch):
     """The same loop for a multistep solver: row ``i`` of its table, its history on the device,
     SDE noise from slot ``i`` (as the DDPM step's)."""
     table, timesteps = plan.tensors(device)
@@ -164,6 +180,7 @@ def _multistep_batch(adapter, plan, shape, seed, sample_offset, device, dtype, c
             out = adapter(x.to(dtype) if not autocast else x, timesteps[step])
         if i == K - 1:
             adapter.check_output(out, x)
+        _watch(watch, out)
         noise = reference.batch_noise(seed, sample_offset, i, shape, device) if plan.stochastic else None
         x = multistep.multistep_update(x, out, history, step[0], table, noise, plan.clip_denoised)
         bar.update(1)
