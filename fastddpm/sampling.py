@@ -139,10 +139,17 @@ def sample(model, n: int, *, steps: int | None = None, seed: int = 0, device=Non
     return x
 
 
-def _watch(watch: torch.Tensor, out: torch.Tensor) -> None:
-    """Raise the flag ``watch`` (on the device, no synchronisation) if ``out`` has a value that is
-    not finite or beyond ``OUTPUT_LIMIT``: a trained model predicts values of a few units."""
+def _model_output(adapter, x, t, dtype, first: bool, watch: torch.Tensor) -> torch.Tensor:
+    """The model's output at ``(x, t)``, run in ``dtype`` (autocast where it is not the weights'),
+    its shape checked on the ``first`` step, and the flag ``watch`` raised (on the device, no
+    synchronisation) by a value not finite or beyond ``OUTPUT_LIMIT``."""
+    autocast = dtype != adapter.dtype
+    with torch.autocast(x.device.type, dtype=dtype, enabled=autocast):
+        out = adapter(x.to(dtype) if not autocast else x, t)
+    if first:
+        adapter.check_output(out, x)
     watch |= ~(out.abs() <= OUTPUT_LIMIT).all()  # NaN compares False: caught too
+    return out
 
 
 def _sample_batch(adapter, process, shape, seed, sample_offset, device, dtype, callback, bar, watch):
@@ -150,14 +157,9 @@ def _sample_batch(adapter, process, shape, seed, sample_offset, device, dtype, c
     coefs, timesteps = tables["coefs"], tables["timesteps"]
     K = process.num_steps
     x = reference.batch_noise(seed, sample_offset, K, shape, device)  # x_T: slot K
-    autocast = dtype != adapter.dtype
     for i in reversed(range(K)):
         step = torch.full((shape[0],), i, dtype=torch.int64, device=device)
-        with torch.autocast(device.type, dtype=dtype, enabled=autocast):
-            out = adapter(x.to(dtype) if not autocast else x, timesteps[step])
-        if i == K - 1:
-            adapter.check_output(out, x)
-        _watch(watch, out)
+        out = _model_output(adapter, x, timesteps[step], dtype, i == K - 1, watch)
         x = ops.ddpm_step(x, out, step, coefs, seed=seed, sample_offset=sample_offset,
                           clip_denoised=process.config.clip_denoised)
         bar.update(1)
@@ -173,14 +175,9 @@ def _multistep_batch(adapter, plan, shape, seed, sample_offset, device, dtype, c
     K = plan.num_steps
     x = reference.batch_noise(seed, sample_offset, K, shape, device)  # x_T: slot K
     history = multistep.new_history(x)
-    autocast = dtype != adapter.dtype
     for i in reversed(range(K)):
         step = torch.full((shape[0],), i, dtype=torch.int64, device=device)
-        with torch.autocast(device.type, dtype=dtype, enabled=autocast):
-            out = adapter(x.to(dtype) if not autocast else x, timesteps[step])
-        if i == K - 1:
-            adapter.check_output(out, x)
-        _watch(watch, out)
+        out = _model_output(adapter, x, timesteps[step], dtype, i == K - 1, watch)
         noise = reference.batch_noise(seed, sample_offset, i, shape, device) if plan.stochastic else None
         x = multistep.multistep_update(x, out, history, step[0], table, noise, plan.clip_denoised)
         bar.update(1)
