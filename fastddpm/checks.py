@@ -65,3 +65,22 @@ def check_finite_values(name: str, x: torch.Tensor) -> torch.Tensor:
         bad = int((~torch.isfinite(x)).sum())
         raise FloatingPointError(f"{name} has {bad} non-finite values (NaN or inf)")
     return x
+
+
+# A trained model predicts noise, x0 or v: values of a few units.  An output beyond this (or not
+# finite) means a diverged model, whose images the x0 clip would still keep finite.
+OUTPUT_LIMIT = 1e4
+
+
+def watch_output(flag: torch.Tensor, out: torch.Tensor) -> None:
+    """Raise the 0-dim bool ``flag`` in place, on the device (no synchronisation; a CUDA graph
+    can hold it), if ``out`` has a value not finite or beyond ``OUTPUT_LIMIT``."""
+    flag |= ~(out.abs() <= OUTPUT_LIMIT).all()  # NaN compares False: caught too
+
+
+def check_output_flag(flag: torch.Tensor) -> None:
+    """After sampling: refuse the images if ``watch_output`` raised ``flag`` (one read-back)."""
+    if bool(flag):
+        raise FloatingPointError(f"the model gave outputs that are not finite or beyond ±{OUTPUT_LIMIT:g} while "
+                                 f"sampling: the images would look finite but be wrong, so none are returned "
+                                 f"(a diverged checkpoint? try an earlier one, or the weights without EMA)")

@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 
 from . import ops, reference
 from .adapters import ModelAdapter
-from .checks import check_finite_values
+from .checks import check_finite_values, check_output_flag, watch_output
 from .noise import check_noise_capacity, check_seed
 from .sampling import _process
 
@@ -303,6 +303,7 @@ class SamplerEngine:
         self.model_t = torch.empty(n, dtype=self.timesteps.dtype, device=device)  # timesteps[step]
         self._slot_x_T = torch.full((), K, dtype=torch.int64, device=device)  # noise slot of x_T
         self.rng = torch.zeros(2, dtype=torch.int64, device=device)  # (seed, sample_offset), read by the fused step
+        self.diverged = torch.zeros((), dtype=torch.bool, device=device)  # raised by a diverged model output
         # -- the step's parts --------------------------------------------------------------
         self._autocast = plan.dtype != self.adapter.dtype  # as fastddpm.sample
         self._forward = self._compiled() if plan.compile else self.adapter
@@ -340,6 +341,7 @@ class SamplerEngine:
         if not self._checked:  # metadata only, first call of this engine
             self.adapter.check_output(out, self.x)
             self._checked = True
+        watch_output(self.diverged, out)  # in place, on the device: a graph replays it
         if self._inplace is not None:  # fused: reads step on the device, writes x and the model input
             self._inplace(self.x, out, self.step, self.coefs, self.rng, self.clip_denoised, self.model_input)
         else:
@@ -355,6 +357,7 @@ class SamplerEngine:
         copy, ``step = K - 1``; on the device, outside any graph."""
         self.rng[0].fill_(seed)  # fills with a kernel argument: no host-to-device copy, no sync
         self.rng[1].fill_(sample_offset)
+        self.diverged.fill_(False)
         self.x.copy_(reference.batch_noise(seed, sample_offset, self._slot_x_T, self.shape, self.plan.device))
         if self.model_input is not None:
             self.model_input.copy_(self.x)
@@ -537,12 +540,15 @@ def engine_sample(model, n: int, *, steps: int | None = None, seed: int = 0, dev
     bar = tqdm(total=process.num_steps * -(-n // m), disable=not progress, desc="sampling", unit="step",
                leave=False)
     chunks = []
+    diverged = torch.zeros((), dtype=torch.bool, device=device)
     for first in range(0, n, m):
         size = min(m, n - first)
         engine = _engine(model, adapter, process, (size, *shape[1:]), plan)
         chunks.append(engine.run(seed, sample_offset + first, callback, bar))
+        diverged |= engine.diverged  # on the device; the engine resets its flag each run
     bar.close()
     x = torch.cat(chunks) if len(chunks) > 1 else chunks[0]
-    check_finite_values("the sampled images", x)  # one read-back, after the loop
+    check_output_flag(diverged)  # read back once, after the loop, as the images' check
+    check_finite_values("the sampled images", x)
     engine_sample.last_seconds = time.perf_counter() - start
     return (x, plan) if return_plan else x

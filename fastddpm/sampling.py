@@ -16,15 +16,11 @@ from tqdm.auto import tqdm
 
 from . import multistep, ops, reference
 from .adapters import ModelAdapter
-from .checks import check_finite_values
+from .checks import check_finite_values, check_output_flag, watch_output
 from .diffusion import DDPM
 from .noise import check_noise_capacity, check_seed
 
 __all__ = ["sample"]
-
-# A trained model predicts noise, x0 or v: values of a few units.  An output beyond this (or not
-# finite) means a diverged model, whose images the x0 clip would still keep finite.
-OUTPUT_LIMIT = 1e4
 
 ENGINE_OPTIONS = ("cuda_graph", "compile", "backend", "micro_batch", "steps_per_graph", "channels_last")
 
@@ -130,10 +126,7 @@ def sample(model, n: int, *, steps: int | None = None, seed: int = 0, device=Non
                                 dtype, callback, bar, watch))
     bar.close()
     x = torch.cat(chunks) if len(chunks) > 1 else chunks[0]
-    if bool(watch):  # the x0 clip keeps such images finite: they would pass for a result
-        raise FloatingPointError(f"the model gave outputs that are not finite or beyond ±{OUTPUT_LIMIT:g} while "
-                                 f"sampling: the images would look finite but be wrong, so none are returned "
-                                 f"(a diverged checkpoint? try an earlier one, or the weights without EMA)")
+    check_output_flag(watch)  # the x0 clip keeps a diverged model's images finite: refuse them
     check_finite_values("the sampled images", x)
     sample.last_seconds = time.perf_counter() - start
     return x
@@ -141,14 +134,13 @@ def sample(model, n: int, *, steps: int | None = None, seed: int = 0, device=Non
 
 def _model_output(adapter, x, t, dtype, first: bool, watch: torch.Tensor) -> torch.Tensor:
     """The model's output at ``(x, t)``, run in ``dtype`` (autocast where it is not the weights'),
-    its shape checked on the ``first`` step, and the flag ``watch`` raised (on the device, no
-    synchronisation) by a value not finite or beyond ``OUTPUT_LIMIT``."""
+    its shape checked on the ``first`` step, and ``watch`` raised by a diverged output (``watch_output``)."""
     autocast = dtype != adapter.dtype
     with torch.autocast(x.device.type, dtype=dtype, enabled=autocast):
         out = adapter(x.to(dtype) if not autocast else x, t)
     if first:
         adapter.check_output(out, x)
-    watch |= ~(out.abs() <= OUTPUT_LIMIT).all()  # NaN compares False: caught too
+    watch_output(watch, out)
     return out
 
 
