@@ -16,7 +16,7 @@ U-Net's spatial self-attention: ``softmax(q k^T / sqrt(d)) v`` over
   dV, so one float32 accumulator is live) and one per query block for ``dQ``
   (loop over keys): no atomics, deterministic.
 
-Launch configs are autotuned per ``(L, d, dtype)`` on a GPU; the interpreter
+Launch configs are autotuned per ``(L bucket, d, dtype)`` on a GPU; the interpreter
 gets one small config (it cannot autotune).
 """
 from __future__ import annotations
@@ -77,6 +77,13 @@ def tile_cost(kind: str, block_m: int, block_n: int, block_d: int, stages: int, 
     return smem, regs
 
 
+def config_fits(kind: str, block_m: int, block_n: int, block_d: int, num_warps: int, stages: int, esize: int,
+                outputs: int = 2) -> bool:
+    """Whether a config's tiles fit shared memory and ``REGISTER_BUDGET`` registers per thread."""
+    smem, regs = tile_cost(kind, block_m, block_n, block_d, stages, esize, outputs)
+    return smem <= SMEM_LIMIT and regs <= REGISTER_BUDGET * 32 * num_warps
+
+
 def _pruner(kind: str):
     """Autotuning prune for one kernel: drop the configs whose tiles exceed
     shared memory or whose registers per thread exceed ``REGISTER_BUDGET``
@@ -89,12 +96,8 @@ def _pruner(kind: str):
         q = named_args.get("Q")
         esize = q.element_size() if hasattr(q, "element_size") else 2
         outputs = int(kwargs.get("WRITE_DK", True)) + int(kwargs.get("WRITE_DV", True))
-        keep = []
-        for c in configs:
-            smem, regs = tile_cost(kind, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], block_d, c.num_stages, esize,
-                                   outputs)
-            if smem <= SMEM_LIMIT and regs <= REGISTER_BUDGET * 32 * c.num_warps:
-                keep.append(c)
+        keep = [c for c in configs if config_fits(kind, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], block_d,
+                                                  c.num_warps, c.num_stages, esize, outputs)]
         return keep or configs[-1:]
 
     return {"early_config_prune": prune}

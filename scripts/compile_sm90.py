@@ -40,7 +40,8 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
-SMEM_LIMIT = 227 * 1024  # bytes of shared memory one sm_90 block may use
+from fastddpm.kernels.attention import SMEM_LIMIT  # noqa: E402  (bytes of shared memory an sm_90 block may use)
+
 TARGET = GPUTarget("cuda", 90, 32)
 
 
@@ -131,8 +132,7 @@ def drive_launchers() -> None:
 
 def _call(op, *args):
     """The Python body of a registered op, called directly (no dispatch, no autograd)."""
-    fn = getattr(op, "_init_fn", None) or getattr(op, "_opoverload", None) or op
-    return fn(*args)
+    return getattr(op, "_init_fn", op)(*args)
 
 
 # -- compiling -------------------------------------------------------------------------

@@ -138,8 +138,7 @@ BLOCKS = {"fwd": attention_module.FWD_BLOCKS, "dkdv": attention_module.DKDV_BLOC
 
 def kept(kind, block_m, block_n, head_dim, warps, stages, esize=2):
     outputs = sum(attention_module.dkdv_passes(head_dim)[0]) if kind == "dkdv" else 2
-    smem, regs = attention_module.tile_cost(kind, block_m, block_n, head_dim, stages, esize, outputs)
-    return smem <= attention_module.SMEM_LIMIT and regs <= attention_module.REGISTER_BUDGET * 32 * warps
+    return attention_module.config_fits(kind, block_m, block_n, head_dim, warps, stages, esize, outputs)
 
 
 def test_autotune_pruner_drops_the_configs_that_spilled_on_sm90():
