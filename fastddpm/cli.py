@@ -82,33 +82,36 @@ MAX_SCALE = 64  # PNG/GIF upscaling: a 64x grid of 64 16x16 images is already 81
 DEFAULT_MICRO_BATCH = 256  # images sampled at once unless --batch-size says otherwise: bounded memory for any -n
 
 
-def _sampling_process(process, args):
-    """The process ``sample``/``demo`` run, and their outputs checked, before any work."""
+def _check_sample_outputs(args) -> None:
+    """``sample``/``demo``'s --out and --gif, before anything is loaded."""
     check_output(args.out, "--out", OUTPUT_SUFFIXES)
     if args.gif:
         check_output(args.gif, "--gif", (".gif",))
+
+
+def _sampling_process(process, args):
+    """``(process, steps)`` that ``sample``/``demo`` run, checked before any work: ``steps`` is a
+    multistep solver's number of model calls (``--steps`` or its default), None for DDPM/DDIM,
+    whose ``--steps`` respace the process instead."""
     sampler = args.sampler or process.config.sampler
     if args.eta is not None and sampler != "ddim":
         raise ValueError(f"--eta is DDIM's: give --sampler ddim with it (the process samples with {sampler!r})")
     options = {k: v for k, v in (("sampler", args.sampler), ("eta", args.eta)) if v is not None}
     chosen = process.with_options(**options) if options else process
-    if chosen.is_multistep:  # --steps are the solver's model calls: checked here, no respacing
-        chosen.multistep_plan(args.steps)
-        return chosen
+    if chosen.is_multistep:
+        return chosen, chosen.multistep_plan(args.steps).num_steps
     if args.steps is not None and args.steps > process.num_steps:
         raise ValueError(f"--steps {args.steps} is more than the model's process has ({process.num_steps})")
     if args.steps is not None and args.steps != process.num_steps:
         process = process.respace(args.steps)
-    return process.with_options(**options) if options else process
+    return (process.with_options(**options) if options else process), None
 
 
-def _sample_and_save(model, process, args, device) -> float:
+def _sample_and_save(model, process, steps, args, device) -> float:
+    """Sample with ``(process, steps)`` from ``_sampling_process`` and write --out (and --gif)."""
     from . import images
     from .sampling import sample
 
-    steps = None  # a multistep solver's --steps are its model calls, not a respacing
-    if process.is_multistep:
-        steps = process.multistep_plan(args.steps).num_steps
     num_steps = steps or process.num_steps
     frames = []
     every = max(1, num_steps // 50) if args.gif else 0  # about 50 frames of the steps actually taken
@@ -137,9 +140,9 @@ def cmd_sample(args) -> int:
     from .checkpoint import load_model
 
     device = resolve_device(args.device)
-    check_output(args.out, "--out", OUTPUT_SUFFIXES)
+    _check_sample_outputs(args)
     model, process = load_model(args.checkpoint, ema=not args.no_ema, device=device)
-    seconds = _sample_and_save(model, _sampling_process(process, args), args, device)
+    seconds = _sample_and_save(model, *_sampling_process(process, args), args, device)
     print(f"sampled {args.n} images in {seconds:.1f} s -> {args.out}")
     return 0
 
@@ -148,15 +151,13 @@ def cmd_demo(args) -> int:
     from .checkpoint import load_model
 
     device = resolve_device(args.device)
-    check_output(args.out, "--out", OUTPUT_SUFFIXES)
+    _check_sample_outputs(args)
     model, process = load_model(args.checkpoint or DEMO_MODEL, device=device)
-    process = _sampling_process(process, args)
-    if process.is_multistep:
-        how = f"{process.multistep_plan(args.steps).num_steps} {process.config.sampler} model calls"
-    else:
-        how = f"{process.num_steps} {process.config.sampler.upper()} steps"
+    process, steps = _sampling_process(process, args)
+    how = (f"{steps} {process.config.sampler} model calls" if steps is not None
+           else f"{process.num_steps} {process.config.sampler.upper()} steps")
     print(f"fastddpm demo: {args.n} digits from the shipped 'small' model, {how} on {device}")
-    seconds = _sample_and_save(model, process, args, device)
+    seconds = _sample_and_save(model, process, steps, args, device)
     print(f"sampling time: {seconds:.1f} s for {args.n} images ({args.n / seconds:.1f} images/s) -> {args.out}")
     return 0
 
