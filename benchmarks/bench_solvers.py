@@ -8,7 +8,8 @@ Rows (each ``n`` samples from the shipped ``digits_small`` model, eager on this 
 * ``diffusers``: ``DPMSolverMultistepScheduler`` / ``UniPCMultistepScheduler`` configured
   as the same process (linear betas, epsilon, ``thresholding=True, sample_max_value=1`` for
   the model's clipped x0), the loop its pipelines run, from the same x_T as the fastddpm
-  row of the same solver and steps.
+  row of the same solver and steps (the SDE rows draw their step noise from a
+  ``torch.Generator`` seeded with ``--seed``, as diffusers' pipelines do).
 
 Columns: Fréchet distance, precision and recall (k=3) in the shipped digits
 classifier's feature space against all 1797 digits (``fastddpm.metrics.evaluate``),
@@ -20,6 +21,11 @@ diffusers' fastest setting that meets it.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_solvers.py --n 1000     # the full table
     python benchmarks/bench_solvers.py --smoke                        # seconds: a few rows, n=16
+    # add or redo rows, keeping the others of an earlier run:
+    python benchmarks/bench_solvers.py --reuse benchmarks/results/solvers_cpu.json --rows fastddpm:ddpm:100
+
+Besides ``<name>.json`` and ``<name>.md`` it draws ``<name>.png``: Fréchet distance against
+model calls per solver, with DDPM-1000's and the goal's line.
 """
 from __future__ import annotations
 
@@ -41,7 +47,8 @@ COLUMNS = ["impl", "sampler", "steps", "model_calls", "fd", "precision", "recall
 FULL_ROWS = ([("fastddpm", "ddpm", 1000)]
              + [(impl, solver, s) for solver in ("dpm++2m", "dpm++3m", "unipc") for s in (25, 20, 10, 5)
                 for impl in ("fastddpm", "diffusers")]
-             + [("fastddpm", "dpm++2m-sde", s) for s in (25, 20)] + [("fastddpm", "ddim", s) for s in (50, 20, 10)]
+             + [(impl, "dpm++2m-sde", s) for s in (25, 20) for impl in ("fastddpm", "diffusers")]
+             + [("fastddpm", "ddim", s) for s in (50, 20, 10)]
              + [("fastddpm", "ddpm", s) for s in (250, 100)])
 SMOKE_ROWS = [("fastddpm", "ddpm", 20), ("fastddpm", "dpm++2m", 5), ("diffusers", "dpm++2m", 5), ("fastddpm", "unipc", 5)]
 FD_FACTOR, MAX_CALLS, SPEEDUP = 1.1, 20, 30.0
@@ -68,8 +75,9 @@ def diffusers_sample(model, process, solver: str, steps: int, n: int, seed: int)
     sched = diffusers_scheduler(solver, process.config)
     sched.set_timesteps(steps)
     x = batch_noise(seed, 0, steps, (n, *model_shape(model)), "cpu")  # fastddpm's x_T for the same steps
+    generator = torch.Generator().manual_seed(seed)  # the SDE solver's step noise
     for t in sched.timesteps:
-        x = sched.step(model(x, t.expand(n)), t, x).prev_sample
+        x = sched.step(model(x, t.expand(n)), t, x, generator=generator).prev_sample
     return x
 
 
@@ -90,23 +98,66 @@ def run_row(model, process, impl: str, sampler: str, steps: int, n: int, seed: i
     return x, time.perf_counter() - start
 
 
+def baseline(rows: list[dict]) -> dict | None:
+    """The measured DDPM row with the most steps (DDPM-1000 in the full table)."""
+    return max((r for r in rows if r["sampler"] == "ddpm" and "fd" in r), key=lambda r: r["steps"], default=None)
+
+
 def verdict(rows: list[dict]) -> str:
-    base = next((r for r in rows if r["sampler"] == "ddpm" and r["steps"] == 1000 and "fd" in r), None)
+    base = baseline(rows)
     if base is None:
-        return "not evaluated: no DDPM-1000 row"
+        return "not evaluated: no DDPM row"
+    name = f"DDPM-{base['steps']}"
     bound = FD_FACTOR * base["fd"]
     meets = [r for r in rows if "fd" in r and r["sampler"] not in ("ddpm",) and r["model_calls"] <= MAX_CALLS
              and r["fd"] <= bound]
     ours = min((r for r in meets if r["impl"] == "fastddpm"), key=lambda r: r["seconds"], default=None)
     theirs = min((r for r in meets if r["impl"] == "diffusers"), key=lambda r: r["seconds"], default=None)
     if ours is None:
-        return f"not met: no fastddpm setting at <= {MAX_CALLS} calls has FD <= {bound:.2f} ({FD_FACTOR}x {base['fd']:.2f})"
+        return (f"not met: no fastddpm setting at <= {MAX_CALLS} calls has FD <= {bound:.2f} ({FD_FACTOR}x {name}'s "
+                f"{base['fd']:.2f})")
     speedup = base["seconds"] / ours["seconds"]
     ok = speedup >= SPEEDUP and (theirs is None or ours["seconds"] <= theirs["seconds"])
     vs = (f"; diffusers' fastest meeting it: {theirs['sampler']} {theirs['steps']} in {theirs['seconds']:.1f} s"
           if theirs else "; no diffusers setting meets it")
     return (f"{'met' if ok else 'not met'}: fastddpm {ours['sampler']} {ours['steps']} FD {ours['fd']:.2f} <= "
-            f"{bound:.2f}, {ours['seconds']:.1f} s = {speedup:.1f}x faster than DDPM-1000 (goal {SPEEDUP:g}x){vs}")
+            f"{bound:.2f}, {ours['seconds']:.1f} s = {speedup:.1f}x faster than {name} (goal {SPEEDUP:g}x){vs}")
+
+
+def parse_rows(text: str) -> list[tuple[str, str, int]]:
+    """``"impl:sampler:steps,..."`` as rows, each checked against the full table's."""
+    rows = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        parts = item.split(":")
+        if len(parts) != 3 or not parts[2].isdigit():
+            raise ValueError(f"--rows: {item!r} is not impl:sampler:steps (e.g. fastddpm:ddpm:100)")
+        row = (parts[0], parts[1], int(parts[2]))
+        if row not in FULL_ROWS:
+            raise ValueError(f"--rows: {item!r} is not a row of the table; rows are "
+                             + ", ".join(":".join(map(str, r)) for r in FULL_ROWS))
+        rows.append(row)
+    if not rows:
+        raise ValueError("--rows: no rows given")
+    return rows
+
+
+def plot(rows: list[dict], path: Path) -> Path:
+    """Fréchet distance against model calls (up to 50) for each impl and sampler, with
+    DDPM-1000's FD and the goal's bound as horizontal lines."""
+    from fastddpm.images import plot_lines
+
+    series = {}
+    for r in sorted((r for r in rows if "fd" in r and r["model_calls"] <= 50), key=lambda r: r["model_calls"]):
+        xs, ys = series.setdefault(f"{r['impl']} {r['sampler']}", ([], []))
+        xs.append(r["model_calls"])
+        ys.append(r["fd"])
+    base = baseline(rows)
+    if base is not None and series:
+        span = [min(min(xs) for xs, _ in series.values()), max(max(xs) for xs, _ in series.values())]
+        series[f"DDPM-{base['steps']}"] = (span, [base["fd"]] * 2)
+        series[f"{FD_FACTOR}x DDPM-{base['steps']} (goal)"] = (span, [FD_FACTOR * base["fd"]] * 2)
+    return plot_lines(series, path, title="quality per model call (shipped digits model)",
+                      xlabel="model calls", ylabel="Frechet distance", size=(760, 480))
 
 
 def main(argv=None) -> int:
@@ -118,7 +169,14 @@ def main(argv=None) -> int:
     p.add_argument("--out-dir", default=None)
     p.add_argument("--reuse", default=None,
                    help="a results JSON of an earlier run (same --n and --seed): its measured rows are kept, not rerun")
+    p.add_argument("--rows", default=None,
+                   help="run only these rows, impl:sampler:steps separated by commas (with --reuse: run them "
+                        "again, keep the others)")
     args = p.parse_args(argv)
+    try:
+        only = parse_rows(args.rows) if args.rows is not None else None
+    except ValueError as e:
+        p.error(str(e))
     import fastddpm
     from fastddpm.metrics import evaluate
 
@@ -141,11 +199,14 @@ def main(argv=None) -> int:
             raise SystemExit(f"--reuse {args.reuse}: another --n or --seed")
         reused = {(r["impl"], r["sampler"], r["steps"]): r for r in earlier["rows"] if "fd" in r}
         meta["reused rows"] = f"{sorted(reused)} from a run at commit {earlier['meta'].get('commit')}"
-    key = f"goal: a solver at <= {MAX_CALLS} calls within {FD_FACTOR}x DDPM-1000's FD, >= {SPEEDUP:g}x faster"
-    for impl, sampler, steps in SMOKE_ROWS if args.smoke else FULL_ROWS:
+    key = f"goal: a solver at <= {MAX_CALLS} calls within {FD_FACTOR}x the longest DDPM run's FD, >= {SPEEDUP:g}x faster"
+    table = SMOKE_ROWS if args.smoke else FULL_ROWS
+    for impl, sampler, steps in table:
+        if only is not None and (impl, sampler, steps) not in only and (impl, sampler, steps) not in reused:
+            continue
         row = dict(impl=impl, sampler=sampler, steps=steps, model_calls=steps)
         try:
-            if (impl, sampler, steps) in reused:
+            if (impl, sampler, steps) in reused and (only is None or (impl, sampler, steps) not in only):
                 row = dict(reused[(impl, sampler, steps)], note="reused from the earlier run (--reuse)")
                 rows.append(row)
                 continue
@@ -161,7 +222,8 @@ def main(argv=None) -> int:
                 r["speedup_vs_ddpm1000"] = base / r["seconds"]
         print(f"{impl:9s} {sampler:12s} {steps:5d}  " + (f"FD {row['fd']:7.2f}  P {row['precision']:.3f}  "
               f"R {row['recall']:.3f}  {row['seconds']:7.1f} s" if "fd" in row else row["note"]), flush=True)
-        write_results(name, rows, COLUMNS, meta | {key: verdict(rows)}, out_dir=args.out_dir)  # after every row
+        json_path, _ = write_results(name, rows, COLUMNS, meta | {key: verdict(rows)}, out_dir=args.out_dir)
+        plot(rows, json_path.with_suffix(".png"))  # after every row, so that a run cut short keeps its rows
     print(f"{key}: {verdict(rows)}")
     return 0
 
