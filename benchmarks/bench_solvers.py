@@ -9,7 +9,11 @@ Rows (each ``n`` samples from the shipped ``digits_small`` model, eager on this 
   as the same process (linear betas, epsilon, ``thresholding=True, sample_max_value=1`` for
   the model's clipped x0), the loop its pipelines run, from the same x_T as the fastddpm
   row of the same solver and steps (the SDE rows draw their step noise from a
-  ``torch.Generator`` seeded with ``--seed``, as diffusers' pipelines do).
+  ``torch.Generator`` seeded with the row's seed, as diffusers' pipelines do).
+
+With ``--seeds 0,1,2`` each row is sampled once per seed (the seed sets x_T and the SDE noise) and
+reports the mean FD, precision and recall, the FD's range over the seeds and the median seconds:
+at 1000 samples the FD of one setting moves by several units from one draw to the next.
 
 Columns: Fréchet distance, precision and recall (k=3) in the shipped digits
 classifier's feature space against all 1797 digits (``fastddpm.metrics.evaluate``),
@@ -41,8 +45,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import environment, write_results  # noqa: E402
 
 PACKAGES = ("fastddpm", "diffusers")
-COLUMNS = ["impl", "sampler", "steps", "model_calls", "fd", "precision", "recall", "seconds", "speedup_vs_ddpm1000",
-           "note"]
+COLUMNS = ["impl", "sampler", "steps", "model_calls", "seeds", "fd", "fd_range", "precision", "recall", "seconds",
+           "speedup_vs_ddpm1000", "note"]
 # the rows the goal needs first, so that a run cut short still answers it
 FULL_ROWS = ([("fastddpm", "ddpm", 1000)]
              + [(impl, solver, s) for solver in ("dpm++2m", "dpm++3m", "unipc") for s in (25, 20, 10, 5)
@@ -96,6 +100,20 @@ def run_row(model, process, impl: str, sampler: str, steps: int, n: int, seed: i
         x = fastddpm.sample(model, n, steps=steps, seed=seed, process=process.with_options(sampler=sampler),
                             progress=False, device="cpu")
     return x, time.perf_counter() - start
+
+
+def measure_row(model, process, impl: str, sampler: str, steps: int, n: int, seeds: list[int], evaluate) -> dict:
+    """One row over ``seeds``: mean scores, the FD's range and the median seconds."""
+    import statistics
+
+    runs = []
+    for seed in seeds:
+        x, seconds = run_row(model, process, impl, sampler, steps, n, seed)
+        runs.append({k: evaluate(x)[k] for k in ("fd", "precision", "recall")} | {"seconds": seconds})
+    fds = [r["fd"] for r in runs]
+    return {"seeds": ",".join(map(str, seeds)), "fd_range": f"{min(fds):.3g}-{max(fds):.3g}",
+            "seconds": statistics.median(r["seconds"] for r in runs),
+            **{k: statistics.fmean(r[k] for r in runs) for k in ("fd", "precision", "recall")}}
 
 
 def baseline(rows: list[dict]) -> dict | None:
@@ -163,12 +181,13 @@ def plot(rows: list[dict], path: Path) -> Path:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n", type=int, default=1000, help="samples per row (default 1000)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", default="0", help="seeds per row, separated by commas (default 0); a row reports "
+                   "the mean over them")
     p.add_argument("--smoke", action="store_true", help="a few short rows, n=16 unless --n is given")
     p.add_argument("--name", default=None, help="results file name (default solvers_cpu[_smoke])")
     p.add_argument("--out-dir", default=None)
     p.add_argument("--reuse", default=None,
-                   help="a results JSON of an earlier run (same --n and --seed): its measured rows are kept, not rerun")
+                   help="a results JSON of an earlier run (same --n): its measured rows are kept, not rerun")
     p.add_argument("--rows", default=None,
                    help="run only these rows, impl:sampler:steps separated by commas (with --reuse: run them "
                         "again, keep the others)")
@@ -177,6 +196,12 @@ def main(argv=None) -> int:
         only = parse_rows(args.rows) if args.rows is not None else None
     except ValueError as e:
         p.error(str(e))
+    try:
+        seeds = [int(v) for v in args.seeds.split(",")]
+        if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+            raise ValueError
+    except ValueError:
+        p.error(f"--seeds must be distinct non-negative ints separated by commas, got {args.seeds!r}")
     import fastddpm
     from fastddpm.metrics import evaluate
 
@@ -189,16 +214,16 @@ def main(argv=None) -> int:
         model(torch.zeros(2, *model_shape(model)), torch.tensor([999, 0]))
     rows = []
     meta = environment("cpu", PACKAGES) | {"model": "digits_small (shipped)", "samples per row": n,
-                                          "seed": args.seed, "reference": "digits (1797), digits classifier features"}
+                                          "seeds of the rows run here": seeds, "reference": "digits (1797), digits classifier features"}
     reused = {}
     if args.reuse:
         import json
 
         earlier = json.loads(Path(args.reuse).read_text())
-        if earlier["meta"]["samples per row"] != n or earlier["meta"]["seed"] != args.seed:
-            raise SystemExit(f"--reuse {args.reuse}: another --n or --seed")
-        reused = {(r["impl"], r["sampler"], r["steps"]): r for r in earlier["rows"] if "fd" in r}
-        meta["reused rows"] = f"{sorted(reused)} from a run at commit {earlier['meta'].get('commit')}"
+        if earlier["meta"]["samples per row"] != n:
+            raise SystemExit(f"--reuse {args.reuse}: its rows have {earlier['meta']['samples per row']} samples, not {n}")
+        old_seed = str(earlier["meta"].get("seed", ""))  # a run from before --seeds: one seed for every row
+        reused = {(r["impl"], r["sampler"], r["steps"]): {"seeds": old_seed} | r for r in earlier["rows"] if "fd" in r}
     key = f"goal: a solver at <= {MAX_CALLS} calls within {FD_FACTOR}x the longest DDPM run's FD, >= {SPEEDUP:g}x faster"
     table = SMOKE_ROWS if args.smoke else FULL_ROWS
     for impl, sampler, steps in table:
@@ -210,8 +235,7 @@ def main(argv=None) -> int:
                 row = dict(reused[(impl, sampler, steps)], note="reused from the earlier run (--reuse)")
                 rows.append(row)
                 continue
-            x, row["seconds"] = run_row(model, process, impl, sampler, steps, n, args.seed)
-            row |= {k: evaluate(x)[k] for k in ("fd", "precision", "recall")}
+            row |= measure_row(model, process, impl, sampler, steps, n, seeds, evaluate)
         except Exception as e:  # noqa: BLE001 -- recorded in the results
             row["note"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         rows.append(row)
@@ -222,6 +246,7 @@ def main(argv=None) -> int:
                 r["speedup_vs_ddpm1000"] = base / r["seconds"]
         print(f"{impl:9s} {sampler:12s} {steps:5d}  " + (f"FD {row['fd']:7.2f}  P {row['precision']:.3f}  "
               f"R {row['recall']:.3f}  {row['seconds']:7.1f} s" if "fd" in row else row["note"]), flush=True)
+        meta["rows reused from earlier runs (--reuse)"] = sum("reused" in r.get("note", "") for r in rows)
         json_path, _ = write_results(name, rows, COLUMNS, meta | {key: verdict(rows)}, out_dir=args.out_dir)
         plot(rows, json_path.with_suffix(".png"))  # after every row, so that a run cut short keeps its rows
     print(f"{key}: {verdict(rows)}")

@@ -30,6 +30,7 @@ def test_every_smoke_row_is_measured(smoke):
         assert "note" not in r, r
         assert r["fd"] > 0 and 0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1 and r["seconds"] > 0
     assert data["meta"]["samples per row"] == 80 and data["meta"]["commit"]
+    assert all(r["seeds"] == "0" and r["fd_range"] for r in rows.values())
     assert "| fastddpm | unipc | 5 |" in md
 
 
@@ -79,3 +80,12 @@ def test_rows_are_parsed_and_checked():
     for bad in ("fastddpm:ddpm", "fastddpm:ddpm:x", "fastddpm:ddpm:7", ""):
         with pytest.raises(ValueError, match="--rows"):
             bench_solvers.parse_rows(bad)
+
+
+def test_a_row_over_seeds_reports_mean_range_and_median(monkeypatch):
+    fds = {0: 10.0, 1: 14.0, 2: 30.0}
+    monkeypatch.setattr(bench_solvers, "run_row", lambda *a: (a[-1], {0: 3.0, 1: 1.0, 2: 2.0}[a[-1]]))
+    row = bench_solvers.measure_row(None, None, "fastddpm", "unipc", 10, 8, [0, 1, 2],
+                                    lambda seed: {"fd": fds[seed], "precision": 0.5, "recall": seed / 2})
+    assert row == {"seeds": "0,1,2", "fd": 18.0, "fd_range": "10-30", "precision": 0.5, "recall": 0.5,
+                   "seconds": 2.0}
