@@ -46,7 +46,11 @@ def test_image_folder_shapes_order_range(folder, channels):
         assert isinstance(x, torch.Tensor) and x.dtype == torch.float32
         assert x.shape == (channels, 10, 10)
         assert -1.0 <= float(x.min()) and float(x.max()) <= 1.0
-    assert_close(ds[1], ds[1], **EXACT)  # cached copy, unchanged
+    uncached = ImageFolderDataset(folder, image_size=10, channels=channels, cache=False)
+    first = ds[1]
+    assert_close(first, uncached[1], **EXACT)  # the cache holds the decoded image
+    first.fill_(0.5)  # a caller writing into an item does not change the cache
+    assert_close(ds[1], uncached[1], **EXACT)
 
 
 def test_image_folder_resize_then_center_crop(tmp_path):

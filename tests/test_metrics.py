@@ -40,9 +40,8 @@ def halves(digits):
 
 
 @pytest.fixture(scope="module")
-def noise_curve(halves):
+def noise_curve(halves, one_thread):
     """FD and precision/recall of half A against half B with noise of growing sigma."""
-    torch.set_num_threads(1)
     a, b = halves
     net = metrics.feature_extractor("digits")
     fa = net(a)
@@ -227,7 +226,7 @@ def test_inception_weights_of_the_wrong_network(tmp_path):
         fid(GOOD, GOOD, feature="inception", inception_weights=path)
 
 
-def test_inception_plumbing_with_random_weights(tmp_path, monkeypatch):
+def test_inception_plumbing_with_random_weights(tmp_path, monkeypatch, one_thread):
     """The real weights cannot be fetched here: a randomly initialised network of
     the same architecture, found in torch hub's cache, checks loading and shapes."""
     fid_inception = pytest.importorskip("pytorch_fid.inception")
@@ -241,13 +240,19 @@ def test_inception_plumbing_with_random_weights(tmp_path, monkeypatch):
     cache.mkdir(parents=True)
     torch.save(state, cache / "pt_inception-2015-12-05-00000000.pth")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    torch.set_num_threads(1)
     extractor = metrics.feature_extractor("inception")
     assert extractor.path.parent == cache
     feats = extractor(torch.rand(2, 1, 16, 16) * 2 - 1)
     assert feats.shape == (2, 2048) and bool(feats.isfinite().all())
-    value = frechet_distance(*feature_statistics(feats), *feature_statistics(feats))
-    assert math.isfinite(value) and value >= 0
+    assert frechet_distance(*feature_statistics(feats), *feature_statistics(feats)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_frechet_distance_of_a_shift_is_its_squared_length():
+    """Same covariance, means apart by d: FD = |d|^2 (the trace terms cancel)."""
+    feats = torch.randn(500, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    shift = torch.arange(8, dtype=torch.float64) / 4
+    a, b = feature_statistics(feats), feature_statistics(feats + shift)
+    assert frechet_distance(*a, *b) == pytest.approx(float((shift ** 2).sum()), rel=1e-6)
 
 
 # -- evaluate and the command line -----------------------------------------------------------------

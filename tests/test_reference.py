@@ -1,4 +1,6 @@
 """Reference math properties, the dispatch, configs, and input validation."""
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -49,8 +51,13 @@ def test_clip_denoised_clamps_x0_hat():
     assert torch.equal(reference.ddpm_step(x, out, coefs, False, torch.zeros_like(x)), out)
 
 
-@pytest.mark.parametrize("loss_type, fn", [("l2", F.mse_loss), ("l1", F.l1_loss),
-                                           ("huber", lambda a, b: F.huber_loss(a, b, delta=0.5))])
+def _huber(a, b, delta=0.5):
+    d = (a - b).abs()
+    return torch.where(d < delta, 0.5 * d ** 2, delta * (d - 0.5 * delta)).mean()
+
+
+@pytest.mark.parametrize("loss_type, fn", [("l2", lambda a, b: ((a - b) ** 2).mean()),
+                                           ("l1", lambda a, b: (a - b).abs().mean()), ("huber", _huber)])
 def test_losses(loss_type, fn):
     g = torch.Generator().manual_seed(1)
     out, x0, eps = (torch.randn(3, 2, 4, 4, generator=g) for _ in range(3))
@@ -66,8 +73,26 @@ def test_min_snr_weights():
     np.testing.assert_allclose(w, np.minimum(snr, 5.0) / snr)
     np.testing.assert_allclose(reference.loss_weights(LINEAR, "v", 5.0), np.minimum(snr, 5.0) / (snr + 1))
     assert np.all(reference.loss_weights(LINEAR, "x0", None) == 1.0)
-    # every type weights the x0 error the same: eps-loss * snr == x0-loss for the same x0 error
     assert w[-1] == pytest.approx(1.0) and w[0] < 1e-3
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "x0", "v"])
+def test_min_snr_weights_weigh_the_x0_error_by_min_snr_gamma(prediction):
+    """What min-SNR promises (Hang et al. 2023): a model output off by ``err``, turned into an x0
+    estimate by the sampler's own ``x0 = a x_t + b out`` (``step_coefficients``), costs
+    ``min(SNR, gamma) * (x0 error)^2`` under its type's weighted loss, for every type."""
+    gamma = 5.0
+    tab = LINEAR.tables64()
+    w = reference.loss_weights(LINEAR, prediction, gamma)
+    coefs = reference.step_coefficients(LINEAR, prediction)
+    x0, eps, err = 0.3, -1.1, 0.01
+    for t in (0, 10, 300, 999):
+        sa, so = math.sqrt(tab["alphas_cumprod"][t]), math.sqrt(1 - tab["alphas_cumprod"][t])
+        xt = sa * x0 + so * eps
+        target = {"epsilon": eps, "x0": x0, "v": sa * eps - so * x0}[prediction]
+        x0_hat = coefs[t, 0] * xt + coefs[t, 1] * (target + err)
+        expected = min(tab["snr"][t], gamma) * (x0_hat - x0) ** 2
+        assert w[t] * err ** 2 == pytest.approx(expected, rel=1e-8), t
 
 
 def test_loss_gradient_flows_to_the_model():

@@ -45,8 +45,21 @@ def test_tables_are_float64_then_float32():
     assert s.table("alphas_cumprod") is s.table("alphas_cumprod")  # cached
     ac = t["alphas_cumprod"]
     np.testing.assert_allclose(ac, np.cumprod(1 - t["betas"]))
-    np.testing.assert_allclose(t["posterior_mean_coef1"] * 1 + t["posterior_mean_coef2"] * 0,
-                               t["betas"] * np.sqrt(t["alphas_cumprod_prev"]) / (1 - ac))
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_posterior_is_gaussian_conditioning(kind):
+    """q(x_{t-1} | x_t, x0) from the joint Gaussian of (x_{t-1}, x_t) given x0, written
+    independently of the closed forms in the schedule:
+    x_{t-1} = sqrt(abar_{t-1}) x0 + sqrt(1 - abar_{t-1}) e1, x_t = sqrt(alpha_t) x_{t-1} + sqrt(beta_t) e2."""
+    t = NoiseSchedule.make(kind, 1000).tables64()
+    abar, prev, alpha = t["alphas_cumprod"], t["alphas_cumprod_prev"], 1 - t["betas"]
+    cov = np.sqrt(alpha) * (1 - prev)  # Cov(x_{t-1}, x_t | x0)
+    var = 1 - abar  # Var(x_t | x0)
+    gain = cov / var
+    np.testing.assert_allclose(t["posterior_mean_coef2"], gain, rtol=1e-10)
+    np.testing.assert_allclose(t["posterior_mean_coef1"], np.sqrt(prev) - gain * np.sqrt(abar), rtol=1e-9, atol=1e-15)
+    np.testing.assert_allclose(t["posterior_variance"], (1 - prev) - cov * gain, rtol=1e-9, atol=1e-15)
 
 
 def test_space_timesteps_like_improved_diffusion():
@@ -63,7 +76,9 @@ def test_respace_keeps_alphas_cumprod_and_recomputes_betas():
     r = s.respace(50)
     assert r.num_timesteps == 50 and r.is_respaced
     np.testing.assert_allclose(r.alphas_cumprod64, s.alphas_cumprod64[list(r.timesteps)], rtol=1e-9)
-    np.testing.assert_allclose(r.betas, 1 - r.alphas_cumprod64 / np.append(1, r.alphas_cumprod64[:-1]), rtol=1e-12)
+    # the respaced betas chain back to the original alphas_cumprod at the kept timesteps
+    np.testing.assert_allclose(np.cumprod(1 - r.betas), s.alphas_cumprod64[list(r.timesteps)], rtol=1e-9)
+    assert np.all((r.betas > 0) & (r.betas < 1)) and r.betas[0] == pytest.approx(s.betas[0])
     explicit = s.respace([0, 500, 999])
     assert explicit.timesteps == (0, 500, 999)
     assert NoiseSchedule.from_dict(r.to_dict()).timesteps == r.timesteps
