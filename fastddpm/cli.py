@@ -40,7 +40,7 @@ def cmd_train(args) -> int:
     from .trainer import TrainConfig, Trainer
 
     if args.preset not in PRESETS:
-        raise SystemExit(f"error: unknown --preset {args.preset!r}; known presets: {sorted(PRESETS)}")
+        raise ValueError(f"unknown --preset {args.preset!r}; known presets: {sorted(PRESETS)}")
     preset = PRESETS[args.preset]
     image_size = args.image_size if args.image_size is not None else preset.image_size
     channels = args.channels if args.channels is not None else preset.in_channels

@@ -11,9 +11,9 @@ from fastddpm.cli import DEMO_MODEL, main
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
+def run_dir(tmp_path_factory, one_thread):
+    """A 4-step run that every test reads and none changes (test_resume_continues copies it)."""
     out = tmp_path_factory.mktemp("cli") / "run"
-    torch.set_num_threads(1)
     code = main(["train", "--data", "digits", "--preset", "tiny", "--steps", "4", "--batch-size", "8",
                  "--out", str(out), "--checkpoint-every", "2", "--log-every", "2", "--timesteps", "50",
                  "--channels-last", "--nonfinite", "skip"])
@@ -30,12 +30,16 @@ def test_train_writes_a_run(run_dir):
     assert (run_dir / "metrics.jsonl").read_text().strip()
 
 
-def test_resume_continues(run_dir):
+def test_resume_continues(run_dir, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)  # the shared run stays at step 4 for the other tests
     code = main(["train", "--data", "digits", "--preset", "tiny", "--steps", "6", "--batch-size", "8",
-                 "--out", str(run_dir), "--checkpoint-every", "2", "--log-every", "2", "--timesteps", "50",
+                 "--out", str(run), "--checkpoint-every", "2", "--log-every", "2", "--timesteps", "50",
                  "--resume"])
     assert code == 0
-    assert (run_dir / "checkpoints" / "step_0000006.safetensors").is_file()
+    assert (run / "checkpoints" / "step_0000006.safetensors").is_file()
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    assert steps == sorted(steps) and steps[-1] == 6 and steps.count(4) <= 1  # continued, not restarted
 
 
 def test_sample_png_npz_gif(run_dir, tmp_path):
@@ -72,6 +76,9 @@ def test_the_shipped_demo_model_loads():
 
 def test_visual_commands(tmp_path):
     assert main(["plot-schedule", "--out", str(tmp_path / "s.png")]) == 0
+    with Image.open(tmp_path / "s.png") as img:  # two panels side by side, drawn on
+        assert img.format == "PNG" and img.size[0] >= 2 * img.size[1] * 0.9
+        assert len(img.convert("RGB").getcolors(maxcolors=1 << 16) or range(1 << 16)) > 10
     assert main(["forward-strip", "-n", "2", "--out", str(tmp_path / "f.png")]) == 0
     assert Image.open(tmp_path / "f.png").size[0] > Image.open(tmp_path / "f.png").size[1]
 
@@ -86,8 +93,8 @@ def test_errors_are_clear(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     try:
         code = main(argv)
-    except SystemExit as e:  # our messages are the exit's text; argparse's go to stderr
-        code, err = 2, str(e) + capsys.readouterr().err
+    except SystemExit as e:  # argparse exits with its usage error on stderr
+        code, err = e.code, capsys.readouterr().err
     else:
         err = capsys.readouterr().err
     assert code == 2 and message in err
