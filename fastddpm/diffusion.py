@@ -100,6 +100,15 @@ class DDPM:
                                  f"{spacing} timestep for steps={steps}); use timestep_spacing='leading' or such steps")
         return keep
 
+    @classmethod
+    def from_diffusers(cls, scheduler_or_config, *, use_clipped_model_output: bool = False, **options) -> "DDPM":
+        """The process equal to a diffusers ``DDPMScheduler``, ``DDIMScheduler``, ``DPMSolverMultistepScheduler``
+        or ``UniPCMultistepScheduler`` (or its config); fields fastddpm cannot represent raise ValueError.
+        See ``fastddpm.interop.from_diffusers``."""
+        from .interop import from_diffusers
+
+        return from_diffusers(scheduler_or_config, use_clipped_model_output=use_clipped_model_output, **options)
+
     def with_options(self, **options) -> "DDPM":
         """A copy with some config fields changed (the schedule is kept if respaced)."""
         schedule_fields = {"num_timesteps", "schedule", "betas"}
