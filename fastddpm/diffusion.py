@@ -268,7 +268,8 @@ class DDPM:
         given = [name for name, v in (("noise", noise), ("seed", seed), ("sample_offset", sample_offset))
                  if v is not None]
         if given:
-            raise ValueError(f"give generator= or {'/'.join(g + '=' for g in given)}, not both: generator draws the noise "
+            given = "/".join(g + "=" for g in given)
+            raise ValueError(f"give generator= or {given}, not both: generator draws the noise "
                              "diffusers' way, seed/sample_offset are the noise contract's, noise is explicit")
         if self.config.sampler == "ddim":
             draws = self.config.eta > 0

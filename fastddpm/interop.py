@@ -115,16 +115,21 @@ def scheduler_config(scheduler_or_config) -> tuple[str, dict]:
     return name, full
 
 
+def _fields(cls) -> set[str]:
+    return set(inspect.signature(cls.__init__).parameters) - {"self"}
+
+
 def _class_of(config: dict) -> str:
     """The scheduler class whose ``__init__`` fields are exactly the config's keys (``scheduler.config``
     holds them all but not ``_class_name``)."""
     import diffusers
 
     keys = {k for k in config if not k.startswith("_")}
-    found = [n for n in SCHEDULERS if keys == set(inspect.signature(getattr(diffusers, n).__init__).parameters) - {"self"}]
+    found = [n for n in SCHEDULERS if keys == _fields(getattr(diffusers, n))]
     if len(found) != 1:
         raise ValueError("scheduler_or_config is a config dict without '_class_name' whose keys are not exactly "
-                         f"one scheduler's fields: give the scheduler itself, or add '_class_name' (one of {SCHEDULERS})")
+                         "one scheduler's fields: give the scheduler itself, or add '_class_name' "
+                         f"(one of {SCHEDULERS})")
     return found[0]
 
 
