@@ -26,6 +26,18 @@ field, its value and what is supported: a process is never silently approximated
     use_karras_sigmas                          karras_sigmas
     lambda_min_clipped                         lambda_min_clipped
 
+Refused (each a ValueError naming the field): rescale_betas_zero_snr=True; beta_schedule laplace/exp;
+trained_betas of another length than num_train_timesteps; dynamic thresholding (sample_max_value != 1);
+clip_sample_range != 1; steps_offset != 0 with leading spacing; DDPM variance_type fixed_large_log,
+learned, learned_range, and fixed_large with trailing spacing (diffusers' last step then adds noise);
+DDIM set_alpha_to_one=False, linspace spacing (diffusers' DDIM steps t -> t - T//steps, not to the next
+linspace timestep), clip_sample/thresholding unless ``use_clipped_model_output=True``; DPM-Solver
+algorithm_type dpmsolver/sde-dpmsolver, solver_order 1 (3 with SDE), solver_type heun, lower_order_final=False,
+final_sigmas_type sigma_min, exponential/beta/Lu/flow sigmas, dynamic shifting, learned variance, Karras
+sigmas with a finite lambda_min_clipped; UniPC bh1, solver_order != 2, predict_x0=False,
+disable_corrector, solver_p, sigma_min/sigma_max/shift_terminal; prediction_type flow_prediction.
+At sample time, DDIM with trailing spacing needs steps that divide num_train_timesteps (``DDPM.respace``).
+
 A scheduler's state (``set_timesteps``) is not read: the number of steps is ``sample``'s ``steps``.
 Config keys that start with ``_`` and keys the diffusers class does not take are ignored (as
 diffusers ignores them); missing keys take the installed diffusers' defaults.
@@ -43,7 +55,7 @@ from .config import DiffusionConfig
 from .diffusion import DDPM
 from .schedule import make_betas
 
-__all__ = ["SCHEDULERS", "from_diffusers", "scheduler_config", "resolve_pipeline"]
+__all__ = ["SCHEDULERS", "from_diffusers", "scheduler_config", "is_pipeline", "resolve_pipeline"]
 
 SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler")
 PREDICTIONS = {"epsilon": "epsilon", "sample": "x0", "v_prediction": "v"}

@@ -194,6 +194,10 @@ def test_schedules_map_to_named_kinds_where_equal():
     c = DDPM.from_diffusers(UniPCMultistepScheduler(beta_schedule="squaredcos_cap_v2")).config
     assert c.lambda_min_clipped == -math.inf  # diffusers' UniPC has no clip; fastddpm's default would clip cosine
     assert DDPM.from_diffusers(DDIMScheduler(clip_sample=False), eta=0.5, loss="l1").config.eta == 0.5
+    for sched in (DDPMScheduler(num_train_timesteps=300, beta_schedule="sigmoid"),
+                  DPMSolverMultistepScheduler(use_karras_sigmas=True, solver_order=3)):
+        process = DDPM.from_diffusers(sched)  # serialises with checkpoints like any process
+        assert DDPM.from_json(process.to_json()).config == process.config
 
 
 # -- refused fields ---------------------------------------------------------------------------------
