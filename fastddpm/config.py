@@ -75,8 +75,11 @@ class DiffusionConfig(JsonConfig):
         ``dpm++3m``, ``dpm++2m-sde`` (DPM-Solver++, Lu et al. 2022) or ``unipc`` (UniPC-bh2,
         Zhao et al. 2023); see ``fastddpm.multistep``.
     :param eta: DDIM's eta (0: deterministic; 1: DDPM's fixed_small variance).
-    :param timestep_spacing: how a multistep solver picks its timesteps: ``linspace``,
-        ``leading`` or ``trailing`` (diffusers' ``timestep_spacing``).
+    :param timestep_spacing: how a sampler picks its timesteps from a number of steps: ``linspace``,
+        ``leading`` or ``trailing`` (diffusers' ``timestep_spacing``, ``steps_offset=0``).  For DDPM and
+        DDIM respacing ``linspace`` is improved-diffusion's (both ends kept; diffusers' for steps >= 2);
+        DDIM with ``trailing`` needs steps that divide ``num_timesteps``, as diffusers' DDIM steps
+        ``t -> t - T // steps``.
     :param karras_sigmas: multistep solvers step on Karras et al.'s sigmas (rho = 7) instead.
     :param lambda_min_clipped: multistep solvers skip timesteps whose ``lambda = log(alpha/sigma)``
         is below this; None: -5.1 for the cosine schedule (DPM-Solver's fix), none otherwise.

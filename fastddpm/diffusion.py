@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import numbers
+from dataclasses import dataclass
 
 import torch
 
@@ -12,9 +14,9 @@ from .adapters import ModelAdapter
 from .checks import FLOAT_DTYPES, check_tensor, check_timesteps
 from .config import DiffusionConfig
 from .noise import check_seed
-from .schedule import NoiseSchedule
+from .schedule import NoiseSchedule, spaced_timesteps
 
-__all__ = ["DDPM"]
+__all__ = ["DDPM", "StepOutput"]
 
 NOISE_SAMPLES = 2**32  # the noise contract counts samples with 32 bits: offset + n beyond it would repeat noise
 
@@ -25,6 +27,18 @@ def _check_sample_offset(sample_offset, n: int) -> int:
         raise ValueError(f"sample_offset must be an int in [0, 2**32 - n] = [0, {NOISE_SAMPLES - n}] for n={n} "
                          f"samples (the noise contract numbers 2**32 samples per seed), got {sample_offset!r}")
     return sample_offset
+
+
+@dataclass
+class StepOutput:
+    """What ``DDPM.step(..., return_dict=True)`` returns (diffusers' ``SchedulerOutput`` fields).
+
+    :param prev_sample: float32 ``x_{t-1}``.
+    :param pred_original_sample: float32 ``x0_hat`` the step used (clipped if ``clip_denoised``).
+    """
+
+    prev_sample: torch.Tensor
+    pred_original_sample: torch.Tensor
 
 
 class DDPM:
@@ -65,8 +79,35 @@ class DDPM:
         return NoiseSchedule.make(c.betas if c.schedule == "custom" else c.schedule, c.num_timesteps)
 
     def respace(self, steps) -> "DDPM":
-        """The same model sampled over ``steps`` kept timesteps (int or list)."""
+        """The same model sampled over ``steps`` kept timesteps (int or list).  An int keeps them by the
+        config's ``timestep_spacing`` (``schedule.spaced_timesteps``: diffusers' rules; ``linspace`` is
+        improved-diffusion's, both ends kept)."""
+        if isinstance(steps, numbers.Integral) and not isinstance(steps, bool) and \
+                self.config.timestep_spacing != "linspace":
+            steps = self._spaced(int(steps))
         return DDPM(self.config, noise_schedule=self._base_schedule().respace(steps))
+
+    def _spaced(self, steps: int) -> list[int]:
+        """``leading``/``trailing`` timesteps; for DDIM also diffusers' constraint: its ``DDIMScheduler``
+        steps from ``t`` to ``t - T // steps``, which must be the next kept timestep (as ours)."""
+        T, spacing = self.config.num_timesteps, self.config.timestep_spacing
+        keep = spaced_timesteps(T, steps, spacing)
+        if self.config.sampler == "ddim":
+            gap = T // steps
+            if any(b - a != gap for a, b in zip(keep, keep[1:])) or keep[0] >= gap:
+                raise ValueError(f"timestep_spacing={spacing!r} with DDIM needs steps that divide num_timesteps={T} "
+                                 f"(diffusers' DDIMScheduler steps t -> t - {T}//steps, which is not the next "
+                                 f"{spacing} timestep for steps={steps}); use timestep_spacing='leading' or such steps")
+        return keep
+
+    @classmethod
+    def from_diffusers(cls, scheduler_or_config, *, use_clipped_model_output: bool = False, **options) -> "DDPM":
+        """The process equal to a diffusers ``DDPMScheduler``, ``DDIMScheduler``, ``DPMSolverMultistepScheduler``
+        or ``UniPCMultistepScheduler`` (or its config); fields fastddpm cannot represent raise ValueError.
+        See ``fastddpm.interop.from_diffusers``."""
+        from .interop import from_diffusers
+
+        return from_diffusers(scheduler_or_config, use_clipped_model_output=use_clipped_model_output, **options)
 
     def with_options(self, **options) -> "DDPM":
         """A copy with some config fields changed (the schedule is kept if respaced)."""
@@ -185,14 +226,22 @@ class DDPM:
                                   huber_delta=self.config.huber_delta, noise=noise)
 
     # -- reverse process ----------------------------------------------------------------
-    def step(self, model_output, t, x_t, noise=None, *, seed: int = 0, sample_offset: int = 0):
+    def step(self, model_output, t, x_t, noise=None, *, seed: int | None = None, sample_offset: int | None = None,
+             generator: torch.Generator | None = None, return_dict: bool = False):
         """One reverse step ``x_t -> x_{t-1}`` (diffusers' ``scheduler.step(model_output, timestep, sample)``).
 
         :param model_output: the model's prediction for ``(x_t, t)``.
         :param t: model timestep(s): int or ``[n]``; for a respaced process, one of its kept timesteps.
         :param x_t: current sample.
         :param noise: explicit standard normals; default: the noise contract's (slot = step index).
-        :return: float32 ``x_{t-1}``.
+        :param seed, sample_offset: the noise contract's seed (default 0) and first sample index.
+        :param generator: draw the noise diffusers' way instead, ``torch.randn(x_t.shape, generator=generator,
+            dtype=model_output.dtype)`` on the generator's device, and only where diffusers' step draws it
+            (DDPM: model timestep > 0; DDIM: ``eta > 0``), so a generator advances as in ``DDPMScheduler.step``
+            / ``DDIMScheduler.step``.  This leaves the noise contract: the noise depends on the batch layout
+            and the generator's state, not on ``(seed, sample index, step)``.
+        :param return_dict: return a ``StepOutput(prev_sample, pred_original_sample)`` instead of a tensor.
+        :return: float32 ``x_{t-1}``, or a ``StepOutput``.
         """
         if self.is_multistep:
             raise ValueError(f"sampler={self.config.sampler!r} keeps a history of model outputs: step with "
@@ -200,9 +249,36 @@ class DDPM:
         check_tensor("x_t", x_t, dtypes=FLOAT_DTYPES, min_ndim=2)
         check_tensor("model_output", model_output, dtypes=FLOAT_DTYPES, shape=x_t.shape, device=x_t.device)
         idx = self._step_index(t, x_t.shape[0], x_t.device)
-        return ops.ddpm_step(x_t.float(), model_output, idx, self.tables(x_t.device)["coefs"],
-                             seed=check_seed(seed), sample_offset=_check_sample_offset(sample_offset, x_t.shape[0]),
-                             clip_denoised=self.config.clip_denoised, noise=noise)
+        if generator is not None:
+            noise = self._generator_noise(generator, noise, seed, sample_offset, t, model_output, x_t)
+        coefs = self.tables(x_t.device)["coefs"]
+        x_prev = ops.ddpm_step(x_t.float(), model_output, idx, coefs, seed=check_seed(0 if seed is None else seed),
+                               sample_offset=_check_sample_offset(sample_offset or 0, x_t.shape[0]),
+                               clip_denoised=self.config.clip_denoised, noise=noise)
+        if not return_dict:
+            return x_prev
+        a, b = (reference.extract(coefs[:, i].contiguous(), idx, x_t.ndim) for i in (0, 1))
+        x0_hat = a * x_t.float() + b * model_output.float()
+        return StepOutput(x_prev, x0_hat.clamp(-1.0, 1.0) if self.config.clip_denoised else x0_hat)
+
+    def _generator_noise(self, generator, noise, seed, sample_offset, t, model_output, x_t) -> torch.Tensor:
+        """``step``'s noise from a ``torch.Generator``, drawn where diffusers draws it (zeros elsewhere)."""
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        given = [name for name, v in (("noise", noise), ("seed", seed), ("sample_offset", sample_offset))
+                 if v is not None]
+        if given:
+            given = "/".join(g + "=" for g in given)
+            raise ValueError(f"give generator= or {given}, not both: generator draws the noise "
+                             "diffusers' way, seed/sample_offset are the noise contract's, noise is explicit")
+        if self.config.sampler == "ddim":
+            draws = self.config.eta > 0
+        else:
+            draws = bool((torch.as_tensor(t) > 0).any())
+        if not draws:
+            return torch.zeros_like(x_t, dtype=torch.float32)
+        z = torch.randn(x_t.shape, generator=generator, device=generator.device, dtype=model_output.dtype)
+        return z.to(device=x_t.device, dtype=torch.float32)
 
     def sample(self, model, n: int, **kwargs):
         """Draw ``n`` images; see ``fastddpm.sample`` for the arguments."""

@@ -18,6 +18,7 @@ from . import multistep, ops, reference
 from .adapters import ModelAdapter
 from .checks import check_finite_values, check_output_flag, watch_output
 from .diffusion import DDPM
+from .interop import resolve_pipeline
 from .noise import check_noise_capacity, check_seed
 
 __all__ = ["sample"]
@@ -52,7 +53,11 @@ def sample(model, n: int, *, steps: int | None = None, seed: int = 0, device=Non
     """Draw ``n`` images from ``model`` with the DDPM reverse process.
 
     :param model: fastddpm ``UNet``, diffusers ``UNet2DModel``, denoising-diffusion-pytorch
-        ``Unet``, or any ``model(x, t)`` (t int64 ``[n]``) returning a tensor shaped like x.
+        ``Unet``, or any ``model(x, t)`` (t int64 ``[n]``) returning a tensor shaped like x.  Or a
+        diffusers pipeline (``DDPMPipeline``, ``DDIMPipeline``: anything with ``.unet`` and
+        ``.scheduler``): its ``unet`` sampled with ``DDPM.from_diffusers(pipeline.scheduler)``, the
+        schedule and sampler it was trained/configured with; a ``process=`` given too wins over the
+        pipeline's scheduler, and ``process_options`` apply on top of either.
     :param n: number of images.
     :param steps: sampling steps; fewer than T samples the respaced process.  For a multistep
         ``sampler`` (``dpm++2m``, ``dpm++3m``, ``dpm++2m-sde``, ``unipc``) the number of model
@@ -75,6 +80,7 @@ def sample(model, n: int, *, steps: int | None = None, seed: int = 0, device=Non
         ``backend``, ``micro_batch``, ``steps_per_graph``, ``channels_last`` come with it.
     :return: float32 ``[n, C, H, W]`` in the model's data range [-1, 1], on ``device``.
     """
+    model, process = resolve_pipeline(model, process)
     if distributed:
         from .distributed import dist_info, sample_distributed
 

@@ -14,7 +14,7 @@ from typing import Literal, Sequence
 import numpy as np
 import torch
 
-__all__ = ["ScheduleKind", "NoiseSchedule", "make_betas", "space_timesteps"]
+__all__ = ["ScheduleKind", "NoiseSchedule", "make_betas", "space_timesteps", "spaced_timesteps"]
 
 ScheduleKind = Literal["linear", "cosine", "sigmoid", "quadratic", "custom"]
 SCHEDULE_KINDS = ("linear", "cosine", "sigmoid", "quadratic")
@@ -78,6 +78,23 @@ def space_timesteps(num_timesteps: int, steps: int) -> list[int]:
         return [num_timesteps - 1]
     stride = (num_timesteps - 1) / (steps - 1)
     return sorted({round(i * stride) for i in range(steps)})
+
+
+def spaced_timesteps(num_timesteps: int, steps: int, spacing: str = "linspace") -> list[int]:
+    """The ``steps`` timesteps a respaced DDPM/DDIM sampler keeps, ascending, by diffusers'
+    ``timestep_spacing`` rule (``steps_offset=0``): ``linspace`` is ``space_timesteps`` (equal to
+    diffusers' for ``steps >= 2``), ``leading`` is ``0, r, 2r, ...`` with ``r = T // steps``, and
+    ``trailing`` is ``round(T - j T / steps) - 1`` (ends at ``T - 1``)."""
+    T = num_timesteps
+    if not 1 <= steps <= T:
+        raise ValueError(f"steps must be in [1, {T}], got {steps}")
+    if spacing == "linspace":
+        return space_timesteps(T, steps)
+    if spacing == "leading":
+        return [j * (T // steps) for j in range(steps)]
+    if spacing == "trailing":
+        return sorted(int(t) - 1 for t in np.round(np.arange(T, 0, -T / steps)))
+    raise ValueError(f"timestep_spacing must be one of ('linspace', 'leading', 'trailing'), got {spacing!r}")
 
 
 @dataclass(frozen=True, eq=False)

@@ -1,0 +1,345 @@
+"""diffusers interop: a diffusers scheduler (or its config) as the equal fastddpm process, and a
+diffusers pipeline (``DDPMPipeline``, ``DDIMPipeline``) as a model and a process.
+
+``from_diffusers`` maps every ``__init__`` field of ``DDPMScheduler``, ``DDIMScheduler``,
+``DPMSolverMultistepScheduler`` and ``UniPCMultistepScheduler`` (diffusers 0.42) to the
+``DiffusionConfig`` that samples the same trajectory, or raises a ``ValueError`` that names the
+field, its value and what is supported: a process is never silently approximated.
+
+    diffusers                                  fastddpm
+    num_train_timesteps                        num_timesteps
+    beta_schedule linear / scaled_linear       linear / quadratic (at fastddpm's default end points),
+                                               else explicit betas from beta_start, beta_end
+    beta_schedule squaredcos_cap_v2            cosine
+    beta_schedule sigmoid (DDPM)               explicit betas (diffusers' GeoDiff formula, float64)
+    trained_betas                              schedule="custom", betas
+    prediction_type epsilon/sample/v_prediction  prediction epsilon/x0/v
+    variance_type fixed_small(_log)/fixed_large  variance fixed_small/fixed_large (DDPM)
+    clip_sample (clip_sample_range=1)          clip_denoised (DDPM, DDIM)
+    thresholding (sample_max_value=1)          clip_denoised (the quantile is clamped to 1: a clip)
+    timestep_spacing                           timestep_spacing (DDPM/DDIM respacing too)
+    steps_offset                               0 only with leading spacing (unused otherwise)
+    DDIM                                       sampler="ddim" (eta: a step argument; pass eta=)
+    DPM-Solver++ (dpmsolver++ order 2/3,       sampler dpm++2m / dpm++3m / dpm++2m-sde
+      sde-dpmsolver++ order 2, midpoint)
+    UniPC (bh2, order 2, predict_x0)           sampler unipc, lambda_min_clipped=-inf
+    use_karras_sigmas                          karras_sigmas
+    lambda_min_clipped                         lambda_min_clipped
+
+Refused (each a ValueError naming the field): rescale_betas_zero_snr=True; beta_schedule laplace/exp;
+trained_betas of another length than num_train_timesteps; dynamic thresholding (sample_max_value != 1);
+clip_sample_range != 1; steps_offset != 0 with leading spacing; DDPM variance_type fixed_large_log,
+learned, learned_range, and fixed_large with trailing spacing (diffusers' last step then adds noise);
+DDIM set_alpha_to_one=False, linspace spacing (diffusers' DDIM steps t -> t - T//steps, not to the next
+linspace timestep), clip_sample/thresholding unless ``use_clipped_model_output=True``; DPM-Solver
+algorithm_type dpmsolver/sde-dpmsolver, solver_order 1 (3 with SDE), solver_type heun, lower_order_final=False,
+final_sigmas_type sigma_min, exponential/beta/Lu/flow sigmas, dynamic shifting, learned variance, Karras
+sigmas with a finite lambda_min_clipped; UniPC bh1, solver_order != 2, predict_x0=False,
+disable_corrector, solver_p, sigma_min/sigma_max/shift_terminal; prediction_type flow_prediction.
+At sample time, DDIM with trailing spacing needs steps that divide num_train_timesteps (``DDPM.respace``).
+
+A scheduler's state (``set_timesteps``) is not read: the number of steps is ``sample``'s ``steps``.
+Config keys that start with ``_`` and keys the diffusers class does not take are ignored (as
+diffusers ignores them); missing keys take the installed diffusers' defaults.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+from .config import DiffusionConfig
+from .diffusion import DDPM
+from .schedule import make_betas
+
+__all__ = ["SCHEDULERS", "from_diffusers", "scheduler_config", "is_pipeline", "resolve_pipeline"]
+
+SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler")
+PREDICTIONS = {"epsilon": "epsilon", "sample": "x0", "v_prediction": "v"}
+_COMMON = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
+           "thresholding", "dynamic_thresholding_ratio", "sample_max_value", "timestep_spacing", "steps_offset",
+           "rescale_betas_zero_snr")
+_MULTISTEP = ("solver_order", "solver_type", "lower_order_final", "use_karras_sigmas", "use_exponential_sigmas",
+              "use_beta_sigmas", "use_flow_sigmas", "flow_shift", "final_sigmas_type", "use_dynamic_shifting",
+              "time_shift_type")
+# every __init__ field of each class that this module reads (a newer diffusers' extra field raises)
+HANDLED = {
+    "DDPMScheduler": _COMMON + ("variance_type", "clip_sample", "clip_sample_range"),
+    "DDIMScheduler": _COMMON + ("clip_sample", "clip_sample_range", "set_alpha_to_one"),
+    "DPMSolverMultistepScheduler": _COMMON + _MULTISTEP + ("algorithm_type", "euler_at_final", "use_lu_lambdas",
+                                                           "lambda_min_clipped", "variance_type"),
+    "UniPCMultistepScheduler": _COMMON + _MULTISTEP + ("predict_x0", "disable_corrector", "solver_p", "sigma_min",
+                                                       "sigma_max", "shift_terminal"),
+}
+
+
+class _Fields:
+    """A scheduler's full config (defaults filled in) and the errors that name its fields."""
+
+    def __init__(self, name: str, config: dict):
+        self.name, self.config = name, config
+
+    def __getitem__(self, key):
+        return self.config[key]
+
+    def reject(self, key, supported: str, why: str = ""):
+        value = repr(self.config[key])
+        value = value if len(value) <= 80 else value[:60] + f"... ({len(value)} characters)"
+        raise ValueError(f"{self.name}.{key}={value} has no fastddpm equivalent"
+                         f"{': ' + why if why else ''}; supported: {supported}")
+
+    def require(self, key, allowed: tuple, why: str = ""):
+        if self.config[key] not in allowed:
+            self.reject(key, " or ".join(repr(a) for a in allowed), why)
+
+
+def scheduler_config(scheduler_or_config) -> tuple[str, dict]:
+    """``(class name, full config)`` of a diffusers scheduler or its config dict.
+
+    :param scheduler_or_config: a scheduler instance, its ``.config`` (a FrozenDict, whose class is
+        then told by ``_class_name``) or a plain dict with ``_class_name`` (a ``scheduler_config.json``).
+    """
+    if isinstance(scheduler_or_config, Mapping):
+        config = dict(scheduler_or_config)
+        name = config.get("_class_name") or _class_of(config)
+    elif isinstance(getattr(scheduler_or_config, "config", None), Mapping):
+        known = [c.__name__ for c in type(scheduler_or_config).__mro__ if c.__name__ in SCHEDULERS]
+        name = known[0] if known else type(scheduler_or_config).__name__
+        config = dict(scheduler_or_config.config)
+    else:
+        raise TypeError(f"scheduler_or_config must be a diffusers scheduler ({', '.join(SCHEDULERS)}) or its "
+                        f"config dict, got {type(scheduler_or_config).__name__}")
+    if name not in SCHEDULERS:
+        raise ValueError(f"scheduler_or_config: _class_name={name!r} has no fastddpm equivalent; supported: "
+                         f"{', '.join(SCHEDULERS)}")
+    import diffusers
+
+    params = inspect.signature(getattr(diffusers, name).__init__).parameters
+    unknown = sorted(set(params) - {"self"} - set(HANDLED[name]))
+    if unknown:
+        raise ValueError(f"{name} fields {unknown} (this diffusers {diffusers.__version__}) are unknown to "
+                         "fastddpm.interop, which cannot tell whether they change the process")
+    full = {k: p.default for k, p in params.items() if k != "self"}
+    full.update({k: v for k, v in config.items() if k in full})  # others: ignored, as diffusers does
+    return name, full
+
+
+def _fields(cls) -> set[str]:
+    return set(inspect.signature(cls.__init__).parameters) - {"self"}
+
+
+def _class_of(config: dict) -> str:
+    """The scheduler class whose ``__init__`` fields are exactly the config's keys (``scheduler.config``
+    holds them all but not ``_class_name``)."""
+    import diffusers
+
+    keys = {k for k in config if not k.startswith("_")}
+    found = [n for n in SCHEDULERS if keys == _fields(getattr(diffusers, n))]
+    if len(found) != 1:
+        raise ValueError("scheduler_or_config is a config dict without '_class_name' whose keys are not exactly "
+                         "one scheduler's fields: give the scheduler itself, or add '_class_name' "
+                         f"(one of {SCHEDULERS})")
+    return found[0]
+
+
+def from_diffusers(scheduler_or_config, *, use_clipped_model_output: bool = False, **options) -> DDPM:
+    """The fastddpm process (and sampler) equal to a diffusers scheduler; see the module docstring.
+
+    :param scheduler_or_config: a ``DDPMScheduler``, ``DDIMScheduler``, ``DPMSolverMultistepScheduler``
+        or ``UniPCMultistepScheduler``, or its config (``scheduler.config`` or a dict with ``_class_name``).
+    :param use_clipped_model_output: DDIM with ``clip_sample=True`` only: accept fastddpm's DDIM, which
+        takes the step's direction from the clipped x0 (diffusers' ``step(..., use_clipped_model_output=True)``,
+        ``DDIMPipeline(..., use_clipped_model_output=True)``).  diffusers' default takes it from the raw model
+        output, which fastddpm's one-pass step cannot express, so without this such a config raises.
+    :param options: ``DiffusionConfig`` fields set after the conversion (e.g. DDIM's ``eta``, the training
+        ``loss``).
+    :return: a ``DDPM`` over the full ``num_train_timesteps``; ``sample(..., steps=K)`` picks the K
+        timesteps as the scheduler's ``set_timesteps(K)`` does.
+    """
+    name, config = scheduler_config(scheduler_or_config)
+    f = _Fields(name, config)
+    if use_clipped_model_output and name != "DDIMScheduler":
+        raise ValueError(f"use_clipped_model_output is DDIMScheduler's, not {name}'s")
+    kw = {**_schedule(f), "prediction": _prediction(f)}
+    spacing = f["timestep_spacing"]
+    f.require("timestep_spacing", ("linspace", "leading", "trailing"))
+    if spacing == "leading" and f["steps_offset"] != 0:
+        f.reject("steps_offset", "0 with timestep_spacing='leading' (any value with 'linspace' or 'trailing')",
+                 "fastddpm's leading timesteps start at 0")
+    kw["timestep_spacing"] = spacing
+    if name == "DDPMScheduler":
+        kw.update(_ddpm(f))
+    elif name == "DDIMScheduler":
+        kw.update(_ddim(f, use_clipped_model_output))
+    elif name == "DPMSolverMultistepScheduler":
+        kw.update(_dpm_solver(f))
+    else:
+        kw.update(_unipc(f))
+    config = DiffusionConfig(**kw)
+    return DDPM(config.replace(**options) if options else config)
+
+
+# -- the fields ----------------------------------------------------------------------------------
+def _schedule(f: _Fields) -> dict:
+    T = f["num_train_timesteps"]
+    if isinstance(T, bool) or not isinstance(T, int) or T < 1:
+        f.reject("num_train_timesteps", "a positive int")
+    if f["rescale_betas_zero_snr"]:
+        f.reject("rescale_betas_zero_snr", "False", "zero terminal SNR makes beta_T = 1, where x_T carries no "
+                 "signal and fastddpm's reverse coefficients are infinite")
+    if f["trained_betas"] is not None:
+        betas = tuple(float(b) for b in np.asarray(f["trained_betas"], dtype=np.float64).reshape(-1))
+        if len(betas) != T:
+            f.reject("trained_betas", f"{T} betas (num_train_timesteps)", f"it has {len(betas)}")
+        return {"schedule": "custom", "betas": betas}
+    kind, start, end = f["beta_schedule"], float(f["beta_start"]), float(f["beta_end"])
+    if kind == "squaredcos_cap_v2":
+        return {"schedule": "cosine", "num_timesteps": T}  # the same formula (Nichol & Dhariwal), cap 0.999
+    if kind == "linear":
+        betas, named = np.linspace(start, end, T, dtype=np.float64), "linear"
+    elif kind == "scaled_linear":
+        betas, named = np.linspace(start**0.5, end**0.5, T, dtype=np.float64) ** 2, "quadratic"
+    elif kind == "sigmoid" and f.name == "DDPMScheduler":  # GeoDiff's, not fastddpm's sigmoid
+        betas, named = 1.0 / (1.0 + np.exp(-np.linspace(-6.0, 6.0, T))) * (end - start) + start, None
+    else:
+        supported = "'linear', 'scaled_linear', 'squaredcos_cap_v2'" + (
+            ", 'sigmoid'" if f.name == "DDPMScheduler" else "") + " or trained_betas"
+        f.reject("beta_schedule", supported)
+    if named is not None and _equals_named(betas, named, T):
+        return {"schedule": named, "num_timesteps": T}
+    return {"schedule": "custom", "betas": tuple(betas.tolist())}
+
+
+def _equals_named(betas: np.ndarray, kind: str, T: int) -> bool:
+    try:
+        return bool(np.array_equal(betas, make_betas(kind, T)))
+    except ValueError:  # fastddpm's scaled end points reach beta >= 1 at small T
+        return False
+
+
+def _prediction(f: _Fields) -> str:
+    f.require("prediction_type", tuple(PREDICTIONS))
+    return PREDICTIONS[f["prediction_type"]]
+
+
+def _clip(f: _Fields, has_clip_sample: bool) -> bool:
+    """thresholding with sample_max_value=1 clamps the quantile s to [1, 1]: exactly the clip to [-1, 1]."""
+    if f["thresholding"]:
+        if f["sample_max_value"] != 1.0:
+            f.reject("sample_max_value", "1.0 with thresholding=True (then it is the clip to [-1, 1])",
+                     "dynamic thresholding rescales x0 per image; fastddpm only clips it to [-1, 1]")
+        return True
+    if has_clip_sample and f["clip_sample"]:
+        if f["clip_sample_range"] != 1.0:
+            f.reject("clip_sample_range", "1.0", "fastddpm clips x0 to [-1, 1]")
+        return True
+    return False
+
+
+def _ddpm(f: _Fields) -> dict:
+    variance = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small",  # exp(log(var)/2): the same std
+                "fixed_large": "fixed_large"}
+    f.require("variance_type", tuple(variance), "fixed_large_log and learned variances are not fastddpm's")
+    if f["variance_type"] == "fixed_large" and f["timestep_spacing"] == "trailing":
+        f.reject("timestep_spacing", "'linspace' or 'leading' with variance_type='fixed_large'",
+                 "with trailing timesteps diffusers' last step (t = T/steps - 1 > 0) adds sqrt(beta) noise, "
+                 "fastddpm's last step adds none")
+    return {"sampler": "ddpm", "variance": variance[f["variance_type"]], "clip_denoised": _clip(f, True)}
+
+
+def _ddim(f: _Fields, use_clipped_model_output: bool) -> dict:
+    if not f["set_alpha_to_one"]:
+        f.reject("set_alpha_to_one", "True", "fastddpm's DDIM ends on alphas_cumprod = 1 (x_0 itself), "
+                 "diffusers' set_alpha_to_one=False on alphas_cumprod[0]")
+    if f["timestep_spacing"] == "linspace":
+        f.reject("timestep_spacing", "'leading' or 'trailing'", "diffusers' DDIMScheduler steps t -> t - T//steps, "
+                 "which is not the next linspace timestep; fastddpm's DDIM steps between kept timesteps")
+    clip = _clip(f, True)
+    if clip and not use_clipped_model_output:
+        key = "thresholding" if f["thresholding"] else "clip_sample"
+        f.reject(key, f"{key}=False, or from_diffusers(..., use_clipped_model_output=True)",
+                 "diffusers' DDIM step (as DDIMPipeline calls it) takes its direction from the unclipped model "
+                 "output, fastddpm's from the clipped x0 (diffusers' use_clipped_model_output=True)")
+    return {"sampler": "ddim", "clip_denoised": clip}
+
+
+def _multistep_common(f: _Fields):
+    for key in ("use_exponential_sigmas", "use_beta_sigmas", "use_flow_sigmas", "use_dynamic_shifting"):
+        if f[key]:
+            f.reject(key, "False", "fastddpm's solvers step on the schedule's sigmas or Karras'")
+    f.require("final_sigmas_type", ("zero",), "fastddpm's last step lands on sigma = 0")
+    f.require("lower_order_final", (True,), "fastddpm's solvers lower the order at the end as diffusers' default")
+    if not isinstance(f["use_karras_sigmas"], bool):
+        f.reject("use_karras_sigmas", "True or False")
+
+
+def _dpm_solver(f: _Fields) -> dict:
+    _multistep_common(f)
+    algorithm = "dpmsolver++" if f["algorithm_type"] == "deis" else f["algorithm_type"]  # as diffusers maps it
+    solvers = {("dpmsolver++", 2): "dpm++2m", ("dpmsolver++", 3): "dpm++3m", ("sde-dpmsolver++", 2): "dpm++2m-sde"}
+    f.require("algorithm_type", ("dpmsolver++", "sde-dpmsolver++", "deis"), "the data-prediction forms only")
+    if (algorithm, f["solver_order"]) not in solvers:
+        f.reject("solver_order", f"2 or 3 with algorithm_type='dpmsolver++', 2 with 'sde-dpmsolver++'")
+    # diffusers turns these solver_types into midpoint
+    f.require("solver_type", ("midpoint", "logrho", "bh1", "bh2"), "fastddpm's DPM-Solver++ is the midpoint form")
+    if f["use_lu_lambdas"]:
+        f.reject("use_lu_lambdas", "False", "fastddpm's solvers step on the schedule's sigmas or Karras'")
+    if f["variance_type"] is not None:
+        f.reject("variance_type", "None", "a learned-variance model outputs 2x channels")
+    lam = f["lambda_min_clipped"]
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or lam != lam:
+        f.reject("lambda_min_clipped", "a float (-inf: no clip)")
+    if f["use_karras_sigmas"] and lam != -math.inf:
+        f.reject("lambda_min_clipped", "-inf with use_karras_sigmas=True",
+                 "diffusers' Karras sigmas ignore the clip, fastddpm's keep to it")
+    if f["use_karras_sigmas"] and f["trained_betas"] is not None and f["beta_schedule"] == "squaredcos_cap_v2":
+        f.reject("trained_betas", "None with beta_schedule='squaredcos_cap_v2' and use_karras_sigmas=True",
+                 "diffusers truncates the Karras timesteps by the schedule's name, not its betas")
+    return {"sampler": solvers[(algorithm, f["solver_order"])], "clip_denoised": _clip(f, False),
+            "karras_sigmas": f["use_karras_sigmas"], "lambda_min_clipped": float(lam)}
+
+
+def _unipc(f: _Fields) -> dict:
+    _multistep_common(f)
+    f.require("solver_order", (2,), "fastddpm's UniPC is of order 2")
+    f.require("predict_x0", (True,), "fastddpm's UniPC predicts x0 (data prediction)")
+    # diffusers turns midpoint/heun/logrho into bh2
+    f.require("solver_type", ("bh2", "midpoint", "heun", "logrho"), "fastddpm's UniPC is UniPC-bh2")
+    if f["disable_corrector"]:
+        f.reject("disable_corrector", "[]", "fastddpm's UniPC corrects every step")
+    for key, why in (("solver_p", "fastddpm's UniPC predicts with its own solver"),
+                     ("sigma_min", "Karras sigmas span the schedule's sigmas"),
+                     ("sigma_max", "Karras sigmas span the schedule's sigmas"),
+                     ("shift_terminal", "flow sigmas are not fastddpm's")):
+        if f[key] is not None:
+            f.reject(key, "None", why)
+    # diffusers' UniPC has no lambda clip; fastddpm's default clips the cosine schedule
+    return {"sampler": "unipc", "clip_denoised": _clip(f, False), "karras_sigmas": f["use_karras_sigmas"],
+            "lambda_min_clipped": -math.inf}
+
+
+# -- pipelines -----------------------------------------------------------------------------------
+def is_pipeline(obj) -> bool:
+    """Duck typing for a diffusers pipeline: not a module, with ``.unet`` or ``.scheduler``."""
+    return not isinstance(obj, torch.nn.Module) and (hasattr(obj, "unet") or hasattr(obj, "scheduler"))
+
+
+def resolve_pipeline(model, process):
+    """``(model, process)`` for ``sample``: a pipeline gives its ``unet`` and, unless ``process`` is given
+    (an explicit process wins), ``from_diffusers(pipeline.scheduler)``; anything else passes through."""
+    if not is_pipeline(model):
+        return model, process
+    missing = [a for a in ("unet", "scheduler") if getattr(model, a, None) is None]
+    if missing:
+        raise TypeError(f"model looks like a diffusers pipeline ({type(model).__name__}) but has no "
+                        f"{' or '.join('.' + m for m in missing)}: sample() takes a pipeline with .unet and "
+                        ".scheduler (DDPMPipeline, DDIMPipeline), or the model itself")
+    if process is None:
+        try:
+            process = from_diffusers(model.scheduler)
+        except ValueError as e:
+            raise ValueError(f"{type(model).__name__}.scheduler: {e} (or pass process= explicitly)") from None
+    return model.unet, process
