@@ -115,16 +115,34 @@ def scheduler_config(scheduler_or_config) -> tuple[str, dict]:
     if name not in SCHEDULERS:
         raise ValueError(f"scheduler_or_config: _class_name={name!r} has no fastddpm equivalent; supported: "
                          f"{', '.join(SCHEDULERS)}")
-    import diffusers
-
+    diffusers = _diffusers()
     params = inspect.signature(getattr(diffusers, name).__init__).parameters
-    unknown = sorted(set(params) - {"self"} - set(HANDLED[name]))
+    # a field newer than this module is accepted at its default (diffusers keeps old behaviour there)
+    # and refused when the config sets it to anything else
+    unknown = sorted(k for k in set(params) - {"self"} - set(HANDLED[name])
+                     if k in config and not _same(config[k], params[k].default))
     if unknown:
-        raise ValueError(f"{name} fields {unknown} (this diffusers {diffusers.__version__}) are unknown to "
-                         "fastddpm.interop, which cannot tell whether they change the process")
+        raise ValueError(f"{name} fields {unknown} (this diffusers {diffusers.__version__}) are set away from their "
+                         "defaults and unknown to fastddpm.interop, which cannot tell whether they change the process")
     full = {k: p.default for k, p in params.items() if k != "self"}
     full.update({k: v for k, v in config.items() if k in full})  # others: ignored, as diffusers does
     return name, full
+
+
+def _diffusers():
+    try:
+        import diffusers
+    except ImportError as e:
+        raise ImportError("from_diffusers needs diffusers installed (pip install diffusers) for its schedulers' "
+                          "defaults") from e
+    return diffusers
+
+
+def _same(value, default) -> bool:
+    try:
+        return bool(value == default) if not isinstance(value, (list, tuple)) else list(value) == list(default or [])
+    except Exception:  # noqa: BLE001 -- e.g. arrays: not provably the default
+        return False
 
 
 def _fields(cls) -> set[str]:
@@ -134,8 +152,7 @@ def _fields(cls) -> set[str]:
 def _class_of(config: dict) -> str:
     """The scheduler class whose ``__init__`` fields are exactly the config's keys (``scheduler.config``
     holds them all but not ``_class_name``)."""
-    import diffusers
-
+    diffusers = _diffusers()
     keys = {k for k in config if not k.startswith("_")}
     found = [n for n in SCHEDULERS if keys == _fields(getattr(diffusers, n))]
     if len(found) != 1:

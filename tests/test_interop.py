@@ -408,3 +408,17 @@ def test_sample_refuses_a_broken_pipeline():
 
     with pytest.raises(ValueError, match=r"ClippedDDIM.scheduler: DDIMScheduler.clip_sample=True .*process="):
         fastddpm.sample(ClippedDDIM(), 1, progress=False)
+
+
+def test_a_field_newer_than_interop_is_accepted_at_its_default_and_refused_otherwise(monkeypatch):
+    """A diffusers upgrade that adds a field: at its default it leaves the process as it was; set to
+    anything else, fastddpm cannot tell what it does and says so, naming the field."""
+    from fastddpm import interop
+
+    handled = dict(interop.HANDLED)
+    handled["DDPMScheduler"] = tuple(f for f in handled["DDPMScheduler"] if f != "rescale_betas_zero_snr")
+    monkeypatch.setattr(interop, "HANDLED", handled)
+    config = {"_class_name": "DDPMScheduler", "rescale_betas_zero_snr": False}
+    assert interop.from_diffusers(config).config.num_timesteps == 1000
+    with pytest.raises(ValueError, match=r"\['rescale_betas_zero_snr'\].*unknown to fastddpm.interop"):
+        interop.from_diffusers(config | {"rescale_betas_zero_snr": True})
