@@ -23,6 +23,8 @@ from .noise import MAX_SEED
 DEMO_MODEL = Path(__file__).parent / "assets" / "digits_small.safetensors"
 # reference.SAMPLERS + multistep.SOLVERS, spelled out so that --help imports no torch (a test holds them equal)
 SAMPLER_CHOICES = ("ddpm", "ddim", "dpm++2m", "dpm++3m", "dpm++2m-sde", "unipc")
+FEATURE_CHOICES = ("digits", "inception")  # metrics.FEATURES, spelled out likewise
+INCEPTION_GLOB = "pt_inception-2015-12-05-*.pth"  # metrics.features.INCEPTION_GLOB
 
 
 def _diffusion_options(args) -> dict:
@@ -248,6 +250,60 @@ def _add_sample_args(p, n=64, out="samples.png"):
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _load_samples(path: str):
+    from .data import ArrayDataset
+
+    p = Path(path)
+    if p.suffix.lower() not in (".npz", ".npy"):
+        raise ValueError(f"--samples must be a .npz or .npy array (write one with `fastddpm sample --out x.npz`); "
+                         f"got {str(p)!r}" + (" (PNG grids are not supported)" if p.suffix.lower() == ".png" else ""))
+    return ArrayDataset(p).float_images()
+
+
+def cmd_eval(args) -> int:
+    """``fastddpm eval``: print the metrics of ``--samples`` against ``--reference`` as JSON."""
+    import json
+
+    from .metrics import evaluate
+
+    samples = _load_samples(args.samples)
+    metrics = evaluate(samples, args.reference, args.n_reference, feature=args.feature, k=args.k,
+                       batch_size=args.batch_size, device=args.device, inception_weights=args.inception_weights,
+                       seed=args.seed)
+    metrics["samples"] = str(args.samples)
+    metrics["reference"] = str(args.reference)
+    text = json.dumps(metrics, indent=2, sort_keys=True)
+    if args.out:
+        from .files import write_text_atomic
+
+        write_text_atomic(args.out, text + "\n")
+    print(text)
+    return 0
+
+
+def add_eval_parser(subparsers):
+    """Add the ``eval`` sub-command to ``subparsers``; returns its parser."""
+    p = subparsers.add_parser("eval", help="Fréchet distance and precision/recall of samples against a reference")
+    p.add_argument("--samples", required=True,
+                   help="a .npz/.npy uint8 [n, H, W, C] array (fastddpm sample --out x.npz)")
+    p.add_argument("--reference", default="digits", help="'digits' or a .npz/.npy array of real images "
+                                                         "(default: digits)")
+    p.add_argument("--feature", choices=FEATURE_CHOICES, default="digits",
+                   help="digits: the shipped classifier (offline); inception: standard FID (needs pytorch-fid and "
+                        "local weights)")
+    p.add_argument("--inception-weights", default=None,
+                   help=f"path to {INCEPTION_GLOB} (default: looked up in torch hub's cache)")
+    p.add_argument("--n-reference", type=int_in(1), default=None, help="random subset of the reference (default: all)")
+    p.add_argument("-k", "--k", type=int_in(1), default=3,
+                   help="k of the k-NN manifolds for precision/recall (default: 3)")
+    p.add_argument("--batch-size", type=int_in(1), default=256)
+    p.add_argument("--seed", type=int, default=0, help="seed of the reference subset")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cpu)")
+    p.add_argument("--out", default=None, help="also write the JSON here")
+    p.set_defaults(func=cmd_eval)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .train_config import COMPILE_MODES
 
@@ -326,8 +382,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int_in(0, MAX_SEED), default=0)
     p.add_argument("--out", default="forward.png")
     p.set_defaults(func=cmd_forward_strip)
-
-    from .metrics import add_eval_parser
 
     add_eval_parser(sub)
     for command in sub.choices.values():

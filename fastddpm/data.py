@@ -21,10 +21,12 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "ImageFolderDataset",
     "ArrayDataset",
+    "convert_channels",
     "DigitsDataset",
     "digits_dataset",
     "load_dataset",
     "random_flip",
+    "resize_center_crop",
     "split_validation",
 ]
 
@@ -52,7 +54,7 @@ def _check_image_size(image_size) -> int:
     return image_size
 
 
-def _resize_center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
+def resize_center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
     """Resize float ``[n, C, H, W]`` so the shorter side is ``size`` (bilinear,
     antialiased), then crop the centre ``size x size``."""
     h, w = x.shape[-2:]
@@ -70,7 +72,7 @@ def to_float_images(x: torch.Tensor) -> torch.Tensor:
     return x.float() / 127.5 - 1.0 if x.dtype == torch.uint8 else x
 
 
-def _convert_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
+def convert_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
     """``[n, c, H, W]`` with c in {1, 3} to ``channels`` channels (gray is
     repeated; RGB becomes luma)."""
     c = x.shape[1]
@@ -315,10 +317,10 @@ class ArrayDataset(Dataset):
             for i in range(0, n, RESIZE_CHUNK):
                 part = x[i:i + RESIZE_CHUNK]
                 part = to_float_images(part)
-                chunks.append(_resize_center_crop(_convert_channels(part, channels).contiguous(), image_size))
+                chunks.append(resize_center_crop(convert_channels(part, channels).contiguous(), image_size))
             x = torch.cat(chunks)
         elif channels != c:
-            x = _convert_channels(to_float_images(x), channels).contiguous().clamp_(-1.0, 1.0)
+            x = convert_channels(to_float_images(x), channels).contiguous().clamp_(-1.0, 1.0)
         self.data = x  # uint8 [N, C, H, W] (converted per item) or float32 in [-1, 1]
         self.channels = channels
         self.image_size = int(x.shape[-1])

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 
 from fastddpm.data import digits_dataset
 from fastddpm.files import atomic_write, write_text_atomic
-from fastddpm.metrics import (DIGITS_CLASSIFIER, METADATA_KEY, SPLIT_SEED, TEST_FRACTION, DigitsFeatureNet,
-                              digits_classifier_split)
+from fastddpm.metrics.features import (DIGITS_CLASSIFIER, METADATA_KEY, SPLIT_SEED, TEST_FRACTION, DigitsFeatureNet,
+                                       digits_classifier_split)
 
 
 def random_shift(x: torch.Tensor, generator: torch.Generator, max_shift: int = 1) -> torch.Tensor:

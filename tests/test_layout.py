@@ -1,0 +1,22 @@
+"""The source tree and what an install contains agree."""
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _setup_constant(name: str):
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == name for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise AssertionError(f"setup.py has no {name}")
+
+
+def test_every_package_of_the_source_is_installed():
+    """A new sub-package missing from setup.py's PACKAGES would import from a checkout and fail installed."""
+    packages = set(_setup_constant("PACKAGES"))
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "fastddpm").rglob("__init__.py")
+             if "kernels" not in p.relative_to(ROOT).parts and "__pycache__" not in p.parts}
+    assert found <= packages, sorted(found - packages)
+    assert "fastddpm.kernels" in packages  # installed from kernels/ (package_dir)
