@@ -13,6 +13,11 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def is_int(v) -> bool:
+    """A Python int that is not a bool (``True`` is an ``int`` to ``isinstance``)."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def check_tensor(name: str, x, *, dtypes: Iterable[torch.dtype] | None = None, ndim: int | None = None,
                  min_ndim: int | None = None, shape=None, device=None) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):

@@ -21,13 +21,10 @@ import torch
 import torch.distributed as dist
 
 from .adapters import ModelAdapter
+from .checks import is_int
 from .sampling import sample
 
 __all__ = ["dist_info", "shard_range", "sample_distributed"]
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def dist_info(group=None) -> tuple[int, int]:
@@ -74,7 +71,7 @@ def shard_range(n: int, rank: int, world_size: int) -> tuple[int, int]:
     cover ``[0, n)`` in rank order without overlap.
     """
     for name, value in (("n", n), ("rank", rank), ("world_size", world_size)):
-        if not _is_int(value):
+        if not is_int(value):
             raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
@@ -120,13 +117,13 @@ def sample_distributed(model, n: int, *, group=None, **sample_kwargs) -> torch.T
         defaults to rank 0 only.
     :return: float32 ``[n, C, H, W]`` in sample order on this rank's sampling device.
     """
-    if not _is_int(n) or n < 1:
+    if not is_int(n) or n < 1:
         raise ValueError(f"n must be a positive int, got {n!r}")
     rank, world_size = dist_info(group)
     if world_size == 1:
         return sample(model, n, **sample_kwargs)
     offset = sample_kwargs.pop("sample_offset", 0)
-    if not _is_int(offset) or offset < 0:
+    if not is_int(offset) or offset < 0:
         raise ValueError(f"sample_offset must be a non-negative int, got {offset!r}")
     sample_kwargs.setdefault("progress", rank == 0)
     start, count = shard_range(n, rank, world_size)

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
+from .checks import is_int
 from .config import JsonConfig
 from .noise import MAX_SEED
 
@@ -13,10 +14,6 @@ __all__ = ["TrainConfig", "COMPILE_MODES"]
 
 # ``torch.compile`` modes of the training model ("no": eager)
 COMPILE_MODES = ("no", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _is_num(v) -> bool:
@@ -109,11 +106,11 @@ class TrainConfig(JsonConfig):
             object.__setattr__(self, "adam_betas", tuple(self.adam_betas))
         for name in ("steps", "batch_size", "grad_accum", "sample_n", "keep_last", "log_every"):
             v = getattr(self, name)
-            if not _is_int(v) or v < 1:
+            if not is_int(v) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         for name in ("warmup_steps", "ema_start", "val_every", "sample_every", "checkpoint_every"):
             v = getattr(self, name)
-            if not _is_int(v) or v < 0:
+            if not is_int(v) or v < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {v!r}")
         if not _is_num(self.checkpoint_minutes) or self.checkpoint_minutes < 0:
             raise ValueError(f"checkpoint_minutes must be a float >= 0, got {self.checkpoint_minutes!r}")
@@ -142,14 +139,14 @@ class TrainConfig(JsonConfig):
             raise ValueError(f"compile must be one of {', '.join(map(repr, COMPILE_MODES))}, got {self.compile!r}")
         if self.nonfinite not in ("error", "skip"):
             raise ValueError(f"nonfinite must be 'error' or 'skip', got {self.nonfinite!r}")
-        if not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED:
+        if not is_int(self.seed) or not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"seed must be an int in [0, 2**63), got {self.seed!r}")
         for name in ("random_flip", "keep_best"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if not _is_num(self.val_fraction) or not 0 <= self.val_fraction < 1:
             raise ValueError(f"val_fraction must be a float in [0, 1), got {self.val_fraction!r}")
-        if self.sample_steps is not None and (not _is_int(self.sample_steps) or self.sample_steps < 1):
+        if self.sample_steps is not None and (not is_int(self.sample_steps) or self.sample_steps < 1):
             raise ValueError(f"sample_steps must be a positive int or None, got {self.sample_steps!r}")
 
     def ema_decay_at(self, step: int) -> float:

@@ -45,6 +45,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
+from ..checks import is_int
 from ..config import JsonConfig
 
 __all__ = ["UNetConfig", "UNet", "timestep_embedding", "ResBlock", "AttentionBlock", "Downsample", "Upsample"]
@@ -53,10 +54,6 @@ GROUPNORM_EPS = 1e-6  # as the TF original (tf.contrib group_norm) and pesser's 
 
 
 # -- configuration ---------------------------------------------------------------------
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 @dataclass(frozen=True)
 class UNetConfig(JsonConfig):
     """Hyper-parameters of :class:`UNet`; JSON-safe via :meth:`to_dict`.
@@ -93,7 +90,7 @@ class UNetConfig(JsonConfig):
             value = getattr(self, name)
             if isinstance(value, (list, tuple)):
                 object.__setattr__(self, name, tuple(value))
-            elif _is_int(value):
+            elif is_int(value):
                 object.__setattr__(self, name, (value,))
             else:
                 raise TypeError(f"{name} must be a tuple of ints, got {type(value).__name__}")
@@ -102,15 +99,15 @@ class UNetConfig(JsonConfig):
     def _validate(self) -> None:
         for name in ("image_size", "in_channels", "base_channels", "num_res_blocks", "num_heads", "num_groups"):
             value = getattr(self, name)
-            if not _is_int(value) or value <= 0:
+            if not is_int(value) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         for name in ("out_channels", "head_channels"):
             value = getattr(self, name)
-            if value is not None and (not _is_int(value) or value <= 0):
+            if value is not None and (not is_int(value) or value <= 0):
                 raise ValueError(f"{name} must be None or a positive int, got {value!r}")
-        if not self.channel_mult or not all(_is_int(m) and m > 0 for m in self.channel_mult):
+        if not self.channel_mult or not all(is_int(m) and m > 0 for m in self.channel_mult):
             raise ValueError(f"channel_mult must be a non-empty tuple of positive ints, got {self.channel_mult!r}")
-        if not all(_is_int(r) and r > 0 for r in self.attention_resolutions):
+        if not all(is_int(r) and r > 0 for r in self.attention_resolutions):
             raise ValueError(f"attention_resolutions must be positive ints, got {self.attention_resolutions!r}")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be a float in [0, 1), got {self.dropout!r}")
