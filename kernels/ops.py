@@ -15,6 +15,7 @@ from ._library import INTERPRET
 from .attention import attention, attention_unsupported
 from .ddpm_step import ddpm_step
 from .diffusion_loss import diffusion_loss
+from .multistep_step import multistep_step_
 from .q_sample import q_sample
 
 __all__ = ["IMPLS", "unsupported"]
@@ -23,6 +24,7 @@ IMPLS = {
     "q_sample": q_sample,
     "diffusion_loss": diffusion_loss,
     "ddpm_step": ddpm_step,
+    "multistep_step": multistep_step_,  # in place: fastddpm.ops.multistep_step hands it a copy of x
     "attention": attention,
 }
 
