@@ -125,7 +125,7 @@ def _bf16_supported() -> bool:
 
 
 def make_plan(model, n: int, shape, device, *, dtype=None, cuda_graph=None, compile=None, backend=None,
-              micro_batch=None, steps_per_graph=None, channels_last=None) -> Plan:
+              micro_batch=None, steps_per_graph=None, channels_last=None, op: str = "ddpm_step") -> Plan:
     """The fastest available way to sample ``n`` images of ``shape`` on ``device``.
 
     Every argument left None is chosen automatically, with its reason; a given
@@ -142,7 +142,11 @@ def make_plan(model, n: int, shape, device, *, dtype=None, cuda_graph=None, comp
     :param micro_batch: samples per engine batch.
     :param steps_per_graph: steps per captured graph (needs ``cuda_graph``).
     :param channels_last: model input layout (4-D images only).
+    :param op: the fused update the backend must run: ``ddpm_step``, or ``multistep_step`` for a
+        multistep solver.
     """
+    if op not in ("ddpm_step", "multistep_step"):
+        raise ValueError(f"op must be 'ddpm_step' or 'multistep_step', got {op!r}")
     if not _is_int(n) or n < 1:
         raise ValueError(f"n must be a positive int, got {n!r}")
     shape = tuple(int(s) for s in shape)
@@ -212,15 +216,15 @@ def make_plan(model, n: int, shape, device, *, dtype=None, cuda_graph=None, comp
 
     # backend of the fused step
     if backend is None:
-        backend = ops.select_backend("ddpm_step", device, dtype)
-        reasons.append(f"backend={backend!r}: fastddpm.ops' automatic choice for ddpm_step on {device.type} "
-                       f"(available: {', '.join(ops.available_backends('ddpm_step', device, dtype))})")
+        backend = ops.select_backend(op, device, dtype)
+        reasons.append(f"backend={backend!r}: fastddpm.ops' automatic choice for {op} on {device.type} "
+                       f"(available: {', '.join(ops.available_backends(op, device, dtype))})")
     else:
         if backend not in ops.BACKENDS:
             raise ValueError(f"backend must be one of {ops.BACKENDS}, got {backend!r}")
-        why = ops._unsupported(backend, "ddpm_step", device, dtype)
+        why = ops._unsupported(backend, op, device, dtype)
         if why is not None:
-            raise ValueError(f"backend={backend!r} cannot run ddpm_step on {device} ({dtype}): it {why}")
+            raise ValueError(f"backend={backend!r} cannot run {op} on {device} ({dtype}): it {why}")
         reasons.append(f"backend={backend!r}: requested")
     if cuda_graph and backend == "reference":
         reasons.append("note: the reference step is many small kernels (captured all the same)")
@@ -572,7 +576,7 @@ def engine_sample(model, n: int, *, steps: int | None = None, seed: int = 0, dev
     check_noise_capacity(math.prod(shape[1:]), num_steps + 1, sample_offset + n - 1)
     plan = make_plan(adapter, n, shape[1:], device, dtype=dtype, cuda_graph=cuda_graph, compile=compile,
                      backend=backend, micro_batch=micro_batch, steps_per_graph=steps_per_graph,
-                     channels_last=channels_last)
+                     channels_last=channels_last, op="multistep_step" if process.is_multistep else "ddpm_step")
     _LAST_PLAN[0] = plan
 
     m = plan.micro_batch

@@ -231,8 +231,9 @@ def test_multistep_engine_steps_callback_and_model_input():
     sees the solver's timesteps, and a low-precision model input follows x."""
     model = Pointwise()
     kw = dict(progress=False, sampler="unipc", seed=2)
-    engine_sample(model, 2, **kw)
+    _, plan = engine_sample(model, 2, return_plan=True, **kw)
     assert cached_engines()[-1].num_steps == 20
+    assert "automatic choice for multistep_step" in plan.explain(), plan.explain()
     engine_sample(model, 2, steps=5, **kw)
     assert [e.num_steps for e in cached_engines()] == [20, 5]
     frames, ref_frames = [], []
