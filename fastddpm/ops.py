@@ -256,7 +256,8 @@ def noise_key(seed: int, sample_offset: int, device) -> torch.Tensor:
 
 
 def check_multistep_args(x, model_output, history, step, table) -> None:
-    """Metadata checks of one multistep update (no value is read: safe in the sampling loop)."""
+    """Checks of one multistep update: metadata, and the step's range where it is a CPU tensor
+    (a device one is not read: that would synchronise; the CUDA kernel traps instead)."""
     check_tensor("x", x, dtypes=HISTORY_DTYPES, min_ndim=1)
     check_tensor("model_output", model_output, dtypes=FLOAT_DTYPES + (torch.float64,), shape=x.shape)
     check_tensor("history", history, dtypes=HISTORY_DTYPES, shape=(3, *x.shape))
@@ -270,6 +271,8 @@ def check_multistep_args(x, model_output, history, step, table) -> None:
     if table.shape[1] != MULTISTEP_COLUMNS or table.shape[0] < 1:
         raise ValueError(f"table must have shape (K, {MULTISTEP_COLUMNS}) with K >= 1, got {tuple(table.shape)}")
     check_same_device(x=x, model_output=model_output, history=history, step=step, table=table)
+    if step.device.type == "cpu" and not 0 <= int(step.reshape(())) < table.shape[0]:  # no sync on a CPU tensor
+        raise ValueError(f"step must lie in [0, {table.shape[0] - 1}] (a row of table), got {int(step.reshape(()))}")
 
 
 def multistep_step(x, model_output, history, step, table, *, seed: int = 0, sample_offset: int = 0,

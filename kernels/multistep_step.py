@@ -79,7 +79,8 @@ def _multistep_step_kernel(x_ptr, out_ptr, history_ptr, step_ptr, table_ptr, rng
 
 
 def multistep_step_into(x, model_output, history, step, table, rng, clip_denoised: bool, stochastic: bool) -> None:
-    """Host launcher: validates metadata (no value of a device tensor is read) and launches.
+    """Host launcher: validates metadata (no value of a device tensor is read: the step index and the
+    key are checked where they are CPU tensors only) and launches.
 
     :param x: float32 ``[n, ...]`` contiguous, overwritten with ``x_next``.
     :param model_output: ``[n, ...]`` float32/bf16/fp16 (made contiguous).
@@ -107,6 +108,8 @@ def multistep_step_into(x, model_output, history, step, table, rng, clip_denoise
     if step.dtype != torch.int64 or step.numel() != 1 or step.ndim > 1 or step.device != x.device:
         raise ValueError(f"step must be an int64 tensor holding one value (0-dim or [1]) on {x.device}, got "
                          f"{step.dtype} {tuple(step.shape)} on {step.device}")
+    if step.device.type == "cpu" and not 0 <= int(step.reshape(())) < table.shape[0]:  # no sync on a CPU tensor
+        raise ValueError(f"step must lie in [0, {table.shape[0] - 1}] (a row of table), got {int(step.reshape(()))}")
     _check_rng(rng, x)
     n = x.shape[0]
     numel = x.numel() // n if n else 0
