@@ -220,6 +220,48 @@ void ddpm_step_impl(const StepArgs& a) {
   });
 }
 
+// The multistep formula over a chunk: x becomes x_next, h2 (ring slot step % 2) D, x_last x_corr.
+template <bool clip, typename out_t>
+inline void multistep_chunk(const MultistepCoefs& c, float* x, const out_t* out, float* x_last, const float* h1,
+                            float* h2, const float* z, int64_t len) {
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) {
+    const MultistepValue v = multistep_value(c, x[i], to_float(out[i]), x_last[i], h1[i], h2[i], z[i], clip);
+    x[i] = v.x_next;
+    h2[i] = v.d;
+    x_last[i] = v.x_corr;
+  }
+}
+
+template <typename out_t>
+void multistep_step_impl(const MultistepArgs& a) {
+  const int64_t step = row_value(a.step, 0);
+  const MultistepCoefs c = load_multistep_coefs(a.table + step * kMultistepColumns);
+  const int64_t total = a.n * a.numel;
+  const int64_t cur = step % 2;  // ring slot of D: H2 (two steps back) is read there, then overwritten
+  float* h2 = a.history + cur * total;
+  const float* h1 = a.history + (1 - cur) * total;
+  float* x_last = a.history + 2 * total;
+  const PhiloxKey key = philox_key(a.rng[0]);
+  const int64_t sample_offset = a.rng[1];
+  const bool noisy = a.stochastic && c.cz != 0.0f;  // cz * z == 0 exactly otherwise: skip the noise
+  const out_t* model_output = static_cast<const out_t*>(a.model_output);
+  for_each_chunk(a.n, a.numel, [&](int64_t b, int64_t j, int64_t len) {
+    float z[kChunk];
+    if (noisy) {
+      normals(key, sample_word(sample_offset, b), static_cast<uint64_t>(step * a.numel + j), len, z);
+    } else {
+      std::fill(z, z + len, 0.0f);
+    }
+    const int64_t i = b * a.numel + j;
+    if (a.clip_denoised) {
+      multistep_chunk<true>(c, a.x + i, model_output + i, x_last + i, h1 + i, h2 + i, z, len);
+    } else {
+      multistep_chunk<false>(c, a.x + i, model_output + i, x_last + i, h1 + i, h2 + i, z, len);
+    }
+  });
+}
+
 template <typename out_t>
 void loss_forward_impl(const LossArgs& a) {
   const PhiloxKey key = philox_key(a.seed);
@@ -311,6 +353,10 @@ void q_sample(const QSampleArgs& a) {
 
 void ddpm_step(const StepArgs& a) {
   dispatch_float(a.model_output_dtype, [&](auto tag) { ddpm_step_impl<decltype(tag)>(a); });
+}
+
+void multistep_step(const MultistepArgs& a) {
+  dispatch_float(a.model_output_dtype, [&](auto tag) { multistep_step_impl<decltype(tag)>(a); });
 }
 
 int64_t loss_partials_per_row(int64_t numel) {

@@ -198,6 +198,51 @@ __global__ void __launch_bounds__(kThreads) ddpm_step_kernel(StepArgs a) {
   }
 }
 
+// -- multistep_step_ -----------------------------------------------------------------
+// In place: x <- x_next, history[step % 2] <- D, history[2] <- x_corr.  Every element reads its own
+// x / history values before writing them, so packs never race.
+template <int N, typename out_t>
+__global__ void __launch_bounds__(kThreads) multistep_step_kernel(MultistepArgs a) {
+  const int64_t seed = a.rng[0];
+  const int64_t sample_offset = a.rng[1];
+  if (seed < 0 || sample_offset < 0) __trap();  // the host cannot read a device key without a sync
+  const PhiloxKey key = philox_key(seed);
+  const int64_t step = row_value(a.step, 0);
+  const MultistepCoefs c = load_multistep_coefs(a.table + step * kMultistepColumns);
+  const int64_t total = a.n * a.numel;
+  const int64_t cur = step & 1;  // ring slot of D
+  float* h2_base = a.history + cur * total;
+  const float* h1_base = a.history + (1 - cur) * total;
+  float* x_last_base = a.history + 2 * total;
+  const bool noisy = a.stochastic && c.cz != 0.0f;  // cz * z == 0 exactly otherwise: skip the noise
+  const out_t* model_output = static_cast<const out_t*>(a.model_output);
+  const int64_t packs = total / N;
+  for (int64_t p = thread_index(); p < packs; p += thread_count()) {
+    const int64_t i = p * N;
+    const int64_t b = i / a.numel;
+    const int64_t j = i - b * a.numel;
+    const uint64_t hi = sample_word(sample_offset, b);
+    const Pack<float, N> x = load_pack<N>(a.x + i);
+    const Pack<out_t, N> out = load_pack<N>(model_output + i);
+    const Pack<float, N> x_last = load_pack<N>(x_last_base + i);
+    const Pack<float, N> h1 = load_pack<N>(h1_base + i);
+    const Pack<float, N> h2 = load_pack<N>(h2_base + i);
+    Pack<float, N> x_next, d, x_corr;
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      const float z = noisy ? philox_normal(key, hi | static_cast<uint64_t>(step * a.numel + j + k)) : 0.0f;
+      const MultistepValue v =
+          multistep_value(c, x.v[k], to_float(out.v[k]), x_last.v[k], h1.v[k], h2.v[k], z, a.clip_denoised);
+      x_next.v[k] = v.x_next;
+      d.v[k] = v.d;
+      x_corr.v[k] = v.x_corr;
+    }
+    store_pack<N>(a.x + i, x_next);
+    store_pack<N>(h2_base + i, d);
+    store_pack<N>(x_last_base + i, x_corr);
+  }
+}
+
 // -- diffusion_loss -----------------------------------------------------------------
 struct LossRow {
   float sqrt_ac, sqrt_1mac, weight;
@@ -322,6 +367,22 @@ cudaError_t ddpm_step(const StepArgs& a, int num_sms, cudaStream_t stream) {
       ddpm_step_kernel<kVec, out_t><<<grid_size(total / kVec, num_sms), kThreads, 0, stream>>>(a);
     } else {
       ddpm_step_kernel<1, out_t><<<grid_size(total, num_sms), kThreads, 0, stream>>>(a);
+    }
+  });
+  return cudaGetLastError();
+}
+
+cudaError_t multistep_step(const MultistepArgs& a, int num_sms, cudaStream_t stream) {
+  const int64_t total = a.n * a.numel;
+  if (total == 0) return cudaSuccess;
+  dispatch_float(a.model_output_dtype, [&](auto tag) {
+    using out_t = decltype(tag);
+    // the ring slots start at multiples of total = n * numel: aligned when numel is a whole number of packs
+    if (a.numel % kVec == 0 && aligned<float>(a.x, kVec) && aligned<float>(a.history, kVec) &&
+        aligned<out_t>(a.model_output, kVec)) {
+      multistep_step_kernel<kVec, out_t><<<grid_size(total / kVec, num_sms), kThreads, 0, stream>>>(a);
+    } else {
+      multistep_step_kernel<1, out_t><<<grid_size(total, num_sms), kThreads, 0, stream>>>(a);
     }
   });
   return cudaGetLastError();

@@ -10,6 +10,7 @@
 //   * the noise offset of element j of batch row b:
 //       ((sample_offset + b) << 32) | (slot * numel + j)
 //   * the reverse step  x_prev = c0 * clip?(a * x + b * out) + c1 * x + sigma * z
+//   * the multistep solver update (reference.multistep_step): one row of twelve coefficients
 //   * q_sample, the training target and the elementwise losses + gradients.
 #pragma once
 
@@ -131,6 +132,34 @@ FDDPM_HD float ddpm_step_value(const StepCoefs& c, float x, float out, float z, 
   float x0_hat = c.a * x + c.b * out;
   if (clip) x0_hat = clamp_unit(x0_hat);
   return c.c0 * x0_hat + c.c1 * x + c.sigma * z;
+}
+
+// -- multistep solver update (reference.multistep_step, fastddpm/multistep.py) ------------
+constexpr int kMultistepColumns = 12;  // multistep.TABLE_COLUMNS
+constexpr int kHistorySlots = 3;       // H (ring of two, slot step % 2) and x_last
+
+struct MultistepCoefs {
+  float a, b, u, cl, k0, k1, k2, cx, p0, p1, p2, cz;
+};
+
+FDDPM_HD MultistepCoefs load_multistep_coefs(const float* r) {
+  return MultistepCoefs{r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[10], r[11]};
+}
+
+// What one element writes: x_next into x, d into the ring slot step % 2, x_corr into slot 2.
+struct MultistepValue {
+  float x_next, d, x_corr;
+};
+
+// D = clip?(a x + b out); x_corr = u x + cl x_last + k0 D + k1 H1 + k2 H2 (UniPC's corrector);
+// x_next = cx x_corr + p0 D + p1 H1 + p2 H2 + cz z, summed left to right as the reference.
+FDDPM_HD MultistepValue multistep_value(const MultistepCoefs& c, float x, float out, float x_last, float h1,
+                                        float h2, float z, bool clip) {
+  float d = c.a * x + c.b * out;
+  if (clip) d = clamp_unit(d);
+  const float x_corr = c.u * x + c.cl * x_last + c.k0 * d + c.k1 * h1 + c.k2 * h2;
+  const float x_next = c.cx * x_corr + c.p0 * d + c.p1 * h1 + c.p2 * h2 + c.cz * z;
+  return MultistepValue{x_next, d, x_corr};
 }
 
 // -- forward process and training (reference.q_sample / diffusion_loss) --------------

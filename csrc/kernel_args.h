@@ -65,6 +65,21 @@ struct StepArgs {
   int64_t spatial;      // H * W
 };
 
+// multistep_step_: x <- x_next and the history ring advanced, in place.
+struct MultistepArgs {
+  float* x;             // [n, numel]: read, then overwritten with x_next
+  const void* model_output;
+  DType model_output_dtype;
+  float* history;       // [3, n, numel]: slot step % 2 <- D, slot 2 <- x_corr
+  RowIndex step;        // one value for the batch (stride 0): row of table and noise slot
+  const float* table;   // [K, 12] (multistep.TABLE_COLUMNS)
+  const int64_t* rng;   // (seed, sample_offset) on the op's device
+  bool clip_denoised;
+  bool stochastic;      // add cz * z (the SDE solver)
+  int64_t n;
+  int64_t numel;
+};
+
 struct LossArgs {
   const void* model_output;
   DType model_output_dtype;
@@ -93,6 +108,7 @@ namespace cpu {
 void philox(const PhiloxArgs& args);
 void q_sample(const QSampleArgs& args);
 void ddpm_step(const StepArgs& args);
+void multistep_step(const MultistepArgs& args);
 int64_t loss_partials_per_row(int64_t numel);
 void diffusion_loss_forward(const LossArgs& args);
 void diffusion_loss_backward(const LossArgs& args);

@@ -40,6 +40,12 @@ TORCH_LIBRARY(fastddpm, m) {
   m.def(
       "ddpm_step_(Tensor(a!) x, Tensor model_output, Tensor step, Tensor coefs, Tensor rng, "
       "bool clip_denoised, Tensor(b!)? model_input) -> ()");
+  // one multistep solver step (fastddpm/multistep.py), in place: x <- x_next, history[step % 2] <- D,
+  // history[2] <- x_corr; row table[step] ([K, 12]); step holds one value (a device counter); with
+  // stochastic, the SDE noise of slot step under the key rng = (seed, sample_offset), as ddpm_step_
+  m.def(
+      "multistep_step_(Tensor(a!) x, Tensor model_output, Tensor(b!) history, Tensor step, Tensor table, "
+      "Tensor rng, bool clip_denoised, bool stochastic) -> ()");
 }
 
 PyMODINIT_FUNC PyInit__C(void) {

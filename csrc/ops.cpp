@@ -360,19 +360,22 @@ void set_seed(StepArgs& a, int64_t seed, int64_t sample_offset) {
 // device.  The kernel reads it, so a captured CUDA graph draws the noise of whatever rng holds at
 // replay time.  Its values are checked here for CPU tensors only (reading a CUDA one would sync);
 // the CUDA kernel traps on negative ones.
-void set_rng(StepArgs& a, const Tensor& rng, const Tensor& x) {
+const int64_t* rng_arg(const Tensor& rng, const Tensor& x) {
   check_dtype(rng, at::kLong, "rng");
   check_device(rng, x, "rng");
   TORCH_CHECK(rng.dim() == 1 && rng.size(0) == 2, "fastddpm: rng must have shape [2] (seed, sample_offset), got shape ",
               rng.sizes());
   TORCH_CHECK(rng.is_contiguous(), "fastddpm: rng must be contiguous, got strides ", rng.strides());
-  a.rng = rng.data_ptr<int64_t>();
+  const int64_t* key = rng.data_ptr<int64_t>();
   if (rng.is_cpu()) {
-    TORCH_CHECK(a.rng[0] >= 0 && a.rng[1] >= 0,
+    TORCH_CHECK(key[0] >= 0 && key[1] >= 0,
                 "fastddpm: rng must hold (seed, sample_offset) with seed in [0, 2**63) and sample_offset >= 0, got (",
-                a.rng[0], ", ", a.rng[1], ")");
+                key[0], ", ", key[1], ")");
   }
+  return key;
 }
+
+void set_rng(StepArgs& a, const Tensor& rng, const Tensor& x) { a.rng = rng_arg(rng, x); }
 
 // The optional low-precision copy: x's shape, contiguous or channels_last.
 void set_model_input(StepArgs& a, const Tensor& model_input, const Tensor& x) {
@@ -440,6 +443,55 @@ void ddpm_step_inplace_op(const Tensor& x, const Tensor& model_output, const Ten
   run_step(in.args, x);
 }
 
+// -- multistep_step_ -----------------------------------------------------------------------------
+// One multistep solver step in place (fastddpm/multistep.py): x <- x_next, history advanced.  Only
+// metadata is checked, plus the step index and the key for CPU tensors (CUDA kernels trap on bad ones).
+void multistep_step_inplace_op(const Tensor& x, const Tensor& model_output, const Tensor& history, const Tensor& step,
+                               const Tensor& table, const Tensor& rng, bool clip_denoised, bool stochastic) {
+  check_dtype(x, at::kFloat, "x");
+  const int64_t numel = sample_numel(x, "x");
+  TORCH_CHECK(x.is_contiguous(), "fastddpm: multistep_step_ updates x in place and needs it contiguous");
+  const DType out_dtype = float_dtype(model_output.scalar_type(), "model_output");
+  TORCH_CHECK(model_output.sizes() == x.sizes(), "fastddpm: model_output must have shape ", x.sizes(), ", got ",
+              model_output.sizes());
+  check_device(model_output, x, "model_output");
+  check_dtype(history, at::kFloat, "history");
+  check_device(history, x, "history");
+  std::vector<int64_t> ring(x.sizes().begin(), x.sizes().end());
+  ring.insert(ring.begin(), kHistorySlots);
+  TORCH_CHECK(history.sizes() == at::IntArrayRef(ring), "fastddpm: history must have shape ", at::IntArrayRef(ring),
+              " ([3, *x.shape]), got ", history.sizes());
+  TORCH_CHECK(history.is_contiguous(), "fastddpm: history is updated in place and must be contiguous");
+  check_dtype(table, at::kFloat, "table");
+  check_device(table, x, "table");
+  TORCH_CHECK(table.dim() == 2 && table.size(0) >= 1 && table.size(1) == kMultistepColumns,
+              "fastddpm: table must have shape [K, 12] with K >= 1, got ", table.sizes());
+  check_dtype(step, at::kLong, "step");
+  TORCH_CHECK(step.numel() == 1 && step.dim() <= 1,
+              "fastddpm: step must hold one value (0-dim or [1]): the step of the whole batch, got shape ",
+              step.sizes());
+  const Tensor mo = model_output.contiguous();
+  const Tensor tab = table.contiguous();
+  const IndexArg si = index_arg(step, x, tab.size(0), "step");
+  MultistepArgs a{};
+  a.x = x.data_ptr<float>();
+  a.model_output = mo.data_ptr();
+  a.model_output_dtype = out_dtype;
+  a.history = history.data_ptr<float>();
+  a.step = si.index;
+  a.table = tab.data_ptr<float>();
+  a.rng = rng_arg(rng, x);
+  a.clip_denoised = clip_denoised;
+  a.stochastic = stochastic;
+  a.n = x.size(0);
+  a.numel = numel;
+  if (on_cuda(x)) {
+    FASTDDPM_CUDA_RUN(x, cuda::multistep_step(a, launch.num_sms, launch.stream));
+  } else {
+    cpu::multistep_step(a);
+  }
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastddpm, CPU, m) {
@@ -451,6 +503,7 @@ TORCH_LIBRARY_IMPL(fastddpm, CPU, m) {
   m.impl("ddpm_step", &ddpm_step_op);
   m.impl("ddpm_step_cast", &ddpm_step_cast_op);
   m.impl("ddpm_step_", &ddpm_step_inplace_op);
+  m.impl("multistep_step_", &multistep_step_inplace_op);
 }
 
 #ifdef FASTDDPM_WITH_CUDA
@@ -463,6 +516,7 @@ TORCH_LIBRARY_IMPL(fastddpm, CUDA, m) {
   m.impl("ddpm_step", &ddpm_step_op);
   m.impl("ddpm_step_cast", &ddpm_step_cast_op);
   m.impl("ddpm_step_", &ddpm_step_inplace_op);
+  m.impl("multistep_step_", &multistep_step_inplace_op);
 }
 #endif
 

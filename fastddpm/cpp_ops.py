@@ -24,6 +24,10 @@ Ops (schemas in ``csrc/module.cpp``):
   ``(seed, sample_offset)`` on ``x``'s device, read by the kernel, so one
   captured graph serves every seed.  ``step`` is int64 ``[n]`` or a single
   value (0-dim/``[1]``, e.g. a device step counter read by the kernel).
+* ``multistep_step_(x, model_output, history, step, table, rng, clip_denoised, stochastic)``: one
+  multistep solver step (``reference.multistep_step``) in place: ``x`` becomes ``x_next`` and the
+  ``[3, *x.shape]`` history ring advances; ``step`` holds one value; the SDE noise (``stochastic``)
+  is slot ``step`` under the key ``rng``, as ``ddpm_step_``'s.
 """
 from __future__ import annotations
 
@@ -32,7 +36,7 @@ import torch
 from . import _C, fake_ops  # noqa: F401  (registers torch.ops.fastddpm.*; ImportError when not built)
 
 __all__ = ["IMPLS", "unsupported", "has_cuda", "philox_normal", "philox4x32", "q_sample", "diffusion_loss", "ddpm_step",
-           "ddpm_step_cast", "ddpm_step_"]
+           "ddpm_step_cast", "ddpm_step_", "multistep_step_"]
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _ops = torch.ops.fastddpm
@@ -44,9 +48,12 @@ diffusion_loss = _ops.diffusion_loss.default
 ddpm_step = _ops.ddpm_step.default
 ddpm_step_cast = _ops.ddpm_step_cast.default
 ddpm_step_ = _ops.ddpm_step_.default
+multistep_step_ = _ops.multistep_step_.default
 
 # Same positional signatures as the calls in fastddpm/ops.py.
-IMPLS = {"q_sample": q_sample, "diffusion_loss": diffusion_loss, "ddpm_step": ddpm_step}
+# multistep_step is the in-place op: fastddpm.ops.multistep_step hands it a copy of x.
+IMPLS = {"q_sample": q_sample, "diffusion_loss": diffusion_loss, "ddpm_step": ddpm_step,
+         "multistep_step": multistep_step_}
 
 
 def has_cuda() -> bool:

@@ -16,6 +16,12 @@ Algorithm 2 (Ho et al.) with no host work per step on a GPU:
   and replayed ``K / steps_per_graph`` times.
 * Before the loop, on the device and outside the graph: ``rng`` is filled with
   this run's seed and sample offset, and ``x_T`` (noise slot K) is drawn.
+* The multistep solvers (``fastddpm.multistep``: DPM-Solver++ 2M/3M/2M-SDE, UniPC)
+  run the same loop: their ``[K, 12]`` table and timesteps replace the DDPM ones,
+  a static ``[3, *shape]`` history ring (zeroed before the loop) is advanced by
+  the fused in-place ``multistep_step_`` after the model call (it reads the step
+  index, and for the SDE solver the noise key, on the device), and the model
+  input copy is refreshed from ``x`` on the device.
 
 A CUDA graph bakes its kernels' scalar arguments; the seed and the sample
 offset are not among them (the kernel loads them from ``rng``), so an engine
@@ -119,7 +125,7 @@ def _bf16_supported() -> bool:
 
 
 def make_plan(model, n: int, shape, device, *, dtype=None, cuda_graph=None, compile=None, backend=None,
-              micro_batch=None, steps_per_graph=None, channels_last=None) -> Plan:
+              micro_batch=None, steps_per_graph=None, channels_last=None, op: str = "ddpm_step") -> Plan:
     """The fastest available way to sample ``n`` images of ``shape`` on ``device``.
 
     Every argument left None is chosen automatically, with its reason; a given
@@ -136,7 +142,11 @@ def make_plan(model, n: int, shape, device, *, dtype=None, cuda_graph=None, comp
     :param micro_batch: samples per engine batch.
     :param steps_per_graph: steps per captured graph (needs ``cuda_graph``).
     :param channels_last: model input layout (4-D images only).
+    :param op: the fused update the backend must run: ``ddpm_step``, or ``multistep_step`` for a
+        multistep solver.
     """
+    if op not in ("ddpm_step", "multistep_step"):
+        raise ValueError(f"op must be 'ddpm_step' or 'multistep_step', got {op!r}")
     if not _is_int(n) or n < 1:
         raise ValueError(f"n must be a positive int, got {n!r}")
     shape = tuple(int(s) for s in shape)
@@ -206,15 +216,15 @@ def make_plan(model, n: int, shape, device, *, dtype=None, cuda_graph=None, comp
 
     # backend of the fused step
     if backend is None:
-        backend = ops.select_backend("ddpm_step", device, dtype)
-        reasons.append(f"backend={backend!r}: fastddpm.ops' automatic choice for ddpm_step on {device.type} "
-                       f"(available: {', '.join(ops.available_backends('ddpm_step', device, dtype))})")
+        backend = ops.select_backend(op, device, dtype)
+        reasons.append(f"backend={backend!r}: fastddpm.ops' automatic choice for {op} on {device.type} "
+                       f"(available: {', '.join(ops.available_backends(op, device, dtype))})")
     else:
         if backend not in ops.BACKENDS:
             raise ValueError(f"backend must be one of {ops.BACKENDS}, got {backend!r}")
-        why = ops._unsupported(backend, "ddpm_step", device, dtype)
+        why = ops._unsupported(backend, op, device, dtype)
         if why is not None:
-            raise ValueError(f"backend={backend!r} cannot run ddpm_step on {device} ({dtype}): it {why}")
+            raise ValueError(f"backend={backend!r} cannot run {op} on {device} ({dtype}): it {why}")
         reasons.append(f"backend={backend!r}: requested")
     if cuda_graph and backend == "reference":
         reasons.append("note: the reference step is many small kernels (captured all the same)")
@@ -253,34 +263,43 @@ def make_plan(model, n: int, shape, device, *, dtype=None, cuda_graph=None, comp
 
 
 # -- the engine ------------------------------------------------------------------------------
-def _inplace_step_op(backend: str):
-    """``ddpm_step_(x, out, step, coefs, rng, clip, model_input)`` of a fast backend."""
+def _inplace_step_op(backend: str, name: str = "ddpm_step_"):
+    """The in-place op ``name`` of a fast backend: ``ddpm_step_(x, out, step, coefs, rng, clip,
+    model_input)`` or ``multistep_step_(x, out, history, step, table, rng, clip, stochastic)``."""
     if ops._backend_module(backend) is None:
         raise RuntimeError(f"backend {backend!r} {ops._load_errors.get(backend)}")
     if backend == "cpp":
-        return torch.ops.fastddpm.ddpm_step_.default
-    importlib.import_module("fastddpm.kernels.ddpm_step")
-    return torch.ops.fastddpm_triton.ddpm_step_.default
+        return getattr(torch.ops.fastddpm, name).default
+    importlib.import_module("fastddpm.kernels." + name.rstrip("_"))
+    return getattr(torch.ops.fastddpm_triton, name).default
 
 
 class SamplerEngine:
     """Static buffers and the step loop for one ``(model, process, batch shape, plan)``.
 
     :param model: anything ``fastddpm.sample`` accepts, or a ``ModelAdapter``.
-    :param process: a ``fastddpm.DDPM`` (already respaced to the steps wanted).
+    :param process: a ``fastddpm.DDPM`` (already respaced to the steps wanted), or one whose
+        sampler is a multistep solver (``fastddpm.multistep``).
     :param shape: the batch shape ``(m, C, H, W)``.
     :param plan: from ``make_plan`` (its ``micro_batch`` is not used here).
+    :param steps: a multistep solver's model calls (default ``multistep.DEFAULT_STEPS``); ignored
+        otherwise.
+
+    A multistep solver runs the same loop with its own ``[K, 12]`` table, its timesteps, and a static
+    ``[3, *shape]`` float32 history ring that ``_reset`` zeroes and the fused ``multistep_step_``
+    advances in place after the model call (it reads the step index from the device counter).
 
     Counters for tests and profiling: ``captures`` (graphs recorded), ``warmups``
     (eager warm-up steps), ``runs``.
     """
 
-    def __init__(self, model, process, shape, plan: Plan):
+    def __init__(self, model, process, shape, plan: Plan, steps: int | None = None):
         self.adapter = model if isinstance(model, ModelAdapter) else ModelAdapter(model)
         self.process = process
         self.shape = tuple(int(s) for s in shape)
         self.plan = plan
-        self.num_steps = K = process.num_steps
+        self.solver = process.multistep_plan(steps) if process.is_multistep else None
+        self.num_steps = K = process.num_steps if self.solver is None else self.solver.num_steps
         n, device = self.shape[0], plan.device
         self.numel = math.prod(self.shape[1:])
         check_noise_capacity(self.numel, K + 1, n - 1)
@@ -289,9 +308,15 @@ class SamplerEngine:
         if plan.channels_last and len(self.shape) != 4:
             raise ValueError(f"channels_last needs a 4-D batch shape, got {self.shape}")
 
-        tables = process.tables(device)
-        self.coefs, self.timesteps = tables["coefs"], tables["timesteps"]
-        self.clip_denoised = bool(process.config.clip_denoised)
+        self.history = None  # the multistep solvers' ring: [3, *shape] float32
+        if self.solver is None:
+            tables = process.tables(device)
+            self.coefs, self.timesteps = tables["coefs"], tables["timesteps"]
+            self.clip_denoised = bool(process.config.clip_denoised)
+        else:
+            self.coefs, self.timesteps = self.solver.tensors(device)  # coefs: the [K, 12] table
+            self.clip_denoised = self.solver.clip_denoised
+            self.history = torch.zeros((3, *self.shape), dtype=torch.float32, device=device)
         # -- static buffers: allocated once, updated in place ------------------------------
         self.x = torch.empty(self.shape, dtype=torch.float32, device=device)
         self.model_input = None  # None: the model reads x itself
@@ -307,7 +332,8 @@ class SamplerEngine:
         # -- the step's parts --------------------------------------------------------------
         self._autocast = plan.dtype != self.adapter.dtype  # as fastddpm.sample
         self._forward = self._compiled() if plan.compile else self.adapter
-        self._inplace = None if plan.backend == "reference" else _inplace_step_op(plan.backend)
+        op_name = "ddpm_step_" if self.solver is None else "multistep_step_"
+        self._inplace = None if plan.backend == "reference" else _inplace_step_op(plan.backend, op_name)
         self._checked = False
         self._graphs: list | None = None  # [(graph, steps, replays), ...], captured once
         self._graphs_key = None  # the key baked into them: None, or (seed, sample_offset) for the reference step
@@ -342,7 +368,9 @@ class SamplerEngine:
             self.adapter.check_output(out, self.x)
             self._checked = True
         watch_output(self.diverged, out)  # in place, on the device: a graph replays it
-        if self._inplace is not None:  # fused: reads step on the device, writes x and the model input
+        if self.solver is not None:
+            self._multistep_update(out, seed, sample_offset)
+        elif self._inplace is not None:  # fused: reads step on the device, writes x and the model input
             self._inplace(self.x, out, self.step, self.coefs, self.rng, self.clip_denoised, self.model_input)
         else:
             x_prev = ops.ddpm_step(self.x, out, self.step_n, self.coefs, seed=seed, sample_offset=sample_offset,
@@ -352,12 +380,28 @@ class SamplerEngine:
                 self.model_input.copy_(x_prev)
         self.step.sub_(1)
 
+    def _multistep_update(self, out: torch.Tensor, seed: int, sample_offset: int) -> None:
+        """The solver's update after the model call: ``x`` and ``history`` in place, the step index
+        and (for the SDE solver) the noise key read on the device by the fused op."""
+        if self._inplace is not None:
+            self._inplace(self.x, out, self.history, self.step, self.coefs, self.rng, self.clip_denoised,
+                          self.solver.stochastic)
+        else:
+            x_next = ops.multistep_step(self.x, out, self.history, self.step, self.coefs, seed=seed,
+                                        sample_offset=sample_offset, clip_denoised=self.clip_denoised,
+                                        stochastic=self.solver.stochastic, backend="reference")
+            self.x.copy_(x_next)
+        if self.model_input is not None:  # the next model call's input: a cast (and layout) copy
+            self.model_input.copy_(self.x)
+
     def _reset(self, seed: int, sample_offset: int) -> None:
         """``rng = (seed, sample_offset)``, ``x = x_T`` (the contract's slot K), its model-input
         copy, ``step = K - 1``; on the device, outside any graph."""
         self.rng[0].fill_(seed)  # fills with a kernel argument: no host-to-device copy, no sync
         self.rng[1].fill_(sample_offset)
         self.diverged.fill_(False)
+        if self.history is not None:
+            self.history.zero_()
         self.x.copy_(reference.batch_noise(seed, sample_offset, self._slot_x_T, self.shape, self.plan.device))
         if self.model_input is not None:
             self.model_input.copy_(self.x)
@@ -432,7 +476,7 @@ class SamplerEngine:
                         bar.update(steps)
         else:
             self._reset(seed, sample_offset)
-            timesteps = self.process.schedule.timesteps
+            timesteps = self.process.schedule.timesteps if self.solver is None else self.solver.timesteps
             for i in reversed(range(self.num_steps)):
                 self._step(seed, sample_offset)
                 if bar is not None:
@@ -456,12 +500,13 @@ def _weights_signature(model) -> tuple:
     return tuple((t.data_ptr(), t.dtype, str(t.device)) for t in tensors)
 
 
-def _engine(model, adapter, process, shape, plan: Plan) -> SamplerEngine:
+def _engine(model, adapter, process, shape, plan: Plan, steps: int | None = None) -> SamplerEngine:
+    """The cached engine of these arguments (``steps``: a multistep solver's model calls, else None)."""
     # The cached engine holds the model, so id(model) cannot be reused while the entry lives.
-    key = (id(model), _weights_signature(model), process.to_json(), tuple(shape), plan.key())
+    key = (id(model), _weights_signature(model), process.to_json(), tuple(shape), plan.key(), steps)
     engine = _ENGINES.get(key)
     if engine is None:
-        engine = SamplerEngine(adapter, process, shape, plan)
+        engine = SamplerEngine(adapter, process, shape, plan, steps)
         _ENGINES[key] = engine
         while len(_ENGINES) > MAX_ENGINES:
             _ENGINES.popitem(last=False)
@@ -523,27 +568,26 @@ def engine_sample(model, n: int, *, steps: int | None = None, seed: int = 0, dev
     if callback is not None and not callable(callback):
         raise TypeError("callback must be callable as callback(i, t, x)")
     process = _process(process, steps, process_options)
-    if process.is_multistep:
-        raise NotImplementedError(f"sampler={process.config.sampler!r} is not yet in the engine; "
-                                  "sample with engine=False (the eager loop)")
+    # a multistep solver's steps are its model calls (its plan, checked here once); else the respacing's
+    num_steps = process.multistep_plan(steps).num_steps if process.is_multistep else process.num_steps
     adapter = ModelAdapter(model, image_size=image_size, channels=channels)
     device = _device_of(device if device is not None else adapter.device)
     shape = adapter.shape(n)
-    check_noise_capacity(math.prod(shape[1:]), process.num_steps + 1, sample_offset + n - 1)
+    check_noise_capacity(math.prod(shape[1:]), num_steps + 1, sample_offset + n - 1)
     plan = make_plan(adapter, n, shape[1:], device, dtype=dtype, cuda_graph=cuda_graph, compile=compile,
                      backend=backend, micro_batch=micro_batch, steps_per_graph=steps_per_graph,
-                     channels_last=channels_last)
+                     channels_last=channels_last, op="multistep_step" if process.is_multistep else "ddpm_step")
     _LAST_PLAN[0] = plan
 
     m = plan.micro_batch
     start = time.perf_counter()
-    bar = tqdm(total=process.num_steps * -(-n // m), disable=not progress, desc="sampling", unit="step",
-               leave=False)
+    bar = tqdm(total=num_steps * -(-n // m), disable=not progress, desc="sampling", unit="step", leave=False)
     chunks = []
     diverged = torch.zeros((), dtype=torch.bool, device=device)
     for first in range(0, n, m):
         size = min(m, n - first)
-        engine = _engine(model, adapter, process, (size, *shape[1:]), plan)
+        engine = _engine(model, adapter, process, (size, *shape[1:]), plan,
+                         num_steps if process.is_multistep else None)
         chunks.append(engine.run(seed, sample_offset + first, callback, bar))
         diverged |= engine.diverged  # on the device; the engine resets its flag each run
     bar.close()

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["q_sample", "diffusion_loss", "diffusion_loss_backward", "ddpm_step", "ddpm_step_cast", "ddpm_step_"]
+__all__ = ["q_sample", "diffusion_loss", "diffusion_loss_backward", "ddpm_step", "ddpm_step_cast", "ddpm_step_",
+           "multistep_step_"]
 
 
 def q_sample(x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, seed, sample_offset):
@@ -41,6 +42,18 @@ def ddpm_step_cast(x, model_output, step, coefs, seed, sample_offset, clip_denoi
 
 def ddpm_step_(x, model_output, step, coefs, rng, clip_denoised, model_input):
     torch._check(model_output.shape == x.shape, lambda: "model_output must have x's shape")
+    torch._check(rng.dtype == torch.int64 and rng.shape == (2,) and rng.device == x.device,
+                 lambda: f"rng must be an int64 [2] tensor (seed, sample_offset) on {x.device}, got "
+                         f"{rng.dtype} {tuple(rng.shape)} on {rng.device}")
+    return None
+
+
+def multistep_step_(x, model_output, history, step, table, rng, clip_denoised, stochastic):
+    torch._check(model_output.shape == x.shape, lambda: "model_output must have x's shape")
+    torch._check(history.shape == (3, *x.shape), lambda: f"history must have shape (3, *x.shape), got "
+                                                           f"{tuple(history.shape)}")
+    torch._check(table.dim() == 2 and table.shape[1] == 12, lambda: f"table must have shape (K, 12), got "
+                                                                     f"{tuple(table.shape)}")
     torch._check(rng.dtype == torch.int64 and rng.shape == (2,) and rng.device == x.device,
                  lambda: f"rng must be an int64 [2] tensor (seed, sample_offset) on {x.device}, got "
                          f"{rng.dtype} {tuple(rng.shape)} on {rng.device}")

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from . import ops
 from .schedule import NoiseSchedule
 
 __all__ = [
@@ -321,6 +322,10 @@ def new_history(x: torch.Tensor) -> torch.Tensor:
 def multistep_update(x, model_output, history, step, table, noise=None, clip_denoised: bool = False):
     """One multistep solver step, elementwise; advances ``history`` in place.
 
+    The math is ``reference.multistep_step``; this runs it through ``fastddpm.ops`` (the fused
+    ``multistep_step`` op of the selected backend, or the reference for explicit ``noise`` and
+    float64 runs).
+
     :param x: ``[n, ...]`` current sample (float32, or float64 for a float64 run).
     :param model_output: ``[n, ...]`` any float dtype.
     :param history: ``new_history(x)`` at the first step, then passed back unchanged.
@@ -330,23 +335,8 @@ def multistep_update(x, model_output, history, step, table, noise=None, clip_den
     :param clip_denoised: clamp the data prediction to [-1, 1].
     :return: the next sample, in the compute dtype.
     """
-    dtype = history.dtype
-    step = step.reshape(1)
-    a, b, u, cl, k0, k1, k2, cx, p0, p1, p2, cz = table.index_select(0, step).to(dtype).reshape(-1).unbind(0)
-    x = x.to(dtype)
-    d = a * x + b * model_output.to(dtype)
-    if clip_denoised:
-        d = d.clamp(-1.0, 1.0)
-    cur = torch.remainder(step, 2)  # ring slot: written at this step, read two steps later
-    h2 = history.index_select(0, cur)[0]
-    h1 = history.index_select(0, 1 - cur)[0]
-    x_corr = u * x + cl * history[2] + k0 * d + k1 * h1 + k2 * h2
-    x_next = cx * x_corr + p0 * d + p1 * h1 + p2 * h2
-    if noise is not None:
-        x_next = x_next + cz * noise.to(dtype)
-    history.index_copy_(0, cur, d.unsqueeze(0))
-    history[2].copy_(x_corr)
-    return x_next
+    return ops.multistep_step(x.to(history.dtype), model_output, history, step, table, clip_denoised=clip_denoised,
+                              noise=noise)
 
 
 class MultistepSampler:

@@ -28,11 +28,11 @@ from . import reference
 from .checks import FLOAT_DTYPES, check_same_device, check_tensor
 from .noise import check_seed
 
-__all__ = ["BACKENDS", "q_sample", "diffusion_loss", "ddpm_step", "attention", "select_backend",
+__all__ = ["BACKENDS", "q_sample", "diffusion_loss", "ddpm_step", "multistep_step", "attention", "select_backend",
            "use_backend", "available_backends", "load_error"]
 
 BACKENDS = ("reference", "cpp", "triton")
-OPS = ("q_sample", "diffusion_loss", "ddpm_step", "attention")
+OPS = ("q_sample", "diffusion_loss", "ddpm_step", "multistep_step", "attention")
 _BACKEND_MODULES = {"cpp": "fastddpm.cpp_ops", "triton": "fastddpm.kernels.ops"}
 _AUTO_ORDER = {"cuda": ("triton", "cpp", "reference"), "cpu": ("cpp", "reference")}
 
@@ -240,6 +240,71 @@ def ddpm_step(x, model_output, step, coefs, *, seed: int, sample_offset: int = 0
     else:
         check_tensor("noise", noise, dtypes=FLOAT_DTYPES, shape=x.shape, device=x.device)
     return reference.ddpm_step(x, model_output, coefs.index_select(0, step), clip_denoised, noise)
+
+
+MULTISTEP_COLUMNS = 12  # fastddpm.multistep.TABLE_COLUMNS
+HISTORY_DTYPES = (torch.float32, torch.float64)
+
+
+def noise_key(seed: int, sample_offset: int, device) -> torch.Tensor:
+    """The noise key ``(seed, sample_offset)`` as the int64 ``[2]`` tensor the in-place ops read,
+    on ``device`` (filled by kernels there: no host-to-device copy)."""
+    rng = torch.empty(2, dtype=torch.int64, device=device)
+    rng[0].fill_(seed)
+    rng[1].fill_(sample_offset)
+    return rng
+
+
+def check_multistep_args(x, model_output, history, step, table) -> None:
+    """Checks of one multistep update: metadata, and the step's range where it is a CPU tensor
+    (a device one is not read: that would synchronise; the CUDA kernel traps instead)."""
+    check_tensor("x", x, dtypes=HISTORY_DTYPES, min_ndim=1)
+    check_tensor("model_output", model_output, dtypes=FLOAT_DTYPES + (torch.float64,), shape=x.shape)
+    check_tensor("history", history, dtypes=HISTORY_DTYPES, shape=(3, *x.shape))
+    if x.dtype != history.dtype:
+        raise TypeError(f"x must have history's dtype {history.dtype} (the compute dtype), got {x.dtype}")
+    check_tensor("step", step, dtypes=(torch.int64,))
+    if step.numel() != 1 or step.ndim > 1:
+        raise ValueError(f"step must hold one value (0-dim or [1]): the step of the whole batch, "
+                         f"got shape {tuple(step.shape)}")
+    check_tensor("table", table, dtypes=HISTORY_DTYPES, ndim=2)
+    if table.shape[1] != MULTISTEP_COLUMNS or table.shape[0] < 1:
+        raise ValueError(f"table must have shape (K, {MULTISTEP_COLUMNS}) with K >= 1, got {tuple(table.shape)}")
+    check_same_device(x=x, model_output=model_output, history=history, step=step, table=table)
+    if step.device.type == "cpu" and not 0 <= int(step.reshape(())) < table.shape[0]:  # no sync on a CPU tensor
+        raise ValueError(f"step must lie in [0, {table.shape[0] - 1}] (a row of table), got {int(step.reshape(()))}")
+
+
+def multistep_step(x, model_output, history, step, table, *, seed: int = 0, sample_offset: int = 0,
+                   clip_denoised: bool = False, stochastic: bool = False, noise=None, backend: str | None = None):
+    """One multistep solver step (``reference.multistep_step``); advances ``history`` in place.
+
+    :param x: ``[n, ...]`` float32 (float64 for a float64 run: the reference computes it).
+    :param model_output: ``[n, ...]`` float32/bf16/fp16.
+    :param history: ``[3, n, ...]`` in x's dtype (``multistep.new_history``).
+    :param step: int64 0-dim or ``[1]`` on the device: the reverse-process step (row of ``table``,
+        and the SDE noise slot).
+    :param table: ``[K, 12]`` float32 (a float64 one is cast to the compute dtype, as the reference's row).
+    :param stochastic: add ``cz * z`` with the contract's noise of slot ``step`` (the SDE solver).
+    :param noise: explicit standard normals instead (implies the noise term; runs the reference).
+    :return: ``x_next`` in x's dtype (a new tensor; ``x`` is not modified).
+    """
+    check_multistep_args(x, model_output, history, step, table)
+    check_seed(seed)
+    if noise is None:
+        # float64 runs select against float64, which only the reference supports
+        dtype = model_output.dtype if history.dtype == torch.float32 else history.dtype
+        impl = _impl("multistep_step", x.device, dtype, backend)
+        if impl is not None:
+            x_next = x.clone(memory_format=torch.contiguous_format)
+            impl(x_next, model_output, history, step, table.to(torch.float32), noise_key(seed, sample_offset, x.device),
+                 bool(clip_denoised), bool(stochastic))
+            return x_next
+        if stochastic:
+            noise = reference.batch_noise(seed, sample_offset, step.reshape(()), x.shape, x.device)
+    else:
+        check_tensor("noise", noise, dtypes=FLOAT_DTYPES + (torch.float64,), shape=x.shape, device=x.device)
+    return reference.multistep_step(x, model_output, history, step, table, clip_denoised, noise)
 
 
 def attention(q, k, v, *, backend: str | None = None):

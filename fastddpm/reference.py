@@ -40,6 +40,7 @@ __all__ = [
     "diffusion_loss",
     "step_coefficients",
     "ddpm_step",
+    "multistep_step",
     "batch_noise",
     "attention",
 ]
@@ -190,6 +191,45 @@ def ddpm_step(x_t, model_output, coefs, clip_denoised: bool, noise):
     if clip_denoised:
         x0_hat = x0_hat.clamp(-1.0, 1.0)
     return c0 * x0_hat + c1 * x_t + sigma * noise.float()
+
+
+def multistep_step(x, model_output, history, step, table, clip_denoised: bool, noise):
+    """One multistep solver step (``fastddpm.multistep``), elementwise; advances ``history`` in place::
+
+        D      = a * x + b * model_output                  # clamped to [-1, 1] if clip_denoised
+        x_corr = u * x + cl * history[2] + k0 * D + k1 * H1 + k2 * H2
+        x_next = cx * x_corr + p0 * D + p1 * H1 + p2 * H2 + cz * z
+        history[cur] = D,  history[2] = x_corr
+
+    with ``cur = step % 2``, ``H2 = history[cur]`` (two steps back), ``H1 = history[1 - cur]``.
+    Computed in ``history``'s dtype (float32, or float64 for a float64 run).
+
+    :param x: ``[n, ...]`` current sample.
+    :param model_output: ``[n, ...]`` any float dtype.
+    :param history: ``[3, n, ...]`` the ring of the last two data predictions and the last ``x_corr``.
+    :param step: int64 tensor holding one value: the reverse-process step index (row of ``table``).
+    :param table: ``[K, 12]`` coefficient table (``multistep.TABLE_COLUMNS``; its row is cast to the
+        compute dtype).
+    :param noise: ``[n, ...]`` standard normals for the SDE solver, or None (no noise term).
+    :return: the next sample, in the compute dtype.
+    """
+    dtype = history.dtype
+    step = step.reshape(1)
+    a, b, u, cl, k0, k1, k2, cx, p0, p1, p2, cz = table.index_select(0, step).to(dtype).reshape(-1).unbind(0)
+    x = x.to(dtype)
+    d = a * x + b * model_output.to(dtype)
+    if clip_denoised:
+        d = d.clamp(-1.0, 1.0)
+    cur = torch.remainder(step, 2)  # ring slot: written at this step, read two steps later
+    h2 = history.index_select(0, cur)[0]
+    h1 = history.index_select(0, 1 - cur)[0]
+    x_corr = u * x + cl * history[2] + k0 * d + k1 * h1 + k2 * h2
+    x_next = cx * x_corr + p0 * d + p1 * h1 + p2 * h2
+    if noise is not None:
+        x_next = x_next + cz * noise.to(dtype)
+    history.index_copy_(0, cur, d.unsqueeze(0))
+    history[2].copy_(x_corr)
+    return x_next
 
 
 def attention(q, k, v):

@@ -168,7 +168,7 @@ def _sample_batch(adapter, process, shape, seed, sample_offset, device, dtype, c
 
 def _multistep_batch(adapter, plan, shape, seed, sample_offset, device, dtype, callback, bar, watch):
     """The same loop for a multistep solver: row ``i`` of its table, its history on the device,
-    SDE noise from slot ``i`` (as the DDPM step's)."""
+    SDE noise from slot ``i`` (as the DDPM step's), drawn inside the fused ``multistep_step``."""
     table, timesteps = plan.tensors(device)
     K = plan.num_steps
     x = reference.batch_noise(seed, sample_offset, K, shape, device)  # x_T: slot K
@@ -176,8 +176,8 @@ def _multistep_batch(adapter, plan, shape, seed, sample_offset, device, dtype, c
     for i in reversed(range(K)):
         step = torch.full((shape[0],), i, dtype=torch.int64, device=device)
         out = _model_output(adapter, x, timesteps[step], dtype, i == K - 1, watch)
-        noise = reference.batch_noise(seed, sample_offset, i, shape, device) if plan.stochastic else None
-        x = multistep.multistep_update(x, out, history, step[0], table, noise, plan.clip_denoised)
+        x = ops.multistep_step(x, out, history, step[0], table, seed=seed, sample_offset=sample_offset,
+                               clip_denoised=plan.clip_denoised, stochastic=plan.stochastic)
         bar.update(1)
         if callback is not None:
             callback(i, int(plan.timesteps[i]), x)

@@ -15,14 +15,18 @@ from ._library import INTERPRET
 from .attention import attention, attention_unsupported
 from .ddpm_step import ddpm_step
 from .diffusion_loss import diffusion_loss
+from .multistep_step import multistep_step_
 from .q_sample import q_sample
 
 __all__ = ["IMPLS", "unsupported"]
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 IMPLS = {
     "q_sample": q_sample,
     "diffusion_loss": diffusion_loss,
     "ddpm_step": ddpm_step,
+    "multistep_step": multistep_step_,  # in place: fastddpm.ops.multistep_step hands it a copy of x
     "attention": attention,
 }
 
@@ -38,6 +42,8 @@ def unsupported(op: str, device, dtype: torch.dtype, *, head_dim: int | None = N
     device = torch.device(device)
     if op not in IMPLS:
         return f"has no {op}"
+    if dtype not in DTYPES:
+        return f"supports float32, float16 and bfloat16, not {dtype}"
     if op == "attention":
         reason = attention_unsupported(device, dtype, head_dim)
         if reason is not None:

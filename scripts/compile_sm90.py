@@ -77,9 +77,9 @@ class _Recorder:
 
 def record_launches():
     """Replace ``launch`` in every kernel module by the recorder."""
-    from fastddpm.kernels import attention, ddpm_step, diffusion_loss, q_sample
+    from fastddpm.kernels import attention, ddpm_step, diffusion_loss, multistep_step, q_sample
 
-    for module in (attention, ddpm_step, diffusion_loss, q_sample):
+    for module in (attention, ddpm_step, diffusion_loss, multistep_step, q_sample):
         module.launch = _Recorder
 
 
@@ -122,6 +122,14 @@ def drive_launchers() -> None:
     for numel in numels[:-1]:  # the smaller blocks, one variant each
         x = torch.randn(2, numel)
         step_mod.ddpm_step_into(x, x, step, coefs, 1, 0, True, torch.empty_like(x))
+    # the multistep solver update: every output dtype x clip x stochastic, at every block size
+    from fastddpm.kernels import multistep_step as ms_mod
+
+    table = torch.rand(20, 12)
+    for numel, out_dtype, clip, stochastic in itertools.product(numels, floats, (False, True), (False, True)):
+        x = torch.randn(2, numel)
+        ms_mod.multistep_step_into(x, torch.randn(2, numel, dtype=out_dtype), torch.zeros(3, 2, numel), step, table,
+                                   rng, clip, stochastic)
     # attention: fp16/bf16 (fp32 goes to SDPA on a GPU) at every head dim the tests, the
     # benchmarks and the U-Nets use (16 .. 256, padded ones too), L a multiple of 16 or not
     for dtype, d, L in itertools.product((torch.float16, torch.bfloat16), (16, 32, 40, 64, 128, 256), (256, 100)):

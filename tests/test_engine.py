@@ -204,6 +204,56 @@ def test_fused_engine_equals_sample_exactly_for_every_key(backend):
     assert not torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
 
 
+# -- the multistep solvers in the engine ---------------------------------------------------------
+@pytest.mark.parametrize("solver", ["dpm++2m", "dpm++3m", "dpm++2m-sde", "unipc"])
+@pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
+def test_multistep_engine_equals_sample(backend, solver):
+    """Each solver through the engine (device step counter, static history ring, the fused
+    in-place update) is bit for bit fastddpm.sample's eager loop on the same backend, for two keys
+    in a row on one engine (the ring is reset between runs)."""
+    if backend not in ops.available_backends("multistep_step", "cpu", torch.float32):
+        pytest.skip(f"{backend} cannot run here")
+    model = Pointwise()
+    kw = dict(steps=7, progress=False, sampler=solver, clip_denoised=True)
+    for seed, sample_offset in [(11, 0), (2**40 + 5, 4)]:
+        with ops.use_backend(backend):
+            expected = fastddpm.sample(model, 3, seed=seed, sample_offset=sample_offset, **kw)
+        got, plan = engine_sample(model, 3, seed=seed, sample_offset=sample_offset, backend=backend,
+                                  return_plan=True, **kw)
+        assert_close(got, expected, **EXACT, msg=f"{backend} {solver} seed {seed}")
+    (engine,) = cached_engines()
+    assert engine.runs == 2 and engine.num_steps == 7 and engine.coefs.shape == (7, 12)
+    assert engine.history.shape == (3, 3, 2, 6, 6) and engine.step.item() == -1
+
+
+def test_multistep_engine_steps_callback_and_model_input():
+    """steps is the solver's model calls (default 20; another count is another engine), the callback
+    sees the solver's timesteps, and a low-precision model input follows x."""
+    model = Pointwise()
+    kw = dict(progress=False, sampler="unipc", seed=2)
+    _, plan = engine_sample(model, 2, return_plan=True, **kw)
+    assert cached_engines()[-1].num_steps == 20
+    assert "automatic choice for multistep_step" in plan.explain(), plan.explain()
+    engine_sample(model, 2, steps=5, **kw)
+    assert [e.num_steps for e in cached_engines()] == [20, 5]
+    frames, ref_frames = [], []
+    engine_sample(model, 2, steps=5, callback=lambda i, t, x: frames.append((i, t)), **kw)
+    fastddpm.sample(model, 2, steps=5, callback=lambda i, t, x: ref_frames.append((i, t)), **kw)
+    assert frames == ref_frames and [f[0] for f in frames] == [4, 3, 2, 1, 0]
+    half = engine_sample(model, 2, steps=5, dtype=torch.float16, channels_last=True, **kw)
+    engine = cached_engines()[-1]
+    assert torch.equal(engine.model_input, engine.x.to(torch.float16))
+    assert_close(half, fastddpm.sample(model, 2, steps=5, dtype=torch.float16, **kw), **BY_DTYPE[torch.float16])
+
+
+def test_multistep_engine_shards_like_sample():
+    model = Pointwise()
+    kw = dict(steps=6, seed=3, progress=False, sampler="dpm++2m-sde")
+    full = engine_sample(model, 5, **kw)
+    assert_close(engine_sample(model, 2, sample_offset=3, **kw), full[3:], **EXACT)
+    assert_close(engine_sample(model, 5, micro_batch=2, **kw), full, **EXACT)
+
+
 def test_micro_batches_equal_one_batch():
     model = Pointwise()
     one = engine_sample(model, 5, steps=6, seed=9, progress=False)
@@ -364,6 +414,40 @@ def test_graph_matches_the_reference_sampler_in_fp32():
     got = engine_sample(model, 3, steps=25, seed=11, progress=False, dtype=torch.float32)
     assert last_plan().cuda_graph
     assert_close(got, expected, **PEER)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("solver", ["dpm++2m", "dpm++2m-sde", "unipc"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_multistep_graph_replay_equals_eager(solver, dtype):
+    """A multistep solver's loop captured as CUDA graphs (model call + fused update, the step
+    counter and the history ring on the device) equals the eager engine and fastddpm.sample."""
+    model = _tiny_unet().cuda()
+    kw = dict(steps=8, seed=4, progress=False, dtype=dtype, sampler=solver)
+    eager = engine_sample(model, 4, cuda_graph=False, **kw)
+    graph, plan = engine_sample(model, 4, cuda_graph=True, return_plan=True, **kw)
+    engine = cached_engines()[-1]
+    assert plan.cuda_graph and plan.backend != "reference" and engine.captures == 1
+    tol = PEER if dtype == torch.float32 else BY_DTYPE[dtype]
+    assert_close(graph, eager, **tol)
+    again = engine_sample(model, 4, cuda_graph=True, **kw)  # replayed, not recaptured; the ring was reset
+    assert engine.captures == 1 and torch.equal(again, graph)
+    if dtype == torch.float32:
+        assert_close(graph, fastddpm.sample(model, 4, **kw), **PEER)
+
+
+@pytest.mark.gpu
+def test_multistep_graph_loop_does_not_synchronise():
+    model = _tiny_unet().cuda()
+    first = engine_sample(model, 4, steps=6, seed=0, progress=False, sampler="dpm++2m-sde", steps_per_graph=3)
+    (engine,) = cached_engines()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        again = engine.run(0, 0)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.equal(again, first) and engine.captures == 1
 
 
 @pytest.mark.gpu

@@ -61,7 +61,7 @@ def test_tests_stage_selects_every_op_test(gpu_check):
     assert "ops" in gpu_check.TEST_SELECTION and "gpu" in gpu_check.TEST_SELECTION
     assert "{OUT}/gpu_tests.xml" in s.argv and s.files == ("gpu_tests.xml",)
     for name in ("test_kernels", "test_attention_kernel", "test_csrc", "test_op_schemas", "test_backends",
-                 "test_engine", "test_noise", "test_patching"):
+                 "test_engine", "test_noise", "test_patching", "test_multistep_op"):
         assert "pytestmark = pytest.mark.ops" in (ROOT / "tests" / f"{name}.py").read_text(), name
 
 

@@ -290,8 +290,8 @@ def test_sample_errors_for_solvers():
         fastddpm.sample(model, 1, sampler="dpm++3m", steps=2, progress=False)
     with pytest.raises(ValueError, match=r"steps must be an int in \[1, 1000\]"):
         fastddpm.sample(model, 1, sampler="unipc", steps=1001, progress=False)
-    with pytest.raises(NotImplementedError, match="not yet in the engine"):
-        fastddpm.sample(model, 1, sampler="dpm++2m", steps=5, engine=True, progress=False)
+    with pytest.raises(ValueError, match=r"dpm\+\+3m is a 3-step method"):  # the engine checks the same
+        fastddpm.sample(model, 1, sampler="dpm++3m", steps=2, engine=True, progress=False)
 
 
 def test_cli_sample_with_a_solver(tmp_path, capsys):

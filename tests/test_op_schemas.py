@@ -34,7 +34,7 @@ def test_every_triton_op_is_registered_with_its_annotations():
 def test_triton_schemas_equal_the_cpp_ones():
     shared = [name for name in kernels_library.OPS if hasattr(torch.ops.fastddpm, name)]
     assert {"q_sample", "diffusion_loss", "diffusion_loss_backward", "ddpm_step", "ddpm_step_cast",
-            "ddpm_step_"} <= set(shared)
+            "ddpm_step_", "multistep_step_"} <= set(shared)
     for name in shared:
         cpp = getattr(torch.ops.fastddpm, name).default._schema
         triton = getattr(torch.ops.fastddpm_triton, name).default._schema

@@ -1,0 +1,129 @@
+"""One multistep solver step (``fastddpm.multistep``) in one elementwise pass, in place::
+
+    D      = a * x + b * out                                # clamped to [-1, 1] if clip_denoised
+    x_corr = u * x + cl * x_last + k0 * D + k1 * H1 + k2 * H2
+    x_next = cx * x_corr + p0 * D + p1 * H1 + p2 * H2 + cz * z
+
+with the row of the ``[K, 12]`` table picked by the step index, read from a device tensor in the
+kernel (one value for the batch), and the ``[3, *x.shape]`` history ring: ``H2 = history[step % 2]``,
+``H1 = history[1 - step % 2]``, ``x_last = history[2]``.  The kernel writes ``x_next`` into ``x``,
+``D`` into ``history[step % 2]`` and ``x_corr`` into ``history[2]``; every element reads its own
+values before writing them.  With ``stochastic`` (the SDE solver) ``z`` is the contract's noise of
+slot ``step`` under the key ``rng = (seed, sample_offset)`` (int64 ``[2]`` on the device, as
+``ddpm_step_``), skipped where ``cz == 0``.
+
+Op (as the C++ backend's ``torch.ops.fastddpm.multistep_step_``, here ``fastddpm_triton``):
+``multistep_step_(x, model_output, history, step, table, rng, clip_denoised, stochastic)``.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastddpm import fake_ops
+from fastddpm.noise import check_noise_capacity
+
+from ._library import ELEMENTWISE_WARPS, elementwise_block, elementwise_grid, launch, op
+from .ddpm_step import _check_rng
+from .noise import contract_offsets
+
+__all__ = ["multistep_step_", "multistep_step_into"]
+
+TABLE_COLUMNS = 12  # fastddpm.multistep.TABLE_COLUMNS
+
+
+@triton.jit
+def _multistep_step_kernel(x_ptr, out_ptr, history_ptr, step_ptr, table_ptr, rng_ptr, numel, total,
+                           CLIP: tl.constexpr, STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    element = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = element < numel
+    offs = row.to(tl.int64) * numel + element
+    step = tl.load(step_ptr).to(tl.int64)
+    coef = table_ptr + step * 12
+    a = tl.load(coef)
+    b = tl.load(coef + 1)
+    u = tl.load(coef + 2)
+    cl = tl.load(coef + 3)
+    k0 = tl.load(coef + 4)
+    k1 = tl.load(coef + 5)
+    k2 = tl.load(coef + 6)
+    cx = tl.load(coef + 7)
+    p0 = tl.load(coef + 8)
+    p1 = tl.load(coef + 9)
+    p2 = tl.load(coef + 10)
+    cz = tl.load(coef + 11)
+    cur = step % 2  # ring slot of D: H2 (two steps back) is read there, then overwritten
+    h2_ptr = history_ptr + cur * total + offs
+    h1_ptr = history_ptr + (1 - cur) * total + offs
+    x_last_ptr = history_ptr + 2 * total + offs
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    out = tl.load(out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    x_last = tl.load(x_last_ptr, mask=mask, other=0.0)
+    h1 = tl.load(h1_ptr, mask=mask, other=0.0)
+    h2 = tl.load(h2_ptr, mask=mask, other=0.0)
+    d = a * x + b * out
+    if CLIP:
+        d = tl.minimum(tl.maximum(d, -1.0), 1.0)
+    x_corr = u * x + cl * x_last + k0 * d + k1 * h1 + k2 * h2
+    x_next = cx * x_corr + p0 * d + p1 * h1 + p2 * h2
+    if STOCHASTIC:
+        if cz != 0.0:  # uniform per program: cz * z == 0 exactly, skip Philox
+            sample = row.to(tl.int64) + tl.load(rng_ptr + 1)
+            z = tl.randn(tl.load(rng_ptr), contract_offsets(sample, step * numel + element))
+            x_next = x_next + cz * z
+    tl.store(x_ptr + offs, x_next, mask=mask)
+    tl.store(h2_ptr, d, mask=mask)
+    tl.store(x_last_ptr, x_corr, mask=mask)
+
+
+def multistep_step_into(x, model_output, history, step, table, rng, clip_denoised: bool, stochastic: bool) -> None:
+    """Host launcher: validates metadata (no value of a device tensor is read: the step index and the
+    key are checked where they are CPU tensors only) and launches.
+
+    :param x: float32 ``[n, ...]`` contiguous, overwritten with ``x_next``.
+    :param model_output: ``[n, ...]`` float32/bf16/fp16 (made contiguous).
+    :param history: float32 ``[3, n, ...]`` contiguous, advanced in place.
+    :param step: int64 0-dim or ``[1]`` on the device: the row of ``table`` and the noise slot.
+    :param table: float32 ``[K, 12]``.
+    :param rng: the noise key ``(seed, sample_offset)``, int64 ``[2]`` on x's device.  The host cannot
+        check ``sample_offset + n <= 2**32`` then; the caller does (the engine checks every run).
+    """
+    if x.dtype != torch.float32 or not x.is_contiguous():
+        raise ValueError(f"multistep_step: x must be float32 and contiguous (updated in place), got {x.dtype}")
+    if model_output.shape != x.shape or model_output.device != x.device:
+        raise ValueError(f"model_output must have x's shape {tuple(x.shape)} and device {x.device}, got "
+                         f"{tuple(model_output.shape)} on {model_output.device}")
+    if history.dtype != torch.float32 or history.shape != (3, *x.shape) or history.device != x.device:
+        raise ValueError(f"history must be float32 of shape {(3, *x.shape)} on {x.device}, got {history.dtype} "
+                         f"{tuple(history.shape)} on {history.device}")
+    if not history.is_contiguous():
+        raise ValueError("history is updated in place and must be contiguous")
+    if table.dtype != torch.float32 or table.ndim != 2 or table.shape[1] != TABLE_COLUMNS or table.shape[0] < 1:
+        raise ValueError(f"table must be float32 of shape (K, {TABLE_COLUMNS}), got {table.dtype} "
+                         f"{tuple(table.shape)}")
+    if table.device != x.device:
+        raise ValueError(f"table must be on x's device {x.device}, got {table.device}")
+    if step.dtype != torch.int64 or step.numel() != 1 or step.ndim > 1 or step.device != x.device:
+        raise ValueError(f"step must be an int64 tensor holding one value (0-dim or [1]) on {x.device}, got "
+                         f"{step.dtype} {tuple(step.shape)} on {step.device}")
+    if step.device.type == "cpu" and not 0 <= int(step.reshape(())) < table.shape[0]:  # no sync on a CPU tensor
+        raise ValueError(f"step must lie in [0, {table.shape[0] - 1}] (a row of table), got {int(step.reshape(()))}")
+    _check_rng(rng, x)
+    n = x.shape[0]
+    numel = x.numel() // n if n else 0
+    check_noise_capacity(numel, table.shape[0] + 1, n - 1)
+    if x.numel() == 0:
+        return
+    block = elementwise_block(numel)
+    launch(_multistep_step_kernel)[elementwise_grid(n, numel, block)](
+        x, model_output.contiguous(), history, step, table.contiguous(), rng, numel, n * numel,
+        CLIP=bool(clip_denoised), STOCHASTIC=bool(stochastic), BLOCK=block, num_warps=ELEMENTWISE_WARPS)
+
+
+@op("multistep_step_", fake=fake_ops.multistep_step_, mutates_args=("x", "history"))
+def multistep_step_(x: torch.Tensor, model_output: torch.Tensor, history: torch.Tensor, step: torch.Tensor,
+                    table: torch.Tensor, rng: torch.Tensor, clip_denoised: bool, stochastic: bool) -> None:
+    """One multistep solver step in place (see the module docstring)."""
+    multistep_step_into(x, model_output, history, step, table, rng, clip_denoised, stochastic)

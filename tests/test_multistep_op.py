@@ -1,0 +1,355 @@
+"""The fused multistep solver update ``multistep_step_`` on every backend against the
+reference (``fastddpm.reference.multistep_step``).
+
+Each solver's real table (``multistep.make_plan``) is run over all its steps; at every
+step each backend gets the reference's own state (``x``, the history ring) and must
+give the reference's ``x_next`` and advanced ring: odd and round shapes, model outputs
+in float32/bfloat16/float16 (the reference computes from the same rounded output),
+with and without the clip.  The SDE noise is the contract's (slot = step index): equal
+to ``reference.batch_noise``, across backends, and across batch splits.  Also: the
+dispatch, ``opcheck`` of both namespaces' ops, bad inputs.  GPU (``gpu`` marker): the
+CUDA and Triton ops against the reference, and inside a captured CUDA graph driven by
+a device step counter.
+"""
+from functools import lru_cache
+
+import pytest
+import torch
+
+from fastddpm import multistep, ops, reference
+from fastddpm.schedule import NoiseSchedule
+from tolerances import BY_DTYPE, EXACT, FMA_FP32, FP32, assert_close
+
+pytestmark = pytest.mark.ops
+
+HAS_CUDA = torch.cuda.is_available()
+SEED = 0x0123_4567_89AB
+SAMPLE_OFFSET = 3
+STEPS = 6
+SHAPES = [(3, 5, 7, 9), (4, 3, 16, 16), (5, 123)]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+FAST = ["cpp", "triton"]
+
+
+def _id(v):
+    return str(v).replace("torch.", "")
+
+
+@lru_cache(maxsize=None)
+def _schedule(kind="linear") -> NoiseSchedule:
+    return NoiseSchedule.make(kind, 1000)
+
+
+@lru_cache(maxsize=None)
+def _plan(solver, prediction="epsilon", spacing="linspace", karras=False, kind="linear", steps=STEPS):
+    return multistep.make_plan(_schedule(kind), solver, steps, prediction, spacing, karras)
+
+
+def _table(solver, device="cpu", **kw):
+    return _plan(solver, **kw).tensors(device)[0]
+
+
+def _skip_unless(backend, dtype=torch.float32, device="cpu"):
+    if backend not in ops.available_backends("multistep_step", device, dtype):
+        pytest.skip(f"{backend} cannot run multistep_step on {device} ({dtype}) here")
+
+
+def _outputs(shape, dtype, steps, device="cpu"):
+    g = torch.Generator().manual_seed(7)
+    return [(torch.randn(shape, generator=g) * 1.5).to(device=device, dtype=dtype) for _ in range(steps)]
+
+
+def _check_steps(backend, table, shape, dtype, clip, stochastic, tol, device="cpu"):
+    """Run the reference over every row of ``table``; at each step the backend gets copies of the
+    reference's state and must produce its x_next and history."""
+    K = table.shape[0]
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(device)
+    history = torch.zeros((3, *shape), device=device)
+    history[2].normal_()  # a non-zero x_last from the start: every term is exercised
+    for i, out in zip(reversed(range(K)), _outputs(shape, dtype, K, device)):
+        step = torch.tensor(i, device=device)
+        got_history = history.clone()
+        got = ops.multistep_step(x, out, got_history, step, table, seed=SEED, sample_offset=SAMPLE_OFFSET,
+                                 clip_denoised=clip, stochastic=stochastic, backend=backend)
+        noise = reference.batch_noise(SEED, SAMPLE_OFFSET, i, shape, device) if stochastic else None
+        x = reference.multistep_step(x, out, history, step, table, clip, noise)
+        assert got.dtype == torch.float32
+        assert_close(got, x, **tol, msg=f"{backend} x_next at step {i}")
+        assert_close(got_history, history, **tol, msg=f"{backend} history at step {i}")
+    return x
+
+
+# -- every backend against the reference -------------------------------------------------------
+@pytest.mark.parametrize("clip", [True, False], ids=["clip", "noclip"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("shape", SHAPES, ids=_id)
+@pytest.mark.parametrize("solver", multistep.SOLVERS)
+@pytest.mark.parametrize("backend", FAST)
+def test_matches_reference(backend, solver, shape, dtype, clip):
+    _skip_unless(backend, dtype)
+    plan = _plan(solver)
+    _check_steps(backend, _table(solver), shape, dtype, clip, plan.stochastic, BY_DTYPE[dtype])
+
+
+@pytest.mark.parametrize("options", [dict(prediction="v", spacing="trailing"), dict(prediction="x0", karras=True),
+                                     dict(kind="cosine", steps=16)], ids=["v-trailing", "x0-karras", "cosine-16"])
+@pytest.mark.parametrize("solver", multistep.SOLVERS)
+@pytest.mark.parametrize("backend", FAST)
+def test_other_tables_match_reference(backend, solver, options):
+    _skip_unless(backend)
+    _check_steps(backend, _table(solver, **options), (2, 3, 8, 8), torch.float32, False, _plan(solver).stochastic,
+                 FP32)
+
+
+# -- the SDE noise: the contract's, on every backend and any batch split ---------------------------
+@pytest.mark.parametrize("backend", ["reference"] + FAST)
+def test_sde_noise_is_independent_of_the_batch_split(backend):
+    _skip_unless(backend)
+    table = _table("dpm++2m-sde")
+    shape = (5, 2, 6, 6)
+    x0 = torch.randn(shape)
+    outs = _outputs(shape, torch.float32, table.shape[0])
+
+    def run(rows, sample_offset):
+        x, history = x0[rows].clone(), torch.zeros((3, *x0[rows].shape))
+        for i, out in zip(reversed(range(table.shape[0])), outs):
+            x = ops.multistep_step(x, out[rows], history, torch.tensor(i), table, seed=SEED,
+                                   sample_offset=sample_offset, stochastic=True, backend=backend)
+        return x
+
+    whole = run(slice(0, 5), SAMPLE_OFFSET)
+    split = torch.cat([run(slice(0, 2), SAMPLE_OFFSET), run(slice(2, 5), SAMPLE_OFFSET + 2)])
+    assert_close(split, whole, **EXACT, msg="split batch")
+    # the noise is there and follows the key
+    assert not torch.equal(run(slice(0, 5), SAMPLE_OFFSET + 1), whole)
+    with_no_noise = torch.zeros_like(whole)
+    x, history = x0.clone(), torch.zeros((3, *shape))
+    for i, out in zip(reversed(range(table.shape[0])), outs):
+        x = ops.multistep_step(x, out, history, torch.tensor(i), table, stochastic=False, backend=backend)
+    with_no_noise.copy_(x)
+    assert not torch.equal(with_no_noise, whole)
+
+
+def test_sde_noise_equal_across_backends():
+    available = [b for b in ["reference"] + FAST if b in ops.available_backends("multistep_step", "cpu")]
+    if len(available) < 2:
+        pytest.skip("one backend only")
+    table = _table("dpm++2m-sde")
+    shape = (3, 3, 9, 7)
+    x0, out = torch.randn(shape), torch.randn(shape)
+    results = {}
+    for backend in available:
+        history = torch.zeros((3, *shape))
+        results[backend] = ops.multistep_step(x0, out, history, torch.tensor(STEPS - 1), table, seed=SEED,
+                                              sample_offset=SAMPLE_OFFSET, stochastic=True, backend=backend)
+    for backend in available[1:]:
+        assert_close(results[backend], results[available[0]], **FP32, msg=f"{backend} vs {available[0]}")
+
+
+# -- the in-place op itself -------------------------------------------------------------------------
+def _inplace_ops():
+    found = []
+    if "cpp" in ops.available_backends("multistep_step", "cpu"):
+        found.append(("cpp", torch.ops.fastddpm.multistep_step_.default))
+    if "triton" in ops.available_backends("multistep_step", "cpu"):
+        import fastddpm.kernels.multistep_step  # noqa: F401
+
+        found.append(("triton", torch.ops.fastddpm_triton.multistep_step_.default))
+    return found
+
+
+def _rng(seed=SEED, sample_offset=SAMPLE_OFFSET, device="cpu"):
+    return torch.tensor([seed, sample_offset], dtype=torch.int64, device=device)
+
+
+def _op_args(shape=(2, 3, 4, 4), dtype=torch.float32, step=STEPS - 2):
+    x = torch.randn(shape)
+    return (x, torch.randn(shape).to(dtype), torch.randn((3, *shape)), torch.tensor(step),
+            _table("dpm++2m-sde"), _rng())
+
+
+@pytest.mark.parametrize("step_shape", [(), (1,)], ids=["0-dim", "[1]"])
+def test_inplace_op_updates_x_and_history(step_shape):
+    if not _inplace_ops():
+        pytest.skip("no fast backend here")
+    x, out, history, step, table, rng = _op_args()
+    want_history = history.clone()
+    want = reference.multistep_step(x, out, want_history, step, table, True,
+                                    reference.batch_noise(SEED, SAMPLE_OFFSET, int(step), x.shape, "cpu"))
+    for name, op in _inplace_ops():
+        x_buf, h_buf = x.clone(), history.clone()
+        op(x_buf, out, h_buf, step.reshape(step_shape), table, rng, True, True)
+        assert_close(x_buf, want, **FP32, msg=f"{name} x")
+        assert_close(h_buf, want_history, **FP32, msg=f"{name} history")
+
+
+def test_opcheck():
+    found = _inplace_ops()
+    if not found:
+        pytest.skip("no fast backend here")
+    for name, op in found:
+        for dtype, clip, stochastic in [(torch.float32, True, True), (torch.float16, False, False)]:
+            x, out, history, step, table, rng = _op_args(dtype=dtype)
+            torch.library.opcheck(op, (x, out, history, step, table, rng, clip, stochastic))
+
+
+# -- dispatch ---------------------------------------------------------------------------------------
+def test_dispatch_covers_multistep_step():
+    assert "multistep_step" in ops.OPS
+    cpu = torch.device("cpu")
+    assert "reference" in ops.available_backends("multistep_step", cpu)
+    for backend in FAST:
+        if ops.load_error(backend) is None:
+            mod = ops._backend_module(backend)
+            assert "multistep_step" in mod.IMPLS, backend
+    if "cpp" in ops.available_backends("multistep_step", cpu):
+        assert ops.select_backend("multistep_step", cpu, torch.float32) == "cpp"
+
+
+def test_float64_runs_on_the_reference():
+    """A float64 run (float64 history) is the reference's: automatic dispatch picks it, a forced
+    fast backend says it cannot."""
+    table = _table("unipc").double()
+    x, out = torch.randn(2, 3, 4, 4, dtype=torch.float64), torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    history = multistep.new_history(x)
+    want_history = history.clone()
+    got = ops.multistep_step(x, out, history, torch.tensor(3), table)
+    want = reference.multistep_step(x, out, want_history, torch.tensor(3), table, False, None)
+    assert got.dtype == torch.float64
+    assert_close(got, want, **EXACT)
+    assert_close(history, want_history, **EXACT)
+    for backend in FAST:
+        if ops.load_error(backend) is None:
+            with pytest.raises(RuntimeError, match=f"backend '{backend}' was requested for multistep_step"):
+                ops.multistep_step(x, out, history, torch.tensor(3), table, backend=backend)
+
+
+# -- bad input --------------------------------------------------------------------------------------
+def _bad_cases():
+    shape = (2, 3, 4, 4)
+    x, out, history = torch.randn(shape), torch.randn(shape), torch.zeros((3, *shape))
+    table, step = _table("dpm++2m"), torch.tensor(2)
+    return [
+        ("table-columns", (x, out, history, step, table[:, :11]), ValueError, r"table must have shape \(K, 12\)"),
+        ("table-1d", (x, out, history, step, table[0]), ValueError, "table must be 2-D"),
+        ("history-shape", (x, out, history[:2], step, table), ValueError, r"history must have shape \(3, 2, 3, 4, 4\)"),
+        ("history-dtype", (x, out, history.half(), step, table), TypeError, "history must have dtype"),
+        ("history-vs-x", (x, out, history.double(), step, table), TypeError, "x must have history's dtype"),
+        ("out-shape", (x, out[:1], history, step, table), ValueError, "model_output must have shape"),
+        ("step-dtype", (x, out, history, step.int(), table), TypeError, "step must have dtype"),
+        ("step-per-sample", (x, out, history, torch.tensor([2, 2]), table), ValueError, "step must hold one value"),
+        ("step-past-the-table", (x, out, history, torch.tensor(STEPS), table), ValueError,
+         r"step must lie in \[0, 5\]"),
+        ("step-negative", (x, out, history, torch.tensor(-1), table), ValueError, r"step must lie in \[0, 5\]"),
+    ]
+
+
+@pytest.mark.parametrize("case", _bad_cases(), ids=lambda c: c[0])
+def test_dispatch_rejects_bad_inputs(case):
+    _, args, error, match = case
+    with pytest.raises(error, match=match):
+        ops.multistep_step(*args)
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_ops_reject_bad_inputs_naming_the_argument(backend):
+    """The fast ops themselves (called directly, as the engine does): metadata errors name the argument;
+    a CPU step index is range-checked too (a device one is not read: that would synchronise)."""
+    found = dict(_inplace_ops())
+    if backend not in found:
+        pytest.skip(f"{backend} cannot run here")
+    op = found[backend]
+    x, out, history, step, table, rng = _op_args()
+    error = RuntimeError if backend == "cpp" else ValueError
+    cases = [
+        ((x, out, history, step, table[:, :11], rng), "table must"),
+        ((x, out, history[:2], step, table, rng), "history must"),
+        ((x, out, history.double(), step, table, rng), "history must"),
+        ((x, out, history, torch.tensor([1, 1]), table, rng), "step must"),
+        ((x, out, history, step, table, rng[:1]), "rng must"),
+        ((x, out[:1], history, step, table, rng), "model_output must"),
+    ]
+    cases.append(((x, out, history, torch.tensor(STEPS), table, rng), r"step must lie in \[0, 5\]"))
+    cases.append(((x, out, history, torch.tensor(-1), table, rng), r"step must lie in"))
+    for args, match in cases:
+        x_buf, h_buf = args[0].clone(), args[2].clone()
+        with pytest.raises(error, match=match):
+            op(x_buf, args[1], h_buf, *args[3:], True, True)
+
+
+def test_public_update_routes_through_the_dispatch(monkeypatch):
+    """multistep.multistep_update is ops.multistep_step (one reference, one dispatch)."""
+    calls = []
+    real = ops.multistep_step
+    monkeypatch.setattr(ops, "multistep_step", lambda *a, **k: calls.append(k) or real(*a, **k))
+    x = torch.randn(2, 3, 4, 4)
+    multistep.multistep_update(x, torch.randn_like(x), multistep.new_history(x), torch.tensor(1), _table("unipc"))
+    assert len(calls) == 1
+
+
+# -- GPU -------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("shape", SHAPES + [(8, 3, 64, 64)], ids=_id)
+@pytest.mark.parametrize("solver", multistep.SOLVERS)
+@pytest.mark.parametrize("backend", FAST)
+def test_cuda_matches_reference(backend, solver, shape, dtype):
+    _skip_unless(backend, dtype, "cuda")
+    table = _table(solver, "cuda")
+    tol = FMA_FP32 if dtype == torch.float32 else BY_DTYPE[dtype]
+    for clip in (True, False):
+        _check_steps(backend, table, shape, dtype, clip, _plan(solver).stochastic, tol, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", FAST)
+def test_cuda_sde_noise_equals_cpu(backend):
+    _skip_unless(backend, torch.float32, "cuda")
+    table = _table("dpm++2m-sde")
+    shape = (4, 3, 16, 16)
+    x, out = torch.randn(shape), torch.randn(shape)
+    want = ops.multistep_step(x, out, torch.zeros((3, *shape)), torch.tensor(STEPS - 1), table, seed=SEED,
+                              sample_offset=SAMPLE_OFFSET, stochastic=True, backend="reference")
+    got = ops.multistep_step(x.cuda(), out.cuda(), torch.zeros((3, *shape), device="cuda"),
+                             torch.tensor(STEPS - 1, device="cuda"), table.cuda(), seed=SEED,
+                             sample_offset=SAMPLE_OFFSET, stochastic=True, backend=backend)
+    assert_close(got, want, **FMA_FP32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", FAST)
+def test_cuda_graph_with_device_step_counter(backend):
+    """The in-place op inside a captured CUDA graph: the step index and the noise key are device
+    tensors (the graph decrements the step itself), so one graph replays every step."""
+    _skip_unless(backend, torch.bfloat16, "cuda")
+    from fastddpm.engine import _inplace_step_op
+
+    op = _inplace_step_op(backend, "multistep_step_")
+    table = _table("dpm++2m-sde", "cuda")
+    K, shape = table.shape[0], (4, 3, 16, 16)
+    x0 = torch.randn(shape, device="cuda")
+    outs = _outputs(shape, torch.bfloat16, K, "cuda")
+    x, history, out_buf = x0.clone(), torch.zeros((3, *shape), device="cuda"), outs[0].clone()
+    step, rng = torch.tensor(K - 1, device="cuda"), _rng(device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm up off the default stream, as capture requires
+        op(x.clone(), out_buf, history.clone(), step.clone(), table, rng, True, True)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        op(x, out_buf, history, step, table, rng, True, True)
+        step.sub_(1)
+    x.copy_(x0)
+    history.zero_()
+    step.fill_(K - 1)
+    want, want_history = x0.clone(), torch.zeros_like(history)
+    for i, out in zip(reversed(range(K)), outs):
+        out_buf.copy_(out)
+        graph.replay()
+        want = reference.multistep_step(want, out, want_history, torch.tensor(i, device="cuda"), table, True,
+                                        reference.batch_noise(SEED, SAMPLE_OFFSET, i, shape, "cuda"))
+    torch.cuda.synchronize()
+    assert step.item() == -1
+    assert_close(x, want, **FMA_FP32)
+    assert_close(history, want_history, **FMA_FP32)
