@@ -9,7 +9,7 @@ from setuptools import setup
 
 ROOT = Path(__file__).resolve().parent
 
-PACKAGES = ["fastddpm", "fastddpm.metrics", "fastddpm.models", "fastddpm.kernels"]
+PACKAGES = ["fastddpm", "fastddpm.metrics", "fastddpm.models", "fastddpm.ops", "fastddpm.kernels"]
 PACKAGE_DIR = {"fastddpm": "fastddpm", "fastddpm.kernels": "kernels"}
 PACKAGE_DATA = {"fastddpm": ["assets/*.safetensors", "assets/*.json"]}
 

@@ -28,7 +28,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import copy_bandwidth_gbs, environment, measure, time_limit, timing_fields, write_results  # noqa: E402
 
-from fastddpm import ops, reference  # noqa: E402
+from fastddpm import ops  # noqa: E402
+from fastddpm.ops import reference  # noqa: E402
 from fastddpm.schedule import NoiseSchedule  # noqa: E402
 
 SEED = 1234

@@ -74,7 +74,7 @@ def diffusers_scheduler(solver: str, config):
 
 @torch.no_grad()
 def diffusers_sample(model, process, solver: str, steps: int, n: int, seed: int) -> torch.Tensor:
-    from fastddpm.reference import batch_noise
+    from fastddpm.ops.reference import batch_noise
 
     sched = diffusers_scheduler(solver, process.config)
     sched.set_timesteps(steps)

@@ -2,7 +2,7 @@
 //
 // Everything here is `__host__ __device__` inline and float32, so the C++
 // loops (cpu_ops.cpp) and the CUDA kernels (cuda_ops.cu) compute the same
-// expressions as fastddpm/reference.py and fastddpm/noise.py:
+// expressions as fastddpm/ops/reference.py and fastddpm/noise.py:
 //
 //   * Philox4x32-10 (Salmon et al. 2011) exactly as Triton's `philox_impl`,
 //     then `uint_to_uniform_float` and Box-Muller as `tl.randn`: the integers

@@ -2,7 +2,7 @@
 //
 // Importing the module runs the static registrations: the schemas below and
 // the CPU/CUDA implementations in ops.cpp.  Fake (meta) implementations and
-// the autograd formula of diffusion_loss live in fastddpm/cpp_ops.py.
+// the autograd formula of diffusion_loss live in fastddpm/ops/ (fakes.py, autograd.py).
 #include <Python.h>
 #include <torch/library.h>
 

@@ -8,7 +8,7 @@ from dataclasses import MISSING, dataclass, fields
 from typing import ClassVar, Literal
 
 from .multistep import SOLVERS, SPACINGS
-from .reference import LOSSES, PREDICTIONS, SAMPLERS, VARIANCES
+from .ops.reference import LOSSES, PREDICTIONS, SAMPLERS, VARIANCES
 from .schedule import SCHEDULE_KINDS
 
 __all__ = ["JsonConfig", "DiffusionConfig", "MAX_TIMESTEPS"]

@@ -9,11 +9,12 @@ from dataclasses import dataclass
 
 import torch
 
-from . import multistep, ops, reference
+from . import multistep, ops
 from .adapters import ModelAdapter
 from .checks import FLOAT_DTYPES, check_tensor, check_timesteps
 from .config import DiffusionConfig
 from .noise import check_seed
+from .ops import reference
 from .schedule import NoiseSchedule, spaced_timesteps
 
 __all__ = ["DDPM", "StepOutput"]

@@ -44,17 +44,17 @@ from __future__ import annotations
 import collections
 import copy
 import dataclasses
-import importlib
 import math
 import time
 
 import torch
 from tqdm.auto import tqdm
 
-from . import ops, reference
+from . import ops
 from .adapters import ModelAdapter
 from .checks import check_finite_values, check_output_flag, watch_output
 from .noise import check_noise_capacity, check_seed
+from .ops import reference
 from .sampling import _process
 
 __all__ = ["Plan", "make_plan", "SamplerEngine", "engine_sample", "last_plan", "cached_engines",
@@ -222,7 +222,7 @@ def make_plan(model, n: int, shape, device, *, dtype=None, cuda_graph=None, comp
     else:
         if backend not in ops.BACKENDS:
             raise ValueError(f"backend must be one of {ops.BACKENDS}, got {backend!r}")
-        why = ops._unsupported(backend, op, device, dtype)
+        why = ops.unsupported(backend, op, device, dtype)
         if why is not None:
             raise ValueError(f"backend={backend!r} cannot run {op} on {device} ({dtype}): it {why}")
         reasons.append(f"backend={backend!r}: requested")
@@ -266,12 +266,7 @@ def make_plan(model, n: int, shape, device, *, dtype=None, cuda_graph=None, comp
 def _inplace_step_op(backend: str, name: str = "ddpm_step_"):
     """The in-place op ``name`` of a fast backend: ``ddpm_step_(x, out, step, coefs, rng, clip,
     model_input)`` or ``multistep_step_(x, out, history, step, table, rng, clip, stochastic)``."""
-    if ops._backend_module(backend) is None:
-        raise RuntimeError(f"backend {backend!r} {ops._load_errors.get(backend)}")
-    if backend == "cpp":
-        return getattr(torch.ops.fastddpm, name).default
-    importlib.import_module("fastddpm.kernels." + name.rstrip("_"))
-    return getattr(torch.ops.fastddpm_triton, name).default
+    return ops.implementation(name, backend)
 
 
 class SamplerEngine:

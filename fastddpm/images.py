@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .files import atomic_write
-from .reference import batch_noise, q_sample
+from .ops.reference import batch_noise, q_sample
 from .schedule import NoiseSchedule
 
 __all__ = [

@@ -30,7 +30,7 @@ import triton.language as tl
 
 from fastddpm.noise import check_noise_capacity
 
-from fastddpm import fake_ops
+from fastddpm.ops import fakes
 
 from ._library import ELEMENTWISE_WARPS, elementwise_block, elementwise_grid, launch, op
 from .noise import contract_offsets
@@ -89,7 +89,7 @@ def _model_input_layout(model_input, x) -> tuple[bool, int, int]:
     raise ValueError("model_input must be contiguous or channels_last")
 
 
-def _check_rng(rng: torch.Tensor, x: torch.Tensor) -> None:
+def check_rng(rng: torch.Tensor, x: torch.Tensor) -> None:
     """``rng``: the noise key ``(seed, sample_offset)``, int64 ``[2]``, contiguous, on ``x``'s device.
     Its values are checked for CPU tensors only (reading a GPU one would synchronise)."""
     if not isinstance(rng, torch.Tensor) or rng.dtype != torch.int64 or rng.shape != (2,):
@@ -124,7 +124,7 @@ def ddpm_step_into(x, model_output, step, coefs, seed: int, sample_offset: int, 
     n = x.shape[0]
     numel = x.numel() // n if n else 0
     if rng is not None:
-        _check_rng(rng, x)
+        check_rng(rng, x)
     check_noise_capacity(numel, coefs.shape[0] + 1, sample_offset + n - 1)
     if not (x.is_contiguous() and x_prev.is_contiguous() and x_prev.dtype == torch.float32):
         raise ValueError("ddpm_step: x and x_prev must be contiguous, x_prev float32")
@@ -141,7 +141,7 @@ def ddpm_step_into(x, model_output, step, coefs, seed: int, sample_offset: int, 
         CHANNELS_LAST=channels_last, RNG_IN_MEMORY=rng is not None, BLOCK=block, num_warps=ELEMENTWISE_WARPS)
 
 
-@op("ddpm_step", fake=fake_ops.ddpm_step)
+@op("ddpm_step", fake=fakes.ddpm_step)
 def ddpm_step(x: torch.Tensor, model_output: torch.Tensor, step: torch.Tensor, coefs: torch.Tensor, seed: int,
               sample_offset: int, clip_denoised: bool) -> torch.Tensor:
     """:return: float32 ``x_{t-1}`` (see the module docstring)."""
@@ -151,7 +151,7 @@ def ddpm_step(x: torch.Tensor, model_output: torch.Tensor, step: torch.Tensor, c
     return x_prev
 
 
-@op("ddpm_step_cast", fake=fake_ops.ddpm_step_cast)
+@op("ddpm_step_cast", fake=fakes.ddpm_step_cast)
 def ddpm_step_cast(x: torch.Tensor, model_output: torch.Tensor, step: torch.Tensor, coefs: torch.Tensor, seed: int,
                    sample_offset: int, clip_denoised: bool, model_dtype: torch.dtype,
                    channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,7 +167,7 @@ def ddpm_step_cast(x: torch.Tensor, model_output: torch.Tensor, step: torch.Tens
     return x_prev, model_input
 
 
-@op("ddpm_step_", fake=fake_ops.ddpm_step_, mutates_args=("x", "model_input"))
+@op("ddpm_step_", fake=fakes.ddpm_step_, mutates_args=("x", "model_input"))
 def ddpm_step_(x: torch.Tensor, model_output: torch.Tensor, step: torch.Tensor, coefs: torch.Tensor, rng: torch.Tensor,
                clip_denoised: bool, model_input: Optional[torch.Tensor]) -> None:
     """Update ``x`` (float32, contiguous) to ``x_{t-1}`` in place, and

@@ -16,9 +16,10 @@ import triton.language as tl
 
 from fastddpm.noise import check_noise_capacity
 
-from fastddpm import fake_ops
+from fastddpm.ops import fakes
+from fastddpm.ops.autograd import register_diffusion_loss_autograd
 
-from ._library import ELEMENTWISE_WARPS, elementwise_block, elementwise_grid, launch, op
+from ._library import ELEMENTWISE_WARPS, NAMESPACE, elementwise_block, elementwise_grid, launch, op
 from .noise import contract_offsets
 
 __all__ = ["diffusion_loss", "diffusion_loss_backward"]
@@ -101,7 +102,7 @@ def _launch_args(model_output, x0, t, seed, sample_offset, prediction, loss_type
                                  num_warps=ELEMENTWISE_WARPS)
 
 
-@op("diffusion_loss", fake=fake_ops.diffusion_loss)
+@op("diffusion_loss", fake=fakes.diffusion_loss)
 def diffusion_loss(model_output: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, sqrt_alphas_cumprod: torch.Tensor,
                    sqrt_one_minus_alphas_cumprod: torch.Tensor, weights: torch.Tensor, seed: int, sample_offset: int,
                    prediction: str, loss_type: str, huber_delta: float) -> torch.Tensor:
@@ -118,7 +119,7 @@ def diffusion_loss(model_output: torch.Tensor, x0: torch.Tensor, t: torch.Tensor
     return partial.sum()
 
 
-@op("diffusion_loss_backward", fake=fake_ops.diffusion_loss_backward)
+@op("diffusion_loss_backward", fake=fakes.diffusion_loss_backward)
 def diffusion_loss_backward(grad: torch.Tensor, model_output: torch.Tensor, x0: torch.Tensor, t: torch.Tensor,
                             sqrt_alphas_cumprod: torch.Tensor, sqrt_one_minus_alphas_cumprod: torch.Tensor,
                             weights: torch.Tensor, seed: int, sample_offset: int, prediction: str, loss_type: str,
@@ -135,18 +136,4 @@ def diffusion_loss_backward(grad: torch.Tensor, model_output: torch.Tensor, x0: 
     return grad_out
 
 
-def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:6])
-    ctx.scalars = inputs[6:]
-
-
-def _backward(ctx, grad):
-    grad_out = None
-    if ctx.needs_input_grad[0]:
-        model_output, x0, t, sqrt_ac, sqrt_1mac, weights = ctx.saved_tensors
-        grad_out = diffusion_loss_backward(grad.float().contiguous(), model_output, x0, t, sqrt_ac, sqrt_1mac,
-                                           weights, *ctx.scalars)
-    return (grad_out,) + (None,) * 10
-
-
-diffusion_loss.register_autograd(_backward, setup_context=_setup_context)
+register_diffusion_loss_autograd(NAMESPACE)

@@ -21,11 +21,11 @@ import torch
 import triton
 import triton.language as tl
 
-from fastddpm import fake_ops
+from fastddpm.ops import fakes
 from fastddpm.noise import check_noise_capacity
 
 from ._library import ELEMENTWISE_WARPS, elementwise_block, elementwise_grid, launch, op
-from .ddpm_step import _check_rng
+from .ddpm_step import check_rng
 from .noise import contract_offsets
 
 __all__ = ["multistep_step_", "multistep_step_into"]
@@ -110,7 +110,7 @@ def multistep_step_into(x, model_output, history, step, table, rng, clip_denoise
                          f"{step.dtype} {tuple(step.shape)} on {step.device}")
     if step.device.type == "cpu" and not 0 <= int(step.reshape(())) < table.shape[0]:  # no sync on a CPU tensor
         raise ValueError(f"step must lie in [0, {table.shape[0] - 1}] (a row of table), got {int(step.reshape(()))}")
-    _check_rng(rng, x)
+    check_rng(rng, x)
     n = x.shape[0]
     numel = x.numel() // n if n else 0
     check_noise_capacity(numel, table.shape[0] + 1, n - 1)
@@ -122,7 +122,7 @@ def multistep_step_into(x, model_output, history, step, table, rng, clip_denoise
         CLIP=bool(clip_denoised), STOCHASTIC=bool(stochastic), BLOCK=block, num_warps=ELEMENTWISE_WARPS)
 
 
-@op("multistep_step_", fake=fake_ops.multistep_step_, mutates_args=("x", "history"))
+@op("multistep_step_", fake=fakes.multistep_step_, mutates_args=("x", "history"))
 def multistep_step_(x: torch.Tensor, model_output: torch.Tensor, history: torch.Tensor, step: torch.Tensor,
                     table: torch.Tensor, rng: torch.Tensor, clip_denoised: bool, stochastic: bool) -> None:
     """One multistep solver step in place (see the module docstring)."""

@@ -1,6 +1,7 @@
-"""The ``triton`` backend of ``fastddpm.ops``: ``IMPLS`` and ``unsupported``.
+"""The ``triton`` backend of the registry (``fastddpm.ops.registry``): ``IMPLS`` and ``unsupported``.
 
-Every entry has the signature ``fastddpm.ops`` calls it with, and calls a
+Every entry is a kernel of ``registry.KERNELS``, with the signature ``fastddpm.ops.dispatch``
+(and the engine, for the in-place ones) calls it with, and calls a
 ``torch.ops.fastddpm_triton`` operator (``triton_op`` on a GPU, an opaque
 custom op under the interpreter; see ``_library``).  Importing this module
 makes no CUDA call.
@@ -13,7 +14,7 @@ import torch
 
 from ._library import INTERPRET
 from .attention import attention, attention_unsupported
-from .ddpm_step import ddpm_step
+from .ddpm_step import ddpm_step, ddpm_step_
 from .diffusion_loss import diffusion_loss
 from .multistep_step import multistep_step_
 from .q_sample import q_sample
@@ -26,7 +27,8 @@ IMPLS = {
     "q_sample": q_sample,
     "diffusion_loss": diffusion_loss,
     "ddpm_step": ddpm_step,
-    "multistep_step": multistep_step_,  # in place: fastddpm.ops.multistep_step hands it a copy of x
+    "ddpm_step_": ddpm_step_,
+    "multistep_step_": multistep_step_,  # fastddpm.ops.multistep_step hands it a copy of x
     "attention": attention,
 }
 

@@ -8,7 +8,7 @@ import triton.language as tl
 
 from fastddpm.noise import check_noise_capacity
 
-from fastddpm import fake_ops
+from fastddpm.ops import fakes
 
 from ._library import ELEMENTWISE_WARPS, elementwise_block, elementwise_grid, launch, op
 from .noise import contract_offsets
@@ -32,7 +32,7 @@ def _q_sample_kernel(x0_ptr, t_ptr, t_stride, sqrt_ac_ptr, sqrt_1mac_ptr, xt_ptr
     tl.store(xt_ptr + base + element, sqrt_ac * x0 + sqrt_1mac * eps, mask=mask)
 
 
-@op("q_sample", fake=fake_ops.q_sample)
+@op("q_sample", fake=fakes.q_sample)
 def q_sample(x0: torch.Tensor, t: torch.Tensor, sqrt_alphas_cumprod: torch.Tensor,
              sqrt_one_minus_alphas_cumprod: torch.Tensor, seed: int, sample_offset: int) -> torch.Tensor:
     """:param x0: ``[n, ...]`` float; :param t: int64 ``[n]`` (any stride);

@@ -85,7 +85,7 @@ def record_launches():
 
 def drive_launchers() -> None:
     """Call each host launcher the way the GPU tests and benchmarks do."""
-    from fastddpm import reference
+    from fastddpm.ops import reference
     from fastddpm.kernels import attention as attn
     from fastddpm.kernels import ddpm_step as step_mod
     from fastddpm.kernels import diffusion_loss as loss_mod

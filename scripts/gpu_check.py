@@ -187,8 +187,8 @@ def setup(env: dict, log: Log, limit_s: float) -> int:
             log("installing the carried wheels failed: the peer tests will fail")
     else:
         log("no .whl/ carried: diffusers and denoising-diffusion-pytorch tests will be skipped")
-    probe = [sys.executable, "-c", "import fastddpm.cpp_ops as c; assert c.has_cuda(), 'no CUDA kernels'; "
-             "print('fastddpm._C with CUDA kernels:', c._C.__file__)"]
+    probe = [sys.executable, "-c", "import fastddpm._C, fastddpm.ops.cpp as c; assert c.has_cuda(), 'no CUDA kernels'; "
+             "print('fastddpm._C with CUDA kernels:', fastddpm._C.__file__)"]
     if subprocess.run(probe, cwd=ROOT, env=env).returncode == 0:
         return 0
     log("the carried fastddpm._C does not load with CUDA kernels here: building it")

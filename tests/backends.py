@@ -26,7 +26,7 @@ def required_backends() -> set[str]:
 def backend_of(module: str) -> str:
     if module == "fastddpm.kernels" or module.startswith("fastddpm.kernels."):
         return "triton"
-    if module in ("fastddpm._C", "fastddpm.cpp_ops"):
+    if module in ("fastddpm._C", "fastddpm.ops.cpp"):
         return "cpp"
     raise ValueError(f"{module} is not a backend module")
 

@@ -12,6 +12,7 @@ import torch
 
 from backends import BACKENDS, HAS_CUDA, backend_of, required_backends
 from fastddpm import ops
+from fastddpm.ops import registry
 
 pytestmark = pytest.mark.ops
 
@@ -27,7 +28,7 @@ def test_required_backend_loads(backend):
 
 @pytest.mark.gpu
 def test_gpu_runs_the_fast_backends():
-    from fastddpm import cpp_ops
+    from fastddpm.ops import cpp as cpp_ops
 
     assert cpp_ops.has_cuda(), "fastddpm._C was built without its CUDA kernels"
     for op in OPS:
@@ -53,9 +54,9 @@ def test_required_backends_from_the_environment(monkeypatch):
 
 
 def test_load_error_names_the_reason(monkeypatch):
-    monkeypatch.setitem(ops._BACKEND_MODULES, "cpp", "fastddpm.no_such_module")
-    monkeypatch.setattr(ops, "_loaded", {})
-    monkeypatch.setattr(ops, "_load_errors", {})
+    monkeypatch.setitem(registry.BACKEND_MODULES, "cpp", "fastddpm.no_such_module")
+    monkeypatch.setattr(registry, "_loaded", {})
+    monkeypatch.setattr(registry, "_load_errors", {})
     assert ops.load_error("cpp") == "not part of this installation"
     assert ops.load_error("reference") is None
     with pytest.raises(ValueError, match="backend must be one of"):

@@ -1,6 +1,6 @@
 """The compiled extension ``fastddpm._C`` against the reference.
 
-CPU: every op and variant against ``fastddpm.reference`` with the contract's
+CPU: every op and variant against ``fastddpm.ops.reference`` with the contract's
 noise, odd and round shapes, model outputs in float32/bfloat16/float16 (the
 reference computed from the same rounded output); the noise against
 ``fastddpm.noise`` (Philox integers exactly, normals within NORMAL_ULP); the
@@ -20,7 +20,9 @@ from backends import import_backend  # noqa: E402
 
 import_backend("fastddpm._C")
 
-from fastddpm import cpp_ops, noise, ops, reference  # noqa: E402
+from fastddpm import noise, ops  # noqa: E402
+from fastddpm.ops import cpp as cpp_ops  # noqa: E402
+from fastddpm.ops import reference  # noqa: E402
 from fastddpm.schedule import NoiseSchedule  # noqa: E402
 from tolerances import BY_DTYPE, EXACT, FP32, NORMAL_ULP, assert_close  # noqa: E402
 

@@ -16,7 +16,7 @@ from fastddpm.images import (
     save_images_npz,
     to_uint8,
 )
-from fastddpm.reference import batch_noise
+from fastddpm.ops.reference import batch_noise
 from fastddpm.schedule import NoiseSchedule
 
 

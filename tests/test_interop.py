@@ -15,7 +15,7 @@ import fastddpm
 from fastddpm import DDPM
 from fastddpm.interop import HANDLED, SCHEDULERS, scheduler_config
 from fastddpm.multistep import MultistepSampler
-from fastddpm.reference import batch_noise
+from fastddpm.ops.reference import batch_noise
 from fastddpm.schedule import space_timesteps, spaced_timesteps
 from tolerances import PEER, PEER_KARRAS32, assert_close
 

@@ -8,7 +8,8 @@ Without a GPU every kernel runs in the Triton interpreter (conftest sets
 import pytest
 import torch
 
-from fastddpm import noise, ops, reference
+from fastddpm import noise, ops
+from fastddpm.ops import reference
 from fastddpm.schedule import NoiseSchedule
 from tolerances import BY_DTYPE, EXACT, FP32, NORMAL_ULP, assert_close
 
@@ -291,7 +292,7 @@ def test_ddpm_step_last_step_adds_no_noise(schedule):
 # -- against the C++ op (fastddpm._C, when built) ------------------------------------
 def _require_cpp(op):
     if not cpp_available(op):
-        reason = ops._unsupported("cpp", op, DEVICE, torch.float32)
+        reason = ops.unsupported("cpp", op, DEVICE, torch.float32)
         pytest.skip(f"C++ backend unavailable on {DEVICE.type}: {reason}")
 
 

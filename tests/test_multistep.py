@@ -225,7 +225,7 @@ def _diffusers_loop(model, sched, x, noise_of_step=None):
 def test_sample_equals_the_diffusers_loop(solver, options):
     """``fastddpm.sample(model, n, sampler=..., steps=K)``: K model calls, the contract's x_T and
     (SDE) the contract's noise of slot K-1-j at running step j, equal to diffusers' loop."""
-    from fastddpm.reference import batch_noise
+    from fastddpm.ops.reference import batch_noise
     from toy_models import Pointwise
 
     model, n, K, shape = Pointwise(), 3, 9, (3, 2, 6, 6)
@@ -295,7 +295,8 @@ def test_sample_errors_for_solvers():
 
 
 def test_cli_sample_with_a_solver(tmp_path, capsys):
-    from fastddpm import cli, reference
+    from fastddpm import cli
+    from fastddpm.ops import reference
 
     assert cli.SAMPLER_CHOICES == reference.SAMPLERS + multistep.SOLVERS
     out = tmp_path / "s.npz"

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from fastddpm import noise
-from fastddpm.reference import batch_noise
+from fastddpm.ops.reference import batch_noise
 from tolerances import NORMAL_ULP, assert_close
 
 pytestmark = pytest.mark.ops

@@ -9,7 +9,7 @@ from backends import import_backend
 
 kernels_library = import_backend("fastddpm.kernels._library")
 import_backend("fastddpm.kernels.ops")
-import_backend("fastddpm.cpp_ops")
+import_backend("fastddpm.ops.cpp")
 
 pytestmark = pytest.mark.ops
 

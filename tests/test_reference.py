@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastddpm import DDPM, DiffusionConfig, ops, reference
+from fastddpm import DDPM, DiffusionConfig, ops
+from fastddpm.ops import reference, registry
 from fastddpm.schedule import NoiseSchedule
 from tolerances import FP32, NORMAL_ULP, assert_close
 
@@ -186,8 +187,8 @@ def test_ops_validate_metadata():
 
 # -- dispatch ----------------------------------------------------------------------------------
 def test_forced_backend_that_cannot_run_raises(monkeypatch):
-    monkeypatch.setitem(ops._load_errors, "triton", "failed to load: not here")
-    monkeypatch.delitem(ops._loaded, "triton", raising=False)
+    monkeypatch.setitem(registry._load_errors, "triton", "failed to load: not here")
+    monkeypatch.delitem(registry._loaded, "triton", raising=False)
     with ops.use_backend("triton"):
         with pytest.raises(RuntimeError, match="backend 'triton' was requested for ddpm_step"):
             ops.select_backend("ddpm_step", torch.device("cpu"), torch.float32)
@@ -201,9 +202,9 @@ def test_forced_backend_that_cannot_run_raises(monkeypatch):
 
 def test_automatic_choice_falls_back_with_one_warning(monkeypatch):
     monkeypatch.delenv("FASTDDPM_BACKEND", raising=False)
-    monkeypatch.setitem(ops._load_errors, "cpp", "failed to load: ImportError: boom")
-    monkeypatch.delitem(ops._loaded, "cpp", raising=False)
-    monkeypatch.setattr(ops, "_warned", set())
+    monkeypatch.setitem(registry._load_errors, "cpp", "failed to load: ImportError: boom")
+    monkeypatch.delitem(registry._loaded, "cpp", raising=False)
+    monkeypatch.setattr(registry, "_warned", set())
     with pytest.warns(RuntimeWarning, match="backend 'cpp' failed to load"):
         assert ops.select_backend("ddpm_step", torch.device("cpu"), torch.float32) == "reference"
     import warnings

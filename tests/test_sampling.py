@@ -4,7 +4,7 @@ import torch
 
 import fastddpm
 from fastddpm import DDPM, ops
-from fastddpm.reference import batch_noise
+from fastddpm.ops.reference import batch_noise
 from toy_models import Pointwise
 from tolerances import FP32, assert_close
 

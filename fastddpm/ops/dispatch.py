@@ -1,154 +1,27 @@
-"""The one dispatch place: each fused op picks a backend per (op, device, dtype).
+"""The fused ops as users call them: argument checks, then the backend the
+registry picks (``fastddpm.ops.registry``) or the reference
+(``fastddpm.ops.reference``).
 
-Backends: ``reference`` (pure PyTorch, always there), ``cpp`` (the compiled
-extension ``fastddpm._C``, CPU and CUDA) and ``triton`` (``fastddpm.kernels``,
-CUDA).  A backend module exposes ``IMPLS = {op_name: fn}`` with the same
-signatures as the reference functions below, and ``unsupported(op, device,
-dtype) -> str | None`` (a reason, or None when it can run).
-
-Choice: ``FASTDDPM_BACKEND=reference|cpp|triton`` (or ``use_backend(...)``)
-forces one and raises if it cannot run; otherwise the first available of
-``triton, cpp, reference`` on CUDA and ``cpp, reference`` on CPU, with one
-warning when a fast backend that should be there failed to load.
-
-The functions here check metadata only (no device synchronisation), so they
-are safe inside the sampling loop and a CUDA graph.
+Each function checks metadata only (no device synchronisation), so it is safe
+inside the sampling loop and a CUDA graph.  ``backend=`` names the backend for
+that one call (it raises if it cannot run); without it the registry chooses.
 """
 from __future__ import annotations
 
-import contextlib
-import importlib
-import os
-import threading
-import warnings
-
 import torch
 
+from ..checks import FLOAT_DTYPES, check_same_device, check_tensor
+from ..noise import check_seed
 from . import reference
-from .checks import FLOAT_DTYPES, check_same_device, check_tensor
-from .noise import check_seed
+from .registry import implementation, resolve
 
-__all__ = ["BACKENDS", "q_sample", "diffusion_loss", "ddpm_step", "multistep_step", "attention", "select_backend",
-           "use_backend", "available_backends", "load_error"]
-
-BACKENDS = ("reference", "cpp", "triton")
-OPS = ("q_sample", "diffusion_loss", "ddpm_step", "multistep_step", "attention")
-_BACKEND_MODULES = {"cpp": "fastddpm.cpp_ops", "triton": "fastddpm.kernels.ops"}
-_AUTO_ORDER = {"cuda": ("triton", "cpp", "reference"), "cpu": ("cpp", "reference")}
-
-_loaded: dict[str, object] = {}
-_load_errors: dict[str, str] = {}
-_warned: set = set()
-_local = threading.local()
-
-
-def _backend_module(name: str):
-    """The backend's module, or None (reason kept in ``_load_errors``)."""
-    if name in _loaded or name in _load_errors:
-        return _loaded.get(name)
-    try:
-        _loaded[name] = importlib.import_module(_BACKEND_MODULES[name])
-    except ModuleNotFoundError as e:
-        if e.name == _BACKEND_MODULES[name]:
-            _load_errors[name] = "not part of this installation"
-        else:
-            _load_errors[name] = f"failed to load: {e}"
-    except Exception as e:  # a broken build must not break the package
-        _load_errors[name] = f"failed to load: {type(e).__name__}: {e}"
-    return _loaded.get(name)
-
-
-def _unsupported(name: str, op: str, device: torch.device, dtype: torch.dtype, head_dim: int | None = None) -> str | None:
-    if name == "reference":
-        return None
-    mod = _backend_module(name)
-    if mod is None:
-        return _load_errors[name]
-    if op not in mod.IMPLS:
-        return f"has no {op}"
-    if head_dim is not None:  # attention: the kernels' limits depend on the head dim too
-        return mod.unsupported(op, device, dtype, head_dim=head_dim)
-    return mod.unsupported(op, device, dtype)
-
-
-def _forced() -> str | None:
-    name = getattr(_local, "backend", None) or os.environ.get("FASTDDPM_BACKEND") or None
-    if name is not None and name not in BACKENDS:
-        raise ValueError(f"FASTDDPM_BACKEND must be one of {BACKENDS}, got {name!r}")
-    return name
-
-
-@contextlib.contextmanager
-def use_backend(name: str | None):
-    """Force a backend for the ops called inside the block (None: automatic)."""
-    if name is not None and name not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
-    old = getattr(_local, "backend", None)
-    _local.backend = name
-    try:
-        yield
-    finally:
-        _local.backend = old
-
-
-def select_backend(op: str, device: torch.device, dtype: torch.dtype, *, head_dim: int | None = None) -> str:
-    """The backend that runs ``op`` for tensors on ``device`` of ``dtype``
-    (for ``attention``, with heads of ``head_dim`` channels if given)."""
-    forced = _forced()
-    if forced is not None:
-        reason = _unsupported(forced, op, device, dtype, head_dim)
-        if reason is not None:
-            raise RuntimeError(f"backend {forced!r} was requested for {op} on {device} ({dtype}) but {reason}")
-        return forced
-    for name in _AUTO_ORDER.get(device.type, ("reference",)):
-        reason = _unsupported(name, op, device, dtype, head_dim)
-        if reason is None:
-            return name
-        if name != "reference" and reason.startswith("failed to load") and name not in _warned:
-            _warned.add(name)
-            warnings.warn(f"fastddpm: backend {name!r} {reason}; falling back", RuntimeWarning, stacklevel=3)
-    return "reference"
-
-
-def load_error(name: str) -> str | None:
-    """Why backend ``name`` cannot be loaded here (None: it loads, or it is the reference)."""
-    if name not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
-    if name == "reference" or _backend_module(name) is not None:
-        return None
-    return _load_errors[name]
-
-
-def available_backends(op: str, device, dtype=torch.float32, *, head_dim: int | None = None) -> list[str]:
-    device = torch.device(device)
-    return [b for b in BACKENDS if _unsupported(b, op, device, dtype, head_dim) is None]
-
-
-def _resolve(op: str, device_type: str, dtype: torch.dtype, backend: str | None, head_dim: int | None = None) -> str:
-    """The backend name for ``op``.  Under ``torch.compile`` this runs eagerly
-    at trace time and its result is a constant of the graph (module imports and
-    environment reads cannot be traced), so a compiled function keeps the
-    backend it was compiled with."""
-    device = torch.device(device_type)
-    if backend is None:
-        return select_backend(op, device, dtype, head_dim=head_dim)
-    reason = _unsupported(backend, op, device, dtype, head_dim)
-    if reason is not None:
-        raise RuntimeError(f"backend {backend!r} was requested for {op} on {device} ({dtype}) but {reason}")
-    return backend
-
-
-# What torch.compiler.assume_constant_result does, without importing torch._dynamo (about 1 s, and
-# triton with it) at `import fastddpm`; test_dispatch_traces_under_torch_compile_fullgraph guards it.
-_resolve._dynamo_marked_constant = True
+__all__ = ["q_sample", "diffusion_loss", "ddpm_step", "multistep_step", "attention", "noise_key",
+           "check_multistep_args", "MULTISTEP_COLUMNS", "HISTORY_DTYPES"]
 
 
 def _impl(op: str, device: torch.device, dtype: torch.dtype, backend: str | None, head_dim: int | None = None):
     """The backend function for ``op``, or None for the reference."""
-    name = _resolve(op, device.type, dtype, backend, head_dim)
-    if name == "reference":
-        return None
-    return _loaded[name].IMPLS[op]
+    return implementation(op, resolve(op, device.type, dtype, backend, head_dim))
 
 
 def _check_batch(op, x, t, **tables):

@@ -3,11 +3,12 @@
 Importing this module loads the extension, which registers the schemas and
 the CPU (and, when built with CUDA, CUDA) implementations of
 ``torch.ops.fastddpm.*``; it raises ImportError when the extension was not
-built, and ``fastddpm.ops`` then falls back to another backend.  Here the ops
-get what the C++ side does not declare: a fake implementation each (shapes
-only, so ``torch.compile(fullgraph=True)`` and FakeTensor tracing see one node)
-and the autograd formula of ``diffusion_loss`` (its backward is another fused
-op that regenerates the noise instead of storing it).
+built, and the registry (``fastddpm.ops.registry``) then falls back to another backend.  Here the ops
+get what the C++ side does not declare: a fake implementation each
+(``fastddpm.ops.fakes``: shapes only, so ``torch.compile(fullgraph=True)`` and
+FakeTensor tracing see one node) and the autograd formula of ``diffusion_loss``
+(``fastddpm.ops.autograd``: its backward is another fused op that regenerates
+the noise instead of storing it).
 
 Ops (schemas in ``csrc/module.cpp``):
 
@@ -33,7 +34,9 @@ from __future__ import annotations
 
 import torch
 
-from . import _C, fake_ops  # noqa: F401  (registers torch.ops.fastddpm.*; ImportError when not built)
+from .. import _C  # noqa: F401  (registers torch.ops.fastddpm.*; ImportError when not built)
+from . import fakes
+from .autograd import register_diffusion_loss_autograd
 
 __all__ = ["IMPLS", "unsupported", "has_cuda", "philox_normal", "philox4x32", "q_sample", "diffusion_loss", "ddpm_step",
            "ddpm_step_cast", "ddpm_step_", "multistep_step_"]
@@ -50,10 +53,11 @@ ddpm_step_cast = _ops.ddpm_step_cast.default
 ddpm_step_ = _ops.ddpm_step_.default
 multistep_step_ = _ops.multistep_step_.default
 
-# Same positional signatures as the calls in fastddpm/ops.py.
-# multistep_step is the in-place op: fastddpm.ops.multistep_step hands it a copy of x.
-IMPLS = {"q_sample": q_sample, "diffusion_loss": diffusion_loss, "ddpm_step": ddpm_step,
-         "multistep_step": multistep_step_}
+# The kernels of the registry (fastddpm.ops.registry.KERNELS), with the positional signatures
+# fastddpm.ops.dispatch and the engine call them with; fastddpm.ops.multistep_step runs
+# multistep_step_ on a copy of x.
+IMPLS = {"q_sample": q_sample, "diffusion_loss": diffusion_loss, "ddpm_step": ddpm_step, "ddpm_step_": ddpm_step_,
+         "multistep_step_": multistep_step_}
 
 
 def has_cuda() -> bool:
@@ -73,8 +77,8 @@ def unsupported(op: str, device: torch.device, dtype: torch.dtype) -> str | None
 
 
 # -- fake implementations (shapes, dtypes, devices only; shared with the Triton backend) -----------
-for _name in fake_ops.__all__:
-    torch.library.register_fake(f"fastddpm::{_name}")(getattr(fake_ops, _name))
+for _name in fakes.__all__:
+    torch.library.register_fake(f"fastddpm::{_name}")(getattr(fakes, _name))
 
 
 @torch.library.register_fake("fastddpm::philox_normal")
@@ -87,19 +91,4 @@ def _philox4x32_fake(seed, offsets):
     return offsets.new_empty((*offsets.shape, 4))
 
 
-# -- autograd of diffusion_loss: gradient to model_output only ---------------------------------
-def _diffusion_loss_setup_context(ctx, inputs, output):
-    model_output, x0, t, sqrt_ac, sqrt_1mac, weights, *params = inputs
-    ctx.save_for_backward(model_output, x0, t, sqrt_ac, sqrt_1mac, weights)
-    ctx.params = params  # seed, sample_offset, prediction, loss_type, huber_delta
-
-
-def _diffusion_loss_backward(ctx, grad):
-    grad_model_output = None
-    if ctx.needs_input_grad[0]:
-        grad_model_output = _ops.diffusion_loss_backward(grad, *ctx.saved_tensors, *ctx.params)
-    return (grad_model_output,) + (None,) * 10
-
-
-torch.library.register_autograd("fastddpm::diffusion_loss", _diffusion_loss_backward,
-                                setup_context=_diffusion_loss_setup_context)
+register_diffusion_loss_autograd("fastddpm")

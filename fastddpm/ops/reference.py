@@ -1,0 +1,237 @@
+"""The reference implementation: pure PyTorch, the single source of truth.
+
+Every fast backend (``csrc/``, ``kernels/``) is tested against these
+functions.  Conventions:
+
+* ``t`` is always a per-sample int64 tensor ``[n]``; tables are gathered with
+  it (``extract``), never indexed with a Python int, and branches on values
+  are masks, so every function could run inside a CUDA graph.
+* Arithmetic is float32 whatever the model output's dtype.
+* The reverse step is one elementwise pass driven by a row of five
+  coefficients per step, ``(a, b, c0, c1, sigma)``::
+
+      x0_hat = a * x_t + b * out          # from the prediction type
+      x0_hat = clamp(x0_hat, -1, 1)       # if clip_denoised
+      x_prev = c0 * x0_hat + c1 * x_t + sigma * z
+
+  DDPM (Ho et al. Eq. 6-7, both variances, every prediction type) and DDIM
+  (Song et al. Eq. 12, any eta) differ only in the coefficients, which
+  ``step_coefficients`` computes in float64.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..noise import noise_offsets, normal
+from ..schedule import NoiseSchedule
+
+__all__ = [
+    "PREDICTIONS",
+    "VARIANCES",
+    "LOSSES",
+    "extract",
+    "q_sample",
+    "training_target",
+    "loss_weights",
+    "diffusion_loss",
+    "step_coefficients",
+    "ddpm_step",
+    "multistep_step",
+    "batch_noise",
+    "attention",
+]
+
+PREDICTIONS = ("epsilon", "x0", "v")
+VARIANCES = ("fixed_small", "fixed_large")
+LOSSES = ("l2", "l1", "huber")
+SAMPLERS = ("ddpm", "ddim")
+COEF_COLUMNS = ("a", "b", "c0", "c1", "sigma")
+
+
+def extract(table: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
+    """Gather ``table[t]`` and shape it ``[n, 1, ..., 1]`` to broadcast over a
+    batch of ``ndim``-dimensional tensors."""
+    return table.gather(0, t).reshape(t.shape[0], *([1] * (ndim - 1)))
+
+
+def batch_noise(seed: int, sample_offset: int, slot: torch.Tensor | int, shape, device) -> torch.Tensor:
+    """The contract's noise for a batch: sample ``b`` is global sample
+    ``sample_offset + b``; ``slot`` is per sample or a scalar."""
+    n = shape[0]
+    numel = math.prod(shape[1:])  # 1 for a 1-D batch; plain ints keep it traceable
+    samples = torch.arange(sample_offset, sample_offset + n, device=device, dtype=torch.int64)
+    return normal(seed, noise_offsets(samples, slot, numel)).reshape(shape)
+
+
+# -- forward process and training -------------------------------------------------
+def q_sample(x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, noise):
+    """``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps`` (Ho et al. Eq. 4)."""
+    x0 = x0.float()
+    return (
+        extract(sqrt_alphas_cumprod, t, x0.ndim) * x0
+        + extract(sqrt_one_minus_alphas_cumprod, t, x0.ndim) * noise.float()
+    )
+
+
+def training_target(prediction, x0, noise, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod):
+    """What the model learns to output: ``eps``, ``x0``, or
+    ``v = sqrt(abar) eps - sqrt(1 - abar) x0`` (Salimans & Ho 2022)."""
+    if prediction == "epsilon":
+        return noise.float()
+    if prediction == "x0":
+        return x0.float()
+    if prediction == "v":
+        return (
+            extract(sqrt_alphas_cumprod, t, x0.ndim) * noise.float()
+            - extract(sqrt_one_minus_alphas_cumprod, t, x0.ndim) * x0.float()
+        )
+    raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+
+
+def loss_weights(schedule: NoiseSchedule, prediction: str, min_snr_gamma: float | None) -> np.ndarray:
+    """Per-timestep loss weights, float64 ``[T]``: ones, or min-SNR-gamma
+    (Hang et al. 2023) expressed for the prediction type so that every type
+    weights the same x0-error by ``min(SNR, gamma)``."""
+    snr = schedule.tables64()["snr"]
+    if min_snr_gamma is None:
+        return np.ones_like(snr)
+    clipped = np.minimum(snr, float(min_snr_gamma))
+    if prediction == "epsilon":
+        return clipped / snr
+    if prediction == "x0":
+        return clipped
+    if prediction == "v":
+        return clipped / (snr + 1.0)
+    raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+
+
+def elementwise_loss(diff_input, target, loss_type: str, huber_delta: float = 1.0):
+    if loss_type == "l2":
+        return F.mse_loss(diff_input, target, reduction="none")
+    if loss_type == "l1":
+        return F.l1_loss(diff_input, target, reduction="none")
+    if loss_type == "huber":
+        return F.huber_loss(diff_input, target, reduction="none", delta=huber_delta)
+    raise ValueError(f"loss must be one of {LOSSES}, got {loss_type!r}")
+
+
+def diffusion_loss(model_output, x0, noise, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, weights,
+                   prediction="epsilon", loss_type="l2", huber_delta=1.0):
+    """Training loss: per-sample mean of the elementwise loss against the
+    target, times ``weights[t]``, averaged over the batch (a 0-dim float32)."""
+    target = training_target(prediction, x0, noise, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod)
+    per_elem = elementwise_loss(model_output.float(), target, loss_type, huber_delta)
+    per_sample = per_elem.reshape(per_elem.shape[0], -1).mean(dim=1)
+    return (per_sample * weights.gather(0, t)).mean()
+
+
+# -- reverse process -----------------------------------------------------------------
+def step_coefficients(schedule: NoiseSchedule, prediction: str = "epsilon", variance: str = "fixed_small",
+                      sampler: str = "ddpm", eta: float = 0.0) -> np.ndarray:
+    """The ``(a, b, c0, c1, sigma)`` row of every step, float64 ``[K, 5]``.
+
+    ``a, b`` turn the model output into ``x0_hat`` (epsilon: Eq. 15 of Ho et al.;
+    v: ``x0 = sqrt(abar) x_t - sqrt(1-abar) v``).  DDPM uses the posterior
+    mean of Eq. 7 and ``sigma^2 = beta_tilde`` (fixed_small) or ``beta``
+    (fixed_large).  DDIM rewrites Eq. 12 of Song et al. with ``eps`` re-derived
+    from the (clipped) ``x0_hat``, as improved-diffusion and GLIDE do.
+    ``sigma_0 = 0`` always: the last step adds no noise.
+    """
+    tb = schedule.tables64()
+    ac, ac_prev = tb["alphas_cumprod"], tb["alphas_cumprod_prev"]
+    if prediction == "epsilon":
+        a, b = tb["sqrt_recip_alphas_cumprod"], -tb["sqrt_recipm1_alphas_cumprod"]
+    elif prediction == "x0":
+        a, b = np.zeros_like(ac), np.ones_like(ac)
+    elif prediction == "v":
+        a, b = tb["sqrt_alphas_cumprod"], -tb["sqrt_one_minus_alphas_cumprod"]
+    else:
+        raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+    if sampler == "ddpm":
+        c0, c1 = tb["posterior_mean_coef1"], tb["posterior_mean_coef2"]
+        if variance == "fixed_small":
+            sigma = np.sqrt(tb["posterior_variance"])
+        elif variance == "fixed_large":
+            sigma = np.sqrt(tb["betas"])
+        else:
+            raise ValueError(f"variance must be one of {VARIANCES}, got {variance!r}")
+    elif sampler == "ddim":
+        if not (isinstance(eta, (int, float)) and eta >= 0 and np.isfinite(eta)):
+            raise ValueError(f"eta must be a finite float >= 0, got {eta!r}")
+        sigma = eta * np.sqrt((1.0 - ac_prev) / (1.0 - ac) * (1.0 - ac / ac_prev))
+        direction = np.sqrt(np.maximum(1.0 - ac_prev - sigma**2, 0.0))
+        # x_prev = sqrt(abar_prev) x0 + direction * eps,  eps = (x_t - sqrt(abar) x0) / sqrt(1 - abar)
+        c1 = direction / np.sqrt(1.0 - ac)
+        c0 = np.sqrt(ac_prev) - c1 * np.sqrt(ac)
+    else:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    sigma = np.array(sigma, dtype=np.float64)
+    sigma[0] = 0.0
+    return np.stack([a, b, c0, c1, sigma], axis=1)
+
+
+def ddpm_step(x_t, model_output, coefs, clip_denoised: bool, noise):
+    """One reverse step, elementwise.
+
+    :param x_t: float32 ``[n, ...]``.
+    :param model_output: ``[n, ...]``, any float dtype (computed in float32).
+    :param coefs: float32 ``[n, 5]``: each sample's ``(a, b, c0, c1, sigma)`` row.
+    :param clip_denoised: clamp ``x0_hat`` to ``[-1, 1]``.
+    :param noise: float32 ``[n, ...]`` standard normals.
+    :return: ``x_{t-1}`` in float32.
+    """
+    shape = (coefs.shape[0],) + (1,) * (x_t.ndim - 1)
+    a, b, c0, c1, sigma = (coefs[:, i].reshape(shape) for i in range(5))
+    x_t = x_t.float()
+    x0_hat = a * x_t + b * model_output.float()
+    if clip_denoised:
+        x0_hat = x0_hat.clamp(-1.0, 1.0)
+    return c0 * x0_hat + c1 * x_t + sigma * noise.float()
+
+
+def multistep_step(x, model_output, history, step, table, clip_denoised: bool, noise):
+    """One multistep solver step (``fastddpm.multistep``), elementwise; advances ``history`` in place::
+
+        D      = a * x + b * model_output                  # clamped to [-1, 1] if clip_denoised
+        x_corr = u * x + cl * history[2] + k0 * D + k1 * H1 + k2 * H2
+        x_next = cx * x_corr + p0 * D + p1 * H1 + p2 * H2 + cz * z
+        history[cur] = D,  history[2] = x_corr
+
+    with ``cur = step % 2``, ``H2 = history[cur]`` (two steps back), ``H1 = history[1 - cur]``.
+    Computed in ``history``'s dtype (float32, or float64 for a float64 run).
+
+    :param x: ``[n, ...]`` current sample.
+    :param model_output: ``[n, ...]`` any float dtype.
+    :param history: ``[3, n, ...]`` the ring of the last two data predictions and the last ``x_corr``.
+    :param step: int64 tensor holding one value: the reverse-process step index (row of ``table``).
+    :param table: ``[K, 12]`` coefficient table (``multistep.TABLE_COLUMNS``; its row is cast to the
+        compute dtype).
+    :param noise: ``[n, ...]`` standard normals for the SDE solver, or None (no noise term).
+    :return: the next sample, in the compute dtype.
+    """
+    dtype = history.dtype
+    step = step.reshape(1)
+    a, b, u, cl, k0, k1, k2, cx, p0, p1, p2, cz = table.index_select(0, step).to(dtype).reshape(-1).unbind(0)
+    x = x.to(dtype)
+    d = a * x + b * model_output.to(dtype)
+    if clip_denoised:
+        d = d.clamp(-1.0, 1.0)
+    cur = torch.remainder(step, 2)  # ring slot: written at this step, read two steps later
+    h2 = history.index_select(0, cur)[0]
+    h1 = history.index_select(0, 1 - cur)[0]
+    x_corr = u * x + cl * history[2] + k0 * d + k1 * h1 + k2 * h2
+    x_next = cx * x_corr + p0 * d + p1 * h1 + p2 * h2
+    if noise is not None:
+        x_next = x_next + cz * noise.to(dtype)
+    history.index_copy_(0, cur, d.unsqueeze(0))
+    history[2].copy_(x_corr)
+    return x_next
+
+
+def attention(q, k, v):
+    """Softmax attention over ``[B, heads, L, d]`` (scale ``d**-0.5``)."""
+    return F.scaled_dot_product_attention(q, k, v)
