@@ -60,9 +60,14 @@ def test_tests_stage_selects_every_op_test(gpu_check):
     s = next(s for s in gpu_check.STAGES if s.name == "tests")
     assert "ops" in gpu_check.TEST_SELECTION and "gpu" in gpu_check.TEST_SELECTION
     assert "{OUT}/gpu_tests.xml" in s.argv and s.files == ("gpu_tests.xml",)
-    for name in ("test_kernels", "test_attention_kernel", "test_csrc", "test_op_schemas", "test_backends",
-                 "test_engine", "test_noise", "test_patching", "test_multistep_op"):
-        assert "pytestmark = pytest.mark.ops" in (ROOT / "tests" / f"{name}.py").read_text(), name
+    per_op = sorted((ROOT / "tests" / "ops").glob("test_*.py"))  # one conformance file per op, the backends' own
+    assert {p.stem for p in per_op} >= {"test_q_sample", "test_diffusion_loss", "test_ddpm_step", "test_multistep_step",
+                                         "test_attention", "test_noise_backends", "test_cpp_backend",
+                                         "test_triton_backend"}
+    others = [ROOT / "tests" / f"{name}.py" for name in ("test_op_schemas", "test_backends", "test_engine",
+                                                          "test_noise", "test_patching")]
+    for path in per_op + others:
+        assert "pytestmark = pytest.mark.ops" in path.read_text(), path.name
 
 
 def test_unknown_stage_is_refused(gpu_check):

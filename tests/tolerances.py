@@ -13,6 +13,10 @@ says where values disagree.  Every test that compares numbers imports from here.
   reference computed from the same rounded inputs in float32.
 * ``NORMAL_ULP``: normals of the noise contract across libraries (log, cos, sin
   round differently); Philox integers are compared exactly.
+* ``fp32_at(magnitude)``: ``FP32`` relative to the largest value compared (a reverse step's
+  ``x_t`` reaches ~1/sqrt(abar) ~ 160 times the model output at t=T-1).
+* ``STEPS_FP32``: a few chained float32 reverse steps on a GPU against the reference
+  (each step's rounding feeds the next).
 * ``FMA_FP32``: a GPU kernel of the multistep update against the float32 reference,
   where large terms cancel (a few ulp of the largest term).
 """
@@ -31,6 +35,7 @@ NORMAL_ULP = dict(atol=2e-6, rtol=1e-6)
 # multistep update, whose data prediction a*x + b*out cancels terms up to ~5e2 at the first step
 # (1/alpha ~ 156): the float32 reference alone is up to 2.7e-5 from float64 there, a few ulp of 5e2
 FMA_FP32 = dict(atol=1e-4, rtol=1e-5)
+STEPS_FP32 = dict(atol=1e-4, rtol=1e-4)
 BY_DTYPE = {
     torch.float32: dict(atol=1e-5, rtol=1e-5),
     torch.float16: dict(atol=1e-3, rtol=1e-3),
@@ -42,6 +47,11 @@ ATTENTION = {
     torch.float16: dict(atol=2e-3, rtol=2e-3),
     torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
 }
+
+
+def fp32_at(magnitude: float) -> dict:
+    """``FP32`` with its absolute part scaled to ``magnitude`` (at least 1)."""
+    return dict(atol=FP32["atol"] * max(1.0, float(magnitude)), rtol=FP32["rtol"])
 
 
 def assert_close(actual, expected, *, atol, rtol, msg=""):

@@ -1,90 +1,42 @@
-"""The compiled extension ``fastddpm._C`` against the reference.
-
-CPU: every op and variant against ``fastddpm.ops.reference`` with the contract's
-noise, odd and round shapes, model outputs in float32/bfloat16/float16 (the
-reference computed from the same rounded output); the noise against
-``fastddpm.noise`` (Philox integers exactly, normals within NORMAL_ULP); the
-loss and its gradient against autograd of the reference; ``opcheck`` of every
-op; one ``torch.compile(fullgraph=True)``; the dispatch; the in-place step,
-whose noise key is a tensor, bit for bit against the functional one with the
-key as ints.  GPU (``gpu`` marker): the CUDA ops against the reference and the
-CPU ops, and inside a captured CUDA graph driven by a device step counter and
-a device noise key.
+"""What is the C++ backend's alone (the extension ``fastddpm._C``, ``csrc/``): its input checks
+(``TORCH_CHECK``s), its torch.library registration (``opcheck`` of every op, one node under
+``torch.compile(fullgraph=True)``), the dispatch choosing it, and on a GPU the CUDA ops against
+the reference and the CPU ops, and inside a captured CUDA graph driven by a device step counter
+and a device noise key.  Each op's conformance against the reference, shared with the Triton
+backend, is in ``tests/ops/test_<op>.py``.
 """
-from functools import lru_cache
-
 import pytest
 import torch
 
-from backends import import_backend  # noqa: E402
+from backends import import_backend
 
 import_backend("fastddpm._C")
 
 from fastddpm import noise, ops  # noqa: E402
 from fastddpm.ops import cpp as cpp_ops  # noqa: E402
 from fastddpm.ops import reference  # noqa: E402
-from fastddpm.schedule import NoiseSchedule  # noqa: E402
+from op_cases import (DTYPES, RNG_KEYS, SAMPLE_OFFSET, SEED, SHAPES, STEP_VARIANTS, T, coefficients,  # noqa: E402
+                      loss_weights, target_id, variant_id)
+from op_cases import inputs as _inputs  # noqa: E402
+from op_cases import rng_key as _rng  # noqa: E402
+from op_cases import tables as _tables  # noqa: E402
+from op_cases import timesteps as _timesteps  # noqa: E402
 from tolerances import BY_DTYPE, EXACT, FP32, NORMAL_ULP, assert_close  # noqa: E402
 
 pytestmark = pytest.mark.ops
 
-SEED = 0x1234_5678_9ABC_DEF
-SAMPLE_OFFSET = 5
-T = 1000
-SHAPES = [(3, 5, 7, 9), (4, 3, 16, 16), (1, 1, 8, 8)]
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-STEP_VARIANTS = (
-    [(p, "ddpm", v, 0.0) for p in reference.PREDICTIONS for v in reference.VARIANCES]
-    + [(p, "ddim", "fixed_small", eta) for p in reference.PREDICTIONS for eta in (0.0, 0.5, 1.0)]
-)
 HAS_CUDA = torch.cuda.is_available()
+_id = target_id
+_weights = loss_weights
 
 
-def _id(v):
-    return str(v).replace("torch.", "")
-
-
-@lru_cache(maxsize=None)
-def _schedule() -> NoiseSchedule:
-    return NoiseSchedule.make("linear", T)
-
-
-@lru_cache(maxsize=None)
-def _coefs(prediction, sampler, variance, eta) -> torch.Tensor:
-    rows = reference.step_coefficients(_schedule(), prediction, variance, sampler, eta)
-    return torch.as_tensor(rows, dtype=torch.float64).to(torch.float32)
-
-
-def _tables(device="cpu"):
-    s = _schedule()
-    return s.table("sqrt_alphas_cumprod", device), s.table("sqrt_one_minus_alphas_cumprod", device)
-
-
-def _timesteps(n, device="cpu"):
-    """Per-sample t covering both ends of the schedule."""
-    base = [T - 1, 0, 1, T // 2, 17, T - 2]
-    return torch.tensor((base * (n // len(base) + 1))[:n], dtype=torch.int64, device=device)
-
-
-def _weights(prediction, device="cpu"):
-    w = reference.loss_weights(_schedule(), prediction, 5.0)  # min-SNR-5
-    return torch.as_tensor(w, dtype=torch.float64).to(torch.float32).to(device)
-
-
-def _inputs(shape, dtype, device="cpu"):
-    x = torch.randn(shape).to(device)
-    out = (torch.randn(shape) * 1.5).to(device=device, dtype=dtype)
-    return x, out
+def _coefs(*variant) -> torch.Tensor:
+    return coefficients(variant)
 
 
 def _ref_step(x, out, step, coefs, clip, seed=SEED, sample_offset=SAMPLE_OFFSET):
     z = reference.batch_noise(seed, sample_offset, step, x.shape, x.device)
     return reference.ddpm_step(x, out, coefs.index_select(0, step), clip, z)
-
-
-def _rng(seed, sample_offset, device="cpu"):
-    """The noise key of the in-place step: int64 [2] (seed, sample_offset)."""
-    return torch.tensor([seed, sample_offset], dtype=torch.int64, device=device)
 
 
 def _ref_loss(out, x0, t, weights, prediction, loss_type, delta):
@@ -99,7 +51,6 @@ def _assert_grad_close(actual, expected, dtype):
     assert_close(actual.float() / scale, expected.float() / scale, **BY_DTYPE[dtype], msg="grad / max|grad|")
 
 
-# -- noise ---------------------------------------------------------------------------------
 def _offsets(device="cpu"):
     g = torch.Generator().manual_seed(1)
     random = torch.randint(0, 2**62, (4090,), generator=g, dtype=torch.int64)
@@ -107,114 +58,7 @@ def _offsets(device="cpu"):
     return torch.cat([random, edges]).to(device)
 
 
-@pytest.mark.parametrize("seed", [0, 1, SEED, 2**63 - 1])
-def test_philox_integers_exact(seed):
-    off = _offsets()
-    words = cpp_ops.philox4x32(seed, off)
-    expected = noise.philox4x32(seed, off & noise.MASK32, (off >> 32) & noise.MASK32)
-    assert_close(words, torch.stack(expected, dim=-1), **EXACT, msg="philox words")
-
-
-@pytest.mark.parametrize("seed", [0, SEED, 2**63 - 1])
-def test_philox_normals_within_ulp(seed):
-    off = _offsets().reshape(64, 64)
-    assert_close(cpp_ops.philox_normal(seed, off), noise.normal(seed, off), **NORMAL_ULP, msg="normals")
-
-
-# -- q_sample --------------------------------------------------------------------------------
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
-@pytest.mark.parametrize("shape", SHAPES, ids=_id)
-def test_q_sample_matches_reference(shape, dtype):
-    x0 = torch.randn(shape).to(dtype)
-    t = _timesteps(shape[0])
-    sac, s1mac = _tables()
-    actual = cpp_ops.q_sample(x0, t, sac, s1mac, SEED, SAMPLE_OFFSET)
-    z = reference.batch_noise(SEED, SAMPLE_OFFSET, 0, x0.shape, x0.device)
-    assert actual.dtype == torch.float32
-    assert_close(actual, reference.q_sample(x0, t, sac, s1mac, z), **BY_DTYPE[dtype], msg=f"q_sample {dtype}")
-
-
-# -- ddpm_step -------------------------------------------------------------------------------
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
-@pytest.mark.parametrize("shape", SHAPES, ids=_id)
-@pytest.mark.parametrize("clip", [True, False], ids=["clip", "noclip"])
-@pytest.mark.parametrize("variant", STEP_VARIANTS, ids=lambda v: "-".join(map(str, v)))
-def test_ddpm_step_matches_reference(variant, clip, shape, dtype):
-    coefs = _coefs(*variant)
-    x, out = _inputs(shape, dtype)
-    step = _timesteps(shape[0])
-    actual = cpp_ops.ddpm_step(x, out, step, coefs, SEED, SAMPLE_OFFSET, clip)
-    assert actual.dtype == torch.float32
-    assert_close(actual, _ref_step(x, out, step, coefs, clip), **BY_DTYPE[dtype], msg=f"ddpm_step {variant}")
-
-
-@pytest.mark.parametrize("step_shape", [(), (1,), "expanded"], ids=_id)
-def test_ddpm_step_single_step_index(step_shape):
-    """A step index shared by the batch (a 0-dim/[1] counter, or an expanded
-    0-dim) is read in the kernel: same result as a per-sample [n] step."""
-    coefs = _coefs("epsilon", "ddpm", "fixed_large", 0.0)
-    x, out = _inputs((4, 3, 16, 16), torch.float32)
-    k = torch.tensor(T // 3)
-    step = k.expand(4) if step_shape == "expanded" else k.reshape(step_shape)
-    actual = cpp_ops.ddpm_step(x, out, step, coefs, SEED, SAMPLE_OFFSET, True)
-    expected = cpp_ops.ddpm_step(x, out, k.repeat(4), coefs, SEED, SAMPLE_OFFSET, True)
-    assert_close(actual, expected, **EXACT)
-
-
-@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
-@pytest.mark.parametrize("model_dtype", DTYPES, ids=_id)
-@pytest.mark.parametrize("shape", [(3, 5, 7, 9), (4, 3, 16, 16)], ids=_id)
-def test_ddpm_step_cast_and_inplace(shape, model_dtype, channels_last):
-    """The low-precision copy for the next model call is x_prev rounded, in the
-    asked layout; the in-place form writes the same into given buffers."""
-    coefs = _coefs("v", "ddim", "fixed_small", 0.5)
-    x, out = _inputs(shape, torch.bfloat16)
-    step = _timesteps(shape[0])
-    x_prev = cpp_ops.ddpm_step(x, out, step, coefs, SEED, SAMPLE_OFFSET, True)
-    x_cast, model_input = cpp_ops.ddpm_step_cast(x, out, step, coefs, SEED, SAMPLE_OFFSET, True, model_dtype,
-                                                 channels_last)
-    layout = torch.channels_last if channels_last else torch.contiguous_format
-    assert model_input.dtype == model_dtype and model_input.is_contiguous(memory_format=layout)
-    assert_close(x_cast, x_prev, **EXACT)
-    assert_close(model_input, x_prev.to(model_dtype), **EXACT, msg="model input")
-
-    x_buf = x.clone()
-    buf = torch.empty(shape, dtype=model_dtype).to(memory_format=layout)
-    cpp_ops.ddpm_step_(x_buf, out, step, coefs, _rng(SEED, SAMPLE_OFFSET), True, buf)
-    assert_close(x_buf, x_prev, **EXACT)
-    assert_close(buf, model_input, **EXACT)
-
-
-# (seed, sample_offset): zero, a seed that fills both key words, the largest seed, offsets past 2**31
-RNG_KEYS = [(0, 0), (SEED, SAMPLE_OFFSET), (2**32 + 3, 2**31 + 1), (2**63 - 1, 2**32 - 8)]
-
-
-@pytest.mark.parametrize("clip", [True, False], ids=["clip", "noclip"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
-@pytest.mark.parametrize("shape", [(3, 5, 7, 9), (4, 3, 16, 16)], ids=_id)
-@pytest.mark.parametrize("key", RNG_KEYS, ids=_id)
-def test_ddpm_step_inplace_rng_equals_functional(key, shape, dtype, clip):
-    """ddpm_step_ reads (seed, sample_offset) from the tensor rng: bit for bit the
-    functional op given them as ints, for a per-sample and a shared step index, with
-    no model input, one of the output's dtype and a float16 channels_last one."""
-    seed, sample_offset = key
-    coefs = _coefs("epsilon", "ddpm", "fixed_large", 0.0)  # sigma > 0 at every step: noise everywhere
-    x, out = _inputs(shape, dtype)
-    for step in (_timesteps(shape[0]), torch.tensor(T // 2)):
-        want = cpp_ops.ddpm_step(x, out, step.expand(shape[0]), coefs, seed, sample_offset, clip)
-        for model_input in (None, torch.empty(shape, dtype=dtype),
-                            torch.empty(shape, dtype=torch.float16).to(memory_format=torch.channels_last)):
-            x_buf = x.clone()
-            cpp_ops.ddpm_step_(x_buf, out, step, coefs, _rng(seed, sample_offset), clip, model_input)
-            assert_close(x_buf, want, **EXACT, msg=f"x, step {tuple(step.shape)}")
-            if model_input is not None:
-                assert_close(model_input, x_buf.to(model_input.dtype), **EXACT, msg="model input")
-    # the key is what rng holds: another sample offset draws other noise
-    x_buf = x.clone()
-    cpp_ops.ddpm_step_(x_buf, out, step, coefs, _rng(seed, sample_offset + 1), clip, None)
-    assert not torch.equal(x_buf, want)
-
-
+# -- input checks ------------------------------------------------------------------------------
 @pytest.mark.parametrize("rng, match", [
     (torch.tensor([1, 0], dtype=torch.int32), "rng must be Long"),
     (torch.tensor([1.0, 0.0]), "rng must be Long"),
@@ -247,51 +91,6 @@ def test_ddpm_step_rejects_bad_inputs():
         cpp_ops.ddpm_step(x, out, torch.tensor([0, 1]), coefs[:, :4], SEED, 0, True)
     with pytest.raises(RuntimeError, match="model_output must have shape"):
         cpp_ops.ddpm_step(x, out[:1], torch.tensor([0, 1]), coefs, SEED, 0, True)
-
-
-# -- diffusion_loss ----------------------------------------------------------------------------
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
-@pytest.mark.parametrize("shape", SHAPES[:2], ids=_id)
-@pytest.mark.parametrize("loss_type", reference.LOSSES)
-@pytest.mark.parametrize("prediction", reference.PREDICTIONS)
-def test_diffusion_loss_and_gradient_match_reference(prediction, loss_type, shape, dtype):
-    x0 = torch.randn(shape).clamp(-1, 1)
-    out = torch.randn(shape).to(dtype)
-    t = _timesteps(shape[0])
-    weights = _weights(prediction)
-    sac, s1mac = _tables()
-    delta = 0.7
-
-    out_cpp = out.clone().requires_grad_()
-    loss = cpp_ops.diffusion_loss(out_cpp, x0, t, sac, s1mac, weights, SEED, SAMPLE_OFFSET, prediction, loss_type,
-                                  delta)
-    loss.backward()
-    out_ref = out.clone().requires_grad_()
-    expected = _ref_loss(out_ref, x0, t, weights, prediction, loss_type, delta)
-    expected.backward()
-
-    assert loss.shape == () and loss.dtype == torch.float32
-    assert_close(loss, expected, **FP32, msg="loss")
-    assert out_cpp.grad.dtype == dtype
-    _assert_grad_close(out_cpp.grad, out_ref.grad, dtype)
-
-
-@pytest.mark.parametrize("shape", [(3, 3, 97, 101), (2, 3, 151, 150)], ids=_id)
-def test_large_odd_shapes_split_across_tasks(shape):
-    """Rows that straddle parallel tasks and chunks, and loss rows of more than
-    one partial sum (> 65536 elements)."""
-    coefs = _coefs("v", "ddpm", "fixed_large", 0.0)
-    x, out = _inputs(shape, torch.bfloat16)
-    step = _timesteps(shape[0])
-    actual = cpp_ops.ddpm_step(x, out, step, coefs, SEED, SAMPLE_OFFSET, False)
-    assert_close(actual, _ref_step(x, out, step, coefs, False), **FP32, msg="ddpm_step")
-    sac, s1mac = _tables()
-    x_t = cpp_ops.q_sample(x, step, sac, s1mac, SEED, SAMPLE_OFFSET)
-    z = reference.batch_noise(SEED, SAMPLE_OFFSET, 0, shape, "cpu")
-    assert_close(x_t, reference.q_sample(x, step, sac, s1mac, z), **FP32, msg="q_sample")
-    weights = _weights("epsilon")
-    loss = cpp_ops.diffusion_loss(out, x, step, sac, s1mac, weights, SEED, SAMPLE_OFFSET, "epsilon", "l2", 1.0)
-    assert_close(loss, _ref_loss(out, x, step, weights, "epsilon", "l2", 1.0), **FP32, msg="loss")
 
 
 # -- torch.library: opcheck, compile, dispatch ------------------------------------------------------
@@ -374,7 +173,7 @@ def test_cuda_noise_equals_cpu(seed):
 @needs_cuda_ops
 @pytest.mark.parametrize("dtype", DTYPES, ids=_id)
 @pytest.mark.parametrize("shape", SHAPES + [(8, 3, 64, 64)], ids=_id)
-@pytest.mark.parametrize("variant", STEP_VARIANTS, ids=lambda v: "-".join(map(str, v)))
+@pytest.mark.parametrize("variant", STEP_VARIANTS, ids=variant_id)
 def test_cuda_ddpm_step_matches_reference_and_cpu(variant, shape, dtype):
     coefs = _coefs(*variant)
     x, out = _inputs(shape, dtype)
