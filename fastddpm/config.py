@@ -7,8 +7,8 @@ import json
 from dataclasses import MISSING, dataclass, fields
 from typing import ClassVar, Literal
 
-from .multistep import SOLVERS, SPACINGS
-from .ops.reference import LOSSES, PREDICTIONS, SAMPLERS, VARIANCES
+from .modes import LOSSES, PREDICTIONS, SAMPLERS, SOLVERS, VARIANCES, LossType, Prediction, SamplerChoice, Variance
+from .multistep import SPACINGS
 from .schedule import SCHEDULE_KINDS
 
 __all__ = ["JsonConfig", "DiffusionConfig", "MAX_TIMESTEPS"]
@@ -90,15 +90,15 @@ class DiffusionConfig(JsonConfig):
     num_timesteps: int = 1000
     schedule: Literal["linear", "cosine", "sigmoid", "quadratic", "custom"] = "linear"
     betas: tuple[float, ...] | None = None
-    prediction: Literal["epsilon", "x0", "v"] = "epsilon"
-    variance: Literal["fixed_small", "fixed_large"] = "fixed_small"
+    prediction: Prediction = "epsilon"
+    variance: Variance = "fixed_small"
     clip_denoised: bool = True
-    sampler: Literal["ddpm", "ddim", "dpm++2m", "dpm++3m", "dpm++2m-sde", "unipc"] = "ddpm"
+    sampler: SamplerChoice = "ddpm"
     eta: float = 0.0
     timestep_spacing: Literal["linspace", "leading", "trailing"] = "linspace"
     karras_sigmas: bool = False
     lambda_min_clipped: float | None = None
-    loss: Literal["l2", "l1", "huber"] = "l2"
+    loss: LossType = "l2"
     huber_delta: float = 1.0
     min_snr_gamma: float | None = None
 

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from . import ops
+from .modes import PREDICTIONS, SOLVERS
 from .schedule import NoiseSchedule
 
 __all__ = [
@@ -56,7 +57,6 @@ __all__ = [
     "MultistepSampler",
 ]
 
-SOLVERS = ("dpm++2m", "dpm++3m", "dpm++2m-sde", "unipc")
 SPACINGS = ("linspace", "leading", "trailing")
 TABLE_COLUMNS = ("a", "b", "u", "cl", "k0", "k1", "k2", "cx", "p0", "p1", "p2", "cz")
 # The order of each solver, which is also the fewest steps it accepts.
@@ -179,7 +179,7 @@ def multistep_table(sigmas: np.ndarray, solver: str, prediction: str = "epsilon"
     elif prediction == "v":
         col["a"][:], col["b"][:] = alpha[:K], -sigma[:K]
     else:
-        raise ValueError(f"prediction must be one of ('epsilon', 'x0', 'v'), got {prediction!r}")
+        raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
 
     orders = solver_orders(solver, K)
     j = np.arange(K)

@@ -8,12 +8,13 @@ from typing import ClassVar, Literal
 
 from .checks import is_int
 from .config import JsonConfig
+from .modes import TRAIN_COMPILE_MODES, TrainCompileMode
 from .noise import MAX_SEED
 
 __all__ = ["TrainConfig", "COMPILE_MODES"]
 
 # ``torch.compile`` modes of the training model ("no": eager)
-COMPILE_MODES = ("no", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+COMPILE_MODES = TRAIN_COMPILE_MODES  # "no" and torch.compile's modes (fastddpm.modes)
 
 
 def _is_num(v) -> bool:
@@ -84,7 +85,7 @@ class TrainConfig(JsonConfig):
     ema_warmup_power: float | None = 0.75
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     channels_last: bool | None = None
-    compile: Literal["no", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "no"
+    compile: TrainCompileMode = "no"
     nonfinite: Literal["error", "skip"] = "error"
     seed: int = 0
     random_flip: bool = True

@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fastddpm.modes import LOSSES, PREDICTIONS
 from fastddpm.noise import check_noise_capacity
 
 from fastddpm.ops import fakes
@@ -24,8 +25,9 @@ from .noise import contract_offsets
 
 __all__ = ["diffusion_loss", "diffusion_loss_backward"]
 
-PREDICTION_CODE = {"epsilon": 0, "x0": 1, "v": 2}
-LOSS_CODE = {"l2": 0, "l1": 1, "huber": 2}
+# the kernels' codes: the position in fastddpm.modes (as csrc/fused_math.h's enums)
+PREDICTION_CODE = {name: code for code, name in enumerate(PREDICTIONS)}
+LOSS_CODE = {name: code for code, name in enumerate(LOSSES)}
 
 
 @triton.jit

@@ -9,12 +9,12 @@ Where things are:
   backend)`` for the in-place kernels the sampler engine replays (``ddpm_step_``,
   ``multistep_step_``);
 * ``fastddpm.ops.reference``: the pure-PyTorch math, the single source of truth;
-* ``fastddpm.ops.modes``: the names of the modes (predictions, variances, losses, samplers);
 * ``fastddpm.ops.fakes`` and ``fastddpm.ops.autograd``: the fake implementations and the
   autograd formulas, registered for both compiled namespaces (``fastddpm``, ``fastddpm_triton``);
 * ``fastddpm.ops.cpp``: the ``cpp`` backend adapter over the extension ``fastddpm._C``
   (``csrc/``); the ``triton`` backend is ``fastddpm.kernels.ops`` (``kernels/``).
 
+The names of the modes (predictions, losses...) are ``fastddpm.modes``'s.
 Everything public is re-exported here: ``from fastddpm import ops; ops.ddpm_step(...)``.
 """
 from __future__ import annotations

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..checks import FLOAT_DTYPES, check_same_device, check_tensor
+from ..modes import LOSSES, PREDICTIONS
 from ..noise import check_seed
 from . import reference
 from .registry import implementation, resolve
@@ -67,10 +68,10 @@ def diffusion_loss(model_output, x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alph
                  sqrt_one_minus_alphas_cumprod=sqrt_one_minus_alphas_cumprod, weights=weights)
     check_same_device(model_output=model_output, x0=x0)
     check_seed(seed)
-    if prediction not in reference.PREDICTIONS:
-        raise ValueError(f"prediction must be one of {reference.PREDICTIONS}, got {prediction!r}")
-    if loss_type not in reference.LOSSES:
-        raise ValueError(f"loss_type must be one of {reference.LOSSES}, got {loss_type!r}")
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+    if loss_type not in LOSSES:
+        raise ValueError(f"loss_type must be one of {LOSSES}, got {loss_type!r}")
     t = t.expand(x0.shape[0]) if t.ndim == 0 else t
     if noise is None:
         impl = _impl("diffusion_loss", model_output.device, model_output.dtype, backend)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..modes import LOSSES, PREDICTIONS, SAMPLERS, VARIANCES
 from ..noise import noise_offsets, normal
 from ..schedule import NoiseSchedule
 
@@ -45,10 +46,6 @@ __all__ = [
     "attention",
 ]
 
-PREDICTIONS = ("epsilon", "x0", "v")
-VARIANCES = ("fixed_small", "fixed_large")
-LOSSES = ("l2", "l1", "huber")
-SAMPLERS = ("ddpm", "ddim")
 COEF_COLUMNS = ("a", "b", "c0", "c1", "sigma")
 
 

@@ -1,0 +1,32 @@
+"""The names of every mode, declared once: a ``Literal`` type each (what config fields and
+signatures are annotated with) and the tuple of its values derived from it.
+
+The order of ``PREDICTIONS`` and ``LOSSES`` is also their integer code in the kernels
+(``csrc/fused_math.h``: ``enum Prediction``, ``enum LossType``; ``kernels/diffusion_loss.py``);
+``tests/test_modes.py`` holds the C++ spellings and codes to these.
+"""
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+__all__ = ["Prediction", "Variance", "LossType", "Sampler", "Solver", "SamplerChoice", "TorchCompileMode", "TrainCompileMode",
+           "PREDICTIONS", "VARIANCES", "LOSSES", "SAMPLERS", "SOLVERS", "TORCH_COMPILE_MODES", "TRAIN_COMPILE_MODES"]
+
+Prediction = Literal["epsilon", "x0", "v"]  # what the model outputs
+Variance = Literal["fixed_small", "fixed_large"]  # the reverse step's sigma^2: beta_tilde or beta
+LossType = Literal["l2", "l1", "huber"]
+Sampler = Literal["ddpm", "ddim"]  # one-step samplers: a [K, 5] coefficient table (ops.ddpm_step)
+Solver = Literal["dpm++2m", "dpm++3m", "dpm++2m-sde", "unipc"]  # multistep solvers (ops.multistep_step)
+SamplerChoice = Literal[Sampler, Solver]  # DiffusionConfig.sampler: either kind
+# torch.compile's modes.  The sampler engine takes compile=True/False/None or one of these; a
+# training config spells "off" as "no" (a CLI choice and a JSON value), so its set has one more.
+TorchCompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+TrainCompileMode = Literal["no", TorchCompileMode]
+
+PREDICTIONS: tuple[str, ...] = get_args(Prediction)
+VARIANCES: tuple[str, ...] = get_args(Variance)
+LOSSES: tuple[str, ...] = get_args(LossType)
+SAMPLERS: tuple[str, ...] = get_args(Sampler)
+SOLVERS: tuple[str, ...] = get_args(Solver)
+TORCH_COMPILE_MODES: tuple[str, ...] = get_args(TorchCompileMode)
+TRAIN_COMPILE_MODES: tuple[str, ...] = get_args(TrainCompileMode)
