@@ -45,7 +45,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from . import ops, reference
+from . import cpu_plan, ops, reference
 from .adapters import ModelAdapter
 from .checks import check_finite_values, check_output_flag, watch_output
 from .noise import check_noise_capacity, check_seed
@@ -79,6 +79,8 @@ class Plan:
     :param compile: ``torch.compile`` mode of the model, or None (eager model).
     :param steps_per_graph: steps captured in one graph.
     :param micro_batch: samples per engine batch.
+    :param threads: torch's CPU threads while sampling (None: unchanged); Inductor's CPU
+        code is compiled for a thread count, so it is part of the key.
     """
 
     device: torch.device
@@ -90,11 +92,12 @@ class Plan:
     steps_per_graph: int
     micro_batch: int
     reasons: tuple[str, ...] = ()
+    threads: int | None = None
 
     def key(self) -> tuple:
         """What an engine depends on (``micro_batch`` and ``reasons`` excluded)."""
         return (str(self.device), self.dtype, self.channels_last, self.backend, self.cuda_graph, self.compile,
-                self.steps_per_graph)
+                self.steps_per_graph, self.threads)
 
     def explain(self) -> str:
         """What was picked and why, one choice a line."""
@@ -485,18 +488,38 @@ def last_plan() -> Plan | None:
     return _LAST_PLAN[0]
 
 
+def _with_cpu_choice(plan: Plan, choice) -> Plan:
+    """``plan`` with the CPU plan's threads and its reasons in place of the requested-value lines."""
+    chosen = ("dtype=", "channels_last=", "compile=")
+    reasons = [r for r in plan.reasons if not r.startswith(chosen)] + list(choice.reasons)
+    return dataclasses.replace(plan, threads=choice.threads, reasons=tuple(reasons))
+
+
+def _compile_on_cpu(model, adapter, engine: SamplerEngine, choice) -> None:
+    """Compile a new CPU engine's model before its loop, timed, and record the time
+    (``cpu_plan`` estimates the next compile of this model from it)."""
+    plan = engine.plan
+    seconds = cpu_plan.warm_up(engine._forward, engine.shape, plan.dtype, adapter.dtype, plan.channels_last)
+    key = cpu_plan.compile_key(model, engine.shape, plan.dtype, plan.channels_last, plan.compile, plan.threads)
+    cpu_plan.record_compile(model, key, max(0.0, seconds - (choice.forward_s or 0.0)))
+
+
 @torch.no_grad()
 def engine_sample(model, n: int, *, steps: int | None = None, seed: int = 0, device=None, dtype=None,
                   image_size=None, channels=None, batch_size: int | None = None, progress: bool = True,
                   callback=None, process=None, sample_offset: int = 0, distributed: bool = False,
                   cuda_graph=None, compile=None, backend=None, micro_batch=None, steps_per_graph=None,
-                  channels_last=None, return_plan: bool = False, **process_options):
+                  channels_last=None, threads=None, return_plan: bool = False, **process_options):
     """``fastddpm.sample`` through the engine: same arguments, same noise contract.
 
     Plan overrides (None: automatic, see ``make_plan``): ``cuda_graph``,
     ``compile``, ``dtype``, ``backend``, ``micro_batch`` (``batch_size`` is its
     alias), ``steps_per_graph``, ``channels_last``.  On CUDA ``dtype`` defaults
     to bfloat16 where supported (``fastddpm.sample`` defaults to the model's).
+    On a CPU ``compile``, ``channels_last`` and ``dtype`` left None are chosen by
+    ``fastddpm.cpu_plan`` from timing the model's first calls (compile only when
+    it pays back within this call); ``threads`` sets torch's CPU threads while
+    sampling (None: torch's setting).
 
     Engines are cached by (model, its weights' storage, process, batch shape,
     plan): a second call with the same arguments, or another ``seed`` or
@@ -530,23 +553,34 @@ def engine_sample(model, n: int, *, steps: int | None = None, seed: int = 0, dev
     device = _device_of(device if device is not None else adapter.device)
     shape = adapter.shape(n)
     check_noise_capacity(math.prod(shape[1:]), process.num_steps + 1, sample_offset + n - 1)
-    plan = make_plan(adapter, n, shape[1:], device, dtype=dtype, cuda_graph=cuda_graph, compile=compile,
-                     backend=backend, micro_batch=micro_batch, steps_per_graph=steps_per_graph,
-                     channels_last=channels_last)
-    _LAST_PLAN[0] = plan
+    with cpu_plan.using_threads(threads):
+        options = dict(dtype=dtype, cuda_graph=cuda_graph, compile=compile, backend=backend, micro_batch=micro_batch,
+                       steps_per_graph=steps_per_graph, channels_last=channels_last)
+        plan = make_plan(adapter, n, shape[1:], device, **options)  # checks every argument
+        choice = None
+        if device.type == "cpu":
+            batches = -(-n // plan.micro_batch)
+            choice = cpu_plan.choose(model, adapter.dtype, (plan.micro_batch, *shape[1:]), process.num_steps, batches,
+                                     dtype=dtype, compile=compile, channels_last=channels_last, threads=threads,
+                                     forward=adapter)
+            plan = _with_cpu_choice(make_plan(adapter, n, shape[1:], device, **(options | dict(
+                dtype=choice.dtype, compile=choice.compile or False, channels_last=choice.channels_last))), choice)
+        _LAST_PLAN[0] = plan
 
-    m = plan.micro_batch
-    start = time.perf_counter()
-    bar = tqdm(total=process.num_steps * -(-n // m), disable=not progress, desc="sampling", unit="step",
-               leave=False)
-    chunks = []
-    diverged = torch.zeros((), dtype=torch.bool, device=device)
-    for first in range(0, n, m):
-        size = min(m, n - first)
-        engine = _engine(model, adapter, process, (size, *shape[1:]), plan)
-        chunks.append(engine.run(seed, sample_offset + first, callback, bar))
-        diverged |= engine.diverged  # on the device; the engine resets its flag each run
-    bar.close()
+        m = plan.micro_batch
+        start = time.perf_counter()
+        bar = tqdm(total=process.num_steps * -(-n // m), disable=not progress, desc="sampling", unit="step",
+                   leave=False)
+        chunks = []
+        diverged = torch.zeros((), dtype=torch.bool, device=device)
+        for first in range(0, n, m):
+            size = min(m, n - first)
+            engine = _engine(model, adapter, process, (size, *shape[1:]), plan)
+            if choice is not None and plan.compile and engine.runs == 0:
+                _compile_on_cpu(model, adapter, engine, choice)
+            chunks.append(engine.run(seed, sample_offset + first, callback, bar))
+            diverged |= engine.diverged  # on the device; the engine resets its flag each run
+        bar.close()
     x = torch.cat(chunks) if len(chunks) > 1 else chunks[0]
     check_output_flag(diverged)  # read back once, after the loop, as the images' check
     check_finite_values("the sampled images", x)
