@@ -17,17 +17,26 @@ returns what to do and one reason per automatic choice (``Plan.explain()``):
   cache, so deleting the cache forgets it), else ``COLD_COMPILE_S``.
 * ``dtype``: the model's (float32) unless low precision is asked for.
   ``dtype=torch.bfloat16`` is the one low-precision option on a CPU: it pays on
-  CPUs with AVX-512 BF16 or AMX, compiled, in channels_last (measured below);
-  eager bf16 is slower than fp32 at small batches.  ``x`` stays float32.
+  CPUs with AVX-512 BF16 or AMX, most when compiled, in channels_last (measured
+  below); eager bf16 is slower than fp32 at n=1.  ``x`` stays float32.
 * ``threads``: torch's setting (``torch.get_num_threads()``) unless ``threads=``
   is given; on a machine busier than its cores a note says that fewer threads
   are steadier (two threads on a loaded 2-core machine made steps 10-100x
   slower at random).
 
-Measured on a shared 2-core AVX-512 BF16 CPU, 1 thread (issue 15, the numbers
-behind the constants): compile 1.17-1.65x an eager fp32 forward, first call
-19-72 s cold, 2-5 s from a warm cache; compile + bf16 + channels_last 1.46x at
-n=16 and 1.76-2.29x at n=64; channels_last faster at n=1 only.
+Measured on a shared 2-core AVX-512 BF16 CPU, 1 thread, fastddpm's "small" U-Net
+(forward ms, median of 7 interleaved calls; the numbers behind the constants):
+
+    n    eager  compile  +freezing  +max-autotune  eager bf16  compile bf16 (NHWC)
+    1     5.2     4.2      3.2         3.3            7.9         5.2
+    16   45.8    41.5     40.4        39.1           39.2        30.9
+    64  224.7   160.8    161.4       160.0          120.7        98.3
+
+Compile's first call: 47-127 s cold on the loaded machine (19-39 s on a quiet one),
+2-5 s from a warm cache.  Inductor's ``freezing`` and CPU max-autotune add nothing
+measurable over the default mode here, and freezing bakes the weights into the
+compiled code (an EMA model updated in place would sample with stale weights), so
+the plan compiles with the default mode only.
 """
 from __future__ import annotations
 
@@ -45,8 +54,9 @@ __all__ = ["CpuChoice", "choose", "bf16_native", "record_compile", "compile_key"
 
 # Conservative (low-end) compile speed-ups of the forward on a CPU, by model-input dtype: the
 # plan compiles only when the saving at this speed-up beats the compile's cost.
-COMPILE_SPEEDUP = {torch.float32: 1.15, torch.bfloat16: 1.4, torch.float16: 1.15}
-COLD_COMPILE_S = 60.0  # a first compile with an empty Inductor cache (19-72 s measured on 2 shared cores)
+COMPILE_SPEEDUP = {torch.float32: 1.15, torch.bfloat16: 1.2, torch.float16: 1.15}
+COLD_COMPILE_S = 60.0  # a first compile with an empty Inductor cache (19-127 s measured on 2 shared cores)
+MIN_COMPILE_S = 1.0  # no compile takes less, even from a warm cache: a smaller saving never pays
 WARM_FRACTION = 0.15  # a warm-cache compile, as a share of the cold one, when only the cold one was recorded
 MEASURE_SHARE = 0.05  # at most this share of the estimated run is spent timing layouts
 LAYOUT_MARGIN = 1.03  # channels_last must be this much faster to be picked (timing noise)
@@ -54,6 +64,7 @@ LAYOUT_CALLS = 2  # timed calls per layout, interleaved, after the first call
 RECORD_NAME = "fastddpm_compile_times.json"
 
 _COMPILED_HERE: set = set()  # (id(model), compile_key()) compiled in this process: dynamo's cache holds them
+_FORWARDS: dict = {}  # (id(model), batch shape, dtype, channels_last, threads) -> (forward s, exact)
 _LAYOUTS: dict = {}  # (id(model), batch shape, dtype, threads) -> a measured layout choice, reused in this process
 
 
@@ -306,24 +317,37 @@ def _pick_layout(forward, batch_shape, dtype, weights_dtype, num_steps, batches,
 def _pick_compile(model, forward, batch_shape, dtype, weights_dtype, channels_last, threads, forward_s, num_steps,
                   batches):
     """``(mode or None, seconds of an eager forward, reason)``: compile when the saving over
-    this call beats the compile's cost; the forward is timed only as far as the choice needs."""
+    this call beats the compile's cost.  The forward is timed once per process for an input
+    (``_FORWARDS``), and the records are read only when the saving could beat any compile."""
     speedup = COMPILE_SPEEDUP.get(dtype, 1.15)
     key = compile_key(model, batch_shape, dtype, channels_last, "default", threads)
-    cost, source = _compile_cost(model, key)
-    if cost == 0.0:
-        return "default", forward_s, f"compile='default': {source} (this input, these threads)"
+    if (id(model), key) in _COMPILED_HERE:
+        return "default", forward_s, "compile='default': already compiled in this process (this input, these threads)"
+    timed = (id(model), tuple(batch_shape), dtype, channels_last, threads)
+    exact = forward_s is not None
+    if not exact:  # (seconds, exact): a first call's time (lazy init included) is an upper bound
+        forward_s, exact = _FORWARDS.get(timed, (None, False))
+    x = None
     if forward_s is None:
         x, t = _inputs(batch_shape, channels_last, dtype)
-        first = _forward(forward, x, t, dtype, weights_dtype)  # lazy init included: an upper bound
-        if first * num_steps * batches * (1.0 - 1.0 / speedup) > cost:
-            forward_s = _forward(forward, x, t, dtype, weights_dtype)
-        else:
-            forward_s = first
+        forward_s = _forward(forward, x, t, dtype, weights_dtype)
+    if not exact and forward_s * num_steps * batches * (1.0 - 1.0 / speedup) > MIN_COMPILE_S:
+        if x is None:
+            x, t = _inputs(batch_shape, channels_last, dtype)
+            _forward(forward, x, t, dtype, weights_dtype)
+        forward_s, exact = _forward(forward, x, t, dtype, weights_dtype), True
+    _FORWARDS[timed] = (forward_s, exact)
+    while len(_FORWARDS) > 64:
+        _FORWARDS.pop(next(iter(_FORWARDS)))
     eager_s = forward_s * num_steps * batches
     saving = eager_s * (1.0 - 1.0 / speedup)
     run = (f"the eager run is ~{eager_s:.1f} s ({forward_s * 1e3:.1f} ms x {num_steps} steps x {batches} "
-           f"batch{'es' if batches > 1 else ''}), compiling saves ~{saving:.1f} s at {speedup:.2f}x and costs "
-           f"~{cost:.1f} s ({source})")
+           f"batch{'es' if batches > 1 else ''}), compiling saves ~{saving:.1f} s at {speedup:.2f}x")
+    if saving <= MIN_COMPILE_S:
+        return None, forward_s, (f"compile=None: {run}, less than any compile takes (>= {MIN_COMPILE_S:.0f} s); "
+                                 "pass compile=True to compile anyway")
+    cost, source = _compile_cost(model, key)
+    run += f" and costs ~{cost:.1f} s ({source})"
     if saving > cost:
         return "default", forward_s, f"compile='default': {run}"
     return None, forward_s, f"compile=None: {run}; pass compile=True to compile anyway"

@@ -20,6 +20,7 @@ def _fresh(monkeypatch, tmp_path):
     clear_engine_cache()
     monkeypatch.setattr(cpu_plan, "_COMPILED_HERE", set())
     monkeypatch.setattr(cpu_plan, "_LAYOUTS", {})
+    monkeypatch.setattr(cpu_plan, "_FORWARDS", {})
     monkeypatch.setattr(cpu_plan, "_record_path", lambda: tmp_path / cpu_plan.RECORD_NAME)
     yield
     clear_engine_cache()
@@ -64,10 +65,36 @@ def test_multistep_samplers_stay_on_the_eager_loop():
 def test_compile_only_when_the_saving_beats_the_cost(monkeypatch, cost, compiled):
     monkeypatch.setattr(cpu_plan, "_compile_cost", lambda model, key: (cost, "made up"))
     _fake_forward(monkeypatch, 0.01, 0.02)
-    choice = cpu_plan.choose(_tiny3(), torch.float32, (2, 3, 8, 8), 100, 1)
+    choice = cpu_plan.choose(_tiny3(), torch.float32, (2, 3, 8, 8), 10_000, 1)
     assert choice.compile == compiled
     line = next(r for r in choice.reasons if r.startswith("compile="))
-    assert "saves ~0.1 s" in line and "made up" in line, line  # 0.01 s x 100 steps x (1 - 1/1.15)
+    assert "saves ~13.0 s" in line and "made up" in line, line  # 0.01 s x 10000 steps x (1 - 1/1.15)
+
+
+def test_no_compile_when_the_saving_is_below_any_compile(monkeypatch):
+    monkeypatch.setattr(cpu_plan, "_compile_cost", lambda model, key: pytest.fail("records read"))
+    _fake_forward(monkeypatch, 0.01, 0.02)
+    choice = cpu_plan.choose(_tiny3(), torch.float32, (2, 3, 8, 8), 100, 1)
+    assert choice.compile is None
+    assert "less than any compile takes" in next(r for r in choice.reasons if r.startswith("compile="))
+
+
+def test_the_forward_is_timed_once_per_process(monkeypatch):
+    calls = []
+
+    def timed(forward, x, t, dtype, weights_dtype):
+        calls.append(1)
+        return 0.01
+
+    monkeypatch.setattr(cpu_plan, "_forward", timed)
+    model = _tiny3()
+    for _ in range(3):  # a short run: one call, an upper bound, kept
+        assert cpu_plan.choose(model, torch.float32, (2, 3, 8, 8), 5, 1, channels_last=False).compile is None
+    assert len(calls) == 1
+    cpu_plan.choose(model, torch.float32, (2, 3, 8, 8), 10_000, 1, channels_last=False)  # needs the exact time
+    assert len(calls) == 3
+    cpu_plan.choose(model, torch.float32, (2, 3, 8, 8), 10_000, 1, channels_last=False)
+    assert len(calls) == 3
 
 
 def test_compile_cost_from_records(tmp_path):
@@ -90,6 +117,7 @@ def test_a_compiled_engine_is_reused_across_calls(monkeypatch, one_thread):
     from torch._dynamo.utils import counters
 
     monkeypatch.setattr(cpu_plan, "COLD_COMPILE_S", 0.0)  # compiling "pays" at once
+    monkeypatch.setattr(cpu_plan, "MIN_COMPILE_S", 0.0)
     model = Pointwise().eval()
     expected = fastddpm.sample(model, 3, steps=5, seed=1, progress=False, engine=False)
     got = fastddpm.sample(model, 3, steps=5, seed=1, progress=False)
