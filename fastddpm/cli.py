@@ -60,6 +60,8 @@ def cmd_train(args) -> int:
                          random_flip=args.flip if args.flip is not None else args.data != "digits")
     trainer = Trainer(model, process, dataset, config, args.out, device=resolve_device(args.device),
                       resume=args.resume)
+    if trainer.is_main:
+        print("training plan:\n  " + trainer.explain().replace("\n", "\n  "))
     if args.resume and trainer.step == 0:
         print(f"--resume: no checkpoint in {str(Path(args.out) / 'checkpoints')!r}; starting a new run")
     elif trainer.step >= config.steps:
