@@ -223,8 +223,8 @@ def choose(model, weights_dtype: torch.dtype, batch_shape, num_steps: int, batch
     # dtype
     if dtype is None:
         dtype = weights_dtype
-        option = ("; dtype=torch.bfloat16 is an option on this CPU (AVX-512 BF16/AMX), fastest compiled at n >= 16"
-                  if bf16_native() and dtype == torch.float32 else "")
+        option = ("; dtype=torch.bfloat16 is an option on this CPU (AVX-512 BF16/AMX): it pays at n >= 16, "
+                  "most when compiled" if bf16_native() and dtype == torch.float32 else "")
         reasons.append(f"dtype={dtype}: the model's; a CPU keeps it unless low precision is asked for{option}")
     elif dtype == torch.bfloat16 and not bf16_native():
         reasons.append("dtype=torch.bfloat16: requested; note: this CPU has no native bfloat16 (AVX-512 BF16 or "
