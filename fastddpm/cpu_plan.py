@@ -49,8 +49,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["CpuChoice", "choose", "bf16_native", "record_compile", "compile_key", "warm_up", "using_threads",
-           "check_threads", "COMPILE_SPEEDUP", "COLD_COMPILE_S"]
+__all__ = ["CpuChoice", "choose", "why_not_timed", "bf16_native", "record_compile", "compile_key", "warm_up",
+           "using_threads", "check_threads", "COMPILE_SPEEDUP", "COLD_COMPILE_S"]
 
 # Conservative (low-end) compile speed-ups of the forward on a CPU, by model-input dtype: the
 # plan compiles only when the saving at this speed-up beats the compile's cost.
@@ -236,7 +236,7 @@ def choose(model, weights_dtype: torch.dtype, batch_shape, num_steps: int, batch
     # channels_last (with the timing of the first calls), then compile
     start = time.perf_counter()
     forward_s = None
-    unmeasured = _why_not_measured(model)
+    unmeasured = why_not_timed(model)
     auto_layout, auto_compile = channels_last is None, compile is None
     if unmeasured is not None:
         if channels_last is None:
@@ -279,7 +279,7 @@ def choose(model, weights_dtype: torch.dtype, batch_shape, num_steps: int, batch
                      forward_s=forward_s, measure_s=time.perf_counter() - start)
 
 
-def _why_not_measured(model) -> str | None:
+def why_not_timed(model) -> str | None:
     """Why the plan must not call ``model`` on a made-up input, or None when it may."""
     if not isinstance(model, torch.nn.Module):
         return "not timed: the model is a plain callable (a timing call could have side effects); eager, as given"
