@@ -13,7 +13,7 @@ import fastddpm
 from fastddpm.distributed import dist_info, sample_distributed, shard_range
 from fastddpm.models import create_model
 from toy_models import Pointwise
-from tolerances import FP32, PEER, assert_close
+from tolerances import PEER, assert_close
 
 WORLD_SIZE = 2
 JOIN_SECONDS = 120  # the children finish in seconds; this only turns a hang into a failure
