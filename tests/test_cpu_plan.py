@@ -54,6 +54,16 @@ def test_every_choice_has_a_reason_and_sample_uses_the_plan_on_cpu(one_thread):
     assert_close(x, expected, **(EXACT if not plan.channels_last else FP32))
 
 
+def test_the_plan_leaves_the_global_rng_alone(one_thread):
+    model = _tiny3()
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    fastddpm.sample(model, 2, steps=3, progress=False)
+    assert "compile=None: the eager run" in last_plan().explain()  # the model was timed
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_multistep_samplers_stay_on_the_eager_loop():
     clear_engine_cache()
     fastddpm.sample(Pointwise(), 2, sampler="dpm++2m", steps=3, progress=False)  # no NotImplementedError
