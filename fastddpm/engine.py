@@ -38,6 +38,7 @@ from __future__ import annotations
 import collections
 import copy
 import dataclasses
+import functools
 import importlib
 import math
 import time
@@ -488,11 +489,28 @@ def last_plan() -> Plan | None:
     return _LAST_PLAN[0]
 
 
-def _with_cpu_choice(plan: Plan, choice) -> Plan:
-    """``plan`` with the CPU plan's threads and its reasons in place of the requested-value lines."""
-    chosen = ("dtype=", "channels_last=", "compile=")
-    reasons = [r for r in plan.reasons if not r.startswith(chosen)] + list(choice.reasons)
-    return dataclasses.replace(plan, threads=choice.threads, reasons=tuple(reasons))
+def _cpu_plan(model, adapter, n, shape, device, process, plan: Plan, dtype, compile, channels_last, threads):
+    """``(plan, choice)``: ``plan`` (checked by ``make_plan``) with ``cpu_plan.choose``'s dtype,
+    layout, compile and threads, and its reasons in place of the requested-value lines."""
+    choice = cpu_plan.choose(model, adapter.dtype, (plan.micro_batch, *shape[1:]), process.num_steps,
+                             -(-n // plan.micro_batch), dtype=dtype, compile=compile, channels_last=channels_last,
+                             threads=threads, forward=adapter)
+    chosen = make_plan(adapter, n, shape[1:], device, dtype=choice.dtype, cuda_graph=plan.cuda_graph,
+                       compile=choice.compile or False, backend=plan.backend, micro_batch=plan.micro_batch,
+                       steps_per_graph=plan.steps_per_graph, channels_last=choice.channels_last)
+    # the first plan's lines for what it chose (automatic or requested), the CPU plan's for the rest
+    reasons = [r for r in plan.reasons if not r.startswith(("dtype=", "channels_last=", "compile="))]
+    return dataclasses.replace(chosen, threads=choice.threads, reasons=tuple(reasons) + choice.reasons), choice
+
+
+def _in_threads(fn):
+    """Run ``fn`` with torch's CPU threads set to its ``threads=`` keyword (None: unchanged)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with cpu_plan.using_threads(kwargs.get("threads")):
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def _compile_on_cpu(model, adapter, engine: SamplerEngine, choice) -> None:
@@ -506,6 +524,7 @@ def _compile_on_cpu(model, adapter, engine: SamplerEngine, choice) -> None:
     cpu_plan.record_compile(model, key, max(0.0, seconds - (choice.forward_s or 0.0)))
 
 
+@_in_threads
 @torch.no_grad()
 def engine_sample(model, n: int, *, steps: int | None = None, seed: int = 0, device=None, dtype=None,
                   image_size=None, channels=None, batch_size: int | None = None, progress: bool = True,
@@ -556,33 +575,28 @@ def engine_sample(model, n: int, *, steps: int | None = None, seed: int = 0, dev
     shape = adapter.shape(n)
     check_noise_capacity(math.prod(shape[1:]), process.num_steps + 1, sample_offset + n - 1)
     start = time.perf_counter()  # the plan's timing calls and any compile count as sampling time
-    with cpu_plan.using_threads(threads):
-        options = dict(dtype=dtype, cuda_graph=cuda_graph, compile=compile, backend=backend, micro_batch=micro_batch,
-                       steps_per_graph=steps_per_graph, channels_last=channels_last)
-        plan = make_plan(adapter, n, shape[1:], device, **options)  # checks every argument
-        choice = None
-        if device.type == "cpu":
-            batches = -(-n // plan.micro_batch)
-            choice = cpu_plan.choose(model, adapter.dtype, (plan.micro_batch, *shape[1:]), process.num_steps, batches,
-                                     dtype=dtype, compile=compile, channels_last=channels_last, threads=threads,
-                                     forward=adapter)
-            plan = _with_cpu_choice(make_plan(adapter, n, shape[1:], device, **(options | dict(
-                dtype=choice.dtype, compile=choice.compile or False, channels_last=choice.channels_last))), choice)
-        _LAST_PLAN[0] = plan
+    plan = make_plan(adapter, n, shape[1:], device, dtype=dtype, cuda_graph=cuda_graph, compile=compile,
+                     backend=backend, micro_batch=micro_batch, steps_per_graph=steps_per_graph,
+                     channels_last=channels_last)
+    choice = None
+    if device.type == "cpu":  # measured: compile, layout, dtype, threads (fastddpm.cpu_plan)
+        plan, choice = _cpu_plan(model, adapter, n, shape, device, process, plan, dtype, compile, channels_last,
+                                 threads)
+    _LAST_PLAN[0] = plan
 
-        m = plan.micro_batch
-        bar = tqdm(total=process.num_steps * -(-n // m), disable=not progress, desc="sampling", unit="step",
-                   leave=False)
-        chunks = []
-        diverged = torch.zeros((), dtype=torch.bool, device=device)
-        for first in range(0, n, m):
-            size = min(m, n - first)
-            engine = _engine(model, adapter, process, (size, *shape[1:]), plan)
-            if choice is not None and plan.compile and engine.runs == 0:
-                _compile_on_cpu(model, adapter, engine, choice)
-            chunks.append(engine.run(seed, sample_offset + first, callback, bar))
-            diverged |= engine.diverged  # on the device; the engine resets its flag each run
-        bar.close()
+    m = plan.micro_batch
+    bar = tqdm(total=process.num_steps * -(-n // m), disable=not progress, desc="sampling", unit="step",
+               leave=False)
+    chunks = []
+    diverged = torch.zeros((), dtype=torch.bool, device=device)
+    for first in range(0, n, m):
+        size = min(m, n - first)
+        engine = _engine(model, adapter, process, (size, *shape[1:]), plan)
+        if choice is not None and plan.compile and engine.runs == 0:
+            _compile_on_cpu(model, adapter, engine, choice)
+        chunks.append(engine.run(seed, sample_offset + first, callback, bar))
+        diverged |= engine.diverged  # on the device; the engine resets its flag each run
+    bar.close()
     x = torch.cat(chunks) if len(chunks) > 1 else chunks[0]
     check_output_flag(diverged)  # read back once, after the loop, as the images' check
     check_finite_values("the sampled images", x)
