@@ -266,6 +266,9 @@ def choose(model, weights_dtype: torch.dtype, batch_shape, num_steps: int, batch
                     _LAYOUTS[key] = (channels_last, forward_s, why)
                     while len(_LAYOUTS) > 64:
                         _LAYOUTS.pop(next(iter(_LAYOUTS)))
+                elif forward_s is not None:  # a first call's time: an upper bound for the compile choice
+                    _FORWARDS.setdefault((id(model), tuple(batch_shape), dtype, False, threads), (forward_s, False))
+                    forward_s = None
             reasons.append(why)
     elif not (unmeasured and auto_layout):
         reasons.append(f"channels_last={channels_last}: requested")
@@ -277,8 +280,11 @@ def choose(model, weights_dtype: torch.dtype, batch_shape, num_steps: int, batch
         mode = None if compile is False else ("default" if compile is True else compile)
         if not (unmeasured and auto_compile):
             reasons.append(f"compile={mode!r}: requested")
+    measure_s = time.perf_counter() - start
+    if measure_s >= 0.01:
+        reasons.append(f"timing={measure_s:.2f} s: the model calls the plan timed (part of the sampling time)")
     return CpuChoice(dtype=dtype, channels_last=channels_last, compile=mode, threads=threads, reasons=tuple(reasons),
-                     forward_s=forward_s, measure_s=time.perf_counter() - start)
+                     forward_s=forward_s, measure_s=measure_s)
 
 
 def why_not_timed(model) -> str | None:
