@@ -17,8 +17,8 @@ from tqdm.auto import tqdm
 from . import multistep, ops, reference
 from .adapters import ModelAdapter
 from .checks import check_finite_values, check_output_flag, watch_output
-from .diffusion import DDPM
 from .cpu_plan import using_threads
+from .diffusion import DDPM
 from .noise import check_noise_capacity, check_seed
 
 __all__ = ["sample"]
@@ -77,7 +77,8 @@ def sample(model, n: int, *, steps: int | None = None, seed: int = 0, device=Non
         is the low-precision option on CPUs with AVX-512 BF16/AMX), except for the multistep
         samplers (not yet in the engine); elsewhere no, until the engine's CUDA path has been
         verified on a GPU.  Plan overrides ``cuda_graph``, ``compile``, ``backend``,
-        ``micro_batch``, ``steps_per_graph``, ``channels_last`` need the engine.
+        ``micro_batch``, ``steps_per_graph``, ``channels_last`` need the engine (None then
+        means yes).
         ``fastddpm.engine.last_plan().explain()`` says what was chosen and why.
     :param threads: torch's CPU threads while sampling (default: torch's setting, which is the
         machine's cores unless changed; on a busy machine 1 is often much steadier).
@@ -89,11 +90,11 @@ def sample(model, n: int, *, steps: int | None = None, seed: int = 0, device=Non
         return sample_distributed(model, n, steps=steps, seed=seed, device=device, dtype=dtype,
                                   image_size=image_size, channels=channels, batch_size=batch_size,
                                   progress=progress and dist_info()[0] == 0, callback=callback,
-                                  process=process, sample_offset=sample_offset, engine=engine,
+                                  process=process, sample_offset=sample_offset, engine=engine, threads=threads,
                                   **process_options)
     engine_options = {k: process_options.pop(k) for k in ENGINE_OPTIONS if k in process_options}
-    if engine is None:
-        engine = _engine_by_default(model, device, process, process_options)
+    if engine is None:  # plan overrides ask for the engine
+        engine = bool(engine_options) or _engine_by_default(model, device, process, process_options)
     elif not isinstance(engine, bool):
         raise TypeError(f"engine must be True, False or None, got {engine!r}")
     if engine:

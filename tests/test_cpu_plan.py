@@ -254,3 +254,11 @@ def test_bf16_samples_the_digits_distribution_of_fp32(one_thread):
         fd32, fd16 = evaluate(fp32)["fd"], evaluate(bf16)["fd"]
     assert between < 15.0, between  # two random halves of the data: 13-33
     assert fd16 < 1.25 * fd32 + 5.0, (fd16, fd32)
+
+
+def test_plan_overrides_ask_for_the_engine():
+    clear_engine_cache()
+    fastddpm.sample(Pointwise(), 2, steps=2, progress=False, compile=False, channels_last=False)
+    assert len(cached_engines()) == 1 and last_plan().compile is None
+    with pytest.raises(TypeError, match="need engine=True"):
+        fastddpm.sample(Pointwise(), 2, steps=2, progress=False, engine=False, compile=False)
