@@ -6,7 +6,11 @@ Every row samples with the **same model object** (``--model diffusers``: a
 (nothing is downloaded).  Rows are interleaved: round r calls every row once
 before round r+1, so a change in machine load hits all rows alike.  Call 0 of a
 row is its first call (compilation, the plan's timing) and is reported
-separately; the median and spread (min, max) are of calls 1..reps.
+separately; the median and spread (min, max) are of calls 1..reps.  The ratios to
+the diffusers loop are taken round by round (the diffusers call and the row's
+call of the same round, minutes apart at most) and their median reported, so a
+load change between rounds cancels; the first-call ratio compares both rows'
+first calls.
 
 Rows:
 
@@ -287,7 +291,8 @@ def run(model, device, names, sizes, steps: int, reps: int, on_row=None) -> list
             else:
                 s = sorted(times[name])
                 row.update({"first call s/1000": first[name] * scale, "median s/1000": statistics.median(s) * scale,
-                            "min": s[0] * scale, "max": s[-1] * scale, "reps": len(s), "plan": plans.get(name)})
+                            "min": s[0] * scale, "max": s[-1] * scale, "reps": len(s), "plan": plans.get(name),
+                            "rounds s/1000": [x * scale for x in [first[name], *times[name]]]})
             results.append(row)
             print(_line(row), flush=True)
         if on_row is not None:
@@ -304,16 +309,24 @@ def _line(r: dict) -> str:
             f"first call {r['first call s/1000']:9.3f}" + (f"  ({r['plan']})" if r.get("plan") else ""))
 
 
+def ratio(results: list[dict], slow: str, fast: str, n: int, *, first: bool = False) -> float | None:
+    """Row ``slow``'s time over row ``fast``'s at ``n``, round by round (the two calls closest
+    in time, so a change in machine load cancels): the median over the warm rounds, or round 0
+    (both first calls) with ``first``.  None if either was not measured."""
+    a, b = (_get(results, row, n, "rounds s/1000") for row in (slow, fast))
+    if a is None or b is None:
+        return None
+    if first:
+        return a[0] / b[0]
+    return statistics.median(x / y for x, y in zip(a[1:], b[1:]))
+
+
 def add_ratios(results: list[dict]) -> None:
-    """``x diffusers``: the diffusers loop's warm median over the row's warm median, and over
-    the row's first call."""
-    base = {r["n"]: r["median s/1000"] for r in results if r["row"] == "diffusers" and "median s/1000" in r}
+    """The ``x diffusers`` columns: ``ratio`` of the diffusers loop over each row, warm and first call."""
     for r in results:
-        b = base.get(r["n"])
-        if b is None or "median s/1000" not in r:
-            continue
-        r["x diffusers (warm)"] = b / r["median s/1000"]
-        r["x diffusers (first call)"] = b / r["first call s/1000"]
+        if "rounds s/1000" in r:
+            r["x diffusers (warm)"] = ratio(results, "diffusers", r["row"], r["n"])
+            r["x diffusers (first call)"] = ratio(results, "diffusers", r["row"], r["n"], first=True)
 
 
 def _get(results, row, n, key):
@@ -338,10 +351,7 @@ def goals(results: list[dict]) -> list[str]:
                          f"(>= {1 - NOISE:.2f}x)", first, 1 - NOISE))
     warm = [(n, _get(results, "fastddpm", n, "x diffusers (warm)")) for n in sizes]
     lines.append(verdict("default fastddpm.sample >= 1.25x the diffusers loop at every n once warm", warm, 1.25))
-    compiled = []
-    for n in sizes:
-        ours, theirs = (_get(results, row, n, "median s/1000") for row in ("fastddpm_compile", "diffusers_compile"))
-        compiled.append((n, theirs / ours if ours and theirs else None))
+    compiled = [(n, ratio(results, "diffusers_compile", "fastddpm_compile", n)) for n in sizes]
     lines.append(verdict("fastddpm compile=True >= 1.1x the diffusers loop under torch.compile, both warm",
                          compiled, 1.1))
     bf16 = []
@@ -350,11 +360,9 @@ def goals(results: list[dict]) -> list[str]:
                                                                                    "fastddpm_bf16_compile")) if x]
         bf16.append((n, max(best) if best else None))
     lines.append(verdict("bf16 option >= 2x the diffusers loop at n >= 16 once warm (best bf16 row)", bf16, 2.0))
-    before, now = (_get(results, row, 64, key) for row, key in (("fastddpm_before", "median s/1000"),
-                                                               ("fastddpm", "first call s/1000")))
+    demo = ratio(results, "fastddpm_before", "fastddpm", 64, first=True)  # a demo run is a first call
     lines.append(verdict("fastddpm demo's sampling (n=64, first call included) >= 1.5x shorter than before issue 15",
-                         [(64, before / now if before and now else None)], 1.5,
-                         "" if before else " -- needs --model fastddpm and n=64"))
+                         [(64, demo)], 1.5, "" if demo else " -- needs --model fastddpm and n=64"))
     return lines
 
 
