@@ -1,7 +1,11 @@
 """Sampling a DDPM U-Net end to end: fastddpm against the loops people run today.
 
 Rows, measured side by side in one run on the same architecture with random
-weights (nothing is downloaded):
+weights (nothing is downloaded).  The diffusers rows run diffusers' own
+``UNet2DModel``, the fastddpm rows fastddpm's ``UNet``: two models of one
+architecture, so on a CPU, where the model is nearly all of a step, the ratios
+mix the models with the samplers.  For CPU numbers use
+``bench_sample_cpu.py``: every row on the same model object, interleaved.
 
 * ``diffusers``: the loop ``DDPMPipeline`` runs, ``unet(x, t).sample`` +
   ``DDPMScheduler.step``, eager fp32, on a ``UNet2DModel`` built from

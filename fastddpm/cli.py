@@ -62,6 +62,8 @@ def cmd_train(args) -> int:
                          random_flip=args.flip if args.flip is not None else args.data != "digits")
     trainer = Trainer(model, process, dataset, config, args.out, device=resolve_device(args.device),
                       resume=args.resume)
+    if trainer.is_main:
+        print("training plan:\n  " + trainer.explain().replace("\n", "\n  "))
     if args.resume and trainer.step == 0:
         print(f"--resume: no checkpoint in {str(Path(args.out) / 'checkpoints')!r}; starting a new run")
     elif trainer.step >= config.steps:
@@ -109,6 +111,21 @@ def _sampling_process(process, args):
     return (process.with_options(**options) if options else process), None
 
 
+def _plan_options(args, process) -> dict:
+    """``sample``'s keyword arguments for --dtype and --compile (the engine when --compile is given)."""
+    import torch
+
+    options = {}
+    if args.dtype != "auto":
+        options["dtype"] = getattr(torch, args.dtype)
+    if args.compile != "auto":
+        if process.is_multistep:
+            raise ValueError(f"--compile {args.compile} needs the engine, which has no {process.config.sampler!r} "
+                             "sampler yet; leave --compile out")
+        options |= {"engine": True, "compile": args.compile == "yes"}
+    return options
+
+
 def _sample_and_save(model, process, steps, args, device) -> float:
     """Sample with ``(process, steps)`` from ``_sampling_process`` and write --out (and --gif)."""
     from . import images
@@ -122,11 +139,20 @@ def _sample_and_save(model, process, steps, args, device) -> float:
         if i % every == 0 or i == num_steps - 1:
             frames.append(x.detach().cpu().clamp(-1, 1))
 
+    options = _plan_options(args, process)
     start = time.perf_counter()  # sample() refuses a diverged model's images (finite but wrong)
     x = sample(model, args.n, steps=steps, seed=args.seed, process=process, device=device,
                batch_size=args.batch_size or min(args.n, DEFAULT_MICRO_BATCH), progress=not args.quiet,
-               callback=keep_frames if every else None)
+               callback=keep_frames if every else None, **options)
     seconds = time.perf_counter() - start
+    if args.explain:
+        from .engine import last_plan
+
+        plan = last_plan() if options.get("engine", device.type == "cpu" and not process.is_multistep) else None
+        dtype = str(options.get("dtype", "the model's")).replace("torch.", "")
+        print("sampling plan:\n  " + (plan.explain().replace("\n", "\n  ") if plan is not None else
+                                      f"the eager loop (fastddpm.sample's default for this device and sampler), "
+                                      f"dtype: {dtype}"))
     x = x.cpu()
     out = Path(args.out)
     if out.suffix.lower() == ".png":
@@ -247,6 +273,12 @@ def _add_sample_args(p, n=64, out="samples.png"):
     p.add_argument("--gif", default=None, help="also write the reverse process as an animated .gif")
     p.add_argument("--scale", type=int_in(1, MAX_SCALE), default=4, help="PNG/GIF upscaling factor (default: 4)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="the model's precision (auto: its weights', float32); bfloat16 pays on CPUs with AVX-512 "
+                        "BF16 or AMX (about 1.9x at n=64) and on GPUs; the images are computed in float32")
+    p.add_argument("--compile", choices=("auto", "yes", "no"), default="auto",
+                   help="torch.compile the model (auto: on a CPU when it pays back within this run)")
+    p.add_argument("--explain", action="store_true", help="print the sampling plan and why")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 

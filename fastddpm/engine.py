@@ -44,13 +44,14 @@ from __future__ import annotations
 import collections
 import copy
 import dataclasses
+import functools
 import math
 import time
 
 import torch
 from tqdm.auto import tqdm
 
-from . import ops
+from . import cpu_plan, ops
 from .adapters import ModelAdapter
 from .checks import check_finite_values, check_output_flag, watch_output
 from .noise import check_noise_capacity, check_seed
@@ -85,6 +86,8 @@ class Plan:
     :param compile: ``torch.compile`` mode of the model, or None (eager model).
     :param steps_per_graph: steps captured in one graph.
     :param micro_batch: samples per engine batch.
+    :param threads: torch's CPU threads while sampling (None: unchanged); Inductor's CPU
+        code is compiled for a thread count, so it is part of the key.
     """
 
     device: torch.device
@@ -96,11 +99,12 @@ class Plan:
     steps_per_graph: int
     micro_batch: int
     reasons: tuple[str, ...] = ()
+    threads: int | None = None
 
     def key(self) -> tuple:
         """What an engine depends on (``micro_batch`` and ``reasons`` excluded)."""
         return (str(self.device), self.dtype, self.channels_last, self.backend, self.cuda_graph, self.compile,
-                self.steps_per_graph)
+                self.steps_per_graph, self.threads)
 
     def explain(self) -> str:
         """What was picked and why, one choice a line."""
@@ -525,18 +529,59 @@ def last_plan() -> Plan | None:
     return _LAST_PLAN[0]
 
 
+def _cpu_plan(model, adapter, n, shape, device, num_steps: int, op: str, plan: Plan, dtype, compile, channels_last,
+              threads):
+    """``(plan, choice)``: ``plan`` (checked by ``make_plan``) with ``cpu_plan.choose``'s dtype,
+    layout, compile and threads, and its reasons in place of the requested-value lines."""
+    choice = cpu_plan.choose(model, adapter.dtype, (plan.micro_batch, *shape[1:]), num_steps,
+                             -(-n // plan.micro_batch), dtype=dtype, compile=compile, channels_last=channels_last,
+                             threads=threads, forward=adapter)
+    chosen = make_plan(adapter, n, shape[1:], device, dtype=choice.dtype, cuda_graph=plan.cuda_graph,
+                       compile=choice.compile or False, backend=plan.backend, micro_batch=plan.micro_batch,
+                       steps_per_graph=plan.steps_per_graph, channels_last=choice.channels_last, op=op)
+    # the first plan's lines for what it chose (automatic or requested), the CPU plan's for the rest
+    reasons = [r for r in plan.reasons if not r.startswith(("dtype=", "channels_last=", "compile="))]
+    return dataclasses.replace(chosen, threads=choice.threads, reasons=tuple(reasons) + choice.reasons), choice
+
+
+def _in_threads(fn):
+    """Run ``fn`` with torch's CPU threads set to its ``threads=`` keyword (None: unchanged)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with cpu_plan.using_threads(kwargs.get("threads")):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _compile_on_cpu(model, adapter, engine: SamplerEngine, choice) -> None:
+    """Compile a new CPU engine's model before its loop, timed, and record the time
+    (``cpu_plan`` estimates the next compile of this model from it)."""
+    if cpu_plan.why_not_timed(model) is not None:
+        return  # a model the plan must not call on made-up inputs: it compiles in its first step, unrecorded
+    plan = engine.plan
+    seconds = cpu_plan.warm_up(engine._forward, engine.shape, plan.dtype, adapter.dtype, plan.channels_last)
+    key = cpu_plan.compile_key(model, engine.shape, plan.dtype, plan.channels_last, plan.compile, plan.threads)
+    cpu_plan.record_compile(model, key, max(0.0, seconds - (choice.forward_s or 0.0)))
+
+
+@_in_threads
 @torch.no_grad()
 def engine_sample(model, n: int, *, steps: int | None = None, seed: int = 0, device=None, dtype=None,
                   image_size=None, channels=None, batch_size: int | None = None, progress: bool = True,
                   callback=None, process=None, sample_offset: int = 0, distributed: bool = False,
                   cuda_graph=None, compile=None, backend=None, micro_batch=None, steps_per_graph=None,
-                  channels_last=None, return_plan: bool = False, **process_options):
+                  channels_last=None, threads=None, return_plan: bool = False, **process_options):
     """``fastddpm.sample`` through the engine: same arguments, same noise contract.
 
     Plan overrides (None: automatic, see ``make_plan``): ``cuda_graph``,
     ``compile``, ``dtype``, ``backend``, ``micro_batch`` (``batch_size`` is its
     alias), ``steps_per_graph``, ``channels_last``.  On CUDA ``dtype`` defaults
     to bfloat16 where supported (``fastddpm.sample`` defaults to the model's).
+    On a CPU ``compile``, ``channels_last`` and ``dtype`` left None are chosen by
+    ``fastddpm.cpu_plan`` from timing the model's first calls (compile only when
+    it pays back within this call); ``threads`` sets torch's CPU threads while
+    sampling (None: torch's setting).
 
     Engines are cached by (model, its weights' storage, process, batch shape,
     plan): a second call with the same arguments, or another ``seed`` or
@@ -569,13 +614,18 @@ def engine_sample(model, n: int, *, steps: int | None = None, seed: int = 0, dev
     device = _device_of(device if device is not None else adapter.device)
     shape = adapter.shape(n)
     check_noise_capacity(math.prod(shape[1:]), num_steps + 1, sample_offset + n - 1)
+    start = time.perf_counter()  # the plan's timing calls and any compile count as sampling time
+    op = "multistep_step" if process.is_multistep else "ddpm_step"
     plan = make_plan(adapter, n, shape[1:], device, dtype=dtype, cuda_graph=cuda_graph, compile=compile,
                      backend=backend, micro_batch=micro_batch, steps_per_graph=steps_per_graph,
-                     channels_last=channels_last, op="multistep_step" if process.is_multistep else "ddpm_step")
+                     channels_last=channels_last, op=op)
+    choice = None
+    if device.type == "cpu":  # measured: compile, layout, dtype, threads (fastddpm.cpu_plan)
+        plan, choice = _cpu_plan(model, adapter, n, shape, device, num_steps, op, plan, dtype, compile,
+                                 channels_last, threads)
     _LAST_PLAN[0] = plan
 
     m = plan.micro_batch
-    start = time.perf_counter()
     bar = tqdm(total=num_steps * -(-n // m), disable=not progress, desc="sampling", unit="step", leave=False)
     chunks = []
     diverged = torch.zeros((), dtype=torch.bool, device=device)
@@ -583,6 +633,8 @@ def engine_sample(model, n: int, *, steps: int | None = None, seed: int = 0, dev
         size = min(m, n - first)
         engine = _engine(model, adapter, process, (size, *shape[1:]), plan,
                          num_steps if process.is_multistep else None)
+        if choice is not None and plan.compile and engine.runs == 0:
+            _compile_on_cpu(model, adapter, engine, choice)
         chunks.append(engine.run(seed, sample_offset + first, callback, bar))
         diverged |= engine.diverged  # on the device; the engine resets its flag each run
     bar.close()

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from . import multistep, ops, reference
 from .adapters import ModelAdapter
 from .checks import check_finite_values, check_output_flag, watch_output
+from .cpu_plan import using_threads
 from .diffusion import DDPM
 from .interop import resolve_pipeline
 from .noise import check_noise_capacity, check_seed
@@ -49,7 +50,7 @@ def _process(process, steps, options) -> DDPM:
 def sample(model, n: int, *, steps: int | None = None, seed: int = 0, device=None, dtype=None, image_size=None,
            channels=None, batch_size: int | None = None, progress: bool = True, callback=None,
            process: DDPM | None = None, sample_offset: int = 0, distributed: bool = False,
-           engine: bool = False, **process_options) -> torch.Tensor:
+           engine: bool | None = None, threads: int | None = None, **process_options) -> torch.Tensor:
     """Draw ``n`` images from ``model`` with the DDPM reverse process.
 
     :param model: fastddpm ``UNet``, diffusers ``UNet2DModel``, denoising-diffusion-pytorch
@@ -75,9 +76,17 @@ def sample(model, n: int, *, steps: int | None = None, seed: int = 0, device=Non
     :param distributed: shard ``n`` over the ranks of ``torch.distributed`` and gather the
         images to every rank (``fastddpm.distributed``); equal to one device's images.
     :param engine: run through ``fastddpm.engine`` (static buffers, CUDA graphs, an automatic
-        plan; on CUDA ``dtype=None`` then means bfloat16 where supported). Opt-in until its
-        CUDA path has been verified on a GPU. Plan overrides ``cuda_graph``, ``compile``,
-        ``backend``, ``micro_batch``, ``steps_per_graph``, ``channels_last`` come with it.
+        plan; on CUDA ``dtype=None`` then means bfloat16 where supported).  None (default): on a
+        CPU yes, with the measured CPU plan (``fastddpm.cpu_plan``: compile only where it pays
+        back within the call, the faster input layout, the model's dtype; ``dtype=torch.bfloat16``
+        is the low-precision option on CPUs with AVX-512 BF16/AMX), except for the multistep
+        samplers (not yet in the engine); elsewhere no, until the engine's CUDA path has been
+        verified on a GPU.  Plan overrides ``cuda_graph``, ``compile``, ``backend``,
+        ``micro_batch``, ``steps_per_graph``, ``channels_last`` need the engine (None then
+        means yes).
+        ``fastddpm.engine.last_plan().explain()`` says what was chosen and why.
+    :param threads: torch's CPU threads while sampling (default: torch's setting, which is the
+        machine's cores unless changed; on a busy machine 1 is often much steadier).
     :return: float32 ``[n, C, H, W]`` in the model's data range [-1, 1], on ``device``.
     """
     model, process = resolve_pipeline(model, process)
@@ -87,17 +96,39 @@ def sample(model, n: int, *, steps: int | None = None, seed: int = 0, device=Non
         return sample_distributed(model, n, steps=steps, seed=seed, device=device, dtype=dtype,
                                   image_size=image_size, channels=channels, batch_size=batch_size,
                                   progress=progress and dist_info()[0] == 0, callback=callback,
-                                  process=process, sample_offset=sample_offset, engine=engine,
+                                  process=process, sample_offset=sample_offset, engine=engine, threads=threads,
                                   **process_options)
     engine_options = {k: process_options.pop(k) for k in ENGINE_OPTIONS if k in process_options}
+    if engine is None:  # plan overrides ask for the engine
+        engine = bool(engine_options) or _engine_by_default(model, device, process, process_options)
+    elif not isinstance(engine, bool):
+        raise TypeError(f"engine must be True, False or None, got {engine!r}")
     if engine:
         from .engine import engine_sample
 
         x = engine_sample(model, n, steps=steps, seed=seed, device=device, dtype=dtype, image_size=image_size,
                           channels=channels, batch_size=batch_size, progress=progress, callback=callback,
-                          process=process, sample_offset=sample_offset, **engine_options, **process_options)
+                          process=process, sample_offset=sample_offset, threads=threads, **engine_options,
+                          **process_options)
         sample.last_seconds = engine_sample.last_seconds
         return x
+    with using_threads(threads):
+        return _sample_eager(model, n, steps, seed, device, dtype, image_size, channels, batch_size, progress, callback,
+                             process, sample_offset, engine_options, process_options)
+
+
+def _engine_by_default(model, device, process, process_options) -> bool:
+    """``engine=None``: the engine on a CPU, for the samplers it has; the eager loop elsewhere."""
+    try:
+        where = torch.device(device) if device is not None else ModelAdapter(model).device
+    except (RuntimeError, TypeError, ValueError):
+        return False  # the eager path reports the bad argument
+    sampler = process_options.get("sampler", process.config.sampler if isinstance(process, DDPM) else "ddpm")
+    return where.type == "cpu" and sampler not in multistep.SOLVERS
+
+
+def _sample_eager(model, n, steps, seed, device, dtype, image_size, channels, batch_size, progress, callback, process,
+                  sample_offset, engine_options, process_options):
     if engine_options:
         raise TypeError(f"{sorted(engine_options)} need engine=True")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:

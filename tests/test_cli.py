@@ -64,6 +64,20 @@ def test_export_and_demo(run_dir, tmp_path, capsys):
     assert (tmp_path / "demo.png").is_file()
 
 
+def test_demo_plan_options_and_explain(tmp_path, capsys):
+    out = str(tmp_path / "demo.png")
+    assert main(["demo", "-n", "2", "--steps", "3", "--out", out, "--quiet", "--explain", "--threads", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "sampling plan:" in text and "compile=None:" in text and "dtype=torch.float32: the model's" in text
+    assert main(["demo", "-n", "2", "--steps", "3", "--out", out, "--quiet", "--explain", "--dtype", "bfloat16",
+                 "--compile", "no"]) == 0
+    text = capsys.readouterr().out
+    assert "dtype=torch.bfloat16: requested" in text and "compile=None: requested" in text
+    assert main(["demo", "-n", "2", "--steps", "3", "--out", out, "--quiet", "--sampler", "dpm++2m",
+                 "--compile", "yes"]) == 2
+    assert "--compile yes needs the engine" in capsys.readouterr().err
+
+
 def test_the_shipped_demo_model_loads():
     from fastddpm.checkpoint import load_model
 
@@ -88,6 +102,8 @@ def test_visual_commands(tmp_path):
     (["train", "--data", "digits", "--preset", "huge", "--steps", "1", "--out", "x"], "unknown --preset"),
     (["train", "--data", "/no/such/folder", "--steps", "1", "--out", "x"], "not found"),
     (["train", "--data", "digits", "--steps", "1", "--out", "x", "--compile", "fast"], "--compile: invalid choice"),
+    (["demo", "--dtype", "float16", "--out", "x.png"], "--dtype: invalid choice"),
+    (["demo", "--threads", "0", "--out", "x.png"], "--threads: expected an int >= 1"),
 ])
 def test_errors_are_clear(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -13,7 +13,7 @@ import fastddpm
 from fastddpm.distributed import dist_info, sample_distributed, shard_range
 from fastddpm.models import create_model
 from toy_models import Pointwise
-from tolerances import FP32, assert_close
+from tolerances import PEER, assert_close
 
 WORLD_SIZE = 2
 JOIN_SECONDS = 120  # the children finish in seconds; this only turns a hang into a failure
@@ -122,9 +122,12 @@ def test_batch_invariant_model_equals_one_process_exactly(gathered, name):
 
 
 def test_unet_equals_one_process(gathered):
+    """Up to rounding: a U-Net's convolutions round differently for other batch sizes (~7e-7 per
+    forward here), and x0_hat = (x_t - sqrt(1 - abar) eps) / sqrt(abar) multiplies that by up to
+    ~150 at t near T: 3e-6 to 1.3e-5 after 3 steps, by the attention kernel SDPA picks."""
     expected = _single_process("unet_3")
     for rank in range(WORLD_SIZE):
-        assert_close(gathered[rank]["unet_3"], expected, **FP32, msg=f"rank {rank}")
+        assert_close(gathered[rank]["unet_3"], expected, **PEER, msg=f"rank {rank}")
 
 
 def test_a_failing_rank_fails_every_rank_instead_of_hanging(gathered):

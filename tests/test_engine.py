@@ -17,6 +17,12 @@ pytestmark = pytest.mark.ops
 HAS_CUDA = torch.cuda.is_available()
 
 
+def eager_sample(*args, **kwargs):
+    """``fastddpm.sample``'s eager loop, the reference the engine is held to (on a CPU
+    ``fastddpm.sample`` itself runs the engine by default)."""
+    return fastddpm.sample(*args, engine=False, **kwargs)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_cache():
     clear_engine_cache()
@@ -123,7 +129,7 @@ def test_bad_plan_inputs():
 def test_pointwise_equals_sample_exactly_on_reference(steps, options):
     model = Pointwise()
     with ops.use_backend("reference"):
-        expected = fastddpm.sample(model, 3, steps=steps, seed=11, progress=False, **options)
+        expected = eager_sample(model, 3, steps=steps, seed=11, progress=False, **options)
         got = engine_sample(model, 3, steps=steps, seed=11, progress=False, **options)
     assert_close(got, expected, **EXACT)
     assert last_plan().backend == "reference" and not last_plan().cuda_graph
@@ -133,7 +139,7 @@ def test_pointwise_equals_sample_exactly_on_reference(steps, options):
 def test_unets_equal_sample_exactly_on_reference(make_model, steps, one_thread):
     model = make_model()
     with ops.use_backend("reference"):
-        expected = fastddpm.sample(model, 2, steps=steps, seed=5, progress=False)
+        expected = eager_sample(model, 2, steps=steps, seed=5, progress=False)
         got = engine_sample(model, 2, steps=steps, seed=5, progress=False)
     assert_close(got, expected, **EXACT)
 
@@ -141,7 +147,7 @@ def test_unets_equal_sample_exactly_on_reference(make_model, steps, one_thread):
 @pytest.mark.parametrize("model_factory", [Pointwise, _tiny_unet], ids=["pointwise", "tiny_unet"])
 def test_automatic_backend_within_fp32(model_factory, one_thread):
     model = model_factory()
-    expected = fastddpm.sample(model, 3, steps=10, seed=2, progress=False)
+    expected = eager_sample(model, 3, steps=10, seed=2, progress=False)
     x, plan = engine_sample(model, 3, steps=10, seed=2, progress=False, return_plan=True)
     assert plan is last_plan()
     assert_close(x, expected, **FP32)
@@ -154,7 +160,7 @@ def test_shards_callback_and_bf16_inputs():
     frames, ref_frames = [], []
     x = engine_sample(model, 2, steps=8, seed=3, progress=False,
                       callback=lambda i, t, x: frames.append((i, t, x)))
-    fastddpm.sample(model, 2, steps=8, seed=3, progress=False, callback=lambda i, t, x: ref_frames.append((i, t, x)))
+    eager_sample(model, 2, steps=8, seed=3, progress=False, callback=lambda i, t, x: ref_frames.append((i, t, x)))
     assert [f[:2] for f in frames] == [f[:2] for f in ref_frames]
     assert torch.equal(frames[-1][2], x)
     frames[-1][2].add_(1)  # a copy: the engine's buffer is not handed out
@@ -196,7 +202,7 @@ def test_fused_engine_equals_sample_exactly_for_every_key(backend):
     results = []
     for seed, sample_offset in [(11, 0), (2**40 + 5, 7), (11, 0)]:
         with ops.use_backend(backend):
-            expected = fastddpm.sample(model, 3, process=process, seed=seed, sample_offset=sample_offset,
+            expected = eager_sample(model, 3, process=process, seed=seed, sample_offset=sample_offset,
                                        progress=False)
         results.append(engine.run(seed, sample_offset))
         assert_close(results[-1], expected, **EXACT, msg=f"seed {seed}, sample_offset {sample_offset}")
@@ -309,7 +315,7 @@ def test_engine_directly():
     plan = make_plan(model, 2, (2, 6, 6), "cpu", backend="reference")
     engine = SamplerEngine(model, process, (2, 2, 6, 6), plan)
     with ops.use_backend("reference"):
-        expected = fastddpm.sample(model, 2, process=process, seed=7, sample_offset=4, progress=False)
+        expected = eager_sample(model, 2, process=process, seed=7, sample_offset=4, progress=False)
     assert_close(engine.run(7, 4), expected, **EXACT)
     assert engine.step.ndim == 0 and engine.step.dtype == torch.int64 and engine.step.item() == -1
     with pytest.raises(ValueError, match="sample_offset must be"):
@@ -322,7 +328,7 @@ def test_compiled_model_is_compiled_once(one_thread):
     from torch._dynamo.utils import counters
 
     model = Pointwise()
-    expected = fastddpm.sample(model, 3, steps=5, seed=1, progress=False)
+    expected = eager_sample(model, 3, steps=5, seed=1, progress=False)
     assert_close(engine_sample(model, 3, steps=5, seed=1, progress=False, compile=True), expected, **FP32)
     assert last_plan().compile == "default"
     compiled = counters["frames"]["ok"]
@@ -403,14 +409,14 @@ def test_reference_step_graphs_are_recaptured_for_a_new_seed():
     other = engine_sample(model, 3, seed=2, **kw)
     assert engine.captures == 2
     with ops.use_backend("reference"):
-        expected = fastddpm.sample(model, 3, steps=5, seed=2, progress=False)
+        expected = eager_sample(model, 3, steps=5, seed=2, progress=False)
     assert_close(other, expected, **PEER)
 
 
 @pytest.mark.gpu
 def test_graph_matches_the_reference_sampler_in_fp32():
     model = Pointwise().cuda()
-    expected = fastddpm.sample(model, 3, steps=25, seed=11, progress=False)
+    expected = eager_sample(model, 3, steps=25, seed=11, progress=False)
     got = engine_sample(model, 3, steps=25, seed=11, progress=False, dtype=torch.float32)
     assert last_plan().cuda_graph
     assert_close(got, expected, **PEER)

@@ -56,6 +56,18 @@ def _rows(out_dir):
 
 
 # -- configuration --------------------------------------------------------------------------
+def test_cpu_training_plan_never_picks_a_slower_option_and_says_why(tmp_path, ten_images):
+    trainer = _trainer(tmp_path / "auto", ten_images, steps=1, batch_size=2)
+    assert trainer.precision == "no" and not trainer.channels_last
+    lines = trainer.explain().splitlines()
+    for choice in ("device=", "mixed_precision=", "channels_last=", "compile=", "threads="):
+        assert sum(line.startswith(choice) for line in lines) == 1, (choice, lines)
+    assert "mixed_precision='no': automatic; a CPU trains fastest in float32" in trainer.explain()
+    asked = _trainer(tmp_path / "asked", ten_images, steps=1, batch_size=2, mixed_precision="bf16", channels_last=True)
+    assert "mixed_precision='bf16': requested; note: on a CPU bf16 training measured" in asked.explain()
+    assert "channels_last=True: requested" in asked.explain()
+
+
 def test_config_round_trip_and_validation():
     c = TrainConfig(steps=5, adam_betas=(0.8, 0.99), grad_clip=None, mixed_precision="bf16")
     assert TrainConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import fastddpm.ops
 from fastddpm.models import PRESETS, UNet, UNetConfig, create_model
 from fastddpm.models.unet import AttentionBlock, timestep_embedding
-from tolerances import BY_DTYPE, EXACT, FP32, assert_close
+from tolerances import ATTENTION, BY_DTYPE, EXACT, FP32, assert_close
 
 TINY = PRESETS["tiny"]
 
@@ -355,3 +355,46 @@ def test_bf16_model_accepts_fp32_input():
     with torch.no_grad():
         out = model(x, t)
     assert out.dtype == torch.bfloat16 and out.shape == (2, 1, 8, 8)
+
+
+def _strided_attention_block(block: AttentionBlock, x: torch.Tensor) -> torch.Tensor:
+    """The block as it was before q, k, v were made contiguous: strided views of the
+    conv's output into SDPA (its math path on a CPU), the output reshaped back."""
+    b, c, hgt, wid = x.shape
+    qkv = block.qkv(block.norm(x))
+    qkv = qkv.flatten(2).transpose(1, 2).reshape(b, hgt * wid, 3, block.num_heads, c // block.num_heads)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    o = F.scaled_dot_product_attention(q, k, v)
+    o = o.transpose(1, 2).reshape(b, hgt * wid, c).transpose(1, 2).reshape(b, c, hgt, wid)
+    return x + block.proj_out(o)
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_attention_inputs_are_contiguous(monkeypatch, heads, channels_last):
+    """SDPA gets contiguous q, k, v (a strided one sends a CPU to the slow math kernel), and the
+    block's output equals the old strided computation's within the attention tolerance."""
+    block = AttentionBlock(32, heads, groups=8)
+    _randomise_norms(block)
+    x = torch.randn(3, 32, 5, 6)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def recording(q, k, v, *args, **kwargs):
+        seen.append([(tuple(t.shape), t.stride(), t.is_contiguous()) for t in (q, k, v)])
+        return sdpa(q, k, v, *args, **kwargs)
+
+    with torch.no_grad():
+        expected = _strided_attention_block(block, x)
+        monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
+        with fastddpm.ops.use_backend("reference"):
+            out = block(x)
+    assert len(seen) == 1
+    assert all(contiguous for _, _, contiguous in seen[0]), f"strided inputs to SDPA: {seen[0]}"
+    if hasattr(torch, "_fused_sdp_choice"):  # the CPU kernel it picks: flash, not math
+        q, k, v = block.qkv_heads(x)
+        assert torch._fused_sdp_choice(q, k, v) == int(torch.nn.attention.SDPBackend.FLASH_ATTENTION)
+    assert_close(out, expected, **ATTENTION[torch.float32])
+    assert out.is_contiguous(memory_format=torch.channels_last) == channels_last

@@ -232,20 +232,27 @@ class AttentionBlock(nn.Module):
         self.attention_backend: str | None = None  # None: fastddpm.ops' choice
 
     def qkv_heads(self, x: torch.Tensor):
-        """q, k, v of shape ``[B, heads, H*W, d]`` for input ``x``."""
+        """q, k, v of shape ``[B, heads, H*W, d]`` for input ``x``, each contiguous.
+
+        Contiguous, not views of the conv's output: ``scaled_dot_product_attention``
+        on a CPU takes its flash kernel only when the last dim has stride 1, and a
+        strided q/k/v falls back to the slow math path (one copy here is cheaper).
+        """
         b, c, hgt, wid = x.shape
-        qkv = self.qkv(self.norm(x))
-        # [B, 3C, H, W] -> [B, L, 3, heads, d] is a view for channels_last (a copy otherwise)
-        qkv = qkv.flatten(2).transpose(1, 2).reshape(b, hgt * wid, 3, self.num_heads, c // self.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        qkv = self.qkv(self.norm(x))  # [B, 3C, H, W], channels ordered (q|k|v, head, d)
+        # [B, 3, heads, d, L] (a view for either layout) -> one copy to [3, B, heads, L, d]
+        qkv = qkv.reshape(b, 3, self.num_heads, c // self.num_heads, hgt * wid)
+        q, k, v = qkv.permute(1, 0, 2, 4, 3).contiguous().unbind(0)
         return q, k, v
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, hgt, wid = x.shape
         q, k, v = self.qkv_heads(x)
         o = ops.attention(q, k, v, backend=self.attention_backend)  # [B, heads, L, d]
-        o = o.transpose(1, 2).reshape(b, hgt * wid, c).transpose(1, 2).reshape(b, c, hgt, wid)
-        o = o.contiguous(memory_format=_memory_format(x))
+        if _memory_format(x) == torch.channels_last:  # one copy to NHWC, seen as channels_last NCHW
+            o = o.transpose(1, 2).reshape(b, hgt, wid, c).permute(0, 3, 1, 2)
+        else:  # one copy to NCHW
+            o = o.transpose(2, 3).reshape(b, c, hgt, wid)
         return x + self.proj_out(o)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
