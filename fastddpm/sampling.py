@@ -14,13 +14,14 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from . import multistep, ops, reference
+from . import multistep, ops
 from .adapters import ModelAdapter
 from .checks import check_finite_values, check_output_flag, watch_output
 from .cpu_plan import using_threads
 from .diffusion import DDPM
 from .interop import resolve_pipeline
 from .noise import check_noise_capacity, check_seed
+from .ops import reference
 
 __all__ = ["sample"]
 
