@@ -7,8 +7,9 @@
   backend, micro-batch) with its reason; on a CPU refined by measuring (``fastddpm.cpu_plan``);
 * ``fastddpm.sampler_engine``: ``SamplerEngine``, the static buffers, the device-side step
   counter and the CUDA graphs of one batch shape (the mechanism is described there);
-* this module: the cache of engines (an engine holds its model, compiled model and graphs, so a
-  second call neither recompiles nor recaptures) and the entry point.
+* this module: ``EngineCache``, the run state in one object (the engines, each holding its model,
+  compiled model and graphs, so a second call neither recompiles nor recaptures; the last plan
+  and time), and the entry point ``engine_sample``.
 
     from fastddpm.engine import engine_sample, last_plan
     images = engine_sample(model, 64, steps=250)
@@ -33,17 +34,13 @@ from .noise import check_noise_capacity, check_seed
 from .plan import COMPILE_MODES, Plan, make_plan, resolve_device
 from .sampler_engine import SamplerEngine
 
-__all__ = ["Plan", "make_plan", "SamplerEngine", "engine_sample", "last_plan", "cached_engines",
-           "clear_engine_cache", "COMPILE_MODES"]
+__all__ = ["Plan", "make_plan", "SamplerEngine", "EngineCache", "DEFAULT_CACHE", "engine_sample", "last_plan",
+           "cached_engines", "clear_engine_cache", "COMPILE_MODES"]
 
 MAX_ENGINES = 8
 
 
 # -- the cache and the entry point ----------------------------------------------------------------
-_ENGINES: collections.OrderedDict = collections.OrderedDict()
-_LAST_PLAN: list = [None]
-
-
 def _weights_signature(model) -> tuple:
     """Where the weights live: a moved/cast/replaced parameter gets a new engine."""
     if not isinstance(model, torch.nn.Module):
@@ -52,34 +49,62 @@ def _weights_signature(model) -> tuple:
     return tuple((t.data_ptr(), t.dtype, str(t.device)) for t in tensors)
 
 
-def _engine(model, adapter, process, shape, plan: Plan, steps: int | None = None) -> SamplerEngine:
-    """The cached engine of these arguments (``steps``: a multistep solver's model calls, else None)."""
-    # The cached engine holds the model, so id(model) cannot be reused while the entry lives.
-    key = (id(model), _weights_signature(model), process.to_json(), tuple(shape), plan.key(), steps)
-    engine = _ENGINES.get(key)
-    if engine is None:
-        engine = SamplerEngine(adapter, process, shape, plan, steps)
-        _ENGINES[key] = engine
-        while len(_ENGINES) > MAX_ENGINES:
-            _ENGINES.popitem(last=False)
-    else:
-        _ENGINES.move_to_end(key)
-    return engine
+class EngineCache:
+    """The engine's run state, in one object: the engines of past calls (each holds its model, compiled
+    model, buffers and CUDA graphs), and the plan and sampling time of the last call.
+
+    ``engine_sample`` uses ``DEFAULT_CACHE`` unless given ``cache=``; ``cached_engines``,
+    ``clear_engine_cache`` and ``last_plan`` read and clear that default one.
+
+    :param max_engines: engines kept, the least recently used dropped first.
+    """
+
+    def __init__(self, max_engines: int = MAX_ENGINES):
+        self.max_engines = max_engines
+        self._engines: collections.OrderedDict = collections.OrderedDict()
+        self.last_plan: Plan | None = None  # the plan of the last engine_sample call
+        self.last_seconds: float | None = None  # its sampling time (plan, compile and loop)
+
+    def engine(self, model, adapter, process, shape, plan: Plan, steps: int | None = None) -> SamplerEngine:
+        """The cached engine of these arguments, made on a miss (``steps``: a multistep solver's model
+        calls, else None)."""
+        # The cached engine holds the model, so id(model) cannot be reused while the entry lives.
+        key = (id(model), _weights_signature(model), process.to_json(), tuple(shape), plan.key(), steps)
+        engine = self._engines.get(key)
+        if engine is None:
+            engine = SamplerEngine(adapter, process, shape, plan, steps)
+            self._engines[key] = engine
+            while len(self._engines) > self.max_engines:
+                self._engines.popitem(last=False)
+        else:
+            self._engines.move_to_end(key)
+        return engine
+
+    def engines(self) -> list[SamplerEngine]:
+        """The engines held, least recently used first."""
+        return list(self._engines.values())
+
+    def clear(self) -> None:
+        """Drop every engine (and with them their buffers, graphs and compiled models)."""
+        self._engines.clear()
+
+
+DEFAULT_CACHE = EngineCache()
 
 
 def cached_engines() -> list[SamplerEngine]:
-    """The engines in the cache, least recently used first."""
-    return list(_ENGINES.values())
+    """The engines in the default cache, least recently used first."""
+    return DEFAULT_CACHE.engines()
 
 
 def clear_engine_cache() -> None:
-    """Drop every cached engine (and with them their buffers, graphs and compiled models)."""
-    _ENGINES.clear()
+    """Drop every engine of the default cache (and with them their buffers, graphs and compiled models)."""
+    DEFAULT_CACHE.clear()
 
 
 def last_plan() -> Plan | None:
-    """The plan of the last ``engine_sample`` call."""
-    return _LAST_PLAN[0]
+    """The plan of the last ``engine_sample`` call on the default cache."""
+    return DEFAULT_CACHE.last_plan
 
 
 def _cpu_plan(model, adapter, n, shape, device, num_steps: int, op: str, plan: Plan, dtype, compile, channels_last,
@@ -113,7 +138,7 @@ def _compile_on_cpu(model, adapter, engine: SamplerEngine, choice) -> None:
     if cpu_plan.why_not_timed(model) is not None:
         return  # a model the plan must not call on made-up inputs: it compiles in its first step, unrecorded
     plan = engine.plan
-    seconds = cpu_plan.warm_up(engine._forward, engine.shape, plan.dtype, adapter.dtype, plan.channels_last)
+    seconds = cpu_plan.warm_up(engine.forward, engine.shape, plan.dtype, adapter.dtype, plan.channels_last)
     key = cpu_plan.compile_key(model, engine.shape, plan.dtype, plan.channels_last, plan.compile, plan.threads)
     cpu_plan.record_compile(model, key, max(0.0, seconds - (choice.forward_s or 0.0)))
 
@@ -124,7 +149,8 @@ def engine_sample(model, n: int, *, steps: int | None = None, seed: int = 0, dev
                   image_size=None, channels=None, batch_size: int | None = None, progress: bool = True,
                   callback=None, process=None, sample_offset: int = 0, distributed: bool = False,
                   cuda_graph=None, compile=None, backend=None, micro_batch=None, steps_per_graph=None,
-                  channels_last=None, threads=None, return_plan: bool = False, **process_options):
+                  channels_last=None, threads=None, return_plan: bool = False, cache: EngineCache | None = None,
+                  **process_options):
     """``fastddpm.sample`` through the engine: same arguments, same noise contract.
 
     Plan overrides (None: automatic, see ``make_plan``): ``cuda_graph``,
@@ -143,6 +169,8 @@ def engine_sample(model, n: int, *, steps: int | None = None, seed: int = 0, dev
     for a new key).  ``callback`` makes the loop eager.
 
     :param return_plan: return ``(images, plan)``.
+    :param cache: where the engines are kept and the plan and time are recorded (default
+        ``DEFAULT_CACHE``: ``last_plan()``, ``cached_engines()``).
     :return: float32 ``[n, C, H, W]`` on ``device`` (and the plan).
     """
     if distributed:
@@ -169,7 +197,8 @@ def engine_sample(model, n: int, *, steps: int | None = None, seed: int = 0, dev
     if device.type == "cpu":  # measured: compile, layout, dtype, threads (fastddpm.cpu_plan)
         plan, choice = _cpu_plan(model, adapter, n, shape, device, num_steps, op, plan, dtype, compile,
                                  channels_last, threads)
-    _LAST_PLAN[0] = plan
+    cache = DEFAULT_CACHE if cache is None else cache
+    cache.last_plan = plan
 
     m = plan.micro_batch
     bar = tqdm(total=num_steps * -(-n // m), disable=not progress, desc="sampling", unit="step", leave=False)
@@ -177,8 +206,8 @@ def engine_sample(model, n: int, *, steps: int | None = None, seed: int = 0, dev
     diverged = torch.zeros((), dtype=torch.bool, device=device)
     for first in range(0, n, m):
         size = min(m, n - first)
-        engine = _engine(model, adapter, process, (size, *shape[1:]), plan,
-                         num_steps if process.is_multistep else None)
+        engine = cache.engine(model, adapter, process, (size, *shape[1:]), plan,
+                              num_steps if process.is_multistep else None)
         if choice is not None and plan.compile and engine.runs == 0:
             _compile_on_cpu(model, adapter, engine, choice)
         chunks.append(engine.run(seed, sample_offset + first, callback, bar))
@@ -187,5 +216,5 @@ def engine_sample(model, n: int, *, steps: int | None = None, seed: int = 0, dev
     x = torch.cat(chunks) if len(chunks) > 1 else chunks[0]
     check_output_flag(diverged)  # read back once, after the loop, as the images' check
     check_finite_values("the sampled images", x)
-    engine_sample.last_seconds = time.perf_counter() - start
+    cache.last_seconds = time.perf_counter() - start
     return (x, plan) if return_plan else x

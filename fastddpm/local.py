@@ -15,7 +15,7 @@ from .adapters import ModelAdapter
 from .cpu_plan import using_threads
 from .diffusion import DDPM
 from .eager import sample_eager
-from .engine import engine_sample
+from .engine import DEFAULT_CACHE, engine_sample
 from .interop import is_pipeline
 
 __all__ = ["sample_local", "resolve_pipeline", "ENGINE_OPTIONS"]
@@ -58,7 +58,7 @@ def sample_local(model, n: int, *, engine: bool | None = None, threads: int | No
         raise TypeError(f"engine must be True, False or None, got {engine!r}")
     if engine:
         x = engine_sample(model, n, process=process, device=device, threads=threads, **engine_options, **kwargs)
-        sample_local.last_seconds = engine_sample.last_seconds
+        sample_local.last_seconds = DEFAULT_CACHE.last_seconds
         return x
     if engine_options:
         raise TypeError(f"{sorted(engine_options)} need engine=True")

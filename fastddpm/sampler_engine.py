@@ -127,6 +127,11 @@ class SamplerEngine:
         self._pool = None
         self.captures = self.warmups = self.runs = 0
 
+    @property
+    def forward(self) -> ModelAdapter:
+        """The model call the steps make: the adapter, or its compiled copy when the plan compiles."""
+        return self._forward
+
     def _compiled(self) -> ModelAdapter:
         mode = self.plan.compile
         if self.plan.cuda_graph and mode in INDUCTOR_GRAPH_MODES:
