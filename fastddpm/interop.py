@@ -54,7 +54,7 @@ import torch
 from .config import DiffusionConfig
 from .schedule import make_betas
 
-__all__ = ["SCHEDULERS", "from_diffusers", "scheduler_config", "is_pipeline", "resolve_pipeline"]
+__all__ = ["SCHEDULERS", "diffusion_config", "scheduler_config", "is_pipeline"]
 
 SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler")
 PREDICTIONS = {"epsilon": "epsilon", "sample": "x0", "v_prediction": "v"}
