@@ -167,11 +167,17 @@ def test_non_finite_samples_are_reported_at_the_end():
     (dict(n=2, batch_size=0), ValueError, "batch_size must be a positive int"),
     (dict(n=2, image_size=(4,)), ValueError, "image_size must be an int or a pair"),
     (dict(n=2, callback=3), TypeError, "callback must be callable"),
+    (dict(n=2, sample_offset=-1), ValueError, "sample_offset must be a non-negative int"),
+    (dict(n=2, process="ddpm"), TypeError, "process must be a fastddpm.DDPM"),
 ])
-def test_bad_arguments(kwargs, error, match):
+@pytest.mark.parametrize("engine", [False, True])
+def test_bad_arguments(kwargs, error, match, engine):
+    """The eager loop and the engine check their arguments in one place (``checks.check_sample_args``,
+    ``DDPM.resolve``): the same errors from both."""
+    kwargs = dict(kwargs)  # the case's dict is shared by both engines
     n = kwargs.pop("n")
     with pytest.raises(error, match=match):
-        fastddpm.sample(Pointwise(), n, progress=False, **kwargs)
+        fastddpm.sample(Pointwise(), n, progress=False, engine=engine, **kwargs)
 
 
 def test_not_a_model():
