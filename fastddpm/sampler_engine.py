@@ -31,9 +31,10 @@ step is plain PyTorch with the key as Python ints: its graphs are recaptured
 when the key changes.
 
 On CPU (or ``cuda_graph=False``) the very same step runs eagerly, and equals
-``fastddpm.sample`` bit for bit on the same backend.  With a ``callback`` the
+the eager loop (``fastddpm.eager``) bit for bit on the same backend.  With a ``callback`` the
 loop also runs eagerly (the callback sees every step's ``x``, which a replayed
 graph never hands to Python).
+
 ``fastddpm.engine`` caches engines and runs them for ``engine_sample``.
 """
 from __future__ import annotations
