@@ -12,7 +12,7 @@ from .patching import patch_attention, unpatch_attention
 from .sampling import sample
 from .schedule import NoiseSchedule
 from .trainer import TrainConfig, Trainer
+from .version import __version__
 
-__version__ = "0.1.0"
 __all__ = ["DDPM", "DiffusionConfig", "NoiseSchedule", "TrainConfig", "Trainer", "UNet", "UNetConfig",
            "create_model", "load_model", "normal", "patch_attention", "sample", "unpatch_attention", "save_model", "StepOutput", "__version__"]

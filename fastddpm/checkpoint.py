@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .files import atomic_write, write_text_atomic
+from .version import __version__
 
 __all__ = [
     "FORMAT_VERSION",
@@ -144,8 +145,6 @@ def _model_config(model) -> dict | None:
 
 
 def _versions() -> dict:
-    from . import __version__
-
     try:
         import safetensors
 

@@ -18,6 +18,24 @@ def is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def check_sample_args(n, sample_offset, batch_size, callback) -> None:
+    """The arguments every sampler (the eager loop, the engine) takes, checked once for both.
+
+    :param n: number of images: a positive int.
+    :param sample_offset: global index of the first sample: a non-negative int.
+    :param batch_size: samples per batch: None or a positive int.
+    :param callback: None or ``callback(i, t, x)``.
+    """
+    if not is_int(n) or n < 1:
+        raise ValueError(f"n must be a positive int, got {n!r}")
+    if not is_int(sample_offset) or sample_offset < 0:
+        raise ValueError(f"sample_offset must be a non-negative int, got {sample_offset!r}")
+    if batch_size is not None and (not is_int(batch_size) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if callback is not None and not callable(callback):
+        raise TypeError("callback must be callable as callback(i, t, x)")
+
+
 def check_tensor(name: str, x, *, dtypes: Iterable[torch.dtype] | None = None, ndim: int | None = None,
                  min_ndim: int | None = None, shape=None, device=None) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import multistep, ops
+from . import interop, multistep, ops
 from .adapters import ModelAdapter
 from .checks import FLOAT_DTYPES, check_tensor, check_timesteps
 from .config import DiffusionConfig
@@ -105,10 +105,40 @@ class DDPM:
     def from_diffusers(cls, scheduler_or_config, *, use_clipped_model_output: bool = False, **options) -> "DDPM":
         """The process equal to a diffusers ``DDPMScheduler``, ``DDIMScheduler``, ``DPMSolverMultistepScheduler``
         or ``UniPCMultistepScheduler`` (or its config); fields fastddpm cannot represent raise ValueError.
-        See ``fastddpm.interop.from_diffusers``."""
-        from .interop import from_diffusers
+        See ``fastddpm.interop.diffusion_config``."""
+        return cls(interop.diffusion_config(scheduler_or_config, use_clipped_model_output=use_clipped_model_output,
+                                            **options))
 
-        return from_diffusers(scheduler_or_config, use_clipped_model_output=use_clipped_model_output, **options)
+    @classmethod
+    def resolve(cls, process: "DDPM | None", steps: int | None, options: dict) -> "DDPM":
+        """The process a sampler runs for ``sample(..., steps=steps, process=process, **options)``.
+
+        Every sampler (the eager loop, the engine, and through them the distributed one) resolves its
+        arguments here, so they run the same process.
+
+        :param process: a ``DDPM``, or None for ``DDPM(**options)``.
+        :param steps: the number of sampling steps: a respacing of the process when fewer than its steps
+            (None: the process's own); a multistep solver's steps are its model calls instead
+            (``multistep_plan``), not a respacing, so they are left to it.
+        :param options: config fields set on top of ``process`` (``with_options``).
+        :return: the process to run.
+        """
+        if process is None:
+            process = cls(**options)
+        elif not isinstance(process, DDPM):
+            raise TypeError(f"process must be a fastddpm.DDPM, got {type(process).__name__}")
+        elif options:
+            process = process.with_options(**options)
+        if process.is_multistep:
+            return process
+        if steps is not None:
+            if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+                raise ValueError(f"steps must be a positive int, got {steps!r}")
+            if steps > process.config.num_timesteps:
+                raise ValueError(f"steps must be <= num_timesteps={process.config.num_timesteps}, got {steps}")
+            if steps != process.num_steps:
+                process = process.respace(steps)
+        return process
 
     def with_options(self, **options) -> "DDPM":
         """A copy with some config fields changed (the schedule is kept if respaced)."""

@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from .adapters import ModelAdapter
 from .checks import is_int
-from .sampling import sample
+from .local import sample_local
 
 __all__ = ["dist_info", "shard_range", "sample_distributed"]
 
@@ -109,7 +109,8 @@ def sample_distributed(model, n: int, *, group=None, **sample_kwargs) -> torch.T
     kernels may round differently for other batch sizes).  Without an
     initialised process group (or with one rank) it is ``sample`` itself.
 
-    :param model: anything ``fastddpm.sample`` accepts, on this rank's device.
+    :param model: anything ``fastddpm.sample`` accepts, on this rank's device; each rank samples its
+        shard with ``fastddpm.local.sample_local`` (the engine or the eager loop).
     :param n: total number of images over all ranks.
     :param group: a process group (default: the world).
     :param sample_kwargs: ``sample``'s keyword arguments; ``sample_offset`` is
@@ -121,7 +122,7 @@ def sample_distributed(model, n: int, *, group=None, **sample_kwargs) -> torch.T
         raise ValueError(f"n must be a positive int, got {n!r}")
     rank, world_size = dist_info(group)
     if world_size == 1:
-        return sample(model, n, **sample_kwargs)
+        return sample_local(model, n, **sample_kwargs)
     offset = sample_kwargs.pop("sample_offset", 0)
     if not is_int(offset) or offset < 0:
         raise ValueError(f"sample_offset must be a non-negative int, got {offset!r}")
@@ -131,7 +132,7 @@ def sample_distributed(model, n: int, *, group=None, **sample_kwargs) -> torch.T
     images, error, device = None, None, None
     try:
         if count:
-            images = sample(model, count, sample_offset=offset + start, **sample_kwargs)
+            images = sample_local(model, count, sample_offset=offset + start, **sample_kwargs)
             device = images.device
             if images.ndim != 4:  # sample's contract: [n, C, H, W]
                 raise AssertionError(f"sample returned {images.ndim}-d images, expected [n, C, H, W]")

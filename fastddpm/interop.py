@@ -1,7 +1,7 @@
-"""diffusers interop: a diffusers scheduler (or its config) as the equal fastddpm process, and a
-diffusers pipeline (``DDPMPipeline``, ``DDIMPipeline``) as a model and a process.
+"""diffusers interop: a diffusers scheduler (or its config) as the equal fastddpm process config,
+and the duck typing of a diffusers pipeline (``DDPMPipeline``, ``DDIMPipeline``).
 
-``from_diffusers`` maps every ``__init__`` field of ``DDPMScheduler``, ``DDIMScheduler``,
+``diffusion_config`` (the conversion behind ``DDPM.from_diffusers``) maps every ``__init__`` field of ``DDPMScheduler``, ``DDIMScheduler``,
 ``DPMSolverMultistepScheduler`` and ``UniPCMultistepScheduler`` (diffusers 0.42) to the
 ``DiffusionConfig`` that samples the same trajectory, or raises a ``ValueError`` that names the
 field, its value and what is supported: a process is never silently approximated.
@@ -52,10 +52,9 @@ import numpy as np
 import torch
 
 from .config import DiffusionConfig
-from .diffusion import DDPM
 from .schedule import make_betas
 
-__all__ = ["SCHEDULERS", "from_diffusers", "scheduler_config", "is_pipeline", "resolve_pipeline"]
+__all__ = ["SCHEDULERS", "diffusion_config", "scheduler_config", "is_pipeline"]
 
 SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler")
 PREDICTIONS = {"epsilon": "epsilon", "sample": "x0", "v_prediction": "v"}
@@ -162,8 +161,10 @@ def _class_of(config: dict) -> str:
     return found[0]
 
 
-def from_diffusers(scheduler_or_config, *, use_clipped_model_output: bool = False, **options) -> DDPM:
-    """The fastddpm process (and sampler) equal to a diffusers scheduler; see the module docstring.
+def diffusion_config(scheduler_or_config, *, use_clipped_model_output: bool = False,
+                     **options) -> DiffusionConfig:
+    """The config of the fastddpm process (and sampler) equal to a diffusers scheduler; see the module
+    docstring.  ``DDPM.from_diffusers`` is the process made from it.
 
     :param scheduler_or_config: a ``DDPMScheduler``, ``DDIMScheduler``, ``DPMSolverMultistepScheduler``
         or ``UniPCMultistepScheduler``, or its config (``scheduler.config`` or a dict with ``_class_name``).
@@ -173,8 +174,8 @@ def from_diffusers(scheduler_or_config, *, use_clipped_model_output: bool = Fals
         output, which fastddpm's one-pass step cannot express, so without this such a config raises.
     :param options: ``DiffusionConfig`` fields set after the conversion (e.g. DDIM's ``eta``, the training
         ``loss``).
-    :return: a ``DDPM`` over the full ``num_train_timesteps``; ``sample(..., steps=K)`` picks the K
-        timesteps as the scheduler's ``set_timesteps(K)`` does.
+    :return: a ``DiffusionConfig`` over the full ``num_train_timesteps``; ``sample(..., steps=K)`` picks
+        the K timesteps as the scheduler's ``set_timesteps(K)`` does.
     """
     name, config = scheduler_config(scheduler_or_config)
     f = _Fields(name, config)
@@ -196,7 +197,7 @@ def from_diffusers(scheduler_or_config, *, use_clipped_model_output: bool = Fals
     else:
         kw.update(_unipc(f))
     config = DiffusionConfig(**kw)
-    return DDPM(config.replace(**options) if options else config)
+    return config.replace(**options) if options else config
 
 
 # -- the fields ----------------------------------------------------------------------------------
@@ -342,21 +343,3 @@ def _unipc(f: _Fields) -> dict:
 def is_pipeline(obj) -> bool:
     """Duck typing for a diffusers pipeline: not a module, with ``.unet`` or ``.scheduler``."""
     return not isinstance(obj, torch.nn.Module) and (hasattr(obj, "unet") or hasattr(obj, "scheduler"))
-
-
-def resolve_pipeline(model, process):
-    """``(model, process)`` for ``sample``: a pipeline gives its ``unet`` and, unless ``process`` is given
-    (an explicit process wins), ``from_diffusers(pipeline.scheduler)``; anything else passes through."""
-    if not is_pipeline(model):
-        return model, process
-    missing = [a for a in ("unet", "scheduler") if getattr(model, a, None) is None]
-    if missing:
-        raise TypeError(f"model looks like a diffusers pipeline ({type(model).__name__}) but has no "
-                        f"{' or '.join('.' + m for m in missing)}: sample() takes a pipeline with .unet and "
-                        ".scheduler (DDPMPipeline, DDIMPipeline), or the model itself")
-    if process is None:
-        try:
-            process = from_diffusers(model.scheduler)
-        except ValueError as e:
-            raise ValueError(f"{type(model).__name__}.scheduler: {e} (or pass process= explicitly)") from None
-    return model.unet, process

@@ -720,7 +720,7 @@ class Trainer:
         return self.log.plot()
 
     def _write_config(self) -> None:
-        from . import __version__
+        from .version import __version__
 
         mc = getattr(self.model, "config", None)
         d = {"model_config": mc.to_dict() if hasattr(mc, "to_dict") else None,

@@ -27,23 +27,16 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 # (module, the private name it uses, of which module): each one a debt with its reason.
-ALLOWED_PRIVATE = {
-    # engine.py's lines outside its imports belong to the c-cpuplan branch, which owns sampling.py
-    ("fastddpm.engine", "_process", "fastddpm.sampling"),
-}
+ALLOWED_PRIVATE: set[tuple[str, str, str]] = set()
 # Function-level imports that close a cycle: debts of the modules outside the op subsystem, each
 # with its reason (the test fails on any other cycle, and on an entry no longer needed).
 ALLOWED_CYCLE_EDGES = {
-    # sample() hands over to the engine and to the distributed sampler, which both import sampling's
-    # top level (sampling.py and engine.py: the c-cpuplan branch)
-    ("fastddpm.sampling", "fastddpm.engine"),
-    ("fastddpm.sampling", "fastddpm.distributed"),
-    # the conveniences DDPM.sample and DDPM.from_diffusers call the modules that build on DDPM
+    # DDPM.sample, a convenience for fastddpm.sample(model, n, process=self): the sampler builds the
+    # default DDPM and resolves every process with DDPM.resolve, so a DDPM method that calls it closes a
+    # cycle by construction.  Paying it means dropping DDPM.sample (public; tests/test_multistep.py uses
+    # it) or attaching it to the class from fastddpm.sampling, which hides the cycle from this test
+    # without removing it: a decision for the API, not for a refactoring.
     ("fastddpm.diffusion", "fastddpm.sampling"),
-    ("fastddpm.diffusion", "fastddpm.interop"),
-    # __version__ lives in the package's __init__, which imports these modules
-    ("fastddpm.checkpoint", "fastddpm"),
-    ("fastddpm.trainer", "fastddpm"),
 }
 
 

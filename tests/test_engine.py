@@ -7,8 +7,8 @@ import torch
 
 import fastddpm
 from fastddpm import DDPM, ops
-from fastddpm.engine import (SamplerEngine, cached_engines, clear_engine_cache, engine_sample, last_plan,
-                             make_plan)
+from fastddpm.engine import (EngineCache, SamplerEngine, cached_engines, clear_engine_cache, engine_sample,
+                             last_plan, make_plan)
 from toy_models import Pointwise
 from tolerances import BY_DTYPE, EXACT, FP32, PEER, assert_close
 
@@ -169,7 +169,12 @@ def test_shards_callback_and_bf16_inputs():
         assert_close(a, b, **FP32)
     bf16 = engine_sample(model, 2, steps=8, seed=3, progress=False, dtype=torch.bfloat16)
     assert bf16.dtype == torch.float32 and last_plan().dtype == torch.bfloat16
-    assert_close(bf16, full[:2], atol=0.1, rtol=0.1)
+    # the model reads the engine's bfloat16 copy of x, every update is float32: the same images as the
+    # eager float32 loop on a model that rounds its input to bfloat16 (one dtype compared: FP32, as above)
+    rounded = eager_sample(lambda x, t: model(x.to(torch.bfloat16), t), 2, steps=8, seed=3, progress=False,
+                           image_size=6, channels=2)
+    assert_close(bf16, rounded, **FP32)
+    assert not torch.equal(bf16, full[:2])  # the dtype was used
 
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
@@ -307,6 +312,28 @@ def test_cache_misses_when_the_weights_move():
     model.w = torch.nn.Parameter(torch.tensor(0.5))
     engine_sample(model, 2, steps=3, progress=False)
     assert len(cached_engines()) == 2
+
+
+def test_an_engine_cache_holds_its_own_engines_plan_and_time():
+    """The run state lives in an ``EngineCache``: one given to ``engine_sample`` gets the engines, the
+    plan and the time, the default one (``cached_engines``, ``last_plan``) is left alone, and it drops
+    its least recently used engine beyond ``max_engines``."""
+    model = Pointwise()
+    expected = engine_sample(model, 2, steps=4, seed=1, progress=False)
+    (default_engine,), default_plan = cached_engines(), last_plan()
+    mine = EngineCache(max_engines=2)
+    x, plan = engine_sample(model, 2, steps=4, seed=1, progress=False, cache=mine, return_plan=True)
+    assert torch.equal(x, expected)
+    assert mine.last_plan is plan and plan is not default_plan and mine.last_seconds > 0
+    (first,) = mine.engines()
+    assert first is not default_engine and first.runs == 1
+    assert cached_engines() == [default_engine] and last_plan() is default_plan
+    engine_sample(model, 3, steps=4, progress=False, cache=mine)
+    engine_sample(model, 2, steps=4, progress=False, cache=mine)  # a hit: first becomes the most recent
+    engine_sample(model, 4, steps=4, progress=False, cache=mine)  # a third engine: the n=3 one goes
+    assert len(mine.engines()) == 2 and mine.engines()[0] is first and first.runs == 2
+    mine.clear()
+    assert mine.engines() == [] and cached_engines() == [default_engine]
 
 
 def test_engine_directly():

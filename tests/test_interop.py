@@ -419,6 +419,6 @@ def test_a_field_newer_than_interop_is_accepted_at_its_default_and_refused_other
     handled["DDPMScheduler"] = tuple(f for f in handled["DDPMScheduler"] if f != "rescale_betas_zero_snr")
     monkeypatch.setattr(interop, "HANDLED", handled)
     config = {"_class_name": "DDPMScheduler", "rescale_betas_zero_snr": False}
-    assert interop.from_diffusers(config).config.num_timesteps == 1000
+    assert interop.diffusion_config(config).num_timesteps == 1000
     with pytest.raises(ValueError, match=r"\['rescale_betas_zero_snr'\].*unknown to fastddpm.interop"):
-        interop.from_diffusers(config | {"rescale_betas_zero_snr": True})
+        interop.diffusion_config(config | {"rescale_betas_zero_snr": True})

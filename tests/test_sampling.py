@@ -6,7 +6,7 @@ import fastddpm
 from fastddpm import DDPM, ops
 from fastddpm.ops.reference import batch_noise
 from toy_models import Pointwise
-from tolerances import FP32, assert_close
+from tolerances import EXACT, FP32, STEPS_FP32, assert_close
 
 
 
@@ -35,7 +35,7 @@ def test_sample_equals_algorithm_2(steps, options):
     with ops.use_backend("reference"):
         expected = _manual_loop(model, process, 3, (2, 6, 6), seed=11)
         assert torch.equal(fastddpm.sample(model, 3, seed=11, progress=False, process=process), expected)
-    assert_close(fastddpm.sample(model, 3, seed=11, progress=False, process=process), expected, atol=1e-4, rtol=1e-4)
+    assert_close(fastddpm.sample(model, 3, seed=11, progress=False, process=process), expected, **STEPS_FP32)
 
 
 def test_sample_i_is_the_same_whatever_n():
@@ -95,11 +95,44 @@ def test_plain_function_needs_a_shape():
     assert x.shape == (2, 3, 4, 6)
 
 
-def test_bf16_model_inputs_keep_x_in_float32():
-    x = fastddpm.sample(Pointwise(), 2, steps=5, dtype=torch.bfloat16, progress=False)
-    ref = fastddpm.sample(Pointwise(), 2, steps=5, progress=False)
+class Conv1x1(torch.nn.Module):
+    """A float32 model whose convolution autocast runs in low precision (``Pointwise``'s ops it leaves alone)."""
+
+    image_size, in_channels = 6, 2
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(2, 2, 1)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.tensor([[0.7, -0.2], [0.1, 0.5]]).reshape(2, 2, 1, 1))
+            self.conv.bias.copy_(torch.tensor([0.01, -0.02]))
+
+    def forward(self, x, t):
+        return torch.tanh(self.conv(x) + t.reshape(-1, 1, 1, 1) / 1000)
+
+
+@pytest.mark.parametrize("engine", [False, True])
+def test_bf16_model_inputs_keep_x_in_float32(engine):
+    """``dtype=torch.bfloat16`` runs the model in bfloat16 and every update in float32: the images are
+    Algorithm 2 in float32 on the model's bfloat16 outputs, bit for bit on the reference backend (a
+    comparison within one dtype, so no tolerance for the dtypes' difference is needed)."""
+    model = Conv1x1()
+    w, b = model.conv.weight.to(torch.bfloat16), model.conv.bias.to(torch.bfloat16)
+
+    def in_bf16(x, t):  # what autocast does with the model: the convolution in bfloat16
+        y = torch.nn.functional.conv2d(x.to(torch.bfloat16), w, b) + t.reshape(-1, 1, 1, 1) / 1000
+        return torch.tanh(y).float()
+
+    process = DDPM().respace(5)
+    kw = dict(channels_last=False) if engine else {}
+    with ops.use_backend("reference"):
+        expected = _manual_loop(in_bf16, process, 2, (2, 6, 6), seed=0)
+        x = fastddpm.sample(model, 2, process=process, dtype=torch.bfloat16, progress=False, engine=engine, **kw)
     assert x.dtype == torch.float32
-    assert_close(x, ref, atol=0.1, rtol=0.1)
+    assert not torch.equal(x, x.to(torch.bfloat16).float())  # x itself was never rounded to bfloat16
+    assert_close(x, expected, **EXACT)
+    full = fastddpm.sample(model, 2, process=process, progress=False, engine=engine, **kw)
+    assert not torch.equal(full, x)  # the dtype was used: float32 inputs sample other images
 
 
 # -- bad input ----------------------------------------------------------------------------
@@ -134,11 +167,17 @@ def test_non_finite_samples_are_reported_at_the_end():
     (dict(n=2, batch_size=0), ValueError, "batch_size must be a positive int"),
     (dict(n=2, image_size=(4,)), ValueError, "image_size must be an int or a pair"),
     (dict(n=2, callback=3), TypeError, "callback must be callable"),
+    (dict(n=2, sample_offset=-1), ValueError, "sample_offset must be a non-negative int"),
+    (dict(n=2, process="ddpm"), TypeError, "process must be a fastddpm.DDPM"),
 ])
-def test_bad_arguments(kwargs, error, match):
+@pytest.mark.parametrize("engine", [False, True])
+def test_bad_arguments(kwargs, error, match, engine):
+    """The eager loop and the engine check their arguments in one place (``checks.check_sample_args``,
+    ``DDPM.resolve``): the same errors from both."""
+    kwargs = dict(kwargs)  # the case's dict is shared by both engines
     n = kwargs.pop("n")
     with pytest.raises(error, match=match):
-        fastddpm.sample(Pointwise(), n, progress=False, **kwargs)
+        fastddpm.sample(Pointwise(), n, progress=False, engine=engine, **kwargs)
 
 
 def test_not_a_model():

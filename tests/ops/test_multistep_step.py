@@ -323,9 +323,7 @@ def test_cuda_graph_with_device_step_counter(backend):
     """The in-place op inside a captured CUDA graph: the step index and the noise key are device
     tensors (the graph decrements the step itself), so one graph replays every step."""
     _skip_unless(backend, torch.bfloat16, "cuda")
-    from fastddpm.engine import _inplace_step_op
-
-    op = _inplace_step_op(backend, "multistep_step_")
+    op = ops.implementation("multistep_step_", backend)
     table = _table("dpm++2m-sde", "cuda")
     K, shape = table.shape[0], (4, 3, 16, 16)
     x0 = torch.randn(shape, device="cuda")

@@ -1,0 +1,280 @@
+"""``SamplerEngine``: static buffers, a device-side step counter, CUDA graphs, for one batch shape.
+
+``fastddpm.eager`` is the reference loop; an engine runs the same
+Algorithm 2 (Ho et al.) with no host work per step on a GPU:
+
+* Every tensor the loop touches is allocated once per engine: ``x`` (float32),
+  the model-input copy (``Plan.dtype``, channels_last for images), the
+  model-timestep vector, a 0-dim int64 ``step`` counter and the noise key
+  ``rng = (seed, sample_offset)`` (int64 ``[2]``), all on the device.
+* One step is ``t = timesteps[step]`` (a gather), the model call, the fused
+  in-place ``ddpm_step_`` (which reads the row of ``coefs`` and the noise slot
+  from ``step`` and the noise key from ``rng``, draws the contract's noise
+  itself and writes both ``x`` and the model input), then ``step -= 1`` on the
+  device.  Nothing in it reads a value back, branches on a tensor, or copies
+  from the host, so ``steps_per_graph`` of these are captured as one CUDA graph
+  and replayed ``K / steps_per_graph`` times.
+* Before the loop, on the device and outside the graph: ``rng`` is filled with
+  this run's seed and sample offset, and ``x_T`` (noise slot K) is drawn.
+* The multistep solvers (``fastddpm.multistep``: DPM-Solver++ 2M/3M/2M-SDE, UniPC)
+  run the same loop: their ``[K, 12]`` table and timesteps replace the DDPM ones,
+  a static ``[3, *shape]`` history ring (zeroed before the loop) is advanced by
+  the fused in-place ``multistep_step_`` after the model call (it reads the step
+  index, and for the SDE solver the noise key, on the device), and the model
+  input copy is refreshed from ``x`` on the device.
+
+A CUDA graph bakes its kernels' scalar arguments; the seed and the sample
+offset are not among them (the kernel loads them from ``rng``), so an engine
+captures its graphs once: every later run, whatever its seed or micro-batch
+offset, only replays them.  The exception is the ``reference`` backend, whose
+step is plain PyTorch with the key as Python ints: its graphs are recaptured
+when the key changes.
+
+On CPU (or ``cuda_graph=False``) the very same step runs eagerly, and equals
+the eager loop (``fastddpm.eager``) bit for bit on the same backend.  With a ``callback`` the
+loop also runs eagerly (the callback sees every step's ``x``, which a replayed
+graph never hands to Python).
+
+``fastddpm.engine`` caches engines and runs them for ``engine_sample``.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+
+from . import ops
+from .adapters import ModelAdapter
+from .checks import is_int, watch_output
+from .noise import check_noise_capacity, check_seed
+from .ops import reference
+from .plan import INDUCTOR_GRAPH_MODES, Plan
+
+__all__ = ["SamplerEngine", "WARMUP_STEPS"]
+
+WARMUP_STEPS = 2  # eager steps on a side stream before each capture (autotuning, lazy init, JIT)
+
+
+def _inplace_step_op(backend: str, name: str = "ddpm_step_"):
+    """The in-place op ``name`` of a fast backend: ``ddpm_step_(x, out, step, coefs, rng, clip,
+    model_input)`` or ``multistep_step_(x, out, history, step, table, rng, clip, stochastic)``."""
+    return ops.implementation(name, backend)
+
+
+class SamplerEngine:
+    """Static buffers and the step loop for one ``(model, process, batch shape, plan)``.
+
+    :param model: anything ``fastddpm.sample`` accepts, or a ``ModelAdapter``.
+    :param process: a ``fastddpm.DDPM`` (already respaced to the steps wanted), or one whose
+        sampler is a multistep solver (``fastddpm.multistep``).
+    :param shape: the batch shape ``(m, C, H, W)``.
+    :param plan: from ``make_plan`` (its ``micro_batch`` is not used here).
+    :param steps: a multistep solver's model calls (default ``multistep.DEFAULT_STEPS``); ignored
+        otherwise.
+
+    A multistep solver runs the same loop with its own ``[K, 12]`` table, its timesteps, and a static
+    ``[3, *shape]`` float32 history ring that ``_reset`` zeroes and the fused ``multistep_step_``
+    advances in place after the model call (it reads the step index from the device counter).
+
+    Counters for tests and profiling: ``captures`` (graphs recorded), ``warmups``
+    (eager warm-up steps), ``runs``.
+    """
+
+    def __init__(self, model, process, shape, plan: Plan, steps: int | None = None):
+        self.adapter = model if isinstance(model, ModelAdapter) else ModelAdapter(model)
+        self.process = process
+        self.shape = tuple(int(s) for s in shape)
+        self.plan = plan
+        self.solver = process.multistep_plan(steps) if process.is_multistep else None
+        self.num_steps = K = process.num_steps if self.solver is None else self.solver.num_steps
+        n, device = self.shape[0], plan.device
+        self.numel = math.prod(self.shape[1:])
+        check_noise_capacity(self.numel, K + 1, n - 1)
+        if plan.cuda_graph and device.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs a CUDA device, got {device}")
+        if plan.channels_last and len(self.shape) != 4:
+            raise ValueError(f"channels_last needs a 4-D batch shape, got {self.shape}")
+
+        self.history = None  # the multistep solvers' ring: [3, *shape] float32
+        if self.solver is None:
+            tables = process.tables(device)
+            self.coefs, self.timesteps = tables["coefs"], tables["timesteps"]
+            self.clip_denoised = bool(process.config.clip_denoised)
+        else:
+            self.coefs, self.timesteps = self.solver.tensors(device)  # coefs: the [K, 12] table
+            self.clip_denoised = self.solver.clip_denoised
+            self.history = torch.zeros((3, *self.shape), dtype=torch.float32, device=device)
+        # -- static buffers: allocated once, updated in place ------------------------------
+        self.x = torch.empty(self.shape, dtype=torch.float32, device=device)
+        self.model_input = None  # None: the model reads x itself
+        if plan.dtype != torch.float32 or plan.channels_last:
+            layout = torch.channels_last if plan.channels_last else torch.contiguous_format
+            self.model_input = torch.empty(self.shape, dtype=plan.dtype, device=device, memory_format=layout)
+        self.step = torch.full((), K - 1, dtype=torch.int64, device=device)  # process step index
+        self.step_n = self.step.expand(n)  # the same counter seen per sample (stride 0)
+        self.model_t = torch.empty(n, dtype=self.timesteps.dtype, device=device)  # timesteps[step]
+        self._slot_x_T = torch.full((), K, dtype=torch.int64, device=device)  # noise slot of x_T
+        self.rng = torch.zeros(2, dtype=torch.int64, device=device)  # (seed, sample_offset), read by the fused step
+        self.diverged = torch.zeros((), dtype=torch.bool, device=device)  # raised by a diverged model output
+        # -- the step's parts --------------------------------------------------------------
+        self._autocast = plan.dtype != self.adapter.dtype  # as fastddpm.sample
+        self._forward = self._compiled() if plan.compile else self.adapter
+        op_name = "ddpm_step_" if self.solver is None else "multistep_step_"
+        self._inplace = None if plan.backend == "reference" else _inplace_step_op(plan.backend, op_name)
+        self._checked = False
+        self._graphs: list | None = None  # [(graph, steps, replays), ...], captured once
+        self._graphs_key = None  # the key baked into them: None, or (seed, sample_offset) for the reference step
+        self._pool = None
+        self.captures = self.warmups = self.runs = 0
+
+    @property
+    def forward(self) -> ModelAdapter:
+        """The model call the steps make: the adapter, or its compiled copy when the plan compiles."""
+        return self._forward
+
+    def _compiled(self) -> ModelAdapter:
+        mode = self.plan.compile
+        if self.plan.cuda_graph and mode in INDUCTOR_GRAPH_MODES:
+            # the engine's graph holds the model: Inductor must not capture its own inside it
+            options = dict(torch._inductor.list_mode_options(mode))
+            options["triton.cudagraphs"] = False
+            kwargs = {"options": options}
+        else:
+            kwargs = {"mode": mode}
+        adapter = copy.copy(self.adapter)
+        adapter.model = torch.compile(self.adapter.model, dynamic=False, **kwargs)
+        return adapter
+
+    # -- one step: what a graph captures ------------------------------------------------------
+    def _step(self, seed: int, sample_offset: int) -> None:
+        """``x <- x_{t-1}`` for the step index held by ``self.step``, then ``step -= 1``,
+        all on the device (no value read back, no host copy).  The fused step reads
+        the noise key from ``self.rng``; ``seed`` and ``sample_offset`` are used by the
+        reference step only."""
+        torch.index_select(self.timesteps, 0, self.step_n, out=self.model_t)
+        model_input = self.x if self.model_input is None else self.model_input
+        with torch.autocast(self.plan.device.type, dtype=self.plan.dtype, enabled=self._autocast,
+                            cache_enabled=False):  # no cast cache: it would outlive a graph capture
+            out = self._forward(model_input, self.model_t)
+        if not self._checked:  # metadata only, first call of this engine
+            self.adapter.check_output(out, self.x)
+            self._checked = True
+        watch_output(self.diverged, out)  # in place, on the device: a graph replays it
+        if self.solver is not None:
+            self._multistep_update(out, seed, sample_offset)
+        elif self._inplace is not None:  # fused: reads step on the device, writes x and the model input
+            self._inplace(self.x, out, self.step, self.coefs, self.rng, self.clip_denoised, self.model_input)
+        else:
+            x_prev = ops.ddpm_step(self.x, out, self.step_n, self.coefs, seed=seed, sample_offset=sample_offset,
+                                   clip_denoised=self.clip_denoised, backend="reference")
+            self.x.copy_(x_prev)
+            if self.model_input is not None:
+                self.model_input.copy_(x_prev)
+        self.step.sub_(1)
+
+    def _multistep_update(self, out: torch.Tensor, seed: int, sample_offset: int) -> None:
+        """The solver's update after the model call: ``x`` and ``history`` in place, the step index
+        and (for the SDE solver) the noise key read on the device by the fused op."""
+        if self._inplace is not None:
+            self._inplace(self.x, out, self.history, self.step, self.coefs, self.rng, self.clip_denoised,
+                          self.solver.stochastic)
+        else:
+            x_next = ops.multistep_step(self.x, out, self.history, self.step, self.coefs, seed=seed,
+                                        sample_offset=sample_offset, clip_denoised=self.clip_denoised,
+                                        stochastic=self.solver.stochastic, backend="reference")
+            self.x.copy_(x_next)
+        if self.model_input is not None:  # the next model call's input: a cast (and layout) copy
+            self.model_input.copy_(self.x)
+
+    def _reset(self, seed: int, sample_offset: int) -> None:
+        """``rng = (seed, sample_offset)``, ``x = x_T`` (the contract's slot K), its model-input
+        copy, ``step = K - 1``; on the device, outside any graph."""
+        self.rng[0].fill_(seed)  # fills with a kernel argument: no host-to-device copy, no sync
+        self.rng[1].fill_(sample_offset)
+        self.diverged.fill_(False)
+        if self.history is not None:
+            self.history.zero_()
+        self.x.copy_(reference.batch_noise(seed, sample_offset, self._slot_x_T, self.shape, self.plan.device))
+        if self.model_input is not None:
+            self.model_input.copy_(self.x)
+        self.step.fill_(self.num_steps - 1)
+
+    # -- CUDA graphs --------------------------------------------------------------------------
+    def _warm_up(self, seed: int, sample_offset: int) -> None:
+        """Eager steps on a side stream (as torch.cuda.graphs' docs require): Triton
+        autotuning, JIT specialisations, compilation, lazy inits."""
+        device = self.plan.device
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(WARMUP_STEPS):
+                self._reset(seed, sample_offset)
+                self._step(seed, sample_offset)
+                self.warmups += 1
+        torch.cuda.current_stream(device).wait_stream(side)
+        torch.cuda.synchronize(device)  # once per capture, outside the sampling loop
+
+    def _capture(self, steps: int, seed: int, sample_offset: int):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            for _ in range(steps):
+                self._step(seed, sample_offset)
+        self.captures += 1
+        return graph
+
+    def graphs(self, seed: int, sample_offset: int) -> list:
+        """``[(graph, steps, replays), ...]`` covering the K steps, captured on the first
+        call.  The fused step reads the noise key from ``self.rng`` at replay time, so
+        they serve every seed and offset; the reference step bakes the key in, so its
+        graphs are recaptured when the key changes."""
+        key = (seed, sample_offset) if self._inplace is None else None
+        if self._graphs is not None and self._graphs_key == key:
+            return self._graphs
+        self._graphs = None  # the reference step's old graphs: their memory goes back to the pool
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()  # shared by all this engine's graphs
+        self._warm_up(seed, sample_offset)
+        per_graph = min(self.plan.steps_per_graph, self.num_steps)
+        full, rest = divmod(self.num_steps, per_graph)
+        sets = [(self._capture(per_graph, seed, sample_offset), per_graph, full)]
+        if rest:
+            sets.append((self._capture(rest, seed, sample_offset), rest, 1))
+        self._graphs, self._graphs_key = sets, key
+        return sets
+
+    # -- sampling ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def run(self, seed: int = 0, sample_offset: int = 0, callback=None, bar=None) -> torch.Tensor:
+        """Sample one batch: global samples ``sample_offset .. sample_offset + m - 1`` of ``seed``.
+
+        :param callback: ``callback(i, t, x)`` after every step (x a copy); makes
+            the loop eager, since a replayed graph never returns to Python per step.
+        :param bar: a tqdm bar to advance (optional).
+        :return: float32 ``[m, C, H, W]``, a new tensor (the buffers are reused).
+        """
+        check_seed(seed)
+        if not is_int(sample_offset) or sample_offset < 0:
+            raise ValueError(f"sample_offset must be a non-negative int, got {sample_offset!r}")
+        check_noise_capacity(self.numel, self.num_steps + 1, sample_offset + self.shape[0] - 1)
+        if callback is not None and not callable(callback):
+            raise TypeError("callback must be callable as callback(i, t, x)")
+        if self.plan.cuda_graph and callback is None:
+            sets = self.graphs(seed, sample_offset)  # captured (and warmed up) once
+            self._reset(seed, sample_offset)  # writes this run's key into rng, outside the graph
+            for graph, steps, replays in sets:
+                for _ in range(replays):
+                    graph.replay()
+                    if bar is not None:
+                        bar.update(steps)
+        else:
+            self._reset(seed, sample_offset)
+            timesteps = self.process.schedule.timesteps if self.solver is None else self.solver.timesteps
+            for i in reversed(range(self.num_steps)):
+                self._step(seed, sample_offset)
+                if bar is not None:
+                    bar.update(1)
+                if callback is not None:
+                    callback(i, int(timesteps[i]), self.x.clone())
+        self.runs += 1
+        return self.x.clone()
