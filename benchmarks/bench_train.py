@@ -17,7 +17,7 @@ timed steps).  Rows (``--rows``), in this order:
   ``Trainer``), eager fp32.  Its ``Unet`` is not Ho et al.'s: for
   ``ddpm_cifar10`` it is the library's default ``Unet(dim=64, dim_mults=(1, 2, 4, 8))``
   (35.71M parameters against 35.75M), elsewhere the preset's widths.
-* fastddpm's ``Trainer`` step (``Trainer._train_step``: what ``train()`` runs
+* fastddpm's ``Trainer`` step (``Trainer.train_step``: what ``train()`` runs
   per step, without its logging and checkpoints; Adam, fused on CUDA, clipping
   at 1, EMA; no flips, like the peers' loops), stage by stage, each adding to
   the one before:
@@ -338,7 +338,7 @@ def build_stage(stage: Stage, cfg: BenchConfig, out_dir: str, count_flops: bool)
     def step():
         with ops.use_backend(ops_backend):
             # the step train() runs, without its logging and checkpoint bookkeeping
-            trainer._train_step(trainer.step)
+            trainer.train_step(trainer.step)
         trainer.step += 1
 
     path = stage.label.format(ops=ops_backend, attn=attn_backend, mode=cfg.compile_mode)
