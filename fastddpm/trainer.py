@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 import warnings
 from pathlib import Path
@@ -77,6 +76,9 @@ from .stop_signals import StopOnSignal
 from .train_config import TrainConfig
 from .training.batches import TrainBatches, check_dataset
 from .training.ema import EMA
+from .training.meter import StepMeter
+from .training.resume import check_resumable, load_optimizer_state
+from .training.out_dir import prepare_out_dir
 from .training.plan import resolve_precision, training_reasons
 from .training.rotation import checkpoints_in, latest_checkpoint, remove_old_checkpoints, step_name, step_of
 from .training.step import autocast_for, train_step
@@ -84,14 +86,6 @@ from .training.streams import STREAM_VAL, dropout_seed, mix
 
 __all__ = ["TrainConfig", "Trainer"]
 
-LOSS_EMA_BETA = 0.98  # smoothing of the train loss that picks "best" when there is no validation
-# train-config fields that may change on resume without changing the training trajectory (the layout and
-# compilation change rounding only; nonfinite matters only where a step is not finite, and resuming a run
-# stopped by a NaN with nonfinite='skip' is what it is for)
-_RESUME_FREE = {"steps", "val_every", "sample_every", "sample_n", "sample_steps", "checkpoint_every",
-                "checkpoint_minutes", "keep_last",
-                "keep_best", "log_every", "channels_last", "compile", "nonfinite"}
-MAX_CONSECUTIVE_SKIPS = 50  # nonfinite='skip': this many non-finite steps in a row end training
 
 
 # -- the trainer ---------------------------------------------------------------------------
@@ -189,7 +183,8 @@ class Trainer:
         self._lock = RunDirLock(self.out_dir)
         if self.is_main:
             check_is_run_dir(self.out_dir)
-            self._prepare_out_dir()
+            prepare_out_dir(self.out_dir, self.config.keep_last, self.config.keep_best,
+                            self.estimated_checkpoint_bytes())
             self._lock.acquire()
             for folder in (self.out_dir, self.checkpoint_dir, self.out_dir / "samples"):
                 remove_stale_temp_files(folder)  # left by writes a kill cut short; we hold the lock
@@ -209,8 +204,7 @@ class Trainer:
         self.best_step: int | None = None
         self.last_val: dict | None = None
         self.elapsed_before = 0.0
-        self._loss_ema = torch.zeros((), device=self.device)
-        self._loss_ema_count = 0
+        self.meter = StepMeter(self.device)  # device-side sums of the loop, the smoothed loss
         self.skipped_steps = 0  # nonfinite='skip': steps left out so far
         self.log = RunLog(self.out_dir, writes=self.is_main)
         self._resumed_from: Path | None = None
@@ -230,24 +224,6 @@ class Trainer:
         if self.device.type == "cuda" and all(p.dtype.is_floating_point for p in self.params):
             kw["fused"] = True  # one kernel for all parameters
         return cls(self.params, **kw)
-
-    def _prepare_out_dir(self) -> None:
-        where = repr(str(self.out_dir))
-        try:
-            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-            probe = self.out_dir / ".fastddpm_write_test"
-            probe.write_bytes(b"ok")
-            probe.unlink()
-        except OSError as e:
-            raise OSError(f"out_dir {where} cannot be created or written to: {e.strerror or e}") from e
-        free = shutil.disk_usage(self.out_dir).free
-        # the kept step checkpoints, best.safetensors and the one being written
-        count = self.config.keep_last + int(self.config.keep_best) + 1
-        one = self.estimated_checkpoint_bytes()
-        if free < count * one:
-            raise OSError(f"out_dir {where} has {free / 2**20:.1f} MiB free; checkpoints need about "
-                          f"{count * one / 2**20:.1f} MiB ({count} checkpoints of {one / 2**20:.1f} MiB: keep_last="
-                          f"{self.config.keep_last}, best, one being written)")
 
     def estimated_checkpoint_bytes(self) -> int:
         """Model + EMA + Adam's two moments, plus a little."""
@@ -343,8 +319,8 @@ class Trainer:
             "best_step": self.best_step,
             "metric": "val_loss" if self.val_indices.numel() else "train_loss_smoothed",
             "last_val": self.last_val,
-            "loss_ema": float(self._loss_ema),
-            "loss_ema_count": self._loss_ema_count,
+            "loss_ema": float(self.meter.loss_ema),
+            "loss_ema_count": self.meter.loss_ema_count,
             "skipped_steps": self.skipped_steps,
             "elapsed": self._elapsed(),
             "precision": self.precision,
@@ -409,41 +385,13 @@ class Trainer:
             warnings.warn(f"resuming from step {ckpt.step} of {where} while {str(self.checkpoint_dir)!r} holds later "
                           f"checkpoints ({', '.join(later)}); they will be overwritten as training reaches them",
                           RuntimeWarning, stacklevel=3)
-        if meta.get("kind") != "train" or "optimizer" not in meta:
-            raise ValueError(f"{where} is not a training checkpoint (no optimizer state); it cannot be resumed")
-        check_model_config(ckpt, self.model)
-        if meta.get("diffusion") != self.process.to_dict():
-            raise ValueError(f"{where} was trained with another diffusion process: {meta.get('diffusion')} "
-                             f"vs {self.process.to_dict()}")
-        saved_cfg = meta.get("train_config", {})
-        mine = self.config.to_dict()
-        changed = sorted(k for k in set(saved_cfg) | set(mine)
-                         if saved_cfg.get(k) != mine.get(k) and k not in _RESUME_FREE)
-        if changed:
-            warnings.warn(f"resuming {where} with a changed train config ({', '.join(changed)}): the run will not "
-                          f"be the one the checkpoint started", RuntimeWarning, stacklevel=3)
-        if meta.get("train_size") != self.train_indices.numel():
-            warnings.warn(f"{where} was trained on {meta.get('train_size')} images, this dataset has "
-                          f"{self.train_indices.numel()} for training", RuntimeWarning, stacklevel=3)
-
+        check_resumable(ckpt, self.model, self.process, self.config, self.train_indices.numel())
         load_weights(self.model, ckpt.section("model"), path=ckpt.path, what="model")
         if ckpt.has("ema"):
             load_weights(self.ema_model, ckpt.section("ema"), path=ckpt.path, what="ema")
         else:
             self.ema_model.load_state_dict(self.model.state_dict())
-        sd = ckpt.optimizer_state_dict()
-        if len(sd["param_groups"]) != len(self.optimizer.param_groups):
-            raise ValueError(f"{where} has {len(sd['param_groups'])} optimizer param groups, expected "
-                             f"{len(self.optimizer.param_groups)}")
-        for saved, current in zip(sd["param_groups"], self.optimizer.param_groups):
-            # this run's implementation flags and the config's hyper-parameters win
-            for key in ("fused", "foreach", "capturable", "differentiable", "betas", "weight_decay", "lr"):
-                if key in current:
-                    saved[key] = current[key]
-        try:
-            self.optimizer.load_state_dict(sd)
-        except (ValueError, KeyError, RuntimeError) as e:
-            raise ValueError(f"{where}: optimizer state does not fit this model: {e}") from None
+        load_optimizer_state(self.optimizer, ckpt.optimizer_state_dict(), where)
         if self.scaler is not None and meta.get("scaler"):
             self.scaler.load_state_dict(meta["scaler"])
 
@@ -451,8 +399,7 @@ class Trainer:
         self.batches.seek(int(meta["epoch"]), int(meta["index"]))
         self.best_metric, self.best_step = meta.get("best_metric"), meta.get("best_step")
         self.last_val = meta.get("last_val")
-        self._loss_ema = torch.tensor(float(meta.get("loss_ema", 0.0)), device=self.device)
-        self._loss_ema_count = int(meta.get("loss_ema_count", 0))
+        self.meter.restore(meta.get("loss_ema", 0.0), meta.get("loss_ema_count", 0))
         self.skipped_steps = int(meta.get("skipped_steps", 0))
         self.elapsed_before = float(meta.get("elapsed", 0.0))
         ckpt.restore_rng()  # rank 0's dropout stream: the checkpoint holds no other
@@ -483,23 +430,6 @@ class Trainer:
         return self.elapsed_before + (time.perf_counter() - start if start is not None else 0.0)
 
     # -- the loop --------------------------------------------------------------------------
-    def _check_finite(self, bad_step: torch.Tensor, run: torch.Tensor) -> None:
-        """Raise if a step was not finite (``nonfinite='error'``: ``bad_step`` >= 0) or if too many in a
-        row were skipped (``nonfinite='skip'``: ``run``, the longest run of skipped steps)."""
-        s = int(bad_step)
-        last = self.latest_checkpoint(self.out_dir)
-        last = str(last) if last else "none"
-        if s >= 0:
-            raise FloatingPointError(
-                f"non-finite training loss at step {s}; training stopped and no checkpoint was written for it "
-                f"(last checkpoint: {last}). Try a lower lr, grad_clip, or mixed_precision='no', or "
-                f"nonfinite='skip' to leave such steps out.")
-        if int(run) >= MAX_CONSECUTIVE_SKIPS:
-            raise FloatingPointError(
-                f"{int(run)} training steps in a row (up to step {self.step}) had a non-finite loss or gradient "
-                f"and were skipped: the run has diverged (last checkpoint: {last}). Try a lower lr, grad_clip, "
-                f"or mixed_precision='no'.")
-
     def train(self) -> dict:
         """Train up to ``config.steps``; returns the final metrics.
 
@@ -530,16 +460,10 @@ class Trainer:
         if self.is_main:
             self._write_config()
 
-        device = self.device
         self._t_start = time.perf_counter()
-        bad_step = torch.full((), -1, dtype=torch.int64, device=device)
-        loss_sum = torch.zeros((), device=device)
-        norm_sum = torch.zeros((), device=device)
-        # nonfinite='skip': steps taken in this window, current and longest run of skipped steps
-        taken = torch.zeros((), dtype=torch.int64, device=device)
-        run = torch.zeros((), dtype=torch.int64, device=device)
-        longest = torch.zeros((), dtype=torch.int64, device=device)
-        window, t_window = 0, time.perf_counter()
+        meter = self.meter
+        meter.reset()
+        t_window = time.perf_counter()
         t_saved = t_window  # when the last checkpoint was written (checkpoint_minutes)
         last_row: dict = {}
         last_ckpt: Path | None = None
@@ -556,22 +480,7 @@ class Trainer:
                     stopper.doing = f"step {step + 1}"
                     loss, grad_norm, ok = self.train_step(step)
                     self.step = done = step + 1
-                    # device-side bookkeeping: no host synchronisation
-                    if ok is None:
-                        finite = torch.isfinite(loss)
-                        bad_step = torch.where(finite | (bad_step >= 0), bad_step, torch.full_like(bad_step, done))
-                        loss_sum += loss
-                        norm_sum += grad_norm.float()
-                        self._loss_ema.lerp_(loss, 1.0 - LOSS_EMA_BETA)
-                    else:  # a skipped step counts nowhere
-                        loss_sum += torch.where(ok, loss, 0.0)
-                        norm_sum += torch.where(ok, grad_norm.float(), 0.0)
-                        taken += ok
-                        run.copy_(torch.where(ok, 0, run + 1))
-                        torch.maximum(longest, run, out=longest)
-                        self._loss_ema.lerp_(torch.where(ok, loss, self._loss_ema), 1.0 - LOSS_EMA_BETA)
-                    self._loss_ema_count += 1
-                    window += 1
+                    meter.add(done, loss, grad_norm, ok)  # device-side bookkeeping: no host synchronisation
                     bar.update(1)
 
                     last = done == c.steps
@@ -586,19 +495,16 @@ class Trainer:
                     if not (do_log or do_val or do_ckpt or do_sample):
                         continue
 
-                    self._check_finite(bad_step, longest)  # never validate, sample or save a poisoned model
+                    # never validate, sample or save a poisoned model
+                    meter.check(self.step, lambda: self.latest_checkpoint(self.out_dir))
                     now = time.perf_counter()
-                    kept = window if ok is None else int(taken)
+                    mean_loss, mean_norm, window, kept = meter.take_window(skipping=ok is not None)
                     self.skipped_steps += window - kept
-                    row = {"step": done, "loss": float(loss_sum) / kept if kept else None, "lr": self.lr_at(step),
-                           "grad_norm": float(norm_sum) / kept if kept else None, "val_loss": None,
-                           "val_loss_ema": None,
+                    row = {"step": done, "loss": mean_loss, "lr": self.lr_at(step), "grad_norm": mean_norm,
+                           "val_loss": None, "val_loss_ema": None,
                            "images_per_s": window * c.effective_batch_size / max(now - t_window, 1e-9),
                            "elapsed": self._elapsed(), "skipped": window - kept}
-                    loss_sum.zero_()
-                    norm_sum.zero_()
-                    taken.zero_()
-                    window, t_window = 0, now
+                    t_window = now
                     if do_val:
                         self.last_val = self.validate()
                         row.update(self.last_val)
@@ -645,6 +551,4 @@ class Trainer:
 
     def smoothed_loss(self) -> float | None:
         """Bias-corrected exponential moving average of the train loss (None before any step)."""
-        if self._loss_ema_count == 0:
-            return None
-        return float(self._loss_ema) / (1.0 - LOSS_EMA_BETA ** self._loss_ema_count)
+        return self.meter.smoothed_loss()

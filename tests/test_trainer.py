@@ -251,9 +251,9 @@ def test_nonfinite_skip_leaves_the_state_of_skipped_steps(tmp_path, ten_images, 
 
 
 def test_nonfinite_skip_without_progress_stops(tmp_path, ten_images, monkeypatch):
-    import fastddpm.trainer as trainer_module
+    import fastddpm.training.meter as meter_module
 
-    monkeypatch.setattr(trainer_module, "MAX_CONSECUTIVE_SKIPS", 3)
+    monkeypatch.setattr(meter_module, "MAX_CONSECUTIVE_SKIPS", 3)
     out = tmp_path / "run"
     trainer = Trainer(NaNOn(range(2, 100)), DDPM(), ten_images,
                       TrainConfig(steps=8, batch_size=2, checkpoint_every=1, keep_last=10, log_every=1, val_every=0,
