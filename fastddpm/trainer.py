@@ -66,7 +66,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoint import check_model_config, load_checkpoint, load_weights, save_checkpoint
+from .checkpoint import load_checkpoint, load_weights, save_checkpoint
 from .files import remove_stale_temp_files, write_text_atomic
 from .diffusion import DDPM
 from .distributed import dist_info, join_torchrun_group, process_device
@@ -77,12 +77,13 @@ from .train_config import TrainConfig
 from .training.batches import TrainBatches, check_dataset
 from .training.ema import EMA
 from .training.meter import StepMeter
-from .training.resume import check_resumable, load_optimizer_state
 from .training.out_dir import prepare_out_dir
 from .training.plan import resolve_precision, training_reasons
+from .training.resume import check_resumable, load_optimizer_state
 from .training.rotation import checkpoints_in, latest_checkpoint, remove_old_checkpoints, step_name, step_of
-from .training.step import autocast_for, train_step
-from .training.streams import STREAM_VAL, dropout_seed, mix
+from .training.step import train_step
+from .training.streams import dropout_seed
+from .training.validation import validation_losses
 
 __all__ = ["TrainConfig", "Trainer"]
 
@@ -254,33 +255,13 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         """Loss of the model and of the EMA model on the held-out images, with fixed
         timesteps (spread evenly over [0, T)) and fixed noise: the same every call."""
-        n = self.val_indices.numel()
-        if n == 0:
-            return {}
-        T = self.process.num_steps
-        seed = mix(self.config.seed, STREAM_VAL, 0)
-        t_all = ((2 * torch.arange(n, dtype=torch.int64) + 1) * T) // (2 * n)
-        # each rank takes a contiguous share of the images; the sums of the losses are added over the ranks
-        lo, hi = self.rank * n // self.world_size, (self.rank + 1) * n // self.world_size
         was_training = self.model.training
         self.model.eval()
-        sums = {"val_loss": torch.zeros((), device=self.device), "val_loss_ema": torch.zeros((), device=self.device)}
         try:
-            for first in range(lo, hi, self.local_batch_size):
-                pos = torch.arange(first, min(first + self.local_batch_size, hi))
-                x0 = self.batches.val_batch(pos)
-                t = t_all[pos].to(self.device)
-                for key, model in (("val_loss", self.model), ("val_loss_ema", self.ema_model)):
-                    loss = self.process.training_loss(model, x0, t, seed=seed, sample_offset=first,
-                                                      autocast=autocast_for(self.precision, self.device))
-                    sums[key] += loss * pos.numel()
+            return validation_losses({"val_loss": self.model, "val_loss_ema": self.ema_model}, self.process,
+                                     self.batches, self.config.seed, self.precision)
         finally:
             self.model.train(was_training)
-        if self.world_size > 1:
-            both = torch.stack([sums["val_loss"], sums["val_loss_ema"]])
-            dist.all_reduce(both)
-            sums = {"val_loss": both[0], "val_loss_ema": both[1]}
-        return {k: float(v) / n for k, v in sums.items()}
 
     def save_samples(self, step: int) -> Path:
         """An EMA sample grid at ``out_dir/samples/step_XXXXXXX.png`` (seed 0: comparable across steps)."""
