@@ -2,20 +2,11 @@
 
 Each step draws ``x0`` from the data, ``t ~ U{0..T-1}`` and ``eps`` from the
 noise contract, and descends ``|| target - model(x_t, t) ||^2`` (or the
-process's loss).  What makes a run reproducible and resumable exactly:
-
-* data order: a permutation per epoch from a generator seeded by ``(seed, epoch)``;
-  the position ``(epoch, index)`` is saved in each checkpoint;
-* timesteps and flips: a generator seeded by ``(seed, step)``, no carried state;
-* noise: the contract's ``normal(seed, offset)`` through ``ops.q_sample`` and
-  ``ops.diffusion_loss`` with ``sample_offset`` the global example index
-  (never torch's global RNG), so it is regenerated, not stored;
-* dropout: torch's global RNG, whose state is saved in each checkpoint;
-* the learning rate: a function of the step.
-
-So 40 steps in one go and 20 steps + resume + 20 give the same tensors, bit
-for bit, on the same device.  Metrics stay on the device and are read back
-every ``log_every`` steps (and at validation, sampling and checkpoint steps).
+process's loss).  A run resumes exactly: 40 steps in one go and 20 steps +
+resume + 20 give the same tensors, bit for bit, on the same device; under
+``torchrun`` W ranks follow one process's trajectory up to rounding.  How,
+and the parts this module puts together, are in ``fastddpm.training``
+(``training/__init__.py``).
 
 The step itself is the fast one wherever the device has it: the noising and
 the loss are the fused ops of ``fastddpm.ops`` (Triton or C++ on a GPU, C++
@@ -26,20 +17,6 @@ autocast with the model in channels_last on a GPU (``mixed_precision``,
 ``_foreach_lerp_``, and fastddpm's U-Net attention through the fused kernel.
 A non-finite step stops training (``nonfinite='error'``) or is left out on
 the device (``'skip'``).
-
-Several processes (``torchrun``, ``torch.distributed`` initialised with more
-than one rank; under ``torchrun`` the trainer initialises it itself, NCCL on
-CUDA and gloo on the CPU): ``batch_size`` stays the *global* micro-batch and
-must be divisible by the world size.  Every rank computes the same global
-step (data positions, timesteps, flips) and takes its contiguous share of
-each micro-batch, rows ``r * b/W ... (r+1) * b/W - 1``, with noise offsets
-the examples' global indices; DistributedDataParallel averages the
-gradients, which are then those of the global mean loss.  So W ranks follow
-one process's trajectory up to floating-point rounding (sums split in other
-places), dropout excepted: ranks > 0 draw their own dropout masks.  A
-checkpoint holds global state only and resumes on any number of ranks.
-Rank 0 alone writes files (checkpoints, logs, plots, samples); validation
-is split over the ranks and the losses are summed with ``all_reduce``.
 
 Output directory::
 
