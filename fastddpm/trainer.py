@@ -58,7 +58,8 @@ from .training.out_dir import prepare_out_dir
 from .training.plan import resolve_precision, training_reasons
 from .training.resume import check_resumable, load_optimizer_state
 from .training.rotation import checkpoints_in, latest_checkpoint, remove_old_checkpoints, step_name, step_of
-from .training.step import train_step
+from .training.schedule import due_after
+from .training.step import learning_rate, make_optimizer, train_step
 from .training.streams import dropout_seed
 from .training.validation import validation_losses
 
@@ -144,7 +145,7 @@ class Trainer:
         self.params = self.ema.source_params  # the trainable parameters
         if not self.params:
             raise ValueError("model has no trainable parameters")
-        self.optimizer = self._make_optimizer()
+        self.optimizer = make_optimizer(self.params, config, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
 
         mc = getattr(self.model, "config", None)
@@ -195,14 +196,6 @@ class Trainer:
         return self.rank == 0
 
     # -- setup -------------------------------------------------------------------------
-    def _make_optimizer(self) -> torch.optim.Optimizer:
-        c = self.config
-        cls = torch.optim.AdamW if c.optimizer == "adamw" else torch.optim.Adam
-        kw = dict(lr=c.lr, betas=c.adam_betas, weight_decay=c.weight_decay)
-        if self.device.type == "cuda" and all(p.dtype.is_floating_point for p in self.params):
-            kw["fused"] = True  # one kernel for all parameters
-        return cls(self.params, **kw)
-
     def estimated_checkpoint_bytes(self) -> int:
         """Model + EMA + Adam's two moments, plus a little."""
         params = sum(p.numel() * p.element_size() for p in self.model.parameters())
@@ -212,8 +205,7 @@ class Trainer:
     # -- step pieces ---------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
         """Learning rate of step ``step`` (0-based): linear warmup to ``lr``."""
-        c = self.config
-        return c.lr * min(1.0, (step + 1) / c.warmup_steps) if c.warmup_steps else c.lr
+        return learning_rate(self.config, step)
 
     def train_step(self, step: int):
         """Optimizer step ``step`` (0-based) on the next batch of the stream, then the EMA update: what
@@ -427,8 +419,7 @@ class Trainer:
         last_ckpt: Path | None = None
         has_val = self.val_indices.numel() > 0
         bar = tqdm(total=c.steps, initial=self.step, disable=not (self.progress and self.is_main), desc="training",
-                   unit="step",
-                   dynamic_ncols=True)
+                   unit="step", dynamic_ncols=True)
         # SIGINT/SIGTERM: finish the step, checkpoint, return (one process only: ranks would stop at other steps)
         stopper = StopOnSignal(enabled=self.world_size == 1)
         try:
@@ -441,16 +432,12 @@ class Trainer:
                     meter.add(done, loss, grad_norm, ok)  # device-side bookkeeping: no host synchronisation
                     bar.update(1)
 
-                    last = done == c.steps
                     stop = stopper.received is not None
                     # time-based checkpoints: rank 0's clock decides (other ranks write nothing, and nothing
                     # below is collective but validation, which keeps to its step schedule)
                     overdue = bool(c.checkpoint_minutes) and time.perf_counter() - t_saved >= 60 * c.checkpoint_minutes
-                    do_ckpt = (c.checkpoint_every and done % c.checkpoint_every == 0) or last or stop or overdue
-                    do_log = done % c.log_every == 0 or do_ckpt
-                    do_val = has_val and ((c.val_every and done % c.val_every == 0) or last)
-                    do_sample = c.sample_every and (done % c.sample_every == 0 or last)
-                    if not (do_log or do_val or do_ckpt or do_sample):
+                    due = due_after(c, done, has_val=has_val, stop=stop, overdue=overdue)
+                    if not due:
                         continue
 
                     # never validate, sample or save a poisoned model
@@ -463,19 +450,20 @@ class Trainer:
                            "images_per_s": window * c.effective_batch_size / max(now - t_window, 1e-9),
                            "elapsed": self._elapsed(), "skipped": window - kept}
                     t_window = now
-                    if do_val:
+                    if due.validate:
                         self.last_val = self.validate()
                         row.update(self.last_val)
                     self.log.append(row)
                     last_row = row
                     bar.set_postfix(loss=f"{row['loss']:.4f}" if kept else "skipped",
-                                    **({"val": f"{row['val_loss']:.4f}"} if do_val else {}))
-                    if do_sample and self.is_main:
+                                    **({"val": f"{row['val_loss']:.4f}"} if due.validate else {}))
+                    if due.sample and self.is_main:
                         self.save_samples(done)
                     # best: by validation loss where validated, else by smoothed train loss at checkpoints
-                    metric = row["val_loss"] if do_val else (self.smoothed_loss() if not has_val and do_ckpt else None)
+                    metric = (row["val_loss"] if due.validate else
+                              self.smoothed_loss() if not has_val and due.checkpoint else None)
                     improved = self._improves(metric)  # decided first, so the step checkpoint records it
-                    if do_ckpt:
+                    if due.checkpoint:
                         last_ckpt = self._checkpoint()
                         self.plot_loss()
                         t_saved = time.perf_counter()

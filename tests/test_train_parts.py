@@ -8,8 +8,10 @@ from fastddpm import DDPM
 from fastddpm.training import meter as meter_module
 from fastddpm.training.ema import EMA
 from fastddpm.training.meter import StepMeter
+from fastddpm.train_config import TrainConfig
 from fastddpm.training.rotation import checkpoints_in, latest_checkpoint, remove_old_checkpoints, step_name
-from fastddpm.training.step import train_step
+from fastddpm.training.schedule import due_after
+from fastddpm.training.step import learning_rate, train_step
 
 from toy_models import Pointwise
 
@@ -177,3 +179,18 @@ def test_meter_stops_a_run_of_skipped_steps(monkeypatch):
     meter.add(4, torch.tensor(1.0), torch.tensor(1.0), torch.tensor(False))
     with pytest.raises(FloatingPointError, match=r"2 training steps in a row \(up to step 4\)"):
         meter.check(4, lambda: "ckpt")
+
+
+# -- the loop's schedule ------------------------------------------------------------------------------
+def test_the_schedule_of_a_run():
+    c = TrainConfig(steps=12, log_every=2, checkpoint_every=6, val_every=4, sample_every=5, warmup_steps=4, lr=1.0)
+    due = {done: due_after(c, done, has_val=True) for done in range(1, 13)}
+    assert [d for d in due if due[d].log] == [2, 4, 6, 8, 10, 12]
+    assert [d for d in due if due[d].checkpoint] == [6, 12]
+    assert [d for d in due if due[d].validate] == [4, 8, 12]
+    assert [d for d in due if due[d].sample] == [5, 10, 12]  # and the last step
+    assert not due[1] and not due[3] and due[5]
+    assert not due_after(c, 12, has_val=False).validate
+    stopped = due_after(c, 7, has_val=True, stop=True)
+    assert stopped.checkpoint and stopped.log and due_after(c, 7, has_val=True, overdue=True).checkpoint
+    assert [learning_rate(c, s) for s in (0, 2, 3, 10)] == [0.25, 0.75, 1.0, 1.0]

@@ -13,8 +13,24 @@ import torch.distributed as dist
 from torch import nn
 
 from ..diffusion import DDPM
+from ..train_config import TrainConfig
 
-__all__ = ["autocast_for", "train_step"]
+__all__ = ["autocast_for", "learning_rate", "make_optimizer", "train_step"]
+
+
+def make_optimizer(params: list[torch.Tensor], config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """Adam or AdamW of ``config`` over ``params``; fused (one kernel for all parameters) on CUDA."""
+    cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+    kw = dict(lr=config.lr, betas=config.adam_betas, weight_decay=config.weight_decay)
+    if device.type == "cuda" and all(p.dtype.is_floating_point for p in params):
+        kw["fused"] = True  # one kernel for all parameters
+    return cls(params, **kw)
+
+
+def learning_rate(config: TrainConfig, step: int) -> float:
+    """Learning rate of step ``step`` (0-based): linear warm-up over ``warmup_steps`` to ``lr``."""
+    c = config
+    return c.lr * min(1.0, (step + 1) / c.warmup_steps) if c.warmup_steps else c.lr
 
 
 def autocast_for(precision: str, device: torch.device):
