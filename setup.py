@@ -9,7 +9,8 @@ from setuptools import setup
 
 ROOT = Path(__file__).resolve().parent
 
-PACKAGES = ["fastddpm", "fastddpm.metrics", "fastddpm.models", "fastddpm.ops", "fastddpm.kernels"]
+PACKAGES = ["fastddpm", "fastddpm.metrics", "fastddpm.models", "fastddpm.ops", "fastddpm.training",
+            "fastddpm.kernels"]
 PACKAGE_DIR = {"fastddpm": "fastddpm", "fastddpm.kernels": "kernels"}
 PACKAGE_DATA = {"fastddpm": ["assets/*.safetensors", "assets/*.json"]}
 

@@ -27,7 +27,6 @@ mix the models with the samplers.  For CPU numbers use
   adding one thing to the previous: CUDA graph (fp32, reference ops), +
   ``torch.compile``, + bf16 model inputs, + fused kernels (``backend="triton"``:
   the attention and the update).  ``engine_eager`` (no graph) is the CPU row.
-  Rows say "engine not available" when the module cannot be imported.
 
 Columns: seconds per 1000-step batch (each row times ``--steps`` denoising
 steps and scales to 1000: extrapolated when fewer, the header says so),
@@ -47,9 +46,6 @@ diffusers + reduce-overhead; at n=256, >= 40% of the bf16 tensor-core peak.
 from __future__ import annotations
 
 import argparse
-import functools
-import importlib
-import inspect
 import os
 import sys
 import time
@@ -66,31 +62,16 @@ from common import (  # noqa: E402
     time_limit, write_results,
 )
 
+from peers import (  # noqa: E402
+    DIFFUSERS_PRESETS, NUM_TIMESTEPS, ddpm_pytorch_sampler, diffusers_loop, diffusers_preset_kwargs, param_count,
+)
+
 import fastddpm  # noqa: E402
 from fastddpm import ops  # noqa: E402
+from fastddpm.engine import clear_engine_cache, engine_sample, last_plan  # noqa: E402
 
-NUM_TIMESTEPS = 1000
 SEED = 0
 PACKAGES = ("fastddpm", "diffusers", "denoising-diffusion-pytorch", "triton", "pytest-benchmark")
-
-# UNet2DModel configs with fastddpm's preset architectures (equal parameter counts are checked)
-DIFFUSERS_CONFIGS = {
-    # google/ddpm-cifar10-32 (Ho et al.'s CIFAR-10 model, 35.7M parameters)
-    "ddpm_cifar10": dict(
-        sample_size=32, in_channels=3, out_channels=3, layers_per_block=2, block_out_channels=(128, 256, 256, 256),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=None, norm_eps=1e-6, dropout=0.1, downsample_padding=0, flip_sin_to_cos=False,
-        freq_shift=1,
-    ),
-    # fastddpm's "small": 16x16 gray, channels 32, 32, 64, attention at 8x8 with heads of 16 channels
-    "small": dict(
-        sample_size=16, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(32, 32, 64),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=16, norm_num_groups=8, norm_eps=1e-6, dropout=0.0,
-    ),
-}
 
 BASELINES = {  # column -> row whose time it divides
     "x diffusers": "diffusers",
@@ -128,17 +109,13 @@ class Setup:
         return self._flops[n]
 
 
-def param_count(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
 def make_setup(device, preset: str) -> Setup:
     from diffusers import UNet2DModel
 
     device = torch.device(device)
     torch.manual_seed(SEED)
     model = fastddpm.create_model(preset).to(device).eval().requires_grad_(False)
-    unet = UNet2DModel(**DIFFUSERS_CONFIGS[preset]).to(device).eval().requires_grad_(False)
+    unet = UNet2DModel(**diffusers_preset_kwargs(preset)).to(device).eval().requires_grad_(False)
     if param_count(model) != param_count(unet):
         print(f"warning: diffusers UNet2DModel has {param_count(unet):,} parameters, fastddpm's {preset} "
               f"{param_count(model):,}: not the same architecture", file=sys.stderr)
@@ -146,21 +123,15 @@ def make_setup(device, preset: str) -> Setup:
 
 
 # -- the rows --------------------------------------------------------------------------------
-class Unavailable(Exception):
-    """A row that cannot run here; the message becomes the row's note."""
-
-
 @dataclass(frozen=True)
 class Runner:
     """``call(n, steps)`` draws ``n`` images with ``steps`` denoising steps.
 
-    :param fixed_steps: the steps it always runs, when it cannot be told.
     :param describe: after a call, a line saying how it ran (the engine's plan).
     :param release: called after a row's measurements at one n (frees cached graphs).
     """
 
     call: Callable[[int, int], object]
-    fixed_steps: int | None = None
     describe: Callable[[], str | None] = lambda: None
     release: Callable[[], None] = lambda: None
 
@@ -174,25 +145,11 @@ class Row:
     default_on: tuple[str, ...] = ("cpu", "cuda")  # device types where the row runs unless named
 
 
-@torch.no_grad()
-def _diffusers_loop(unet, scheduler, n: int, steps: int, device, *, compiled: bool = False):
-    """``DDPMPipeline.__call__`` without the image post-processing."""
-    cfg = unet.config
-    image = torch.randn(n, cfg.in_channels, cfg.sample_size, cfg.sample_size, device=device)
-    scheduler.set_timesteps(steps)
-    for t in scheduler.timesteps:
-        if compiled:  # a new step: the CUDA-graph outputs of the last one are consumed
-            torch.compiler.cudagraph_mark_step_begin()
-        model_output = unet(image, t.to(device) if compiled else t).sample
-        image = scheduler.step(model_output, t, image).prev_sample
-    return image
-
-
 def _diffusers(setup: Setup) -> Runner:
     from diffusers import DDPMScheduler
 
     scheduler = DDPMScheduler(num_train_timesteps=NUM_TIMESTEPS)
-    return Runner(lambda n, steps: _diffusers_loop(setup.unet, scheduler, n, steps, setup.device))
+    return Runner(lambda n, steps: diffusers_loop(setup.unet, scheduler, n, steps, setup.device))
 
 
 def _diffusers_compile(setup: Setup) -> Runner:
@@ -200,42 +157,16 @@ def _diffusers_compile(setup: Setup) -> Runner:
 
     scheduler = DDPMScheduler(num_train_timesteps=NUM_TIMESTEPS)
     unet = torch.compile(setup.unet, mode="reduce-overhead", dynamic=False)
-    return Runner(lambda n, steps: _diffusers_loop(unet, scheduler, n, steps, setup.device, compiled=True))
-
-
-class _AsDDPMPytorchModel(nn.Module):
-    """fastddpm's UNet behind denoising-diffusion-pytorch's model interface."""
-
-    self_condition = False
-
-    def __init__(self, unet: nn.Module):
-        super().__init__()
-        self.unet = unet
-        self.channels = self.out_dim = unet.in_channels
-
-    def forward(self, x, t, x_self_cond=None):
-        return self.unet(x, t)
+    return Runner(lambda n, steps: diffusers_loop(unet, scheduler, n, steps, setup.device, compiled=True))
 
 
 def _ddpm_pytorch(setup: Setup) -> Runner:
-    from denoising_diffusion_pytorch import GaussianDiffusion
-
-    peer = sys.modules["denoising_diffusion_pytorch.denoising_diffusion_pytorch"]
-    diffusion = GaussianDiffusion(_AsDDPMPytorchModel(setup.model), image_size=setup.model.config.image_size,
-                                  timesteps=NUM_TIMESTEPS, objective="pred_noise", beta_schedule="linear",
-                                  auto_normalize=False).to(setup.device)
-
-    quiet = functools.partial(peer.tqdm, disable=True)  # no progress bar, as in every other row
+    c = setup.model.config
+    sampler = ddpm_pytorch_sampler(setup.model, c.in_channels, c.image_size, setup.device)
 
     def call(n, steps):
-        # p_sample_loop walks t = num_timesteps-1 .. 0: the last `steps` steps of the 1000-step chain
-        diffusion.num_timesteps = steps
-        saved, peer.tqdm = peer.tqdm, quiet
-        try:
-            with ops.use_backend("reference"):
-                return diffusion.sample(batch_size=n)
-        finally:
-            peer.tqdm = saved
+        with ops.use_backend("reference"):
+            return sampler(n, steps)
 
     return Runner(call)
 
@@ -267,24 +198,11 @@ def _engine(ops_backend: str | None = None, **options):
     (Triton on a GPU)."""
 
     def make(setup: Setup) -> Runner:
-        try:
-            engine = importlib.import_module("fastddpm.engine")
-            engine_sample = engine.engine_sample
-        except Exception as e:  # noqa: BLE001 -- the module is optional (another branch writes it)
-            raise Unavailable(f"engine not available ({type(e).__name__}: {str(e).splitlines()[0][:80]})") from None
-        params = inspect.signature(engine_sample).parameters
-        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-        extra = {k: v for k, v in dict(seed=SEED, progress=False).items() if takes_any or k in params}
-        takes_steps = takes_any or "steps" in params
-
         def call(n, steps):
-            kwargs = dict(extra, steps=steps) if takes_steps else extra
             with ops.use_backend(ops_backend):
-                return engine_sample(setup.model, n, **kwargs, **options)
+                return engine_sample(setup.model, n, steps=steps, seed=SEED, progress=False, **options)
 
-        return Runner(call, fixed_steps=None if takes_steps else NUM_TIMESTEPS,
-                      describe=lambda: _plan_line(getattr(engine, "last_plan", lambda: None)()),
-                      release=getattr(engine, "clear_engine_cache", lambda: None))
+        return Runner(call, describe=lambda: _plan_line(last_plan()), release=clear_engine_cache)
 
     return make
 
@@ -332,8 +250,6 @@ def make_runners(setup: Setup, names) -> dict[str, Runner | str]:
             continue
         try:
             runners[name] = row.make(setup)
-        except Unavailable as e:
-            runners[name] = str(e)
         except Exception as e:  # noqa: BLE001 -- recorded in the results
             runners[name] = f"setup failed: {type(e).__name__}: {str(e).splitlines()[0][:100]}"
     return runners
@@ -343,7 +259,6 @@ def make_runners(setup: Setup, names) -> dict[str, Runner | str]:
 def measure_row(runner: Runner, n: int, steps: int, device, *, reps: int, first_call_timeout_s: float,
                 max_total_s: float) -> dict:
     """Time ``runner`` at ``n``: a first call (compiles, captures), then ``measure``'s runs."""
-    steps = runner.fixed_steps or steps
     try:
         t0 = time.perf_counter()
         with time_limit(first_call_timeout_s):
@@ -488,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--smoke", action="store_true", help="small preset, n 1,4, 20 steps, no compile rows "
                                                         "(always on a CPU)")
-    p.add_argument("--preset", default=None, choices=sorted(DIFFUSERS_CONFIGS),
+    p.add_argument("--preset", default=None, choices=sorted(DIFFUSERS_PRESETS),
                    help="model preset (default: ddpm_cifar10; small in smoke mode)")
     p.add_argument("--sizes", default=None, help="batch sizes n (default: 1,16,256; smoke 1,4)")
     p.add_argument("--steps", type=int, default=None,
@@ -573,7 +488,7 @@ if pytest is not None:
         runner = runners[row]
         if isinstance(runner, str):
             pytest.skip(runner)
-        steps = runner.fixed_steps or _STEPS
+        steps = _STEPS
         benchmark.group = f"{setup.preset} n={n}"
         benchmark.extra_info.update(row=row, label=ROWS[row].label, n=n, steps=steps,
                                     flops_per_call=setup.flops(n) * steps)

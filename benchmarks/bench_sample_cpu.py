@@ -62,16 +62,16 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_sample import DIFFUSERS_CONFIGS, _diffusers_loop, param_count  # noqa: E402
 from common import environment, write_results  # noqa: E402
+from peers import (  # noqa: E402
+    DIFFUSERS_PRESETS, NUM_TIMESTEPS, ddpm_pytorch_sampler, diffusers_loop, diffusers_preset_kwargs, param_count,
+)
 
 import fastddpm  # noqa: E402
 from fastddpm import cpu_plan  # noqa: E402
-from fastddpm.adapters import ModelAdapter  # noqa: E402
 from fastddpm.engine import clear_engine_cache, last_plan  # noqa: E402
 from fastddpm.models.unet import AttentionBlock  # noqa: E402
 
-NUM_TIMESTEPS = 1000
 SEED = 0
 PACKAGES = ("fastddpm", "diffusers", "denoising-diffusion-pytorch")
 NOISE = 0.05  # "within noise" for the first-call goal
@@ -88,28 +88,13 @@ class Row:
     fastddpm_model_only: bool = False
 
 
-class _AsDDPMPytorchModel(nn.Module):
-    """Any model(x, t) behind denoising-diffusion-pytorch's model interface."""
-
-    self_condition = False
-
-    def __init__(self, model, channels: int):
-        super().__init__()
-        self.model = model
-        self.adapter = ModelAdapter(model)
-        self.channels = self.out_dim = channels
-
-    def forward(self, x, t, x_self_cond=None):
-        return self.adapter(x, t)
-
-
 def _diffusers(compiled: bool):
     def make(model, device):
         from diffusers import DDPMScheduler
 
         scheduler = DDPMScheduler(num_train_timesteps=NUM_TIMESTEPS)
         net = torch.compile(model, dynamic=False) if compiled else model
-        return lambda n, steps: _diffusers_loop(_WithSample(net, model), scheduler, n, steps, device)
+        return lambda n, steps: diffusers_loop(_WithSample(net, model), scheduler, n, steps, device)
 
     return make
 
@@ -145,24 +130,8 @@ def _config(model):
 
 
 def _ddpm_pytorch(model, device):
-    from denoising_diffusion_pytorch import GaussianDiffusion
-
-    peer = sys.modules["denoising_diffusion_pytorch.denoising_diffusion_pytorch"]
     cfg = _config(model)
-    diffusion = GaussianDiffusion(_AsDDPMPytorchModel(model, cfg.in_channels), image_size=cfg.sample_size,
-                                  timesteps=NUM_TIMESTEPS, objective="pred_noise", beta_schedule="linear",
-                                  auto_normalize=False).to(device)
-
-    def call(n, steps):
-        # p_sample_loop walks t = num_timesteps-1 .. 0: the last `steps` steps of the 1000-step chain
-        diffusion.num_timesteps = steps
-        saved, peer.tqdm = peer.tqdm, lambda *a, **k: a[0] if a else k.get("iterable")
-        try:
-            return diffusion.sample(batch_size=n)
-        finally:
-            peer.tqdm = saved
-
-    return call
+    return ddpm_pytorch_sampler(model, cfg.in_channels, cfg.sample_size, device)
 
 
 def _fastddpm(**options):
@@ -242,7 +211,7 @@ def make_model(kind: str, preset: str, device) -> nn.Module:
     else:
         from diffusers import UNet2DModel
 
-        model = UNet2DModel(**DIFFUSERS_CONFIGS[preset])
+        model = UNet2DModel(**diffusers_preset_kwargs(preset))
     return model.to(device).eval().requires_grad_(False)
 
 
@@ -371,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="diffusers", choices=("diffusers", "fastddpm"),
                    help="the one model object every row samples with (default: diffusers' UNet2DModel)")
-    p.add_argument("--preset", default="small", choices=sorted(DIFFUSERS_CONFIGS), help="architecture (default: small)")
+    p.add_argument("--preset", default="small", choices=sorted(DIFFUSERS_PRESETS), help="architecture (default: small)")
     p.add_argument("--sizes", default=None, help="batch sizes n (default: 1,4,16,64; smoke: 1)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps per call, reported per 1000 "
                                                            "(default: 1000; smoke: 3)")

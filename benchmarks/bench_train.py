@@ -17,7 +17,7 @@ timed steps).  Rows (``--rows``), in this order:
   ``Trainer``), eager fp32.  Its ``Unet`` is not Ho et al.'s: for
   ``ddpm_cifar10`` it is the library's default ``Unet(dim=64, dim_mults=(1, 2, 4, 8))``
   (35.71M parameters against 35.75M), elsewhere the preset's widths.
-* fastddpm's ``Trainer`` step (``Trainer._train_step``: what ``train()`` runs
+* fastddpm's ``Trainer`` step (``Trainer.train_step``: what ``train()`` runs
   per step, without its logging and checkpoints; Adam, fused on CUDA, clipping
   at 1, EMA; no flips, like the peers' loops), stage by stage, each adding to
   the one before:
@@ -77,10 +77,10 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (PeakMemory, bf16_peak_tflops, environment, measure, timing_fields,  # noqa: E402
                     time_limit, write_results)
+from peers import ddp_unet_kwargs, diffusers_unet_kwargs  # noqa: E402
 
 from fastddpm import DDPM, ops  # noqa: E402
 from fastddpm.models.presets import PRESETS, create_model  # noqa: E402
-from fastddpm.models.unet import UNetConfig  # noqa: E402
 from fastddpm.train_config import COMPILE_MODES  # noqa: E402
 from fastddpm.trainer import TrainConfig, Trainer  # noqa: E402
 
@@ -95,56 +95,9 @@ COLUMNS = ["row", "path", "precision", "batch", "median_ms", "p20_ms", "p80_ms",
            "TFLOP/s", "% bf16 peak", "x diffusers", "x prev", "share %", "params (M)", "peak_mem_MB", "note"]
 QUALITY_COLUMNS = ["path", "stage", "steps", "train_s", "images/s", "samples", "sample_steps", "fd", "note"]
 
-# google/ddpm-cifar10-32's config.json (the UNet2DModel fields that shape it)
-GOOGLE_DDPM_CIFAR10_32 = dict(
-    sample_size=32, in_channels=3, out_channels=3, layers_per_block=2, block_out_channels=(128, 256, 256, 256),
-    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-    attention_head_dim=None, norm_num_groups=32, norm_eps=1e-6, act_fn="silu", flip_sin_to_cos=False,
-    freq_shift=1, downsample_padding=0, mid_block_scale_factor=1, center_input_sample=False,
-    time_embedding_type="positional",
-)
-
 
 class Skipped(Exception):
     """A row that cannot run here (a backend missing on this device): a note, not a failure."""
-
-
-# -- the peers' models, from a fastddpm preset ---------------------------------------------------
-def diffusers_unet_kwargs(config: UNetConfig) -> dict:
-    """``UNet2DModel`` keyword arguments with the architecture of ``config``: Ho et al.'s
-    U-Net in diffusers' blocks (for ``ddpm_cifar10``: google/ddpm-cifar10-32's config),
-    plus the preset's dropout."""
-    attn_sizes = set(config.attention_resolutions)
-    channels = [config.base_channels * m for m in config.channel_mult]
-    attn_channels = [c for c, s in zip(channels, config.feature_sizes) if s in attn_sizes] + [channels[-1]]
-    if config.head_channels is not None:
-        head_dim = config.head_channels
-    elif config.num_heads == 1:
-        head_dim = None  # diffusers: one head of all the block's channels
-    else:
-        dims = {c // config.num_heads for c in attn_channels}
-        if len(dims) != 1:
-            raise ValueError(f"diffusers takes one head size; {config} has attention blocks of {sorted(dims)}")
-        head_dim = dims.pop()
-    down = tuple("AttnDownBlock2D" if s in attn_sizes else "DownBlock2D" for s in config.feature_sizes)
-    up = tuple("AttnUpBlock2D" if s in attn_sizes else "UpBlock2D" for s in reversed(config.feature_sizes))
-    return dict(
-        sample_size=config.image_size, in_channels=config.in_channels, out_channels=config.resolved_out_channels,
-        layers_per_block=config.num_res_blocks, block_out_channels=tuple(channels), down_block_types=down,
-        up_block_types=up, attention_head_dim=head_dim, norm_num_groups=config.num_groups, norm_eps=1e-6,
-        act_fn="silu", flip_sin_to_cos=False, freq_shift=1, downsample_padding=0, mid_block_scale_factor=1,
-        center_input_sample=False, time_embedding_type="positional", dropout=config.dropout,
-    )
-
-
-def ddp_unet_kwargs(preset: str) -> dict:
-    """denoising-diffusion-pytorch ``Unet`` keyword arguments of a size comparable to ``preset``."""
-    config = PRESETS[preset]
-    if preset == "ddpm_cifar10":  # the library's default Unet: 35.71M parameters
-        return dict(dim=64, dim_mults=(1, 2, 4, 8), channels=3, dropout=config.dropout)
-    return dict(dim=config.base_channels, dim_mults=tuple(config.channel_mult), channels=config.in_channels,
-                dropout=config.dropout)
 
 
 # -- what a run measures ---------------------------------------------------------------------------
@@ -338,7 +291,7 @@ def build_stage(stage: Stage, cfg: BenchConfig, out_dir: str, count_flops: bool)
     def step():
         with ops.use_backend(ops_backend):
             # the step train() runs, without its logging and checkpoint bookkeeping
-            trainer._train_step(trainer.step)
+            trainer.train_step(trainer.step)
         trainer.step += 1
 
     path = stage.label.format(ops=ops_backend, attn=attn_backend, mode=cfg.compile_mode)

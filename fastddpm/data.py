@@ -3,9 +3,10 @@
 Every dataset returns un-augmented float32 tensors ``[C, H, W]`` in
 ``[-1, 1]`` (Ho et al. §4 scale the data linearly to ``[-1, 1]``) and exposes
 ``.image_size`` and ``.channels``.  Augmentation is not done here: the trainer
-calls ``random_flip`` on whole batches with its own seeded generator, so a
-resumed run draws the same flips as an uninterrupted one (a DataLoader
-worker's RNG state is not part of a checkpoint).
+flips whole batches as ``random_flip`` does (its halves ``draw_flips`` and
+``apply_flips``) with its own seeded generator, so a resumed run draws the
+same flips as an uninterrupted one (a DataLoader worker's RNG state is not
+part of a checkpoint).
 """
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ __all__ = [
     "DigitsDataset",
     "digits_dataset",
     "load_dataset",
+    "apply_flips",
+    "draw_flips",
     "random_flip",
     "resize_center_crop",
     "split_validation",
@@ -433,14 +436,24 @@ def random_flip(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor
 
     Exactly ``n`` uniforms are drawn from ``generator`` (on its own device),
     sample ``i`` flipped when the ``i``-th is below 1/2, so the same generator
-    state gives the same flips; no host synchronisation.
+    state gives the same flips; no host synchronisation.  The two halves,
+    ``draw_flips`` and ``apply_flips``, serve a caller that draws the flips of
+    more images than it flips (the trainer: a global batch, one rank's rows).
     """
     if batch.ndim < 2:
         raise ValueError(f"batch must be [n, ..., W], got shape {tuple(batch.shape)}")
-    n = batch.shape[0]
-    flip = torch.rand(n, generator=generator, device=generator.device) < 0.5
-    flip = flip.to(batch.device).reshape(n, *([1] * (batch.ndim - 1)))
-    return torch.where(flip, batch.flip(-1), batch)
+    return apply_flips(batch, draw_flips(batch.shape[0], generator))
+
+
+def draw_flips(n: int, generator: torch.Generator) -> torch.Tensor:
+    """``random_flip``'s draw: a bool ``[n]`` on the generator's device, True for a sample to flip."""
+    return torch.rand(n, generator=generator, device=generator.device) < 0.5
+
+
+def apply_flips(batch: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+    """Flip horizontally the samples of ``[n, ..., W]`` where the bool ``flips`` ``[n]`` is True."""
+    flips = flips.to(batch.device).reshape(batch.shape[0], *([1] * (batch.ndim - 1)))
+    return torch.where(flips, batch.flip(-1), batch)
 
 
 def split_validation(dataset, fraction: float, seed: int) -> tuple[list[int], list[int]]:

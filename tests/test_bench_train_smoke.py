@@ -16,7 +16,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import bench_train  # noqa: E402
 
 from fastddpm import ops  # noqa: E402
-from fastddpm.models.presets import PRESETS  # noqa: E402
 
 ROWS = ("reference", "fused_ops")
 HAS_CPP = "cpp" in ops.available_backends("q_sample", "cpu")
@@ -107,21 +106,6 @@ def test_no_share_when_the_stages_barely_differ():
     bench_train.add_comparisons(rows, peak_tflops=None)
     assert rows[1]["x prev"] == pytest.approx(100 / 99) and "share %" not in rows[1]
     assert "% bf16 peak" not in rows[1]
-
-
-def test_diffusers_architecture_is_google_ddpm_cifar10_32():
-    kwargs = bench_train.diffusers_unet_kwargs(PRESETS["ddpm_cifar10"])
-    assert kwargs.pop("dropout") == PRESETS["ddpm_cifar10"].dropout
-    assert kwargs == bench_train.GOOGLE_DDPM_CIFAR10_32
-
-
-@pytest.mark.parametrize("preset", ["tiny", "small"])
-def test_diffusers_model_has_the_presets_parameters(preset):
-    from diffusers import UNet2DModel
-
-    model = UNet2DModel(**bench_train.diffusers_unet_kwargs(PRESETS[preset]))
-    expected = sum(p.numel() for p in bench_train.create_model(preset).parameters())
-    assert sum(p.numel() for p in model.parameters()) == expected
 
 
 def test_a_missing_backend_is_a_skipped_row():

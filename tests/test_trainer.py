@@ -160,7 +160,7 @@ def test_grad_accumulation_matches_one_big_batch(tmp_path, ten_images):
     for batch_size, accum in ((4, 1), (2, 2)):
         trainer = _trainer(tmp_path / f"b{batch_size}", ten_images, steps=1, batch_size=batch_size,
                            grad_accum=accum, grad_clip=None, **QUIET)
-        loss, _, _ = trainer._train_step(0)
+        loss, _, _ = trainer.train_step(0)
         losses.append(loss)
         grads.append([p.grad.clone() for p in trainer.model.parameters()])
     assert_close(losses[1], losses[0], **FP32, msg="loss")
@@ -227,7 +227,7 @@ def test_nonfinite_skip_leaves_the_state_of_skipped_steps(tmp_path, ten_images, 
                                   val_every=0, nonfinite="skip", mixed_precision="no"), out, device=device,
                       progress=False)
     if fused and device == "cpu":  # the fused kernels' found_inf path (the trainer makes fused Adam on CUDA)
-        trainer.optimizer = torch.optim.Adam(trainer._params, lr=trainer.config.lr, fused=True)
+        trainer.optimizer = torch.optim.Adam(trainer.params, lr=trainer.config.lr, fused=True)
     assert bool(trainer.optimizer.defaults.get("fused")) == fused
     result = trainer.train()
     assert result["skipped_steps"] == 2 and trainer.skipped_steps == 2
@@ -251,9 +251,9 @@ def test_nonfinite_skip_leaves_the_state_of_skipped_steps(tmp_path, ten_images, 
 
 
 def test_nonfinite_skip_without_progress_stops(tmp_path, ten_images, monkeypatch):
-    import fastddpm.trainer as trainer_module
+    import fastddpm.training.meter as meter_module
 
-    monkeypatch.setattr(trainer_module, "MAX_CONSECUTIVE_SKIPS", 3)
+    monkeypatch.setattr(meter_module, "MAX_CONSECUTIVE_SKIPS", 3)
     out = tmp_path / "run"
     trainer = Trainer(NaNOn(range(2, 100)), DDPM(), ten_images,
                       TrainConfig(steps=8, batch_size=2, checkpoint_every=1, keep_last=10, log_every=1, val_every=0,
@@ -282,7 +282,7 @@ def test_channels_last_trains_like_contiguous_and_resumes_exactly(tmp_path, ten_
     for channels_last in (False, True):
         trainer = _trainer(tmp_path / f"grads{channels_last}", ten_images, steps=1, channels_last=channels_last,
                            **cfg)
-        trainer._train_step(0)
+        trainer.train_step(0)
         grads.append([p.grad for p in trainer.model.parameters()])
     for i, (g1, g0) in enumerate(zip(*grads[::-1])):
         assert_close(g1, g0, **FP32, msg=f"grad {i}")
@@ -315,7 +315,7 @@ def test_compiled_model_trains_like_eager(tmp_path, ten_images):
     eager = _trainer(tmp_path / "eager", ten_images, **cfg)
     eager.train()
     compiled = _trainer(tmp_path / "compiled", ten_images, compile="default", **cfg)
-    assert compiled._train_model is not compiled.model
+    assert compiled.train_model is not compiled.model
     assert type(compiled.ema_model).__name__ == "UNet"
     compiled.train()
     _assert_trained_alike(compiled, eager)
@@ -326,7 +326,7 @@ def test_compiled_model_trains_like_eager(tmp_path, ten_images):
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_finishes_the_step_and_writes_a_checkpoint(tmp_path, ten_images, monkeypatch, signum):
     trainer = _trainer(tmp_path / "run", ten_images, steps=50, batch_size=2, checkpoint_every=0, log_every=10)
-    take_step = trainer._train_step
+    take_step = trainer.train_step
 
     def step_then_signal(step):
         out = take_step(step)
@@ -334,7 +334,7 @@ def test_a_signal_finishes_the_step_and_writes_a_checkpoint(tmp_path, ten_images
             os.kill(os.getpid(), signum)
         return out
 
-    monkeypatch.setattr(trainer, "_train_step", step_then_signal)
+    monkeypatch.setattr(trainer, "train_step", step_then_signal)
     before = signal.getsignal(signum)
     metrics = trainer.train()
     assert signal.getsignal(signum) is before  # handlers restored
@@ -348,7 +348,7 @@ def test_a_signal_finishes_the_step_and_writes_a_checkpoint(tmp_path, ten_images
 
 def test_a_second_signal_exits_at_once(tmp_path, ten_images, monkeypatch):
     trainer = _trainer(tmp_path / "run", ten_images, steps=50, batch_size=2, checkpoint_every=0, log_every=10)
-    take_step = trainer._train_step
+    take_step = trainer.train_step
 
     def signal_twice(step):
         if step == 2:
@@ -356,7 +356,7 @@ def test_a_second_signal_exits_at_once(tmp_path, ten_images, monkeypatch):
             os.kill(os.getpid(), signal.SIGTERM)
         return take_step(step)
 
-    monkeypatch.setattr(trainer, "_train_step", signal_twice)
+    monkeypatch.setattr(trainer, "train_step", signal_twice)
     with pytest.raises(SystemExit) as stopped:
         trainer.train()
     assert stopped.value.code == 128 + signal.SIGTERM
@@ -461,12 +461,12 @@ def test_gpu_training_steps_do_not_synchronise(tmp_path, ten_images):
     trainer = _trainer(tmp_path, ten_images, steps=10, batch_size=4, mixed_precision="bf16", nonfinite="skip",
                        device="cuda", **QUIET)
     assert trainer.device.type == "cuda" and trainer.channels_last and trainer.optimizer.defaults["fused"]
-    trainer._train_step(0)  # lazy initialisation, autotuning
+    trainer.train_step(0)  # lazy initialisation, autotuning
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for step in range(1, 4):
-            loss, grad_norm, ok = trainer._train_step(step)
+            loss, grad_norm, ok = trainer.train_step(step)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert bool(torch.isfinite(loss)) and bool(ok)
@@ -483,7 +483,7 @@ def test_gpu_fused_ops_step_matches_the_reference_step(tmp_path, ten_images):
         trainer = _trainer(tmp_path / str(backend), ten_images, steps=1, batch_size=4, mixed_precision="no",
                            grad_clip=None, device="cuda", **QUIET)
         with ops.use_backend(backend):
-            loss, _, _ = trainer._train_step(0)
+            loss, _, _ = trainer.train_step(0)
         results[backend] = loss, [p.grad.clone() for p in trainer.model.parameters()]
     (loss_ref, grads_ref), (loss_fast, grads_fast) = results["reference"], results[None]
     assert_close(loss_fast, loss_ref, **FP32, msg="loss")

@@ -70,7 +70,7 @@ def _weights(trainer) -> dict:
 
 def _first_step(trainer) -> dict:
     """Loss and gradients of step 0 (gradient clipping off: the raw averaged gradients)."""
-    loss, _, _ = trainer._train_step(0)
+    loss, _, _ = trainer.train_step(0)
     return {"loss": loss.clone(), **{f"grad.{i}": p.grad.clone() for i, p in enumerate(trainer.model.parameters())}}
 
 

@@ -1,0 +1,136 @@
+"""The baselines every benchmark compares against, each defined once.
+
+* diffusers: ``UNet2DModel`` of a fastddpm preset's architecture (Ho et al.'s U-Net in diffusers'
+  blocks; for ``ddpm_cifar10`` google/ddpm-cifar10-32's config) and ``DDPMPipeline``'s loop;
+* denoising-diffusion-pytorch: its ``Unet`` of a comparable size, and ``GaussianDiffusion.sample``
+  around any ``model(x, t)``.
+
+``bench_sample.py``, ``bench_sample_cpu.py`` and ``bench_train.py`` import them from here.
+"""
+from __future__ import annotations
+
+import functools
+import sys
+
+import torch
+from torch import nn
+
+from fastddpm.adapters import ModelAdapter
+from fastddpm.models.presets import PRESETS
+from fastddpm.models.unet import UNetConfig
+
+NUM_TIMESTEPS = 1000
+DIFFUSERS_PRESETS = ("ddpm_cifar10", "small")  # the presets the sampling benchmarks build in diffusers too
+
+# google/ddpm-cifar10-32's config.json (the UNet2DModel fields that shape it)
+GOOGLE_DDPM_CIFAR10_32 = dict(
+    sample_size=32, in_channels=3, out_channels=3, layers_per_block=2, block_out_channels=(128, 256, 256, 256),
+    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=None, norm_num_groups=32, norm_eps=1e-6, act_fn="silu", flip_sin_to_cos=False,
+    freq_shift=1, downsample_padding=0, mid_block_scale_factor=1, center_input_sample=False,
+    time_embedding_type="positional",
+)
+
+
+
+# -- the models ------------------------------------------------------------------------------------
+def diffusers_unet_kwargs(config: UNetConfig) -> dict:
+    """``UNet2DModel`` keyword arguments with the architecture of ``config``: Ho et al.'s
+    U-Net in diffusers' blocks (for ``ddpm_cifar10``: google/ddpm-cifar10-32's config),
+    plus the preset's dropout."""
+    attn_sizes = set(config.attention_resolutions)
+    channels = [config.base_channels * m for m in config.channel_mult]
+    attn_channels = [c for c, s in zip(channels, config.feature_sizes) if s in attn_sizes] + [channels[-1]]
+    if config.head_channels is not None:
+        head_dim = config.head_channels
+    elif config.num_heads == 1:
+        head_dim = None  # diffusers: one head of all the block's channels
+    else:
+        dims = {c // config.num_heads for c in attn_channels}
+        if len(dims) != 1:
+            raise ValueError(f"diffusers takes one head size; {config} has attention blocks of {sorted(dims)}")
+        head_dim = dims.pop()
+    down = tuple("AttnDownBlock2D" if s in attn_sizes else "DownBlock2D" for s in config.feature_sizes)
+    up = tuple("AttnUpBlock2D" if s in attn_sizes else "UpBlock2D" for s in reversed(config.feature_sizes))
+    return dict(
+        sample_size=config.image_size, in_channels=config.in_channels, out_channels=config.resolved_out_channels,
+        layers_per_block=config.num_res_blocks, block_out_channels=tuple(channels), down_block_types=down,
+        up_block_types=up, attention_head_dim=head_dim, norm_num_groups=config.num_groups, norm_eps=1e-6,
+        act_fn="silu", flip_sin_to_cos=False, freq_shift=1, downsample_padding=0, mid_block_scale_factor=1,
+        center_input_sample=False, time_embedding_type="positional", dropout=config.dropout,
+    )
+
+
+def ddp_unet_kwargs(preset: str) -> dict:
+    """denoising-diffusion-pytorch ``Unet`` keyword arguments of a size comparable to ``preset``."""
+    config = PRESETS[preset]
+    if preset == "ddpm_cifar10":  # the library's default Unet: 35.71M parameters
+        return dict(dim=64, dim_mults=(1, 2, 4, 8), channels=3, dropout=config.dropout)
+    return dict(dim=config.base_channels, dim_mults=tuple(config.channel_mult), channels=config.in_channels,
+                dropout=config.dropout)
+
+
+def diffusers_preset_kwargs(preset: str) -> dict:
+    """``UNet2DModel`` keyword arguments of fastddpm's preset ``preset``: the same architecture (the
+    benchmarks check the parameter counts)."""
+    return diffusers_unet_kwargs(PRESETS[preset])
+
+
+def param_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+# -- the samplers ----------------------------------------------------------------------------------
+@torch.no_grad()
+def diffusers_loop(unet, scheduler, n: int, steps: int, device, *, compiled: bool = False):
+    """``DDPMPipeline.__call__`` without the image post-processing; ``unet(x, t).sample`` with a
+    ``config`` of ``in_channels`` and ``sample_size``."""
+    cfg = unet.config
+    image = torch.randn(n, cfg.in_channels, cfg.sample_size, cfg.sample_size, device=device)
+    scheduler.set_timesteps(steps)
+    for t in scheduler.timesteps:
+        if compiled:  # a new step: the CUDA-graph outputs of the last one are consumed
+            torch.compiler.cudagraph_mark_step_begin()
+        model_output = unet(image, t.to(device) if compiled else t).sample
+        image = scheduler.step(model_output, t, image).prev_sample
+    return image
+
+
+class AsDDPMPytorchModel(nn.Module):
+    """Any ``model(x, t)`` (fastddpm's, diffusers', a callable) behind denoising-diffusion-pytorch's
+    model interface."""
+
+    self_condition = False
+
+    def __init__(self, model, channels: int):
+        super().__init__()
+        self.model = model
+        self.adapter = ModelAdapter(model)
+        self.channels = self.out_dim = channels
+
+    def forward(self, x, t, x_self_cond=None):
+        return self.adapter(x, t)
+
+
+def ddpm_pytorch_sampler(model, channels: int, image_size: int, device):
+    """denoising-diffusion-pytorch's ``GaussianDiffusion.sample`` (linear schedule, epsilon prediction)
+    around ``model``, without its progress bar: ``call(n, steps)``, the last ``steps`` steps of the
+    1000-step chain (``p_sample_loop`` walks ``t = num_timesteps-1 .. 0``)."""
+    from denoising_diffusion_pytorch import GaussianDiffusion
+
+    peer = sys.modules["denoising_diffusion_pytorch.denoising_diffusion_pytorch"]
+    diffusion = GaussianDiffusion(AsDDPMPytorchModel(model, channels), image_size=image_size,
+                                  timesteps=NUM_TIMESTEPS, objective="pred_noise", beta_schedule="linear",
+                                  auto_normalize=False).to(device)
+    quiet = functools.partial(peer.tqdm, disable=True)  # no progress bar, as in every other row
+
+    def call(n, steps):
+        diffusion.num_timesteps = steps
+        saved, peer.tqdm = peer.tqdm, quiet
+        try:
+            return diffusion.sample(batch_size=n)
+        finally:
+            peer.tqdm = saved
+
+    return call
