@@ -135,3 +135,16 @@ def test_the_readme_run_ends_in_recognisable_digits(tmp_path, monkeypatch):
     ours, digits, speckle = confidence(samples), confidence(real), confidence(noise)
     assert samples.shape == (64, 1, 16, 16) and np.isfinite(ours)
     assert ours >= 0.8 * digits and ours >= speckle + 0.15, (ours, digits, speckle)
+
+
+def test_where_things_are_names_files_that_exist():
+    """The README's map of the tree: every path it spells out (with a folder) is there."""
+    import re
+
+    text = README.read_text(encoding="utf-8")
+    section = text[text.index("## Where things are"):text.index("## Tests")]
+    paths = set(re.findall(r"`([\w./]+/[\w.]+\.(?:py|h|cpp|cu))`", section))
+    assert len(paths) > 20
+    root = README.parent
+    missing = sorted(p for p in paths if not (root / p).exists() and not (root / "fastddpm" / p).exists())
+    assert not missing, missing
