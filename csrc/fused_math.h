@@ -1,7 +1,7 @@
 // The math of every fused op, once, for the CPU and the CUDA implementations.
 //
 // Everything here is `__host__ __device__` inline and float32, so the C++
-// loops (cpu_ops.cpp) and the CUDA kernels (cuda_ops.cu) compute the same
+// loops (cpu_kernels.cpp) and the CUDA kernels (cuda_kernels.cu) compute the same
 // expressions as fastddpm/ops/reference.py and fastddpm/noise.py:
 //
 //   * Philox4x32-10 (Salmon et al. 2011) exactly as Triton's `philox_impl`,
