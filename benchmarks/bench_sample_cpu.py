@@ -58,13 +58,13 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, write_results  # noqa: E402
 from peers import (  # noqa: E402
     DIFFUSERS_PRESETS, NUM_TIMESTEPS, ddpm_pytorch_sampler, diffusers_loop, diffusers_preset_kwargs, param_count,
+    strided_attention_forward,
 )
 
 import fastddpm  # noqa: E402
@@ -160,21 +160,10 @@ def _plan_memory(memory: dict):
             setattr(cpu_plan, k, saved[k])
 
 
-def _strided_attention_forward(self, x):
-    """fastddpm's ``AttentionBlock.forward`` before issue 15: strided q, k, v into SDPA."""
-    b, c, hgt, wid = x.shape
-    qkv = self.qkv(self.norm(x))
-    qkv = qkv.flatten(2).transpose(1, 2).reshape(b, hgt * wid, 3, self.num_heads, c // self.num_heads)
-    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-    o = F.scaled_dot_product_attention(q, k, v)
-    o = o.transpose(1, 2).reshape(b, hgt * wid, c).transpose(1, 2).reshape(b, c, hgt, wid)
-    return x + self.proj_out(o)
-
-
 def _fastddpm_before(model, device):
     def call(n, steps):
         saved = AttentionBlock.forward
-        AttentionBlock.forward = _strided_attention_forward
+        AttentionBlock.forward = strided_attention_forward
         try:
             return fastddpm.sample(model, n, steps=steps, seed=SEED, progress=False, device=device, engine=False)
         finally:

@@ -134,3 +134,18 @@ def ddpm_pytorch_sampler(model, channels: int, image_size: int, device):
             peer.tqdm = saved
 
     return call
+
+
+def strided_attention_forward(block, x: torch.Tensor) -> torch.Tensor:
+    """fastddpm's ``AttentionBlock.forward`` before issue 15: strided views of the qkv conv's output
+    into SDPA (its slow math path on a CPU), the output reshaped back.  Set as
+    ``AttentionBlock.forward`` for the "before" row; ``tests/test_unet.py`` compares with it."""
+    import torch.nn.functional as F
+
+    b, c, hgt, wid = x.shape
+    qkv = block.qkv(block.norm(x))
+    qkv = qkv.flatten(2).transpose(1, 2).reshape(b, hgt * wid, 3, block.num_heads, c // block.num_heads)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    o = F.scaled_dot_product_attention(q, k, v)
+    o = o.transpose(1, 2).reshape(b, hgt * wid, c).transpose(1, 2).reshape(b, c, hgt, wid)
+    return x + block.proj_out(o)

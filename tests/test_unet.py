@@ -2,6 +2,8 @@
 gradients, and low precision."""
 import json
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +13,9 @@ import fastddpm.ops
 from fastddpm.models import PRESETS, UNet, UNetConfig, create_model
 from fastddpm.models.unet import AttentionBlock, timestep_embedding
 from tolerances import ATTENTION, BY_DTYPE, EXACT, FP32, assert_close
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import peers  # noqa: E402  the attention block as it was before issue 15
 
 TINY = PRESETS["tiny"]
 
@@ -357,18 +362,6 @@ def test_bf16_model_accepts_fp32_input():
     assert out.dtype == torch.bfloat16 and out.shape == (2, 1, 8, 8)
 
 
-def _strided_attention_block(block: AttentionBlock, x: torch.Tensor) -> torch.Tensor:
-    """The block as it was before q, k, v were made contiguous: strided views of the
-    conv's output into SDPA (its math path on a CPU), the output reshaped back."""
-    b, c, hgt, wid = x.shape
-    qkv = block.qkv(block.norm(x))
-    qkv = qkv.flatten(2).transpose(1, 2).reshape(b, hgt * wid, 3, block.num_heads, c // block.num_heads)
-    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-    o = F.scaled_dot_product_attention(q, k, v)
-    o = o.transpose(1, 2).reshape(b, hgt * wid, c).transpose(1, 2).reshape(b, c, hgt, wid)
-    return x + block.proj_out(o)
-
-
 @pytest.mark.parametrize("heads", [1, 2])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_attention_inputs_are_contiguous(monkeypatch, heads, channels_last):
@@ -387,7 +380,7 @@ def test_attention_inputs_are_contiguous(monkeypatch, heads, channels_last):
         return sdpa(q, k, v, *args, **kwargs)
 
     with torch.no_grad():
-        expected = _strided_attention_block(block, x)
+        expected = peers.strided_attention_forward(block, x)
         monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
         with fastddpm.ops.use_backend("reference"):
             out = block(x)
