@@ -89,7 +89,8 @@ def test_no_compile_when_the_saving_is_below_any_compile(monkeypatch):
     assert "less than any compile takes" in next(r for r in choice.reasons if r.startswith("compile="))
 
 
-def test_the_forward_is_timed_once_per_process(monkeypatch):
+def _count_forwards(monkeypatch) -> list:
+    """Every timed forward of the plan takes 10 ms and appends to the returned list."""
     calls = []
 
     def timed(forward, x, t, dtype, weights_dtype):
@@ -97,6 +98,11 @@ def test_the_forward_is_timed_once_per_process(monkeypatch):
         return 0.01
 
     monkeypatch.setattr(cpu_plan, "_forward", timed)
+    return calls
+
+
+def test_the_forward_is_timed_once_per_process(monkeypatch):
+    calls = _count_forwards(monkeypatch)
     model = _tiny3()
     for _ in range(3):  # a short run: one call, an upper bound, kept
         assert cpu_plan.choose(model, torch.float32, (2, 3, 8, 8), 5, 1, channels_last=False).compile is None
@@ -153,13 +159,7 @@ def test_layout_is_the_faster_one_beyond_the_margin(monkeypatch, nchw_s, nhwc_s,
 
 
 def test_layout_is_measured_once_per_process_and_not_for_short_runs(monkeypatch):
-    calls = []
-
-    def timed(forward, x, t, dtype, weights_dtype):
-        calls.append(1)
-        return 0.01
-
-    monkeypatch.setattr(cpu_plan, "_forward", timed)
+    calls = _count_forwards(monkeypatch)
     model = _tiny3()
     short = cpu_plan.choose(model, torch.float32, (4, 3, 8, 8), 5, 1, compile=False)
     assert not short.channels_last and "not measured, the run is short" in " ".join(short.reasons)

@@ -377,6 +377,16 @@ def test_graph_replay_equals_eager(dtype):
     assert_close(graph, eager, **tol)
 
 
+def _run_without_host_sync(engine):
+    """``engine.run(0, 0)`` with CUDA's sync debug mode set to raise on any host synchronisation."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        return engine.run(0, 0)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("steps_per_graph", [1, 3])
 def test_graph_loop_does_not_synchronise_or_recapture(steps_per_graph):
@@ -386,12 +396,7 @@ def test_graph_loop_does_not_synchronise_or_recapture(steps_per_graph):
     (engine,) = cached_engines()
     captures = engine.captures
     assert captures == (1 if steps_per_graph == 1 else 2)  # 10 = 3 * 3 + 1
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        again = engine.run(0, 0)
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
+    again = _run_without_host_sync(engine)
     assert engine.captures == captures
     second = engine_sample(model, 4, **kw)
     assert cached_engines() == [engine] and engine.captures == captures
@@ -474,12 +479,7 @@ def test_multistep_graph_loop_does_not_synchronise():
     model = _tiny_unet().cuda()
     first = engine_sample(model, 4, steps=6, seed=0, progress=False, sampler="dpm++2m-sde", steps_per_graph=3)
     (engine,) = cached_engines()
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        again = engine.run(0, 0)
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
+    again = _run_without_host_sync(engine)
     assert torch.equal(again, first) and engine.captures == 1
 
 
