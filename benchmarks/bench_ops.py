@@ -64,14 +64,14 @@ def _batch(numel: int) -> int:
 
 def _q_sample_args(numel, device, dtype):
     n = _batch(numel)
-    _, sac, s1mac = _schedule_tables(device)
+    _, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod = _schedule_tables(device)
     x0 = torch.randn(n, *IMAGE, device=device).to(dtype)
     t = torch.randint(0, 1000, (n,), device=device)
-    return x0, t, sac, s1mac
+    return x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod
 
 
-def _q_sample(x0, t, sac, s1mac, *, backend):
-    return ops.q_sample(x0, t, sac, s1mac, seed=SEED, backend=backend)
+def _q_sample(x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, *, backend):
+    return ops.q_sample(x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, seed=SEED, backend=backend)
 
 
 def _ddpm_step_args(numel, device, dtype):
@@ -90,16 +90,17 @@ def _ddpm_step(x, out, step, coefs, *, backend):
 
 def _loss_args(numel, device, dtype):
     n = _batch(numel)
-    s, sac, s1mac = _schedule_tables(device)
+    s, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod = _schedule_tables(device)
     weights = torch.as_tensor(reference.loss_weights(s, "v", 5.0), dtype=torch.float64).to(device, torch.float32)
     out = torch.randn(n, *IMAGE, device=device).to(dtype).requires_grad_()
     x0 = torch.randn(n, *IMAGE, device=device)
     t = torch.randint(0, 1000, (n,), device=device)
-    return out, x0, t, sac, s1mac, weights
+    return out, x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, weights
 
 
-def _loss(out, x0, t, sac, s1mac, weights, *, backend):
-    return ops.diffusion_loss(out, x0, t, sac, s1mac, weights, seed=SEED, prediction="v", backend=backend)
+def _loss(out, x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, weights, *, backend):
+    return ops.diffusion_loss(out, x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, weights, seed=SEED,
+                              prediction="v", backend=backend)
 
 
 def _loss_backward(loss, args):

@@ -172,14 +172,16 @@ void q_sample_impl(const QSampleArgs& a) {
   const x0_t* x0 = static_cast<const x0_t*>(a.x0);
   for_each_chunk(a.n, a.numel, [&](int64_t b, int64_t j, int64_t len) {
     const int64_t t = row_value(a.t, b);
-    const float sqrt_ac = a.sqrt_alphas_cumprod[t];
-    const float sqrt_1mac = a.sqrt_one_minus_alphas_cumprod[t];
+    const float sqrt_alphas_cumprod_t = a.sqrt_alphas_cumprod[t];
+    const float sqrt_one_minus_alphas_cumprod_t = a.sqrt_one_minus_alphas_cumprod[t];
     float z[kChunk];
     normals(key, sample_word(a.sample_offset, b), static_cast<uint64_t>(j), len, z);  // slot 0
     const x0_t* src = x0 + b * a.numel + j;
     float* dst = a.x_t + b * a.numel + j;
 #pragma omp simd
-    for (int64_t i = 0; i < len; ++i) dst[i] = q_sample_value(sqrt_ac, sqrt_1mac, to_float(src[i]), z[i]);
+    for (int64_t i = 0; i < len; ++i) {
+      dst[i] = q_sample_value(sqrt_alphas_cumprod_t, sqrt_one_minus_alphas_cumprod_t, to_float(src[i]), z[i]);
+    }
   });
 }
 
@@ -274,8 +276,8 @@ void loss_forward_impl(const LossArgs& a) {
       const int64_t lo = (task - b * parts) * kLossBlock;
       const int64_t hi = std::min(a.numel, lo + kLossBlock);
       const int64_t t = row_value(a.t, b);
-      const float sqrt_ac = a.sqrt_alphas_cumprod[t];
-      const float sqrt_1mac = a.sqrt_one_minus_alphas_cumprod[t];
+      const float sqrt_alphas_cumprod_t = a.sqrt_alphas_cumprod[t];
+      const float sqrt_one_minus_alphas_cumprod_t = a.sqrt_one_minus_alphas_cumprod[t];
       double total = 0.0;
       for (int64_t j = lo; j < hi; j += kChunk) {
         const int64_t len = std::min(kChunk, hi - j);
@@ -287,7 +289,8 @@ void loss_forward_impl(const LossArgs& a) {
 #pragma omp simd reduction(+ : sum)
         for (int64_t i = 0; i < len; ++i) {
           const float x0v = needs_x0 ? x0[i] : 0.0f;
-          const float d = to_float(out[i]) - training_target(a.prediction, sqrt_ac, sqrt_1mac, x0v, z[i]);
+          const float d = to_float(out[i]) - training_target(a.prediction, sqrt_alphas_cumprod_t,
+                                                             sqrt_one_minus_alphas_cumprod_t, x0v, z[i]);
           sum += elementwise_loss(a.loss_type, d, a.huber_delta);
         }
         total += sum;
@@ -308,8 +311,8 @@ void loss_backward_impl(const LossArgs& a) {
   const float inv_numel = 1.0f / static_cast<float>(a.numel);
   for_each_chunk(a.n, a.numel, [&](int64_t b, int64_t j, int64_t len) {
     const int64_t t = row_value(a.t, b);
-    const float sqrt_ac = a.sqrt_alphas_cumprod[t];
-    const float sqrt_1mac = a.sqrt_one_minus_alphas_cumprod[t];
+    const float sqrt_alphas_cumprod_t = a.sqrt_alphas_cumprod[t];
+    const float sqrt_one_minus_alphas_cumprod_t = a.sqrt_one_minus_alphas_cumprod[t];
     const float row_scale = scale * a.weights[t] * inv_numel;
     float z[kChunk];
     normals(key, sample_word(a.sample_offset, b), static_cast<uint64_t>(j), len, z);
@@ -319,7 +322,8 @@ void loss_backward_impl(const LossArgs& a) {
 #pragma omp simd
     for (int64_t i = 0; i < len; ++i) {
       const float x0v = needs_x0 ? x0[i] : 0.0f;
-      const float d = to_float(out[i]) - training_target(a.prediction, sqrt_ac, sqrt_1mac, x0v, z[i]);
+      const float d = to_float(out[i]) - training_target(a.prediction, sqrt_alphas_cumprod_t,
+                                                         sqrt_one_minus_alphas_cumprod_t, x0v, z[i]);
       g[i] = static_cast<out_t>(row_scale * elementwise_loss_grad(a.loss_type, d, a.huber_delta));
     }
   });

@@ -125,15 +125,15 @@ __global__ void __launch_bounds__(kThreads) q_sample_kernel(QSampleArgs a) {
     const int64_t b = i / a.numel;
     const int64_t j = i - b * a.numel;
     const int64_t t = row_value(a.t, b);
-    const float sqrt_ac = a.sqrt_alphas_cumprod[t];
-    const float sqrt_1mac = a.sqrt_one_minus_alphas_cumprod[t];
+    const float sqrt_alphas_cumprod_t = a.sqrt_alphas_cumprod[t];
+    const float sqrt_one_minus_alphas_cumprod_t = a.sqrt_one_minus_alphas_cumprod[t];
     const uint64_t hi = sample_word(a.sample_offset, b);
     const Pack<x0_t, N> x = load_pack<N>(x0 + i);
     Pack<float, N> y;
 #pragma unroll
     for (int k = 0; k < N; ++k) {
       const float eps = philox_normal(key, hi | static_cast<uint64_t>(j + k));  // slot 0
-      y.v[k] = q_sample_value(sqrt_ac, sqrt_1mac, to_float(x.v[k]), eps);
+      y.v[k] = q_sample_value(sqrt_alphas_cumprod_t, sqrt_one_minus_alphas_cumprod_t, to_float(x.v[k]), eps);
     }
     store_pack<N>(a.x_t + i, y);
   }
@@ -245,7 +245,7 @@ __global__ void __launch_bounds__(kThreads) multistep_step_kernel(MultistepArgs 
 
 // -- diffusion_loss -----------------------------------------------------------------
 struct LossRow {
-  float sqrt_ac, sqrt_1mac, weight;
+  float sqrt_alphas_cumprod_t, sqrt_one_minus_alphas_cumprod_t, weight;
   uint64_t hi;
 };
 
@@ -259,7 +259,7 @@ __device__ __forceinline__ LossRow loss_row(const LossArgs& a, int64_t b) {
 __device__ __forceinline__ float loss_diff(const LossArgs& a, const PhiloxKey& key, const LossRow& r, int64_t j,
                                            float out, float x0) {
   const float eps = philox_normal(key, r.hi | static_cast<uint64_t>(j));
-  return out - training_target(a.prediction, r.sqrt_ac, r.sqrt_1mac, x0, eps);
+  return out - training_target(a.prediction, r.sqrt_alphas_cumprod_t, r.sqrt_one_minus_alphas_cumprod_t, x0, eps);
 }
 
 __device__ __forceinline__ float block_sum(float v) {

@@ -163,19 +163,21 @@ FDDPM_HD MultistepValue multistep_value(const MultistepCoefs& c, float x, float 
 }
 
 // -- forward process and training (reference.q_sample / diffusion_loss) --------------
+// A table's value at a sample's timestep is the table's name + _t: sqrt_alphas_cumprod_t = sqrt_alphas_cumprod[t].
 // x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps  (Ho et al. Eq. 4)
-FDDPM_HD float q_sample_value(float sqrt_ac, float sqrt_1mac, float x0, float eps) {
-  return sqrt_ac * x0 + sqrt_1mac * eps;
+FDDPM_HD float q_sample_value(float sqrt_alphas_cumprod_t, float sqrt_one_minus_alphas_cumprod_t, float x0, float eps) {
+  return sqrt_alphas_cumprod_t * x0 + sqrt_one_minus_alphas_cumprod_t * eps;
 }
 
 enum Prediction : int { kEpsilon = 0, kX0 = 1, kV = 2 };
 enum LossType : int { kL2 = 0, kL1 = 1, kHuber = 2 };
 
 // eps, x0, or v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho 2022)
-FDDPM_HD float training_target(int prediction, float sqrt_ac, float sqrt_1mac, float x0, float eps) {
+FDDPM_HD float training_target(int prediction, float sqrt_alphas_cumprod_t, float sqrt_one_minus_alphas_cumprod_t,
+                               float x0, float eps) {
   if (prediction == kEpsilon) return eps;
   if (prediction == kX0) return x0;
-  return sqrt_ac * eps - sqrt_1mac * x0;
+  return sqrt_alphas_cumprod_t * eps - sqrt_one_minus_alphas_cumprod_t * x0;
 }
 
 // Elementwise loss of d = output - target, as F.mse_loss / l1_loss / huber_loss.

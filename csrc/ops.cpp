@@ -192,6 +192,17 @@ Tensor philox4x32_op(int64_t seed, const Tensor& offsets) {
   return words;
 }
 
+// The two tables of q_sample and diffusion_loss, checked (float32, 1-D, on x's device) and contiguous.
+struct ScheduleTables {
+  Tensor sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod;
+};
+
+ScheduleTables schedule_tables(const Tensor& sqrt_alphas_cumprod, const Tensor& sqrt_one_minus_alphas_cumprod,
+                               const Tensor& x) {
+  return ScheduleTables{table_arg(sqrt_alphas_cumprod, x, "sqrt_alphas_cumprod"),
+                        table_arg(sqrt_one_minus_alphas_cumprod, x, "sqrt_one_minus_alphas_cumprod")};
+}
+
 // -- q_sample -------------------------------------------------------------------------------
 Tensor q_sample_op(const Tensor& x0, const Tensor& t, const Tensor& sqrt_alphas_cumprod,
                 const Tensor& sqrt_one_minus_alphas_cumprod, int64_t seed, int64_t sample_offset) {
@@ -199,13 +210,15 @@ Tensor q_sample_op(const Tensor& x0, const Tensor& t, const Tensor& sqrt_alphas_
   const int64_t numel = sample_numel(x0, "x0");
   check_seed(seed, sample_offset);
   const Tensor x0c = x0.contiguous();
-  const Tensor sac = table_arg(sqrt_alphas_cumprod, x0, "sqrt_alphas_cumprod");
-  const Tensor s1mac = table_arg(sqrt_one_minus_alphas_cumprod, x0, "sqrt_one_minus_alphas_cumprod");
-  TORCH_CHECK(sac.size(0) == s1mac.size(0), "fastddpm: the q_sample tables must have the same length");
-  const IndexArg ti = index_arg(t, x0, sac.size(0), "t");
+  const ScheduleTables tables = schedule_tables(sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, x0);
+  const int64_t T = tables.sqrt_alphas_cumprod.size(0);
+  TORCH_CHECK(tables.sqrt_one_minus_alphas_cumprod.size(0) == T,
+              "fastddpm: the q_sample tables must have the same length");
+  const IndexArg ti = index_arg(t, x0, T, "t");
   Tensor x_t = at::empty(x0.sizes(), x0.options().dtype(at::kFloat));
-  const QSampleArgs args{x0c.data_ptr(), x0_dtype, ti.index, sac.data_ptr<float>(), s1mac.data_ptr<float>(),
-                         seed, sample_offset, x0.size(0), numel, x_t.data_ptr<float>()};
+  const QSampleArgs args{x0c.data_ptr(), x0_dtype, ti.index, tables.sqrt_alphas_cumprod.data_ptr<float>(),
+                         tables.sqrt_one_minus_alphas_cumprod.data_ptr<float>(), seed, sample_offset, x0.size(0),
+                         numel, x_t.data_ptr<float>()};
   if (on_cuda(x0)) {
     FASTDDPM_CUDA_RUN(x0, cuda::q_sample(args, launch.num_sms, launch.stream));
   } else {
@@ -216,7 +229,9 @@ Tensor q_sample_op(const Tensor& x0, const Tensor& t, const Tensor& sqrt_alphas_
 
 // -- diffusion_loss --------------------------------------------------------------------------
 struct LossInputs {
-  Tensor model_output, x0, sac, s1mac, weights;
+  Tensor model_output, x0;
+  ScheduleTables tables;
+  Tensor weights;
   IndexArg t;
   LossArgs args;
 };
@@ -236,11 +251,10 @@ LossInputs loss_inputs(const Tensor& model_output, const Tensor& x0, const Tenso
   TORCH_CHECK(huber_delta > 0, "fastddpm: huber_delta must be > 0, got ", huber_delta);
   in.model_output = model_output.contiguous();
   in.x0 = x0.to(at::kFloat).contiguous();
-  in.sac = table_arg(sqrt_alphas_cumprod, model_output, "sqrt_alphas_cumprod");
-  in.s1mac = table_arg(sqrt_one_minus_alphas_cumprod, model_output, "sqrt_one_minus_alphas_cumprod");
+  in.tables = schedule_tables(sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, model_output);
   in.weights = table_arg(weights, model_output, "weights");
-  const int64_t T = in.sac.size(0);
-  TORCH_CHECK(in.s1mac.size(0) == T && in.weights.size(0) == T,
+  const int64_t T = in.tables.sqrt_alphas_cumprod.size(0);
+  TORCH_CHECK(in.tables.sqrt_one_minus_alphas_cumprod.size(0) == T && in.weights.size(0) == T,
               "fastddpm: the diffusion_loss tables (sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, weights) "
               "must have the same length");
   in.t = index_arg(t, model_output, T, "t");
@@ -250,8 +264,8 @@ LossInputs loss_inputs(const Tensor& model_output, const Tensor& x0, const Tenso
   a.model_output_dtype = out_dtype;
   a.x0 = in.x0.data_ptr<float>();
   a.t = in.t.index;
-  a.sqrt_alphas_cumprod = in.sac.data_ptr<float>();
-  a.sqrt_one_minus_alphas_cumprod = in.s1mac.data_ptr<float>();
+  a.sqrt_alphas_cumprod = in.tables.sqrt_alphas_cumprod.data_ptr<float>();
+  a.sqrt_one_minus_alphas_cumprod = in.tables.sqrt_one_minus_alphas_cumprod.data_ptr<float>();
   a.weights = in.weights.data_ptr<float>();
   a.seed = seed;
   a.sample_offset = sample_offset;

@@ -177,11 +177,12 @@ def forward_process_strip(x0: torch.Tensor, schedule: NoiseSchedule, timesteps: 
         raise ValueError(f"timesteps must be a non-empty list of steps in [0, {T - 1}], got {ts}")
     k, c, h, w = x0.shape
     device = x0.device
-    sqrt_ac = schedule.table("sqrt_alphas_cumprod", device)
-    sqrt_1m_ac = schedule.table("sqrt_one_minus_alphas_cumprod", device)
+    sqrt_alphas_cumprod = schedule.table("sqrt_alphas_cumprod", device)
+    sqrt_one_minus_alphas_cumprod = schedule.table("sqrt_one_minus_alphas_cumprod", device)
     noise = batch_noise(seed, 0, 0, tuple(x0.shape), device)
     columns = [
-        q_sample(x0, torch.full((k,), t, dtype=torch.int64, device=device), sqrt_ac, sqrt_1m_ac, noise)
+        q_sample(x0, torch.full((k,), t, dtype=torch.int64, device=device), sqrt_alphas_cumprod,
+                 sqrt_one_minus_alphas_cumprod, noise)
         for t in ts
     ]
     xs = torch.stack(columns, dim=1).reshape(k * len(ts), c, h, w)  # row i = image i

@@ -31,8 +31,8 @@ LOSS_CODE = {name: code for code, name in enumerate(LOSSES)}
 
 
 @triton.jit
-def _diff_and_scale(out_ptr, x0_ptr, t_ptr, t_stride, sqrt_ac_ptr, sqrt_1mac_ptr, weights_ptr, numel, seed,
-                    sample_offset, inv_count, PREDICTION: tl.constexpr, BLOCK: tl.constexpr):
+def _diff_and_scale(out_ptr, x0_ptr, t_ptr, t_stride, sqrt_alphas_cumprod_ptr, sqrt_one_minus_alphas_cumprod_ptr,
+                    weights_ptr, numel, seed, sample_offset, inv_count, PREDICTION: tl.constexpr, BLOCK: tl.constexpr):
     """``out - target`` over this program's block, its mask and the sample's
     scale ``weights[t] / (n * numel)``."""
     row = tl.program_id(0)
@@ -50,17 +50,20 @@ def _diff_and_scale(out_ptr, x0_ptr, t_ptr, t_stride, sqrt_ac_ptr, sqrt_1mac_ptr
         if PREDICTION == 0:
             target = eps
         else:
-            target = tl.load(sqrt_ac_ptr + t) * eps - tl.load(sqrt_1mac_ptr + t) * x0
+            sqrt_alphas_cumprod_t = tl.load(sqrt_alphas_cumprod_ptr + t)
+            sqrt_one_minus_alphas_cumprod_t = tl.load(sqrt_one_minus_alphas_cumprod_ptr + t)
+            target = sqrt_alphas_cumprod_t * eps - sqrt_one_minus_alphas_cumprod_t * x0
     scale = tl.load(weights_ptr + t) * inv_count
     return out - target, mask, scale
 
 
 @triton.jit
-def _loss_fwd_kernel(out_ptr, x0_ptr, t_ptr, t_stride, sqrt_ac_ptr, sqrt_1mac_ptr, weights_ptr, partial_ptr,
-                     numel, seed, sample_offset, inv_count, huber_delta, PREDICTION: tl.constexpr,
-                     LOSS: tl.constexpr, BLOCK: tl.constexpr):
-    diff, mask, scale = _diff_and_scale(out_ptr, x0_ptr, t_ptr, t_stride, sqrt_ac_ptr, sqrt_1mac_ptr, weights_ptr,
-                                        numel, seed, sample_offset, inv_count, PREDICTION, BLOCK)
+def _loss_fwd_kernel(out_ptr, x0_ptr, t_ptr, t_stride, sqrt_alphas_cumprod_ptr, sqrt_one_minus_alphas_cumprod_ptr,
+                     weights_ptr, partial_ptr, numel, seed, sample_offset, inv_count, huber_delta,
+                     PREDICTION: tl.constexpr, LOSS: tl.constexpr, BLOCK: tl.constexpr):
+    diff, mask, scale = _diff_and_scale(out_ptr, x0_ptr, t_ptr, t_stride, sqrt_alphas_cumprod_ptr,
+                                        sqrt_one_minus_alphas_cumprod_ptr, weights_ptr, numel, seed, sample_offset,
+                                        inv_count, PREDICTION, BLOCK)
     if LOSS == 0:
         loss = diff * diff
     elif LOSS == 1:
@@ -73,11 +76,12 @@ def _loss_fwd_kernel(out_ptr, x0_ptr, t_ptr, t_stride, sqrt_ac_ptr, sqrt_1mac_pt
 
 
 @triton.jit
-def _loss_bwd_kernel(grad_loss_ptr, out_ptr, x0_ptr, t_ptr, t_stride, sqrt_ac_ptr, sqrt_1mac_ptr, weights_ptr,
-                     grad_out_ptr, numel, seed, sample_offset, inv_count, huber_delta, PREDICTION: tl.constexpr,
-                     LOSS: tl.constexpr, BLOCK: tl.constexpr):
-    diff, mask, scale = _diff_and_scale(out_ptr, x0_ptr, t_ptr, t_stride, sqrt_ac_ptr, sqrt_1mac_ptr, weights_ptr,
-                                        numel, seed, sample_offset, inv_count, PREDICTION, BLOCK)
+def _loss_bwd_kernel(grad_loss_ptr, out_ptr, x0_ptr, t_ptr, t_stride, sqrt_alphas_cumprod_ptr,
+                     sqrt_one_minus_alphas_cumprod_ptr, weights_ptr, grad_out_ptr, numel, seed, sample_offset,
+                     inv_count, huber_delta, PREDICTION: tl.constexpr, LOSS: tl.constexpr, BLOCK: tl.constexpr):
+    diff, mask, scale = _diff_and_scale(out_ptr, x0_ptr, t_ptr, t_stride, sqrt_alphas_cumprod_ptr,
+                                        sqrt_one_minus_alphas_cumprod_ptr, weights_ptr, numel, seed, sample_offset,
+                                        inv_count, PREDICTION, BLOCK)
     # d loss / d out, as PyTorch's mse/l1/huber backward (sign(0) = 0)
     if LOSS == 0:
         dloss = 2.0 * diff

@@ -14,8 +14,8 @@ Ops (schemas in ``csrc/module.cpp``):
 
 * ``philox_normal(seed, offsets)``: the noise contract alone;
   ``philox4x32(seed, offsets)``: its four Philox words (int64 ``[..., 4]``).
-* ``q_sample(x0, t, sqrt_ac, sqrt_1mac, seed, sample_offset)``.
-* ``diffusion_loss(model_output, x0, t, sqrt_ac, sqrt_1mac, weights, seed,
+* ``q_sample(x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, seed, sample_offset)``.
+* ``diffusion_loss(model_output, x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, weights, seed,
   sample_offset, prediction, loss_type, huber_delta)`` and its backward.
 * ``ddpm_step(x, model_output, step, coefs, seed, sample_offset, clip_denoised)``;
   ``ddpm_step_cast(..., model_dtype, channels_last)`` also returns ``x_prev`` in

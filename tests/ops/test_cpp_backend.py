@@ -40,9 +40,10 @@ def _ref_step(x, out, step, coefs, clip, seed=SEED, sample_offset=SAMPLE_OFFSET)
 
 
 def _ref_loss(out, x0, t, weights, prediction, loss_type, delta):
-    sac, s1mac = _tables(out.device)
+    sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod = _tables(out.device)
     z = reference.batch_noise(SEED, SAMPLE_OFFSET, 0, x0.shape, x0.device)
-    return reference.diffusion_loss(out, x0, z, t, sac, s1mac, weights, prediction, loss_type, delta)
+    return reference.diffusion_loss(out, x0, z, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, weights,
+                                    prediction, loss_type, delta)
 
 
 def _assert_grad_close(actual, expected, dtype):
@@ -96,16 +97,18 @@ def test_ddpm_step_rejects_bad_inputs():
 # -- torch.library: opcheck, compile, dispatch ------------------------------------------------------
 def _opcheck_cases():
     coefs = _coefs("epsilon", "ddpm", "fixed_small", 0.0)
-    sac, s1mac = _tables()
+    sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod = _tables()
     x, out = _inputs((2, 3, 4, 4), torch.bfloat16)
     out32 = torch.randn(2, 3, 4, 4, requires_grad=True)
     t = torch.tensor([0, T - 1])
     return [
         ("philox_normal", (SEED, _offsets()[:64])),
         ("philox4x32", (SEED, _offsets()[:64])),
-        ("q_sample", (x, t, sac, s1mac, SEED, 3)),
-        ("diffusion_loss", (out32, x, t, sac, s1mac, _weights("v"), SEED, 3, "v", "huber", 1.0)),
-        ("diffusion_loss_backward", (torch.tensor(2.0), out, x, t, sac, s1mac, _weights("v"), SEED, 3, "v", "l2", 1.0)),
+        ("q_sample", (x, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, SEED, 3)),
+        ("diffusion_loss", (out32, x, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, _weights("v"), SEED, 3,
+                            "v", "huber", 1.0)),
+        ("diffusion_loss_backward", (torch.tensor(2.0), out, x, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod,
+                                     _weights("v"), SEED, 3, "v", "l2", 1.0)),
         ("ddpm_step", (x, out, t, coefs, SEED, 3, True)),
         ("ddpm_step_cast", (x, out, t, coefs, SEED, 3, True, torch.float16, True)),
         ("ddpm_step_", (x.clone(), out, torch.tensor(7), coefs, _rng(SEED, 3), False,
@@ -121,14 +124,15 @@ def test_opcheck(name, args):
 
 def test_torch_compile_fullgraph():
     coefs = _coefs("x0", "ddpm", "fixed_large", 0.0)
-    sac, s1mac = _tables()
+    sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod = _tables()
     weights = _weights("x0")
     x0 = torch.randn(2, 3, 8, 8)
     t = torch.tensor([3, T - 1])
 
     def train_and_step(x0, t, out):
-        x_t = torch.ops.fastddpm.q_sample(x0, t, sac, s1mac, SEED, 0)
-        loss = torch.ops.fastddpm.diffusion_loss(out, x0, t, sac, s1mac, weights, SEED, 0, "x0", "l2", 1.0)
+        x_t = torch.ops.fastddpm.q_sample(x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, SEED, 0)
+        loss = torch.ops.fastddpm.diffusion_loss(out, x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod,
+                                                 weights, SEED, 0, "x0", "l2", 1.0)
         x_prev = torch.ops.fastddpm.ddpm_step(x_t, out, t, coefs, SEED, 0, True)
         return x_prev, loss
 
@@ -204,20 +208,21 @@ def test_cuda_ddpm_step_cast(model_dtype, channels_last):
 @pytest.mark.parametrize("dtype", DTYPES, ids=_id)
 @pytest.mark.parametrize("shape", SHAPES + [(8, 3, 64, 64)], ids=_id)
 def test_cuda_q_sample_and_loss(shape, dtype):
-    sac, s1mac = _tables("cuda")
+    sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod = _tables("cuda")
     x0 = torch.randn(shape, device="cuda").clamp(-1, 1)
     out = torch.randn(shape, device="cuda").to(dtype)
     t = _timesteps(shape[0], "cuda")
     z = reference.batch_noise(SEED, SAMPLE_OFFSET, 0, shape, "cuda")
-    x_t = cpp_ops.q_sample(x0.to(dtype), t, sac, s1mac, SEED, SAMPLE_OFFSET)
-    assert_close(x_t, reference.q_sample(x0.to(dtype), t, sac, s1mac, z), **BY_DTYPE[dtype], msg="q_sample")
+    x_t = cpp_ops.q_sample(x0.to(dtype), t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, SEED, SAMPLE_OFFSET)
+    assert_close(x_t, reference.q_sample(x0.to(dtype), t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, z),
+                 **BY_DTYPE[dtype], msg="q_sample")
     assert_close(x_t, cpp_ops.q_sample(x0.to(dtype).cpu(), t.cpu(), *_tables(), SEED, SAMPLE_OFFSET),
                  **BY_DTYPE[dtype], msg="q_sample cuda vs cpu")
     for prediction, loss_type in [("epsilon", "l2"), ("v", "huber"), ("x0", "l1")]:
         weights = _weights(prediction, "cuda")
         out_cuda = out.clone().requires_grad_()
-        loss = cpp_ops.diffusion_loss(out_cuda, x0, t, sac, s1mac, weights, SEED, SAMPLE_OFFSET, prediction,
-                                      loss_type, 0.7)
+        loss = cpp_ops.diffusion_loss(out_cuda, x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, weights,
+                                      SEED, SAMPLE_OFFSET, prediction, loss_type, 0.7)
         loss.backward()
         out_ref = out.clone().requires_grad_()
         expected = _ref_loss(out_ref, x0, t, weights, prediction, loss_type, 0.7)

@@ -67,13 +67,13 @@ def test_opcheck_elementwise_ops():
     """Schema, fake implementation, autograd registration, AOT dispatch with dynamic shapes (opcheck)."""
     x0 = torch.randn(2, 1, 4, 4, device=DEVICE)
     t = torch.tensor([0, T - 1], device=DEVICE)
-    sac, s1 = tables(DEVICE)
+    sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod = tables(DEVICE)
     coefs = coefficients(device=DEVICE)
     lib = torch.ops.fastddpm_triton
     out = torch.randn(2, 1, 4, 4, device=DEVICE, requires_grad=True)
-    torch.library.opcheck(lib.q_sample, (x0, t, sac, s1, SEED, 0))
-    torch.library.opcheck(lib.diffusion_loss, (out, x0, t, sac, s1, torch.ones(T, device=DEVICE), SEED, 0, "v", "huber",
-                                               1.0))
+    torch.library.opcheck(lib.q_sample, (x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, SEED, 0))
+    torch.library.opcheck(lib.diffusion_loss, (out, x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod,
+                                               torch.ones(T, device=DEVICE), SEED, 0, "v", "huber", 1.0))
     torch.library.opcheck(lib.ddpm_step, (x0, out.detach(), t, coefs, SEED, 0, True))
     torch.library.opcheck(lib.ddpm_step_cast, (x0, out.detach(), t, coefs, SEED, 0, True, torch.float16, True))
     torch.library.opcheck(lib.ddpm_step_, (x0.clone(), out.detach(), t, coefs, rng_key(SEED, 0, DEVICE), True,
@@ -83,14 +83,15 @@ def test_opcheck_elementwise_ops():
 
 def test_torch_compile_sees_one_op():
     """fullgraph=True traces through the op (opaque custom op on CPU, triton_op on GPU), backward included."""
-    sac, s1 = tables(DEVICE)
+    sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod = tables(DEVICE)
     weights = torch.ones(T, device=DEVICE)
     coefs = coefficients(device=DEVICE)
 
     def train_and_step(out, x0, t, x):
-        loss = kernels.IMPLS["diffusion_loss"](out, x0, t, sac, s1, weights, SEED, 0, "epsilon", "l2", 1.0)
-        xt = kernels.IMPLS["q_sample"](x0, t, sac, s1, SEED, 0)
-        return loss, kernels.IMPLS["ddpm_step"](x, xt, t, coefs, SEED, 0, True)
+        loss = kernels.IMPLS["diffusion_loss"](out, x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, weights,
+                                               SEED, 0, "epsilon", "l2", 1.0)
+        x_t = kernels.IMPLS["q_sample"](x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, SEED, 0)
+        return loss, kernels.IMPLS["ddpm_step"](x, x_t, t, coefs, SEED, 0, True)
 
     backend = "inductor" if HAS_CUDA else "aot_eager"
     compiled = torch.compile(train_and_step, fullgraph=True, backend=backend)
