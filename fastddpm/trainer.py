@@ -18,22 +18,11 @@ autocast with the model in channels_last on a GPU (``mixed_precision``,
 A non-finite step stops training (``nonfinite='error'``) or is left out on
 the device (``'skip'``).
 
-Output directory::
-
-    config.json                          model config, diffusion, train config
-    checkpoints/step_0001000.safetensors (+ .json)   the last ``keep_last``
-    checkpoints/best.safetensors         lowest val loss (or smoothed train loss)
-    metrics.jsonl, metrics.csv           step, loss, lr, grad_norm, val_loss, ...
-    loss.png                             the loss curve
-    samples/step_0001000.png             EMA samples every ``sample_every`` steps
-    .fastddpm.lock                       held by the process writing the run (``run_dir.RunDirLock``)
-
-A folder that holds anything else and no fastddpm ``config.json`` is refused, not written into.
+The output directory (checkpoints, metrics, the loss curve, samples, ``config.json``) is described in
+``training/out_dir.py``; a folder that holds anything else and no fastddpm ``config.json`` is refused.
 """
 from __future__ import annotations
 
-import json
-import math
 import time
 import warnings
 from pathlib import Path
@@ -43,23 +32,25 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoint import load_checkpoint, load_weights, save_checkpoint
-from .files import remove_stale_temp_files, write_text_atomic
+from .checkpoint import load_checkpoint, save_checkpoint
 from .diffusion import DDPM
 from .distributed import dist_info, join_torchrun_group, process_device
-from .run_dir import RunDirLock, check_is_run_dir
+from .run_dir import RunDirLock
 from .run_log import RunLog
 from .stop_signals import StopOnSignal
 from .train_config import TrainConfig
-from .training.batches import TrainBatches, check_dataset
+from .training.batches import TrainBatches, check_dataset, model_image_shape
+from .training.checkpointing import checkpoint_state, estimated_checkpoint_bytes, is_new_best, restore_checkpoint
 from .training.ema import EMA
 from .training.meter import StepMeter
-from .training.out_dir import prepare_out_dir
-from .training.plan import resolve_precision, training_reasons
-from .training.resume import check_resumable, load_optimizer_state
+from .training.out_dir import claim_out_dir, write_run_config
+from .training.plan import resolve_channels_last, resolve_precision, training_reasons
+from .training.report import train_result, window_row
+from .training.resume import check_resumable
 from .training.rotation import checkpoints_in, latest_checkpoint, remove_old_checkpoints, step_name, step_of
+from .training.samples import save_sample_grid
 from .training.schedule import due_after
-from .training.step import learning_rate, make_optimizer, train_step
+from .training.step import learning_rate, make_optimizer, prepare_model, train_step
 from .training.streams import dropout_seed
 from .training.validation import validation_losses
 
@@ -120,26 +111,15 @@ class Trainer:
         if self.device.type == "cuda" and self.world_size > 1:
             torch.cuda.set_device(self.device)
         self.precision = resolve_precision(config.mixed_precision, self.device)
-        self.channels_last = (config.channels_last if config.channels_last is not None
-                              else self.device.type == "cuda" and self.precision != "no")
+        self.channels_last = resolve_channels_last(config.channels_last, self.device, self.precision)
         self.reasons = training_reasons(config, self.device, self.precision, self.channels_last)
         self.progress = progress
         self.out_dir = Path(out_dir)
         self.checkpoint_dir = self.out_dir / "checkpoints"
 
-        layout = torch.channels_last if self.channels_last else torch.contiguous_format
-        self.model = model.to(self.device, memory_format=layout).train()  # layout: 4-D weights only
-        # DDP broadcasts rank 0's weights when it wraps, so the EMA copy below starts equal on every rank;
-        # self.model stays the plain module (EMA, checkpoints, validation), self.ddp runs the training steps
-        self.ddp: nn.parallel.DistributedDataParallel | None = None
-        if self.world_size > 1:
-            self.ddp = nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        # what the training steps call: DDP's wrapper or the module, compiled if asked for
-        self.train_model: nn.Module = self.ddp if self.ddp is not None else self.model
-        if config.compile != "no":
-            self.train_model = torch.compile(self.train_model,
-                                             mode=None if config.compile == "default" else config.compile)
+        # self.model: the plain module (EMA, checkpoints, validation); self.train_model: what the steps call
+        self.model, self.ddp, self.train_model = prepare_model(model, self.device, channels_last=self.channels_last,
+                                                               world_size=self.world_size, compile_mode=config.compile)
         self.ema = EMA(self.model, config.ema_decay_at)
         self.ema_model = self.ema.model
         self.params = self.ema.source_params  # the trainable parameters
@@ -148,10 +128,7 @@ class Trainer:
         self.optimizer = make_optimizer(self.params, config, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
 
-        mc = getattr(self.model, "config", None)
-        want = ((mc.in_channels, mc.image_size, mc.image_size)
-                if mc is not None and hasattr(mc, "in_channels") and hasattr(mc, "image_size") else None)
-        self.image_shape = check_dataset(dataset, want)
+        self.image_shape = check_dataset(dataset, model_image_shape(self.model))
         self.dataset = dataset
         self.batches = TrainBatches.split(
             dataset, config.val_fraction, config.seed, num_steps=process.num_steps, batch_size=config.batch_size,
@@ -161,12 +138,8 @@ class Trainer:
         # rank 0 holds the run directory's lock while it writes there: here and in train()
         self._lock = RunDirLock(self.out_dir)
         if self.is_main:
-            check_is_run_dir(self.out_dir)
-            prepare_out_dir(self.out_dir, self.config.keep_last, self.config.keep_best,
-                            self.estimated_checkpoint_bytes())
-            self._lock.acquire()
-            for folder in (self.out_dir, self.checkpoint_dir, self.out_dir / "samples"):
-                remove_stale_temp_files(folder)  # left by writes a kill cut short; we hold the lock
+            claim_out_dir(self.out_dir, self._lock, config.keep_last, config.keep_best,
+                          self.estimated_checkpoint_bytes())
         try:
             self._init_state(resume)
         finally:
@@ -198,9 +171,7 @@ class Trainer:
     # -- setup -------------------------------------------------------------------------
     def estimated_checkpoint_bytes(self) -> int:
         """Model + EMA + Adam's two moments, plus a little."""
-        params = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        buffers = sum(b.numel() * b.element_size() for b in self.model.buffers())
-        return 4 * params + 2 * buffers + 2**16
+        return estimated_checkpoint_bytes(self.model)
 
     # -- step pieces ---------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
@@ -234,15 +205,8 @@ class Trainer:
 
     def save_samples(self, step: int) -> Path:
         """An EMA sample grid at ``out_dir/samples/step_XXXXXXX.png`` (seed 0: comparable across steps)."""
-        from .images import save_image_grid
-        from .sampling import sample
-
-        images = sample(self.ema_model, self.config.sample_n, steps=self.config.sample_steps, seed=0,
-                        progress=False, process=self.process, device=self.device)
-        path = self.out_dir / "samples" / f"{step_name(step)}.png"
-        # upscale small images so a grid is at least ~256 px wide to look at
-        side = max(images.shape[-1], 1) * math.ceil(math.sqrt(images.shape[0]))
-        return save_image_grid(images, path, scale=max(1, 256 // side))
+        return save_sample_grid(self.ema_model, self.process, self.out_dir / "samples" / f"{step_name(step)}.png",
+                                n=self.config.sample_n, steps=self.config.sample_steps, device=self.device)
 
     # -- checkpoints -----------------------------------------------------------------------
     @staticmethod
@@ -256,27 +220,10 @@ class Trainer:
         return latest_checkpoint(out_dir)
 
     def _state(self) -> dict:
-        return {
-            "kind": "train",
-            "diffusion": self.process.to_dict(),
-            "train_config": self.config.to_dict(),
-            "step": self.step,
-            "epoch": self.batches.epoch,
-            "index": self.batches.index,
-            "train_size": int(self.train_indices.numel()),
-            "val_size": int(self.val_indices.numel()),
-            "best_metric": self.best_metric,
-            "best_step": self.best_step,
-            "metric": "val_loss" if self.val_indices.numel() else "train_loss_smoothed",
-            "last_val": self.last_val,
-            "loss_ema": float(self.meter.loss_ema),
-            "loss_ema_count": self.meter.loss_ema_count,
-            "skipped_steps": self.skipped_steps,
-            "elapsed": self._elapsed(),
-            "precision": self.precision,
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "world_size": self.world_size,  # for information: the state above is global, any number resumes it
-        }
+        return checkpoint_state(process=self.process, config=self.config, step=self.step, batches=self.batches,
+                                best_metric=self.best_metric, best_step=self.best_step, last_val=self.last_val,
+                                meter=self.meter, skipped_steps=self.skipped_steps, elapsed=self._elapsed(),
+                                precision=self.precision, scaler=self.scaler, world_size=self.world_size)
 
     def save(self, path) -> Path:
         """Write a resumable checkpoint of the current state at ``path`` (on rank 0; other ranks write
@@ -295,12 +242,10 @@ class Trainer:
 
     def _improves(self, metric: float | None) -> bool:
         """Record ``metric`` as the best if it is; True when ``best.safetensors`` should be rewritten."""
-        if not self.config.keep_best or metric is None or not math.isfinite(metric):
+        if not self.config.keep_best or not is_new_best(metric, self.best_metric):
             return False
-        if self.best_metric is None or metric < self.best_metric:
-            self.best_metric, self.best_step = metric, self.step
-            return True
-        return False
+        self.best_metric, self.best_step = metric, self.step
+        return True
 
     def resume(self, path=None, *, missing_ok: bool = False) -> int:
         """Continue from a checkpoint (default: the newest in ``out_dir/checkpoints``).
@@ -329,29 +274,16 @@ class Trainer:
                 raise FileNotFoundError(f"no checkpoint to resume from in {str(self.checkpoint_dir)!r}")
         ckpt = load_checkpoint(path)
         where = repr(str(ckpt.path))
-        meta = ckpt.metadata
         later = [p.name for p in self.checkpoints_in(self.out_dir) if step_of(p) > ckpt.step]
         if later and self.is_main:
             warnings.warn(f"resuming from step {ckpt.step} of {where} while {str(self.checkpoint_dir)!r} holds later "
                           f"checkpoints ({', '.join(later)}); they will be overwritten as training reaches them",
                           RuntimeWarning, stacklevel=3)
         check_resumable(ckpt, self.model, self.process, self.config, self.train_indices.numel())
-        load_weights(self.model, ckpt.section("model"), path=ckpt.path, what="model")
-        if ckpt.has("ema"):
-            load_weights(self.ema_model, ckpt.section("ema"), path=ckpt.path, what="ema")
-        else:
-            self.ema_model.load_state_dict(self.model.state_dict())
-        load_optimizer_state(self.optimizer, ckpt.optimizer_state_dict(), where)
-        if self.scaler is not None and meta.get("scaler"):
-            self.scaler.load_state_dict(meta["scaler"])
-
-        self.step = int(meta["step"])
-        self.batches.seek(int(meta["epoch"]), int(meta["index"]))
-        self.best_metric, self.best_step = meta.get("best_metric"), meta.get("best_step")
-        self.last_val = meta.get("last_val")
-        self.meter.restore(meta.get("loss_ema", 0.0), meta.get("loss_ema_count", 0))
-        self.skipped_steps = int(meta.get("skipped_steps", 0))
-        self.elapsed_before = float(meta.get("elapsed", 0.0))
+        done = restore_checkpoint(ckpt, model=self.model, ema_model=self.ema_model, optimizer=self.optimizer,
+                                  scaler=self.scaler, batches=self.batches, meter=self.meter)
+        self.step, self.skipped_steps, self.elapsed_before = done.step, done.skipped_steps, done.elapsed
+        self.best_metric, self.best_step, self.last_val = done.best_metric, done.best_step, done.last_val
         ckpt.restore_rng()  # rank 0's dropout stream: the checkpoint holds no other
         if self.is_main:
             self.log.truncate(self.step)
@@ -363,17 +295,6 @@ class Trainer:
     def plot_loss(self) -> Path | None:
         """``out_dir/loss.png`` from the logged rows (rank 0 only; None elsewhere)."""
         return self.log.plot()
-
-    def _write_config(self) -> None:
-        from .version import __version__
-
-        mc = getattr(self.model, "config", None)
-        d = {"model_config": mc.to_dict() if hasattr(mc, "to_dict") else None,
-             "diffusion": self.process.to_dict(), "train_config": self.config.to_dict(),
-             "precision": self.precision, "device": str(self.device), "world_size": self.world_size,
-             "fastddpm_version": __version__,
-             "torch_version": torch.__version__}
-        write_text_atomic(self.out_dir / "config.json", json.dumps(d, indent=2, sort_keys=True) + "\n")
 
     def _elapsed(self) -> float:
         start = getattr(self, "_t_start", None)
@@ -408,7 +329,8 @@ class Trainer:
             torch.manual_seed(c.seed if self.is_main else dropout_seed(c.seed, self.rank, 0))
             self.log.start()
         if self.is_main:
-            self._write_config()
+            write_run_config(self.out_dir, self.model, self.process, self.config, precision=self.precision,
+                             device=self.device, world_size=self.world_size)
 
         self._t_start = time.perf_counter()
         meter = self.meter
@@ -445,10 +367,9 @@ class Trainer:
                     now = time.perf_counter()
                     mean_loss, mean_norm, window, kept = meter.take_window(skipping=ok is not None)
                     self.skipped_steps += window - kept
-                    row = {"step": done, "loss": mean_loss, "lr": self.lr_at(step), "grad_norm": mean_norm,
-                           "val_loss": None, "val_loss_ema": None,
-                           "images_per_s": window * c.effective_batch_size / max(now - t_window, 1e-9),
-                           "elapsed": self._elapsed(), "skipped": window - kept}
+                    row = window_row(done, loss=mean_loss, lr=self.lr_at(step), grad_norm=mean_norm, steps=window,
+                                     kept=kept, images_per_step=c.effective_batch_size, seconds=now - t_window,
+                                     elapsed=self._elapsed())
                     t_window = now
                     if due.validate:
                         self.last_val = self.validate()
@@ -478,22 +399,11 @@ class Trainer:
             self._t_start = None
         if self.world_size > 1:
             dist.barrier()  # every rank returns once rank 0's last checkpoint is on disk
-        return {
-            "step": self.step,
-            "loss": last_row.get("loss"),
-            "smoothed_loss": self.smoothed_loss(),
-            "val_loss": (self.last_val or {}).get("val_loss"),
-            "val_loss_ema": (self.last_val or {}).get("val_loss_ema"),
-            "best_metric": self.best_metric,
-            "best_step": self.best_step,
-            "lr": last_row.get("lr"),
-            "grad_norm": last_row.get("grad_norm"),
-            "images_per_s": last_row.get("images_per_s"),
-            "skipped_steps": self.skipped_steps,
-            "elapsed": self.elapsed_before,
-            "checkpoint": str(last_ckpt or self.latest_checkpoint(self.out_dir) or ""),
-            "stopped_by": stopper.received,
-        }
+        return train_result(step=self.step, last_row=last_row, smoothed_loss=self.smoothed_loss(),
+                            last_val=self.last_val, best_metric=self.best_metric, best_step=self.best_step,
+                            skipped_steps=self.skipped_steps, elapsed=self.elapsed_before,
+                            checkpoint=str(last_ckpt or self.latest_checkpoint(self.out_dir) or ""),
+                            stopped_by=stopper.received)
 
     def smoothed_loss(self) -> float | None:
         """Bias-corrected exponential moving average of the train loss (None before any step)."""

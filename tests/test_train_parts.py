@@ -194,3 +194,98 @@ def test_the_schedule_of_a_run():
     stopped = due_after(c, 7, has_val=True, stop=True)
     assert stopped.checkpoint and stopped.log and due_after(c, 7, has_val=True, overdue=True).checkpoint
     assert [learning_rate(c, s) for s in (0, 2, 3, 10)] == [0.25, 0.75, 1.0, 1.0]
+
+
+# -- what the trainer wires together ------------------------------------------------------------------
+def test_the_automatic_layout_and_the_image_shape_a_model_says():
+    from fastddpm.training.batches import model_image_shape
+    from fastddpm.training.plan import resolve_channels_last
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert not resolve_channels_last(None, cpu, "bf16") and not resolve_channels_last(None, gpu, "no")
+    assert resolve_channels_last(None, gpu, "bf16") and resolve_channels_last(True, cpu, "no")
+    assert not resolve_channels_last(False, gpu, "bf16")
+
+    class Config:
+        in_channels, image_size = 3, 8
+
+    with_config = Scaled()
+    with_config.config = Config()
+    assert model_image_shape(with_config) == (3, 8, 8) and model_image_shape(Scaled()) is None
+
+
+def test_prepare_model_on_one_rank_trains_the_module_itself():
+    from fastddpm.training.step import prepare_model
+
+    model = Scaled().eval()
+    plain, ddp, train_model = prepare_model(model, torch.device("cpu"), channels_last=False, world_size=1)
+    assert plain is model and plain.training and ddp is None and train_model is model
+
+
+def test_a_checkpoints_state_restores_the_loops_counters_and_an_ema_from_the_model(tmp_path):
+    """``checkpoint_state`` and ``restore_checkpoint`` round-trip; a checkpoint without an EMA section
+    gives the EMA the model's weights."""
+    from fastddpm.checkpoint import load_checkpoint, save_checkpoint
+    from fastddpm.training.batches import TrainBatches
+    from fastddpm.training.checkpointing import checkpoint_state, restore_checkpoint
+
+    process, config = DDPM(), TrainConfig(batch_size=2)
+    data = [torch.zeros(2, 6, 6) for _ in range(4)]
+
+    def parts():
+        model = Pointwise()
+        batches = TrainBatches.split(data, 0.0, 0, num_steps=process.num_steps, batch_size=2, grad_accum=1,
+                                     random_flip=False, device=torch.device("cpu"), rank=0, world_size=1)
+        return model, torch.optim.Adam(model.parameters()), batches, StepMeter(torch.device("cpu"))
+
+    model, optimizer, batches, meter = parts()
+    with torch.no_grad():
+        model.w.fill_(0.7)
+    batches.seek(1, 2)
+    meter.restore(0.25, 3)
+    state = checkpoint_state(process=process, config=config, step=5, batches=batches, best_metric=0.5, best_step=4,
+                             last_val=None, meter=meter, skipped_steps=1, elapsed=2.5, precision="no", scaler=None,
+                             world_size=1)
+    assert state["metric"] == "train_loss_smoothed" and (state["epoch"], state["index"]) == (1, 2)
+    path = save_checkpoint(tmp_path / "c.safetensors", model=model, optimizer=optimizer, state=state)
+
+    model2, optimizer2, batches2, meter2 = parts()
+    ema = Pointwise()
+    done = restore_checkpoint(load_checkpoint(path), model=model2, ema_model=ema, optimizer=optimizer2, scaler=None,
+                              batches=batches2, meter=meter2)
+    assert (done.step, done.best_metric, done.best_step, done.skipped_steps, done.elapsed) == (5, 0.5, 4, 1, 2.5)
+    assert (batches2.epoch, batches2.index) == (1, 2) and meter2.loss_ema_count == 3
+    assert float(model2.w.detach()) == float(ema.w.detach()) == pytest.approx(0.7)
+
+
+def test_a_new_best_is_finite_and_lower():
+    from fastddpm.training.checkpointing import is_new_best
+
+    assert is_new_best(1.0, None) and is_new_best(0.5, 1.0)
+    assert not is_new_best(1.0, 1.0) and not is_new_best(None, 1.0) and not is_new_best(float("nan"), None)
+
+
+def test_a_window_row_counts_images_per_second_and_skipped_steps():
+    from fastddpm.training.report import train_result, window_row
+
+    row = window_row(10, loss=0.5, lr=1e-3, grad_norm=2.0, steps=5, kept=4, images_per_step=8, seconds=2.0,
+                     elapsed=7.0)
+    assert row["images_per_s"] == 20.0 and row["skipped"] == 1 and row["val_loss"] is None
+    result = train_result(step=10, last_row=row, smoothed_loss=0.4, last_val={"val_loss": 0.3}, best_metric=0.3,
+                          best_step=10, skipped_steps=1, elapsed=7.0, checkpoint="", stopped_by=None)
+    assert (result["loss"], result["val_loss"], result["val_loss_ema"], result["lr"]) == (0.5, 0.3, None, 1e-3)
+
+
+def test_claiming_an_out_dir_locks_it_and_clears_interrupted_writes(tmp_path):
+    from fastddpm.run_dir import RunDirLock
+    from fastddpm.training.out_dir import claim_out_dir
+
+    (tmp_path / "checkpoints").mkdir()
+    stale = tmp_path / "checkpoints" / ".step_0000001.safetensors.tmp"
+    stale.write_bytes(b"")
+    lock = RunDirLock(tmp_path)
+    claim_out_dir(tmp_path, lock, keep_last=1, keep_best=False, checkpoint_bytes=1)
+    try:
+        assert lock.held and not stale.exists()
+    finally:
+        lock.release()

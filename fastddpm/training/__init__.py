@@ -1,4 +1,4 @@
-"""The parts of ``fastddpm.Trainer`` (``fastddpm/trainer.py``: the loop, checkpoints, resume).
+"""The parts of ``fastddpm.Trainer`` (``fastddpm/trainer.py``: the loop and its wiring).
 
 What makes a run reproducible and resumable exactly:
 
@@ -34,13 +34,18 @@ The parts:
 * ``streams``: the seeded generator streams (data order, timesteps and flips, validation, dropout);
 * ``batches``: the training and validation images and the exact-resume batch stream (flips by
   ``data.random_flip``'s halves);
-* ``step``: one optimizer step, the public ``train_step``;
+* ``step``: the model as the steps run it (device, layout, DDP, compiled) and one optimizer step, the
+  public ``train_step``;
 * ``ema``: the EMA model and its update;
 * ``meter``: the loop's device-side sums, non-finite steps, the smoothed loss;
+* ``report``: the log row of a window, what ``train()`` returns;
 * ``validation``: the validation loss;
+* ``samples``: the EMA sample grid of a sampling step;
+* ``checkpointing``: what a checkpoint holds besides the tensors, restoring it, when ``best`` is rewritten;
 * ``rotation``: step checkpoint names, finding them, removing the old ones;
 * ``resume``: what a resumed checkpoint must match, the optimizer state taken over;
-* ``out_dir``: the output folder created, writable, with room for its checkpoints;
+* ``out_dir``: the output folder claimed (a run's or empty, locked, writable, with room) and its
+  ``config.json``;
 * ``plan``: the precision and layout a trainer picks, and why.
 
 Tests: ``tests/test_train_batches.py``, ``tests/test_train_parts.py``; the whole loop and exact

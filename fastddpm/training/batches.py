@@ -17,9 +17,17 @@ import torch
 from ..data import apply_flips, draw_flips, split_validation
 from .streams import STREAM_EPOCH, STREAM_STEP, mix
 
-__all__ = ["DATA_CACHE_BYTES", "TrainBatches", "check_dataset"]
+__all__ = ["DATA_CACHE_BYTES", "TrainBatches", "check_dataset", "model_image_shape"]
 
 DATA_CACHE_BYTES = 2**30  # datasets up to this size are held as one tensor on the training device
+
+
+def model_image_shape(model) -> tuple[int, int, int] | None:
+    """The ``(C, H, W)`` a model takes, where its ``config`` says (``in_channels``, ``image_size``); else None."""
+    mc = getattr(model, "config", None)
+    if mc is None or not hasattr(mc, "in_channels") or not hasattr(mc, "image_size"):
+        return None
+    return (mc.in_channels, mc.image_size, mc.image_size)
 
 
 def check_dataset(dataset, want: tuple[int, int, int] | None = None) -> tuple[int, ...]:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["CPU_BF16_TRAIN_SPEED", "resolve_precision", "training_reasons"]
+__all__ = ["CPU_BF16_TRAIN_SPEED", "resolve_channels_last", "resolve_precision", "training_reasons"]
 
 
 def resolve_precision(mode: str, device: torch.device) -> str:
@@ -13,6 +13,13 @@ def resolve_precision(mode: str, device: torch.device) -> str:
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return "bf16"
     return "no"
+
+
+def resolve_channels_last(requested: bool | None, device: torch.device, precision: str) -> bool:
+    """The layout ``None`` (automatic) stands for: channels_last with mixed precision on a CUDA GPU only."""
+    if requested is not None:
+        return requested
+    return device.type == "cuda" and precision != "no"
 
 
 # Measured on a 2-core AVX-512 BF16 CPU (issue 15): bf16 autocast with channels_last weights trains at

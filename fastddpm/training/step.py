@@ -15,7 +15,29 @@ from torch import nn
 from ..diffusion import DDPM
 from ..train_config import TrainConfig
 
-__all__ = ["autocast_for", "learning_rate", "make_optimizer", "train_step"]
+__all__ = ["autocast_for", "learning_rate", "make_optimizer", "prepare_model", "train_step"]
+
+
+def prepare_model(model: nn.Module, device: torch.device, *, channels_last: bool, world_size: int,
+                  compile_mode: str = "no") -> tuple[nn.Module, nn.parallel.DistributedDataParallel | None, nn.Module]:
+    """``model`` made ready to train: on ``device`` in training mode (its 4-D weights channels_last if
+    asked), wrapped in DistributedDataParallel over ``world_size > 1`` ranks, compiled unless ``compile_mode``
+    is ``"no"`` (``"default"``: torch.compile's default mode, else the mode of that name).
+
+    :return: ``(model, ddp, train_model)``: the plain module (the EMA, checkpoints and validation use it),
+        DDP's wrapper (None on one rank) and what the training steps call (the wrapper or the module,
+        compiled if asked).
+    """
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(device, memory_format=layout).train()  # layout: 4-D weights only
+    # DDP broadcasts rank 0's weights when it wraps, so an EMA copy made after starts equal on every rank
+    ddp = None
+    if world_size > 1:
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    train_model = ddp if ddp is not None else model
+    if compile_mode != "no":
+        train_model = torch.compile(train_model, mode=None if compile_mode == "default" else compile_mode)
+    return model, ddp, train_model
 
 
 def make_optimizer(params: list[torch.Tensor], config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
