@@ -89,3 +89,10 @@ def test_a_row_over_seeds_reports_mean_range_and_median(monkeypatch):
                                     lambda seed: {"fd": fds[seed], "precision": 0.5, "recall": seed / 2})
     assert row == {"seeds": "0,1,2", "fd": 18.0, "fd_range": "10-30", "precision": 0.5, "recall": 0.5,
                    "seconds": 2.0}
+
+
+@pytest.mark.parametrize("argv", [["--seeds", "0,0"], ["--seeds", "-1"], ["--seeds", "a"], ["--rows", "fastddpm:ddpm:7"]])
+def test_bad_arguments_stop_before_any_row(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench_solvers.main(argv)
+    assert e.value.code == 2 and argv[0] in capsys.readouterr().err
