@@ -47,7 +47,7 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 # --no-build-isolation: the extension must build against the torch installed here.
-$(VENV)/.installed: $(PY) pyproject.toml setup.py $(wildcard csrc/*)
+$(VENV)/.installed: $(PY) pyproject.toml setup.py $(wildcard csrc/*) fastddpm/ops/schemas.def
 	$(PIP) install -q $(BUILD_DEPS)
 	$(PIP) install -q --no-build-isolation -e '.[digits]' $(TORCH_SPEC)
 	touch $@

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent
 PACKAGES = ["fastddpm", "fastddpm.metrics", "fastddpm.models", "fastddpm.ops", "fastddpm.training",
             "fastddpm.kernels"]
 PACKAGE_DIR = {"fastddpm": "fastddpm", "fastddpm.kernels": "kernels"}
-PACKAGE_DATA = {"fastddpm": ["assets/*.safetensors", "assets/*.json"]}
+PACKAGE_DATA = {"fastddpm": ["assets/*.safetensors", "assets/*.json"], "fastddpm.ops": ["schemas.def"]}
 
 
 def extension_kwargs() -> dict:

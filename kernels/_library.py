@@ -13,10 +13,12 @@ package is imported.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 import triton
+
+from fastddpm.ops import schemas
 
 NAMESPACE = "fastddpm_triton"
 INTERPRET = bool(triton.knobs.runtime.interpret)  # TRITON_INTERPRET=1
@@ -57,17 +59,16 @@ if INTERPRET:
     _fix_interpreter_index()
 
 
-OPS: dict[str, Callable] = {}  # op name -> its Python function; the annotations are the schema
+OPS: dict[str, Callable] = {}  # op name -> its Python function
 
 
-def op(name: str, *, fake: Callable, mutates_args: Iterable[str] = ()) -> Callable:
-    """Decorator: register ``fn`` as ``fastddpm_triton::name``.
+def op(name: str, *, fake: Callable) -> Callable:
+    """Decorator: register ``fn`` as ``fastddpm_triton::name`` with the schema
+    of the one table (``fastddpm/ops/schemas.def``; what it mutates too).
 
-    The schema is inferred from ``fn``'s annotations, on a GPU and under the
-    interpreter alike: torch 2.11's ``triton_op`` ignores a declared schema
-    and infers it anyway, so the annotations are the one contract (an ``int``
-    becomes ``SymInt``).  ``tests/test_op_schemas.py`` holds them equal to the
-    C++ backend's schemas.
+    ``fn``'s annotations must give that same schema, checked here at import:
+    torch 2.11's ``triton_op`` ignores a declared schema and infers one from
+    them (an ``int`` becomes ``SymInt``, which the check allows).
 
     :param fake: the shape/dtype-only implementation used by the custom-op
         path (``triton_op`` derives its own from ``fn``).
@@ -75,12 +76,15 @@ def op(name: str, *, fake: Callable, mutates_args: Iterable[str] = ()) -> Callab
     qualname = f"{NAMESPACE}::{name}"
 
     def register(fn):
+        schemas.check_annotations(name, fn, "triton")
+        signature = schemas.schema(name)[len(name):]  # "(Tensor x, ...) -> ...", as torch.library takes it
+        mutates_args = schemas.mutated(name)
         OPS[name] = fn
         if INTERPRET:
-            opdef = torch.library.custom_op(qualname, fn, mutates_args=tuple(mutates_args))
+            opdef = torch.library.custom_op(qualname, fn, mutates_args=mutates_args, schema=signature)
             opdef.register_fake(fake)
             return opdef
-        return torch.library.triton_op(qualname, fn, mutates_args=tuple(mutates_args))
+        return torch.library.triton_op(qualname, fn, mutates_args=mutates_args, schema=signature)
 
     return register
 

@@ -167,7 +167,7 @@ def ddpm_step_cast(x: torch.Tensor, model_output: torch.Tensor, step: torch.Tens
     return x_prev, model_input
 
 
-@op("ddpm_step_", fake=fakes.ddpm_step_, mutates_args=("x", "model_input"))
+@op("ddpm_step_", fake=fakes.ddpm_step_)
 def ddpm_step_(x: torch.Tensor, model_output: torch.Tensor, step: torch.Tensor, coefs: torch.Tensor, rng: torch.Tensor,
                clip_denoised: bool, model_input: Optional[torch.Tensor]) -> None:
     """Update ``x`` (float32, contiguous) to ``x_{t-1}`` in place, and

@@ -122,7 +122,7 @@ def multistep_step_into(x, model_output, history, step, table, rng, clip_denoise
         CLIP=bool(clip_denoised), STOCHASTIC=bool(stochastic), BLOCK=block, num_warps=ELEMENTWISE_WARPS)
 
 
-@op("multistep_step_", fake=fakes.multistep_step_, mutates_args=("x", "history"))
+@op("multistep_step_", fake=fakes.multistep_step_)
 def multistep_step_(x: torch.Tensor, model_output: torch.Tensor, history: torch.Tensor, step: torch.Tensor,
                     table: torch.Tensor, rng: torch.Tensor, clip_denoised: bool, stochastic: bool) -> None:
     """One multistep solver step in place (see the module docstring)."""

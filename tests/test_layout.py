@@ -20,3 +20,9 @@ def test_every_package_of_the_source_is_installed():
              if "kernels" not in p.relative_to(ROOT).parts and "__pycache__" not in p.parts}
     assert found <= packages, sorted(found - packages)
     assert "fastddpm.kernels" in packages  # installed from kernels/ (package_dir)
+
+
+def test_the_schema_table_is_installed():
+    """The Triton registration reads fastddpm/ops/schemas.def at import: an install without it cannot register."""
+    assert "schemas.def" in _setup_constant("PACKAGE_DATA")["fastddpm.ops"]
+    assert (ROOT / "fastddpm" / "ops" / "schemas.def").is_file()

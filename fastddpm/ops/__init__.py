@@ -9,6 +9,8 @@ Where things are:
   backend)`` for the in-place kernels the sampler engine replays (``ddpm_step_``,
   ``multistep_step_``);
 * ``fastddpm.ops.reference``: the pure-PyTorch math, the single source of truth;
+* ``fastddpm.ops.schemas``: the one schema table (``schemas.def``), which the C++ library
+  (``csrc/module.cpp``) and the Triton registration (``kernels/_library.py``) are defined from;
 * ``fastddpm.ops.fakes`` and ``fastddpm.ops.autograd``: the fake implementations and the
   autograd formulas, registered for both compiled namespaces (``fastddpm``, ``fastddpm_triton``);
 * ``fastddpm.ops.cpp``: the ``cpp`` backend adapter over the extension ``fastddpm._C``

@@ -10,7 +10,7 @@ FakeTensor tracing see one node) and the autograd formula of ``diffusion_loss``
 (``fastddpm.ops.autograd``: its backward is another fused op that regenerates
 the noise instead of storing it).
 
-Ops (schemas in ``csrc/module.cpp``):
+Ops (schemas in the one table, ``fastddpm/ops/schemas.def``):
 
 * ``philox_normal(seed, offsets)``: the noise contract alone;
   ``philox4x32(seed, offsets)``: its four Philox words (int64 ``[..., 4]``).

@@ -1,8 +1,8 @@
 """Fake (meta) implementations of the fused ops: shapes, dtypes and devices
 only, so ``torch.compile`` and FakeTensor tracing see each op as one node.
 
-The C++ (``fastddpm::``) and Triton (``fastddpm_triton::``) backends declare
-the same schemas and register these same functions.
+The C++ (``fastddpm::``) and Triton (``fastddpm_triton::``) backends are defined
+from the same schema table (``schemas.def``) and register these same functions.
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 reference.
 
 Reference: ``fastddpm.ops.reference.ddpm_step`` (coefficients: ``reference.step_coefficients``);
-kernels: ``csrc/`` and ``kernels/ddpm_step.py``; schemas: ``csrc/module.cpp``
+kernels: ``csrc/`` and ``kernels/ddpm_step.py``; schemas: ``fastddpm/ops/schemas.def``
 (``ddpm_step``, ``ddpm_step_cast``, ``ddpm_step_``); benchmark: ``benchmarks/bench_ops.py``.
 The in-place ``ddpm_step_`` (what the sampler engine replays, from ``ops.implementation``)
 reads its noise key from a device tensor: it must equal the functional op bit for bit.

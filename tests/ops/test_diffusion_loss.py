@@ -3,7 +3,7 @@ against autograd of the reference.
 
 Reference: ``fastddpm.ops.reference.diffusion_loss``; kernels: ``csrc/`` and
 ``kernels/diffusion_loss.py`` (forward and backward); autograd: ``fastddpm/ops/autograd.py`` (one
-registration, both namespaces); schema: ``csrc/module.cpp``; benchmark: ``benchmarks/bench_ops.py``.
+registration, both namespaces); schema: ``fastddpm/ops/schemas.def``; benchmark: ``benchmarks/bench_ops.py``.
 """
 import pytest
 import torch

@@ -2,7 +2,7 @@
 
 Reference: ``fastddpm.ops.reference.q_sample``; kernels: ``csrc/`` (``fused_math.h``,
 ``cpu_kernels.cpp``, ``cuda_kernels.cu``) and ``kernels/q_sample.py``; schema:
-``csrc/module.cpp`` (and the Triton annotations); benchmark: ``benchmarks/bench_ops.py``.
+``fastddpm/ops/schemas.def``; benchmark: ``benchmarks/bench_ops.py``.
 """
 import pytest
 import torch
