@@ -312,10 +312,14 @@ class DDPM:
         return z.to(device=x_t.device, dtype=torch.float32)
 
     def sample(self, model, n: int, **kwargs):
-        """Draw ``n`` images; see ``fastddpm.sample`` for the arguments."""
-        from .sampling import sample
+        """Removed: sampling is ``fastddpm.sample(model, n, process=self)``.
 
-        return sample(model, n, process=self, **kwargs)
+        The sampler depends on this class (it builds the default process and
+        resolves every one with :meth:`resolve`), so a method here that called
+        it would close an import cycle; the one way to sample is the front door.
+        """
+        raise AttributeError("DDPM.sample was removed: call fastddpm.sample(model, n, process=process) "
+                             "with the same keyword arguments")
 
     # -- serialisation ------------------------------------------------------------------
     def to_dict(self) -> dict:

@@ -30,14 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ALLOWED_PRIVATE: set[tuple[str, str, str]] = set()
 # Function-level imports that close a cycle: debts of the modules outside the op subsystem, each
 # with its reason (the test fails on any other cycle, and on an entry no longer needed).
-ALLOWED_CYCLE_EDGES = {
-    # DDPM.sample, a convenience for fastddpm.sample(model, n, process=self): the sampler builds the
-    # default DDPM and resolves every process with DDPM.resolve, so a DDPM method that calls it closes a
-    # cycle by construction.  Paying it means dropping DDPM.sample (public; tests/test_multistep.py uses
-    # it) or attaching it to the class from fastddpm.sampling, which hides the cycle from this test
-    # without removing it: a decision for the API, not for a refactoring.
-    ("fastddpm.diffusion", "fastddpm.sampling"),
-}
+ALLOWED_CYCLE_EDGES: set[tuple[str, str]] = set()
 
 
 def _modules() -> dict[str, Path]:

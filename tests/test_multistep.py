@@ -268,7 +268,9 @@ def test_ddpm_with_a_multistep_sampler():
     plan = process.multistep_plan(12)
     assert plan.num_steps == 12 and plan.solver == "unipc" and plan.clip_denoised
     assert process.multistep_plan().num_steps == multistep.DEFAULT_STEPS
-    images = process.sample(Pointwise(), 2, steps=12, progress=False)
+    images = fastddpm.sample(Pointwise(), 2, process=process, steps=12, progress=False)
+    with pytest.raises(AttributeError, match=r"fastddpm.sample\(model, n, process=process\)"):
+        process.sample(Pointwise(), 2)
     assert images.shape == (2, 2, 6, 6) and torch.isfinite(images).all()
     x = torch.zeros(2, 2, 6, 6)
     with pytest.raises(ValueError, match="MultistepSampler"):
