@@ -9,12 +9,17 @@ returns what to do and one reason per automatic choice (``Plan.explain()``):
   timed in both layouts, interleaved, and the faster kept (contiguous unless
   channels_last wins by more than ``LAYOUT_MARGIN``); a short run keeps
   contiguous without measuring.
-* ``compile``: only when it pays back within this call.  The eager run is
-  estimated from the timed forward (x steps x batches); compiling saves
-  ``1 - 1/COMPILE_SPEEDUP`` of it and costs: nothing if this process already
-  compiled the model for this input, the time recorded for it before when
-  Inductor's on-disk cache holds it (``record_compile``, a JSON next to that
-  cache, so deleting the cache forgets it), else ``COLD_COMPILE_S``.
+* ``compile``: only when it pays back.  The eager run is estimated from the
+  timed forward (x steps x batches); compiling saves ``1 - 1/COMPILE_SPEEDUP``
+  of it and costs: nothing if this process already compiled the model for this
+  input, the time recorded for it before when Inductor's on-disk cache holds it
+  (``record_compile``, a JSON next to that cache, so deleting the cache forgets
+  it), else ``COLD_COMPILE_S``.  Repeated calls count together (the ski-rental
+  rule): what earlier calls in this process lost by running eager for the same
+  input is added to this call's saving, so a process that keeps sampling
+  compiles once the eager time it has lost reaches the compile's cost, and in
+  total never spends more than about twice what the best choice in hindsight
+  would have (one compile's cost beyond it).
 * ``dtype``: the model's (float32) unless low precision is asked for.
   ``dtype=torch.bfloat16`` is the one low-precision option on a CPU: it pays on
   CPUs with AVX-512 BF16 or AMX, most when compiled, in channels_last (measured
@@ -66,6 +71,7 @@ RECORD_NAME = "fastddpm_compile_times.json"
 _COMPILED_HERE: set = set()  # (id(model), compile_key()) compiled in this process: dynamo's cache holds them
 _FORWARDS: dict = {}  # (id(model), batch shape, dtype, channels_last, threads) -> (forward s, exact)
 _LAYOUTS: dict = {}  # (id(model), batch shape, dtype, threads) -> a measured layout choice, reused in this process
+_FOREGONE: dict = {}  # (id(model), compile_key()) -> seconds earlier eager calls in this process could have saved
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,8 +270,7 @@ def choose(model, weights_dtype: torch.dtype, batch_shape, num_steps: int, batch
                                                                     num_steps, batches, prefer_nhwc=low)
                 if timed:  # a short run's default is not kept: a longer one measures
                     _LAYOUTS[key] = (channels_last, forward_s, why)
-                    while len(_LAYOUTS) > 64:
-                        _LAYOUTS.pop(next(iter(_LAYOUTS)))
+                    _bound(_LAYOUTS)
                 elif forward_s is not None:  # a first call's time: an upper bound for the compile choice
                     _FORWARDS.setdefault((id(model), tuple(batch_shape), dtype, False, threads), (forward_s, False))
                     forward_s = None
@@ -325,12 +330,14 @@ def _pick_layout(forward, batch_shape, dtype, weights_dtype, num_steps, batches,
 def _pick_compile(model, forward, batch_shape, dtype, weights_dtype, channels_last, threads, forward_s, num_steps,
                   batches):
     """``(mode or None, seconds of an eager forward, reason)``: compile when the saving over
-    this call beats the compile's cost.  The forward is timed once per process for an input
-    (``_FORWARDS``), and the records are read only when the saving could beat any compile."""
+    this call, plus what earlier eager calls for this input lost (``_FOREGONE``), beats the
+    compile's cost.  The forward is timed once per process for an input (``_FORWARDS``), and
+    the records are read only when the saving could beat any compile."""
     speedup = COMPILE_SPEEDUP.get(dtype, 1.15)
     key = compile_key(model, batch_shape, dtype, channels_last, "default", threads)
     if (id(model), key) in _COMPILED_HERE:
         return "default", forward_s, "compile='default': already compiled in this process (this input, these threads)"
+    foregone = _FOREGONE.get((id(model), key), 0.0)
     timed = (id(model), tuple(batch_shape), dtype, channels_last, threads)
     exact = forward_s is not None
     if not exact:  # (seconds, exact): a first call's time (lazy init included) is an upper bound
@@ -339,26 +346,43 @@ def _pick_compile(model, forward, batch_shape, dtype, weights_dtype, channels_la
     if forward_s is None:
         x, t = _inputs(batch_shape, channels_last, dtype)
         forward_s = _forward(forward, x, t, dtype, weights_dtype)
-    if not exact and forward_s * num_steps * batches * (1.0 - 1.0 / speedup) > MIN_COMPILE_S:
+    if not exact and forward_s * num_steps * batches * (1.0 - 1.0 / speedup) + foregone > MIN_COMPILE_S:
         if x is None:
             x, t = _inputs(batch_shape, channels_last, dtype)
             _forward(forward, x, t, dtype, weights_dtype)
         forward_s, exact = _forward(forward, x, t, dtype, weights_dtype), True
     _FORWARDS[timed] = (forward_s, exact)
-    while len(_FORWARDS) > 64:
-        _FORWARDS.pop(next(iter(_FORWARDS)))
+    _bound(_FORWARDS)
     eager_s = forward_s * num_steps * batches
     saving = eager_s * (1.0 - 1.0 / speedup)
     run = (f"the eager run is ~{eager_s:.1f} s ({forward_s * 1e3:.1f} ms x {num_steps} steps x {batches} "
            f"batch{'es' if batches > 1 else ''}), compiling saves ~{saving:.1f} s at {speedup:.2f}x")
-    if saving <= MIN_COMPILE_S:
+    if foregone > 0.0:
+        run += (f", plus ~{foregone:.1f} s that earlier eager calls in this process lost on this input "
+                f"(~{saving + foregone:.1f} s together)")
+    if saving + foregone <= MIN_COMPILE_S:
+        _forgo(model, key, foregone + saving)
         return None, forward_s, (f"compile=None: {run}, less than any compile takes (>= {MIN_COMPILE_S:.0f} s); "
                                  "pass compile=True to compile anyway")
     cost, source = _compile_cost(model, key)
-    run += f" and costs ~{cost:.1f} s ({source})"
-    if saving > cost:
+    run += f"; compiling costs ~{cost:.1f} s ({source})"
+    if saving + foregone > cost:
+        _FOREGONE.pop((id(model), key), None)
         return "default", forward_s, f"compile='default': {run}"
+    _forgo(model, key, foregone + saving)
     return None, forward_s, f"compile=None: {run}; pass compile=True to compile anyway"
+
+
+def _forgo(model, key: str, seconds: float) -> None:
+    """Remember that eager calls for ``key`` have lost ``seconds`` in this process so far."""
+    _FOREGONE[(id(model), key)] = seconds
+    _bound(_FOREGONE)
+
+
+def _bound(cache: dict, size: int = 64) -> None:
+    """Drop the oldest entries of a per-process cache beyond ``size``."""
+    while len(cache) > size:
+        cache.pop(next(iter(cache)))
 
 
 # -- threads ---------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ def _fresh(monkeypatch, tmp_path):
     monkeypatch.setattr(cpu_plan, "_COMPILED_HERE", set())
     monkeypatch.setattr(cpu_plan, "_LAYOUTS", {})
     monkeypatch.setattr(cpu_plan, "_FORWARDS", {})
+    monkeypatch.setattr(cpu_plan, "_FOREGONE", {})
     monkeypatch.setattr(cpu_plan, "_record_path", lambda: tmp_path / cpu_plan.RECORD_NAME)
     yield
     clear_engine_cache()
@@ -79,6 +80,29 @@ def test_compile_only_when_the_saving_beats_the_cost(monkeypatch, cost, compiled
     assert choice.compile == compiled
     line = next(r for r in choice.reasons if r.startswith("compile="))
     assert "saves ~13.0 s" in line and "made up" in line, line  # 0.01 s x 10000 steps x (1 - 1/1.15)
+
+
+def test_repeated_calls_compile_once_the_eager_time_lost_reaches_the_cost(monkeypatch):
+    """The ski-rental rule: each call saves ~1.3 s (0.01 s x 1000 steps x (1 - 1/1.15)) against a 5 s
+    compile, so the first three calls stay eager and the fourth (~5.2 s lost in all) compiles; another
+    input, model or thread count starts its own count, and a short call's loss counts too."""
+    monkeypatch.setattr(cpu_plan, "_compile_cost", lambda model, key: (5.0, "made up"))
+    _fake_forward(monkeypatch, 0.01, 0.02)
+    model, other = _tiny3(), _tiny3()
+
+    def compiles(m=model, shape=(2, 3, 8, 8), steps=1000, threads=1):
+        return cpu_plan.choose(m, torch.float32, shape, steps, 1, channels_last=False, threads=threads).compile
+
+    assert [compiles() for _ in range(3)] == [None] * 3
+    assert compiles(other) is None and compiles(shape=(4, 3, 8, 8)) is None and compiles(threads=2) is None
+    choice = cpu_plan.choose(model, torch.float32, (2, 3, 8, 8), 1000, 1, channels_last=False, threads=1)
+    line = next(r for r in choice.reasons if r.startswith("compile="))
+    assert choice.compile == "default" and "earlier eager calls in this process lost on this input" in line, line
+    assert "~3.9 s that earlier" in line, line
+    third = _tiny3()
+    assert [compiles(third, steps=100) for _ in range(3)] == [None] * 3  # 0.13 s each, below any compile...
+    assert "~0.4 s that earlier" in next(r for r in cpu_plan.choose(
+        third, torch.float32, (2, 3, 8, 8), 100, 1, channels_last=False, threads=1).reasons if r.startswith("compile="))
 
 
 def test_no_compile_when_the_saving_is_below_any_compile(monkeypatch):
