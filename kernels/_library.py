@@ -60,6 +60,7 @@ if INTERPRET:
 
 
 OPS: dict[str, Callable] = {}  # op name -> its Python function
+FAKES: dict[str, Callable] = {}  # op name -> its explicit fake (what the interpreter path registers)
 
 
 def op(name: str, *, fake: Callable) -> Callable:
@@ -80,6 +81,7 @@ def op(name: str, *, fake: Callable) -> Callable:
         signature = schemas.schema(name)[len(name):]  # "(Tensor x, ...) -> ...", as torch.library takes it
         mutates_args = schemas.mutated(name)
         OPS[name] = fn
+        FAKES[name] = fake
         if INTERPRET:
             opdef = torch.library.custom_op(qualname, fn, mutates_args=mutates_args, schema=signature)
             opdef.register_fake(fake)

@@ -147,3 +147,23 @@ def test_elementwise_ops_bf16_gpu(shape):
     got = ops.q_sample(x0, t, *tables(DEVICE), seed=SEED, backend="triton")
     want = ops.q_sample(x0, t, *tables(DEVICE), seed=SEED, backend="reference")
     assert_close(got, want, **FP32)
+
+
+def test_the_gpu_registration_traces_to_the_fakes():
+    """The path a GPU takes and this run does not: with Triton compiling (no interpreter) every op
+    is a ``triton_op`` with the table's schema, and its body traced on fake CUDA tensors gives the
+    explicit fakes' outputs (``gpu_registration_check.py``, in a fresh interpreter, no GPU needed)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(here.parents[1]), env.get("PYTHONPATH", "")])
+    run = subprocess.run([sys.executable, str(here / "gpu_registration_check.py")], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr[-3000:]
+    from fastddpm.ops import schemas
+    assert sorted(line.split()[1] for line in run.stdout.splitlines() if line.startswith("ok ")) == \
+        sorted(schemas.names("triton"))
