@@ -18,6 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from .image_tensors import (LUMA, PIL_MODES, check_channels, check_image_size, convert_channels,
+                            resize_center_crop, to_float_images)
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "ImageFolderDataset",
@@ -35,56 +38,10 @@ __all__ = [
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 ARRAY_EXTENSIONS = (".npy", ".npz")
-PIL_MODES = {1: "L", 3: "RGB"}
-# ITU-R 601-2 luma, the weights of PIL's convert("L")
-LUMA = (0.299, 0.587, 0.114)
 # float arrays may overshoot their range by this much (rounding in whatever
 # produced them); values are clamped back into it
 FLOAT_RANGE_SLACK = 1e-4
 RESIZE_CHUNK = 256
-
-
-def _check_channels(channels, allow_none: bool = False) -> None:
-    if channels is None and allow_none:
-        return
-    if channels not in PIL_MODES:
-        raise ValueError(f"channels must be 1 (gray) or 3 (RGB), got {channels!r}")
-
-
-def _check_image_size(image_size) -> int:
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-        raise ValueError(f"image_size must be a positive int, got {image_size!r}")
-    return image_size
-
-
-def resize_center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Resize float ``[n, C, H, W]`` so the shorter side is ``size`` (bilinear,
-    antialiased), then crop the centre ``size x size``."""
-    h, w = x.shape[-2:]
-    if (h, w) != (size, size):
-        s = size / min(h, w)
-        new_h, new_w = max(size, round(h * s)), max(size, round(w * s))
-        x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
-        top, left = (new_h - size) // 2, (new_w - size) // 2
-        x = x[..., top:top + size, left:left + size]
-    return x.clamp(-1.0, 1.0)
-
-
-def to_float_images(x: torch.Tensor) -> torch.Tensor:
-    """uint8 images in [0, 255] as float32 in [-1, 1]; float images pass through as they are."""
-    return x.float() / 127.5 - 1.0 if x.dtype == torch.uint8 else x
-
-
-def convert_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
-    """``[n, c, H, W]`` with c in {1, 3} to ``channels`` channels (gray is
-    repeated; RGB becomes luma)."""
-    c = x.shape[1]
-    if c == channels:
-        return x
-    if channels == 3:
-        return x.expand(-1, 3, -1, -1)
-    weights = torch.tensor(LUMA, dtype=torch.float32).reshape(1, 3, 1, 1)
-    return (x.float() * weights).sum(dim=1, keepdim=True)
 
 
 # -- image folders ------------------------------------------------------------------
@@ -141,8 +98,8 @@ class ImageFolderDataset(Dataset):
         from PIL import Image
 
         self.root = Path(root)
-        self.image_size = _check_image_size(image_size)
-        _check_channels(channels)
+        self.image_size = check_image_size(image_size)
+        check_channels(channels)
         self.channels = channels
         if not self.root.exists():
             raise FileNotFoundError(f"image folder {str(self.root)!r} does not exist")
@@ -306,11 +263,11 @@ class ArrayDataset(Dataset):
                 arr = arr.detach().cpu().numpy()
             if not isinstance(arr, np.ndarray):
                 raise TypeError(f"ArrayDataset takes a path, a numpy array or a tensor, got {type(arr).__name__}")
-        _check_channels(channels, allow_none=True)
+        check_channels(channels, allow_none=True)
         x = _normalise(_to_nchw(arr, name), name)
         n, c, h, w = x.shape
         if image_size is not None:
-            _check_image_size(image_size)
+            check_image_size(image_size)
         elif h != w:
             raise ValueError(f"{name} holds {h}x{w} images, which are not square: pass image_size to resize and crop")
         channels = channels or c
@@ -379,8 +336,8 @@ def digits_dataset(image_size: int = 16, channels: int = 1) -> DigitsDataset:
     :param image_size: output side.
     :param channels: 1, or 3 to repeat the gray channel.
     """
-    _check_image_size(image_size)
-    _check_channels(channels)
+    check_image_size(image_size)
+    check_channels(channels)
     try:
         from sklearn.datasets import load_digits
     except ImportError as e:
