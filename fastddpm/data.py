@@ -1,4 +1,7 @@
-"""Training data: image folders, numpy arrays, scikit-learn's digits.
+"""Training data: scikit-learn's digits, the dataset a user names, flips and splits.
+
+Image folders are read by ``image_folder``, numpy arrays by ``array_data``, and the tensor
+conversions they share are in ``image_tensors``; all of it is importable from here too.
 
 Every dataset returns un-augmented float32 tensors ``[C, H, W]`` in
 ``[-1, 1]`` (Ho et al. §4 scale the data linearly to ``[-1, 1]``) and exposes
@@ -18,6 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+# The datasets of files and the tensor helpers live in their own modules; fastddpm.data
+# re-exports them, so every name it has offered stays importable from here.
+from .array_data import ARRAY_EXTENSIONS, FLOAT_RANGE_SLACK, RESIZE_CHUNK, ArrayDataset
+from .image_folder import IMAGE_EXTENSIONS, ImageFolderDataset
+from .image_tensors import (LUMA, PIL_MODES, check_channels, check_image_size, convert_channels,
+                            resize_center_crop, to_float_images)
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "ImageFolderDataset",
@@ -32,316 +42,6 @@ __all__ = [
     "resize_center_crop",
     "split_validation",
 ]
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-ARRAY_EXTENSIONS = (".npy", ".npz")
-PIL_MODES = {1: "L", 3: "RGB"}
-# ITU-R 601-2 luma, the weights of PIL's convert("L")
-LUMA = (0.299, 0.587, 0.114)
-# float arrays may overshoot their range by this much (rounding in whatever
-# produced them); values are clamped back into it
-FLOAT_RANGE_SLACK = 1e-4
-RESIZE_CHUNK = 256
-
-
-def _check_channels(channels, allow_none: bool = False) -> None:
-    if channels is None and allow_none:
-        return
-    if channels not in PIL_MODES:
-        raise ValueError(f"channels must be 1 (gray) or 3 (RGB), got {channels!r}")
-
-
-def _check_image_size(image_size) -> int:
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-        raise ValueError(f"image_size must be a positive int, got {image_size!r}")
-    return image_size
-
-
-def resize_center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Resize float ``[n, C, H, W]`` so the shorter side is ``size`` (bilinear,
-    antialiased), then crop the centre ``size x size``."""
-    h, w = x.shape[-2:]
-    if (h, w) != (size, size):
-        s = size / min(h, w)
-        new_h, new_w = max(size, round(h * s)), max(size, round(w * s))
-        x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
-        top, left = (new_h - size) // 2, (new_w - size) // 2
-        x = x[..., top:top + size, left:left + size]
-    return x.clamp(-1.0, 1.0)
-
-
-def to_float_images(x: torch.Tensor) -> torch.Tensor:
-    """uint8 images in [0, 255] as float32 in [-1, 1]; float images pass through as they are."""
-    return x.float() / 127.5 - 1.0 if x.dtype == torch.uint8 else x
-
-
-def convert_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
-    """``[n, c, H, W]`` with c in {1, 3} to ``channels`` channels (gray is
-    repeated; RGB becomes luma)."""
-    c = x.shape[1]
-    if c == channels:
-        return x
-    if channels == 3:
-        return x.expand(-1, 3, -1, -1)
-    weights = torch.tensor(LUMA, dtype=torch.float32).reshape(1, 3, 1, 1)
-    return (x.float() * weights).sum(dim=1, keepdim=True)
-
-
-# -- image folders ------------------------------------------------------------------
-def _find_images(root: Path) -> list[Path]:
-    """Image files under ``root``, recursively, sorted by relative path.
-    Hidden files and folders (name starting with '.') are skipped, so are files that are not regular
-    files (a FIFO would block the read forever); symlinked folders are followed once each (a link
-    loop would list the same images again and again)."""
-    found = []
-    seen = set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        st = os.stat(dirpath)
-        if (st.st_dev, st.st_ino) in seen:
-            dirnames[:] = []
-            continue
-        seen.add((st.st_dev, st.st_ino))
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        for name in filenames:
-            path = Path(dirpath) / name
-            if not name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
-                found.append(path)
-    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
-
-
-def _convert_mode(im, mode: str):
-    """``im.convert(mode)``, except that 16/32-bit integer gray images are
-    scaled to 8 bits (PIL's own conversion clips them at 255)."""
-    from PIL import Image
-
-    if im.mode.startswith("I"):
-        arr = np.asarray(im).astype(np.float64)
-        top = 65535.0 if im.mode.startswith("I;16") or arr.max() <= 65535 else float(arr.max())
-        im = Image.fromarray(np.clip(np.round(arr / top * 255.0), 0, 255).astype(np.uint8), mode="L")
-    return im.convert(mode)
-
-
-class ImageFolderDataset(Dataset):
-    """Every image under a folder (recursively), square-cropped.
-
-    Each image is converted to gray (``L``) or RGB, resized so its shorter side
-    is ``image_size`` (PIL bicubic, antialiased), and centre-cropped to
-    ``image_size x image_size``.
-
-    :param root: the folder; nested folders are searched, in sorted order.
-    :param image_size: side of the square output.
-    :param channels: 1 (gray) or 3 (RGB).
-    :param cache: keep decoded tensors in memory after the first load.
-    :param verify: open every file with PIL's ``verify()`` at construction, so a
-        corrupt file is reported before training starts (a file that passes
-        ``verify()`` but fails to decode is still reported, by name, when loaded).
-    """
-
-    def __init__(self, root, image_size: int, channels: int = 3, cache: bool = True, verify: bool = True):
-        from PIL import Image
-
-        self.root = Path(root)
-        self.image_size = _check_image_size(image_size)
-        _check_channels(channels)
-        self.channels = channels
-        if not self.root.exists():
-            raise FileNotFoundError(f"image folder {str(self.root)!r} does not exist")
-        if not self.root.is_dir():
-            raise ValueError(f"{str(self.root)!r} is not a folder")
-        self.paths = _find_images(self.root)
-        if not self.paths:
-            raise ValueError(
-                f"no images found in {str(self.root)!r} (looked recursively for {', '.join(IMAGE_EXTENSIONS)}, "
-                f"any case)"
-            )
-        if verify:
-            for path in self.paths:
-                try:
-                    with Image.open(path) as im:
-                        im.verify()
-                except Exception as e:
-                    raise ValueError(f"cannot read image {str(path)!r}: {e}") from e
-        self.cache = cache
-        self._cache: dict[int, torch.Tensor] = {}
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def _load(self, path: Path) -> torch.Tensor:
-        from PIL import Image, ImageOps
-
-        size = self.image_size
-        try:
-            with Image.open(path) as im:
-                im = _convert_mode(ImageOps.exif_transpose(im), PIL_MODES[self.channels])
-                w, h = im.size
-                s = size / min(w, h)
-                new_w, new_h = max(size, round(w * s)), max(size, round(h * s))
-                if (new_w, new_h) != (w, h):
-                    im = im.resize((new_w, new_h), Image.Resampling.BICUBIC)
-                left, top = (new_w - size) // 2, (new_h - size) // 2
-                im = im.crop((left, top, left + size, top + size))
-                arr = np.asarray(im, dtype=np.uint8)
-        except Exception as e:
-            raise ValueError(f"cannot read image {str(path)!r}: {e}") from e
-        arr = arr.reshape(size, size, self.channels)
-        return to_float_images(torch.from_numpy(arr.copy()).permute(2, 0, 1))
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        index = int(index)
-        if index < 0:
-            index += len(self)
-        if not 0 <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} images")
-        x = self._cache.get(index)
-        if x is None:
-            x = self._load(self.paths[index])
-            if self.cache:
-                self._cache[index] = x
-        return x.clone() if self.cache else x
-
-    def __repr__(self) -> str:
-        return (f"ImageFolderDataset({str(self.root)!r}, n={len(self)}, image_size={self.image_size}, "
-                f"channels={self.channels})")
-
-
-# -- arrays ---------------------------------------------------------------------------
-def _load_array(path: Path) -> np.ndarray:
-    if not path.exists():
-        raise FileNotFoundError(f"array file {str(path)!r} does not exist")
-    if not path.is_file():  # a folder, or a FIFO that would block the read forever
-        raise ValueError(f"array file {str(path)!r} is not a regular file")
-    suffix = path.suffix.lower()
-    if suffix not in (".npy", ".npz"):
-        raise ValueError(f"array file must end in .npy or .npz, got {str(path)!r}")
-    try:
-        loaded = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:  # numpy calls any unknown bytes "pickled data"
-        raise ValueError(f"{str(path)!r} is not a readable {suffix} array file (numpy: {e}; object arrays and "
-                         f"pickles are never loaded)") from None
-    if isinstance(loaded, np.ndarray):
-        return loaded
-    with loaded as z:  # an .npz archive
-        keys = list(z.keys())
-        if "images" in keys:
-            return z["images"]
-        if "arr_0" in keys:
-            return z["arr_0"]
-        if len(keys) == 1:
-            return z[keys[0]]
-        raise ValueError(f"{str(path)!r} holds arrays {keys}; name the images 'images' (or store a single array)")
-
-
-def _to_nchw(arr: np.ndarray, name: str) -> np.ndarray:
-    """``[N, H, W]``, ``[N, H, W, C]`` or ``[N, C, H, W]`` (C in {1, 3}) to ``[N, C, H, W]``.
-    A 4-D array whose last axis is 1 or 3 is taken as NHWC."""
-    if arr.ndim == 3:
-        return arr[:, None]
-    if arr.ndim == 4:
-        if arr.shape[-1] in (1, 3):
-            return arr.transpose(0, 3, 1, 2)
-        if arr.shape[1] in (1, 3):
-            return arr
-        raise ValueError(
-            f"{name} has shape {arr.shape}: expected [N, H, W, C] or [N, C, H, W] with C = 1 or 3"
-        )
-    raise ValueError(f"{name} has shape {arr.shape}: expected [N, H, W], [N, H, W, C] or [N, C, H, W]")
-
-
-def _normalise(arr: np.ndarray, name: str) -> torch.Tensor:
-    """uint8 (or integer) in [0, 255] -> uint8 tensor; float in [0, 1] or
-    [-1, 1] -> float32 tensor in [-1, 1]."""
-    if arr.dtype == np.bool_ or not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
-        raise ValueError(f"{name} has dtype {arr.dtype}: expected uint8 or a float type")
-    if arr.size == 0:
-        raise ValueError(f"{name} is empty (shape {arr.shape})")
-    if np.issubdtype(arr.dtype, np.integer):
-        lo, hi = int(arr.min()), int(arr.max())
-        if lo < 0 or hi > 255:
-            raise ValueError(f"{name} is an integer array with values in [{lo}, {hi}]: expected [0, 255]")
-        return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.uint8))
-    if not np.all(np.isfinite(arr)):
-        bad = int((~np.isfinite(arr)).sum())
-        raise ValueError(f"{name} has {bad} non-finite values (NaN or inf)")
-    lo, hi = float(arr.min()), float(arr.max())
-    x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
-    if lo < 0:
-        if lo < -1 - FLOAT_RANGE_SLACK or hi > 1 + FLOAT_RANGE_SLACK:
-            raise ValueError(f"{name} is a float array with values in [{lo:.4g}, {hi:.4g}]: expected [0, 1] or [-1, 1]")
-        return x.clamp_(-1.0, 1.0)
-    if hi > 1 + FLOAT_RANGE_SLACK:
-        hint = " (it looks like [0, 255]: cast to uint8 or divide by 255)" if hi <= 255 else ""
-        raise ValueError(
-            f"{name} is a float array with values in [{lo:.4g}, {hi:.4g}]: expected [0, 1] or [-1, 1]{hint}"
-        )
-    return (x.clamp_(0.0, 1.0) * 2.0 - 1.0)
-
-
-
-class ArrayDataset(Dataset):
-    """Images from a numpy array or a ``.npy`` / ``.npz`` file.
-
-    Layouts: ``[N, H, W]`` (gray), ``[N, H, W, C]`` or ``[N, C, H, W]`` with C
-    in {1, 3} (NHWC when the last axis is 1 or 3).  Values: uint8 in [0, 255],
-    or float in [0, 1] or in [-1, 1] (told apart by the sign of the minimum).
-    ``.npz`` files: the array ``images``, else ``arr_0``, else the only one.
-
-    :param path_or_array: a path, a numpy array or a CPU tensor.
-    :param channels: convert to 1 or 3 channels (gray is repeated; RGB becomes
-        luma); default: as stored.
-    :param image_size: resize the shorter side to this (bilinear, antialiased)
-        and centre-crop; default: as stored, which must then be square.
-    """
-
-    def __init__(self, path_or_array, channels: int | None = None, image_size: int | None = None):
-        if isinstance(path_or_array, (str, os.PathLike)):
-            self.path = Path(path_or_array)
-            name = repr(str(self.path))
-            arr = _load_array(self.path)
-        else:
-            self.path = None
-            name = "array"
-            arr = path_or_array
-            if isinstance(arr, torch.Tensor):
-                arr = arr.detach().cpu().numpy()
-            if not isinstance(arr, np.ndarray):
-                raise TypeError(f"ArrayDataset takes a path, a numpy array or a tensor, got {type(arr).__name__}")
-        _check_channels(channels, allow_none=True)
-        x = _normalise(_to_nchw(arr, name), name)
-        n, c, h, w = x.shape
-        if image_size is not None:
-            _check_image_size(image_size)
-        elif h != w:
-            raise ValueError(f"{name} holds {h}x{w} images, which are not square: pass image_size to resize and crop")
-        channels = channels or c
-        if image_size is not None and (h, w) != (image_size, image_size):
-            # resize in float, a chunk at a time; the result is kept as float32
-            chunks = []
-            for i in range(0, n, RESIZE_CHUNK):
-                part = x[i:i + RESIZE_CHUNK]
-                part = to_float_images(part)
-                chunks.append(resize_center_crop(convert_channels(part, channels).contiguous(), image_size))
-            x = torch.cat(chunks)
-        elif channels != c:
-            x = convert_channels(to_float_images(x), channels).contiguous().clamp_(-1.0, 1.0)
-        self.data = x  # uint8 [N, C, H, W] (converted per item) or float32 in [-1, 1]
-        self.channels = channels
-        self.image_size = int(x.shape[-1])
-
-    def __len__(self) -> int:
-        return int(self.data.shape[0])
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        x = self.data[index]
-        return to_float_images(x) if x.dtype == torch.uint8 else x.clone()
-
-    def float_images(self) -> torch.Tensor:
-        """All images as float32 ``[N, C, H, W]`` in [-1, 1]."""
-        return to_float_images(self.data)
-
-    def __repr__(self) -> str:
-        src = repr(str(self.path)) if self.path is not None else "array"
-        return f"ArrayDataset({src}, n={len(self)}, image_size={self.image_size}, channels={self.channels})"
 
 
 # -- digits -----------------------------------------------------------------------------
@@ -379,8 +79,8 @@ def digits_dataset(image_size: int = 16, channels: int = 1) -> DigitsDataset:
     :param image_size: output side.
     :param channels: 1, or 3 to repeat the gray channel.
     """
-    _check_image_size(image_size)
-    _check_channels(channels)
+    check_image_size(image_size)
+    check_channels(channels)
     try:
         from sklearn.datasets import load_digits
     except ImportError as e:

@@ -133,7 +133,7 @@ class DigitsFeatures:
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        from ..data import convert_channels, resize_center_crop
+        from ..image_tensors import convert_channels, resize_center_crop
 
         out = []
         for i in range(0, images.shape[0], self.batch_size):

@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 import torch
 
-from ..data import to_float_images
+from ..image_tensors import to_float_images
 from .features import feature_extractor
 from .statistics import feature_statistics, frechet_distance, precision_recall
 
