@@ -58,7 +58,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    PeakMemory, bf16_peak_tflops, environment, forward_flops, measure, synchronize, timing_fields,
+    PeakMemory, bf16_peak_tflops, environment, error_line, forward_flops, measure, synchronize, timing_fields,
     time_limit, write_results,
 )
 
@@ -251,7 +251,7 @@ def make_runners(setup: Setup, names) -> dict[str, Runner | str]:
         try:
             runners[name] = row.make(setup)
         except Exception as e:  # noqa: BLE001 -- recorded in the results
-            runners[name] = f"setup failed: {type(e).__name__}: {str(e).splitlines()[0][:100]}"
+            runners[name] = f"setup failed: {error_line(e, 100)}"
     return runners
 
 
@@ -296,7 +296,7 @@ def run(setup: Setup, names, sizes, steps: int, *, reps: int = 3, first_call_tim
                     m = measure_row(runner, n, steps, device, reps=reps, first_call_timeout_s=first_call_timeout_s,
                                     max_total_s=max_total_s)
                 except Exception as e:  # noqa: BLE001 -- recorded in the results
-                    result["note"] = f"failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:120]}"
+                    result["note"] = f"failed: {error_line(e, 120)}"
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
                 else:

@@ -61,7 +61,6 @@ is at most the reference's plus ``max(--quality-rel-tol x it, --quality-abs-tol)
 from __future__ import annotations
 
 import argparse
-import gc
 import math
 import sys
 import tempfile
@@ -72,12 +71,11 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (PeakMemory, bf16_peak_tflops, environment, measure, timing_fields,  # noqa: E402
-                    time_limit, write_results)
-from peers import ddp_unet_kwargs, diffusers_unet_kwargs  # noqa: E402
+from common import (PeakMemory, bf16_peak_tflops, environment, error_line, free_memory, measure,  # noqa: E402
+                    timing_fields, time_limit, write_results)
+from peers import ddp_unet_kwargs, diffusers_unet_kwargs, param_count  # noqa: E402
 
 from fastddpm import DDPM, ops  # noqa: E402
 from fastddpm.models.presets import PRESETS, create_model  # noqa: E402
@@ -172,10 +170,6 @@ def train_flops(forward_loss: Callable[[], torch.Tensor]) -> int:
     return counter.get_total_flops()
 
 
-def _num_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def _clipped_step(params, optimizer) -> None:
     torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
     optimizer.step()
@@ -209,7 +203,7 @@ def build_diffusers(cfg: BenchConfig, out_dir: str, count_flops: bool) -> Runner
         _clipped_step(params, optimizer)
 
     return Runner(step, "diffusers", "diffusers-style: UNet2DModel, add_noise, MSE, AdamW", "fp32",
-                  _num_params(model), flops)
+                  param_count(model), flops)
 
 
 def build_ddp(cfg: BenchConfig, out_dir: str, count_flops: bool) -> Runner:
@@ -235,7 +229,7 @@ def build_ddp(cfg: BenchConfig, out_dir: str, count_flops: bool) -> Runner:
 
     desc = ", ".join(f"{k}={v}" for k, v in kwargs.items() if k != "channels")
     return Runner(step, "ddp", f"denoising-diffusion-pytorch: GaussianDiffusion(Unet({desc})), Adam", "fp32",
-                  _num_params(diffusion), flops)
+                  param_count(diffusion), flops)
 
 
 def _check_backend(backend: str, op: str, device: torch.device, dtype: torch.dtype) -> None:
@@ -295,7 +289,7 @@ def build_stage(stage: Stage, cfg: BenchConfig, out_dir: str, count_flops: bool)
         trainer.step += 1
 
     path = stage.label.format(ops=ops_backend, attn=attn_backend, mode=cfg.compile_mode)
-    return Runner(step, "fastddpm", path, "bf16" if stage.bf16_channels_last else "fp32", _num_params(model), flops)
+    return Runner(step, "fastddpm", path, "bf16" if stage.bf16_channels_last else "fp32", param_count(model), flops)
 
 
 BUILDERS = {"diffusers": build_diffusers, "ddp": build_ddp,
@@ -303,18 +297,6 @@ BUILDERS = {"diffusers": build_diffusers, "ddp": build_ddp,
 
 
 # -- running -------------------------------------------------------------------------------------
-def _release(device: torch.device) -> None:
-    gc.collect()
-    torch._dynamo.reset()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:160] if text else ''}"
-
-
 def run_row(name: str, cfg: BenchConfig, flops: dict[str, int]) -> dict:
     """Build, warm up and time one row; a row that cannot run becomes a note."""
     row = dict(row=name, batch=cfg.batch)
@@ -338,10 +320,10 @@ def run_row(name: str, cfg: BenchConfig, flops: dict[str, int]) -> dict:
     except Skipped as e:
         row["note"] = f"skipped: {e}"
     except Exception as e:  # noqa: BLE001 -- recorded in the results, the other rows still run
-        row["note"] = f"failed: {_first_line(e)}"
+        row["note"] = f"failed: {error_line(e)}"
     finally:
         del runner
-        _release(cfg.device)
+        free_memory(cfg.device)
     return row
 
 
@@ -458,9 +440,9 @@ def run_quality(cfg: BenchConfig, stage_name: str, steps: int, n_samples: int, s
         except Skipped as e:
             row["note"] = f"skipped: {e}"
         except Exception as e:  # noqa: BLE001 -- recorded in the results
-            row["note"] = f"failed: {_first_line(e)}"
+            row["note"] = f"failed: {error_line(e)}"
         finally:
-            _release(cfg.device)
+            free_memory(cfg.device)
         rows.append(row)
         print(f"{path:9s} {stage.name:10s} " + (f"FD {row['fd']:.2f}  ({row['train_s']:.1f} s training)"
                                                 if "fd" in row else row.get("note", "")))
