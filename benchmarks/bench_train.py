@@ -57,264 +57,36 @@ digits model (lr 5e-4, EMA 0.999, no flips), shortened, with the EMA started
 halfway so that a short run's EMA is not its random start.  Met when the fast path's Fréchet distance
 is at most the reference's plus ``max(--quality-rel-tol x it, --quality-abs-tol)``
 (two random halves of digits are 13-33 apart: the noise of the measurement).
+
+The rows are built in ``train_rows.py``, the quality check runs in ``train_quality.py``.
 """
 from __future__ import annotations
 
 import argparse
-import gc
 import math
 import sys
 import tempfile
-import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (PeakMemory, bf16_peak_tflops, environment, measure, timing_fields,  # noqa: E402
-                    time_limit, write_results)
-from peers import ddp_unet_kwargs, diffusers_unet_kwargs  # noqa: E402
+from common import (PeakMemory, bf16_peak_tflops, environment, error_line, free_memory, measure,  # noqa: E402
+                    timing_fields, time_limit, write_results)
+from train_quality import run_quality  # noqa: E402
+from train_rows import BUILDERS, PACKAGES, ROWS, STAGE_BY_NAME, BenchConfig, Skipped  # noqa: E402
 
-from fastddpm import DDPM, ops  # noqa: E402
-from fastddpm.models.presets import PRESETS, create_model  # noqa: E402
+from fastddpm.models.presets import PRESETS  # noqa: E402
 from fastddpm.train_config import COMPILE_MODES  # noqa: E402
-from fastddpm.trainer import TrainConfig, Trainer  # noqa: E402
 
-SEED = 0
-T = 1000
-GRAD_CLIP = 1.0
-PACKAGES = ("fastddpm", "diffusers", "denoising-diffusion-pytorch", "triton")
 GOAL_X_DIFFUSERS = 2.0
 GOAL_PEAK_PCT = 35.0
 SHARE_MIN_LOG_SPEEDUP = math.log(1.1)  # no "share %" when reference -> last stage is within 10%
 COLUMNS = ["row", "path", "precision", "batch", "median_ms", "p20_ms", "p80_ms", "images/s", "GFLOP/step",
            "TFLOP/s", "% bf16 peak", "x diffusers", "x prev", "share %", "params (M)", "peak_mem_MB", "note"]
-QUALITY_COLUMNS = ["path", "stage", "steps", "train_s", "images/s", "samples", "sample_steps", "fd", "note"]
-
-
-class Skipped(Exception):
-    """A row that cannot run here (a backend missing on this device): a note, not a failure."""
-
-
-# -- what a run measures ---------------------------------------------------------------------------
-@dataclass(frozen=True)
-class BenchConfig:
-    device: torch.device
-    preset: str
-    batch: int
-    fused_backend: str
-    attention_backend: str = "triton"
-    compile_mode: str = "default"
-    steps: int = 30
-    warmup: int = 10
-    max_seconds: float = 60.0
-    first_call_timeout: float = 900.0
-    dataset_size: int = 1024
-    seed: int = SEED
-
-
-@dataclass(frozen=True)
-class Stage:
-    """A fastddpm row: each stage keeps the ones before it."""
-
-    name: str
-    label: str
-    fused_ops: bool = False
-    bf16_channels_last: bool = False
-    compile: bool = False
-    fused_attention: bool = False
-
-
-# labels: format fields ops (q_sample/loss backend), attn (attention backend), mode (compile mode)
-STAGES = (
-    Stage("reference", "fastddpm Trainer step: reference ops, SDPA attention, eager fp32"),
-    Stage("fused_ops", "+ fused q_sample/loss ({ops})", fused_ops=True),
-    Stage("bf16_cl", "+ bf16 autocast, channels_last model", True, True),
-    Stage("compile", "+ torch.compile(model, mode={mode})", True, True, True),
-    Stage("fused_attn", "+ fused attention ({attn})", True, True, True, True),
-)
-STAGE_BY_NAME = {s.name: s for s in STAGES}
-BASELINES = ("diffusers", "ddp")
-ROWS = BASELINES + tuple(STAGE_BY_NAME)
-
-
-@dataclass
-class Runner:
-    """One row, built: ``step()`` runs one training step; ``flops`` of the model's
-    forward + backward (None when the family was counted already)."""
-
-    step: Callable[[], object]
-    family: str
-    path: str
-    precision: str
-    params: int
-    flops: int | None
-
-
-def _images(cfg: BenchConfig, shape) -> torch.Tensor:
-    """``dataset_size`` random images in [-1, 1] on the CPU (the same for every row)."""
-    g = torch.Generator().manual_seed(cfg.seed)
-    return torch.rand(cfg.dataset_size, *shape, generator=g) * 2 - 1
-
-
-def train_flops(forward_loss: Callable[[], torch.Tensor]) -> int:
-    """FLOPs of ``forward_loss().backward()``: matmuls, convolutions and attention
-    (SDPA pinned to its math backend, fastddpm's ops on the reference backend)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH), ops.use_backend("reference"):
-        forward_loss().backward()
-    return counter.get_total_flops()
-
-
-def _num_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def _clipped_step(params, optimizer) -> None:
-    torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-
-
-def build_diffusers(cfg: BenchConfig, out_dir: str, count_flops: bool) -> Runner:
-    from diffusers import DDPMScheduler, UNet2DModel
-
-    config, device, b = PRESETS[cfg.preset], cfg.device, cfg.batch
-    torch.manual_seed(cfg.seed)
-    model = UNet2DModel(**diffusers_unet_kwargs(config)).to(device).train()
-    scheduler = DDPMScheduler(num_train_timesteps=T, beta_schedule="linear")
-    # the example's defaults: lr 1e-4, betas (0.95, 0.999), weight decay 1e-6
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8)
-    params = list(model.parameters())
-    data = _images(cfg, (config.in_channels, config.image_size, config.image_size)).to(device)
-    flops = None
-    if count_flops:
-        x, t = data[:b], torch.randint(0, T, (b,), device=device)
-        flops = train_flops(lambda: model(x, t).sample.square().mean())
-        optimizer.zero_grad(set_to_none=True)
-
-    def step():
-        x0 = data[torch.randint(0, data.shape[0], (b,), device=device)]
-        noise = torch.randn_like(x0)
-        t = torch.randint(0, T, (b,), device=device)
-        noisy = scheduler.add_noise(x0, noise, t)
-        loss = F.mse_loss(model(noisy, t).sample, noise)
-        loss.backward()
-        _clipped_step(params, optimizer)
-
-    return Runner(step, "diffusers", "diffusers-style: UNet2DModel, add_noise, MSE, AdamW", "fp32",
-                  _num_params(model), flops)
-
-
-def build_ddp(cfg: BenchConfig, out_dir: str, count_flops: bool) -> Runner:
-    from denoising_diffusion_pytorch import GaussianDiffusion, Unet
-
-    config, device, b = PRESETS[cfg.preset], cfg.device, cfg.batch
-    torch.manual_seed(cfg.seed)
-    kwargs = ddp_unet_kwargs(cfg.preset)
-    diffusion = GaussianDiffusion(Unet(**kwargs), image_size=config.image_size, timesteps=T,
-                                  beta_schedule="linear", objective="pred_noise", auto_normalize=False)
-    diffusion = diffusion.to(device).train()
-    optimizer = torch.optim.Adam(diffusion.parameters(), lr=8e-5, betas=(0.9, 0.99))  # its Trainer's defaults
-    params = list(diffusion.parameters())
-    data = _images(cfg, (config.in_channels, config.image_size, config.image_size)).to(device)
-    flops = None
-    if count_flops:
-        flops = train_flops(lambda: diffusion(data[:b]))
-        optimizer.zero_grad(set_to_none=True)
-
-    def step():
-        diffusion(data[torch.randint(0, data.shape[0], (b,), device=device)]).backward()
-        _clipped_step(params, optimizer)
-
-    desc = ", ".join(f"{k}={v}" for k, v in kwargs.items() if k != "channels")
-    return Runner(step, "ddp", f"denoising-diffusion-pytorch: GaussianDiffusion(Unet({desc})), Adam", "fp32",
-                  _num_params(diffusion), flops)
-
-
-def _check_backend(backend: str, op: str, device: torch.device, dtype: torch.dtype) -> None:
-    if backend not in ops.available_backends(op, device, dtype):
-        raise Skipped(f"backend {backend!r} cannot run {op} on {device.type} ({str(dtype).split('.')[-1]}); "
-                      f"available: {', '.join(ops.available_backends(op, device, dtype))}")
-
-
-def stage_backends(stage: Stage, cfg: BenchConfig) -> tuple[str, str]:
-    """``(backend of q_sample and the loss, backend of attention)`` of ``stage``, checked to run here."""
-    ops_backend = cfg.fused_backend if stage.fused_ops else "reference"
-    attn_backend = cfg.attention_backend if stage.fused_attention else "reference"
-    model_dtype = torch.bfloat16 if stage.bf16_channels_last else torch.float32
-    _check_backend(ops_backend, "q_sample", cfg.device, torch.float32)
-    _check_backend(ops_backend, "diffusion_loss", cfg.device, model_dtype)
-    _check_backend(attn_backend, "attention", cfg.device, model_dtype)
-    return ops_backend, attn_backend
-
-
-def fastddpm_trainer(stage: Stage, cfg: BenchConfig, dataset, out_dir: str,
-                     **train_options) -> tuple[Trainer, str, str]:
-    """A ``Trainer`` of a fresh ``cfg.preset`` model (seeded) set up as ``stage`` says, the backend
-    its steps must run under (``with ops.use_backend(...)``) and its model's attention backend."""
-    ops_backend, attn_backend = stage_backends(stage, cfg)
-    torch.manual_seed(cfg.seed)
-    # attention's backend is the model's own (it holds under torch.compile, where a use_backend inside
-    # the model would not); q_sample and the loss take the ops.use_backend around the step
-    model = create_model(cfg.preset).set_attention_backend(attn_backend)
-    # the Trainer's own options: what a user sets in TrainConfig
-    config = TrainConfig(**{"steps": 10**9, "batch_size": cfg.batch, "random_flip": False, "seed": cfg.seed,
-                            "mixed_precision": "bf16" if stage.bf16_channels_last else "no",
-                            "channels_last": stage.bf16_channels_last,
-                            "compile": cfg.compile_mode if stage.compile else "no", **train_options})
-    trainer = Trainer(model, DDPM(), dataset, config, out_dir, device=cfg.device,
-                      progress=False)
-    return trainer, ops_backend, attn_backend
-
-
-def build_stage(stage: Stage, cfg: BenchConfig, out_dir: str, count_flops: bool) -> Runner:
-    config = PRESETS[cfg.preset]
-    dataset = _images(cfg, (config.in_channels, config.image_size, config.image_size))
-    trainer, ops_backend, attn_backend = fastddpm_trainer(stage, cfg, dataset, out_dir)
-    model = trainer.model
-    flops = None
-    if count_flops:  # on the eager fp32 model, before any compile
-        x = dataset[:cfg.batch].to(cfg.device)
-        t = torch.randint(0, T, (x.shape[0],), device=cfg.device)
-        model.set_attention_backend("reference")  # so that the counter sees attention's matmuls
-        flops = train_flops(lambda: model(x, t).float().square().mean())
-        model.set_attention_backend(attn_backend)
-        trainer.optimizer.zero_grad(set_to_none=True)
-
-    def step():
-        with ops.use_backend(ops_backend):
-            # the step train() runs, without its logging and checkpoint bookkeeping
-            trainer.train_step(trainer.step)
-        trainer.step += 1
-
-    path = stage.label.format(ops=ops_backend, attn=attn_backend, mode=cfg.compile_mode)
-    return Runner(step, "fastddpm", path, "bf16" if stage.bf16_channels_last else "fp32", _num_params(model), flops)
-
-
-BUILDERS = {"diffusers": build_diffusers, "ddp": build_ddp,
-            **{s.name: (lambda cfg, out, count, s=s: build_stage(s, cfg, out, count)) for s in STAGES}}
 
 
 # -- running -------------------------------------------------------------------------------------
-def _release(device: torch.device) -> None:
-    gc.collect()
-    torch._dynamo.reset()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:160] if text else ''}"
-
-
 def run_row(name: str, cfg: BenchConfig, flops: dict[str, int]) -> dict:
     """Build, warm up and time one row; a row that cannot run becomes a note."""
     row = dict(row=name, batch=cfg.batch)
@@ -338,10 +110,10 @@ def run_row(name: str, cfg: BenchConfig, flops: dict[str, int]) -> dict:
     except Skipped as e:
         row["note"] = f"skipped: {e}"
     except Exception as e:  # noqa: BLE001 -- recorded in the results, the other rows still run
-        row["note"] = f"failed: {_first_line(e)}"
+        row["note"] = f"failed: {error_line(e)}"
     finally:
         del runner
-        _release(cfg.device)
+        free_memory(cfg.device)
     return row
 
 
@@ -425,62 +197,6 @@ def run_benchmark(cfg: BenchConfig, row_names, peak_tflops: float | None, name: 
     print(f"wrote {json_path} and {md_path}")
     return json_path, md_path
 
-
-# -- the quality check -------------------------------------------------------------------------
-def run_quality(cfg: BenchConfig, stage_name: str, steps: int, n_samples: int, sample_steps: int | None,
-                rel_tol: float, abs_tol: float, name: str, out_dir) -> tuple[Path, Path]:
-    """Train ``small`` on digits with the reference path and with ``stage_name``'s path, then
-    compare the Fréchet distances of their samples to the digits."""
-    from fastddpm.data import digits_dataset
-    from fastddpm.metrics import fid
-    from fastddpm.sampling import sample
-
-    digits = digits_dataset(16)
-    rows = []
-    # the README's recipe for the shipped digits model, shortened; the EMA averages the second half only,
-    # so that short runs do not sample a model dragged back towards its random start
-    recipe = dict(steps=steps, lr=5e-4, warmup_steps=min(100, steps // 10), ema_decay=0.999, ema_start=steps // 2,
-                  checkpoint_every=0, keep_best=False, keep_last=1, log_every=steps, val_every=0, sample_every=0)
-    for path, stage in (("reference", STAGE_BY_NAME["reference"]), ("fast", STAGE_BY_NAME[stage_name])):
-        row = dict(path=path, stage=stage.name, steps=steps, samples=n_samples, sample_steps=sample_steps or T)
-        try:
-            with tempfile.TemporaryDirectory(prefix="bench_train_quality_") as tmp:
-                trainer, ops_backend, _ = fastddpm_trainer(stage, cfg, digits, tmp, **recipe)
-                t0 = time.perf_counter()
-                with ops.use_backend(ops_backend):
-                    trainer.train()
-                row["train_s"] = time.perf_counter() - t0
-                row["images/s"] = steps * cfg.batch / row["train_s"]
-                # the same sampler (automatic backends) and noise for both: only the training differs
-                images = sample(trainer.ema_model.set_attention_backend(None), n_samples, steps=sample_steps, seed=cfg.seed + 1,
-                                progress=False, process=DDPM(), device=cfg.device)
-            row["fd"] = fid(images, digits.images, feature="digits")
-        except Skipped as e:
-            row["note"] = f"skipped: {e}"
-        except Exception as e:  # noqa: BLE001 -- recorded in the results
-            row["note"] = f"failed: {_first_line(e)}"
-        finally:
-            _release(cfg.device)
-        rows.append(row)
-        print(f"{path:9s} {stage.name:10s} " + (f"FD {row['fd']:.2f}  ({row['train_s']:.1f} s training)"
-                                                if "fd" in row else row.get("note", "")))
-    ref, fast = (r.get("fd") for r in rows)
-    key = "goal: fast path reaches the reference path's FD"
-    if ref is None or fast is None:
-        verdict = "not evaluated: a path failed"
-    else:
-        allowed = ref + max(rel_tol * ref, abs_tol)
-        verdict = f"{'met' if fast <= allowed else 'not met'}: {fast:.2f} vs {ref:.2f} (allowed <= {allowed:.2f})"
-    print(f"{key}: {verdict}")
-    meta = environment(cfg.device, PACKAGES) | {
-        "preset": cfg.preset, "batch": cfg.batch, "train steps": steps, "seed": cfg.seed,
-        "recipe": {k: v for k, v in recipe.items() if k in ("lr", "warmup_steps", "ema_decay", "ema_start")},
-        "reference images": f"digits ({len(digits)})", "feature": "digits",
-        "tolerance": f"max({rel_tol:g} x FD_reference, {abs_tol:g})", key: verdict,
-    }
-    json_path, md_path = write_results(name, rows, QUALITY_COLUMNS, meta, out_dir=out_dir)
-    print(f"wrote {json_path} and {md_path}")
-    return json_path, md_path
 
 
 # -- command line --------------------------------------------------------------------------------

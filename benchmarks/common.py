@@ -10,6 +10,7 @@ and ``bf16_peak_tflops`` give the memory and tensor-core utilisation columns.
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib.metadata
 import json
 import os
@@ -257,6 +258,20 @@ def write_results(name: str, rows: Sequence[dict], columns: Sequence[str], meta:
 
 def timing_fields(timing: Timing) -> dict:
     return asdict(timing)
+
+
+def error_line(e: BaseException, width: int = 160) -> str:
+    """``"<type>: <first line of the message>"``, the line cut at ``width``: an exception as a row's note."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:width] if text else ''}"
+
+
+def free_memory(device: torch.device) -> None:
+    """Drop what a finished row left behind (objects, compiled graphs, cached CUDA blocks)."""
+    gc.collect()
+    torch._dynamo.reset()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 @contextlib.contextmanager

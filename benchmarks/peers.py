@@ -5,7 +5,8 @@
 * denoising-diffusion-pytorch: its ``Unet`` of a comparable size, and ``GaussianDiffusion.sample``
   around any ``model(x, t)``.
 
-``bench_sample.py``, ``bench_sample_cpu.py`` and ``bench_train.py`` import them from here.
+``bench_sample.py`` (and its ``sample_rows.py``), ``bench_sample_cpu.py`` and ``bench_train.py``'s
+``train_rows.py`` import them from here.
 """
 from __future__ import annotations
 

@@ -14,8 +14,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import bench_train  # noqa: E402
+import train_rows  # noqa: E402
 
 from fastddpm import ops  # noqa: E402
+from fastddpm.models.presets import create_model  # noqa: E402
 
 ROWS = ("reference", "fused_ops")
 HAS_CPP = "cpp" in ops.available_backends("q_sample", "cpu")
@@ -51,8 +53,7 @@ def test_json_rows_are_measured(smoke_results):
         assert r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
         assert r["images/s"] == pytest.approx(4 / (r["median_ms"] * 1e-3))
         assert r["GFLOP/step"] > 0 and r["TFLOP/s"] > 0
-        assert r["params (M)"] == pytest.approx(sum(p.numel() for p in bench_train.create_model("tiny").parameters())
-                                                / 1e6)
+        assert r["params (M)"] == pytest.approx(sum(p.numel() for p in create_model("tiny").parameters()) / 1e6)
         assert "% bf16 peak" not in r and "x diffusers" not in r
         assert "peak_mem_MB" in r and r["precision"] == "fp32"
     if HAS_CPP:
@@ -109,10 +110,10 @@ def test_no_share_when_the_stages_barely_differ():
 
 
 def test_a_missing_backend_is_a_skipped_row():
-    cfg = bench_train.BenchConfig(device=torch.device("cpu"), preset="tiny", batch=2, fused_backend="reference",
-                                  attention_backend="no-such-backend")
-    with pytest.raises(bench_train.Skipped, match="no-such-backend"):
-        bench_train.stage_backends(bench_train.STAGE_BY_NAME["fused_attn"], cfg)
+    cfg = train_rows.BenchConfig(device=torch.device("cpu"), preset="tiny", batch=2, fused_backend="reference",
+                                 attention_backend="no-such-backend")
+    with pytest.raises(train_rows.Skipped, match="no-such-backend"):
+        train_rows.stage_backends(train_rows.STAGE_BY_NAME["fused_attn"], cfg)
 
 
 @pytest.mark.heavy
