@@ -226,7 +226,7 @@ def cmd_export(args) -> int:
 
 # -- visuals -----------------------------------------------------------------------------------
 def cmd_plot_schedule(args) -> int:
-    from .images import plot_schedule
+    from .plots import plot_schedule
     from .schedule import NoiseSchedule
 
     check_output(args.out, "--out", (".png",))
