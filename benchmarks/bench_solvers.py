@@ -163,7 +163,7 @@ def parse_rows(text: str) -> list[tuple[str, str, int]]:
 def plot(rows: list[dict], path: Path) -> Path:
     """Fréchet distance against model calls (up to 50) for each impl and sampler, with
     DDPM-1000's FD and the goal's bound as horizontal lines."""
-    from fastddpm.images import plot_lines
+    from fastddpm.plots import plot_lines
 
     series = {}
     for r in sorted((r for r in rows if "fd" in r and r["model_calls"] <= 50), key=lambda r: r["model_calls"]):

@@ -10,9 +10,10 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable
 
-__all__ = ["atomic_write", "write_text_atomic", "remove_stale_temp_files"]
+__all__ = ["atomic_write", "write_text_atomic", "write_binary_atomic", "save_pil_atomic",
+           "remove_stale_temp_files"]
 
 _UMASK = os.umask(0o022)  # read the process umask: mkstemp files are 0600, ours honour the umask
 os.umask(_UMASK)
@@ -102,3 +103,17 @@ def write_text_atomic(path, text: str, *, make_parents: bool = False) -> Path:
             f.write(text)
 
     return atomic_write(path, write, make_parents=make_parents)
+
+
+def write_binary_atomic(path, write: Callable[[BinaryIO], None], *, make_parents: bool = False) -> Path:
+    """Write a binary file atomically: ``write(file_object)`` writes the whole content."""
+    def to_temp(tmp):
+        with open(tmp, "wb") as f:
+            write(f)
+
+    return atomic_write(path, to_temp, make_parents=make_parents)
+
+
+def save_pil_atomic(image, path, fmt: str, **kw) -> Path:
+    """Save a PIL image atomically in format ``fmt`` (``kw`` go to ``image.save``), parent folders created."""
+    return write_binary_atomic(path, lambda f: image.save(f, format=fmt, **kw), make_parents=True)

@@ -70,7 +70,7 @@ class RunLog:
 
     def plot(self) -> Path | None:
         """``out_dir/loss.png`` from the rows (None when nothing to draw, or not the writing process)."""
-        from .images import plot_lines
+        from .plots import plot_lines
 
         if not self.writes:
             return None

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastddpm import cli, metrics
+from fastddpm import cli_tools, metrics
 from fastddpm.data import digits_dataset
 from fastddpm.metrics import (DIGITS_CLASSIFIER, evaluate, feature_statistics, fid, frechet_distance,
                               precision_recall)
@@ -258,7 +258,7 @@ def test_frechet_distance_of_a_shift_is_its_squared_length():
 # -- evaluate and the command line -----------------------------------------------------------------
 def _eval_args(argv):
     parser = argparse.ArgumentParser(prog="fastddpm")
-    cli.add_eval_parser(parser.add_subparsers(dest="command", required=True))
+    cli_tools.add_eval_parser(parser.add_subparsers(dest="command", required=True))
     return parser.parse_args(["eval", *argv])
 
 
@@ -291,7 +291,7 @@ def test_evaluate_against_noise_is_worse(halves):
 
 
 def test_the_eval_command_spells_the_metrics_names():
-    """cli spells them out so that --help imports no torch; they must stay the metrics' own."""
+    """cli_tools spells them out so that --help imports no torch; they must stay the metrics' own."""
     from fastddpm.metrics import features
 
-    assert cli.FEATURE_CHOICES == metrics.FEATURES and cli.INCEPTION_GLOB == features.INCEPTION_GLOB
+    assert cli_tools.FEATURE_CHOICES == metrics.FEATURES and cli_tools.INCEPTION_GLOB == features.INCEPTION_GLOB

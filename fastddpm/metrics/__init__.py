@@ -1,7 +1,7 @@
 """Offline evaluation: Fréchet distance and precision/recall in a feature space.
 
 ``features`` (the feature networks), ``statistics`` (FD, precision/recall of feature sets) and
-``scores`` (``fid``, ``evaluate`` on images); the ``eval`` command is in ``fastddpm.cli``.
+``scores`` (``fid``, ``evaluate`` on images); the ``eval`` command is in ``fastddpm.cli_tools``.
 
 The Fréchet distance (FD) between two sets of images is the distance between
 Gaussians fitted to their features (Heusel et al. 2017, Eq. 6):
