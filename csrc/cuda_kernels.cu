@@ -200,8 +200,8 @@ __global__ void __launch_bounds__(kThreads) ddpm_step_kernel(StepArgs a) {
 
 // -- multistep_step_ -----------------------------------------------------------------
 // In place: x <- x_next, history[step % 2] <- D, history[2] <- x_corr, model_input (if any) <- x_next
-// in its dtype and layout.  Every element reads its own
-// x / history values before writing them, so packs never race.
+// in its dtype and layout.  Every element reads its own x / history values before writing them, so
+// packs never race.
 template <int N, typename out_t>
 __global__ void __launch_bounds__(kThreads) multistep_step_kernel(MultistepArgs a) {
   const int64_t seed = a.rng[0];
