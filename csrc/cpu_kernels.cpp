@@ -147,9 +147,10 @@ void dispatch_float(DType dtype, const Fn& fn) {
 }
 
 // The low-precision model input: contiguous, or [n, C, H, W] in channels_last
-// order (element j = c * HW + s of row b goes to b * numel + s * C + c).
-template <typename in_t>
-void store_model_input(const StepArgs& a, int64_t b, int64_t j, int64_t len, const float* xp) {
+// order (element j = c * HW + s of row b goes to b * numel + s * C + c).  Args: StepArgs or
+// MultistepArgs (the same model_input fields).
+template <typename in_t, typename Args>
+void store_model_input(const Args& a, int64_t b, int64_t j, int64_t len, const float* xp) {
   in_t* dst = static_cast<in_t*>(a.model_input) + b * a.numel;
   if (!a.channels_last) {
 #pragma omp simd
@@ -260,6 +261,9 @@ void multistep_step_impl(const MultistepArgs& a) {
       multistep_chunk<true>(c, a.x + i, model_output + i, x_last + i, h1 + i, h2 + i, z, len);
     } else {
       multistep_chunk<false>(c, a.x + i, model_output + i, x_last + i, h1 + i, h2 + i, z, len);
+    }
+    if (a.model_input != nullptr) {  // x + i now holds x_next
+      dispatch_float(a.model_input_dtype, [&](auto tag) { store_model_input<decltype(tag)>(a, b, j, len, a.x + i); });
     }
   });
 }

@@ -140,9 +140,9 @@ __global__ void __launch_bounds__(kThreads) q_sample_kernel(QSampleArgs a) {
 }
 
 // -- ddpm_step ----------------------------------------------------------------------
-template <typename in_t, int N>
-__device__ __forceinline__ void store_model_input_as(const StepArgs& a, int64_t b, int64_t j,
-                                                     const Pack<float, N>& y) {
+// Args: StepArgs or MultistepArgs (the same model_input fields).
+template <typename in_t, int N, typename Args>
+__device__ __forceinline__ void store_model_input_as(const Args& a, int64_t b, int64_t j, const Pack<float, N>& y) {
   in_t* dst = static_cast<in_t*>(a.model_input) + b * a.numel;
   if (!a.channels_last) {
     Pack<in_t, N> q;
@@ -159,8 +159,8 @@ __device__ __forceinline__ void store_model_input_as(const StepArgs& a, int64_t 
   }
 }
 
-template <int N>
-__device__ __forceinline__ void store_model_input(const StepArgs& a, int64_t b, int64_t j, const Pack<float, N>& y) {
+template <int N, typename Args>
+__device__ __forceinline__ void store_model_input(const Args& a, int64_t b, int64_t j, const Pack<float, N>& y) {
   switch (a.model_input_dtype) {
     case DType::kFloat32: store_model_input_as<float>(a, b, j, y); break;
     case DType::kFloat16: store_model_input_as<__half>(a, b, j, y); break;
@@ -199,8 +199,9 @@ __global__ void __launch_bounds__(kThreads) ddpm_step_kernel(StepArgs a) {
 }
 
 // -- multistep_step_ -----------------------------------------------------------------
-// In place: x <- x_next, history[step % 2] <- D, history[2] <- x_corr.  Every element reads its own
-// x / history values before writing them, so packs never race.
+// In place: x <- x_next, history[step % 2] <- D, history[2] <- x_corr, model_input (if any) <- x_next
+// in its dtype and layout.  Every element reads its own x / history values before writing them, so
+// packs never race.
 template <int N, typename out_t>
 __global__ void __launch_bounds__(kThreads) multistep_step_kernel(MultistepArgs a) {
   const int64_t seed = a.rng[0];
@@ -240,6 +241,7 @@ __global__ void __launch_bounds__(kThreads) multistep_step_kernel(MultistepArgs 
     store_pack<N>(a.x + i, x_next);
     store_pack<N>(h2_base + i, d);
     store_pack<N>(x_last_base + i, x_corr);
+    if (a.model_input != nullptr) store_model_input<N>(a, b, j, x_next);
   }
 }
 
@@ -375,10 +377,14 @@ cudaError_t ddpm_step(const StepArgs& a, int num_sms, cudaStream_t stream) {
 cudaError_t multistep_step(const MultistepArgs& a, int num_sms, cudaStream_t stream) {
   const int64_t total = a.n * a.numel;
   if (total == 0) return cudaSuccess;
+  bool input_aligned = true;
+  if (a.model_input != nullptr && !a.channels_last) {
+    dispatch_float(a.model_input_dtype, [&](auto tag) { input_aligned = aligned<decltype(tag)>(a.model_input, kVec); });
+  }
   dispatch_float(a.model_output_dtype, [&](auto tag) {
     using out_t = decltype(tag);
     // the ring slots start at multiples of total = n * numel: aligned when numel is a whole number of packs
-    if (a.numel % kVec == 0 && aligned<float>(a.x, kVec) && aligned<float>(a.history, kVec) &&
+    if (a.numel % kVec == 0 && input_aligned && aligned<float>(a.x, kVec) && aligned<float>(a.history, kVec) &&
         aligned<out_t>(a.model_output, kVec)) {
       multistep_step_kernel<kVec, out_t><<<grid_size(total / kVec, num_sms), kThreads, 0, stream>>>(a);
     } else {

@@ -65,7 +65,7 @@ struct StepArgs {
   int64_t spatial;      // H * W
 };
 
-// multistep_step_: x <- x_next and the history ring advanced, in place.
+// multistep_step_: x <- x_next and the history ring advanced, in place (and model_input, if given).
 struct MultistepArgs {
   float* x;             // [n, numel]: read, then overwritten with x_next
   const void* model_output;
@@ -78,6 +78,12 @@ struct MultistepArgs {
   bool stochastic;      // add cz * z (the SDE solver)
   int64_t n;
   int64_t numel;
+  // as StepArgs': the optional low-precision copy of x_next (the next model call's input)
+  void* model_input;    // or nullptr
+  DType model_input_dtype;
+  bool channels_last;   // model_input is [n, C, H, W] in channels_last order
+  int64_t channels;     // C
+  int64_t spatial;      // H * W
 };
 
 struct LossArgs {

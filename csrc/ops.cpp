@@ -391,8 +391,9 @@ const int64_t* rng_arg(const Tensor& rng, const Tensor& x) {
 
 void set_rng(StepArgs& a, const Tensor& rng, const Tensor& x) { a.rng = rng_arg(rng, x); }
 
-// The optional low-precision copy: x's shape, contiguous or channels_last.
-void set_model_input(StepArgs& a, const Tensor& model_input, const Tensor& x) {
+// The optional low-precision copy (StepArgs or MultistepArgs): x's shape, contiguous or channels_last.
+template <typename Args>
+void set_model_input(Args& a, const Tensor& model_input, const Tensor& x) {
   a.model_input_dtype = float_dtype(model_input.scalar_type(), "model_input");
   TORCH_CHECK(model_input.sizes() == x.sizes(), "fastddpm: model_input must have shape ", x.sizes(), ", got ",
               model_input.sizes());
@@ -458,10 +459,12 @@ void ddpm_step_inplace_op(const Tensor& x, const Tensor& model_output, const Ten
 }
 
 // -- multistep_step_ -----------------------------------------------------------------------------
-// One multistep solver step in place (fastddpm/multistep.py): x <- x_next, history advanced.  Only
+// One multistep solver step in place (fastddpm/multistep.py): x <- x_next, history advanced, and
+// model_input (if given) <- x_next in its dtype and layout, as ddpm_step_.  Only
 // metadata is checked, plus the step index and the key for CPU tensors (CUDA kernels trap on bad ones).
 void multistep_step_inplace_op(const Tensor& x, const Tensor& model_output, const Tensor& history, const Tensor& step,
-                               const Tensor& table, const Tensor& rng, bool clip_denoised, bool stochastic) {
+                               const Tensor& table, const Tensor& rng, bool clip_denoised, bool stochastic,
+                               const std::optional<Tensor>& model_input) {
   check_dtype(x, at::kFloat, "x");
   const int64_t numel = sample_numel(x, "x");
   TORCH_CHECK(x.is_contiguous(), "fastddpm: multistep_step_ updates x in place and needs it contiguous");
@@ -499,6 +502,7 @@ void multistep_step_inplace_op(const Tensor& x, const Tensor& model_output, cons
   a.stochastic = stochastic;
   a.n = x.size(0);
   a.numel = numel;
+  if (model_input.has_value()) set_model_input(a, *model_input, x);
   if (on_cuda(x)) {
     FASTDDPM_CUDA_RUN(x, cuda::multistep_step(a, launch.num_sms, launch.stream));
   } else {

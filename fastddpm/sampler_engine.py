@@ -20,8 +20,8 @@ Algorithm 2 (Ho et al.) with no host work per step on a GPU:
   run the same loop: their ``[K, 12]`` table and timesteps replace the DDPM ones,
   a static ``[3, *shape]`` history ring (zeroed before the loop) is advanced by
   the fused in-place ``multistep_step_`` after the model call (it reads the step
-  index, and for the SDE solver the noise key, on the device), and the model
-  input copy is refreshed from ``x`` on the device.
+  index, and for the SDE solver the noise key, on the device, and writes both
+  ``x`` and the model input, as ``ddpm_step_``).
 
 A CUDA graph bakes its kernels' scalar arguments; the seed and the sample
 offset are not among them (the kernel loads them from ``rng``), so an engine
@@ -58,7 +58,7 @@ WARMUP_STEPS = 2  # eager steps on a side stream before each capture (autotuning
 
 def _inplace_step_op(backend: str, name: str = "ddpm_step_"):
     """The in-place op ``name`` of a fast backend: ``ddpm_step_(x, out, step, coefs, rng, clip,
-    model_input)`` or ``multistep_step_(x, out, history, step, table, rng, clip, stochastic)``."""
+    model_input)`` or ``multistep_step_(x, out, history, step, table, rng, clip, stochastic, model_input)``."""
     return ops.implementation(name, backend)
 
 
@@ -75,7 +75,8 @@ class SamplerEngine:
 
     A multistep solver runs the same loop with its own ``[K, 12]`` table, its timesteps, and a static
     ``[3, *shape]`` float32 history ring that ``_reset`` zeroes and the fused ``multistep_step_``
-    advances in place after the model call (it reads the step index from the device counter).
+    advances in place after the model call (it reads the step index from the device counter and
+    writes the model input too).
 
     Counters for tests and profiling: ``captures`` (graphs recorded), ``warmups``
     (eager warm-up steps), ``runs``.
@@ -174,18 +175,18 @@ class SamplerEngine:
         self.step.sub_(1)
 
     def _multistep_update(self, out: torch.Tensor, seed: int, sample_offset: int) -> None:
-        """The solver's update after the model call: ``x`` and ``history`` in place, the step index
-        and (for the SDE solver) the noise key read on the device by the fused op."""
-        if self._inplace is not None:
+        """The solver's update after the model call: ``x``, ``history`` and the model input in place,
+        the step index and (for the SDE solver) the noise key read on the device by the fused op."""
+        if self._inplace is not None:  # fused: writes x, the history and the model input
             self._inplace(self.x, out, self.history, self.step, self.coefs, self.rng, self.clip_denoised,
-                          self.solver.stochastic)
+                          self.solver.stochastic, self.model_input)
         else:
             x_next = ops.multistep_step(self.x, out, self.history, self.step, self.coefs, seed=seed,
                                         sample_offset=sample_offset, clip_denoised=self.clip_denoised,
                                         stochastic=self.solver.stochastic, backend="reference")
             self.x.copy_(x_next)
-        if self.model_input is not None:  # the next model call's input: a cast (and layout) copy
-            self.model_input.copy_(self.x)
+            if self.model_input is not None:
+                self.model_input.copy_(x_next)
 
     def _reset(self, seed: int, sample_offset: int) -> None:
         """``rng = (seed, sample_offset)``, ``x = x_T`` (the contract's slot K), its model-input

@@ -37,6 +37,8 @@ from .noise import contract_offsets
 
 __all__ = ["ddpm_step", "ddpm_step_cast", "ddpm_step_", "ddpm_step_into"]
 
+MODEL_INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # as the C++ ops'
+
 
 @triton.jit
 def _ddpm_step_kernel(x_ptr, out_ptr, step_ptr, step_stride, coefs_ptr, x_prev_ptr, model_input_ptr, numel, channels,
@@ -78,10 +80,14 @@ def _ddpm_step_kernel(x_ptr, out_ptr, step_ptr, step_stride, coefs_ptr, x_prev_p
         tl.store(model_input_ptr + base + dst, x_prev.to(model_input_ptr.dtype.element_ty), mask=mask)
 
 
-def _model_input_layout(model_input, x) -> tuple[bool, int, int]:
-    """(channels_last, C, H*W) of the model-input buffer."""
+def model_input_layout(model_input, x) -> tuple[bool, int, int]:
+    """(channels_last, C, H*W) of the model-input buffer (``ddpm_step_``'s and ``multistep_step_``'s)."""
+    if not isinstance(model_input, torch.Tensor) or model_input.dtype not in MODEL_INPUT_DTYPES:
+        what = model_input.dtype if isinstance(model_input, torch.Tensor) else type(model_input).__name__
+        raise ValueError(f"model_input must be float32, float16 or bfloat16, got {what}")
     if model_input.shape != x.shape or model_input.device != x.device:
-        raise ValueError(f"model_input must have x's shape {tuple(x.shape)} and device {x.device}")
+        raise ValueError(f"model_input must have x's shape {tuple(x.shape)} and device {x.device}, got "
+                         f"{tuple(model_input.shape)} on {model_input.device}")
     if model_input.is_contiguous():
         return False, 1, 1
     if x.ndim == 4 and model_input.is_contiguous(memory_format=torch.channels_last):
@@ -130,7 +136,7 @@ def ddpm_step_into(x, model_output, step, coefs, seed: int, sample_offset: int, 
         raise ValueError("ddpm_step: x and x_prev must be contiguous, x_prev float32")
     if step.numel() not in (1, n):
         raise ValueError(f"step must have 1 or {n} elements, got shape {tuple(step.shape)}")
-    channels_last, channels, spatial = (False, 1, 1) if model_input is None else _model_input_layout(model_input, x)
+    channels_last, channels, spatial = (False, 1, 1) if model_input is None else model_input_layout(model_input, x)
     if x.numel() == 0:
         return
     step_stride = 0 if step.numel() == 1 else step.stride(0)

@@ -10,12 +10,16 @@ kernel (one value for the batch), and the ``[3, *x.shape]`` history ring: ``H2 =
 ``D`` into ``history[step % 2]`` and ``x_corr`` into ``history[2]``; every element reads its own
 values before writing them.  With ``stochastic`` (the SDE solver) ``z`` is the contract's noise of
 slot ``step`` under the key ``rng = (seed, sample_offset)`` (int64 ``[2]`` on the device, as
-``ddpm_step_``), skipped where ``cz == 0``.
+``ddpm_step_``), skipped where ``cz == 0``.  Optionally the kernel also writes ``x_next`` into
+``model_input`` in the model's dtype, contiguous or channels_last (the next model call's input), as
+``ddpm_step_`` does.
 
 Op (as the C++ backend's ``torch.ops.fastddpm.multistep_step_``, here ``fastddpm_triton``):
-``multistep_step_(x, model_output, history, step, table, rng, clip_denoised, stochastic)``.
+``multistep_step_(x, model_output, history, step, table, rng, clip_denoised, stochastic, model_input)``.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import triton
@@ -25,7 +29,7 @@ from fastddpm.ops import fakes
 from fastddpm.noise import check_noise_capacity
 
 from ._library import ELEMENTWISE_WARPS, elementwise_block, elementwise_grid, launch, op
-from .ddpm_step import check_rng
+from .ddpm_step import check_rng, model_input_layout
 from .noise import contract_offsets
 
 __all__ = ["multistep_step_", "multistep_step_into"]
@@ -34,8 +38,9 @@ TABLE_COLUMNS = 12  # fastddpm.multistep.TABLE_COLUMNS
 
 
 @triton.jit
-def _multistep_step_kernel(x_ptr, out_ptr, history_ptr, step_ptr, table_ptr, rng_ptr, numel, total,
-                           CLIP: tl.constexpr, STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr):
+def _multistep_step_kernel(x_ptr, out_ptr, history_ptr, step_ptr, table_ptr, rng_ptr, model_input_ptr, numel, total,
+                           channels, spatial, CLIP: tl.constexpr, STOCHASTIC: tl.constexpr,
+                           WRITE_MODEL_INPUT: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     element = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = element < numel
@@ -76,9 +81,17 @@ def _multistep_step_kernel(x_ptr, out_ptr, history_ptr, step_ptr, table_ptr, rng
     tl.store(x_ptr + offs, x_next, mask=mask)
     tl.store(h2_ptr, d, mask=mask)
     tl.store(x_last_ptr, x_corr, mask=mask)
+    if WRITE_MODEL_INPUT:
+        if CHANNELS_LAST:  # element c*HW + hw of the sample lives at hw*C + c
+            dst = (element % spatial) * channels + element // spatial
+        else:
+            dst = element
+        tl.store(model_input_ptr + row.to(tl.int64) * numel + dst, x_next.to(model_input_ptr.dtype.element_ty),
+                 mask=mask)
 
 
-def multistep_step_into(x, model_output, history, step, table, rng, clip_denoised: bool, stochastic: bool) -> None:
+def multistep_step_into(x, model_output, history, step, table, rng, clip_denoised: bool, stochastic: bool,
+                        model_input: torch.Tensor | None = None) -> None:
     """Host launcher: validates metadata (no value of a device tensor is read: the step index and the
     key are checked where they are CPU tensors only) and launches.
 
@@ -89,6 +102,8 @@ def multistep_step_into(x, model_output, history, step, table, rng, clip_denoise
     :param table: float32 ``[K, 12]``.
     :param rng: the noise key ``(seed, sample_offset)``, int64 ``[2]`` on x's device.  The host cannot
         check ``sample_offset + n <= 2**32`` then; the caller does (the engine checks every run).
+    :param model_input: optional copy of ``x_next`` in another dtype (float32/bf16/fp16, x's shape and
+        device), contiguous or channels_last.
     """
     if x.dtype != torch.float32 or not x.is_contiguous():
         raise ValueError(f"multistep_step: x must be float32 and contiguous (updated in place), got {x.dtype}")
@@ -114,16 +129,22 @@ def multistep_step_into(x, model_output, history, step, table, rng, clip_denoise
     n = x.shape[0]
     numel = x.numel() // n if n else 0
     check_noise_capacity(numel, table.shape[0] + 1, n - 1)
+    channels_last, channels, spatial = (False, 1, 1) if model_input is None else model_input_layout(model_input, x)
     if x.numel() == 0:
         return
     block = elementwise_block(numel)
     launch(_multistep_step_kernel)[elementwise_grid(n, numel, block)](
-        x, model_output.contiguous(), history, step, table.contiguous(), rng, numel, n * numel,
-        CLIP=bool(clip_denoised), STOCHASTIC=bool(stochastic), BLOCK=block, num_warps=ELEMENTWISE_WARPS)
+        x, model_output.contiguous(), history, step, table.contiguous(), rng, model_input, numel, n * numel,
+        channels, spatial, CLIP=bool(clip_denoised), STOCHASTIC=bool(stochastic),
+        WRITE_MODEL_INPUT=model_input is not None, CHANNELS_LAST=channels_last, BLOCK=block,
+        num_warps=ELEMENTWISE_WARPS)
 
 
 @op("multistep_step_", fake=fakes.multistep_step_)
 def multistep_step_(x: torch.Tensor, model_output: torch.Tensor, history: torch.Tensor, step: torch.Tensor,
-                    table: torch.Tensor, rng: torch.Tensor, clip_denoised: bool, stochastic: bool) -> None:
-    """One multistep solver step in place (see the module docstring)."""
-    multistep_step_into(x, model_output, history, step, table, rng, clip_denoised, stochastic)
+                    table: torch.Tensor, rng: torch.Tensor, clip_denoised: bool, stochastic: bool,
+                    model_input: Optional[torch.Tensor]) -> None:
+    """One multistep solver step in place (see the module docstring); ``model_input`` (contiguous or
+    channels_last; None for none) gets the cast copy of ``x_next``.  ``model_input`` has no default:
+    torch 2.11's custom ops raise IndexError on a mutable optional argument with a default."""
+    multistep_step_into(x, model_output, history, step, table, rng, clip_denoised, stochastic, model_input)

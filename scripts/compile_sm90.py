@@ -130,6 +130,13 @@ def drive_launchers() -> None:
         x = torch.randn(2, numel)
         ms_mod.multistep_step_into(x, torch.randn(2, numel, dtype=out_dtype), torch.zeros(3, 2, numel), step, table,
                                    rng, clip, stochastic)
+    # ... and with the model input: every output dtype x model-input dtype/layout x stochastic
+    for out_dtype, model_dtype, layout, stochastic in itertools.product(
+            floats, floats, (torch.contiguous_format, torch.channels_last), (False, True)):
+        x = torch.randn(shape)
+        model_input = torch.empty(shape, dtype=model_dtype, memory_format=layout)
+        ms_mod.multistep_step_into(x, torch.randn(shape, dtype=out_dtype), torch.zeros(3, *shape), step, table, rng,
+                                   True, stochastic, model_input)
     # attention: fp16/bf16 (fp32 goes to SDPA on a GPU) at every head dim the tests, the
     # benchmarks and the U-Nets use (16 .. 256, padded ones too), L a multiple of 16 or not
     for dtype, d, L in itertools.product((torch.float16, torch.bfloat16), (16, 32, 40, 64, 128, 256), (256, 100)):

@@ -237,6 +237,25 @@ def test_multistep_engine_equals_sample(backend, solver):
     assert engine.history.shape == (3, 3, 2, 6, 6) and engine.step.item() == -1
 
 
+@pytest.mark.parametrize("solver", ["dpm++3m", "dpm++2m-sde"])
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_fused_multistep_update_writes_the_channels_last_model_input(backend, solver):
+    """The fused multistep_step_ of each fast backend writes the float16 channels_last model input
+    itself (the engine runs no copy after it): the engine's result and model input against the
+    reference backend's, and the model input is the final x cast."""
+    if backend not in ops.available_backends("multistep_step", "cpu", torch.float16):
+        pytest.skip(f"{backend} cannot run here")
+    model = Pointwise()
+    kw = dict(steps=6, seed=8, progress=False, sampler=solver, dtype=torch.float16, channels_last=True)
+    ref = engine_sample(model, 3, backend="reference", **kw)
+    got = engine_sample(model, 3, backend=backend, **kw)
+    assert_close(got, ref, **BY_DTYPE[torch.float16])
+    engine = cached_engines()[-1]
+    assert engine.plan.backend == backend and engine.model_input.dtype == torch.float16
+    assert engine.model_input.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(engine.model_input, engine.x.to(torch.float16))
+
+
 def test_multistep_engine_steps_callback_and_model_input():
     """steps is the solver's model calls (default 20; another count is another engine), the callback
     sees the solver's timesteps, and a low-precision model input follows x."""

@@ -25,10 +25,11 @@ Ops (schemas in the one table, ``fastddpm/ops/schemas.def``):
   ``(seed, sample_offset)`` on ``x``'s device, read by the kernel, so one
   captured graph serves every seed.  ``step`` is int64 ``[n]`` or a single
   value (0-dim/``[1]``, e.g. a device step counter read by the kernel).
-* ``multistep_step_(x, model_output, history, step, table, rng, clip_denoised, stochastic)``: one
-  multistep solver step (``reference.multistep_step``) in place: ``x`` becomes ``x_next`` and the
-  ``[3, *x.shape]`` history ring advances; ``step`` holds one value; the SDE noise (``stochastic``)
-  is slot ``step`` under the key ``rng``, as ``ddpm_step_``'s.
+* ``multistep_step_(x, model_output, history, step, table, rng, clip_denoised, stochastic,
+  model_input)``: one multistep solver step (``reference.multistep_step``) in place: ``x`` becomes
+  ``x_next`` and the ``[3, *x.shape]`` history ring advances; ``step`` holds one value; the SDE noise
+  (``stochastic``) is slot ``step`` under the key ``rng``, as ``ddpm_step_``'s; ``model_input`` (None
+  or a tensor) gets ``x_next`` in its dtype and layout, as ``ddpm_step_``'s.
 """
 from __future__ import annotations
 

@@ -172,7 +172,7 @@ def multistep_step(x, model_output, history, step, table, *, seed: int = 0, samp
         if impl is not None:
             x_next = x.clone(memory_format=torch.contiguous_format)
             impl(x_next, model_output, history, step, table.to(torch.float32), noise_key(seed, sample_offset, x.device),
-                 bool(clip_denoised), bool(stochastic))
+                 bool(clip_denoised), bool(stochastic), None)
             return x_next
         if stochastic:
             noise = reference.batch_noise(seed, sample_offset, step.reshape(()), x.shape, x.device)

@@ -182,7 +182,7 @@ resolve._dynamo_marked_constant = True
 def implementation(op: str, backend: str):
     """The kernel of a fast ``backend`` for ``op`` (for ``ddpm_step_``:
     ``(x, out, step, coefs, rng, clip, model_input)``; for ``multistep_step_``:
-    ``(x, out, history, step, table, rng, clip, stochastic)``), or None for the
+    ``(x, out, history, step, table, rng, clip, stochastic, model_input)``), or None for the
     reference.  Raises if the backend cannot be loaded or lacks the op."""
     kernel = _check_op(op)
     _check_backend(backend)

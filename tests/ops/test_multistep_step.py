@@ -7,9 +7,10 @@ give the reference's ``x_next`` and advanced ring: odd and round shapes, model o
 in float32/bfloat16/float16 (the reference computes from the same rounded output),
 with and without the clip.  The SDE noise is the contract's (slot = step index): equal
 to ``reference.batch_noise``, across backends, and across batch splits.  Also: the
-dispatch, ``opcheck`` of both namespaces' ops, bad inputs.  GPU (``gpu`` marker): the
-CUDA and Triton ops against the reference, and inside a captured CUDA graph driven by
-a device step counter.
+dispatch, ``opcheck`` of both namespaces' ops, bad inputs.  The optional model input the
+op writes (``x_next`` in bf16/fp16, contiguous or channels_last) against the reference.
+GPU (``gpu`` marker): the CUDA and Triton ops against the reference, and inside a
+captured CUDA graph driven by a device step counter.
 """
 from functools import lru_cache
 
@@ -179,7 +180,7 @@ def test_inplace_op_updates_x_and_history(step_shape):
                                     reference.batch_noise(SEED, SAMPLE_OFFSET, int(step), x.shape, "cpu"))
     for name, op in _inplace_ops():
         x_buf, h_buf = x.clone(), history.clone()
-        op(x_buf, out, h_buf, step.reshape(step_shape), table, rng, True, True)
+        op(x_buf, out, h_buf, step.reshape(step_shape), table, rng, True, True, None)
         assert_close(x_buf, want, **FP32, msg=f"{name} x")
         assert_close(h_buf, want_history, **FP32, msg=f"{name} history")
 
@@ -191,7 +192,93 @@ def test_opcheck():
     for name, op in found:
         for dtype, clip, stochastic in [(torch.float32, True, True), (torch.float16, False, False)]:
             x, out, history, step, table, rng = _op_args(dtype=dtype)
-            torch.library.opcheck(op, (x, out, history, step, table, rng, clip, stochastic))
+            torch.library.opcheck(op, (x, out, history, step, table, rng, clip, stochastic, None))
+        for model_dtype, layout in [(torch.float16, torch.contiguous_format), (torch.float16, torch.channels_last),
+                                    (torch.float32, torch.channels_last)]:
+            x, out, history, step, table, rng = _op_args()
+            model_input = torch.empty(x.shape, dtype=model_dtype, memory_format=layout)
+            torch.library.opcheck(op, (x, out, history, step, table, rng, True, True, model_input))
+
+
+# -- the model input: x_next in the model's dtype and layout, written by the op ----------------------
+LAYOUTS = [torch.contiguous_format, torch.channels_last]
+MODEL_INPUT_CASES = [(shape, layout) for shape in SHAPES for layout in LAYOUTS
+                     if len(shape) == 4 or layout is torch.contiguous_format]
+
+
+def _model_input_case_id(case):
+    shape, layout = case
+    return f"{_id(shape)}-{'channels_last' if layout is torch.channels_last else 'contiguous'}"
+
+
+def _check_model_input_steps(backend, solver, shape, model_dtype, layout, tol, device="cpu"):
+    """Every row of the solver's table: the op, given the reference's state (float32 x and model
+    output) and a model-input buffer, writes the reference's x_next and history, and x_next in the
+    buffer's dtype and layout: its own x_next cast (exactly), the reference's within the dtype's
+    tolerance."""
+    op = ops.implementation("multistep_step_", backend)
+    table, stochastic = _table(solver, device), _plan(solver).stochastic
+    K = table.shape[0]
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(device)
+    history = torch.zeros((3, *shape), device=device)
+    history[2].normal_()
+    model_input = torch.empty(shape, dtype=model_dtype, device=device, memory_format=layout)
+    for i, out in zip(reversed(range(K)), _outputs(shape, torch.float32, K, device)):
+        step = torch.tensor(i, device=device)
+        x_buf, h_buf = x.clone(), history.clone()
+        model_input.fill_(float("nan"))  # every element must be written
+        op(x_buf, out, h_buf, step, table, _rng(device=device), True, stochastic, model_input)
+        noise = reference.batch_noise(SEED, SAMPLE_OFFSET, i, shape, device) if stochastic else None
+        x = reference.multistep_step(x, out, history, step, table, True, noise)
+        assert_close(x_buf, x, **tol, msg=f"{backend} x_next at step {i}")
+        assert_close(h_buf, history, **tol, msg=f"{backend} history at step {i}")
+        assert model_input.dtype == model_dtype and model_input.is_contiguous(memory_format=layout)
+        assert_close(model_input, x_buf.to(model_dtype), **EXACT, msg=f"{backend} model input at step {i}")
+        assert_close(model_input, x.to(model_dtype), **BY_DTYPE[model_dtype],
+                     msg=f"{backend} model input vs the reference at step {i}")
+
+
+@pytest.mark.parametrize("case", MODEL_INPUT_CASES, ids=_model_input_case_id)
+@pytest.mark.parametrize("model_dtype", [torch.bfloat16, torch.float16], ids=_id)
+@pytest.mark.parametrize("solver", multistep.SOLVERS)
+@pytest.mark.parametrize("backend", FAST)
+def test_inplace_op_writes_the_model_input(backend, solver, model_dtype, case):
+    _skip_unless(backend, model_dtype)
+    shape, layout = case
+    _check_model_input_steps(backend, solver, shape, model_dtype, layout, FP32)
+
+
+def _bad_model_inputs(x):
+    """(id, model_input, error by backend or None for the default, match)."""
+    if HAS_CUDA:
+        other_device = [("device", torch.empty(x.shape, dtype=torch.float16, device="cuda"), None, "model_input must")]
+    else:  # a meta model_input with a CPU x dispatches to the fake implementation, which checks it
+        other_device = [("device", torch.empty(x.shape, dtype=torch.float16, device="meta"), RuntimeError,
+                         r"model_input must be a float32/float16/bfloat16 tensor of shape \(2, 3, 4, 4\) on cpu")]
+    return [
+        ("shape", torch.empty((2, 3, 4, 5), dtype=torch.float16), None, "model_input must have"),
+        ("batch", torch.empty((1, 3, 4, 4), dtype=torch.bfloat16), None, "model_input must have"),
+        ("int32", torch.empty(x.shape, dtype=torch.int32), None, "model_input must be float32, float16 or bfloat16"),
+        ("int64", torch.empty(x.shape, dtype=torch.int64), None, "model_input must be float32, float16 or bfloat16"),
+        ("strided", torch.empty((2, 3, 4, 8), dtype=torch.float16)[..., ::2], None,
+         "model_input must be contiguous or channels_last"),
+    ] + other_device
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_ops_reject_a_bad_model_input_naming_it(backend):
+    """A wrong shape, device or an integer dtype: an error naming model_input, before anything is written."""
+    found = dict(_inplace_ops())
+    if backend not in found:
+        pytest.skip(f"{backend} cannot run here")
+    op = found[backend]
+    x, out, history, step, table, rng = _op_args()
+    for name, model_input, error, match in _bad_model_inputs(x):
+        error = error or (RuntimeError if backend == "cpp" else ValueError)
+        x_buf, h_buf = x.clone(), history.clone()
+        with pytest.raises(error, match=match):
+            op(x_buf, out, h_buf, step, table, rng, True, True, model_input)
+        assert torch.equal(x_buf, x) and torch.equal(h_buf, history), name
 
 
 # -- dispatch ---------------------------------------------------------------------------------------
@@ -275,7 +362,7 @@ def test_ops_reject_bad_inputs_naming_the_argument(backend):
     for args, match in cases:
         x_buf, h_buf = args[0].clone(), args[2].clone()
         with pytest.raises(error, match=match):
-            op(x_buf, args[1], h_buf, *args[3:], True, True)
+            op(x_buf, args[1], h_buf, *args[3:], True, True, None)
 
 
 def test_public_update_routes_through_the_dispatch(monkeypatch):
@@ -300,6 +387,18 @@ def test_cuda_matches_reference(backend, solver, shape, dtype):
     tol = FMA_FP32 if dtype == torch.float32 else BY_DTYPE[dtype]
     for clip in (True, False):
         _check_steps(backend, table, shape, dtype, clip, _plan(solver).stochastic, tol, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", MODEL_INPUT_CASES + [((8, 3, 64, 64), torch.channels_last)],
+                         ids=_model_input_case_id)
+@pytest.mark.parametrize("model_dtype", [torch.bfloat16, torch.float16], ids=_id)
+@pytest.mark.parametrize("solver", ["dpm++3m", "dpm++2m-sde"])
+@pytest.mark.parametrize("backend", FAST)
+def test_cuda_writes_the_model_input(backend, solver, model_dtype, case):
+    _skip_unless(backend, model_dtype, "cuda")
+    shape, layout = case
+    _check_model_input_steps(backend, solver, shape, model_dtype, layout, FMA_FP32, device="cuda")
 
 
 @pytest.mark.gpu
@@ -333,11 +432,11 @@ def test_cuda_graph_with_device_step_counter(backend):
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # warm up off the default stream, as capture requires
-        op(x.clone(), out_buf, history.clone(), step.clone(), table, rng, True, True)
+        op(x.clone(), out_buf, history.clone(), step.clone(), table, rng, True, True, None)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        op(x, out_buf, history, step, table, rng, True, True)
+        op(x, out_buf, history, step, table, rng, True, True, None)
         step.sub_(1)
     x.copy_(x0)
     history.zero_()
