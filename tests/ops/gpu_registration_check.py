@@ -30,8 +30,8 @@ def examples(name):
         "ddpm_step": (x, x.half(), t, coefs, 1, 0, True),
         "ddpm_step_cast": (x, x, t, coefs, 1, 0, False, torch.bfloat16, True),
         "ddpm_step_": (x.clone(), x, t, coefs, rng, True, x.to(torch.bfloat16)),
-        "multistep_step_": (x.clone(), x, torch.zeros(3, *x.shape), torch.tensor([2]),
-                            torch.rand(12, 12), rng, True, True),
+        "multistep_step_": (x.clone(), x, torch.zeros(3, *x.shape), torch.tensor([2]), torch.rand(12, 12), rng, True,
+                            True, x.half().contiguous(memory_format=torch.channels_last)),
         "attention_forward": (q, q, q),
         "attention_backward": (q, q, q, q, q, torch.randn(2, 3, 9)),
     }[name]
