@@ -40,7 +40,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
-from fastddpm.kernels.attention import SMEM_LIMIT  # noqa: E402  (bytes of shared memory an sm_90 block may use)
+from fastddpm.kernels.attention_tiles import SMEM_LIMIT  # noqa: E402  (bytes of shared memory an sm_90 block may use)
 
 TARGET = GPUTarget("cuda", 90, 32)
 

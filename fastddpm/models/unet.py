@@ -33,10 +33,12 @@ Differences from the original, on purpose:
   pesser's port), not Ho et al.'s fan-avg uniform with near-zero output
   layers: the model trains well either way, and an untrained model then
   depends on every parameter and on ``t``, which the tests check.
+
+The blocks live in :mod:`fastddpm.models.blocks` (re-exported here); this
+module holds the configuration and the assembly.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -47,10 +49,9 @@ import torch.nn.functional as F
 from .. import ops
 from ..checks import is_int
 from ..config import JsonConfig
+from .blocks import AttentionBlock, Downsample, ResBlock, Upsample, group_norm, timestep_embedding
 
 __all__ = ["UNetConfig", "UNet", "timestep_embedding", "ResBlock", "AttentionBlock", "Downsample", "Upsample"]
-
-GROUPNORM_EPS = 1e-6  # as the TF original (tf.contrib group_norm) and pesser's port
 
 
 # -- configuration ---------------------------------------------------------------------
@@ -168,132 +169,7 @@ class UNetConfig(JsonConfig):
         return channels // self.head_channels if self.head_channels is not None else self.num_heads
 
 
-# -- building blocks ---------------------------------------------------------------------
-def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sinusoidal embedding of Ho et al. (``get_timestep_embedding``): ``[n] -> [n, dim]`` float32.
-
-    Frequencies ``exp(-log(10000) * i / (half - 1))``, sines then cosines, a
-    zero column when ``dim`` is odd.  Always float32, whatever autocast says.
-    """
-    half = dim // 2
-    scale = math.log(10000) / max(half - 1, 1)
-    freqs = torch.exp(torch.arange(half, device=t.device, dtype=torch.float32) * -scale)
-    args = t.to(torch.float32)[:, None] * freqs[None, :]
-    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
-    if dim % 2:
-        emb = F.pad(emb, (0, 1))
-    return emb
-
-
-def _norm(channels: int, groups: int) -> nn.GroupNorm:
-    return nn.GroupNorm(groups, channels, eps=GROUPNORM_EPS)
-
-
-class ResBlock(nn.Module):
-    """``x + conv(drop(act(norm(conv(act(norm(x))) + W act(temb)))))`` with a 1x1
-    shortcut when the channel count changes (Ho et al.'s ``resnet_block``)."""
-
-    def __init__(self, in_channels: int, out_channels: int, temb_channels: int, dropout: float, groups: int):
-        super().__init__()
-        self.in_channels, self.out_channels = in_channels, out_channels
-        self.norm1 = _norm(in_channels, groups)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.temb_proj = nn.Linear(temb_channels, out_channels)
-        self.norm2 = _norm(out_channels, groups)
-        self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
-
-    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.temb_proj(F.silu(temb))[:, :, None, None]
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        if self.nin_shortcut is not None:
-            x = self.nin_shortcut(x)
-        return x + h
-
-
-class AttentionBlock(nn.Module):
-    """Multi-head self-attention over the ``H*W`` positions, with a residual.
-
-    ``norm -> 1x1 conv to q, k, v -> fastddpm.ops.attention -> 1x1 proj_out``.
-    The attention call sees ``[B, heads, L, d]`` views (scale ``d**-0.5``); with
-    one head this is Ho et al.'s ``attn_block``.
-    """
-
-    def __init__(self, channels: int, num_heads: int, groups: int):
-        super().__init__()
-        if channels % num_heads:
-            raise ValueError(f"num_heads={num_heads} must divide channels={channels}")
-        self.channels, self.num_heads = channels, num_heads
-        self.norm = _norm(channels, groups)
-        self.qkv = nn.Conv2d(channels, 3 * channels, 1)  # output channels ordered (q|k|v, head, d)
-        self.proj_out = nn.Conv2d(channels, channels, 1)
-        self.attention_backend: str | None = None  # None: fastddpm.ops' choice
-
-    def qkv_heads(self, x: torch.Tensor):
-        """q, k, v of shape ``[B, heads, H*W, d]`` for input ``x``, each contiguous.
-
-        Contiguous, not views of the conv's output: ``scaled_dot_product_attention``
-        on a CPU takes its flash kernel only when the last dim has stride 1, and a
-        strided q/k/v falls back to the slow math path (one copy here is cheaper).
-        """
-        b, c, hgt, wid = x.shape
-        qkv = self.qkv(self.norm(x))  # [B, 3C, H, W], channels ordered (q|k|v, head, d)
-        # [B, 3, heads, d, L] (a view for either layout) -> one copy to [3, B, heads, L, d]
-        qkv = qkv.reshape(b, 3, self.num_heads, c // self.num_heads, hgt * wid)
-        q, k, v = qkv.permute(1, 0, 2, 4, 3).contiguous().unbind(0)
-        return q, k, v
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, hgt, wid = x.shape
-        q, k, v = self.qkv_heads(x)
-        o = ops.attention(q, k, v, backend=self.attention_backend)  # [B, heads, L, d]
-        if _memory_format(x) == torch.channels_last:  # one copy to NHWC, seen as channels_last NCHW
-            o = o.transpose(1, 2).reshape(b, hgt, wid, c).permute(0, 3, 1, 2)
-        else:  # one copy to NCHW
-            o = o.transpose(2, 3).reshape(b, c, hgt, wid)
-        return x + self.proj_out(o)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # Accept pesser's / Ho et al.'s separate q, k, v 1x1 convs by fusing them.
-        names = [prefix + f"{p}.{s}" for p in "qkv" for s in ("weight", "bias")]
-        if all(n in state_dict for n in names) and prefix + "qkv.weight" not in state_dict:
-            for s in ("weight", "bias"):
-                state_dict[prefix + "qkv." + s] = torch.cat([state_dict.pop(prefix + f"{p}.{s}") for p in "qkv"])
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-
-def _memory_format(x: torch.Tensor) -> torch.memory_format:
-    return torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
-        else torch.contiguous_format
-
-
-class Downsample(nn.Module):
-    """Halve H and W: conv3x3 stride 2 after a TF-"SAME"-style (0, 1, 0, 1) pad, or 2x2 average pooling."""
-
-    def __init__(self, channels: int, with_conv: bool):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2) if with_conv else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.conv is None:
-            return F.avg_pool2d(x, 2)
-        return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-
-class Upsample(nn.Module):
-    """Double H and W: nearest neighbour, then conv3x3 (if ``with_conv``)."""
-
-    def __init__(self, channels: int, with_conv: bool):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1) if with_conv else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
-        return x if self.conv is None else self.conv(x)
-
-
+# -- the model -------------------------------------------------------------------------
 class _Level(nn.Module):
     """One resolution level: ``block[i]`` each followed by ``attn[i]`` if the level has attention."""
 
@@ -303,7 +179,6 @@ class _Level(nn.Module):
         self.attn = nn.ModuleList()
 
 
-# -- the model -------------------------------------------------------------------------
 class UNet(nn.Module):
     """The DDPM noise-prediction U-Net: ``model(x, t) -> [n, out_channels, H, W]``.
 
@@ -374,7 +249,7 @@ class UNet(nn.Module):
         self.up = nn.ModuleList(up_levels)
         assert not skip_channels
 
-        self.norm_out = _norm(block_in, groups)
+        self.norm_out = group_norm(block_in, groups)
         self.conv_out = nn.Conv2d(block_in, self.out_channels, 3, padding=1)
 
     def _check_inputs(self, x, t):

@@ -19,7 +19,7 @@ from tolerances import ATTENTION, assert_close
 from backends import import_backend  # noqa: E402
 
 kernels = import_backend("fastddpm.kernels.ops")
-from fastddpm.kernels import attention as attention_module  # noqa: E402
+from fastddpm.kernels import attention_tiles  # noqa: E402
 from fastddpm.kernels.attention import attention, l_bucket  # noqa: E402
 
 pytestmark = pytest.mark.ops
@@ -133,21 +133,21 @@ def test_autotune_key_buckets_the_sequence_length():
 SPILLED_ON_SM90 = [("fwd", 128, 64, 128, 4, 3), ("fwd", 64, 64, 256, 4, 3), ("dkdv", 64, 128, 128, 8, 2),
                    ("dq", 64, 16, 256, 4, 2), ("dq", 64, 32, 256, 4, 3)]
 SPILLED_ONE_PASS_D256 = [(32, 64, 8, 1), (32, 64, 8, 2), (64, 64, 8, 2)]
-BLOCKS = {"fwd": attention_module.FWD_BLOCKS, "dkdv": attention_module.DKDV_BLOCKS, "dq": attention_module.DQ_BLOCKS}
+BLOCKS = {"fwd": attention_tiles.FWD_BLOCKS, "dkdv": attention_tiles.DKDV_BLOCKS, "dq": attention_tiles.DQ_BLOCKS}
 
 
 def kept(kind, block_m, block_n, head_dim, warps, stages, esize=2):
-    outputs = sum(attention_module.dkdv_passes(head_dim)[0]) if kind == "dkdv" else 2
-    return attention_module.config_fits(kind, block_m, block_n, head_dim, warps, stages, esize, outputs)
+    outputs = sum(attention_tiles.dkdv_passes(head_dim)[0]) if kind == "dkdv" else 2
+    return attention_tiles.config_fits(kind, block_m, block_n, head_dim, warps, stages, esize, outputs)
 
 
 def test_autotune_pruner_drops_the_configs_that_spilled_on_sm90():
     for kind, bm, bn, d, warps, stages in SPILLED_ON_SM90:
         assert not kept(kind, bm, bn, d, warps, stages), (kind, bm, bn, d, warps, stages)
-    assert attention_module.dkdv_passes(256) == ((True, False), (False, True))
+    assert attention_tiles.dkdv_passes(256) == ((True, False), (False, True))
     for bm, bn, warps, stages in SPILLED_ONE_PASS_D256:  # with both accumulators they would be dropped
-        _, regs = attention_module.tile_cost("dkdv", bm, bn, 256, stages, 2, outputs=2)
-        assert regs > attention_module.REGISTER_BUDGET * 32 * warps
+        _, regs = attention_tiles.tile_cost("dkdv", bm, bn, 256, stages, 2, outputs=2)
+        assert regs > attention_tiles.REGISTER_BUDGET * 32 * warps
 
 
 @pytest.mark.parametrize("kind", sorted(BLOCKS))
