@@ -63,6 +63,8 @@ def test_cpu_training_plan_never_picks_a_slower_option_and_says_why(tmp_path, te
     for choice in ("device=", "mixed_precision=", "channels_last=", "compile=", "threads="):
         assert sum(line.startswith(choice) for line in lines) == 1, (choice, lines)
     assert "mixed_precision='no': automatic; a CPU trains fastest in float32" in trainer.explain()
+    assert "compile='no': the default, not timed" in trainer.explain()
+    assert "pays back after" in trainer.explain()  # the measured break-even, for choosing --compile
     asked = _trainer(tmp_path / "asked", ten_images, steps=1, batch_size=2, mixed_precision="bf16", channels_last=True)
     assert "mixed_precision='bf16': requested; note: on a CPU bf16 training measured" in asked.explain()
     assert "channels_last=True: requested" in asked.explain()
