@@ -333,6 +333,18 @@ __global__ void __launch_bounds__(kThreads) loss_backward_kernel(LossArgs a) {
   }
 }
 
+// The optional model-input copy of the in-place steps takes the vector path only when it is
+// contiguous and aligned to a pack (a channels_last copy is scattered element by element, so its
+// alignment does not matter).
+template <typename Args>
+bool model_input_aligned(const Args& a) {
+  bool ok = true;
+  if (a.model_input != nullptr && !a.channels_last) {
+    dispatch_float(a.model_input_dtype, [&](auto tag) { ok = aligned<decltype(tag)>(a.model_input, kVec); });
+  }
+  return ok;
+}
+
 }  // namespace
 
 cudaError_t philox(const PhiloxArgs& a, int num_sms, cudaStream_t stream) {
@@ -358,10 +370,7 @@ cudaError_t q_sample(const QSampleArgs& a, int num_sms, cudaStream_t stream) {
 cudaError_t ddpm_step(const StepArgs& a, int num_sms, cudaStream_t stream) {
   const int64_t total = a.n * a.numel;
   if (total == 0) return cudaSuccess;
-  bool input_aligned = true;
-  if (a.model_input != nullptr && !a.channels_last) {
-    dispatch_float(a.model_input_dtype, [&](auto tag) { input_aligned = aligned<decltype(tag)>(a.model_input, kVec); });
-  }
+  const bool input_aligned = model_input_aligned(a);
   dispatch_float(a.model_output_dtype, [&](auto tag) {
     using out_t = decltype(tag);
     if (a.numel % kVec == 0 && input_aligned && aligned<float>(a.x, kVec) && aligned<float>(a.x_prev, kVec) &&
@@ -377,10 +386,7 @@ cudaError_t ddpm_step(const StepArgs& a, int num_sms, cudaStream_t stream) {
 cudaError_t multistep_step(const MultistepArgs& a, int num_sms, cudaStream_t stream) {
   const int64_t total = a.n * a.numel;
   if (total == 0) return cudaSuccess;
-  bool input_aligned = true;
-  if (a.model_input != nullptr && !a.channels_last) {
-    dispatch_float(a.model_input_dtype, [&](auto tag) { input_aligned = aligned<decltype(tag)>(a.model_input, kVec); });
-  }
+  const bool input_aligned = model_input_aligned(a);
   dispatch_float(a.model_output_dtype, [&](auto tag) {
     using out_t = decltype(tag);
     // the ring slots start at multiples of total = n * numel: aligned when numel is a whole number of packs

@@ -177,14 +177,17 @@ def test_shards_callback_and_bf16_inputs():
     assert not torch.equal(bf16, full[:2])  # the dtype was used
 
 
+@pytest.mark.parametrize("sampler, op", [("ddpm", "ddpm_step"), ("dpm++3m", "multistep_step"),
+                                         ("dpm++2m-sde", "multistep_step")])
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
-def test_fused_step_writes_x_and_the_channels_last_model_input(backend):
-    """The in-place op of each fast backend (the Triton one interpreted on CPU) against
-    the reference step, with a float16 channels_last model input."""
-    if backend not in ops.available_backends("ddpm_step", "cpu", torch.float16):
+def test_fused_step_writes_x_and_the_channels_last_model_input(backend, sampler, op):
+    """The in-place op of each fast backend (the Triton one interpreted on CPU), ddpm_step_ or
+    multistep_step_, writes the float16 channels_last model input itself (the engine runs no copy
+    after it): the engine's result against the reference backend's, and the model input is x cast."""
+    if backend not in ops.available_backends(op, "cpu", torch.float16):
         pytest.skip(f"{backend} cannot run here")
     model = Pointwise()
-    kw = dict(steps=6, seed=8, progress=False, dtype=torch.float16, channels_last=True)
+    kw = dict(steps=6, seed=8, progress=False, sampler=sampler, dtype=torch.float16, channels_last=True)
     ref = engine_sample(model, 3, backend="reference", **kw)
     got = engine_sample(model, 3, backend=backend, **kw)
     assert_close(got, ref, **BY_DTYPE[torch.float16])
@@ -235,25 +238,6 @@ def test_multistep_engine_equals_sample(backend, solver):
     (engine,) = cached_engines()
     assert engine.runs == 2 and engine.num_steps == 7 and engine.coefs.shape == (7, 12)
     assert engine.history.shape == (3, 3, 2, 6, 6) and engine.step.item() == -1
-
-
-@pytest.mark.parametrize("solver", ["dpm++3m", "dpm++2m-sde"])
-@pytest.mark.parametrize("backend", ["cpp", "triton"])
-def test_fused_multistep_update_writes_the_channels_last_model_input(backend, solver):
-    """The fused multistep_step_ of each fast backend writes the float16 channels_last model input
-    itself (the engine runs no copy after it): the engine's result and model input against the
-    reference backend's, and the model input is the final x cast."""
-    if backend not in ops.available_backends("multistep_step", "cpu", torch.float16):
-        pytest.skip(f"{backend} cannot run here")
-    model = Pointwise()
-    kw = dict(steps=6, seed=8, progress=False, sampler=solver, dtype=torch.float16, channels_last=True)
-    ref = engine_sample(model, 3, backend="reference", **kw)
-    got = engine_sample(model, 3, backend=backend, **kw)
-    assert_close(got, ref, **BY_DTYPE[torch.float16])
-    engine = cached_engines()[-1]
-    assert engine.plan.backend == backend and engine.model_input.dtype == torch.float16
-    assert engine.model_input.is_contiguous(memory_format=torch.channels_last)
-    assert torch.equal(engine.model_input, engine.x.to(torch.float16))
 
 
 def test_multistep_engine_steps_callback_and_model_input():
