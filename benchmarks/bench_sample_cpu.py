@@ -136,7 +136,7 @@ def _ddpm_pytorch(model, device):
 
 def _fastddpm(**options):
     def make(model, device):
-        memory = {"_COMPILED_HERE": set(), "_LAYOUTS": {}, "_FORWARDS": {}}  # this row's own plan memory
+        memory = {"_COMPILED_HERE": set(), "_LAYOUTS": {}, "_FORWARDS": {}, "_FOREGONE": {}}  # this row's plan memory
 
         def call(n, steps):
             with _plan_memory(memory):
