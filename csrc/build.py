@@ -17,6 +17,7 @@ of the package being built).
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -87,6 +88,23 @@ def cuda_archs() -> str:
     return DEFAULT_ARCHS
 
 
+def source_files(root: Path) -> list[Path]:
+    """What fastddpm._C is compiled from: csrc's sources and headers, and the schema table."""
+    csrc = root / "csrc"
+    found = [p for p in csrc.iterdir() if p.suffix in (".cpp", ".cu", ".h")]
+    return sorted(found) + [root / "fastddpm" / "ops" / "schemas.def"]
+
+
+def source_hash(root: Path) -> str:
+    """16 hex digits over the names and bytes of ``source_files``: compiled into the
+    extension (``fastddpm._C.source_hash``), so a carried or installed build can be
+    checked against the sources it is used with."""
+    digest = hashlib.sha256()
+    for path in source_files(root):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
 def extension_kwargs(root: Path) -> dict:
     """``ext_modules`` and ``cmdclass`` for setup()."""
     cuda_home = find_cuda_home() if os.environ.get("FASTDDPM_BUILD_CUDA", "1") != "0" else None
@@ -103,7 +121,8 @@ def extension_kwargs(root: Path) -> dict:
     kwargs = dict(
         name="fastddpm._C",
         include_dirs=[str(root / "csrc")],
-        extra_compile_args={"cxx": list(CXX_FLAGS)},
+        # the C++ objects only (a source change recompiles them, not the CUDA one)
+        extra_compile_args={"cxx": [*CXX_FLAGS, f"-DFASTDDPM_SOURCE_HASH=h{source_hash(root)}"]},
         extra_link_args=["-fopenmp"],
     )
     if with_cuda:

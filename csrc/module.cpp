@@ -18,6 +18,14 @@ TORCH_LIBRARY(fastddpm, m) {
 #undef FASTDDPM_TRITON_OP
 }
 
+// source_hash: csrc/build.py's hash of the sources this build was compiled from (the "h" prefix
+// keeps the token an identifier), so a carried or installed build can be checked against them.
+#ifndef FASTDDPM_SOURCE_HASH
+#define FASTDDPM_SOURCE_HASH hunknown
+#endif
+#define FASTDDPM_STRINGIZE_(x) #x
+#define FASTDDPM_STRINGIZE(x) FASTDDPM_STRINGIZE_(x)
+
 PyMODINIT_FUNC PyInit__C(void) {
   static PyModuleDef module = {
       PyModuleDef_HEAD_INIT,
@@ -26,5 +34,10 @@ PyMODINIT_FUNC PyInit__C(void) {
       -1,
       nullptr,
   };
-  return PyModule_Create(&module);
+  PyObject* m = PyModule_Create(&module);
+  if (m != nullptr && PyModule_AddStringConstant(m, "source_hash", FASTDDPM_STRINGIZE(FASTDDPM_SOURCE_HASH) + 1) < 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
 }

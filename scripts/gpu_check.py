@@ -17,7 +17,8 @@ benchmark (device, driver, torch/triton/CUDA versions and the commit in each).
 Set-up builds nothing when it can help it: a ``fastddpm/_C*.so`` built on a
 CPU machine against the device's torch (``make device-stack``: torch 2.11.0,
 Python 3.12, sm_90) travels in the call's ``carry`` and is used if it loads
-with its CUDA kernels; otherwise the extension is built here.  The peers'
+with its CUDA kernels and was compiled from these sources (its ``source_hash``);
+otherwise the extension is built here.  The peers'
 wheels (``scripts/fetch_device_wheels.sh`` into ``.whl/``, carried too) are
 installed to ``/tmp/site``.  The Triton and C++ backends are required
 (``FASTDDPM_REQUIRE_BACKENDS=cpp,triton``): a missing one fails the tests.
@@ -188,10 +189,11 @@ def setup(env: dict, log: Log, limit_s: float) -> int:
     else:
         log("no .whl/ carried: diffusers and denoising-diffusion-pytorch tests will be skipped")
     probe = [sys.executable, "-c", "import fastddpm._C, fastddpm.ops.cpp as c; assert c.has_cuda(), 'no CUDA kernels'; "
-             "print('fastddpm._C with CUDA kernels:', fastddpm._C.__file__)"]
+             "stale = c.stale_build(); assert stale is None, stale; "
+             "print('fastddpm._C with CUDA kernels, of these sources:', fastddpm._C.__file__)"]
     if subprocess.run(probe, cwd=ROOT, env=env).returncode == 0:
         return 0
-    log("the carried fastddpm._C does not load with CUDA kernels here: building it")
+    log("the carried fastddpm._C does not load with CUDA kernels here, or was built from other sources: building it")
     build_env = env | {"FASTDDPM_REQUIRE_CUDA": "1", "FASTDDPM_CUDA_ARCHS": env.get("FASTDDPM_CUDA_ARCHS", "9.0"),
                        "MAX_JOBS": env.get("MAX_JOBS", "16")}
     code = run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], build_env, log,

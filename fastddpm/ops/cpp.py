@@ -33,13 +33,17 @@ Ops (schemas in the one table, ``fastddpm/ops/schemas.def``):
 """
 from __future__ import annotations
 
+import importlib.util
+import warnings
+from pathlib import Path
+
 import torch
 
 from .. import _C  # noqa: F401  (registers torch.ops.fastddpm.*; ImportError when not built)
 from . import fakes
 from .autograd import register_diffusion_loss_autograd
 
-__all__ = ["IMPLS", "unsupported", "has_cuda", "philox_normal", "philox4x32", "q_sample", "diffusion_loss", "ddpm_step",
+__all__ = ["IMPLS", "unsupported", "has_cuda", "stale_build", "philox_normal", "philox4x32", "q_sample", "diffusion_loss", "ddpm_step",
            "ddpm_step_cast", "ddpm_step_", "multistep_step_"]
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -64,6 +68,26 @@ IMPLS = {"q_sample": q_sample, "diffusion_loss": diffusion_loss, "ddpm_step": dd
 def has_cuda() -> bool:
     """Whether the extension was built with its CUDA kernels."""
     return torch._C._dispatch_has_kernel_for_dispatch_key("fastddpm::ddpm_step", "CUDA")
+
+
+def stale_build(root: Path | None = None) -> str | None:
+    """Why the loaded extension was not compiled from the sources of the checkout at ``root``
+    (default: the one this package runs from), or None when it was, or when there are no
+    sources to compare with (an installed package).  The build records the hash of its
+    sources (``csrc/build.py``'s ``source_hash``, ``fastddpm._C.source_hash``)."""
+    root = Path(__file__).resolve().parents[2] if root is None else Path(root)
+    helper = root / "csrc" / "build.py"
+    if not helper.is_file():
+        return None
+    spec = importlib.util.spec_from_file_location("fastddpm_csrc_build", helper)
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    built, current = getattr(_C, "source_hash", "unknown"), build.source_hash(root)
+    if built == current:
+        return None
+    return (f"fastddpm._C ({_C.__file__}) was built from other sources (hash {built}) than those in {root} "
+            f"({current}: csrc/ or the schema table changed since); rebuild it: python setup.py build_ext --inplace "
+            "(or make)")
 
 
 def unsupported(op: str, device: torch.device, dtype: torch.dtype) -> str | None:
@@ -93,3 +117,7 @@ def _philox4x32_fake(seed, offsets):
 
 
 register_diffusion_loss_autograd("fastddpm")
+
+_stale = stale_build()
+if _stale is not None:
+    warnings.warn(_stale, stacklevel=2)

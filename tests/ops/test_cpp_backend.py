@@ -293,3 +293,26 @@ def test_cuda_graph_with_device_step_counter_and_noise_key():
         assert_close(x, expected, **FP32, msg=f"graph replay vs reference, seed {seed}")
         assert_close(model_input, x.to(torch.bfloat16), **EXACT, msg="model input")
         assert int(counter.item()) == -1
+
+
+# -- the build and its sources ------------------------------------------------------------
+def test_the_build_is_of_these_sources_and_a_change_is_seen(tmp_path):
+    """fastddpm._C records the hash of the sources it was compiled from: this run's build is of
+    this checkout (else a stale .so, e.g. one carried to the GPU machine, would be tested), and a
+    change to a C++ source or to the schema table makes it stale, with the way out named."""
+    import shutil
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    assert cpp_ops.stale_build(root) is None
+    shutil.copytree(root / "csrc", tmp_path / "csrc", ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "fastddpm" / "ops").mkdir(parents=True)
+    shutil.copy(root / "fastddpm" / "ops" / "schemas.def", tmp_path / "fastddpm" / "ops")
+    assert cpp_ops.stale_build(tmp_path) is None
+    for changed in (tmp_path / "csrc" / "fused_math.h", tmp_path / "fastddpm" / "ops" / "schemas.def"):
+        original = changed.read_text()
+        changed.write_text(original + "\n// changed\n")
+        why = cpp_ops.stale_build(tmp_path)
+        assert why is not None and "rebuild it" in why and str(tmp_path) in why, why
+        changed.write_text(original)
+    assert cpp_ops.stale_build(tmp_path / "installed") is None  # no sources beside it: nothing to compare
