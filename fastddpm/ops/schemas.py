@@ -36,7 +36,10 @@ def parse(text: str) -> dict[str, tuple[str, tuple[str, ...]]]:
         name = schema.split("(", 1)[0]
         if name in table:
             raise ValueError(f"{TABLE.name}:{number}: op {name!r} is declared twice")
-        torch._C.parse_schema(schema)  # a malformed schema fails here, naming itself
+        try:
+            torch._C.parse_schema(schema)
+        except RuntimeError as e:
+            raise ValueError(f"{TABLE.name}:{number}: malformed schema {schema!r}: {e}") from None
         table[name] = (schema, _BACKENDS[match.group(1)])
     return table
 
