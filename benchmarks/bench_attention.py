@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, measure, timing_fields, write_results  # noqa: E402
+from common import environment, error_line, measure, timing_fields, write_results  # noqa: E402
 
 # (name, B, heads, L, d): the Ho et al. CIFAR-10 U-Net's 16x16 attention (one
 # head of 256 channels), and the 32x32 / 64x64 attention of larger U-Nets
@@ -105,7 +105,7 @@ def run(shape_names, dtype_name, reps) -> list[dict]:
                     if mode == "fwd":
                         row["max_abs_err"] = max_abs_error(fn, B, H, L, d, dtype)
                 except (RuntimeError, torch.OutOfMemoryError) as e:  # the backend cannot run this shape
-                    row["note"] = str(e).strip().splitlines()[0][:120]
+                    row["note"] = error_line(e, 120)
                 torch.cuda.empty_cache()
                 group.append(row)
                 shown = (f"{row['median_ms']:8.3f} ms {row['TFLOP/s']:7.1f} TFLOP/s" if "median_ms" in row

@@ -26,7 +26,8 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import copy_bandwidth_gbs, environment, measure, time_limit, timing_fields, write_results  # noqa: E402
+from common import (copy_bandwidth_gbs, environment, error_line, measure, time_limit, timing_fields,  # noqa: E402
+                    write_results)
 
 from fastddpm import ops  # noqa: E402
 from fastddpm.ops import reference  # noqa: E402
@@ -181,7 +182,7 @@ def run(device: torch.device, sizes, op_names, provider_names, dtype_names, reps
                         with time_limit(first_call_timeout_s):
                             op.finish(fn(), args)
                     except Exception as e:  # noqa: BLE001 -- recorded in the results
-                        failed[(op_name, provider)] = f"first call failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+                        failed[(op_name, provider)] = f"first call failed: {error_line(e, 120)}"
                         rows.append(dict(op=op_name, dtype=dtype_name, numel=numel, provider=provider,
                                          note=failed[(op_name, provider)]))
                         print(f"{op_name:15s} {dtype_name} {numel:>10d} {provider:19s} {failed[(op_name, provider)]}")

@@ -61,7 +61,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, write_results  # noqa: E402
+from common import environment, error_line, write_results  # noqa: E402
 from peers import (  # noqa: E402
     DIFFUSERS_PRESETS, NUM_TIMESTEPS, ddpm_pytorch_sampler, diffusers_loop, diffusers_preset_kwargs, param_count,
     strided_attention_forward,
@@ -223,7 +223,7 @@ def run(model, device, names, sizes, steps: int, reps: int, on_row=None) -> list
             try:
                 calls[name] = ROWS[name].make(model, device)
             except Exception as e:  # noqa: BLE001 -- recorded in the results
-                notes[name] = f"setup failed: {type(e).__name__}: {str(e).splitlines()[0][:100]}"
+                notes[name] = f"setup failed: {error_line(e, 100)}"
         for r in range(reps + 1):  # round 0: the first calls
             for name in names:
                 if name in notes:
@@ -233,7 +233,7 @@ def run(model, device, names, sizes, steps: int, reps: int, on_row=None) -> list
                     calls[name](n, steps)
                     seconds = time.perf_counter() - start
                 except Exception as e:  # noqa: BLE001
-                    notes[name] = f"failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:120]}"
+                    notes[name] = f"failed: {error_line(e, 120)}"
                     continue
                 if r == 0:
                     first[name] = seconds

@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import environment, write_results  # noqa: E402
+from common import environment, error_line, write_results  # noqa: E402
 
 PACKAGES = ("fastddpm", "diffusers")
 COLUMNS = ["impl", "sampler", "steps", "model_calls", "seeds", "fd", "fd_range", "precision", "recall", "seconds",
@@ -238,7 +238,7 @@ def main(argv=None) -> int:
                 continue
             row |= measure_row(model, process, impl, sampler, steps, n, seeds, evaluate)
         except Exception as e:  # noqa: BLE001 -- recorded in the results
-            row["note"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            row["note"] = f"failed: {error_line(e)}"
         rows.append(row)
         base = next((r["seconds"] for r in rows if r["sampler"] == "ddpm" and r["steps"] == 1000 and "seconds" in r),
                     None)
