@@ -37,7 +37,17 @@ from .noise import contract_offsets
 
 __all__ = ["ddpm_step", "ddpm_step_cast", "ddpm_step_", "ddpm_step_into"]
 
-MODEL_INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # as the C++ ops'
+
+@triton.jit
+def store_model_input(model_input_ptr, base, element, value, mask, channels, spatial, CHANNELS_LAST: tl.constexpr):
+    """Write a row's new ``x`` (``value`` at ``element``, the row starting at ``base``) into the
+    model-input buffer in its dtype: contiguous, or channels_last, where element c*HW + hw of the
+    sample lives at hw*C + c.  Shared by the DDPM and multistep in-place kernels."""
+    if CHANNELS_LAST:
+        dst = (element % spatial) * channels + element // spatial
+    else:
+        dst = element
+    tl.store(model_input_ptr + base + dst, value.to(model_input_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -73,16 +83,12 @@ def _ddpm_step_kernel(x_ptr, out_ptr, step_ptr, step_stride, coefs_ptr, x_prev_p
         x_prev = x_prev + sigma * z
     tl.store(x_prev_ptr + base + element, x_prev, mask=mask)
     if WRITE_MODEL_INPUT:
-        if CHANNELS_LAST:  # element c*HW + hw of the sample lives at hw*C + c
-            dst = (element % spatial) * channels + element // spatial
-        else:
-            dst = element
-        tl.store(model_input_ptr + base + dst, x_prev.to(model_input_ptr.dtype.element_ty), mask=mask)
+        store_model_input(model_input_ptr, base, element, x_prev, mask, channels, spatial, CHANNELS_LAST)
 
 
 def model_input_layout(model_input, x) -> tuple[bool, int, int]:
     """(channels_last, C, H*W) of the model-input buffer (``ddpm_step_``'s and ``multistep_step_``'s)."""
-    if not isinstance(model_input, torch.Tensor) or model_input.dtype not in MODEL_INPUT_DTYPES:
+    if not isinstance(model_input, torch.Tensor) or model_input.dtype not in fakes.MODEL_INPUT_DTYPES:
         what = model_input.dtype if isinstance(model_input, torch.Tensor) else type(model_input).__name__
         raise ValueError(f"model_input must be float32, float16 or bfloat16, got {what}")
     if model_input.shape != x.shape or model_input.device != x.device:

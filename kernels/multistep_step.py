@@ -29,7 +29,7 @@ from fastddpm.ops import fakes
 from fastddpm.noise import check_noise_capacity
 
 from ._library import ELEMENTWISE_WARPS, elementwise_block, elementwise_grid, launch, op
-from .ddpm_step import check_rng, model_input_layout
+from .ddpm_step import check_rng, model_input_layout, store_model_input
 from .noise import contract_offsets
 
 __all__ = ["multistep_step_", "multistep_step_into"]
@@ -82,12 +82,8 @@ def _multistep_step_kernel(x_ptr, out_ptr, history_ptr, step_ptr, table_ptr, rng
     tl.store(h2_ptr, d, mask=mask)
     tl.store(x_last_ptr, x_corr, mask=mask)
     if WRITE_MODEL_INPUT:
-        if CHANNELS_LAST:  # element c*HW + hw of the sample lives at hw*C + c
-            dst = (element % spatial) * channels + element // spatial
-        else:
-            dst = element
-        tl.store(model_input_ptr + row.to(tl.int64) * numel + dst, x_next.to(model_input_ptr.dtype.element_ty),
-                 mask=mask)
+        store_model_input(model_input_ptr, row.to(tl.int64) * numel, element, x_next, mask, channels, spatial,
+                          CHANNELS_LAST)
 
 
 def multistep_step_into(x, model_output, history, step, table, rng, clip_denoised: bool, stochastic: bool,

@@ -40,12 +40,22 @@ def ddpm_step_cast(x, model_output, step, coefs, seed, sample_offset, clip_denoi
             torch.empty(x.shape, dtype=model_dtype, device=x.device, memory_format=layout))
 
 
+MODEL_INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # the in-place ops' model-input buffer
+
+
+def _check_rng(rng, x):
+    """The in-place ops' noise key: int64 ``[2]`` ``(seed, sample_offset)`` on ``x``'s device."""
+    torch._check(rng.dtype == torch.int64 and rng.shape == (2,) and rng.device == x.device,
+                 lambda: f"rng must be an int64 [2] tensor (seed, sample_offset) on {x.device}, got "
+                         f"{rng.dtype} {tuple(rng.shape)} on {rng.device}")
+
+
 def _check_model_input(model_input, x):
     """The in-place ops' optional model-input buffer: a float copy of the new ``x`` (a CPU op given a
     meta one dispatches here, so this is where its device is checked then)."""
     if model_input is None:
         return
-    torch._check(model_input.dtype in (torch.float32, torch.float16, torch.bfloat16)
+    torch._check(model_input.dtype in MODEL_INPUT_DTYPES
                  and model_input.shape == x.shape and model_input.device == x.device,
                  lambda: f"model_input must be a float32/float16/bfloat16 tensor of shape {tuple(x.shape)} on "
                          f"{x.device}, got {model_input.dtype} {tuple(model_input.shape)} on {model_input.device}")
@@ -53,9 +63,7 @@ def _check_model_input(model_input, x):
 
 def ddpm_step_(x, model_output, step, coefs, rng, clip_denoised, model_input):
     torch._check(model_output.shape == x.shape, lambda: "model_output must have x's shape")
-    torch._check(rng.dtype == torch.int64 and rng.shape == (2,) and rng.device == x.device,
-                 lambda: f"rng must be an int64 [2] tensor (seed, sample_offset) on {x.device}, got "
-                         f"{rng.dtype} {tuple(rng.shape)} on {rng.device}")
+    _check_rng(rng, x)
     _check_model_input(model_input, x)
     return None
 
@@ -66,8 +74,6 @@ def multistep_step_(x, model_output, history, step, table, rng, clip_denoised, s
                                                            f"{tuple(history.shape)}")
     torch._check(table.dim() == 2 and table.shape[1] == 12, lambda: f"table must have shape (K, 12), got "
                                                                      f"{tuple(table.shape)}")
-    torch._check(rng.dtype == torch.int64 and rng.shape == (2,) and rng.device == x.device,
-                 lambda: f"rng must be an int64 [2] tensor (seed, sample_offset) on {x.device}, got "
-                         f"{rng.dtype} {tuple(rng.shape)} on {rng.device}")
+    _check_rng(rng, x)
     _check_model_input(model_input, x)
     return None
