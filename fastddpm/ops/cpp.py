@@ -43,8 +43,8 @@ from .. import _C  # noqa: F401  (registers torch.ops.fastddpm.*; ImportError wh
 from . import fakes
 from .autograd import register_diffusion_loss_autograd
 
-__all__ = ["IMPLS", "unsupported", "has_cuda", "stale_build", "philox_normal", "philox4x32", "q_sample", "diffusion_loss", "ddpm_step",
-           "ddpm_step_cast", "ddpm_step_", "multistep_step_"]
+__all__ = ["IMPLS", "unsupported", "has_cuda", "stale_build", "philox_normal", "philox4x32", "q_sample",
+           "diffusion_loss", "ddpm_step", "ddpm_step_cast", "ddpm_step_", "multistep_step_"]
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _ops = torch.ops.fastddpm
