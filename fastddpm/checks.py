@@ -18,6 +18,12 @@ def is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def check_float_dtype(name: str, dtype) -> None:
+    """``dtype`` is one of :data:`FLOAT_DTYPES` (a model or sample dtype)."""
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {dtype}")
+
+
 def check_sample_args(n, sample_offset, batch_size, callback) -> None:
     """The arguments every sampler (the eager loop, the engine) takes, checked once for both.
 

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from . import multistep, ops
 from .adapters import ModelAdapter
-from .checks import check_finite_values, check_output_flag, check_sample_args, watch_output
+from .checks import check_finite_values, check_float_dtype, check_output_flag, check_sample_args, watch_output
 from .diffusion import DDPM
 from .noise import check_noise_capacity, check_seed
 from .ops import reference
@@ -36,8 +36,7 @@ def sample_eager(model, n: int, *, steps: int | None = None, seed: int = 0, devi
     adapter = ModelAdapter(model, image_size=image_size, channels=channels)
     device = torch.device(device) if device is not None else adapter.device
     dtype = dtype if dtype is not None else adapter.dtype
-    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    check_float_dtype("dtype", dtype)
     shape = adapter.shape(n)
     numel = int(torch.Size(shape[1:]).numel())
     plan = process.multistep_plan(steps) if process.is_multistep else None

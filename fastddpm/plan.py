@@ -13,13 +13,11 @@ import torch
 
 from . import ops
 from .adapters import ModelAdapter
-from .checks import is_int
+from .checks import check_float_dtype, is_int
 from .modes import TORCH_COMPILE_MODES
 
-__all__ = ["Plan", "make_plan", "resolve_device", "COMPILE_MODES", "INDUCTOR_GRAPH_MODES", "MODEL_DTYPES",
-           "CUDA_MICRO_BATCH"]
+__all__ = ["Plan", "make_plan", "resolve_device", "COMPILE_MODES", "INDUCTOR_GRAPH_MODES", "CUDA_MICRO_BATCH"]
 
-MODEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 COMPILE_MODES = TORCH_COMPILE_MODES  # compile= takes these, or True/False/None (the trainer's "no" is its own)
 INDUCTOR_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # modes that bring Inductor's own CUDA graphs
 CUDA_MICRO_BATCH = 256  # automatic cap on one graph's batch (activation memory); micro_batch= overrides
@@ -154,8 +152,7 @@ def make_plan(model, n: int, shape, device, *, dtype=None, cuda_graph=None, comp
                            "not faster)")
     else:
         reasons.append(f"dtype={dtype}: requested")
-    if dtype not in MODEL_DTYPES:
-        raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    check_float_dtype("dtype", dtype)
 
     # channels_last
     if channels_last is None:

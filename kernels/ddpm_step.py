@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fastddpm.checks import FLOAT_DTYPES
 from fastddpm.noise import check_noise_capacity
 
 from fastddpm.ops import fakes
@@ -88,7 +89,7 @@ def _ddpm_step_kernel(x_ptr, out_ptr, step_ptr, step_stride, coefs_ptr, x_prev_p
 
 def model_input_layout(model_input, x) -> tuple[bool, int, int]:
     """(channels_last, C, H*W) of the model-input buffer (``ddpm_step_``'s and ``multistep_step_``'s)."""
-    if not isinstance(model_input, torch.Tensor) or model_input.dtype not in fakes.MODEL_INPUT_DTYPES:
+    if not isinstance(model_input, torch.Tensor) or model_input.dtype not in FLOAT_DTYPES:
         what = model_input.dtype if isinstance(model_input, torch.Tensor) else type(model_input).__name__
         raise ValueError(f"model_input must be float32, float16 or bfloat16, got {what}")
     if model_input.shape != x.shape or model_input.device != x.device:

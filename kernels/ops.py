@@ -12,6 +12,8 @@ import functools
 
 import torch
 
+from fastddpm.checks import FLOAT_DTYPES
+
 from ._library import INTERPRET
 from .attention import attention, attention_unsupported
 from .ddpm_step import ddpm_step, ddpm_step_
@@ -20,8 +22,6 @@ from .multistep_step import multistep_step_
 from .q_sample import q_sample
 
 __all__ = ["IMPLS", "unsupported"]
-
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 IMPLS = {
     "q_sample": q_sample,
@@ -44,7 +44,7 @@ def unsupported(op: str, device, dtype: torch.dtype, *, head_dim: int | None = N
     device = torch.device(device)
     if op not in IMPLS:
         return f"has no {op}"
-    if dtype not in DTYPES:
+    if dtype not in FLOAT_DTYPES:
         return f"supports float32, float16 and bfloat16, not {dtype}"
     if op == "attention":
         reason = attention_unsupported(device, dtype, head_dim)

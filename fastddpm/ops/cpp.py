@@ -40,13 +40,13 @@ from pathlib import Path
 import torch
 
 from .. import _C  # noqa: F401  (registers torch.ops.fastddpm.*; ImportError when not built)
+from ..checks import FLOAT_DTYPES
 from . import fakes
 from .autograd import register_diffusion_loss_autograd
 
 __all__ = ["IMPLS", "unsupported", "has_cuda", "stale_build", "philox_normal", "philox4x32", "q_sample",
            "diffusion_loss", "ddpm_step", "ddpm_step_cast", "ddpm_step_", "multistep_step_"]
 
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _ops = torch.ops.fastddpm
 
 philox_normal = _ops.philox_normal.default
@@ -96,7 +96,7 @@ def unsupported(op: str, device: torch.device, dtype: torch.dtype) -> str | None
         return "was built without CUDA"
     if device.type not in ("cpu", "cuda"):
         return f"runs on CPU and CUDA only, not {device.type}"
-    if dtype not in DTYPES:
+    if dtype not in FLOAT_DTYPES:
         return f"supports float32, float16 and bfloat16, not {dtype}"
     return None
 

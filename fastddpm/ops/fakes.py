@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from ..checks import FLOAT_DTYPES
+
 __all__ = ["q_sample", "diffusion_loss", "diffusion_loss_backward", "ddpm_step", "ddpm_step_cast", "ddpm_step_",
            "multistep_step_"]
 
@@ -40,9 +42,6 @@ def ddpm_step_cast(x, model_output, step, coefs, seed, sample_offset, clip_denoi
             torch.empty(x.shape, dtype=model_dtype, device=x.device, memory_format=layout))
 
 
-MODEL_INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # the in-place ops' model-input buffer
-
-
 def _check_rng(rng, x):
     """The in-place ops' noise key: int64 ``[2]`` ``(seed, sample_offset)`` on ``x``'s device."""
     torch._check(rng.dtype == torch.int64 and rng.shape == (2,) and rng.device == x.device,
@@ -55,7 +54,7 @@ def _check_model_input(model_input, x):
     meta one dispatches here, so this is where its device is checked then)."""
     if model_input is None:
         return
-    torch._check(model_input.dtype in MODEL_INPUT_DTYPES
+    torch._check(model_input.dtype in FLOAT_DTYPES
                  and model_input.shape == x.shape and model_input.device == x.device,
                  lambda: f"model_input must be a float32/float16/bfloat16 tensor of shape {tuple(x.shape)} on "
                          f"{x.device}, got {model_input.dtype} {tuple(model_input.shape)} on {model_input.device}")
