@@ -23,11 +23,11 @@ from pathlib import Path
 
 from .cli_args import check_output, int_in, resolve_device
 from .cli_tools import add_tool_parsers
+from .modes import SAMPLERS, SOLVERS
 from .noise import MAX_SEED
 
 DEMO_MODEL = Path(__file__).parent / "assets" / "digits_small.safetensors"
-# reference.SAMPLERS + multistep.SOLVERS, spelled out so that --help imports no torch (a test holds them equal)
-SAMPLER_CHOICES = ("ddpm", "ddim", "dpm++2m", "dpm++3m", "dpm++2m-sde", "unipc")
+SAMPLER_CHOICES = SAMPLERS + SOLVERS
 
 
 def _diffusion_options(args) -> dict:

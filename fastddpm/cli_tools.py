@@ -8,13 +8,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from .cli_args import check_output, int_in
+from .metrics.features import FEATURES, INCEPTION_GLOB
 from .noise import MAX_SEED
 
 __all__ = ["add_tool_parsers", "add_eval_parser", "cmd_export", "cmd_plot_schedule", "cmd_forward_strip",
            "cmd_eval"]
-
-FEATURE_CHOICES = ("digits", "inception")  # metrics.FEATURES, spelled out so that --help imports no torch
-INCEPTION_GLOB = "pt_inception-2015-12-05-*.pth"  # metrics.features.INCEPTION_GLOB
 
 
 # -- export ------------------------------------------------------------------------------------
@@ -120,7 +118,7 @@ def add_eval_parser(subparsers):
                    help="a .npz/.npy uint8 [n, H, W, C] array (fastddpm sample --out x.npz)")
     p.add_argument("--reference", default="digits", help="'digits' or a .npz/.npy array of real images "
                                                          "(default: digits)")
-    p.add_argument("--feature", choices=FEATURE_CHOICES, default="digits",
+    p.add_argument("--feature", choices=FEATURES, default="digits",
                    help="digits: the shipped classifier (offline); inception: standard FID (needs pytorch-fid and "
                         "local weights)")
     p.add_argument("--inception-weights", default=None,

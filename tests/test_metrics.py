@@ -291,7 +291,12 @@ def test_evaluate_against_noise_is_worse(halves):
 
 
 def test_the_eval_command_spells_the_metrics_names():
-    """cli_tools spells them out so that --help imports no torch; they must stay the metrics' own."""
+    """``eval``'s --feature choices and --inception-weights help are the metrics' own names."""
+    import argparse
+
     from fastddpm.metrics import features
 
-    assert cli_tools.FEATURE_CHOICES == metrics.FEATURES and cli_tools.INCEPTION_GLOB == features.INCEPTION_GLOB
+    p = cli_tools.add_eval_parser(argparse.ArgumentParser().add_subparsers())
+    actions = {a.dest: a for a in p._actions}
+    assert tuple(actions["feature"].choices) == metrics.FEATURES
+    assert features.INCEPTION_GLOB in actions["inception_weights"].help
