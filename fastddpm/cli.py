@@ -122,9 +122,6 @@ def _plan_options(args, process) -> dict:
     if args.dtype != "auto":
         options["dtype"] = getattr(torch, args.dtype)
     if args.compile != "auto":
-        if process.is_multistep:
-            raise ValueError(f"--compile {args.compile} needs the engine, which has no {process.config.sampler!r} "
-                             "sampler yet; leave --compile out")
         options |= {"engine": True, "compile": args.compile == "yes"}
     return options
 

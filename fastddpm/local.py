@@ -70,7 +70,7 @@ def sample_local(model, n: int, *, engine: bool | None = None, threads: int | No
 
 
 def _engine_by_default(model, device, process, process_options) -> bool:
-    """``engine=None``: the engine on a CPU, for the samplers it has; the eager loop elsewhere."""
+    """``engine=None``: the engine on a CPU for the one-step samplers; the eager loop elsewhere."""
     try:
         where = torch.device(device) if device is not None else ModelAdapter(model).device
     except (RuntimeError, TypeError, ValueError):

@@ -53,7 +53,7 @@ def sample(model, n: int, *, steps: int | None = None, seed: int = 0, device=Non
         CPU yes, with the measured CPU plan (``fastddpm.cpu_plan``: compile only where it pays
         back within the call, the faster input layout, the model's dtype; ``dtype=torch.bfloat16``
         is the low-precision option on CPUs with AVX-512 BF16/AMX), except for the multistep
-        samplers (not yet in the engine); elsewhere no, until the engine's CUDA path has been
+        samplers (the eager loop unless ``engine=True``); elsewhere no, until the engine's CUDA path has been
         verified on a GPU.  Plan overrides ``cuda_graph``, ``compile``, ``backend``,
         ``micro_batch``, ``steps_per_graph``, ``channels_last`` need the engine (None then
         means yes).
