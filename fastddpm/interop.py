@@ -300,7 +300,7 @@ def _dpm_solver(f: _Fields) -> dict:
     solvers = {("dpmsolver++", 2): "dpm++2m", ("dpmsolver++", 3): "dpm++3m", ("sde-dpmsolver++", 2): "dpm++2m-sde"}
     f.require("algorithm_type", ("dpmsolver++", "sde-dpmsolver++", "deis"), "the data-prediction forms only")
     if (algorithm, f["solver_order"]) not in solvers:
-        f.reject("solver_order", f"2 or 3 with algorithm_type='dpmsolver++', 2 with 'sde-dpmsolver++'")
+        f.reject("solver_order", "2 or 3 with algorithm_type='dpmsolver++', 2 with 'sde-dpmsolver++'")
     # diffusers turns these solver_types into midpoint
     f.require("solver_type", ("midpoint", "logrho", "bh1", "bh2"), "fastddpm's DPM-Solver++ is the midpoint form")
     if f["use_lu_lambdas"]:

@@ -56,12 +56,6 @@ __all__ = ["SamplerEngine", "WARMUP_STEPS"]
 WARMUP_STEPS = 2  # eager steps on a side stream before each capture (autotuning, lazy init, JIT)
 
 
-def _inplace_step_op(backend: str, name: str = "ddpm_step_"):
-    """The in-place op ``name`` of a fast backend: ``ddpm_step_(x, out, step, coefs, rng, clip,
-    model_input)`` or ``multistep_step_(x, out, history, step, table, rng, clip, stochastic, model_input)``."""
-    return ops.implementation(name, backend)
-
-
 class SamplerEngine:
     """Static buffers and the step loop for one ``(model, process, batch shape, plan)``.
 
@@ -122,7 +116,7 @@ class SamplerEngine:
         self._autocast = plan.dtype != self.adapter.dtype  # as fastddpm.sample
         self._forward = self._compiled() if plan.compile else self.adapter
         op_name = "ddpm_step_" if self.solver is None else "multistep_step_"
-        self._inplace = None if plan.backend == "reference" else _inplace_step_op(plan.backend, op_name)
+        self._inplace = ops.implementation(op_name, plan.backend)  # None for the reference
         self._checked = False
         self._graphs: list | None = None  # [(graph, steps, replays), ...], captured once
         self._graphs_key = None  # the key baked into them: None, or (seed, sample_offset) for the reference step

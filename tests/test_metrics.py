@@ -8,7 +8,6 @@ and precision ≈ 0.84 / 0.51 / 0.11.
 """
 import argparse
 import json
-import math
 
 import numpy as np
 import pytest
@@ -292,8 +291,6 @@ def test_evaluate_against_noise_is_worse(halves):
 
 def test_the_eval_command_spells_the_metrics_names():
     """``eval``'s --feature choices and --inception-weights help are the metrics' own names."""
-    import argparse
-
     from fastddpm.metrics import features
 
     p = cli_tools.add_eval_parser(argparse.ArgumentParser().add_subparsers())

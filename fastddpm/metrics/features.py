@@ -10,7 +10,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Protocol
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -226,6 +225,3 @@ def feature_extractor(feature: str = "digits", *, inception_weights=None, device
             device = "cuda" if torch.cuda.is_available() else "cpu"
         return InceptionFeatures(inception_weights, device=device, batch_size=min(batch_size, 64))
     raise ValueError(f"feature must be one of {FEATURES}, got {feature!r}")
-
-
-# -- the statistics ------------------------------------------------------------------------------
