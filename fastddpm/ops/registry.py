@@ -22,9 +22,9 @@ Choosing a backend, two ways only:
   ``cpp, reference`` on CPU, with one warning when a fast backend that should be
   there failed to load.
 
-A forced backend that cannot run the op raises.  (Callers that take a
-``backend=`` argument — the op functions, ``engine.make_plan`` — pass a name through
-``resolve``, which is the same as forcing it for that one call.)
+A forced backend that cannot run the op raises.  (The op functions' ``backend=``
+argument goes through ``resolve``, which is the same as forcing it for that one call;
+``engine.make_plan`` asks ``unsupported`` and raises a ``ValueError`` of its own.)
 
 The functions here read metadata only (no device synchronisation), so they are
 safe inside the sampling loop and a CUDA graph.
