@@ -22,11 +22,10 @@ Everything public is re-exported here: ``from fastddpm import ops; ops.ddpm_step
 from __future__ import annotations
 
 from . import reference
-from .dispatch import (HISTORY_DTYPES, MULTISTEP_COLUMNS, attention, check_multistep_args, ddpm_step, diffusion_loss,
-                       multistep_step, noise_key, q_sample)
+from .dispatch import attention, ddpm_step, diffusion_loss, multistep_step, q_sample
 from .registry import (BACKENDS, KERNELS, OPS, available_backends, implementation, load_error, resolve,
                        select_backend, unsupported, use_backend)
 
 __all__ = ["BACKENDS", "OPS", "KERNELS", "q_sample", "diffusion_loss", "ddpm_step", "multistep_step", "attention",
-           "noise_key", "check_multistep_args", "MULTISTEP_COLUMNS", "HISTORY_DTYPES", "select_backend", "use_backend",
-           "available_backends", "load_error", "unsupported", "resolve", "implementation", "reference"]
+           "select_backend", "use_backend", "available_backends", "load_error", "unsupported", "resolve",
+           "implementation", "reference"]

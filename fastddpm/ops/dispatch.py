@@ -16,8 +16,7 @@ from ..noise import check_seed
 from . import reference
 from .registry import implementation, resolve
 
-__all__ = ["q_sample", "diffusion_loss", "ddpm_step", "multistep_step", "attention", "noise_key",
-           "check_multistep_args", "MULTISTEP_COLUMNS", "HISTORY_DTYPES"]
+__all__ = ["q_sample", "diffusion_loss", "ddpm_step", "multistep_step", "attention"]
 
 
 def _impl(op: str, device: torch.device, dtype: torch.dtype, backend: str | None, head_dim: int | None = None):
@@ -116,11 +115,11 @@ def ddpm_step(x, model_output, step, coefs, *, seed: int, sample_offset: int = 0
     return reference.ddpm_step(x, model_output, coefs.index_select(0, step), clip_denoised, noise)
 
 
-MULTISTEP_COLUMNS = 12  # fastddpm.multistep.TABLE_COLUMNS
-HISTORY_DTYPES = (torch.float32, torch.float64)
+_MULTISTEP_COLUMNS = 12  # fastddpm.multistep.TABLE_COLUMNS
+_HISTORY_DTYPES = (torch.float32, torch.float64)
 
 
-def noise_key(seed: int, sample_offset: int, device) -> torch.Tensor:
+def _noise_key(seed: int, sample_offset: int, device) -> torch.Tensor:
     """The noise key ``(seed, sample_offset)`` as the int64 ``[2]`` tensor the in-place ops read,
     on ``device`` (filled by kernels there: no host-to-device copy)."""
     rng = torch.empty(2, dtype=torch.int64, device=device)
@@ -129,21 +128,21 @@ def noise_key(seed: int, sample_offset: int, device) -> torch.Tensor:
     return rng
 
 
-def check_multistep_args(x, model_output, history, step, table) -> None:
+def _check_multistep_args(x, model_output, history, step, table) -> None:
     """Checks of one multistep update: metadata, and the step's range where it is a CPU tensor
     (a device one is not read: that would synchronise; the CUDA kernel traps instead)."""
-    check_tensor("x", x, dtypes=HISTORY_DTYPES, min_ndim=1)
+    check_tensor("x", x, dtypes=_HISTORY_DTYPES, min_ndim=1)
     check_tensor("model_output", model_output, dtypes=FLOAT_DTYPES + (torch.float64,), shape=x.shape)
-    check_tensor("history", history, dtypes=HISTORY_DTYPES, shape=(3, *x.shape))
+    check_tensor("history", history, dtypes=_HISTORY_DTYPES, shape=(3, *x.shape))
     if x.dtype != history.dtype:
         raise TypeError(f"x must have history's dtype {history.dtype} (the compute dtype), got {x.dtype}")
     check_tensor("step", step, dtypes=(torch.int64,))
     if step.numel() != 1 or step.ndim > 1:
         raise ValueError(f"step must hold one value (0-dim or [1]): the step of the whole batch, "
                          f"got shape {tuple(step.shape)}")
-    check_tensor("table", table, dtypes=HISTORY_DTYPES, ndim=2)
-    if table.shape[1] != MULTISTEP_COLUMNS or table.shape[0] < 1:
-        raise ValueError(f"table must have shape (K, {MULTISTEP_COLUMNS}) with K >= 1, got {tuple(table.shape)}")
+    check_tensor("table", table, dtypes=_HISTORY_DTYPES, ndim=2)
+    if table.shape[1] != _MULTISTEP_COLUMNS or table.shape[0] < 1:
+        raise ValueError(f"table must have shape (K, {_MULTISTEP_COLUMNS}) with K >= 1, got {tuple(table.shape)}")
     check_same_device(x=x, model_output=model_output, history=history, step=step, table=table)
     if step.device.type == "cpu" and not 0 <= int(step.reshape(())) < table.shape[0]:  # no sync on a CPU tensor
         raise ValueError(f"step must lie in [0, {table.shape[0] - 1}] (a row of table), got {int(step.reshape(()))}")
@@ -163,7 +162,7 @@ def multistep_step(x, model_output, history, step, table, *, seed: int = 0, samp
     :param noise: explicit standard normals instead (implies the noise term; runs the reference).
     :return: ``x_next`` in x's dtype (a new tensor; ``x`` is not modified).
     """
-    check_multistep_args(x, model_output, history, step, table)
+    _check_multistep_args(x, model_output, history, step, table)
     check_seed(seed)
     if noise is None:
         # float64 runs select against float64, which only the reference supports
@@ -171,7 +170,7 @@ def multistep_step(x, model_output, history, step, table, *, seed: int = 0, samp
         impl = _impl("multistep_step", x.device, dtype, backend)
         if impl is not None:
             x_next = x.clone(memory_format=torch.contiguous_format)
-            impl(x_next, model_output, history, step, table.to(torch.float32), noise_key(seed, sample_offset, x.device),
+            impl(x_next, model_output, history, step, table.to(torch.float32), _noise_key(seed, sample_offset, x.device),
                  bool(clip_denoised), bool(stochastic), None)
             return x_next
         if stochastic:
