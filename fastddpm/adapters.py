@@ -10,13 +10,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .checks import is_int
+
 __all__ = ["ModelAdapter"]
 
 
 def _as_hw(size, name="image_size"):
     if size is None:
         return None
-    if isinstance(size, int) and not isinstance(size, bool):
+    if is_int(size):
         hw = (size, size)
     elif isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(s, int) for s in size):
         hw = tuple(size)
@@ -56,7 +58,7 @@ class ModelAdapter:
             self.out_channels = getattr(model, "out_channels", found_channels)
         self.image_size = _as_hw(image_size if image_size is not None else found_size)
         self.channels = channels if channels is not None else found_channels
-        if self.channels is not None and (isinstance(self.channels, bool) or not isinstance(self.channels, int)
+        if self.channels is not None and (not is_int(self.channels)
                                           or self.channels < 1):
             raise ValueError(f"channels must be a positive int, got {self.channels!r}")
 

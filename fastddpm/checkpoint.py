@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .checks import is_int
 from .files import atomic_write, write_text_atomic
 from .version import __version__
 
@@ -279,7 +280,7 @@ def _metadata_of(path: Path, header: dict) -> dict:
     if not isinstance(metadata, dict):
         raise ValueError(f"{where} has corrupt fastddpm metadata (not a JSON object)")
     version = metadata.get("format_version")
-    if not isinstance(version, int) or isinstance(version, bool):
+    if not is_int(version):
         raise ValueError(f"{where} has corrupt fastddpm metadata: no format_version")
     if version > FORMAT_VERSION or version < 1:
         raise ValueError(f"{where} has checkpoint format version {version}; this fastddpm reads version "

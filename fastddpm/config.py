@@ -7,6 +7,7 @@ import json
 from dataclasses import MISSING, dataclass, fields
 from typing import ClassVar, Literal
 
+from .checks import is_int
 from .modes import LOSSES, PREDICTIONS, SAMPLERS, SOLVERS, VARIANCES, LossType, Prediction, SamplerChoice, Variance
 from .multistep import SPACINGS
 from .schedule import SCHEDULE_KINDS
@@ -124,7 +125,7 @@ class DiffusionConfig(JsonConfig):
         elif self.schedule == "custom":
             raise ValueError("schedule='custom' needs betas")
         T = self.num_timesteps
-        if isinstance(T, bool) or not isinstance(T, int) or not 1 <= T <= MAX_TIMESTEPS:
+        if not is_int(T) or not 1 <= T <= MAX_TIMESTEPS:
             raise ValueError(f"num_timesteps must be a positive int <= {MAX_TIMESTEPS}, got {T!r}")
         if not isinstance(self.clip_denoised, bool):
             raise TypeError(f"clip_denoised must be a bool, got {self.clip_denoised!r}")

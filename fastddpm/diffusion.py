@@ -11,7 +11,7 @@ import torch
 
 from . import interop, multistep, ops
 from .adapters import ModelAdapter
-from .checks import FLOAT_DTYPES, check_tensor, check_timesteps
+from .checks import FLOAT_DTYPES, check_tensor, check_timesteps, is_int
 from .config import DiffusionConfig
 from .noise import check_seed
 from .ops import reference
@@ -23,7 +23,7 @@ NOISE_SAMPLES = 2**32  # the noise contract counts samples with 32 bits: offset 
 
 
 def _check_sample_offset(sample_offset, n: int) -> int:
-    ok = isinstance(sample_offset, int) and not isinstance(sample_offset, bool)
+    ok = is_int(sample_offset)
     if not ok or not 0 <= sample_offset <= NOISE_SAMPLES - n:
         raise ValueError(f"sample_offset must be an int in [0, 2**32 - n] = [0, {NOISE_SAMPLES - n}] for n={n} "
                          f"samples (the noise contract numbers 2**32 samples per seed), got {sample_offset!r}")
@@ -132,7 +132,7 @@ class DDPM:
         if process.is_multistep:
             return process
         if steps is not None:
-            if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            if not is_int(steps) or steps < 1:
                 raise ValueError(f"steps must be a positive int, got {steps!r}")
             if steps > process.config.num_timesteps:
                 raise ValueError(f"steps must be <= num_timesteps={process.config.num_timesteps}, got {steps}")

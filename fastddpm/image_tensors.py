@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .checks import is_int
+
 __all__ = ["PIL_MODES", "LUMA", "check_channels", "check_image_size", "convert_channels",
            "resize_center_crop", "to_float_images"]
 
@@ -27,7 +29,7 @@ def check_channels(channels, allow_none: bool = False) -> None:
 
 def check_image_size(image_size) -> int:
     """``image_size`` if it is a positive int (not a bool); else raise."""
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+    if not is_int(image_size) or image_size < 1:
         raise ValueError(f"image_size must be a positive int, got {image_size!r}")
     return image_size
 

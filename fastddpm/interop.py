@@ -51,6 +51,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
+from .checks import is_int
 from .config import DiffusionConfig
 from .schedule import make_betas
 
@@ -203,7 +204,7 @@ def diffusion_config(scheduler_or_config, *, use_clipped_model_output: bool = Fa
 # -- the fields ----------------------------------------------------------------------------------
 def _schedule(f: _Fields) -> dict:
     T = f["num_train_timesteps"]
-    if isinstance(T, bool) or not isinstance(T, int) or T < 1:
+    if not is_int(T) or T < 1:
         f.reject("num_train_timesteps", "a positive int")
     if f["rescale_betas_zero_snr"]:
         f.reject("rescale_betas_zero_snr", "False", "zero terminal SNR makes beta_T = 1, where x_T carries no "

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from . import ops
+from .checks import is_int
 from .modes import PREDICTIONS, SOLVERS
 from .schedule import NoiseSchedule
 
@@ -98,7 +99,7 @@ def solver_timesteps(schedule: NoiseSchedule, steps: int, solver: str = "dpm++2m
     T = schedule.num_timesteps
     if schedule.is_respaced:
         raise ValueError("multistep solvers choose their own timesteps: give the full (not respaced) schedule")
-    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= T:
+    if not is_int(steps) or not 1 <= steps <= T:
         raise ValueError(f"steps must be an int in [1, {T}], got {steps!r}")
     if steps < SOLVER_ORDER[solver]:
         raise ValueError(f"{solver} is a {SOLVER_ORDER[solver]}-step method: it needs at least "

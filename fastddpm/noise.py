@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from .checks import is_int
+
 __all__ = [
     "MAX_SEED",
     "philox4x32",
@@ -43,7 +45,7 @@ U1_MIN = 1.0e-7
 
 def check_seed(seed: int, name: str = "seed") -> int:
     """Validate a user seed: a Python int in ``[0, 2**63)``."""
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if not is_int(seed):
         raise TypeError(f"{name} must be an int in [0, 2**63), got {type(seed).__name__}")
     if not 0 <= seed <= MAX_SEED:
         raise ValueError(f"{name} must be in [0, 2**63), got {seed}")

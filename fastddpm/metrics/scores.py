@@ -8,6 +8,7 @@ import warnings
 import numpy as np
 import torch
 
+from ..checks import is_int
 from ..image_tensors import to_float_images
 from .features import feature_extractor
 from .statistics import feature_statistics, frechet_distance, precision_recall
@@ -91,7 +92,7 @@ def _reference_images(reference, n_reference, seed: int) -> torch.Tensor:
     else:
         x = _as_float_images(reference, "reference")
     if n_reference is not None:
-        if isinstance(n_reference, bool) or not isinstance(n_reference, int) or n_reference < 2:
+        if not is_int(n_reference) or n_reference < 2:
             raise ValueError(f"n_reference must be an int >= 2, got {n_reference!r}")
         if n_reference < x.shape[0]:
             g = torch.Generator().manual_seed(seed)

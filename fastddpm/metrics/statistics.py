@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..checks import is_int
+
 __all__ = ["feature_statistics", "frechet_distance", "precision_recall"]
 
 CDIST_CHUNK = 1024
@@ -86,7 +88,7 @@ def precision_recall(feats_real, feats_fake, k: int = 3) -> dict:
     :param k: the neighbour whose distance sets each ball's radius (the paper's 3).
     :return: ``{"precision": fake in real manifold, "recall": real in fake manifold}``.
     """
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+    if not is_int(k) or k < 1:
         raise ValueError(f"k must be a positive int, got {k!r}")
     real = torch.from_numpy(_features_array(feats_real, "feats_real"))
     fake = torch.from_numpy(_features_array(feats_fake, "feats_fake"))

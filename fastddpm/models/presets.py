@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from ..checks import is_int
 from .unet import UNet, UNetConfig
 
 __all__ = ["PRESETS", "create_model"]
@@ -40,7 +41,7 @@ def create_model(preset_or_config: str | UNetConfig | dict, *, seed: int | None 
         (the global RNG is left as it was), so the same seed gives the same weights in any process;
         None: from torch's global RNG, as ``nn.Module`` constructors do.
     """
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63):
+    if seed is not None and (not is_int(seed) or not 0 <= seed < 2**63):
         raise ValueError(f"seed must be an int in [0, 2**63) or None, got {seed!r}")
     if isinstance(preset_or_config, str):
         if preset_or_config not in PRESETS:
