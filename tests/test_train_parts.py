@@ -315,3 +315,17 @@ def test_claiming_an_out_dir_locks_it_and_clears_interrupted_writes(tmp_path):
         assert lock.held and not stale.exists()
     finally:
         lock.release()
+
+
+def test_the_run_config_records_the_models_config_as_checkpoints_do(tmp_path):
+    import json
+
+    from fastddpm.checkpoint import model_config_dict
+    from fastddpm.models import create_model
+    from fastddpm.training.out_dir import write_run_config
+
+    for model, expected in ((create_model("tiny"), create_model("tiny").config.to_dict()), (Scaled(), None)):
+        assert model_config_dict(model) == expected
+        path = write_run_config(tmp_path, model, DDPM(), TrainConfig(steps=1), precision="fp32",
+                                device=torch.device("cpu"), world_size=1)
+        assert json.loads(path.read_text())["model_config"] == expected
