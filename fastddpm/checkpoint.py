@@ -42,6 +42,7 @@ __all__ = [
     "save_model",
     "load_weights",
     "check_model_config",
+    "model_config_dict",
 ]
 
 FORMAT_VERSION = 1
@@ -140,7 +141,9 @@ def _state_of(module_or_state) -> dict[str, torch.Tensor]:
     raise TypeError(f"expected an nn.Module or a state dict, got {type(module_or_state).__name__}")
 
 
-def _model_config(model) -> dict | None:
+def model_config_dict(model) -> dict | None:
+    """``model.config.to_dict()``: the model's config as checkpoints and a run's ``config.json`` record it
+    (None for a model without one)."""
     config = getattr(model, "config", None)
     return config.to_dict() if hasattr(config, "to_dict") else None
 
@@ -188,7 +191,7 @@ def save_checkpoint(path, *, model: nn.Module, ema=None, optimizer: torch.optim.
     tensors = {f"model.{k}": _cpu(v) for k, v in _state_of(model).items()}
     if ema is not None:
         tensors.update({f"ema.{k}": _cpu(v) for k, v in _state_of(ema).items()})
-    meta = {"model_config": _model_config(model), **state}
+    meta = {"model_config": model_config_dict(model), **state}
     if optimizer is not None:
         sd = optimizer.state_dict()
         scalars = {}
@@ -217,13 +220,13 @@ def save_model(path, model: nn.Module, process, ema_state=None, *, extra: dict |
     :param ema_state: EMA weights (module or state dict) to ship beside the model's, or None.
     :param extra: more JSON to store (e.g. a description of the training run).
     """
-    if _model_config(model) is None:
+    if model_config_dict(model) is None:
         raise TypeError(f"save_model needs a model with a serialisable .config (fastddpm UNet), "
                         f"got {type(model).__name__}")
     tensors = {f"model.{k}": _cpu(v) for k, v in _state_of(model).items()}
     if ema_state is not None:
         tensors.update({f"ema.{k}": _cpu(v) for k, v in _state_of(ema_state).items()})
-    meta = {"model_config": _model_config(model), "diffusion": process.to_dict(), "kind": "model",
+    meta = {"model_config": model_config_dict(model), "diffusion": process.to_dict(), "kind": "model",
             **(extra or {})}
     return _save(path, tensors, meta, sidecar)
 
@@ -366,7 +369,7 @@ def load_weights(module: nn.Module, state: dict[str, torch.Tensor], *, path="", 
 def check_model_config(checkpoint: Checkpoint, model: nn.Module) -> None:
     """Raise ValueError if the checkpoint's model config is not ``model``'s (resuming into another model)."""
     saved = checkpoint.metadata.get("model_config")
-    mine = _model_config(model)
+    mine = model_config_dict(model)
     if saved is None or mine is None:
         return
     diff = [f"{k}: checkpoint {saved.get(k)!r} vs model {mine.get(k)!r}"

@@ -370,7 +370,6 @@ class Trainer:
                     row = window_row(done, loss=mean_loss, lr=self.lr_at(step), grad_norm=mean_norm, steps=window,
                                      kept=kept, images_per_step=c.effective_batch_size, seconds=now - t_window,
                                      elapsed=self._elapsed())
-                    t_window = now
                     if due.validate:
                         self.last_val = self.validate()
                         row.update(self.last_val)

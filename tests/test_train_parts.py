@@ -181,6 +181,32 @@ def test_meter_stops_a_run_of_skipped_steps(monkeypatch):
         meter.check(4, lambda: "ckpt")
 
 
+def test_meter_looks_up_the_last_checkpoint_only_to_name_it(monkeypatch):
+    monkeypatch.setattr(meter_module, "MAX_CONSECUTIVE_SKIPS", 2)
+    lookups = []
+
+    def last_checkpoint():
+        lookups.append(1)
+        return "run/checkpoints/step_0000002.safetensors"
+
+    meter = StepMeter(torch.device("cpu"))
+    meter.add(1, torch.tensor(1.0), torch.tensor(1.0), None)
+    meter.check(1, last_checkpoint)
+    assert lookups == []  # nothing to raise: checkpoints/ is not listed
+    meter.add(2, torch.tensor(float("nan")), torch.tensor(1.0), None)
+    with pytest.raises(FloatingPointError,
+                       match=r"step 2;.*\(last checkpoint: run/checkpoints/step_0000002\.safetensors\)"):
+        meter.check(2, last_checkpoint)
+    assert lookups == [1]
+    meter = StepMeter(torch.device("cpu"))
+    for done in (1, 2):
+        meter.add(done, torch.tensor(1.0), torch.tensor(1.0), torch.tensor(False))
+    with pytest.raises(FloatingPointError,
+                       match=r"diverged \(last checkpoint: run/checkpoints/step_0000002\.safetensors\)"):
+        meter.check(2, last_checkpoint)
+    assert lookups == [1, 1]
+
+
 # -- the loop's schedule ------------------------------------------------------------------------------
 def test_the_schedule_of_a_run():
     c = TrainConfig(steps=12, log_every=2, checkpoint_every=6, val_every=4, sample_every=5, warmup_steps=4, lr=1.0)
@@ -289,3 +315,17 @@ def test_claiming_an_out_dir_locks_it_and_clears_interrupted_writes(tmp_path):
         assert lock.held and not stale.exists()
     finally:
         lock.release()
+
+
+def test_the_run_config_records_the_models_config_as_checkpoints_do(tmp_path):
+    import json
+
+    from fastddpm.checkpoint import model_config_dict
+    from fastddpm.models import create_model
+    from fastddpm.training.out_dir import write_run_config
+
+    for model, expected in ((create_model("tiny"), create_model("tiny").config.to_dict()), (Scaled(), None)):
+        assert model_config_dict(model) == expected
+        path = write_run_config(tmp_path, model, DDPM(), TrainConfig(steps=1), precision="fp32",
+                                device=torch.device("cpu"), world_size=1)
+        assert json.loads(path.read_text())["model_config"] == expected

@@ -64,20 +64,20 @@ class StepMeter:
 
     def check(self, step: int, last_checkpoint: Callable[[], object]) -> None:
         """Raise if a step was not finite (``nonfinite='error'``) or if too many in a row were skipped
-        (``nonfinite='skip'``); ``step`` is the current step, ``last_checkpoint()`` named in the message."""
+        (``nonfinite='skip'``); ``step`` is the current step, ``last_checkpoint()`` named in the message
+        (called only to raise)."""
         s = int(self.bad_step)
-        last = last_checkpoint()
-        last = str(last) if last else "none"
         if s >= 0:
             raise FloatingPointError(
                 f"non-finite training loss at step {s}; training stopped and no checkpoint was written for it "
-                f"(last checkpoint: {last}). Try a lower lr, grad_clip, or mixed_precision='no', or "
-                f"nonfinite='skip' to leave such steps out.")
-        if int(self.longest) >= MAX_CONSECUTIVE_SKIPS:
+                f"(last checkpoint: {_name(last_checkpoint())}). Try a lower lr, grad_clip, or "
+                f"mixed_precision='no', or nonfinite='skip' to leave such steps out.")
+        longest = int(self.longest)
+        if longest >= MAX_CONSECUTIVE_SKIPS:
             raise FloatingPointError(
-                f"{int(self.longest)} training steps in a row (up to step {step}) had a non-finite loss or "
-                f"gradient and were skipped: the run has diverged (last checkpoint: {last}). Try a lower lr, "
-                f"grad_clip, or mixed_precision='no'.")
+                f"{longest} training steps in a row (up to step {step}) had a non-finite loss or "
+                f"gradient and were skipped: the run has diverged (last checkpoint: {_name(last_checkpoint())}). "
+                f"Try a lower lr, grad_clip, or mixed_precision='no'.")
 
     def take_window(self, skipping: bool) -> tuple[float | None, float | None, int, int]:
         """``(mean loss, mean grad norm, steps, steps taken)`` of the window, which starts anew (the means
@@ -97,3 +97,8 @@ class StepMeter:
         if self.loss_ema_count == 0:
             return None
         return float(self.loss_ema) / (1.0 - LOSS_EMA_BETA ** self.loss_ema_count)
+
+
+def _name(last: object) -> str:
+    """A last checkpoint as the error messages name it ("none" without one)."""
+    return str(last) if last else "none"

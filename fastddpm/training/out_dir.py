@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..checkpoint import model_config_dict
 from ..diffusion import DDPM
 from ..files import remove_stale_temp_files, write_text_atomic
 from ..run_dir import RunDirLock, check_is_run_dir
@@ -57,14 +58,13 @@ def prepare_out_dir(out_dir: Path, keep_last: int, keep_best: bool, checkpoint_b
 
 def write_run_config(out_dir: Path, model: nn.Module, process: DDPM, config: TrainConfig, *, precision: str,
                      device: torch.device, world_size: int) -> Path:
-    """Write ``out_dir/config.json`` (atomically): the model's config (``model.config.to_dict()``, None for
-    a model without one), the diffusion, the train config, what the run resolved (precision, device,
-    world size) and the versions of fastddpm and torch.
+    """Write ``out_dir/config.json`` (atomically): the model's config (``checkpoint.model_config_dict``:
+    ``model.config.to_dict()``, None for a model without one), the diffusion, the train config, what the run
+    resolved (precision, device, world size) and the versions of fastddpm and torch.
 
     :return: the file's path.
     """
-    mc = getattr(model, "config", None)
-    d = {"model_config": mc.to_dict() if hasattr(mc, "to_dict") else None,
+    d = {"model_config": model_config_dict(model),
          "diffusion": process.to_dict(), "train_config": config.to_dict(),
          "precision": precision, "device": str(device), "world_size": world_size,
          "fastddpm_version": __version__,
