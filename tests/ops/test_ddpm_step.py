@@ -13,7 +13,7 @@ import torch
 from fastddpm import ops
 from fastddpm.ops import reference
 from op_cases import (DTYPES, LARGE_ODD_SHAPES, RNG_KEYS, SAMPLE_OFFSET, SEED, SHAPES, T, TARGETS, coefficients,
-                      inputs, namespace_op, need, target_id, timesteps, variant_id)
+                      inputs, namespace_op, need, rng_key, target_id, timesteps, variant_id)
 from op_cases import STEP_VARIANTS
 from tolerances import EXACT, FP32, fp32_at, assert_close
 
@@ -97,13 +97,9 @@ def test_ddpm_step_cast_and_inplace(target, shape, model_dtype, channels_last):
     assert_close(model_input, x_prev.to(model_dtype), **EXACT, msg="model input")
     x_buf = x.clone()
     buf = torch.empty(shape, dtype=model_dtype, device=device).to(memory_format=layout)
-    ops.implementation("ddpm_step_", backend)(x_buf, out, step, coefs, rng_of(SEED, SAMPLE_OFFSET, device), True, buf)
+    ops.implementation("ddpm_step_", backend)(x_buf, out, step, coefs, rng_key(SEED, SAMPLE_OFFSET, device), True, buf)
     assert_close(x_buf, x_prev, **EXACT)
     assert_close(buf, model_input, **EXACT)
-
-
-def rng_of(seed, sample_offset, device):
-    return torch.tensor([seed, sample_offset], dtype=torch.int64, device=device)
 
 
 @pytest.mark.parametrize("clip", [True, False], ids=["clip", "noclip"])
@@ -126,14 +122,14 @@ def test_ddpm_step_inplace_rng_equals_functional(target, key, shape, dtype, clip
         for model_input in (None, torch.empty(shape, dtype=dtype, device=device),
                             torch.empty(shape, dtype=torch.float16, device=device).to(memory_format=torch.channels_last)):
             x_buf = x.clone()
-            inplace(x_buf, out, step, coefs, rng_of(seed, sample_offset, device), clip, model_input)
+            inplace(x_buf, out, step, coefs, rng_key(seed, sample_offset, device), clip, model_input)
             assert_close(x_buf, want, **EXACT, msg=f"x, step {tuple(step.shape)}")
             if model_input is not None:
                 assert_close(model_input, x_buf.to(model_input.dtype), **EXACT, msg="model input")
     # the key is what rng holds: another seed or sample offset draws other noise
     for other in ((seed ^ 1, sample_offset), (seed, sample_offset + 1)):
         x_buf = x.clone()
-        inplace(x_buf, out, step, coefs, rng_of(*other, device), clip, None)
+        inplace(x_buf, out, step, coefs, rng_key(*other, device), clip, None)
         assert not torch.equal(x_buf, want), other
 
 

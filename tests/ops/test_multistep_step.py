@@ -20,6 +20,7 @@ import torch
 from fastddpm import multistep, ops
 from fastddpm.ops import reference
 from fastddpm.schedule import NoiseSchedule
+from op_cases import T, namespace_op, need, rng_key, schedule, target_id
 from tolerances import BY_DTYPE, EXACT, FMA_FP32, FP32, assert_close
 
 pytestmark = pytest.mark.ops
@@ -33,27 +34,14 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 FAST = ["cpp", "triton"]
 
 
-def _id(v):
-    return str(v).replace("torch.", "")
-
-
-@lru_cache(maxsize=None)
-def _schedule(kind="linear") -> NoiseSchedule:
-    return NoiseSchedule.make(kind, 1000)
-
-
 @lru_cache(maxsize=None)
 def _plan(solver, prediction="epsilon", spacing="linspace", karras=False, kind="linear", steps=STEPS):
-    return multistep.make_plan(_schedule(kind), solver, steps, prediction, spacing, karras)
+    sched = schedule() if kind == "linear" else NoiseSchedule.make(kind, T)
+    return multistep.make_plan(sched, solver, steps, prediction, spacing, karras)
 
 
 def _table(solver, device="cpu", **kw):
     return _plan(solver, **kw).tensors(device)[0]
-
-
-def _skip_unless(backend, dtype=torch.float32, device="cpu"):
-    if backend not in ops.available_backends("multistep_step", device, dtype):
-        pytest.skip(f"{backend} cannot run multistep_step on {device} ({dtype}) here")
 
 
 def _outputs(shape, dtype, steps, device="cpu"):
@@ -83,14 +71,15 @@ def _check_steps(backend, table, shape, dtype, clip, stochastic, tol, device="cp
 
 # -- every backend against the reference -------------------------------------------------------
 @pytest.mark.parametrize("clip", [True, False], ids=["clip", "noclip"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
-@pytest.mark.parametrize("shape", SHAPES, ids=_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=target_id)
+@pytest.mark.parametrize("shape", SHAPES, ids=target_id)
 @pytest.mark.parametrize("solver", multistep.SOLVERS)
 @pytest.mark.parametrize("backend", FAST)
 def test_matches_reference(backend, solver, shape, dtype, clip):
-    _skip_unless(backend, dtype)
+    need(backend, "multistep_step", "cpu", dtype)
     plan = _plan(solver)
-    _check_steps(backend, _table(solver), shape, dtype, clip, plan.stochastic, BY_DTYPE[dtype])
+    # float32 out of the same rounded model output as the reference's: FP32 for every dtype
+    _check_steps(backend, _table(solver), shape, dtype, clip, plan.stochastic, FP32)
 
 
 @pytest.mark.parametrize("options", [dict(prediction="v", spacing="trailing"), dict(prediction="x0", karras=True),
@@ -98,7 +87,7 @@ def test_matches_reference(backend, solver, shape, dtype, clip):
 @pytest.mark.parametrize("solver", multistep.SOLVERS)
 @pytest.mark.parametrize("backend", FAST)
 def test_other_tables_match_reference(backend, solver, options):
-    _skip_unless(backend)
+    need(backend, "multistep_step", "cpu")
     _check_steps(backend, _table(solver, **options), (2, 3, 8, 8), torch.float32, False, _plan(solver).stochastic,
                  FP32)
 
@@ -106,7 +95,7 @@ def test_other_tables_match_reference(backend, solver, options):
 # -- the SDE noise: the contract's, on every backend and any batch split ---------------------------
 @pytest.mark.parametrize("backend", ["reference"] + FAST)
 def test_sde_noise_is_independent_of_the_batch_split(backend):
-    _skip_unless(backend)
+    need(backend, "multistep_step", "cpu")
     table = _table("dpm++2m-sde")
     shape = (5, 2, 6, 6)
     x0 = torch.randn(shape)
@@ -149,55 +138,44 @@ def test_sde_noise_equal_across_backends():
 
 
 # -- the in-place op itself -------------------------------------------------------------------------
-def _inplace_ops():
-    found = []
-    if "cpp" in ops.available_backends("multistep_step", "cpu"):
-        found.append(("cpp", torch.ops.fastddpm.multistep_step_.default))
-    if "triton" in ops.available_backends("multistep_step", "cpu"):
-        import fastddpm.kernels.multistep_step  # noqa: F401
-
-        found.append(("triton", torch.ops.fastddpm_triton.multistep_step_.default))
-    return found
-
-
-def _rng(seed=SEED, sample_offset=SAMPLE_OFFSET, device="cpu"):
-    return torch.tensor([seed, sample_offset], dtype=torch.int64, device=device)
+def _inplace_op(backend):
+    """The backend's torch operator ``multistep_step_`` (skipped, or failed where the backend is
+    required, if it cannot run here)."""
+    need(backend, "multistep_step_", "cpu")
+    return namespace_op(backend, "multistep_step_")
 
 
 def _op_args(shape=(2, 3, 4, 4), dtype=torch.float32, step=STEPS - 2):
     x = torch.randn(shape)
     return (x, torch.randn(shape).to(dtype), torch.randn((3, *shape)), torch.tensor(step),
-            _table("dpm++2m-sde"), _rng())
+            _table("dpm++2m-sde"), rng_key(SEED, SAMPLE_OFFSET))
 
 
 @pytest.mark.parametrize("step_shape", [(), (1,)], ids=["0-dim", "[1]"])
-def test_inplace_op_updates_x_and_history(step_shape):
-    if not _inplace_ops():
-        pytest.skip("no fast backend here")
+@pytest.mark.parametrize("backend", FAST)
+def test_inplace_op_updates_x_and_history(backend, step_shape):
+    op = _inplace_op(backend)
     x, out, history, step, table, rng = _op_args()
     want_history = history.clone()
     want = reference.multistep_step(x, out, want_history, step, table, True,
                                     reference.batch_noise(SEED, SAMPLE_OFFSET, int(step), x.shape, "cpu"))
-    for name, op in _inplace_ops():
-        x_buf, h_buf = x.clone(), history.clone()
-        op(x_buf, out, h_buf, step.reshape(step_shape), table, rng, True, True, None)
-        assert_close(x_buf, want, **FP32, msg=f"{name} x")
-        assert_close(h_buf, want_history, **FP32, msg=f"{name} history")
+    x_buf, h_buf = x.clone(), history.clone()
+    op(x_buf, out, h_buf, step.reshape(step_shape), table, rng, True, True, None)
+    assert_close(x_buf, want, **FP32, msg=f"{backend} x")
+    assert_close(h_buf, want_history, **FP32, msg=f"{backend} history")
 
 
-def test_opcheck():
-    found = _inplace_ops()
-    if not found:
-        pytest.skip("no fast backend here")
-    for name, op in found:
-        for dtype, clip, stochastic in [(torch.float32, True, True), (torch.float16, False, False)]:
-            x, out, history, step, table, rng = _op_args(dtype=dtype)
-            torch.library.opcheck(op, (x, out, history, step, table, rng, clip, stochastic, None))
-        for model_dtype, layout in [(torch.float16, torch.contiguous_format), (torch.float16, torch.channels_last),
-                                    (torch.float32, torch.channels_last)]:
-            x, out, history, step, table, rng = _op_args()
-            model_input = torch.empty(x.shape, dtype=model_dtype, memory_format=layout)
-            torch.library.opcheck(op, (x, out, history, step, table, rng, True, True, model_input))
+@pytest.mark.parametrize("backend", FAST)
+def test_opcheck(backend):
+    op = _inplace_op(backend)
+    for dtype, clip, stochastic in [(torch.float32, True, True), (torch.float16, False, False)]:
+        x, out, history, step, table, rng = _op_args(dtype=dtype)
+        torch.library.opcheck(op, (x, out, history, step, table, rng, clip, stochastic, None))
+    for model_dtype, layout in [(torch.float16, torch.contiguous_format), (torch.float16, torch.channels_last),
+                                (torch.float32, torch.channels_last)]:
+        x, out, history, step, table, rng = _op_args()
+        model_input = torch.empty(x.shape, dtype=model_dtype, memory_format=layout)
+        torch.library.opcheck(op, (x, out, history, step, table, rng, True, True, model_input))
 
 
 # -- the model input: x_next in the model's dtype and layout, written by the op ----------------------
@@ -208,7 +186,7 @@ MODEL_INPUT_CASES = [(shape, layout) for shape in SHAPES for layout in LAYOUTS
 
 def _model_input_case_id(case):
     shape, layout = case
-    return f"{_id(shape)}-{'channels_last' if layout is torch.channels_last else 'contiguous'}"
+    return f"{target_id(shape)}-{'channels_last' if layout is torch.channels_last else 'contiguous'}"
 
 
 def _check_model_input_steps(backend, solver, shape, model_dtype, layout, tol, device="cpu"):
@@ -227,7 +205,7 @@ def _check_model_input_steps(backend, solver, shape, model_dtype, layout, tol, d
         step = torch.tensor(i, device=device)
         x_buf, h_buf = x.clone(), history.clone()
         model_input.fill_(float("nan"))  # every element must be written
-        op(x_buf, out, h_buf, step, table, _rng(device=device), True, stochastic, model_input)
+        op(x_buf, out, h_buf, step, table, rng_key(SEED, SAMPLE_OFFSET, device), True, stochastic, model_input)
         noise = reference.batch_noise(SEED, SAMPLE_OFFSET, i, shape, device) if stochastic else None
         x = reference.multistep_step(x, out, history, step, table, True, noise)
         assert_close(x_buf, x, **tol, msg=f"{backend} x_next at step {i}")
@@ -239,11 +217,11 @@ def _check_model_input_steps(backend, solver, shape, model_dtype, layout, tol, d
 
 
 @pytest.mark.parametrize("case", MODEL_INPUT_CASES, ids=_model_input_case_id)
-@pytest.mark.parametrize("model_dtype", [torch.bfloat16, torch.float16], ids=_id)
+@pytest.mark.parametrize("model_dtype", [torch.bfloat16, torch.float16], ids=target_id)
 @pytest.mark.parametrize("solver", multistep.SOLVERS)
 @pytest.mark.parametrize("backend", FAST)
 def test_inplace_op_writes_the_model_input(backend, solver, model_dtype, case):
-    _skip_unless(backend, model_dtype)
+    need(backend, "multistep_step", "cpu", model_dtype)
     shape, layout = case
     _check_model_input_steps(backend, solver, shape, model_dtype, layout, FP32)
 
@@ -268,10 +246,7 @@ def _bad_model_inputs(x):
 @pytest.mark.parametrize("backend", FAST)
 def test_ops_reject_a_bad_model_input_naming_it(backend):
     """A wrong shape, device or an integer dtype: an error naming model_input, before anything is written."""
-    found = dict(_inplace_ops())
-    if backend not in found:
-        pytest.skip(f"{backend} cannot run here")
-    op = found[backend]
+    op = _inplace_op(backend)
     x, out, history, step, table, rng = _op_args()
     for name, model_input, error, match in _bad_model_inputs(x):
         error = error or (RuntimeError if backend == "cpp" else ValueError)
@@ -343,10 +318,7 @@ def test_dispatch_rejects_bad_inputs(case):
 def test_ops_reject_bad_inputs_naming_the_argument(backend):
     """The fast ops themselves (called directly, as the engine does): metadata errors name the argument;
     a CPU step index is range-checked too (a device one is not read: that would synchronise)."""
-    found = dict(_inplace_ops())
-    if backend not in found:
-        pytest.skip(f"{backend} cannot run here")
-    op = found[backend]
+    op = _inplace_op(backend)
     x, out, history, step, table, rng = _op_args()
     error = RuntimeError if backend == "cpp" else ValueError
     cases = [
@@ -377,12 +349,12 @@ def test_public_update_routes_through_the_dispatch(monkeypatch):
 
 # -- GPU -------------------------------------------------------------------------------------------
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
-@pytest.mark.parametrize("shape", SHAPES + [(8, 3, 64, 64)], ids=_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=target_id)
+@pytest.mark.parametrize("shape", SHAPES + [(8, 3, 64, 64)], ids=target_id)
 @pytest.mark.parametrize("solver", multistep.SOLVERS)
 @pytest.mark.parametrize("backend", FAST)
 def test_cuda_matches_reference(backend, solver, shape, dtype):
-    _skip_unless(backend, dtype, "cuda")
+    need(backend, "multistep_step", "cuda", dtype)
     table = _table(solver, "cuda")
     tol = FMA_FP32 if dtype == torch.float32 else BY_DTYPE[dtype]
     for clip in (True, False):
@@ -392,11 +364,11 @@ def test_cuda_matches_reference(backend, solver, shape, dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", MODEL_INPUT_CASES + [((8, 3, 64, 64), torch.channels_last)],
                          ids=_model_input_case_id)
-@pytest.mark.parametrize("model_dtype", [torch.bfloat16, torch.float16], ids=_id)
+@pytest.mark.parametrize("model_dtype", [torch.bfloat16, torch.float16], ids=target_id)
 @pytest.mark.parametrize("solver", ["dpm++3m", "dpm++2m-sde"])
 @pytest.mark.parametrize("backend", FAST)
 def test_cuda_writes_the_model_input(backend, solver, model_dtype, case):
-    _skip_unless(backend, model_dtype, "cuda")
+    need(backend, "multistep_step", "cuda", model_dtype)
     shape, layout = case
     _check_model_input_steps(backend, solver, shape, model_dtype, layout, FMA_FP32, device="cuda")
 
@@ -404,7 +376,7 @@ def test_cuda_writes_the_model_input(backend, solver, model_dtype, case):
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", FAST)
 def test_cuda_sde_noise_equals_cpu(backend):
-    _skip_unless(backend, torch.float32, "cuda")
+    need(backend, "multistep_step", "cuda")
     table = _table("dpm++2m-sde")
     shape = (4, 3, 16, 16)
     x, out = torch.randn(shape), torch.randn(shape)
@@ -421,14 +393,14 @@ def test_cuda_sde_noise_equals_cpu(backend):
 def test_cuda_graph_with_device_step_counter(backend):
     """The in-place op inside a captured CUDA graph: the step index and the noise key are device
     tensors (the graph decrements the step itself), so one graph replays every step."""
-    _skip_unless(backend, torch.bfloat16, "cuda")
+    need(backend, "multistep_step", "cuda", torch.bfloat16)
     op = ops.implementation("multistep_step_", backend)
     table = _table("dpm++2m-sde", "cuda")
     K, shape = table.shape[0], (4, 3, 16, 16)
     x0 = torch.randn(shape, device="cuda")
     outs = _outputs(shape, torch.bfloat16, K, "cuda")
     x, history, out_buf = x0.clone(), torch.zeros((3, *shape), device="cuda"), outs[0].clone()
-    step, rng = torch.tensor(K - 1, device="cuda"), _rng(device="cuda")
+    step, rng = torch.tensor(K - 1, device="cuda"), rng_key(SEED, SAMPLE_OFFSET, "cuda")
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # warm up off the default stream, as capture requires
