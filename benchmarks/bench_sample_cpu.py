@@ -128,11 +128,6 @@ def _config(model):
     return _Config(cfg.in_channels, cfg.image_size)
 
 
-def _ddpm_pytorch(model, device):
-    cfg = _config(model)
-    return ddpm_pytorch_sampler(model, cfg.in_channels, cfg.sample_size, device)
-
-
 def _fastddpm(**options):
     def make(model, device):
         memory = {}  # this row's plan memory, kept across its calls (filled by cpu_plan on the first)
@@ -161,7 +156,7 @@ def _fastddpm_before(model, device):
 BF16 = torch.bfloat16
 ROWS: dict[str, Row] = {
     "diffusers": Row("diffusers loop, eager", _diffusers(False)),
-    "ddpm_pytorch": Row("denoising-diffusion-pytorch sample", _ddpm_pytorch),
+    "ddpm_pytorch": Row("denoising-diffusion-pytorch sample", ddpm_pytorch_sampler),
     "fastddpm": Row("fastddpm.sample (default: CPU plan)", _fastddpm()),
     "fastddpm_eager": Row("fastddpm.sample, engine=False", _fastddpm(engine=False)),
     "fastddpm_before": Row("fastddpm.sample before issue 15", _fastddpm_before, fastddpm_model_only=True),
