@@ -94,7 +94,7 @@ def measure_row(runner: Runner, n: int, steps: int, device, *, reps: int, first_
                              max_total_s=max_total_s)
     finally:
         runner.release()
-    return dict(steps=steps, **timing_fields(timing), mem_MB=memory.mb, first_s=first_s, how=how)
+    return dict(**timing_fields(timing), mem_MB=memory.mb, first_s=first_s, how=how)
 
 
 def run(setup: Setup, names, sizes, steps: int, *, reps: int = 3, first_call_timeout_s: float = 600.0,
@@ -123,10 +123,10 @@ def run(setup: Setup, names, sizes, steps: int, *, reps: int = 3, first_call_tim
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
                 else:
-                    seconds = m["median_ms"] * 1e-3 * NUM_TIMESTEPS / m["steps"]
-                    tflops = flops * m["steps"] / (m["median_ms"] * 1e-3) / 1e12
+                    seconds = m["median_ms"] * 1e-3 * NUM_TIMESTEPS / steps
+                    tflops = flops * steps / (m["median_ms"] * 1e-3) / 1e12
                     result.update({
-                        "steps timed": m["steps"], "median_ms": m["median_ms"], "p20_ms": m["p20_ms"],
+                        "steps timed": steps, "median_ms": m["median_ms"], "p20_ms": m["p20_ms"],
                         "p80_ms": m["p80_ms"], "reps": m["reps"], "s/1000 steps": seconds, "images/s": n / seconds,
                         "TFLOP/s": tflops, "% bf16 peak": 100.0 * tflops / peak if peak else None,
                         "mem_MB": m["mem_MB"], "first call s": m["first_s"],
@@ -311,15 +311,14 @@ if pytest is not None:
         runner = runners[row]
         if isinstance(runner, str):
             pytest.skip(runner)
-        steps = _STEPS
         benchmark.group = f"{setup.preset} n={n}"
-        benchmark.extra_info.update(row=row, label=ROWS[row].label, n=n, steps=steps,
-                                    flops_per_call=setup.flops(n) * steps)
+        benchmark.extra_info.update(row=row, label=ROWS[row].label, n=n, steps=_STEPS,
+                                    flops_per_call=setup.flops(n) * _STEPS)
         sync = (lambda: torch.cuda.synchronize(setup.device)) if setup.device.type == "cuda" else (lambda: None)
-        benchmark.pedantic(lambda: (runner.call(n, steps), sync()), rounds=3, iterations=1, warmup_rounds=1)
+        benchmark.pedantic(lambda: (runner.call(n, _STEPS), sync()), rounds=3, iterations=1, warmup_rounds=1)
         stats = getattr(getattr(benchmark, "stats", None), "stats", None)
         if stats is not None:
-            benchmark.extra_info["s/1000 steps"] = stats.median * NUM_TIMESTEPS / steps
+            benchmark.extra_info["s/1000 steps"] = stats.median * NUM_TIMESTEPS / _STEPS
 
 
 if __name__ == "__main__":

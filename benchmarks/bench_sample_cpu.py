@@ -47,7 +47,6 @@ n=64, first call included) >= 1.5x shorter than before issue 15.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import statistics
 import sys
@@ -129,35 +128,17 @@ def _config(model):
     return _Config(cfg.in_channels, cfg.image_size)
 
 
-def _ddpm_pytorch(model, device):
-    cfg = _config(model)
-    return ddpm_pytorch_sampler(model, cfg.in_channels, cfg.sample_size, device)
-
-
 def _fastddpm(**options):
     def make(model, device):
-        memory = {"_COMPILED_HERE": set(), "_LAYOUTS": {}, "_FORWARDS": {}, "_FOREGONE": {}}  # this row's plan memory
+        memory = {}  # this row's plan memory, kept across its calls (filled by cpu_plan on the first)
 
         def call(n, steps):
-            with _plan_memory(memory):
+            with cpu_plan.isolated_memory(memory):
                 return fastddpm.sample(model, n, steps=steps, seed=SEED, progress=False, device=device, **options)
 
         return call
 
     return make
-
-
-@contextlib.contextmanager
-def _plan_memory(memory: dict):
-    saved = {k: getattr(cpu_plan, k) for k in memory}
-    for k, v in memory.items():
-        setattr(cpu_plan, k, v)
-    try:
-        yield
-    finally:
-        for k in memory:
-            memory[k] = getattr(cpu_plan, k)
-            setattr(cpu_plan, k, saved[k])
 
 
 def _fastddpm_before(model, device):
@@ -175,7 +156,7 @@ def _fastddpm_before(model, device):
 BF16 = torch.bfloat16
 ROWS: dict[str, Row] = {
     "diffusers": Row("diffusers loop, eager", _diffusers(False)),
-    "ddpm_pytorch": Row("denoising-diffusion-pytorch sample", _ddpm_pytorch),
+    "ddpm_pytorch": Row("denoising-diffusion-pytorch sample", ddpm_pytorch_sampler),
     "fastddpm": Row("fastddpm.sample (default: CPU plan)", _fastddpm()),
     "fastddpm_eager": Row("fastddpm.sample, engine=False", _fastddpm(engine=False)),
     "fastddpm_before": Row("fastddpm.sample before issue 15", _fastddpm_before, fastddpm_model_only=True),

@@ -99,31 +99,32 @@ def diffusers_loop(unet, scheduler, n: int, steps: int, device, *, compiled: boo
 
 
 class AsDDPMPytorchModel(nn.Module):
-    """Any ``model(x, t)`` (fastddpm's, diffusers', a callable) behind denoising-diffusion-pytorch's
-    model interface."""
+    """Any ``model(x, t)`` (fastddpm's, diffusers', a callable with ``in_channels`` and ``image_size``) behind
+    denoising-diffusion-pytorch's model interface, with the channels fastddpm's ``ModelAdapter`` reads from it."""
 
     self_condition = False
 
-    def __init__(self, model, channels: int):
+    def __init__(self, model):
         super().__init__()
         self.model = model
         self.adapter = ModelAdapter(model)
-        self.channels = self.out_dim = channels
+        self.channels = self.out_dim = self.adapter.channels
 
     def forward(self, x, t, x_self_cond=None):
         return self.adapter(x, t)
 
 
-def ddpm_pytorch_sampler(model, channels: int, image_size: int, device):
+def ddpm_pytorch_sampler(model, device):
     """denoising-diffusion-pytorch's ``GaussianDiffusion.sample`` (linear schedule, epsilon prediction)
-    around ``model``, without its progress bar: ``call(n, steps)``, the last ``steps`` steps of the
-    1000-step chain (``p_sample_loop`` walks ``t = num_timesteps-1 .. 0``)."""
+    around ``model``, of the image size and channels ``ModelAdapter`` reads from it, without its
+    progress bar: ``call(n, steps)``, the last ``steps`` steps of the 1000-step chain
+    (``p_sample_loop`` walks ``t = num_timesteps-1 .. 0``)."""
     from denoising_diffusion_pytorch import GaussianDiffusion
 
     peer = sys.modules["denoising_diffusion_pytorch.denoising_diffusion_pytorch"]
-    diffusion = GaussianDiffusion(AsDDPMPytorchModel(model, channels), image_size=image_size,
-                                  timesteps=NUM_TIMESTEPS, objective="pred_noise", beta_schedule="linear",
-                                  auto_normalize=False).to(device)
+    wrapped = AsDDPMPytorchModel(model)
+    diffusion = GaussianDiffusion(wrapped, image_size=wrapped.adapter.image_size, timesteps=NUM_TIMESTEPS,
+                                  objective="pred_noise", beta_schedule="linear", auto_normalize=False).to(device)
     quiet = functools.partial(peer.tqdm, disable=True)  # no progress bar, as in every other row
 
     def call(n, steps):

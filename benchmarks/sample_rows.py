@@ -102,8 +102,7 @@ def _diffusers_compile(setup: Setup) -> Runner:
 
 
 def _ddpm_pytorch(setup: Setup) -> Runner:
-    c = setup.model.config
-    sampler = ddpm_pytorch_sampler(setup.model, c.in_channels, c.image_size, setup.device)
+    sampler = ddpm_pytorch_sampler(setup.model, setup.device)
 
     def call(n, steps):
         with ops.use_backend("reference"):

@@ -49,6 +49,7 @@ compiled, which would mean converting the user's model; neither is used.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -59,7 +60,7 @@ from pathlib import Path
 import torch
 
 __all__ = ["CpuChoice", "choose", "why_not_timed", "bf16_native", "record_compile", "compile_key", "warm_up",
-           "using_threads", "check_threads", "COMPILE_SPEEDUP", "COLD_COMPILE_S"]
+           "using_threads", "check_threads", "isolated_memory", "COMPILE_SPEEDUP", "COLD_COMPILE_S"]
 
 # Conservative (low-end) compile speed-ups of the forward on a CPU, by model-input dtype: the
 # plan compiles only when the saving at this speed-up beats the compile's cost.
@@ -76,6 +77,27 @@ _COMPILED_HERE: set = set()  # (id(model), compile_key()) compiled in this proce
 _FORWARDS: dict = {}  # (id(model), batch shape, dtype, channels_last, threads) -> (forward s, exact)
 _LAYOUTS: dict = {}  # (id(model), batch shape, dtype, threads) -> a measured layout choice, reused in this process
 _FOREGONE: dict = {}  # (id(model), compile_key()) -> seconds earlier eager calls in this process could have saved
+_MEMORY = ("_COMPILED_HERE", "_FORWARDS", "_LAYOUTS", "_FOREGONE")  # the process's plan memory: every cache above
+
+
+@contextlib.contextmanager
+def isolated_memory(memory: dict | None = None):
+    """``with isolated_memory(memory):`` the plan inside the block remembers only ``memory`` (what
+    it compiled, timed and lost to eager calls), and the process's memory is back after it.
+
+    :param memory: a dict from an earlier block, to go on from where it stopped; a cache it lacks
+        (an empty dict: all of them) is added to it, new.  None: new caches, forgotten after the block.
+    :return: (as the ``with`` target) ``memory``, which the plan updates in place.
+    """
+    memory = {} if memory is None else memory
+    for name in _MEMORY:
+        memory.setdefault(name, type(globals()[name])())
+    saved = {name: globals()[name] for name in _MEMORY}
+    globals().update({name: memory[name] for name in _MEMORY})
+    try:
+        yield memory
+    finally:
+        globals().update(saved)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -72,5 +72,5 @@ def test_the_samplers_run_on_one_model(one_thread):
     c = unet.config
     x = peers.diffusers_loop(unet, DDPMScheduler(num_train_timesteps=peers.NUM_TIMESTEPS), 2, 2, "cpu")
     assert x.shape == (2, c.in_channels, c.sample_size, c.sample_size) and bool(torch.isfinite(x).all())
-    y = peers.ddpm_pytorch_sampler(unet, c.in_channels, c.sample_size, "cpu")(2, 2)
+    y = peers.ddpm_pytorch_sampler(unet, "cpu")(2, 2)
     assert y.shape == x.shape and bool(torch.isfinite(y).all())

@@ -18,12 +18,9 @@ CHOICES = ("cuda_graph=", "backend=", "micro_batch=", "threads=", "dtype=", "cha
 def _fresh(monkeypatch, tmp_path):
     """No engines, layouts or compile records from other tests; records go to ``tmp_path``."""
     clear_engine_cache()
-    monkeypatch.setattr(cpu_plan, "_COMPILED_HERE", set())
-    monkeypatch.setattr(cpu_plan, "_LAYOUTS", {})
-    monkeypatch.setattr(cpu_plan, "_FORWARDS", {})
-    monkeypatch.setattr(cpu_plan, "_FOREGONE", {})
     monkeypatch.setattr(cpu_plan, "_record_path", lambda: tmp_path / cpu_plan.RECORD_NAME)
-    yield
+    with cpu_plan.isolated_memory():
+        yield
     clear_engine_cache()
 
 
@@ -169,6 +166,34 @@ def test_a_compiled_engine_is_reused_across_calls(monkeypatch, one_thread):
     assert counters["frames"]["ok"] == frames and len(cached_engines()) == 1
     assert torch.equal(again, got)
     assert cpu_plan._records()  # the compile's time was recorded for the next process
+
+
+def test_isolated_memory_swaps_every_cache_and_a_given_memory_goes_on(monkeypatch):
+    """``isolated_memory`` swaps in every process cache of the plan (each module-level private dict
+    or set), new or the given ones, and puts the process's back after the block: a given memory
+    keeps its ski-rental count across blocks (1.3 s lost a call against a 5 s compile: the fourth
+    compiles), and neither the process's memory nor a new one sees it."""
+    monkeypatch.setattr(cpu_plan, "_compile_cost", lambda model, key: (5.0, "made up"))
+    _fake_forward(monkeypatch, 0.01, 0.02)
+    model = _tiny3()
+    caches = {k: v for k, v in vars(cpu_plan).items()
+              if k.startswith("_") and not k.startswith("__") and isinstance(v, (dict, set))}
+
+    def compiles():
+        return cpu_plan.choose(model, torch.float32, (2, 3, 8, 8), 1000, 1, channels_last=False, threads=1).compile
+
+    row = {}
+    for _ in range(3):
+        with cpu_plan.isolated_memory(row) as memory:
+            assert memory is row and set(row) == set(caches), (set(row), set(caches))
+            assert all(getattr(cpu_plan, k) is row[k] is not caches[k] for k in caches)
+            assert compiles() is None
+        assert all(getattr(cpu_plan, k) is v for k, v in caches.items())
+    with cpu_plan.isolated_memory():
+        assert compiles() is None  # a new memory: nothing lost yet
+    assert not any(caches.values())  # the process's memory saw none of it
+    with cpu_plan.isolated_memory(row):
+        assert compiles() == "default"
 
 
 # -- layout ----------------------------------------------------------------------------------
