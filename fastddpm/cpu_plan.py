@@ -59,6 +59,8 @@ from pathlib import Path
 
 import torch
 
+from .checks import is_int
+
 __all__ = ["CpuChoice", "choose", "why_not_timed", "bf16_native", "record_compile", "compile_key", "warm_up",
            "using_threads", "check_threads", "isolated_memory", "COMPILE_SPEEDUP", "COLD_COMPILE_S"]
 
@@ -414,7 +416,7 @@ def _bound(cache: dict, size: int = 64) -> None:
 # -- threads ---------------------------------------------------------------------------------
 def check_threads(threads) -> None:
     """``threads`` is None (torch's setting) or a positive int, else a ``ValueError`` naming it."""
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+    if threads is not None and (not is_int(threads) or threads < 1):
         raise ValueError(f"threads must be a positive int or None, got {threads!r}")
 
 
