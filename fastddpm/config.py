@@ -5,12 +5,12 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import MISSING, dataclass, fields
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 from .checks import is_int
-from .modes import LOSSES, PREDICTIONS, SAMPLERS, SOLVERS, VARIANCES, LossType, Prediction, SamplerChoice, Variance
-from .multistep import SPACINGS
-from .schedule import SCHEDULE_KINDS
+from .modes import (LOSSES, PREDICTIONS, SAMPLERS, SOLVERS, SPACINGS, VARIANCES, LossType, Prediction, SamplerChoice,
+                    Spacing, Variance)
+from .schedule import SCHEDULE_KINDS, ScheduleKind
 
 __all__ = ["JsonConfig", "DiffusionConfig", "MAX_TIMESTEPS"]
 
@@ -89,14 +89,14 @@ class DiffusionConfig(JsonConfig):
     """
 
     num_timesteps: int = 1000
-    schedule: Literal["linear", "cosine", "sigmoid", "quadratic", "custom"] = "linear"
+    schedule: ScheduleKind = "linear"
     betas: tuple[float, ...] | None = None
     prediction: Prediction = "epsilon"
     variance: Variance = "fixed_small"
     clip_denoised: bool = True
     sampler: SamplerChoice = "ddpm"
     eta: float = 0.0
-    timestep_spacing: Literal["linspace", "leading", "trailing"] = "linspace"
+    timestep_spacing: Spacing = "linspace"
     karras_sigmas: bool = False
     lambda_min_clipped: float | None = None
     loss: LossType = "l2"

@@ -53,6 +53,7 @@ import torch
 
 from .checks import is_int
 from .config import DiffusionConfig
+from .modes import SPACINGS
 from .schedule import make_betas
 
 __all__ = ["SCHEDULERS", "diffusion_config", "scheduler_config", "is_pipeline"]
@@ -184,7 +185,7 @@ def diffusion_config(scheduler_or_config, *, use_clipped_model_output: bool = Fa
         raise ValueError(f"use_clipped_model_output is DDIMScheduler's, not {name}'s")
     kw = {**_schedule(f), "prediction": _prediction(f)}
     spacing = f["timestep_spacing"]
-    f.require("timestep_spacing", ("linspace", "leading", "trailing"))
+    f.require("timestep_spacing", SPACINGS)
     if spacing == "leading" and f["steps_offset"] != 0:
         f.reject("steps_offset", "0 with timestep_spacing='leading' (any value with 'linspace' or 'trailing')",
                  "fastddpm's leading timesteps start at 0")

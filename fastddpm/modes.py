@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
-__all__ = ["Prediction", "Variance", "LossType", "Sampler", "Solver", "SamplerChoice", "TorchCompileMode", "TrainCompileMode",
-           "PREDICTIONS", "VARIANCES", "LOSSES", "SAMPLERS", "SOLVERS", "TORCH_COMPILE_MODES", "TRAIN_COMPILE_MODES"]
+__all__ = ["Prediction", "Variance", "LossType", "Sampler", "Solver", "SamplerChoice", "Spacing", "TorchCompileMode",
+           "TrainCompileMode", "PREDICTIONS", "VARIANCES", "LOSSES", "SAMPLERS", "SOLVERS", "SPACINGS",
+           "TORCH_COMPILE_MODES", "TRAIN_COMPILE_MODES"]
 
 Prediction = Literal["epsilon", "x0", "v"]  # what the model outputs
 Variance = Literal["fixed_small", "fixed_large"]  # the reverse step's sigma^2: beta_tilde or beta
@@ -18,6 +19,7 @@ LossType = Literal["l2", "l1", "huber"]
 Sampler = Literal["ddpm", "ddim"]  # one-step samplers: a [K, 5] coefficient table (ops.ddpm_step)
 Solver = Literal["dpm++2m", "dpm++3m", "dpm++2m-sde", "unipc"]  # multistep solvers (ops.multistep_step)
 SamplerChoice = Literal[Sampler, Solver]  # DiffusionConfig.sampler: either kind
+Spacing = Literal["linspace", "leading", "trailing"]  # a multistep solver's timesteps (diffusers' timestep_spacing)
 # torch.compile's modes.  The sampler engine takes compile=True/False/None or one of these; a
 # training config spells "off" as "no" (a CLI choice and a JSON value), so its set has one more.
 TorchCompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
@@ -28,5 +30,6 @@ VARIANCES: tuple[str, ...] = get_args(Variance)
 LOSSES: tuple[str, ...] = get_args(LossType)
 SAMPLERS: tuple[str, ...] = get_args(Sampler)
 SOLVERS: tuple[str, ...] = get_args(Solver)
+SPACINGS: tuple[str, ...] = get_args(Spacing)
 TORCH_COMPILE_MODES: tuple[str, ...] = get_args(TorchCompileMode)
 TRAIN_COMPILE_MODES: tuple[str, ...] = get_args(TrainCompileMode)

@@ -41,7 +41,7 @@ import torch
 
 from . import ops
 from .checks import is_int
-from .modes import PREDICTIONS, SOLVERS
+from .modes import PREDICTIONS, SOLVERS, SPACINGS
 from .schedule import NoiseSchedule
 
 __all__ = [
@@ -58,7 +58,6 @@ __all__ = [
     "MultistepSampler",
 ]
 
-SPACINGS = ("linspace", "leading", "trailing")
 TABLE_COLUMNS = ("a", "b", "u", "cl", "k0", "k1", "k2", "cx", "p0", "p1", "p2", "cz")
 # The order of each solver, which is also the fewest steps it accepts.
 SOLVER_ORDER = {"dpm++2m": 2, "dpm++3m": 3, "dpm++2m-sde": 2, "unipc": 2}

@@ -14,6 +14,8 @@ from typing import Literal, Sequence
 import numpy as np
 import torch
 
+from .modes import SPACINGS
+
 __all__ = ["ScheduleKind", "NoiseSchedule", "make_betas", "space_timesteps", "spaced_timesteps"]
 
 ScheduleKind = Literal["linear", "cosine", "sigmoid", "quadratic", "custom"]
@@ -94,7 +96,7 @@ def spaced_timesteps(num_timesteps: int, steps: int, spacing: str = "linspace") 
         return [j * (T // steps) for j in range(steps)]
     if spacing == "trailing":
         return sorted(int(t) - 1 for t in np.round(np.arange(T, 0, -T / steps)))
-    raise ValueError(f"timestep_spacing must be one of ('linspace', 'leading', 'trailing'), got {spacing!r}")
+    raise ValueError(f"timestep_spacing must be one of {SPACINGS}, got {spacing!r}")
 
 
 @dataclass(frozen=True, eq=False)
