@@ -44,7 +44,7 @@ import math
 
 import torch
 
-from . import ops
+from . import multistep, ops
 from .adapters import ModelAdapter
 from .checks import is_int, watch_output
 from .noise import check_noise_capacity, check_seed
@@ -91,7 +91,6 @@ class SamplerEngine:
         if plan.channels_last and len(self.shape) != 4:
             raise ValueError(f"channels_last needs a 4-D batch shape, got {self.shape}")
 
-        self.history = None  # the multistep solvers' ring: [3, *shape] float32
         if self.solver is None:
             tables = process.tables(device)
             self.coefs, self.timesteps = tables["coefs"], tables["timesteps"]
@@ -99,9 +98,10 @@ class SamplerEngine:
         else:
             self.coefs, self.timesteps = self.solver.tensors(device)  # coefs: the [K, 12] table
             self.clip_denoised = self.solver.clip_denoised
-            self.history = torch.zeros((3, *self.shape), dtype=torch.float32, device=device)
         # -- static buffers: allocated once, updated in place ------------------------------
         self.x = torch.empty(self.shape, dtype=torch.float32, device=device)
+        # the multistep solvers' ring: [3, *shape] float32
+        self.history = multistep.new_history(self.x) if self.solver is not None else None
         self.model_input = None  # None: the model reads x itself
         if plan.dtype != torch.float32 or plan.channels_last:
             layout = torch.channels_last if plan.channels_last else torch.contiguous_format
