@@ -288,9 +288,8 @@ class DDPM:
                                clip_denoised=self.config.clip_denoised, noise=noise)
         if not return_dict:
             return x_prev
-        a, b = (reference.extract(coefs[:, i].contiguous(), idx, x_t.ndim) for i in (0, 1))
-        x0_hat = a * x_t.float() + b * model_output.float()
-        return StepOutput(x_prev, x0_hat.clamp(-1.0, 1.0) if self.config.clip_denoised else x0_hat)
+        return StepOutput(x_prev, reference.predict_x0(x_t, model_output, coefs.index_select(0, idx),
+                                                       self.config.clip_denoised))
 
     def _generator_noise(self, generator, noise, seed, sample_offset, t, model_output, x_t) -> torch.Tensor:
         """``step``'s noise from a ``torch.Generator``, drawn where diffusers draws it (zeros elsewhere)."""

@@ -40,6 +40,7 @@ __all__ = [
     "loss_weights",
     "diffusion_loss",
     "step_coefficients",
+    "predict_x0",
     "ddpm_step",
     "multistep_step",
     "batch_noise",
@@ -171,6 +172,14 @@ def step_coefficients(schedule: NoiseSchedule, prediction: str = "epsilon", vari
     return np.stack([a, b, c0, c1, sigma], axis=1)
 
 
+def predict_x0(x_t, model_output, coefs, clip_denoised: bool):
+    """The step's float32 ``x0_hat = a * x_t + b * model_output`` from each sample's ``coefs`` row
+    (``[n, 5]``, as ``ddpm_step``), clamped to ``[-1, 1]`` if ``clip_denoised``."""
+    shape = (coefs.shape[0],) + (1,) * (x_t.ndim - 1)
+    x0_hat = coefs[:, 0].reshape(shape) * x_t.float() + coefs[:, 1].reshape(shape) * model_output.float()
+    return x0_hat.clamp(-1.0, 1.0) if clip_denoised else x0_hat
+
+
 def ddpm_step(x_t, model_output, coefs, clip_denoised: bool, noise):
     """One reverse step, elementwise.
 
@@ -182,12 +191,9 @@ def ddpm_step(x_t, model_output, coefs, clip_denoised: bool, noise):
     :return: ``x_{t-1}`` in float32.
     """
     shape = (coefs.shape[0],) + (1,) * (x_t.ndim - 1)
-    a, b, c0, c1, sigma = (coefs[:, i].reshape(shape) for i in range(5))
-    x_t = x_t.float()
-    x0_hat = a * x_t + b * model_output.float()
-    if clip_denoised:
-        x0_hat = x0_hat.clamp(-1.0, 1.0)
-    return c0 * x0_hat + c1 * x_t + sigma * noise.float()
+    c0, c1, sigma = (coefs[:, i].reshape(shape) for i in (2, 3, 4))
+    x0_hat = predict_x0(x_t, model_output, coefs, clip_denoised)
+    return c0 * x0_hat + c1 * x_t.float() + sigma * noise.float()
 
 
 def multistep_step(x, model_output, history, step, table, clip_denoised: bool, noise):
