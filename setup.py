@@ -5,12 +5,12 @@ import importlib.util
 import os
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = Path(__file__).resolve().parent
 
-PACKAGES = ["fastddpm", "fastddpm.metrics", "fastddpm.models", "fastddpm.ops", "fastddpm.training",
-            "fastddpm.kernels"]
+# every package under fastddpm/, with fastddpm.kernels through the fastddpm/kernels -> ../kernels link
+PACKAGES = find_packages(include=["fastddpm", "fastddpm.*"])
 PACKAGE_DIR = {"fastddpm": "fastddpm", "fastddpm.kernels": "kernels"}
 PACKAGE_DATA = {"fastddpm": ["assets/*.safetensors", "assets/*.json"], "fastddpm.ops": ["schemas.def"]}
 

@@ -1,15 +1,24 @@
 """The source tree and what an install contains agree."""
 import ast
+import os
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _setup_constant(name: str):
+    """setup.py's ``name = ...``, evaluated from the repository root (``find_packages`` is its only call)."""
+    from setuptools import find_packages
+
     tree = ast.parse((ROOT / "setup.py").read_text())
     for node in tree.body:
         if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == name for t in node.targets):
-            return ast.literal_eval(node.value)
+            cwd = os.getcwd()
+            os.chdir(ROOT)
+            try:
+                return eval(compile(ast.Expression(node.value), "setup.py", "eval"), {"find_packages": find_packages})
+            finally:
+                os.chdir(cwd)
     raise AssertionError(f"setup.py has no {name}")
 
 
