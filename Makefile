@@ -12,7 +12,7 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.14.1
 export HF_HUB_OFFLINE := 1
 
-BUILD_DEPS := $(TORCH_SPEC) setuptools wheel ninja pybind11
+BUILD_DEPS := $(TORCH_SPEC) setuptools wheel ninja
 TEST_DEPS := pytest pytest-benchmark diffusers denoising-diffusion-pytorch scikit-learn
 
 # The lent GPU machine's stack, tested on a CPU: Python 3.12, torch 2.11.0 (its CUDA 13.0 build),
@@ -26,7 +26,7 @@ PYTHON_DEVICE ?= $(shell for p in $(HOME)/.pyenv/versions/3.12*/bin/python3.12 p
 DEVICE_VENV ?= .venv-device
 DEVICE_PY := $(DEVICE_VENV)/bin/python
 DEVICE_SPEC := torch==2.11.0 torchvision==0.26.0 triton==3.6.0 'numpy>=2.4'
-DEVICE_TEST_DEPS := $(TEST_DEPS) pytest-xdist pytest-timeout tqdm pillow safetensors setuptools wheel ninja pybind11
+DEVICE_TEST_DEPS := $(TEST_DEPS) pytest-xdist pytest-timeout tqdm pillow safetensors setuptools wheel ninja
 
 .PHONY: demo test install install-test bench clean device-stack
 
