@@ -46,7 +46,7 @@ import torch
 
 from . import multistep, ops
 from .adapters import ModelAdapter
-from .checks import is_int, watch_output
+from .checks import check_sample_args, watch_output
 from .noise import check_noise_capacity, check_seed
 from .ops import reference
 from .plan import INDUCTOR_GRAPH_MODES, Plan
@@ -249,11 +249,8 @@ class SamplerEngine:
         :return: float32 ``[m, C, H, W]``, a new tensor (the buffers are reused).
         """
         check_seed(seed)
-        if not is_int(sample_offset) or sample_offset < 0:
-            raise ValueError(f"sample_offset must be a non-negative int, got {sample_offset!r}")
+        check_sample_args(self.shape[0], sample_offset, None, callback)
         check_noise_capacity(self.numel, self.num_steps + 1, sample_offset + self.shape[0] - 1)
-        if callback is not None and not callable(callback):
-            raise TypeError("callback must be callable as callback(i, t, x)")
         if self.plan.cuda_graph and callback is None:
             sets = self.graphs(seed, sample_offset)  # captured (and warmed up) once
             self._reset(seed, sample_offset)  # writes this run's key into rng, outside the graph

@@ -350,6 +350,8 @@ def test_engine_directly():
     assert engine.step.ndim == 0 and engine.step.dtype == torch.int64 and engine.step.item() == -1
     with pytest.raises(ValueError, match="sample_offset must be"):
         engine.run(7, -1)
+    with pytest.raises(TypeError, match="callback must be callable"):
+        engine.run(7, 0, callback=3)
     with pytest.raises(ValueError, match="cuda_graph=True needs"):
         SamplerEngine(model, process, (2, 2, 6, 6), dataclasses.replace(plan, cuda_graph=True))
 
