@@ -99,7 +99,8 @@ def digits_dataset(image_size: int = 16, channels: int = 1) -> DigitsDataset:
 
 
 # -- routing ------------------------------------------------------------------------------
-ACCEPTED_FORMS = "'digits', a folder of images (.png .jpg .jpeg .bmp .webp), or a .npy/.npz file"
+ACCEPTED_FORMS = (f"'digits', a folder of images ({' '.join(IMAGE_EXTENSIONS)}), "
+                  f"or a {'/'.join(ARRAY_EXTENSIONS)} file")
 
 
 def load_dataset(spec, image_size: int | None = None, channels: int | None = None) -> Dataset:
