@@ -58,7 +58,7 @@ __all__ = [
     "MultistepSampler",
 ]
 
-TABLE_COLUMNS = ("a", "b", "u", "cl", "k0", "k1", "k2", "cx", "p0", "p1", "p2", "cz")
+TABLE_COLUMNS = ops.reference.MULTISTEP_COLUMNS  # the order the reference step reads a row in
 # The order of each solver, which is also the fewest steps it accepts.
 SOLVER_ORDER = {"dpm++2m": 2, "dpm++3m": 3, "dpm++2m-sde": 2, "unipc": 2}
 # The cosine schedule's alpha_T is ~1e-4 (beta capped at 0.999), so lambda_T ~ -9 and the first

@@ -27,6 +27,7 @@ import triton.language as tl
 
 from fastddpm.ops import fakes
 from fastddpm.noise import check_noise_capacity
+from fastddpm.ops.reference import MULTISTEP_COLUMNS
 
 from ._library import ELEMENTWISE_WARPS, elementwise_block, elementwise_grid, launch, op
 from .ddpm_step import check_rng, model_input_layout, store_model_input
@@ -34,7 +35,7 @@ from .noise import contract_offsets
 
 __all__ = ["multistep_step_", "multistep_step_into"]
 
-TABLE_COLUMNS = 12  # fastddpm.multistep.TABLE_COLUMNS
+TABLE_COLUMNS = len(MULTISTEP_COLUMNS)  # 12: the kernel reads row step at table_ptr + step * 12
 
 
 @triton.jit

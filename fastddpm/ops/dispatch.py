@@ -115,7 +115,7 @@ def ddpm_step(x, model_output, step, coefs, *, seed: int, sample_offset: int = 0
     return reference.ddpm_step(x, model_output, coefs.index_select(0, step), clip_denoised, noise)
 
 
-_MULTISTEP_COLUMNS = 12  # fastddpm.multistep.TABLE_COLUMNS
+_MULTISTEP_COLUMNS = len(reference.MULTISTEP_COLUMNS)  # 12
 _HISTORY_DTYPES = (torch.float32, torch.float64)
 
 

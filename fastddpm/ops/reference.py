@@ -48,6 +48,9 @@ __all__ = [
 ]
 
 COEF_COLUMNS = ("a", "b", "c0", "c1", "sigma")
+# A multistep solver's [K, 12] row, in the order ``multistep_step`` reads it (``fastddpm.multistep``
+# builds the table as ``TABLE_COLUMNS``, this tuple; the fast backends check its width against it).
+MULTISTEP_COLUMNS = ("a", "b", "u", "cl", "k0", "k1", "k2", "cx", "p0", "p1", "p2", "cz")
 
 
 def extract(table: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -211,7 +214,7 @@ def multistep_step(x, model_output, history, step, table, clip_denoised: bool, n
     :param model_output: ``[n, ...]`` any float dtype.
     :param history: ``[3, n, ...]`` the ring of the last two data predictions and the last ``x_corr``.
     :param step: int64 tensor holding one value: the reverse-process step index (row of ``table``).
-    :param table: ``[K, 12]`` coefficient table (``multistep.TABLE_COLUMNS``; its row is cast to the
+    :param table: ``[K, 12]`` coefficient table (``MULTISTEP_COLUMNS``; its row is cast to the
         compute dtype).
     :param noise: ``[n, ...]`` standard normals for the SDE solver, or None (no noise term).
     :return: the next sample, in the compute dtype.
