@@ -81,10 +81,10 @@ def cmd_forward_strip(args) -> int:
 
 # -- eval --------------------------------------------------------------------------------------
 def _load_samples(path: str):
-    from .data import ArrayDataset
+    from .array_data import ARRAY_EXTENSIONS, ArrayDataset
 
     p = Path(path)
-    if p.suffix.lower() not in (".npz", ".npy"):
+    if p.suffix.lower() not in ARRAY_EXTENSIONS:
         raise ValueError(f"--samples must be a .npz or .npy array (write one with `fastddpm sample --out x.npz`); "
                          f"got {str(p)!r}" + (" (PNG grids are not supported)" if p.suffix.lower() == ".png" else ""))
     return ArrayDataset(p).float_images()
