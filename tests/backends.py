@@ -1,5 +1,6 @@
-"""Importing a fast backend in a test module: a skip where the backend is
-optional, a failure with its reason where it is required.
+"""Importing a fast backend in a test module (``import_backend``), or needing it
+to run an op (``need``): a skip where the backend is optional, a failure with its
+reason where it is required.
 
 Required: both ``cpp`` and ``triton`` on a machine with a CUDA device (a GPU
 check that skipped them would report success having tested nothing), and
@@ -10,6 +11,8 @@ import os
 
 import pytest
 import torch
+
+from fastddpm import ops
 
 BACKENDS = ("cpp", "triton")
 HAS_CUDA = torch.cuda.is_available()
@@ -37,3 +40,13 @@ def import_backend(module: str):
     if backend_of(module) in required_backends():
         return importlib.import_module(module)
     return pytest.importorskip(module, reason=f"{module} cannot be imported here (backend not required)")
+
+
+def need(backend: str, op: str, device, dtype=torch.float32) -> None:
+    """Skip (or fail, where the backend is required) unless ``backend`` runs ``op`` here."""
+    reason = ops.unsupported(backend, op, torch.device(device), dtype)
+    if reason is None:
+        return
+    if ops.load_error(backend) is not None and backend in required_backends():
+        pytest.fail(f"{backend} is required here but {reason}")
+    pytest.skip(f"{backend} cannot run {op} on {device} ({dtype}) here: {reason}")

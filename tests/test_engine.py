@@ -9,6 +9,7 @@ import fastddpm
 from fastddpm import DDPM, ops
 from fastddpm.engine import (EngineCache, SamplerEngine, cached_engines, clear_engine_cache, engine_sample,
                              last_plan, make_plan)
+from backends import need
 from toy_models import Pointwise
 from tolerances import BY_DTYPE, EXACT, FP32, PEER, assert_close
 
@@ -184,8 +185,7 @@ def test_fused_step_writes_x_and_the_channels_last_model_input(backend, sampler,
     """The in-place op of each fast backend (the Triton one interpreted on CPU), ddpm_step_ or
     multistep_step_, writes the float16 channels_last model input itself (the engine runs no copy
     after it): the engine's result against the reference backend's, and the model input is x cast."""
-    if backend not in ops.available_backends(op, "cpu", torch.float16):
-        pytest.skip(f"{backend} cannot run here")
+    need(backend, op, "cpu", torch.float16)
     model = Pointwise()
     kw = dict(steps=6, seed=8, progress=False, sampler=sampler, dtype=torch.float16, channels_last=True)
     ref = engine_sample(model, 3, backend="reference", **kw)
@@ -202,8 +202,7 @@ def test_fused_engine_equals_sample_exactly_for_every_key(backend):
     """The fused step reads the noise key from the engine's rng buffer, which each run
     rewrites: one engine, several (seed, sample_offset), each bit for bit
     fastddpm.sample on the same backend (which passes the key as ints)."""
-    if backend not in ops.available_backends("ddpm_step", "cpu", torch.float32):
-        pytest.skip(f"{backend} cannot run here")
+    need(backend, "ddpm_step", "cpu")
     model = Pointwise()
     process = DDPM().respace(5)
     engine = SamplerEngine(model, process, (3, 2, 6, 6), make_plan(model, 3, (2, 6, 6), "cpu", backend=backend))
@@ -225,8 +224,7 @@ def test_multistep_engine_equals_sample(backend, solver):
     """Each solver through the engine (device step counter, static history ring, the fused
     in-place update) is bit for bit fastddpm.sample's eager loop on the same backend, for two keys
     in a row on one engine (the ring is reset between runs)."""
-    if backend not in ops.available_backends("multistep_step", "cpu", torch.float32):
-        pytest.skip(f"{backend} cannot run here")
+    need(backend, "multistep_step", "cpu")
     model = Pointwise()
     kw = dict(steps=7, progress=False, sampler=solver, clip_denoised=True)
     for seed, sample_offset in [(11, 0), (2**40 + 5, 4)]:

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import fastddpm
+from backends import need
 from fastddpm import ops
 from fastddpm.models import create_model
 from fastddpm.patching import FastAttnProcessor, patch_attention, unpatch_attention
@@ -63,11 +64,10 @@ def test_patched_unet_equals_diffusers(count_attention):
     assert not count_attention
 
 
-@pytest.mark.skipif("triton" not in ops.available_backends("attention", "cpu"),
-                    reason="the Triton backend does not run here")
 @torch.no_grad()
 def test_patched_unet_on_the_flash_kernel():
     """The fused kernel (interpreted on CPU) in place of diffusers' SDPA."""
+    need("triton", "attention", "cpu")
     unet = tiny_unet()
     x, t = torch.randn(2, 1, 8, 8), torch.tensor([5, 600])
     expected = unet(x, t).sample

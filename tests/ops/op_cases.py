@@ -12,7 +12,7 @@ from functools import lru_cache
 import pytest
 import torch
 
-from backends import required_backends
+from backends import need  # noqa: F401  (the conformance files take it from here)
 from fastddpm import ops
 from fastddpm.ops import reference
 from fastddpm.schedule import NoiseSchedule
@@ -41,16 +41,6 @@ def target_id(v) -> str:
 
 def variant_id(v) -> str:
     return "-".join(map(str, v))
-
-
-def need(backend: str, op: str, device, dtype=torch.float32) -> None:
-    """Skip (or fail, where the backend is required) unless ``backend`` runs ``op`` here."""
-    reason = ops.unsupported(backend, op, torch.device(device), dtype)
-    if reason is None:
-        return
-    if ops.load_error(backend) is not None and backend in required_backends():
-        pytest.fail(f"{backend} is required here but {reason}")
-    pytest.skip(f"{backend} cannot run {op} on {device} ({dtype}) here: {reason}")
 
 
 def namespace_op(backend: str, name: str):
