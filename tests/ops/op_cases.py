@@ -12,8 +12,6 @@ from functools import lru_cache
 import pytest
 import torch
 
-from backends import need  # noqa: F401  (the conformance files take it from here)
-from fastddpm import ops
 from fastddpm.ops import reference
 from fastddpm.schedule import NoiseSchedule
 

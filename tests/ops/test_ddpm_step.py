@@ -12,8 +12,9 @@ import torch
 
 from fastddpm import ops
 from fastddpm.ops import reference
+from backends import need
 from op_cases import (DTYPES, LARGE_ODD_SHAPES, RNG_KEYS, SAMPLE_OFFSET, SEED, SHAPES, T, TARGETS, coefficients,
-                      inputs, namespace_op, need, rng_key, target_id, timesteps, variant_id)
+                      inputs, namespace_op, rng_key, target_id, timesteps, variant_id)
 from op_cases import STEP_VARIANTS
 from tolerances import EXACT, FP32, fp32_at, assert_close
 

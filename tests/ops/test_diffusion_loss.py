@@ -10,7 +10,8 @@ import torch
 
 from fastddpm import ops
 from fastddpm.ops import reference
-from op_cases import (DTYPES, LARGE_ODD_SHAPES, SAMPLE_OFFSET, SEED, SHAPES, T, TARGETS, loss_weights, need, tables,
+from backends import need
+from op_cases import (DTYPES, LARGE_ODD_SHAPES, SAMPLE_OFFSET, SEED, SHAPES, T, TARGETS, loss_weights, tables,
                       target_id, timesteps)
 from tolerances import BY_DTYPE, EXACT, FP32, assert_close
 

@@ -20,7 +20,8 @@ import torch
 from fastddpm import multistep, ops
 from fastddpm.ops import reference
 from fastddpm.schedule import NoiseSchedule
-from op_cases import T, namespace_op, need, rng_key, schedule, target_id
+from backends import need
+from op_cases import T, namespace_op, rng_key, schedule, target_id
 from tolerances import BY_DTYPE, EXACT, FMA_FP32, FP32, assert_close
 
 pytestmark = pytest.mark.ops

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from fastddpm import noise
-from op_cases import TARGETS, need, target_id
+from backends import need
+from op_cases import TARGETS, target_id
 from tolerances import EXACT, NORMAL_ULP, assert_close
 
 pytestmark = pytest.mark.ops

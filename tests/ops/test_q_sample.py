@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from fastddpm import ops
-from op_cases import (DTYPES, LARGE_ODD_SHAPES, SAMPLE_OFFSET, SEED, SHAPES, TARGETS, need, tables, target_id,
+from backends import need
+from op_cases import (DTYPES, LARGE_ODD_SHAPES, SAMPLE_OFFSET, SEED, SHAPES, TARGETS, tables, target_id,
                       timesteps)
 from tolerances import EXACT, FP32, assert_close
 
