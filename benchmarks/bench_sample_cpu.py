@@ -349,11 +349,11 @@ def main(argv=None) -> list[dict]:
     device = torch.device("cpu")
     model = make_model(a.model, a.preset, device)
     records = cpu_plan._records()
+    image = _config(model)
     meta = environment(device, PACKAGES) | {
         "model": f"{a.model} ({type(model).__name__}, preset {a.preset}, {param_count(model):,} parameters, "
                  "random weights): the same object in every row",
-        "image": "x".join(map(str, (_config(model).in_channels, _config(model).sample_size,
-                                    _config(model).sample_size))),
+        "image": f"{image.in_channels}x{image.sample_size}x{image.sample_size}",
         "steps per call": steps,
         "s/1000": "seconds per 1000 denoising steps" + ("" if steps == NUM_TIMESTEPS
                                                         else f" (extrapolated from {steps} steps)"),
