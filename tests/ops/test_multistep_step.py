@@ -21,7 +21,7 @@ from fastddpm import multistep, ops
 from fastddpm.ops import reference
 from fastddpm.schedule import NoiseSchedule
 from backends import need
-from op_cases import T, namespace_op, rng_key, schedule, target_id
+from op_cases import T, namespace_op, rng_key, target_id
 from tolerances import BY_DTYPE, EXACT, FMA_FP32, FP32, assert_close
 
 pytestmark = pytest.mark.ops
@@ -37,8 +37,7 @@ FAST = ["cpp", "triton"]
 
 @lru_cache(maxsize=None)
 def _plan(solver, prediction="epsilon", spacing="linspace", karras=False, kind="linear", steps=STEPS):
-    sched = schedule() if kind == "linear" else NoiseSchedule.make(kind, T)
-    return multistep.make_plan(sched, solver, steps, prediction, spacing, karras)
+    return multistep.make_plan(NoiseSchedule.make(kind, T), solver, steps, prediction, spacing, karras)
 
 
 def _table(solver, device="cpu", **kw):
