@@ -27,15 +27,13 @@ import triton.language as tl
 
 from fastddpm.ops import fakes
 from fastddpm.noise import check_noise_capacity
-from fastddpm.ops.reference import MULTISTEP_COLUMNS
+from fastddpm.ops.reference import MULTISTEP_WIDTH
 
 from ._library import ELEMENTWISE_WARPS, elementwise_block, elementwise_grid, launch, op
 from .ddpm_step import check_rng, model_input_layout, store_model_input
 from .noise import contract_offsets
 
 __all__ = ["multistep_step_", "multistep_step_into"]
-
-TABLE_COLUMNS = len(MULTISTEP_COLUMNS)  # 12: the kernel reads row step at table_ptr + step * 12
 
 
 @triton.jit
@@ -47,7 +45,7 @@ def _multistep_step_kernel(x_ptr, out_ptr, history_ptr, step_ptr, table_ptr, rng
     mask = element < numel
     offs = row.to(tl.int64) * numel + element
     step = tl.load(step_ptr).to(tl.int64)
-    coef = table_ptr + step * 12
+    coef = table_ptr + step * 12  # a row is MULTISTEP_WIDTH (12) floats, checked by the launcher
     a = tl.load(coef)
     b = tl.load(coef + 1)
     u = tl.load(coef + 2)
@@ -112,8 +110,8 @@ def multistep_step_into(x, model_output, history, step, table, rng, clip_denoise
                          f"{tuple(history.shape)} on {history.device}")
     if not history.is_contiguous():
         raise ValueError("history is updated in place and must be contiguous")
-    if table.dtype != torch.float32 or table.ndim != 2 or table.shape[1] != TABLE_COLUMNS or table.shape[0] < 1:
-        raise ValueError(f"table must be float32 of shape (K, {TABLE_COLUMNS}), got {table.dtype} "
+    if table.dtype != torch.float32 or table.ndim != 2 or table.shape[1] != MULTISTEP_WIDTH or table.shape[0] < 1:
+        raise ValueError(f"table must be float32 of shape (K, {MULTISTEP_WIDTH}), got {table.dtype} "
                          f"{tuple(table.shape)}")
     if table.device != x.device:
         raise ValueError(f"table must be on x's device {x.device}, got {table.device}")

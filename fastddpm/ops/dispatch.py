@@ -115,7 +115,6 @@ def ddpm_step(x, model_output, step, coefs, *, seed: int, sample_offset: int = 0
     return reference.ddpm_step(x, model_output, coefs.index_select(0, step), clip_denoised, noise)
 
 
-_MULTISTEP_COLUMNS = len(reference.MULTISTEP_COLUMNS)  # 12
 _HISTORY_DTYPES = (torch.float32, torch.float64)
 
 
@@ -141,8 +140,9 @@ def _check_multistep_args(x, model_output, history, step, table) -> None:
         raise ValueError(f"step must hold one value (0-dim or [1]): the step of the whole batch, "
                          f"got shape {tuple(step.shape)}")
     check_tensor("table", table, dtypes=_HISTORY_DTYPES, ndim=2)
-    if table.shape[1] != _MULTISTEP_COLUMNS or table.shape[0] < 1:
-        raise ValueError(f"table must have shape (K, {_MULTISTEP_COLUMNS}) with K >= 1, got {tuple(table.shape)}")
+    if table.shape[1] != reference.MULTISTEP_WIDTH or table.shape[0] < 1:
+        raise ValueError(f"table must have shape (K, {reference.MULTISTEP_WIDTH}) with K >= 1, "
+                         f"got {tuple(table.shape)}")
     check_same_device(x=x, model_output=model_output, history=history, step=step, table=table)
     if step.device.type == "cpu" and not 0 <= int(step.reshape(())) < table.shape[0]:  # no sync on a CPU tensor
         raise ValueError(f"step must lie in [0, {table.shape[0] - 1}] (a row of table), got {int(step.reshape(()))}")

@@ -9,12 +9,10 @@ from __future__ import annotations
 import torch
 
 from ..checks import FLOAT_DTYPES
-from .reference import MULTISTEP_COLUMNS
+from .reference import MULTISTEP_WIDTH
 
 __all__ = ["q_sample", "diffusion_loss", "diffusion_loss_backward", "ddpm_step", "ddpm_step_cast", "ddpm_step_",
            "multistep_step_"]
-
-_TABLE_WIDTH = len(MULTISTEP_COLUMNS)  # a multistep table row: 12
 
 
 def q_sample(x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, seed, sample_offset):
@@ -74,8 +72,8 @@ def multistep_step_(x, model_output, history, step, table, rng, clip_denoised, s
     torch._check(model_output.shape == x.shape, lambda: "model_output must have x's shape")
     torch._check(history.shape == (3, *x.shape), lambda: f"history must have shape (3, *x.shape), got "
                                                            f"{tuple(history.shape)}")
-    torch._check(table.dim() == 2 and table.shape[1] == _TABLE_WIDTH,
-                 lambda: f"table must have shape (K, {_TABLE_WIDTH}), got {tuple(table.shape)}")
+    torch._check(table.dim() == 2 and table.shape[1] == MULTISTEP_WIDTH,
+                 lambda: f"table must have shape (K, {MULTISTEP_WIDTH}), got {tuple(table.shape)}")
     _check_rng(rng, x)
     _check_model_input(model_input, x)
     return None

@@ -49,8 +49,9 @@ __all__ = [
 
 COEF_COLUMNS = ("a", "b", "c0", "c1", "sigma")
 # A multistep solver's [K, 12] row, in the order ``multistep_step`` reads it (``fastddpm.multistep``
-# builds the table as ``TABLE_COLUMNS``, this tuple; the fast backends check its width against it).
+# builds it as ``TABLE_COLUMNS``, this tuple; dispatch, fakes and the Triton launcher check its width).
 MULTISTEP_COLUMNS = ("a", "b", "u", "cl", "k0", "k1", "k2", "cx", "p0", "p1", "p2", "cz")
+MULTISTEP_WIDTH = len(MULTISTEP_COLUMNS)  # 12 (csrc/fused_math.h: kMultistepColumns)
 
 
 def extract(table: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
