@@ -78,6 +78,20 @@ def diffusers_preset_kwargs(preset: str) -> dict:
     return diffusers_unet_kwargs(PRESETS[preset])
 
 
+@torch.no_grad()
+def diffusers_guided_loop(unet, scheduler, x_T, labels, null_class: int, guidance_scale: float):
+    """Classifier-free guidance as diffusers' pipelines write it: one ``unet`` call on the doubled batch
+    ``[uncond; cond]`` (``class_labels`` the null class, then ``labels``), ``u + w (c - u)``, then
+    ``scheduler.step``; from ``x_T`` (scaled by ``init_noise_sigma``), over the timesteps the caller set."""
+    latents = x_T * scheduler.init_noise_sigma
+    y = torch.cat([torch.full_like(labels, null_class), labels])
+    for t in scheduler.timesteps:
+        out = unet(torch.cat([latents] * 2), t, class_labels=y).sample
+        out_uncond, out_cond = out.chunk(2)
+        latents = scheduler.step(out_uncond + guidance_scale * (out_cond - out_uncond), t, latents).prev_sample
+    return latents
+
+
 def param_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 

@@ -1,9 +1,24 @@
-"""Call any supported model as ``model(x, t) -> predicted tensor``.
+"""Call any supported model as ``model(x, t, **kwargs) -> predicted tensor``.
 
 Accepted as they are: fastddpm's ``UNet``; diffusers' ``UNet2DModel`` (output
-``.sample``; image size and channels read from its config);
-denoising-diffusion-pytorch's ``Unet`` (channels read from it); and any
-callable ``model(x, t)`` with ``t`` an int64 tensor ``[n]``.
+``.sample``; image size and channels read from its config) and ``UNet2DConditionModel``;
+denoising-diffusion-pytorch's ``Unet`` (channels read from it) and its classifier-free
+``classifier_free_guidance.Unet``; and any callable ``model(x, t, **kwargs)`` with ``t`` an
+int64 tensor ``[n]``.
+
+The adapter is the one place that knows how a family takes class labels and what its
+unconditional call is (``label_kwargs``, ``null_kwargs``):
+
+=================================  ======================  ==========================================
+family                             labels                  unconditional (classifier-free guidance)
+=================================  ======================  ==========================================
+fastddpm ``UNet(num_classes=K)``   ``class_labels=y``      the null class ``K``
+diffusers ``UNet2DModel``          ``class_labels=y``      ``model.fastddpm_null_class`` if set (the
+                                                           fastddpm trainer sets it), else
+                                                           ``uncond_kwargs`` must say
+d-d-pytorch classifier-free Unet   ``classes=y``           ``cond_drop_prob=1.0`` (its null embedding)
+anything else (guided-diffusion)   ``y=y``                 ``uncond_kwargs`` must say
+=================================  ======================  ==========================================
 """
 from __future__ import annotations
 
@@ -56,11 +71,53 @@ class ModelAdapter:
             found_size = getattr(model, "image_size", None)
             found_channels = getattr(model, "in_channels", None)
             self.out_channels = getattr(model, "out_channels", found_channels)
+        self.num_classes, self.null_class = self._classes(model, config)
         self.image_size = _as_hw(image_size if image_size is not None else found_size)
         self.channels = channels if channels is not None else found_channels
         if self.channels is not None and (not is_int(self.channels)
                                           or self.channels < 1):
             raise ValueError(f"channels must be a positive int, got {self.channels!r}")
+
+    @property
+    def is_cfg_unet(self) -> bool:
+        """denoising-diffusion-pytorch's ``classifier_free_guidance.Unet`` (it takes ``classes``)."""
+        return self.kind == "denoising_diffusion_pytorch" and type(self.model).__module__.endswith(
+            "classifier_free_guidance")
+
+    def _classes(self, model, config) -> tuple[int | None, int | None]:
+        """``(number of classes, null class index)`` as the family says (None where it does not)."""
+        if self.kind == "diffusers":
+            k = getattr(config, "num_class_embeds", None)
+            null = getattr(model, "fastddpm_null_class", None)
+            return (null if null is not None else k), null
+        if self.kind == "denoising_diffusion_pytorch":
+            emb = getattr(model, "classes_emb", None)  # the classifier-free Unet's; its null is separate
+            return (emb.num_embeddings if isinstance(emb, nn.Embedding) else None), None
+        k = getattr(model, "num_classes", None)
+        null = getattr(model, "null_class", None)
+        return (k if is_int(k) else None), (null if is_int(null) else None)
+
+    def label_kwargs(self, labels: torch.Tensor) -> dict:
+        """The keyword this family takes class labels by: ``{name: labels}``."""
+        if self.kind in ("fastddpm", "diffusers"):
+            return {"class_labels": labels}
+        if self.kind == "denoising_diffusion_pytorch":
+            return {"classes": labels}
+        return {"y": labels}
+
+    def cond_kwargs(self) -> dict:
+        """Keywords every conditional call of this family needs: the classifier-free ``Unet`` of
+        denoising-diffusion-pytorch drops its condition at random unless told not to."""
+        return {"cond_drop_prob": 0.0} if self.is_cfg_unet else {}
+
+    def null_kwargs(self, labels: torch.Tensor | None) -> dict | None:
+        """The unconditional call's keywords for guidance (``labels`` the conditional ones, or None),
+        or None where the family has no null condition (then ``uncond_kwargs`` must say)."""
+        if self.is_cfg_unet:
+            return {"classes": labels, "cond_drop_prob": 1.0} if labels is not None else None
+        if self.null_class is None or labels is None:
+            return None
+        return self.label_kwargs(torch.full_like(labels, self.null_class))
 
     # -- where and how the model runs -----------------------------------------------
     def _first_param(self):
@@ -87,8 +144,8 @@ class ModelAdapter:
         return (n, self.channels, *self.image_size)
 
     # -- the call ------------------------------------------------------------------
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        out = self.model(x, t)
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, **kwargs) -> torch.Tensor:
+        out = self.model(x, t, **kwargs)
         if hasattr(out, "sample"):  # diffusers' UNet2DOutput
             out = out.sample
         elif isinstance(out, (tuple, list)):

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from .adapters import ModelAdapter
 from .checks import is_int
 from .local import sample_local
+from .request import SamplingRequest
 
 __all__ = ["dist_info", "shard_range", "sample_distributed"]
 
@@ -123,16 +124,17 @@ def sample_distributed(model, n: int, *, group=None, **sample_kwargs) -> torch.T
     rank, world_size = dist_info(group)
     if world_size == 1:
         return sample_local(model, n, **sample_kwargs)
-    offset = sample_kwargs.pop("sample_offset", 0)
-    if not is_int(offset) or offset < 0:
-        raise ValueError(f"sample_offset must be a non-negative int, got {offset!r}")
     sample_kwargs.setdefault("progress", rank == 0)
     start, count = shard_range(n, rank, world_size)
 
     images, error, device = None, None, None
     try:
+        # the whole request (checked the same on every rank), then this rank's shard of it
+        request = SamplingRequest.from_options(
+            n, sample_kwargs, seed=sample_kwargs.pop("seed", 0), sample_offset=sample_kwargs.pop("sample_offset", 0),
+            callback=sample_kwargs.pop("callback", None), request=sample_kwargs.pop("request", None))
         if count:
-            images = sample_local(model, count, sample_offset=offset + start, **sample_kwargs)
+            images = sample_local(model, count, request=request.slice(start, start + count), **sample_kwargs)
             device = images.device
             if images.ndim != 4:  # sample's contract: [n, C, H, W]
                 raise AssertionError(f"sample returned {images.ndim}-d images, expected [n, C, H, W]")

@@ -13,10 +13,12 @@ from tqdm.auto import tqdm
 
 from . import multistep, ops
 from .adapters import ModelAdapter
-from .checks import check_finite_values, check_float_dtype, check_output_flag, check_sample_args, watch_output
+from .checks import check_finite_values, check_float_dtype, check_output_flag, check_sample_args
+from .denoiser import Denoiser
 from .diffusion import DDPM
-from .noise import check_noise_capacity, check_seed
+from .noise import check_noise_capacity
 from .ops import reference
+from .request import SamplingRequest, check_start_noise, replaced_x
 
 __all__ = ["sample_eager"]
 
@@ -24,35 +26,41 @@ __all__ = ["sample_eager"]
 @torch.no_grad()
 def sample_eager(model, n: int, *, steps: int | None = None, seed: int = 0, device=None, dtype=None, image_size=None,
                  channels=None, batch_size: int | None = None, progress: bool = True, callback=None,
-                 process: DDPM | None = None, sample_offset: int = 0, **process_options) -> torch.Tensor:
+                 process: DDPM | None = None, sample_offset: int = 0, request: SamplingRequest | None = None,
+                 **options) -> torch.Tensor:
     """``fastddpm.sample(..., engine=False)`` on this process: the same arguments (less ``distributed``,
     ``engine`` and ``threads``, which ``fastddpm.sample`` handles), the same result.
 
+    :param request: the ``SamplingRequest`` (n, seed, sample offset, conditioning, callback) when a
+        layer above made it; else made here from the arguments and the ``REQUEST_OPTIONS`` in ``options``.
+    :param options: the conditioning options (``fastddpm.request.REQUEST_OPTIONS``) and the process's.
     :return: float32 ``[n, C, H, W]`` in [-1, 1] on ``device``.
     """
-    check_sample_args(n, sample_offset, batch_size, callback)
-    check_seed(seed)
-    process = DDPM.resolve(process, steps, process_options)
+    request = SamplingRequest.from_options(n, options, seed=seed, sample_offset=sample_offset, callback=callback,
+                                           request=request)
+    check_sample_args(n, request.sample_offset, batch_size, request.callback)
+    process = DDPM.resolve(process, steps, options)
     adapter = ModelAdapter(model, image_size=image_size, channels=channels)
     device = torch.device(device) if device is not None else adapter.device
     dtype = dtype if dtype is not None else adapter.dtype
     check_float_dtype("dtype", dtype)
     shape = adapter.shape(n)
+    check_start_noise(request, shape)
     numel = int(torch.Size(shape[1:]).numel())
     plan = process.multistep_plan(steps) if process.is_multistep else None
     num_steps = plan.num_steps if plan is not None else process.num_steps
-    check_noise_capacity(numel, num_steps + 1, sample_offset + n - 1)
+    check_noise_capacity(numel, num_steps + 1, request.sample_offset + n - 1)
 
     batch_size = batch_size or n
+    # every batch's model call, built (and so checked) before any sampling starts
+    batches = [(batch, Denoiser(adapter, batch, device)) for _, batch in request.batches(batch_size)]
     chunks = []
-    bar = tqdm(total=num_steps * ((n + batch_size - 1) // batch_size), disable=not progress,
-               desc="sampling", unit="step", leave=False)
+    bar = tqdm(total=num_steps * len(batches), disable=not progress, desc="sampling", unit="step", leave=False)
     run_batch = _sample_batch if plan is None else _multistep_batch
     watch = torch.zeros((), dtype=torch.bool, device=device)  # any model output non-finite or beyond the limit
-    for first in range(0, n, batch_size):
-        m = min(batch_size, n - first)
-        chunks.append(run_batch(adapter, plan or process, (m, *shape[1:]), seed, sample_offset + first, device,
-                                dtype, callback, bar, watch))
+    for batch, denoiser in batches:
+        chunks.append(run_batch(denoiser, adapter, plan or process, batch, (batch.n, *shape[1:]), device, dtype,
+                                bar, watch))
     bar.close()
     x = torch.cat(chunks) if len(chunks) > 1 else chunks[0]
     check_output_flag(watch)  # the x0 clip keeps a diverged model's images finite: refuse them
@@ -60,47 +68,64 @@ def sample_eager(model, n: int, *, steps: int | None = None, seed: int = 0, devi
     return x
 
 
-def _model_output(adapter, x, t, dtype, first: bool, watch: torch.Tensor) -> torch.Tensor:
-    """The model's output at ``(x, t)``, run in ``dtype`` (autocast where it is not the weights'),
-    its shape checked on the ``first`` step, and ``watch`` raised by a diverged output (``watch_output``)."""
-    autocast = dtype != adapter.dtype
+def _model_output(denoiser: Denoiser, weights_dtype, x, t, dtype, watch: torch.Tensor):
+    """``(out, uncond)`` of the denoiser at ``(x, t)``, run in ``dtype`` (autocast where it is not the
+    weights'), ``watch`` raised by a diverged output (``watch_output``)."""
+    autocast = dtype != weights_dtype
     with torch.autocast(x.device.type, dtype=dtype, enabled=autocast):
-        out = adapter(x.to(dtype) if not autocast else x, t)
-    if first:
-        adapter.check_output(out, x)
-    watch_output(watch, out)
-    return out
+        return denoiser(x.to(dtype) if not autocast else x, t, watch)
 
 
-def _sample_batch(adapter, process, shape, seed, sample_offset, device, dtype, callback, bar, watch):
+def _callback(request: SamplingRequest, i: int, t: int, x: torch.Tensor) -> torch.Tensor:
+    """Call the request's callback after step ``i``; a tensor it returns replaces ``x``."""
+    if request.callback is None:
+        return x
+    return replaced_x(request.callback(i, t, x), x)
+
+
+def _start(request: SamplingRequest, K: int, shape, device) -> torch.Tensor:
+    """``x_T``: the request's ``noise``, or the contract's slot K."""
+    if request.noise is not None:
+        return request.noise.to(device=device, dtype=torch.float32).reshape(shape).clone()
+    return reference.batch_noise(request.seed, request.sample_offset, K, shape, device)
+
+
+def _sample_batch(denoiser, adapter, process, request, shape, device, dtype, bar, watch):
     tables = process.tables(device)
     coefs, timesteps = tables["coefs"], tables["timesteps"]
     K = process.num_steps
-    x = reference.batch_noise(seed, sample_offset, K, shape, device)  # x_T: slot K
+    seed, offset = request.seed, request.sample_offset
+    x = _start(request, K, shape, device)
     for i in reversed(range(K)):
         step = torch.full((shape[0],), i, dtype=torch.int64, device=device)
-        out = _model_output(adapter, x, timesteps[step], dtype, i == K - 1, watch)
-        x = ops.ddpm_step(x, out, step, coefs, seed=seed, sample_offset=sample_offset,
-                          clip_denoised=process.config.clip_denoised)
+        out, uncond = _model_output(denoiser, adapter.dtype, x, timesteps[step], dtype, watch)
+        x = ops.ddpm_step(x, out, step, coefs, seed=seed, sample_offset=offset,
+                          clip_denoised=process.config.clip_denoised, uncond_output=uncond,
+                          guidance_scale=_scale(denoiser, uncond))
         bar.update(1)
-        if callback is not None:
-            callback(i, int(process.schedule.timesteps[i]), x)
+        x = _callback(request, i, int(process.schedule.timesteps[i]), x)
     return x
 
 
-def _multistep_batch(adapter, plan, shape, seed, sample_offset, device, dtype, callback, bar, watch):
+def _multistep_batch(denoiser, adapter, plan, request, shape, device, dtype, bar, watch):
     """The same loop for a multistep solver: row ``i`` of its table, its history on the device,
     SDE noise from slot ``i`` (as the DDPM step's), drawn inside the fused ``multistep_step``."""
     table, timesteps = plan.tensors(device)
     K = plan.num_steps
-    x = reference.batch_noise(seed, sample_offset, K, shape, device)  # x_T: slot K
+    seed, offset = request.seed, request.sample_offset
+    x = _start(request, K, shape, device)
     history = multistep.new_history(x)
     for i in reversed(range(K)):
         step = torch.full((shape[0],), i, dtype=torch.int64, device=device)
-        out = _model_output(adapter, x, timesteps[step], dtype, i == K - 1, watch)
-        x = ops.multistep_step(x, out, history, step[0], table, seed=seed, sample_offset=sample_offset,
-                               clip_denoised=plan.clip_denoised, stochastic=plan.stochastic)
+        out, uncond = _model_output(denoiser, adapter.dtype, x, timesteps[step], dtype, watch)
+        x = ops.multistep_step(x, out, history, step[0], table, seed=seed, sample_offset=offset,
+                               clip_denoised=plan.clip_denoised, stochastic=plan.stochastic, uncond_output=uncond,
+                               guidance_scale=_scale(denoiser, uncond))
         bar.update(1)
-        if callback is not None:
-            callback(i, int(plan.timesteps[i]), x)
+        x = _callback(request, i, int(plan.timesteps[i]), x)
     return x
+
+
+def _scale(denoiser: Denoiser, uncond) -> float:
+    """The step op's ``guidance_scale``: the denoiser's w when it returned an unconditional half."""
+    return denoiser.guidance_scale if uncond is not None else 1.0

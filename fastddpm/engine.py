@@ -29,9 +29,11 @@ from tqdm.auto import tqdm
 from . import cpu_plan
 from .adapters import ModelAdapter
 from .checks import check_finite_values, check_output_flag, check_sample_args
+from .denoiser import Denoiser
 from .diffusion import DDPM
-from .noise import check_noise_capacity, check_seed
+from .noise import check_noise_capacity
 from .plan import COMPILE_MODES, Plan, make_plan, resolve_device
+from .request import SamplingRequest, check_start_noise
 from .sampler_engine import SamplerEngine
 
 __all__ = ["Plan", "make_plan", "SamplerEngine", "EngineCache", "DEFAULT_CACHE", "engine_sample", "last_plan",
@@ -65,14 +67,18 @@ class EngineCache:
         self.last_plan: Plan | None = None  # the plan of the last engine_sample call
         self.last_seconds: float | None = None  # its sampling time (plan, compile and loop)
 
-    def engine(self, model, adapter, process, shape, plan: Plan, steps: int | None = None) -> SamplerEngine:
+    def engine(self, model, adapter, process, shape, plan: Plan, steps: int | None = None,
+               request: SamplingRequest | None = None) -> SamplerEngine:
         """The cached engine of these arguments, made on a miss (``steps``: a multistep solver's model
-        calls, else None)."""
+        calls, else None; ``request``: the batch's, whose conditioning's form is part of the key)."""
+        conditioning = None
+        if request is not None and request.conditioned:
+            conditioning = Denoiser(adapter, request, plan.device).signature()
         # The cached engine holds the model, so id(model) cannot be reused while the entry lives.
-        key = (id(model), _weights_signature(model), process.to_json(), tuple(shape), plan.key(), steps)
+        key = (id(model), _weights_signature(model), process.to_json(), tuple(shape), plan.key(), steps, conditioning)
         engine = self._engines.get(key)
         if engine is None:
-            engine = SamplerEngine(adapter, process, shape, plan, steps)
+            engine = SamplerEngine(adapter, process, shape, plan, steps, request=request)
             self._engines[key] = engine
             while len(self._engines) > self.max_engines:
                 self._engines.popitem(last=False)
@@ -108,12 +114,12 @@ def last_plan() -> Plan | None:
 
 
 def _cpu_plan(model, adapter, n, shape, device, num_steps: int, op: str, plan: Plan, dtype, compile, channels_last,
-              threads):
+              threads, forward):
     """``(plan, choice)``: ``plan`` (checked by ``make_plan``) with ``cpu_plan.choose``'s dtype,
     layout, compile and threads, and its reasons in place of the requested-value lines."""
     choice = cpu_plan.choose(model, adapter.dtype, (plan.micro_batch, *shape[1:]), num_steps,
                              -(-n // plan.micro_batch), dtype=dtype, compile=compile, channels_last=channels_last,
-                             threads=threads, forward=adapter)
+                             threads=threads, forward=forward)
     chosen = make_plan(adapter, n, shape[1:], device, dtype=choice.dtype, cuda_graph=plan.cuda_graph,
                        compile=choice.compile or False, backend=plan.backend, micro_batch=plan.micro_batch,
                        steps_per_graph=plan.steps_per_graph, channels_last=choice.channels_last, op=op)
@@ -150,7 +156,7 @@ def engine_sample(model, n: int, *, steps: int | None = None, seed: int = 0, dev
                   callback=None, process=None, sample_offset: int = 0, distributed: bool = False,
                   cuda_graph=None, compile=None, backend=None, micro_batch=None, steps_per_graph=None,
                   channels_last=None, threads=None, return_plan: bool = False, cache: EngineCache | None = None,
-                  **process_options):
+                  request: SamplingRequest | None = None, **options):
     """``fastddpm.sample`` through the engine: same arguments, same noise contract.
 
     Plan overrides (None: automatic, see ``make_plan``): ``cuda_graph``,
@@ -166,7 +172,12 @@ def engine_sample(model, n: int, *, steps: int | None = None, seed: int = 0, dev
     plan): a second call with the same arguments, or another ``seed`` or
     ``sample_offset``, neither recompiles nor recaptures (the fused step reads
     the noise key from a device buffer; only ``backend="reference"`` recaptures
-    for a new key).  ``callback`` makes the loop eager.
+    for a new key).  ``callback`` makes the loop eager (a tensor it returns replaces x).
+
+    Conditioning (``fastddpm.request.REQUEST_OPTIONS`` in ``options``: class labels, model kwargs,
+    guidance, the start noise; or a ``request`` made above) is the engine's static ``Denoiser``: its
+    form (keyword shapes, guidance settings) is part of the engine's key, and each micro-batch's
+    tensors are copied into its buffers before the loop.
 
     :param return_plan: return ``(images, plan)``.
     :param cache: where the engines are kept and the plan and time are recorded (default
@@ -175,19 +186,22 @@ def engine_sample(model, n: int, *, steps: int | None = None, seed: int = 0, dev
     """
     if distributed:
         raise ValueError("engine_sample does not shard; use fastddpm.sample(..., distributed=True)")
-    check_sample_args(n, sample_offset, batch_size, callback)
-    check_seed(seed)
+    request = SamplingRequest.from_options(n, options, seed=seed, sample_offset=sample_offset, callback=callback,
+                                           request=request)
+    check_sample_args(n, request.sample_offset, batch_size, request.callback)
     if batch_size is not None:
         if micro_batch is not None and micro_batch != batch_size:
             raise ValueError(f"batch_size={batch_size} and micro_batch={micro_batch} disagree; give one")
         micro_batch = batch_size
-    process = DDPM.resolve(process, steps, process_options)
+    process = DDPM.resolve(process, steps, options)
     # a multistep solver's steps are its model calls (its plan, checked here once); else the respacing's
     num_steps = process.multistep_plan(steps).num_steps if process.is_multistep else process.num_steps
     adapter = ModelAdapter(model, image_size=image_size, channels=channels)
     device = resolve_device(device if device is not None else adapter.device)
     shape = adapter.shape(n)
-    check_noise_capacity(math.prod(shape[1:]), num_steps + 1, sample_offset + n - 1)
+    check_start_noise(request, shape)
+    check_noise_capacity(math.prod(shape[1:]), num_steps + 1, request.sample_offset + n - 1)
+    Denoiser(adapter, request, device)  # checks the conditioning against the model before any work
     start = time.perf_counter()  # the plan's timing calls and any compile count as sampling time
     op = "multistep_step" if process.is_multistep else "ddpm_step"
     plan = make_plan(adapter, n, shape[1:], device, dtype=dtype, cuda_graph=cuda_graph, compile=compile,
@@ -195,8 +209,10 @@ def engine_sample(model, n: int, *, steps: int | None = None, seed: int = 0, dev
                      channels_last=channels_last, op=op)
     choice = None
     if device.type == "cpu":  # measured: compile, layout, dtype, threads (fastddpm.cpu_plan)
+        # the plan times the whole model call of a micro-batch (the doubled one under guidance)
+        forward = Denoiser(adapter, request.slice(0, min(plan.micro_batch, n)), device).forward
         plan, choice = _cpu_plan(model, adapter, n, shape, device, num_steps, op, plan, dtype, compile,
-                                 channels_last, threads)
+                                 channels_last, threads, forward)
     cache = DEFAULT_CACHE if cache is None else cache
     cache.last_plan = plan
 
@@ -204,13 +220,12 @@ def engine_sample(model, n: int, *, steps: int | None = None, seed: int = 0, dev
     bar = tqdm(total=num_steps * -(-n // m), disable=not progress, desc="sampling", unit="step", leave=False)
     chunks = []
     diverged = torch.zeros((), dtype=torch.bool, device=device)
-    for first in range(0, n, m):
-        size = min(m, n - first)
-        engine = cache.engine(model, adapter, process, (size, *shape[1:]), plan,
-                              num_steps if process.is_multistep else None)
+    for _, batch in request.batches(m):
+        engine = cache.engine(model, adapter, process, (batch.n, *shape[1:]), plan,
+                              num_steps if process.is_multistep else None, batch)
         if choice is not None and plan.compile and engine.runs == 0:
             _compile_on_cpu(model, adapter, engine, choice)
-        chunks.append(engine.run(seed, sample_offset + first, callback, bar))
+        chunks.append(engine.run(bar=bar, request=batch))
         diverged |= engine.diverged  # on the device; the engine resets its flag each run
     bar.close()
     x = torch.cat(chunks) if len(chunks) > 1 else chunks[0]

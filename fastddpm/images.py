@@ -114,6 +114,33 @@ def save_image_grid(x, path, nrow: int | None = None, scale: int = 1, padding: i
     return save_pil_atomic(_grid_image(make_grid(x, nrow=nrow, padding=padding), scale), path, "PNG")
 
 
+def save_labelled_rows(x, row_labels: Sequence[str], path, scale: int = 1, padding: int = 2) -> Path:
+    """Write ``x`` as a PNG grid of ``len(row_labels)`` rows, each row's label written at its left
+    (e.g. one row per class of a class-conditional model).
+
+    :param x: float tensor ``[rows * k, C, H, W]`` in [-1, 1], row by row.
+    :param row_labels: one text per row.
+    """
+    from PIL import Image, ImageDraw
+
+    rows = len(row_labels)
+    if rows < 1 or x.shape[0] % rows:
+        raise ValueError(f"x must hold the same number of images in each of the {rows} rows, got {x.shape[0]}")
+    h = x.shape[-2]
+    body = _grid_image(make_grid(x, nrow=x.shape[0] // rows, padding=padding), scale)
+    font = load_font(11)
+    label_w = 12 + 7 * max(len(str(label)) for label in row_labels)
+    img = Image.new(body.mode, (body.width + label_w, body.height), 0)
+    img.paste(body, (label_w, 0))
+    draw = ImageDraw.Draw(img)
+    white = 255 if img.mode == "L" else (255, 255, 255)
+    row_h = (h + padding) * scale
+    for i, label in enumerate(row_labels):
+        draw.text((label_w / 2, padding * scale + i * row_h + h * scale / 2), str(label), fill=white, font=font,
+                  anchor="mm")
+    return save_pil_atomic(img, path, "PNG")
+
+
 def save_images_npz(x, path) -> Path:
     """Write images as uint8 ``[n, H, W, C]``: ``.npz`` (array ``images``) or ``.npy``."""
     arr = _as_nhwc_uint8(x)

@@ -23,6 +23,13 @@ Algorithm 2 (Ho et al.) with no host work per step on a GPU:
   index, and for the SDE solver the noise key, on the device, and writes both
   ``x`` and the model input, as ``ddpm_step_``).
 
+Conditioning (``fastddpm.denoiser``): the model call is a static ``Denoiser`` built once per engine
+over its (compiled) model; its keyword tensors (class labels, per-sample ``model_kwargs``, the
+doubled guidance batch's) are buffers that ``run`` refills from the batch's request before the loop,
+as it refills the noise key, and the fused step takes the guidance halves and ``w``.  A start noise
+``x_T`` given in the request is copied into ``x`` there too.  A callback that returns a tensor
+replaces ``x`` (the loop is eager with a callback).
+
 A CUDA graph bakes its kernels' scalar arguments; the seed and the sample
 offset are not among them (the kernel loads them from ``rng``), so an engine
 captures its graphs once: every later run, whatever its seed or micro-batch
@@ -46,10 +53,12 @@ import torch
 
 from . import multistep, ops
 from .adapters import ModelAdapter
-from .checks import check_sample_args, watch_output
-from .noise import check_noise_capacity, check_seed
+from .checks import check_sample_args
+from .denoiser import Denoiser
+from .noise import check_noise_capacity
 from .ops import reference
 from .plan import INDUCTOR_GRAPH_MODES, Plan
+from .request import SamplingRequest, replaced_x
 
 __all__ = ["SamplerEngine", "WARMUP_STEPS"]
 
@@ -66,6 +75,9 @@ class SamplerEngine:
     :param plan: from ``make_plan`` (its ``micro_batch`` is not used here).
     :param steps: a multistep solver's model calls (default ``multistep.DEFAULT_STEPS``); ignored
         otherwise.
+    :param request: a ``SamplingRequest`` of ``m`` samples whose conditioning the engine's model call takes
+        (its keyword tensors' shapes and its guidance settings are the engine's; ``run`` takes later
+        batches of the same form); None: the plain ``model(x, t)``.
 
     A multistep solver runs the same loop with its own ``[K, 12]`` table, its timesteps, and a static
     ``[3, *shape]`` float32 history ring that ``_reset`` zeroes and the fused ``multistep_step_``
@@ -76,7 +88,8 @@ class SamplerEngine:
     (eager warm-up steps), ``runs``.
     """
 
-    def __init__(self, model, process, shape, plan: Plan, steps: int | None = None):
+    def __init__(self, model, process, shape, plan: Plan, steps: int | None = None,
+                 request: SamplingRequest | None = None):
         self.adapter = model if isinstance(model, ModelAdapter) else ModelAdapter(model)
         self.process = process
         self.shape = tuple(int(s) for s in shape)
@@ -115,18 +128,22 @@ class SamplerEngine:
         # -- the step's parts --------------------------------------------------------------
         self._autocast = plan.dtype != self.adapter.dtype  # as fastddpm.sample
         self._forward = self._compiled() if plan.compile else self.adapter
+        self.request = request if request is not None else SamplingRequest.make(n)
+        if self.request.n != n:
+            raise ValueError(f"request is for {self.request.n} samples; this engine's batch has {n}")
+        self.denoiser = Denoiser(self._forward, self.request, device, static=True)
         op_name = "ddpm_step_" if self.solver is None else "multistep_step_"
         self._inplace = ops.implementation(op_name, plan.backend)  # None for the reference
-        self._checked = False
         self._graphs: list | None = None  # [(graph, steps, replays), ...], captured once
         self._graphs_key = None  # the key baked into them: None, or (seed, sample_offset) for the reference step
         self._pool = None
         self.captures = self.warmups = self.runs = 0
 
     @property
-    def forward(self) -> ModelAdapter:
-        """The model call the steps make: the adapter, or its compiled copy when the plan compiles."""
-        return self._forward
+    def forward(self):
+        """The model call the steps make, as ``forward(x, t)``: the denoiser over the adapter or its
+        compiled copy when the plan compiles."""
+        return self.denoiser.forward
 
     def _compiled(self) -> ModelAdapter:
         mode = self.plan.compile
@@ -151,46 +168,50 @@ class SamplerEngine:
         model_input = self.x if self.model_input is None else self.model_input
         with torch.autocast(self.plan.device.type, dtype=self.plan.dtype, enabled=self._autocast,
                             cache_enabled=False):  # no cast cache: it would outlive a graph capture
-            out = self._forward(model_input, self.model_t)
-        if not self._checked:  # metadata only, first call of this engine
-            self.adapter.check_output(out, self.x)
-            self._checked = True
-        watch_output(self.diverged, out)  # in place, on the device: a graph replays it
+            # shapes checked on its first call; ``diverged`` raised in place, on the device
+            out, uncond = self.denoiser(model_input, self.model_t, self.diverged)
+        w = self.denoiser.guidance_scale if uncond is not None else 1.0
         if self.solver is not None:
-            self._multistep_update(out, seed, sample_offset)
+            self._multistep_update(out, uncond, w, seed, sample_offset)
         elif self._inplace is not None:  # fused: reads step on the device, writes x and the model input
-            self._inplace(self.x, out, self.step, self.coefs, self.rng, self.clip_denoised, self.model_input)
+            self._inplace(self.x, out, self.step, self.coefs, self.rng, self.clip_denoised, self.model_input,
+                          uncond, w)
         else:
             x_prev = ops.ddpm_step(self.x, out, self.step_n, self.coefs, seed=seed, sample_offset=sample_offset,
-                                   clip_denoised=self.clip_denoised, backend="reference")
+                                   clip_denoised=self.clip_denoised, uncond_output=uncond, guidance_scale=w,
+                                   backend="reference")
             self.x.copy_(x_prev)
             if self.model_input is not None:
                 self.model_input.copy_(x_prev)
         self.step.sub_(1)
 
-    def _multistep_update(self, out: torch.Tensor, seed: int, sample_offset: int) -> None:
+    def _multistep_update(self, out: torch.Tensor, uncond, w: float, seed: int, sample_offset: int) -> None:
         """The solver's update after the model call: ``x``, ``history`` and the model input in place,
         the step index and (for the SDE solver) the noise key read on the device by the fused op."""
         if self._inplace is not None:  # fused: writes x, the history and the model input
             self._inplace(self.x, out, self.history, self.step, self.coefs, self.rng, self.clip_denoised,
-                          self.solver.stochastic, self.model_input)
+                          self.solver.stochastic, self.model_input, uncond, w)
         else:
             x_next = ops.multistep_step(self.x, out, self.history, self.step, self.coefs, seed=seed,
                                         sample_offset=sample_offset, clip_denoised=self.clip_denoised,
-                                        stochastic=self.solver.stochastic, backend="reference")
+                                        stochastic=self.solver.stochastic, uncond_output=uncond,
+                                        guidance_scale=w, backend="reference")
             self.x.copy_(x_next)
             if self.model_input is not None:
                 self.model_input.copy_(x_next)
 
-    def _reset(self, seed: int, sample_offset: int) -> None:
-        """``rng = (seed, sample_offset)``, ``x = x_T`` (the contract's slot K), its model-input
-        copy, ``step = K - 1``; on the device, outside any graph."""
+    def _reset(self, seed: int, sample_offset: int, noise: torch.Tensor | None = None) -> None:
+        """``rng = (seed, sample_offset)``, ``x = x_T`` (``noise``, else the contract's slot K), its
+        model-input copy, ``step = K - 1``; on the device, outside any graph."""
         self.rng[0].fill_(seed)  # fills with a kernel argument: no host-to-device copy, no sync
         self.rng[1].fill_(sample_offset)
         self.diverged.fill_(False)
         if self.history is not None:
             self.history.zero_()
-        self.x.copy_(reference.batch_noise(seed, sample_offset, self._slot_x_T, self.shape, self.plan.device))
+        if noise is not None:
+            self.x.copy_(noise.reshape(self.shape))
+        else:
+            self.x.copy_(reference.batch_noise(seed, sample_offset, self._slot_x_T, self.shape, self.plan.device))
         if self.model_input is not None:
             self.model_input.copy_(self.x)
         self.step.fill_(self.num_steps - 1)
@@ -240,33 +261,48 @@ class SamplerEngine:
 
     # -- sampling ---------------------------------------------------------------------------
     @torch.no_grad()
-    def run(self, seed: int = 0, sample_offset: int = 0, callback=None, bar=None) -> torch.Tensor:
+    def run(self, seed: int = 0, sample_offset: int = 0, callback=None, bar=None,
+            request: SamplingRequest | None = None) -> torch.Tensor:
         """Sample one batch: global samples ``sample_offset .. sample_offset + m - 1`` of ``seed``.
 
-        :param callback: ``callback(i, t, x)`` after every step (x a copy); makes
-            the loop eager, since a replayed graph never returns to Python per step.
+        :param callback: ``callback(i, t, x)`` after every step (x a copy; a tensor it returns
+            replaces x); makes the loop eager, since a replayed graph never returns to Python per step.
         :param bar: a tqdm bar to advance (optional).
+        :param request: the batch's ``SamplingRequest`` (conditioned like the engine's), in place of
+            ``seed``, ``sample_offset`` and ``callback``: its keyword tensors and start noise are copied
+            into the engine's buffers before the loop.
         :return: float32 ``[m, C, H, W]``, a new tensor (the buffers are reused).
         """
-        check_seed(seed)
+        if request is None:
+            request = SamplingRequest.make(self.shape[0], seed=seed, sample_offset=sample_offset, callback=callback)
+            if self.request.conditioned:
+                raise ValueError("this engine's model call is conditioned: run(request=...) with its batch's request")
+        elif request is not self.request:
+            self.denoiser.load(request)
+        seed, sample_offset, callback = request.seed, request.sample_offset, request.callback
         check_sample_args(self.shape[0], sample_offset, None, callback)
         check_noise_capacity(self.numel, self.num_steps + 1, sample_offset + self.shape[0] - 1)
+        noise = None if request.noise is None else request.noise.to(device=self.plan.device, dtype=torch.float32)
         if self.plan.cuda_graph and callback is None:
             sets = self.graphs(seed, sample_offset)  # captured (and warmed up) once
-            self._reset(seed, sample_offset)  # writes this run's key into rng, outside the graph
+            self._reset(seed, sample_offset, noise)  # writes this run's key into rng, outside the graph
             for graph, steps, replays in sets:
                 for _ in range(replays):
                     graph.replay()
                     if bar is not None:
                         bar.update(steps)
         else:
-            self._reset(seed, sample_offset)
+            self._reset(seed, sample_offset, noise)
             timesteps = self.process.schedule.timesteps if self.solver is None else self.solver.timesteps
             for i in reversed(range(self.num_steps)):
                 self._step(seed, sample_offset)
                 if bar is not None:
                     bar.update(1)
                 if callback is not None:
-                    callback(i, int(timesteps[i]), self.x.clone())
+                    returned = callback(i, int(timesteps[i]), self.x.clone())
+                    if returned is not None:  # the callback's x goes on (as diffusers' callback_on_step_end)
+                        self.x.copy_(replaced_x(returned, self.x))
+                        if self.model_input is not None:
+                            self.model_input.copy_(self.x)
         self.runs += 1
         return self.x.clone()

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import torch
 
+from .adapters import ModelAdapter
+from .denoiser import Denoiser
 from .diffusion import DDPM
 from .distributed import dist_info, sample_distributed
 from .local import resolve_pipeline, sample_local
+from .request import SamplingRequest
 
 __all__ = ["sample"]
 
@@ -23,7 +26,9 @@ __all__ = ["sample"]
 def sample(model, n: int, *, steps: int | None = None, seed: int = 0, device=None, dtype=None, image_size=None,
            channels=None, batch_size: int | None = None, progress: bool = True, callback=None,
            process: DDPM | None = None, sample_offset: int = 0, distributed: bool = False,
-           engine: bool | None = None, threads: int | None = None, **process_options) -> torch.Tensor:
+           engine: bool | None = None, threads: int | None = None, class_labels=None, model_kwargs=None,
+           guidance_scale: float | None = None, uncond_kwargs=None, guidance_rescale: float = 0.0,
+           guidance_batching: str = "batched", noise: torch.Tensor | None = None, **process_options) -> torch.Tensor:
     """Draw ``n`` images from ``model`` with the DDPM reverse process.
 
     :param model: fastddpm ``UNet``, diffusers ``UNet2DModel``, denoising-diffusion-pytorch
@@ -42,7 +47,9 @@ def sample(model, n: int, *, steps: int | None = None, seed: int = 0, device=Non
     :param image_size, channels: when the model does not say.
     :param batch_size: micro-batch size (default: all ``n`` at once).
     :param progress: show a tqdm bar.
-    :param callback: ``callback(i, t, x)`` after each step (step index, model timestep, current x).
+    :param callback: ``callback(i, t, x)`` after each step (step index, model timestep, current x); a
+        tensor it returns replaces ``x`` (as diffusers' ``callback_on_step_end`` may change the latents),
+        on every path.
     :param process: a ``DDPM`` (default: built from ``process_options``: schedule, prediction,
         variance, clip_denoised, sampler, eta, num_timesteps, ...).
     :param sample_offset: global index of the first sample (for sharding).
@@ -60,15 +67,42 @@ def sample(model, n: int, *, steps: int | None = None, seed: int = 0, device=Non
         ``fastddpm.engine.last_plan().explain()`` says what was chosen and why.
     :param threads: torch's CPU threads while sampling (default: torch's setting, which is the
         machine's cores unless changed; on a busy machine 1 is often much steadier).
+    :param class_labels: an int, a list of ints or an int64 tensor ``[n]``: each sample's class, given to
+        the model the way its family takes it (``fastddpm.adapters``: ``class_labels=`` for fastddpm's
+        ``UNet(num_classes=K)`` and diffusers' ``UNet2DModel(num_class_embeds=...)``, ``classes=`` for
+        denoising-diffusion-pytorch's classifier-free ``Unet``, ``y=`` for any other callable).
+    :param model_kwargs: a dict passed to every model call, ``model(x, t, **model_kwargs)`` (e.g.
+        ``encoder_hidden_states`` of a diffusers ``UNet2DConditionModel``); a tensor whose first
+        dimension is ``n`` is per-sample and goes with its samples into every micro-batch and shard,
+        anything else is passed as it is.
+    :param guidance_scale: classifier-free guidance (Ho & Salimans 2022), ``out = u + w (c - u)`` with
+        ``w = guidance_scale`` in diffusers' convention (1: the conditional model alone).  The
+        unconditional call ``u`` is the model's null class, or ``uncond_kwargs``.  The combine is fused
+        into the step op; prediction types and every sampler take it as they take the model output.
+    :param uncond_kwargs: keywords of the unconditional call, replacing the conditional ones of the
+        same name (e.g. ``{"encoder_hidden_states": zeros}``); per-sample tensors as in ``model_kwargs``.
+    :param guidance_rescale: ``phi`` in [0, 1] of Lin et al. 2023 (diffusers' ``guidance_rescale``):
+        the guided output's per-sample std moved toward the conditional one's.
+    :param guidance_batching: ``"batched"`` (default: one model call on the doubled batch
+        ``[uncond; cond]``, as diffusers) or ``"sequential"`` (two calls of ``n``: less memory).
+    :param noise: the starting noise ``x_T`` ``[n, C, H, W]`` (diffusers' ``latents``), in place of the
+        contract's; the noise of every step still follows ``seed`` and the noise contract.
     :return: float32 ``[n, C, H, W]`` in the model's data range [-1, 1], on ``device``.
     """
     model, process = resolve_pipeline(model, process)
-    kwargs = dict(steps=steps, seed=seed, device=device, dtype=dtype, image_size=image_size, channels=channels,
-                  batch_size=batch_size, callback=callback, process=process, sample_offset=sample_offset,
-                  engine=engine, threads=threads, **process_options)
+    # the request, checked once here (and against the model) before any sampling starts
+    request = SamplingRequest.make(n, seed=seed, sample_offset=sample_offset, callback=callback,
+                                   class_labels=class_labels, model_kwargs=model_kwargs,
+                                   guidance_scale=guidance_scale, uncond_kwargs=uncond_kwargs,
+                                   guidance_rescale=guidance_rescale, guidance_batching=guidance_batching, noise=noise)
+    adapter = ModelAdapter(model, image_size=image_size, channels=channels)
+    if request.conditioned:
+        Denoiser(adapter, request, device if device is not None else adapter.device)
+    kwargs = dict(steps=steps, device=device, dtype=dtype, image_size=image_size, channels=channels,
+                  batch_size=batch_size, process=process, engine=engine, threads=threads, **process_options)
     if distributed:
-        x = sample_distributed(model, n, progress=progress and dist_info()[0] == 0, **kwargs)
+        x = sample_distributed(model, n, progress=progress and dist_info()[0] == 0, request=request, **kwargs)
     else:
-        x = sample_local(model, n, progress=progress, **kwargs)
+        x = sample_local(model, n, progress=progress, request=request, **kwargs)
     sample.last_seconds = getattr(sample_local, "last_seconds", None)
     return x

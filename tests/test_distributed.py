@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 import fastddpm
 from fastddpm.distributed import dist_info, sample_distributed, shard_range
 from fastddpm.models import create_model
-from toy_models import Pointwise
+from toy_models import LabelledPointwise, Pointwise
 from tolerances import PEER, assert_close
 
 WORLD_SIZE = 2
@@ -39,6 +39,12 @@ CASES = {
     "pointwise_1": (Pointwise, 1, dict(steps=5, seed=3)),                     # shards 1 + 0
     "pointwise_offset": (Pointwise, 4, dict(steps=5, seed=7, sample_offset=9, batch_size=1)),
     "unet_3": (tiny_unet, 3, dict(steps=3, seed=1)),
+    # labels, a per-sample model keyword and the doubled guidance batch, sliced with each shard's samples
+    "labelled_guided_5": (LabelledPointwise, 5, dict(steps=4, seed=2, class_labels=[0, 2, 1, 1, 0], guidance_scale=2.5,
+                                                     model_kwargs={"shift": torch.tensor([0.1, -0.2, 0.0, 0.3, 0.05])},
+                                                     sample_offset=3, batch_size=2)),
+    "labelled_dpm_noise_3": (LabelledPointwise, 3, dict(sampler="dpm++2m", steps=4, class_labels=1, guidance_scale=3.0,
+                                                        noise=torch.linspace(-2, 2, 3 * 72).reshape(3, 2, 6, 6))),
 }
 
 
@@ -114,7 +120,8 @@ def test_each_rank_knows_its_place(gathered):
     assert [tuple(r["dist_info"].tolist()) for r in gathered] == [(0, 2), (1, 2)]
 
 
-@pytest.mark.parametrize("name", ["pointwise_5", "pointwise_1", "pointwise_offset"])
+@pytest.mark.parametrize("name", ["pointwise_5", "pointwise_1", "pointwise_offset", "labelled_guided_5",
+                                  "labelled_dpm_noise_3"])
 def test_batch_invariant_model_equals_one_process_exactly(gathered, name):
     expected = _single_process(name)
     for rank in range(WORLD_SIZE):
