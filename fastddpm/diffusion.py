@@ -218,11 +218,13 @@ class DDPM:
                                          tb["sqrt_one_minus_alphas_cumprod"])
 
     def loss(self, model, x0, t=None, *, seed: int | None = None, sample_offset: int = 0, noise=None,
-             generator: torch.Generator | None = None):
+             generator: torch.Generator | None = None, model_kwargs: dict | None = None):
         """The training loss of ``model`` on a batch ``x0`` (a 0-dim tensor).
 
         :param t: model timesteps; default uniform over the process's steps from ``generator``.
         :param seed: noise seed; default drawn from ``generator`` (or torch's global RNG).
+        :param model_kwargs: more keywords for every model call, e.g. a class-conditional model's
+            labels as its family takes them (``ModelAdapter(model).label_kwargs(labels)``).
         """
         check_tensor("x0", x0, dtypes=FLOAT_DTYPES, min_ndim=2)
         n = x0.shape[0]
@@ -232,23 +234,28 @@ class DDPM:
             idx = self._step_index(t, n, x0.device)
         if seed is None:
             seed = int(torch.randint(0, 2**31 - 1, (), generator=generator))
+        if model_kwargs is not None and not isinstance(model_kwargs, dict):
+            raise TypeError(f"model_kwargs must be a dict or None, got {type(model_kwargs).__name__}")
         adapter = ModelAdapter(model)
-        return self.training_loss(lambda x, tt: adapter.check_output(adapter(x, tt), x), x0, idx,
+        return self.training_loss(lambda x, tt, **kw: adapter.check_output(adapter(x, tt, **kw), x), x0, idx,
                                   seed=check_seed(seed), sample_offset=_check_sample_offset(sample_offset, n),
-                                  noise=noise)
+                                  noise=noise, model_kwargs=model_kwargs)
 
-    def training_loss(self, model, x0, t, *, seed: int, sample_offset: int = 0, noise=None, autocast=None):
+    def training_loss(self, model, x0, t, *, seed: int, sample_offset: int = 0, noise=None, autocast=None,
+                      model_kwargs: dict | None = None):
         """The loss on the hot path: no value checks (``t`` must be a valid int64 ``[n]`` on
         ``x0``'s device), so nothing synchronises with a GPU.
 
-        :param model: ``model(x_t, timesteps)``; an output with ``.sample`` (diffusers) is unwrapped.
+        :param model: ``model(x_t, timesteps, **model_kwargs)``; an output with ``.sample`` (diffusers) is
+            unwrapped.
         :param autocast: a context manager around the model call (mixed precision), or None.
+        :param model_kwargs: more keywords for the model call (class labels), or None.
         """
         tb = self.tables(x0.device)
         x_t = ops.q_sample(x0, t, tb["sqrt_alphas_cumprod"], tb["sqrt_one_minus_alphas_cumprod"],
                            seed=seed, sample_offset=sample_offset, noise=noise)
         with autocast if autocast is not None else contextlib.nullcontext():
-            out = model(x_t, tb["timesteps"][t])
+            out = model(x_t, tb["timesteps"][t], **(model_kwargs or {}))
         if hasattr(out, "sample"):
             out = out.sample
         return ops.diffusion_loss(out, x0, t, tb["sqrt_alphas_cumprod"], tb["sqrt_one_minus_alphas_cumprod"],

@@ -4,7 +4,11 @@ Architecture as in the TF original (``diffusion_tf/models/unet.py``) and its
 PyTorch port (pesser's ``pytorch_diffusion`` ``Model``):
 
 * a sinusoidal timestep embedding (Transformer-style, Ho et al. Sec. 4) fed to
-  an MLP ``Linear(ch, 4ch) - SiLU - Linear(4ch, 4ch)``;
+  an MLP ``Linear(ch, 4ch) - SiLU - Linear(4ch, 4ch)``; a class-conditional
+  model (``num_classes=K``) adds a learned class embedding ``label_emb``
+  (``nn.Embedding(K + 1, 4ch)``) to it, as guided-diffusion's ``label_emb`` and
+  diffusers' ``num_class_embeds`` do, index ``K`` being the null class that
+  classifier-free guidance (Ho & Salimans 2022) trains with and samples from;
 * per resolution level ``num_res_blocks`` residual blocks (Wide-ResNet style,
   GroupNorm, the timestep added as a per-channel shift), self-attention after
   each block where the feature map has one of ``attention_resolutions``, and a
@@ -68,6 +72,8 @@ class UNetConfig(JsonConfig):
         follow the residual blocks; the middle block always has attention.
     :param num_heads: heads of every attention block, unless ``head_channels``
         is set, in which case a block of ``C`` channels has ``C // head_channels`` heads.
+    :param num_classes: None: unconditional; K: class-conditional on K classes, with
+        the class embedding's index K the null class (classifier-free guidance).
     """
 
     image_size: int
@@ -82,6 +88,7 @@ class UNetConfig(JsonConfig):
     dropout: float = 0.1
     resample_with_conv: bool = True
     num_groups: int = 32
+    num_classes: int | None = None
 
     _label: ClassVar[str] = "UNet"
 
@@ -102,7 +109,7 @@ class UNetConfig(JsonConfig):
             value = getattr(self, name)
             if not is_int(value) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        for name in ("out_channels", "head_channels"):
+        for name in ("out_channels", "head_channels", "num_classes"):
             value = getattr(self, name)
             if value is not None and (not is_int(value) or value <= 0):
                 raise ValueError(f"{name} must be None or a positive int, got {value!r}")
@@ -180,10 +187,12 @@ class _Level(nn.Module):
 
 
 class UNet(nn.Module):
-    """The DDPM noise-prediction U-Net: ``model(x, t) -> [n, out_channels, H, W]``.
+    """The DDPM noise-prediction U-Net: ``model(x, t) -> [n, out_channels, H, W]``, or
+    ``model(x, t, class_labels=y)`` for a class-conditional one (``num_classes`` set).
 
     Build with ``UNet(config)`` or ``UNet(image_size=32, ...)`` (the
-    :class:`UNetConfig` fields).
+    :class:`UNetConfig` fields).  ``num_classes`` and ``null_class`` are K (None when
+    unconditional): labels lie in ``[0, K]``, K the null class.
     """
 
     def __init__(self, config: UNetConfig | None = None, **fields):
@@ -200,11 +209,14 @@ class UNet(nn.Module):
         self.image_size = config.image_size
         self.in_channels = config.in_channels
         self.out_channels = config.resolved_out_channels
+        self.num_classes = self.null_class = config.num_classes
 
         ch, groups, dropout = config.base_channels, config.num_groups, config.dropout
         temb_ch = 4 * ch
         self.temb = nn.Module()
         self.temb.dense = nn.ModuleList([nn.Linear(ch, temb_ch), nn.Linear(temb_ch, temb_ch)])
+        # the class embedding, added to the time embedding after its MLP; row K is the null class
+        self.label_emb = nn.Embedding(config.num_classes + 1, temb_ch) if config.num_classes is not None else None
         self.conv_in = nn.Conv2d(config.in_channels, ch, 3, padding=1)
 
         def attention(channels: int) -> AttentionBlock:
@@ -268,19 +280,47 @@ class UNet(nn.Module):
         if t.ndim > 1 or (t.ndim == 1 and t.shape[0] != x.shape[0]):
             raise ValueError(f"t must be a scalar or have shape ({x.shape[0]},), got {tuple(t.shape)}")
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def _class_labels(self, class_labels, x: torch.Tensor) -> torch.Tensor | None:
+        """``class_labels`` checked (shape and dtype only, so nothing synchronises) as int64 ``[n]``;
+        None on a conditional model is the null class.  The values are the caller's to keep in
+        ``[0, num_classes]`` (the trainer and ``sample`` check them once, not every call)."""
+        n = x.shape[0]
+        if self.label_emb is None:
+            if class_labels is not None:
+                raise ValueError("class_labels given to an unconditional UNet (num_classes=None); build the model "
+                                 "with num_classes=K to condition it on K classes")
+            return None
+        if class_labels is None:
+            return torch.full((n,), self.null_class, dtype=torch.int64, device=x.device)
+        if not isinstance(class_labels, torch.Tensor):
+            raise TypeError(f"class_labels must be an int64 torch.Tensor [n], got {type(class_labels).__name__}")
+        if class_labels.dtype == torch.bool or class_labels.is_floating_point() or class_labels.is_complex():
+            raise TypeError(f"class_labels must be an integer tensor (int64), got {class_labels.dtype}")
+        if class_labels.ndim > 1 or (class_labels.ndim == 1 and class_labels.shape[0] != n):
+            raise ValueError(f"class_labels must be a scalar or have shape ({n},), got {tuple(class_labels.shape)}")
+        if class_labels.ndim == 0:
+            class_labels = class_labels.expand(n)
+        return class_labels.to(device=x.device, dtype=torch.int64)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         """Predict from ``x`` ``[n, C, H, W]`` (any float dtype) at timesteps ``t`` (``[n]`` or 0-dim).
 
+        :param class_labels: a conditional model's classes, int64 ``[n]`` (or 0-dim) in
+            ``[0, num_classes]``, ``num_classes`` the null class; None: the null class.  An
+            unconditional model takes none.
         ``x`` is cast to the parameters' dtype; under autocast the output has
         the autocast dtype.  Shape checks only: no device synchronisation.
         """
         self._check_inputs(x, t)
+        labels = self._class_labels(class_labels, x)
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         x = x.to(self.conv_in.weight.dtype)
 
         temb = timestep_embedding(t, self.config.base_channels).to(x.dtype)
         temb = self.temb.dense[1](F.silu(self.temb.dense[0](temb)))
+        if labels is not None:
+            temb = temb + self.label_emb(labels).to(temb.dtype)
 
         hs = [self.conv_in(x)]
         for down in self.down:
