@@ -3,6 +3,8 @@
 Layouts ``[N, H, W]``, ``[N, H, W, C]`` and ``[N, C, H, W]``; values uint8 in [0, 255] or float in
 [0, 1] or [-1, 1].  uint8 images stay uint8 in memory and become float32 in ``[-1, 1]`` per item;
 resized or converted ones are held as float32.  Pickles and object arrays are never loaded.
+Class labels: given with an array, or an ``.npz``'s ``y`` or ``labels`` array (and its optional
+``class_names``, strings).
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .dataset_labels import check_class_names, check_labels
 from .image_tensors import check_channels, check_image_size, convert_channels, resize_center_crop, to_float_images
 
 __all__ = ["ARRAY_EXTENSIONS", "ArrayDataset"]
@@ -24,7 +27,11 @@ FLOAT_RANGE_SLACK = 1e-4
 RESIZE_CHUNK = 256
 
 
-def _load_array(path: Path) -> np.ndarray:
+LABEL_KEYS = ("y", "labels")  # an .npz's class labels, by either name
+
+
+def _load_array(path: Path) -> tuple[np.ndarray, np.ndarray | None, list[str] | None]:
+    """``(images, labels or None, class names or None)`` of a ``.npy`` / ``.npz`` file."""
     if not path.exists():
         raise FileNotFoundError(f"array file {str(path)!r} does not exist")
     if not path.is_file():  # a folder, or a FIFO that would block the read forever
@@ -38,16 +45,23 @@ def _load_array(path: Path) -> np.ndarray:
         raise ValueError(f"{str(path)!r} is not a readable {suffix} array file (numpy: {e}; object arrays and "
                          f"pickles are never loaded)") from None
     if isinstance(loaded, np.ndarray):
-        return loaded
+        return loaded, None, None
     with loaded as z:  # an .npz archive
         keys = list(z.keys())
+        found = [k for k in LABEL_KEYS if k in keys]
+        if len(found) > 1:
+            raise ValueError(f"{str(path)!r} holds both 'y' and 'labels': keep one array of class labels")
+        labels = z[found[0]] if found else None
+        names = z["class_names"].tolist() if "class_names" in keys else None
+        rest = [k for k in keys if k not in (*LABEL_KEYS, "class_names")]
         if "images" in keys:
-            return z["images"]
+            return z["images"], labels, names
         if "arr_0" in keys:
-            return z["arr_0"]
-        if len(keys) == 1:
-            return z[keys[0]]
-        raise ValueError(f"{str(path)!r} holds arrays {keys}; name the images 'images' (or store a single array)")
+            return z["arr_0"], labels, names
+        if len(rest) == 1:
+            return z[rest[0]], labels, names
+        raise ValueError(f"{str(path)!r} holds arrays {keys}; name the images 'images' (or store a single array, "
+                         f"with its class labels as 'y' or 'labels')")
 
 
 def _to_nchw(arr: np.ndarray, name: str) -> np.ndarray:
@@ -108,13 +122,18 @@ class ArrayDataset(Dataset):
         luma); default: as stored.
     :param image_size: resize the shorter side to this (bilinear, antialiased)
         and centre-crop; default: as stored, which must then be square.
+    :param labels: class labels, integers ``[N]`` (an ``.npz``'s ``y`` or ``labels`` by default).
+    :param class_names: the classes' names (an ``.npz``'s ``class_names`` by default; else
+        ``"0".."K-1"`` when there are labels).
     """
 
-    def __init__(self, path_or_array, channels: int | None = None, image_size: int | None = None):
+    def __init__(self, path_or_array, channels: int | None = None, image_size: int | None = None,
+                 labels=None, class_names=None):
+        file_labels = file_names = None
         if isinstance(path_or_array, (str, os.PathLike)):
             self.path = Path(path_or_array)
             name = repr(str(self.path))
-            arr = _load_array(self.path)
+            arr, file_labels, file_names = _load_array(self.path)
         else:
             self.path = None
             name = "array"
@@ -144,6 +163,16 @@ class ArrayDataset(Dataset):
         self.data = x  # uint8 [N, C, H, W] (converted per item) or float32 in [-1, 1]
         self.channels = channels
         self.image_size = int(x.shape[-1])
+        if labels is None:
+            labels, class_names = file_labels, class_names if class_names is not None else file_names
+        self.labels = self.class_names = None
+        if labels is not None:
+            self.labels = check_labels(labels, n, name=f"the labels of {name}")
+            if class_names is None:
+                class_names = [str(c) for c in range(int(self.labels.max()) + 1)]
+            self.class_names = check_class_names(class_names, self.labels, name=f"the class names of {name}")
+        elif class_names is not None:
+            raise ValueError(f"class_names given for {name} without labels")
 
     def __len__(self) -> int:
         return int(self.data.shape[0])

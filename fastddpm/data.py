@@ -5,7 +5,10 @@ conversions they share are in ``image_tensors``; all of it is importable from he
 
 Every dataset returns un-augmented float32 tensors ``[C, H, W]`` in
 ``[-1, 1]`` (Ho et al. §4 scale the data linearly to ``[-1, 1]``) and exposes
-``.image_size`` and ``.channels``.  Augmentation is not done here: the trainer
+``.image_size`` and ``.channels``, and ``.labels`` / ``.class_names`` (None where
+the data has no classes; see ``dataset_labels``) for class-conditional training:
+digits have their digit, an image folder of class subfolders the subfolder, an
+``.npz`` its ``y`` or ``labels`` array, an array or tensor the labels given with it.  Augmentation is not done here: the trainer
 flips whole batches as ``random_flip`` does (its halves ``draw_flips`` and
 ``apply_flips``) with its own seeded generator, so a resumed run draws the
 same flips as an uninterrupted one (a DataLoader worker's RNG state is not
@@ -24,6 +27,7 @@ from torch.utils.data import Dataset
 # The datasets of files and the tensor helpers live in their own modules; fastddpm.data
 # re-exports them, so every name it has offered stays importable from here.
 from .array_data import ARRAY_EXTENSIONS, FLOAT_RANGE_SLACK, RESIZE_CHUNK, ArrayDataset
+from .dataset_labels import check_labels, dataset_labels
 from .image_folder import IMAGE_EXTENSIONS, ImageFolderDataset
 from .image_tensors import (LUMA, PIL_MODES, check_channels, check_image_size, convert_channels,
                             resize_center_crop, to_float_images)
@@ -36,6 +40,7 @@ __all__ = [
     "DigitsDataset",
     "digits_dataset",
     "load_dataset",
+    "dataset_labels",
     "apply_flips",
     "draw_flips",
     "random_flip",
@@ -50,15 +55,15 @@ class DigitsDataset(Dataset):
 
     :param images: float32 ``[N, C, H, W]`` in [-1, 1].
     :param labels: int64 ``[N]``.
+    :param class_names: one name per class (default ``"0".."9"``, the digits).
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, class_names=None):
         if images.ndim != 4 or images.shape[-1] != images.shape[-2]:
             raise ValueError(f"images must be [N, C, S, S], got shape {tuple(images.shape)}")
-        if labels.shape != images.shape[:1]:
-            raise ValueError(f"labels must have shape ({images.shape[0]},), got {tuple(labels.shape)}")
         self.images = images
-        self.labels = labels
+        self.labels = check_labels(labels, int(images.shape[0]))
+        self.class_names = list(class_names) if class_names is not None else [str(d) for d in range(10)]
         self.channels = int(images.shape[1])
         self.image_size = int(images.shape[-1])
 
@@ -107,7 +112,8 @@ def load_dataset(spec, image_size: int | None = None, channels: int | None = Non
     """The dataset a user names.
 
     :param spec: ``"digits"``; a folder of images (``image_size`` required,
-        channels default 3); a ``.npy`` / ``.npz`` file (or a numpy array).
+        channels default 3); a ``.npy`` / ``.npz`` file (or a numpy array or tensor); a pair
+        ``(images, labels)`` of an array (or tensor) and its class labels.
     :param image_size: output side (digits: default 16; arrays: default as stored).
     :param channels: 1 or 3 (folders: default 3; digits: default 1; arrays: as stored).
     :raises FileNotFoundError: the path does not exist.
@@ -115,6 +121,8 @@ def load_dataset(spec, image_size: int | None = None, channels: int | None = Non
     """
     if isinstance(spec, (np.ndarray, torch.Tensor)):
         return ArrayDataset(spec, channels=channels, image_size=image_size)
+    if isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], (np.ndarray, torch.Tensor)):
+        return ArrayDataset(spec[0], channels=channels, image_size=image_size, labels=spec[1])
     if not isinstance(spec, (str, os.PathLike)):
         raise ValueError(f"dataset must be {ACCEPTED_FORMS}; got {type(spec).__name__}")
     if isinstance(spec, str) and spec == "digits":

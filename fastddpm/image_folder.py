@@ -3,6 +3,10 @@
 Files are found recursively in sorted order (hidden ones skipped, symlinked folders followed
 once), decoded with PIL (imported when a dataset is built, not with this module) and returned as
 float32 ``[C, H, W]`` in ``[-1, 1]``.
+
+Class labels follow torchvision's ``ImageFolder``: when every image lies in an immediate subfolder
+of the root (``root/cat/x.png``, ``root/dog/a/y.png``), each subfolder is a class, the sorted names
+giving the indices; with images directly in the root there are no labels.
 """
 from __future__ import annotations
 
@@ -41,6 +45,17 @@ def _find_images(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
 
+def _classes_of(root: Path, paths: list[Path]) -> tuple[list[str] | None, torch.Tensor | None]:
+    """``(class names, labels)`` by immediate subfolder (torchvision's ``ImageFolder``: sorted names);
+    ``(None, None)`` when some image lies directly in ``root``."""
+    tops = [p.relative_to(root).parts for p in paths]
+    if any(len(parts) < 2 for parts in tops):
+        return None, None
+    names = sorted({parts[0] for parts in tops})
+    index = {name: i for i, name in enumerate(names)}
+    return names, torch.tensor([index[parts[0]] for parts in tops], dtype=torch.int64)
+
+
 def _convert_mode(im, mode: str):
     """``im.convert(mode)``, except that 16/32-bit integer gray images are
     scaled to 8 bits (PIL's own conversion clips them at 255)."""
@@ -60,7 +75,8 @@ class ImageFolderDataset(Dataset):
     is ``image_size`` (PIL bicubic, antialiased), and centre-cropped to
     ``image_size x image_size``.
 
-    :param root: the folder; nested folders are searched, in sorted order.
+    :param root: the folder; nested folders are searched, in sorted order.  ``class_names`` and
+        ``labels`` are its immediate subfolders' (None when images lie in the root itself).
     :param image_size: side of the square output.
     :param channels: 1 (gray) or 3 (RGB).
     :param cache: keep decoded tensors in memory after the first load.
@@ -86,6 +102,7 @@ class ImageFolderDataset(Dataset):
                 f"no images found in {str(self.root)!r} (looked recursively for {', '.join(IMAGE_EXTENSIONS)}, "
                 f"any case)"
             )
+        self.class_names, self.labels = _classes_of(self.root, self.paths)
         if verify:
             for path in self.paths:
                 try:
