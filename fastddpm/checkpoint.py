@@ -10,7 +10,10 @@ Layout of a checkpoint file:
   ``fastddpm``: ``format_version``, ``model_config`` (a ``UNetConfig`` dict),
   ``diffusion`` (``DDPM.to_dict()``), ``train_config``, ``step``, the data
   position, the optimizer's ``param_groups``, the best metric, versions and a
-  timestamp (whatever the trainer passes as ``state``).
+  timestamp (whatever the trainer passes as ``state``); for a class-conditional
+  model ``class_names`` (the model's ``class_names`` attribute: one string per
+  class; ``num_classes`` is in ``model_config``) and, for a diffusers
+  ``UNet2DModel`` trained by fastddpm, ``fastddpm_null_class``.
 
 A sidecar ``<name>.json`` holds the same JSON for people to read; loading
 reads only the ``.safetensors`` file.  Both are written atomically (temp file
@@ -43,6 +46,7 @@ __all__ = [
     "load_weights",
     "check_model_config",
     "model_config_dict",
+    "class_metadata",
 ]
 
 FORMAT_VERSION = 1
@@ -148,6 +152,19 @@ def model_config_dict(model) -> dict | None:
     return config.to_dict() if hasattr(config, "to_dict") else None
 
 
+def class_metadata(model) -> dict:
+    """What a checkpoint records of a class-conditional model: its ``class_names`` (one string per
+    class) and a diffusers model's ``fastddpm_null_class``, where the model has them."""
+    meta = {}
+    names = getattr(model, "class_names", None)
+    if names is not None:
+        meta["class_names"] = [str(c) for c in names]
+    null = getattr(model, "fastddpm_null_class", None)
+    if is_int(null):
+        meta["fastddpm_null_class"] = int(null)
+    return meta
+
+
 def _versions() -> dict:
     try:
         import safetensors
@@ -191,7 +208,7 @@ def save_checkpoint(path, *, model: nn.Module, ema=None, optimizer: torch.optim.
     tensors = {f"model.{k}": _cpu(v) for k, v in _state_of(model).items()}
     if ema is not None:
         tensors.update({f"ema.{k}": _cpu(v) for k, v in _state_of(ema).items()})
-    meta = {"model_config": model_config_dict(model), **state}
+    meta = {"model_config": model_config_dict(model), **class_metadata(model), **state}
     if optimizer is not None:
         sd = optimizer.state_dict()
         scalars = {}
@@ -226,8 +243,8 @@ def save_model(path, model: nn.Module, process, ema_state=None, *, extra: dict |
     tensors = {f"model.{k}": _cpu(v) for k, v in _state_of(model).items()}
     if ema_state is not None:
         tensors.update({f"ema.{k}": _cpu(v) for k, v in _state_of(ema_state).items()})
-    meta = {"model_config": model_config_dict(model), "diffusion": process.to_dict(), "kind": "model",
-            **(extra or {})}
+    meta = {"model_config": model_config_dict(model), **class_metadata(model), "diffusion": process.to_dict(),
+            "kind": "model", **(extra or {})}
     return _save(path, tensors, meta, sidecar)
 
 
@@ -384,7 +401,8 @@ def load_model(path, *, ema: bool = True, device="cpu"):
 
     :param ema: load the EMA weights when the file has them (else the model's).
     :param device: where to put the model.
-    :return: ``(UNet in eval mode, DDPM)``.
+    :return: ``(UNet in eval mode, DDPM)``; the model's ``class_names`` attribute is the file's
+        (a list of strings for a class-conditional model; None otherwise).
     """
     from .diffusion import DDPM
     from .models import create_model
@@ -416,4 +434,20 @@ def load_model(path, *, ema: bool = True, device="cpu"):
     load_weights(skeleton, state, path=ckpt.path, what=prefix, check_only=True)
     model = create_model(config)
     load_weights(model, state, path=ckpt.path, what=prefix)
+    model.class_names = _class_names_of(ckpt, model)
     return model.to(device).eval(), process
+
+
+def _class_names_of(ckpt: Checkpoint, model) -> list[str] | None:
+    """The checkpoint's ``class_names`` (checked against the model's classes); a conditional model saved
+    without them gets ``"0".."K-1"``."""
+    names = ckpt.metadata.get("class_names")
+    k = getattr(model, "num_classes", None)
+    if names is None:
+        return [str(c) for c in range(k)] if k is not None else None
+    if not isinstance(names, list) or not all(isinstance(c, str) for c in names):
+        raise ValueError(f"{str(ckpt.path)!r} has corrupt class_names (not a list of strings): {names!r}")
+    if len(names) != k:
+        raise ValueError(f"{str(ckpt.path)!r} has {len(names)} class_names but its model has "
+                         f"{'no classes' if k is None else f'{k} classes'}")
+    return names

@@ -58,6 +58,11 @@ class TrainConfig(JsonConfig):
         model's, built by the caller: ``create_model(preset, seed=seed)`` makes them reproducible too (the
         command line does so with ``--seed``).
     :param random_flip: horizontal flips with probability 1/2.
+    :param class_cond: train a class-conditional model (``create_model(..., num_classes=K)``, or a
+        diffusers ``UNet2DModel(num_class_embeds=K + 1)``) on the dataset's labels.
+    :param cond_drop: in a class-conditional run, the probability that an example's label is replaced
+        by the null class (classifier-free guidance, Ho & Salimans 2022: 0.1-0.2), drawn from the step's
+        seeded stream, so a resumed run drops the same labels.
     :param val_fraction: share of the dataset held out for the validation loss (0: none).
     :param val_every: validate every this many steps (0: only at the end).
     :param sample_every: save an EMA sample grid every this many steps (0: never).
@@ -89,6 +94,8 @@ class TrainConfig(JsonConfig):
     nonfinite: Literal["error", "skip"] = "error"
     seed: int = 0
     random_flip: bool = True
+    class_cond: bool = False
+    cond_drop: float = 0.1
     val_fraction: float = 0.0
     val_every: int = 500
     sample_every: int = 0
@@ -142,9 +149,11 @@ class TrainConfig(JsonConfig):
             raise ValueError(f"nonfinite must be 'error' or 'skip', got {self.nonfinite!r}")
         if not is_int(self.seed) or not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"seed must be an int in [0, 2**63), got {self.seed!r}")
-        for name in ("random_flip", "keep_best"):
+        for name in ("random_flip", "keep_best", "class_cond"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if not _is_num(self.cond_drop) or not 0 <= self.cond_drop < 1:
+            raise ValueError(f"cond_drop must be a float in [0, 1), got {self.cond_drop!r}")
         if not _is_num(self.val_fraction) or not 0 <= self.val_fraction < 1:
             raise ValueError(f"val_fraction must be a float in [0, 1), got {self.val_fraction!r}")
         if self.sample_steps is not None and (not is_int(self.sample_steps) or self.sample_steps < 1):

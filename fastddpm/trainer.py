@@ -18,6 +18,13 @@ autocast with the model in channels_last on a GPU (``mixed_precision``,
 A non-finite step stops training (``nonfinite='error'``) or is left out on
 the device (``'skip'``).
 
+Class-conditional training (``TrainConfig(class_cond=True)``): the model is conditional
+(``create_model(..., num_classes=K)``, or a diffusers ``UNet2DModel(num_class_embeds=K + 1)``, whose
+``fastddpm_null_class`` the trainer sets to K), the dataset has labels (``dataset.labels`` and
+``dataset.class_names``, checked here against K; or ``(images, labels)``), and each step's labels reach
+the model by its family's keyword (``ModelAdapter.label_kwargs``), each replaced by the null class with
+probability ``cond_drop`` (classifier-free guidance, Ho & Salimans 2022) from the seeded step stream.
+
 The output directory (checkpoints, metrics, the loss curve, samples, ``config.json``) is described in
 ``training/out_dir.py``; a folder that holds anything else and no fastddpm ``config.json`` is refused.
 """
@@ -32,7 +39,10 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
+from .adapters import ModelAdapter
 from .checkpoint import load_checkpoint, save_checkpoint
+from .data import load_dataset
+from .dataset_labels import dataset_labels
 from .diffusion import DDPM
 from .distributed import dist_info, join_torchrun_group, process_device
 from .run_dir import RunDirLock
@@ -58,6 +68,29 @@ __all__ = ["TrainConfig", "Trainer"]
 
 
 
+def _conditional_classes(model: nn.Module) -> tuple[int, int]:
+    """``(K, null class)`` of a model to train class-conditionally: fastddpm's ``UNet(num_classes=K)``
+    (null class K), or a diffusers ``UNet2DModel(num_class_embeds=K + 1)``, whose ``fastddpm_null_class``
+    is set to K here (the adapter and checkpoints read it)."""
+    adapter = ModelAdapter(model)
+    if adapter.kind == "diffusers":
+        embeds = getattr(model.config, "num_class_embeds", None)
+        if not embeds or embeds < 2 or getattr(model.config, "class_embed_type", None) is not None:
+            raise ValueError(f"class_cond=True needs a diffusers UNet2DModel with num_class_embeds=K + 1 (K classes "
+                             f"and the null class K), got num_class_embeds={embeds!r}")
+        if getattr(model, "fastddpm_null_class", None) is None:
+            model.fastddpm_null_class = embeds - 1
+        elif model.fastddpm_null_class != embeds - 1:
+            raise ValueError(f"the model's fastddpm_null_class {model.fastddpm_null_class} is not its last class "
+                             f"embedding {embeds - 1}")
+        return embeds - 1, embeds - 1
+    if adapter.kind != "fastddpm" or adapter.num_classes is None or adapter.null_class is None:
+        raise ValueError(f"class_cond=True needs a class-conditional model: create_model(preset, num_classes=K) "
+                         f"(or a diffusers UNet2DModel(num_class_embeds=K + 1)); {type(model).__name__} has no "
+                         f"classes")
+    return adapter.num_classes, adapter.null_class
+
+
 # -- the trainer ---------------------------------------------------------------------------
 class Trainer:
     """Train ``model`` on ``dataset`` with the loss of ``process``.
@@ -71,7 +104,9 @@ class Trainer:
     :param model: an ``nn.Module`` ``model(x_t, t) -> prediction`` (fastddpm's ``UNet``
         for ``load_model`` to rebuild it from a checkpoint).
     :param process: the ``DDPM`` (not respaced) whose loss is trained.
-    :param dataset: a sized dataset of float32 ``[C, H, W]`` tensors in [-1, 1].
+    :param dataset: a sized dataset of float32 ``[C, H, W]`` tensors in [-1, 1]; with ``class_cond`` one
+        with ``labels`` (and ``class_names``), e.g. ``load_dataset("digits")``, or a pair ``(images,
+        labels)`` of an array or tensor and its labels.
     :param config: a ``TrainConfig`` (or its dict).
     :param out_dir: where checkpoints, logs and samples go (created).  A folder that holds other
         files and is not a fastddpm run is refused; while the trainer writes there (construction,
@@ -118,6 +153,9 @@ class Trainer:
         self.checkpoint_dir = self.out_dir / "checkpoints"
 
         # self.model: the plain module (EMA, checkpoints, validation); self.train_model: what the steps call
+        self.num_classes = self.null_class = self.class_names = None
+        if config.class_cond:
+            self.num_classes, self.null_class = _conditional_classes(model)
         self.model, self.ddp, self.train_model = prepare_model(model, self.device, channels_last=self.channels_last,
                                                                world_size=self.world_size, compile_mode=config.compile)
         self.ema = EMA(self.model, config.ema_decay_at)
@@ -125,15 +163,20 @@ class Trainer:
         self.params = self.ema.source_params  # the trainable parameters
         if not self.params:
             raise ValueError("model has no trainable parameters")
+        self._adapter = ModelAdapter(self.model)  # the plain module's family: DDP or compiled wrappers hide it
         self.optimizer = make_optimizer(self.params, config, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
 
+        if isinstance(dataset, tuple):
+            dataset = load_dataset(dataset)
         self.image_shape = check_dataset(dataset, model_image_shape(self.model))
         self.dataset = dataset
+        labels = self._class_setup(dataset) if config.class_cond else None
         self.batches = TrainBatches.split(
             dataset, config.val_fraction, config.seed, num_steps=process.num_steps, batch_size=config.batch_size,
             grad_accum=config.grad_accum, random_flip=config.random_flip, device=self.device, rank=self.rank,
-            world_size=self.world_size)
+            world_size=self.world_size, labels=labels, cond_drop=config.cond_drop if labels is not None else 0.0,
+            null_class=self.null_class)
         self.train_indices, self.val_indices = self.batches.train_indices, self.batches.val_indices
         # rank 0 holds the run directory's lock while it writes there: here and in train()
         self._lock = RunDirLock(self.out_dir)
@@ -144,6 +187,29 @@ class Trainer:
             self._init_state(resume)
         finally:
             self._lock.release()
+
+    def _class_setup(self, dataset) -> torch.Tensor:
+        """The dataset's labels, checked against the model's classes; records the class names on the model
+        (and its EMA copy), so checkpoints and ``load_model`` carry them."""
+        found = dataset_labels(dataset)
+        if found is None:
+            raise ValueError(f"class_cond=True needs a dataset with class labels, but {type(dataset).__name__} has "
+                             f"none (digits, an image folder of one subfolder per class, an .npz with a 'y' or "
+                             f"'labels' array, or (images, labels) have them)")
+        labels, names = found
+        k = self.num_classes
+        if len(names) != k:
+            raise ValueError(f"the dataset has {len(names)} classes ({', '.join(names[:10])}"
+                             f"{', ...' if len(names) > 10 else ''}) but the model {k}: build it with "
+                             f"num_classes={len(names)}")
+        self.class_names = names
+        for m in (self.model, self.ema_model):
+            m.class_names = list(names)
+        return labels
+
+    def label_kwargs(self, labels: torch.Tensor) -> dict:
+        """How the trained model takes class labels: ``{keyword: labels}`` (its family's, ``ModelAdapter``)."""
+        return self._adapter.label_kwargs(labels)
 
     def explain(self) -> str:
         """What this trainer runs with and why, one choice a line."""
@@ -182,11 +248,12 @@ class Trainer:
         """Optimizer step ``step`` (0-based) on the next batch of the stream, then the EMA update: what
         ``train()`` runs each step.  Returns ``training.step.train_step``'s ``(loss, grad_norm, ok)``."""
         c = self.config
-        x0, t = self.batches.next(step)
+        x0, t, labels = self.batches.next_batch(step)
         out = train_step(self.train_model, self.optimizer, self.process, x0, t, step=step, lr=self.lr_at(step),
                          seed=c.seed, batch_size=c.batch_size, grad_accum=c.grad_accum, params=self.params,
                          grad_clip=c.grad_clip, nonfinite=c.nonfinite, precision=self.precision,
-                         scaler=self.scaler, ddp=self.ddp, rank=self.rank, world_size=self.world_size)
+                         scaler=self.scaler, ddp=self.ddp, rank=self.rank, world_size=self.world_size,
+                         labels=labels, label_kwargs=self.label_kwargs)
         self.ema.update(step, out[2])
         return out
 
@@ -199,14 +266,16 @@ class Trainer:
         self.model.eval()
         try:
             return validation_losses({"val_loss": self.model, "val_loss_ema": self.ema_model}, self.process,
-                                     self.batches, self.config.seed, self.precision)
+                                     self.batches, self.config.seed, self.precision, label_kwargs=self.label_kwargs)
         finally:
             self.model.train(was_training)
 
     def save_samples(self, step: int) -> Path:
-        """An EMA sample grid at ``out_dir/samples/step_XXXXXXX.png`` (seed 0: comparable across steps)."""
+        """An EMA sample grid at ``out_dir/samples/step_XXXXXXX.png`` (seed 0: comparable across steps); one
+        row per class in a class-conditional run."""
         return save_sample_grid(self.ema_model, self.process, self.out_dir / "samples" / f"{step_name(step)}.png",
-                                n=self.config.sample_n, steps=self.config.sample_steps, device=self.device)
+                                n=self.config.sample_n, steps=self.config.sample_steps, device=self.device,
+                                num_classes=self.num_classes)
 
     # -- checkpoints -----------------------------------------------------------------------
     @staticmethod

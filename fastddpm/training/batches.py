@@ -3,7 +3,10 @@
 * data order: a permutation per epoch from a generator seeded by ``(seed, epoch)``; the position
   ``(epoch, index)`` is all the state there is, saved in each checkpoint;
 * timesteps and flips: a generator seeded by ``(seed, step)``, no carried state; the flips are
-  ``data.random_flip``'s (``draw_flips`` then ``apply_flips``).
+  ``data.random_flip``'s (``draw_flips`` then ``apply_flips``);
+* class labels (a class-conditional run): the images' labels, each replaced by the null class with
+  probability ``cond_drop`` by uniforms drawn from the same step generator after the flips (so the
+  timesteps and flips are those of an unconditional run).
 
 Under several ranks every rank draws the global step as one process draws it and keeps its rows: its
 contiguous share ``r * b/W ... (r+1) * b/W - 1`` of each micro-batch; only those images are loaded.
@@ -11,13 +14,14 @@ contiguous share ``r * b/W ... (r+1) * b/W - 1`` of each micro-batch; only those
 from __future__ import annotations
 
 import warnings
+from typing import NamedTuple
 
 import torch
 
 from ..data import apply_flips, draw_flips, split_validation
 from .streams import STREAM_EPOCH, STREAM_STEP, mix
 
-__all__ = ["DATA_CACHE_BYTES", "TrainBatches", "check_dataset", "model_image_shape"]
+__all__ = ["DATA_CACHE_BYTES", "Batch", "TrainBatches", "check_dataset", "model_image_shape"]
 
 DATA_CACHE_BYTES = 2**30  # datasets up to this size are held as one tensor on the training device
 
@@ -51,6 +55,14 @@ def check_dataset(dataset, want: tuple[int, int, int] | None = None) -> tuple[in
     return tuple(first.shape)
 
 
+class Batch(NamedTuple):
+    """One optimizer step's rows on this rank: images, timesteps, labels (None when unconditional)."""
+
+    x0: torch.Tensor
+    t: torch.Tensor
+    labels: torch.Tensor | None
+
+
 class TrainBatches:
     """The training and validation images of ``dataset`` and the batch of each optimizer step.
 
@@ -62,11 +74,16 @@ class TrainBatches:
     :param random_flip: flip each image horizontally with probability 1/2.
     :param device: where batches go; a split that fits ``DATA_CACHE_BYTES`` is held there as one tensor.
     :param rank, world_size: this process's rows of each global micro-batch.
+    :param labels: the class of every image of ``dataset`` (int64 ``[N]``, checked), for a
+        class-conditional run; None: unconditional.
+    :param cond_drop: the probability that a training label becomes ``null_class``.
+    :param null_class: the model's null class (required with ``cond_drop > 0``).
     """
 
     def __init__(self, dataset, train_indices: torch.Tensor, val_indices: torch.Tensor, *, seed: int,
                  num_steps: int, batch_size: int, grad_accum: int = 1, random_flip: bool = False,
-                 device: torch.device = torch.device("cpu"), rank: int = 0, world_size: int = 1):
+                 device: torch.device = torch.device("cpu"), rank: int = 0, world_size: int = 1,
+                 labels: torch.Tensor | None = None, cond_drop: float = 0.0, null_class: int | None = None):
         self.dataset = dataset
         self.image_shape = tuple(dataset[0].shape)
         self.train_indices, self.val_indices = train_indices, val_indices
@@ -74,6 +91,10 @@ class TrainBatches:
         self.batch_size, self.grad_accum, self.random_flip = batch_size, grad_accum, random_flip
         self.device, self.rank, self.world_size = torch.device(device), rank, world_size
         self.local_batch_size = batch_size // world_size
+        if labels is not None and cond_drop > 0 and null_class is None:
+            raise ValueError("cond_drop > 0 needs the model's null_class")
+        self.labels = labels.to(torch.int64).cpu() if labels is not None else None  # host: gathered per step
+        self.cond_drop, self.null_class = float(cond_drop), null_class
         self.train_cache = self._cache(train_indices)
         self.val_cache = self._cache(val_indices) if val_indices.numel() else None
         self.seek(0, 0)
@@ -129,27 +150,41 @@ class TrainBatches:
                           for m in range(self.grad_accum)])
 
     def next(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(x0, t)`` of optimizer step ``step`` on this rank: its ``grad_accum * batch_size / world_size``
-        rows of the global ``batch_size * grad_accum`` images and timesteps; advances the position.
+        """``(x0, t)`` of optimizer step ``step``: :meth:`next_batch` without the labels."""
+        return tuple(self.next_batch(step)[:2])
+
+    def next_batch(self, step: int) -> Batch:
+        """``(x0, t, labels)`` of optimizer step ``step`` on this rank: its ``grad_accum * batch_size /
+        world_size`` rows of the global ``batch_size * grad_accum`` images, timesteps and labels (None in
+        an unconditional run, else each dropped to ``null_class`` with probability ``cond_drop``);
+        advances the position.
 
         The global step is drawn as one process draws it (data positions; then from the step's generator
-        the timesteps, then the flips as ``data.random_flip`` draws them), so every rank agrees on it.
+        the timesteps, the flips as ``data.random_flip`` draws them, then the label drops), so every rank
+        agrees on it.
         """
         n = self.batch_size * self.grad_accum
         positions = self.next_positions(n)  # every rank advances the global data position
         g = torch.Generator().manual_seed(mix(self.seed, STREAM_STEP, step))
         t = torch.randint(0, self.num_steps, (n,), generator=g)
         flip = draw_flips(n, g) if self.random_flip else None
+        labels = None
+        if self.labels is not None:
+            labels = self.labels[self.train_indices[positions]]
+            if self.cond_drop > 0:
+                labels = torch.where(torch.rand(n, generator=g) < self.cond_drop, self.null_class, labels)
         rows = self.rank_rows()
         if rows is not None:
             positions, t = positions[rows], t[rows]
             flip = flip[rows] if flip is not None else None
-        # one host-to-device copy for the timesteps and the flips
-        t_flip = self.to_device(torch.stack([t] if flip is None else [t, flip.long()]))
+            labels = labels[rows] if labels is not None else None
+        # one host-to-device copy for the timesteps, the flips and the labels
+        parts = [t] + ([flip.long()] if flip is not None else []) + ([labels] if labels is not None else [])
+        on_device = self.to_device(torch.stack(parts))
         x0 = self.gather(self.train_cache, self.train_indices, positions)
         if flip is not None:
-            x0 = apply_flips(x0, t_flip[1].bool())
-        return x0, t_flip[0]
+            x0 = apply_flips(x0, on_device[1].bool())
+        return Batch(x0, on_device[0], on_device[-1] if labels is not None else None)
 
     # -- loading -----------------------------------------------------------------------------
     def _cache(self, indices: torch.Tensor) -> torch.Tensor | None:
@@ -169,6 +204,12 @@ class TrainBatches:
     def val_batch(self, positions: torch.Tensor) -> torch.Tensor:
         """The validation images at ``positions`` (into ``val_indices``)."""
         return self.gather(self.val_cache, self.val_indices, positions)
+
+    def val_labels(self, positions: torch.Tensor) -> torch.Tensor | None:
+        """The validation images' labels at ``positions`` (never dropped), on the device; None unconditional."""
+        if self.labels is None:
+            return None
+        return self.to_device(self.labels[self.val_indices[positions]])
 
     def to_device(self, x: torch.Tensor) -> torch.Tensor:
         """A host tensor on the training device without waiting for the GPU: a copy from pageable

@@ -67,7 +67,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, process: DDPM
                t: torch.Tensor, *, step: int, lr: float, seed: int, batch_size: int, grad_accum: int = 1,
                params: list[torch.Tensor], grad_clip: float | None = None, nonfinite: str = "error",
                precision: str = "no", scaler: torch.amp.GradScaler | None = None,
-               ddp: nn.parallel.DistributedDataParallel | None = None, rank: int = 0, world_size: int = 1):
+               ddp: nn.parallel.DistributedDataParallel | None = None, rank: int = 0, world_size: int = 1,
+               labels: torch.Tensor | None = None, label_kwargs=None):
     """One optimizer step on this rank's ``grad_accum * batch_size / world_size`` rows ``(x0, t)``.
 
     :param model: what runs the micro-batches: ``ddp``, the module, or either compiled.
@@ -86,6 +87,9 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, process: DDPM
     :param precision: autocast: ``'no'``, ``'bf16'`` or ``'fp16'`` (then with ``scaler``).
     :param ddp: the DDP wrapper when ``world_size > 1``: gradients are averaged once, after the last
         micro-batch.
+    :param labels: the rows' class labels (int64, the null class where dropped), or None.
+    :param label_kwargs: ``labels -> {keyword: labels}``, how the model takes them
+        (``ModelAdapter(model).label_kwargs``); required with ``labels``.
     :return: ``(loss, grad_norm, ok)``: the device loss, the mean over all ranks' rows; the gradient
         norm; with ``nonfinite='skip'`` a device bool, was the step taken (None otherwise).
     """
@@ -101,8 +105,9 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, process: DDPM
         # DDP averages the gradients over the ranks once, after the last micro-batch
         sync = ddp is None or m == grad_accum - 1
         with nullcontext() if sync else ddp.no_sync():
+            kwargs = label_kwargs(labels[part]) if labels is not None else None
             loss = process.training_loss(model, x0[part], t[part], seed=seed, sample_offset=offset,
-                                         autocast=autocast_for(precision, x0.device))
+                                         autocast=autocast_for(precision, x0.device), model_kwargs=kwargs)
             scaled = loss / grad_accum if grad_accum > 1 else loss
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
         total = loss.detach() if total is None else total + loss.detach()

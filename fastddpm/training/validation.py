@@ -15,7 +15,7 @@ __all__ = ["validation_losses"]
 
 @torch.no_grad()
 def validation_losses(models: dict[str, nn.Module], process: DDPM, batches: TrainBatches, seed: int,
-                      precision: str = "no") -> dict[str, float]:
+                      precision: str = "no", label_kwargs=None) -> dict[str, float]:
     """The mean loss of each of ``models`` (by name) on ``batches``' held-out images, with timesteps spread
     evenly over ``[0, T)`` and noise from the validation stream of ``seed``: the same every call.
 
@@ -36,9 +36,11 @@ def validation_losses(models: dict[str, nn.Module], process: DDPM, batches: Trai
         pos = torch.arange(first, min(first + lb, hi))
         x0 = batches.val_batch(pos)
         t = t_all[pos].to(device)
+        labels = batches.val_labels(pos)
+        kwargs = label_kwargs(labels) if labels is not None and label_kwargs is not None else None
         for key, model in models.items():
             loss = process.training_loss(model, x0, t, seed=noise_seed, sample_offset=first,
-                                         autocast=autocast_for(precision, device))
+                                         autocast=autocast_for(precision, device), model_kwargs=kwargs)
             sums[key] += loss * pos.numel()
     if world_size > 1:
         both = torch.stack(list(sums.values()))
