@@ -50,8 +50,18 @@ def cmd_train(args) -> int:
     image_size = args.image_size if args.image_size is not None else preset.image_size
     channels = args.channels if args.channels is not None else preset.in_channels
     dataset = load_dataset(args.data, image_size=image_size, channels=channels)
+    classes = {}
+    if args.class_cond:  # a class embedding for each of the data's classes (and the null class)
+        from .data import dataset_labels
+
+        found = dataset_labels(dataset)
+        if found is None:
+            raise ValueError(f"--class-cond: the data {args.data!r} has no class labels (digits, an image folder of "
+                             f"one subfolder per class, or an .npz with a 'y' or 'labels' array have them)")
+        classes = {"num_classes": len(found[1])}
     # the initial weights come from --seed too: two runs with the same arguments give the same checkpoints
-    model = create_model(args.preset, seed=args.seed, image_size=dataset.image_size, in_channels=dataset.channels)
+    model = create_model(args.preset, seed=args.seed, image_size=dataset.image_size, in_channels=dataset.channels,
+                         **classes)
     process = DDPM(**_diffusion_options(args))
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                          ema_decay=args.ema_decay, warmup_steps=args.warmup_steps,
@@ -60,7 +70,8 @@ def cmd_train(args) -> int:
                          checkpoint_minutes=args.checkpoint_minutes, keep_last=args.keep_last,
                          val_fraction=args.val_fraction, log_every=args.log_every,
                          mixed_precision=args.mixed_precision, channels_last=args.channels_last,
-                         compile=args.compile, nonfinite=args.nonfinite,
+                         compile=args.compile, nonfinite=args.nonfinite, class_cond=args.class_cond,
+                         cond_drop=args.cond_drop,
                          # digits are not mirror-symmetric: no flips unless asked for
                          random_flip=args.flip if args.flip is not None else args.data != "digits")
     trainer = Trainer(model, process, dataset, config, args.out, device=resolve_device(args.device),
@@ -258,6 +269,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", default="no", choices=COMPILE_MODES, help="torch.compile the model with this mode")
     p.add_argument("--nonfinite", default="error", choices=("error", "skip"),
                    help="a non-finite loss stops training (error) or its step is left out (skip)")
+    p.add_argument("--class-cond", action="store_true",
+                   help="train a class-conditional model on the data's labels (digits: the digit; an image folder: "
+                        "its subfolders; an .npz: its 'y' or 'labels' array)")
+    p.add_argument("--cond-drop", type=float, default=0.1,
+                   help="with --class-cond: probability of training a label as the null class (classifier-free "
+                        "guidance)")
     p.add_argument("--min-snr-gamma", type=float, default=None, help="min-SNR-gamma loss weighting")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (None: cuda if available)")
     _add_diffusion_args(p)
