@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 
 #include "fused_math.h"
 #include "kernel_args.h"
@@ -137,6 +138,24 @@ void for_each_chunk(int64_t n, int64_t numel, const Body& body) {
   });
 }
 
+// fn(clip, guided) with both flags as compile-time constants (std::true_type / false_type), so the
+// per-element loops have no branch on them and the unguided loop is today's.
+template <typename Fn>
+void dispatch_flags(bool clip, bool guided, const Fn& fn) {
+  if (clip) {
+    if (guided) fn(std::true_type{}, std::true_type{}); else fn(std::true_type{}, std::false_type{});
+  } else {
+    if (guided) fn(std::false_type{}, std::true_type{}); else fn(std::false_type{}, std::false_type{});
+  }
+}
+
+// The model output a step uses at element i: c, or with guidance u + w (c - u) (fused_math.h).
+template <bool guided, typename out_t>
+inline float step_output(const out_t* out, const out_t* uncond, float w, int64_t i) {
+  const float c = to_float(out[i]);
+  return guided ? guided_value(c, to_float(uncond[i]), w) : c;
+}
+
 template <typename Fn>
 void dispatch_float(DType dtype, const Fn& fn) {
   switch (dtype) {
@@ -186,11 +205,15 @@ void q_sample_impl(const QSampleArgs& a) {
   });
 }
 
-// The step formula over a chunk; `clip` a template argument so the loop has no branch.
-template <bool clip, typename out_t>
-inline void step_chunk(const StepCoefs& c, const float* x, const out_t* out, const float* z, int64_t len, float* xp) {
+// The step formula over a chunk; `clip` and `guided` template arguments so the loop has no branch
+// (uncond is read only when guided).
+template <bool clip, bool guided, typename out_t>
+inline void step_chunk(const StepCoefs& c, const float* x, const out_t* out, const out_t* uncond, float w,
+                       const float* z, int64_t len, float* xp) {
 #pragma omp simd
-  for (int64_t i = 0; i < len; ++i) xp[i] = ddpm_step_value(c, x[i], to_float(out[i]), z[i], clip);
+  for (int64_t i = 0; i < len; ++i) {
+    xp[i] = ddpm_step_value(c, x[i], step_output<guided>(out, uncond, w, i), z[i], clip);
+  }
 }
 
 template <typename out_t>
@@ -199,6 +222,7 @@ void ddpm_step_impl(const StepArgs& a) {
   const int64_t sample_offset = a.rng != nullptr ? a.rng[1] : a.sample_offset;
   const PhiloxKey key = philox_key(seed);
   const out_t* model_output = static_cast<const out_t*>(a.model_output);
+  const out_t* uncond_output = static_cast<const out_t*>(a.uncond_output);  // nullptr: unguided
   for_each_chunk(a.n, a.numel, [&](int64_t b, int64_t j, int64_t len) {
     const int64_t slot = row_value(a.step, b);
     const StepCoefs c = load_step_coefs(a.coefs + slot * kCoefColumns);
@@ -210,12 +234,11 @@ void ddpm_step_impl(const StepArgs& a) {
     }
     const float* x = a.x + b * a.numel + j;
     const out_t* out = model_output + b * a.numel + j;
+    const out_t* uncond = uncond_output != nullptr ? uncond_output + b * a.numel + j : nullptr;
     float xp[kChunk];
-    if (a.clip_denoised) {
-      step_chunk<true>(c, x, out, z, len, xp);
-    } else {
-      step_chunk<false>(c, x, out, z, len, xp);
-    }
+    dispatch_flags(a.clip_denoised, uncond != nullptr, [&](auto clip, auto guided) {
+      step_chunk<decltype(clip)::value, decltype(guided)::value>(c, x, out, uncond, a.guidance_scale, z, len, xp);
+    });
     std::copy(xp, xp + len, a.x_prev + b * a.numel + j);
     if (a.model_input != nullptr) {
       dispatch_float(a.model_input_dtype, [&](auto tag) { store_model_input<decltype(tag)>(a, b, j, len, xp); });
@@ -224,12 +247,13 @@ void ddpm_step_impl(const StepArgs& a) {
 }
 
 // The multistep formula over a chunk: x becomes x_next, h2 (ring slot step % 2) D, x_last x_corr.
-template <bool clip, typename out_t>
-inline void multistep_chunk(const MultistepCoefs& c, float* x, const out_t* out, float* x_last, const float* h1,
-                            float* h2, const float* z, int64_t len) {
+template <bool clip, bool guided, typename out_t>
+inline void multistep_chunk(const MultistepCoefs& c, float* x, const out_t* out, const out_t* uncond, float w,
+                            float* x_last, const float* h1, float* h2, const float* z, int64_t len) {
 #pragma omp simd
   for (int64_t i = 0; i < len; ++i) {
-    const MultistepValue v = multistep_value(c, x[i], to_float(out[i]), x_last[i], h1[i], h2[i], z[i], clip);
+    const MultistepValue v =
+        multistep_value(c, x[i], step_output<guided>(out, uncond, w, i), x_last[i], h1[i], h2[i], z[i], clip);
     x[i] = v.x_next;
     h2[i] = v.d;
     x_last[i] = v.x_corr;
@@ -249,6 +273,7 @@ void multistep_step_impl(const MultistepArgs& a) {
   const int64_t sample_offset = a.rng[1];
   const bool noisy = a.stochastic && c.cz != 0.0f;  // cz * z == 0 exactly otherwise: skip the noise
   const out_t* model_output = static_cast<const out_t*>(a.model_output);
+  const out_t* uncond_output = static_cast<const out_t*>(a.uncond_output);  // nullptr: unguided
   for_each_chunk(a.n, a.numel, [&](int64_t b, int64_t j, int64_t len) {
     float z[kChunk];
     if (noisy) {
@@ -257,11 +282,12 @@ void multistep_step_impl(const MultistepArgs& a) {
       std::fill(z, z + len, 0.0f);
     }
     const int64_t i = b * a.numel + j;
-    if (a.clip_denoised) {
-      multistep_chunk<true>(c, a.x + i, model_output + i, x_last + i, h1 + i, h2 + i, z, len);
-    } else {
-      multistep_chunk<false>(c, a.x + i, model_output + i, x_last + i, h1 + i, h2 + i, z, len);
-    }
+    const out_t* uncond = uncond_output != nullptr ? uncond_output + i : nullptr;
+    dispatch_flags(a.clip_denoised, uncond != nullptr, [&](auto clip, auto guided) {
+      multistep_chunk<decltype(clip)::value, decltype(guided)::value>(c, a.x + i, model_output + i, uncond,
+                                                                      a.guidance_scale, x_last + i, h1 + i, h2 + i,
+                                                                      z, len);
+    });
     if (a.model_input != nullptr) {  // x + i now holds x_next
       dispatch_float(a.model_input_dtype, [&](auto tag) { store_model_input<decltype(tag)>(a, b, j, len, a.x + i); });
     }

@@ -13,6 +13,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "cuda_kernels.h"
 #include "fused_math.h"
@@ -168,7 +169,22 @@ __device__ __forceinline__ void store_model_input(const Args& a, int64_t b, int6
   }
 }
 
-template <int N, typename out_t>
+// The model output a step uses: c, or with guidance u + w (c - u) (fused_math.h); `guided` is a
+// template argument, so the unguided kernel neither loads uncond nor branches on it.
+template <bool guided, int N, typename out_t>
+__device__ __forceinline__ float step_output(const Pack<out_t, N>& out, const Pack<out_t, N>& uncond, float w, int k) {
+  const float c = to_float(out.v[k]);
+  return guided ? guided_value(c, to_float(uncond.v[k]), w) : c;
+}
+
+template <bool guided, int N, typename out_t>
+__device__ __forceinline__ Pack<out_t, N> load_uncond(const void* uncond_output, int64_t i) {
+  Pack<out_t, N> u{};
+  if (guided) u = load_pack<N>(static_cast<const out_t*>(uncond_output) + i);
+  return u;
+}
+
+template <int N, typename out_t, bool guided>
 __global__ void __launch_bounds__(kThreads) ddpm_step_kernel(StepArgs a) {
   // the noise key from device memory (ddpm_step_, graph replays) or the launch arguments
   const int64_t seed = a.rng != nullptr ? a.rng[0] : a.seed;
@@ -186,12 +202,13 @@ __global__ void __launch_bounds__(kThreads) ddpm_step_kernel(StepArgs a) {
     const uint64_t hi = sample_word(sample_offset, b);
     const Pack<float, N> x = load_pack<N>(a.x + i);
     const Pack<out_t, N> out = load_pack<N>(model_output + i);
+    const Pack<out_t, N> uncond = load_uncond<guided, N, out_t>(a.uncond_output, i);
     Pack<float, N> y;
 #pragma unroll
     for (int k = 0; k < N; ++k) {
       // sigma * z == 0 exactly when sigma == 0 (DDIM eta=0, the last step): skip the noise
       const float z = c.sigma != 0.0f ? philox_normal(key, hi | static_cast<uint64_t>(slot * a.numel + j + k)) : 0.0f;
-      y.v[k] = ddpm_step_value(c, x.v[k], to_float(out.v[k]), z, a.clip_denoised);
+      y.v[k] = ddpm_step_value(c, x.v[k], step_output<guided>(out, uncond, a.guidance_scale, k), z, a.clip_denoised);
     }
     store_pack<N>(a.x_prev + i, y);
     if (a.model_input != nullptr) store_model_input<N>(a, b, j, y);
@@ -202,7 +219,7 @@ __global__ void __launch_bounds__(kThreads) ddpm_step_kernel(StepArgs a) {
 // In place: x <- x_next, history[step % 2] <- D, history[2] <- x_corr, model_input (if any) <- x_next
 // in its dtype and layout.  Every element reads its own x / history values before writing them, so
 // packs never race.
-template <int N, typename out_t>
+template <int N, typename out_t, bool guided>
 __global__ void __launch_bounds__(kThreads) multistep_step_kernel(MultistepArgs a) {
   const int64_t seed = a.rng[0];
   const int64_t sample_offset = a.rng[1];
@@ -225,6 +242,7 @@ __global__ void __launch_bounds__(kThreads) multistep_step_kernel(MultistepArgs 
     const uint64_t hi = sample_word(sample_offset, b);
     const Pack<float, N> x = load_pack<N>(a.x + i);
     const Pack<out_t, N> out = load_pack<N>(model_output + i);
+    const Pack<out_t, N> uncond = load_uncond<guided, N, out_t>(a.uncond_output, i);
     const Pack<float, N> x_last = load_pack<N>(x_last_base + i);
     const Pack<float, N> h1 = load_pack<N>(h1_base + i);
     const Pack<float, N> h2 = load_pack<N>(h2_base + i);
@@ -232,8 +250,8 @@ __global__ void __launch_bounds__(kThreads) multistep_step_kernel(MultistepArgs 
 #pragma unroll
     for (int k = 0; k < N; ++k) {
       const float z = noisy ? philox_normal(key, hi | static_cast<uint64_t>(step * a.numel + j + k)) : 0.0f;
-      const MultistepValue v =
-          multistep_value(c, x.v[k], to_float(out.v[k]), x_last.v[k], h1.v[k], h2.v[k], z, a.clip_denoised);
+      const MultistepValue v = multistep_value(c, x.v[k], step_output<guided>(out, uncond, a.guidance_scale, k),
+                                               x_last.v[k], h1.v[k], h2.v[k], z, a.clip_denoised);
       x_next.v[k] = v.x_next;
       d.v[k] = v.d;
       x_corr.v[k] = v.x_corr;
@@ -345,6 +363,17 @@ bool model_input_aligned(const Args& a) {
   return ok;
 }
 
+// Launch `launch(guided)` with the guidance flag a compile-time constant (std::true_type /
+// false_type): the unguided kernel is today's.
+template <typename Fn>
+void dispatch_guided(const void* uncond_output, const Fn& launch) {
+  if (uncond_output != nullptr) {
+    launch(std::true_type{});
+  } else {
+    launch(std::false_type{});
+  }
+}
+
 }  // namespace
 
 cudaError_t philox(const PhiloxArgs& a, int num_sms, cudaStream_t stream) {
@@ -373,12 +402,17 @@ cudaError_t ddpm_step(const StepArgs& a, int num_sms, cudaStream_t stream) {
   const bool input_aligned = model_input_aligned(a);
   dispatch_float(a.model_output_dtype, [&](auto tag) {
     using out_t = decltype(tag);
-    if (a.numel % kVec == 0 && input_aligned && aligned<float>(a.x, kVec) && aligned<float>(a.x_prev, kVec) &&
-        aligned<out_t>(a.model_output, kVec)) {
-      ddpm_step_kernel<kVec, out_t><<<grid_size(total / kVec, num_sms), kThreads, 0, stream>>>(a);
-    } else {
-      ddpm_step_kernel<1, out_t><<<grid_size(total, num_sms), kThreads, 0, stream>>>(a);
-    }
+    const bool uncond_aligned = a.uncond_output == nullptr || aligned<out_t>(a.uncond_output, kVec);
+    const bool vec = a.numel % kVec == 0 && input_aligned && uncond_aligned && aligned<float>(a.x, kVec) &&
+                     aligned<float>(a.x_prev, kVec) && aligned<out_t>(a.model_output, kVec);
+    dispatch_guided(a.uncond_output, [&](auto guided) {
+      constexpr bool kGuided = decltype(guided)::value;
+      if (vec) {
+        ddpm_step_kernel<kVec, out_t, kGuided><<<grid_size(total / kVec, num_sms), kThreads, 0, stream>>>(a);
+      } else {
+        ddpm_step_kernel<1, out_t, kGuided><<<grid_size(total, num_sms), kThreads, 0, stream>>>(a);
+      }
+    });
   });
   return cudaGetLastError();
 }
@@ -390,12 +424,17 @@ cudaError_t multistep_step(const MultistepArgs& a, int num_sms, cudaStream_t str
   dispatch_float(a.model_output_dtype, [&](auto tag) {
     using out_t = decltype(tag);
     // the ring slots start at multiples of total = n * numel: aligned when numel is a whole number of packs
-    if (a.numel % kVec == 0 && input_aligned && aligned<float>(a.x, kVec) && aligned<float>(a.history, kVec) &&
-        aligned<out_t>(a.model_output, kVec)) {
-      multistep_step_kernel<kVec, out_t><<<grid_size(total / kVec, num_sms), kThreads, 0, stream>>>(a);
-    } else {
-      multistep_step_kernel<1, out_t><<<grid_size(total, num_sms), kThreads, 0, stream>>>(a);
-    }
+    const bool uncond_aligned = a.uncond_output == nullptr || aligned<out_t>(a.uncond_output, kVec);
+    const bool vec = a.numel % kVec == 0 && input_aligned && uncond_aligned && aligned<float>(a.x, kVec) &&
+                     aligned<float>(a.history, kVec) && aligned<out_t>(a.model_output, kVec);
+    dispatch_guided(a.uncond_output, [&](auto guided) {
+      constexpr bool kGuided = decltype(guided)::value;
+      if (vec) {
+        multistep_step_kernel<kVec, out_t, kGuided><<<grid_size(total / kVec, num_sms), kThreads, 0, stream>>>(a);
+      } else {
+        multistep_step_kernel<1, out_t, kGuided><<<grid_size(total, num_sms), kThreads, 0, stream>>>(a);
+      }
+    });
   });
   return cudaGetLastError();
 }

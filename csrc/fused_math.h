@@ -9,6 +9,7 @@
 //     are bit-exact on every backend, the normals agree to a few ulp.
 //   * the noise offset of element j of batch row b:
 //       ((sample_offset + b) << 32) | (slot * numel + j)
+//   * classifier-free guidance  out = u + w * (c - u)  (reference.guided_output)
 //   * the reverse step  x_prev = c0 * clip?(a * x + b * out) + c1 * x + sigma * z
 //   * the multistep solver update (reference.multistep_step): one row of twelve coefficients
 //   * q_sample, the training target and the elementwise losses + gradients.
@@ -108,6 +109,12 @@ FDDPM_HD float philox_normal(PhiloxKey key, uint64_t offset) {
   const PhiloxWords w = philox4x32_10(key.k0, key.k1, static_cast<uint32_t>(offset), static_cast<uint32_t>(offset >> 32));
   return box_muller(w.x0, w.x1);  // Box-Muller uses the first two words
 }
+
+// -- classifier-free guidance (reference.guided_output; Ho & Salimans 2022) -----------------
+// The output a step uses: u + w (c - u), c the conditional output, u the unconditional one,
+// w the guidance scale (1: c alone), in the reference's float32 operation order.  The kernels
+// call it only in their guided instantiation (a template flag): the unguided loop is unchanged.
+FDDPM_HD float guided_value(float c, float u, float w) { return u + w * (c - u); }
 
 // -- reverse step (reference.ddpm_step) -----------------------------------------------
 constexpr int kCoefColumns = 5;  // (a, b, c0, c1, sigma)

@@ -47,6 +47,10 @@ struct StepArgs {
   const float* x;
   const void* model_output;
   DType model_output_dtype;
+  // classifier-free guidance: the unconditional output (model_output's dtype, contiguous), or
+  // nullptr: the step uses u + guidance_scale * (c - u) in place of model_output
+  const void* uncond_output;
+  float guidance_scale;
   RowIndex step;        // row of coefs and noise slot
   const float* coefs;   // [K, 5]: (a, b, c0, c1, sigma)
   int64_t seed;
@@ -70,6 +74,8 @@ struct MultistepArgs {
   float* x;             // [n, numel]: read, then overwritten with x_next
   const void* model_output;
   DType model_output_dtype;
+  const void* uncond_output;  // as StepArgs': the guidance's unconditional output, or nullptr
+  float guidance_scale;
   float* history;       // [3, n, numel]: slot step % 2 <- D, slot 2 <- x_corr
   RowIndex step;        // one value for the batch (stride 0): row of table and noise slot
   const float* table;   // [K, 12] (multistep.TABLE_COLUMNS)

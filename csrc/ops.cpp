@@ -9,6 +9,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -328,15 +329,39 @@ Tensor diffusion_loss_backward_op(const Tensor& grad, const Tensor& model_output
   return grad_output;
 }
 
+// -- classifier-free guidance ------------------------------------------------------------------
+// The guidance arguments of every step op (StepArgs or MultistepArgs): uncond_output None, or a
+// tensor of model_output's shape, dtype and device (a dim-0 slice of a [2n, ...] batch, say: made
+// contiguous as model_output is); guidance_scale finite as a float32.  Returns the contiguous
+// uncond_output the kernel reads (undefined for none), which the caller keeps alive.
+template <typename Args>
+Tensor set_guidance(Args& a, const Tensor& model_output, const std::optional<Tensor>& uncond_output,
+                    double guidance_scale) {
+  const float w = static_cast<float>(guidance_scale);
+  TORCH_CHECK(std::isfinite(w), "fastddpm: guidance_scale must be finite (as a float32), got ", guidance_scale);
+  a.guidance_scale = w;
+  a.uncond_output = nullptr;
+  if (!uncond_output.has_value()) return Tensor();
+  const Tensor& u = *uncond_output;
+  TORCH_CHECK(u.scalar_type() == model_output.scalar_type(), "fastddpm: uncond_output must have model_output's dtype ",
+              model_output.scalar_type(), ", got ", u.scalar_type());
+  TORCH_CHECK(u.sizes() == model_output.sizes(), "fastddpm: uncond_output must have shape ", model_output.sizes(),
+              " (model_output's), got ", u.sizes());
+  check_device(u, model_output, "uncond_output");
+  Tensor uc = u.contiguous();
+  a.uncond_output = uc.data_ptr();
+  return uc;
+}
+
 // -- ddpm_step ---------------------------------------------------------------------------------
 struct StepInputs {
-  Tensor model_output, coefs;
+  Tensor model_output, uncond_output, coefs;
   IndexArg step;
   StepArgs args;
 };
 
 StepInputs step_inputs(const Tensor& x, const Tensor& model_output, const Tensor& step, const Tensor& coefs,
-                       bool clip_denoised) {
+                       bool clip_denoised, const std::optional<Tensor>& uncond_output, double guidance_scale) {
   StepInputs in;
   check_dtype(x, at::kFloat, "x");
   const int64_t numel = sample_numel(x, "x");
@@ -360,6 +385,7 @@ StepInputs step_inputs(const Tensor& x, const Tensor& model_output, const Tensor
   a.clip_denoised = clip_denoised;
   a.n = x.size(0);
   a.numel = numel;
+  in.uncond_output = set_guidance(a, model_output, uncond_output, guidance_scale);
   return in;
 }
 
@@ -417,8 +443,9 @@ void run_step(const StepArgs& a, const Tensor& x) {
 }
 
 Tensor ddpm_step_op(const Tensor& x, const Tensor& model_output, const Tensor& step, const Tensor& coefs, int64_t seed,
-                 int64_t sample_offset, bool clip_denoised) {
-  StepInputs in = step_inputs(x, model_output, step, coefs, clip_denoised);
+                 int64_t sample_offset, bool clip_denoised, const std::optional<Tensor>& uncond_output,
+                 double guidance_scale) {
+  StepInputs in = step_inputs(x, model_output, step, coefs, clip_denoised, uncond_output, guidance_scale);
   set_seed(in.args, seed, sample_offset);
   const Tensor xc = x.contiguous();
   Tensor x_prev = at::empty(x.sizes(), x.options());
@@ -430,8 +457,9 @@ Tensor ddpm_step_op(const Tensor& x, const Tensor& model_output, const Tensor& s
 
 std::tuple<Tensor, Tensor> ddpm_step_cast_op(const Tensor& x, const Tensor& model_output, const Tensor& step,
                                           const Tensor& coefs, int64_t seed, int64_t sample_offset,
-                                          bool clip_denoised, at::ScalarType model_dtype, bool channels_last) {
-  StepInputs in = step_inputs(x, model_output, step, coefs, clip_denoised);
+                                          bool clip_denoised, at::ScalarType model_dtype, bool channels_last,
+                                          const std::optional<Tensor>& uncond_output, double guidance_scale) {
+  StepInputs in = step_inputs(x, model_output, step, coefs, clip_denoised, uncond_output, guidance_scale);
   set_seed(in.args, seed, sample_offset);
   TORCH_CHECK(!channels_last || x.dim() == 4, "fastddpm: channels_last needs a 4-D x, got shape ", x.sizes());
   float_dtype(model_dtype, "model_dtype");
@@ -448,8 +476,9 @@ std::tuple<Tensor, Tensor> ddpm_step_cast_op(const Tensor& x, const Tensor& mode
 }
 
 void ddpm_step_inplace_op(const Tensor& x, const Tensor& model_output, const Tensor& step, const Tensor& coefs,
-                          const Tensor& rng, bool clip_denoised, const std::optional<Tensor>& model_input) {
-  StepInputs in = step_inputs(x, model_output, step, coefs, clip_denoised);
+                          const Tensor& rng, bool clip_denoised, const std::optional<Tensor>& model_input,
+                          const std::optional<Tensor>& uncond_output, double guidance_scale) {
+  StepInputs in = step_inputs(x, model_output, step, coefs, clip_denoised, uncond_output, guidance_scale);
   set_rng(in.args, rng, x);
   TORCH_CHECK(x.is_contiguous(), "fastddpm: ddpm_step_ updates x in place and needs it contiguous");
   in.args.x = x.data_ptr<float>();
@@ -460,11 +489,12 @@ void ddpm_step_inplace_op(const Tensor& x, const Tensor& model_output, const Ten
 
 // -- multistep_step_ -----------------------------------------------------------------------------
 // One multistep solver step in place (fastddpm/multistep.py): x <- x_next, history advanced, and
-// model_input (if given) <- x_next in its dtype and layout, as ddpm_step_.  Only
+// model_input (if given) <- x_next in its dtype and layout, as ddpm_step_; guided as ddpm_step.  Only
 // metadata is checked, plus the step index and the key for CPU tensors (CUDA kernels trap on bad ones).
 void multistep_step_inplace_op(const Tensor& x, const Tensor& model_output, const Tensor& history, const Tensor& step,
                                const Tensor& table, const Tensor& rng, bool clip_denoised, bool stochastic,
-                               const std::optional<Tensor>& model_input) {
+                               const std::optional<Tensor>& model_input, const std::optional<Tensor>& uncond_output,
+                               double guidance_scale) {
   check_dtype(x, at::kFloat, "x");
   const int64_t numel = sample_numel(x, "x");
   TORCH_CHECK(x.is_contiguous(), "fastddpm: multistep_step_ updates x in place and needs it contiguous");
@@ -502,6 +532,7 @@ void multistep_step_inplace_op(const Tensor& x, const Tensor& model_output, cons
   a.stochastic = stochastic;
   a.n = x.size(0);
   a.numel = numel;
+  const Tensor uncond = set_guidance(a, model_output, uncond_output, guidance_scale);
   if (model_input.has_value()) set_model_input(a, *model_input, x);
   if (on_cuda(x)) {
     FASTDDPM_CUDA_RUN(x, cuda::multistep_step(a, launch.num_sms, launch.stream));

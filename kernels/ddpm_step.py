@@ -10,7 +10,10 @@ shape ``[n]``) or one for the batch (0-dim or ``[1]``, read with stride 0), so
 a captured CUDA graph replays every step by updating that tensor.  The noise
 slot is the step index.  ``sigma == 0`` (last DDPM step, DDIM with eta 0)
 skips the noise generation.  Optionally the kernel also writes ``x_prev`` in the
-model's dtype, contiguous or channels_last: the next model call's input.
+model's dtype, contiguous or channels_last: the next model call's input.  With
+classifier-free guidance (``uncond_output`` given) ``out = u + w * (c - u)`` in float32
+(``guided_output``) in the same pass; ``GUIDED`` is a compile-time flag, so the unguided
+kernel is unchanged.
 
 Ops (as the C++ backend's ``torch.ops.fastddpm.*``, here ``fastddpm_triton``):
 ``ddpm_step`` (functional), ``ddpm_step_cast`` (also returns the model-dtype
@@ -22,6 +25,7 @@ ints, ``seed`` and ``sample_offset``, which a captured graph would bake in;
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -40,6 +44,18 @@ __all__ = ["ddpm_step", "ddpm_step_cast", "ddpm_step_", "ddpm_step_into"]
 
 
 @triton.jit
+def guided_output(out_ptr, uncond_ptr, offs, mask, guidance_scale, GUIDED: tl.constexpr):
+    """The float32 model output a step uses: ``c``, or with guidance ``u + w * (c - u)``
+    (``reference.guided_output``; ``uncond_ptr`` read only when ``GUIDED``).  Shared by the DDPM
+    and multistep kernels."""
+    out = tl.load(out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if GUIDED:
+        uncond = tl.load(uncond_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        out = uncond + guidance_scale * (out - uncond)
+    return out
+
+
+@triton.jit
 def store_model_input(model_input_ptr, base, element, value, mask, channels, spatial, CHANNELS_LAST: tl.constexpr):
     """Write a row's new ``x`` (``value`` at ``element``, the row starting at ``base``) into the
     model-input buffer in its dtype: contiguous, or channels_last, where element c*HW + hw of the
@@ -53,8 +69,9 @@ def store_model_input(model_input_ptr, base, element, value, mask, channels, spa
 
 @triton.jit
 def _ddpm_step_kernel(x_ptr, out_ptr, step_ptr, step_stride, coefs_ptr, x_prev_ptr, model_input_ptr, numel, channels,
-                      spatial, seed, sample_offset, rng_ptr, CLIP: tl.constexpr, WRITE_MODEL_INPUT: tl.constexpr,
-                      CHANNELS_LAST: tl.constexpr, RNG_IN_MEMORY: tl.constexpr, BLOCK: tl.constexpr):
+                      spatial, seed, sample_offset, rng_ptr, uncond_ptr, guidance_scale, CLIP: tl.constexpr,
+                      WRITE_MODEL_INPUT: tl.constexpr, CHANNELS_LAST: tl.constexpr, RNG_IN_MEMORY: tl.constexpr,
+                      GUIDED: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     element = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = element < numel
@@ -67,7 +84,7 @@ def _ddpm_step_kernel(x_ptr, out_ptr, step_ptr, step_stride, coefs_ptr, x_prev_p
     c1 = tl.load(coef + 3)
     sigma = tl.load(coef + 4)
     x = tl.load(x_ptr + base + element, mask=mask, other=0.0).to(tl.float32)
-    out = tl.load(out_ptr + base + element, mask=mask, other=0.0).to(tl.float32)
+    out = guided_output(out_ptr, uncond_ptr, base + element, mask, guidance_scale, GUIDED)
     x0_hat = a * x + b * out
     if CLIP:
         x0_hat = tl.minimum(tl.maximum(x0_hat, -1.0), 1.0)
@@ -102,6 +119,24 @@ def model_input_layout(model_input, x) -> tuple[bool, int, int]:
     raise ValueError("model_input must be contiguous or channels_last")
 
 
+def check_guidance(model_output: torch.Tensor, uncond_output, guidance_scale) -> torch.Tensor | None:
+    """Classifier-free guidance's arguments of every step op: ``uncond_output`` None or a tensor of
+    ``model_output``'s shape, dtype and device (e.g. a dim-0 slice of a ``[2n, ...]`` batch),
+    ``guidance_scale`` finite.  Returns ``uncond_output`` contiguous (as ``model_output`` is made)."""
+    if not math.isfinite(guidance_scale):
+        raise ValueError(f"guidance_scale must be finite, got {guidance_scale!r}")
+    if uncond_output is None:
+        return None
+    if not isinstance(uncond_output, torch.Tensor):
+        raise ValueError(f"uncond_output must be a tensor or None, got {type(uncond_output).__name__}")
+    if (uncond_output.shape != model_output.shape or uncond_output.dtype != model_output.dtype
+            or uncond_output.device != model_output.device):
+        raise ValueError(f"uncond_output must have model_output's shape {tuple(model_output.shape)}, dtype "
+                         f"{model_output.dtype} and device {model_output.device}, got {tuple(uncond_output.shape)} "
+                         f"{uncond_output.dtype} on {uncond_output.device}")
+    return uncond_output.contiguous()
+
+
 def check_rng(rng: torch.Tensor, x: torch.Tensor) -> None:
     """``rng``: the noise key ``(seed, sample_offset)``, int64 ``[2]``, contiguous, on ``x``'s device.
     Its values are checked for CPU tensors only (reading a GPU one would synchronise)."""
@@ -119,7 +154,8 @@ def check_rng(rng: torch.Tensor, x: torch.Tensor) -> None:
 
 def ddpm_step_into(x, model_output, step, coefs, seed: int, sample_offset: int, clip_denoised: bool,
                    x_prev: torch.Tensor, model_input: torch.Tensor | None = None, *,
-                   rng: torch.Tensor | None = None) -> None:
+                   rng: torch.Tensor | None = None, uncond_output: torch.Tensor | None = None,
+                   guidance_scale: float = 1.0) -> None:
     """Host launcher writing into preallocated buffers.
 
     :param x: float32 ``[n, ...]`` contiguous; may be the same tensor as ``x_prev``
@@ -133,7 +169,10 @@ def ddpm_step_into(x, model_output, step, coefs, seed: int, sample_offset: int, 
     :param rng: the noise key as an int64 ``[2]`` tensor ``(seed, sample_offset)`` on ``x``'s
         device, loaded by the kernel instead: pass ``seed = sample_offset = 0``.  The host cannot
         check ``sample_offset + n <= 2**32`` then; the caller does (the engine checks every run).
+    :param uncond_output: classifier-free guidance's unconditional output (model_output's shape and
+        dtype; made contiguous), or None; :param guidance_scale: its ``w`` (a float32 kernel argument).
     """
+    uncond_output = check_guidance(model_output, uncond_output, guidance_scale)
     n = x.shape[0]
     numel = x.numel() // n if n else 0
     if rng is not None:
@@ -150,24 +189,28 @@ def ddpm_step_into(x, model_output, step, coefs, seed: int, sample_offset: int, 
     block = elementwise_block(numel)
     launch(_ddpm_step_kernel)[elementwise_grid(n, numel, block)](
         x, model_output.contiguous(), step, step_stride, coefs.contiguous(), x_prev, model_input, numel, channels,
-        spatial, seed, sample_offset, rng, CLIP=bool(clip_denoised), WRITE_MODEL_INPUT=model_input is not None,
-        CHANNELS_LAST=channels_last, RNG_IN_MEMORY=rng is not None, BLOCK=block, num_warps=ELEMENTWISE_WARPS)
+        spatial, seed, sample_offset, rng, uncond_output, float(guidance_scale), CLIP=bool(clip_denoised),
+        WRITE_MODEL_INPUT=model_input is not None, CHANNELS_LAST=channels_last, RNG_IN_MEMORY=rng is not None,
+        GUIDED=uncond_output is not None, BLOCK=block, num_warps=ELEMENTWISE_WARPS)
 
 
 @op("ddpm_step", fake=fakes.ddpm_step)
 def ddpm_step(x: torch.Tensor, model_output: torch.Tensor, step: torch.Tensor, coefs: torch.Tensor, seed: int,
-              sample_offset: int, clip_denoised: bool) -> torch.Tensor:
-    """:return: float32 ``x_{t-1}`` (see the module docstring)."""
+              sample_offset: int, clip_denoised: bool, uncond_output: Optional[torch.Tensor],
+              guidance_scale: float) -> torch.Tensor:
+    """:return: float32 ``x_{t-1}`` (see the module docstring); ``uncond_output`` (None for none)
+    and ``guidance_scale``: classifier-free guidance, fused."""
     x = x.contiguous()
     x_prev = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-    ddpm_step_into(x, model_output, step, coefs, seed, sample_offset, clip_denoised, x_prev)
+    ddpm_step_into(x, model_output, step, coefs, seed, sample_offset, clip_denoised, x_prev,
+                   uncond_output=uncond_output, guidance_scale=guidance_scale)
     return x_prev
 
 
 @op("ddpm_step_cast", fake=fakes.ddpm_step_cast)
 def ddpm_step_cast(x: torch.Tensor, model_output: torch.Tensor, step: torch.Tensor, coefs: torch.Tensor, seed: int,
-                   sample_offset: int, clip_denoised: bool, model_dtype: torch.dtype,
-                   channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                   sample_offset: int, clip_denoised: bool, model_dtype: torch.dtype, channels_last: bool,
+                   uncond_output: Optional[torch.Tensor], guidance_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """:return: ``x_{t-1}`` in float32 and the same values in ``model_dtype``
     (channels_last if asked; needs a 4-D ``x``)."""
     if channels_last and x.ndim != 4:
@@ -176,13 +219,15 @@ def ddpm_step_cast(x: torch.Tensor, model_output: torch.Tensor, step: torch.Tens
     x_prev = torch.empty(x.shape, dtype=torch.float32, device=x.device)
     layout = torch.channels_last if channels_last else torch.contiguous_format
     model_input = torch.empty(x.shape, dtype=model_dtype, device=x.device, memory_format=layout)
-    ddpm_step_into(x, model_output, step, coefs, seed, sample_offset, clip_denoised, x_prev, model_input)
+    ddpm_step_into(x, model_output, step, coefs, seed, sample_offset, clip_denoised, x_prev, model_input,
+                   uncond_output=uncond_output, guidance_scale=guidance_scale)
     return x_prev, model_input
 
 
 @op("ddpm_step_", fake=fakes.ddpm_step_)
 def ddpm_step_(x: torch.Tensor, model_output: torch.Tensor, step: torch.Tensor, coefs: torch.Tensor, rng: torch.Tensor,
-               clip_denoised: bool, model_input: Optional[torch.Tensor]) -> None:
+               clip_denoised: bool, model_input: Optional[torch.Tensor], uncond_output: Optional[torch.Tensor],
+               guidance_scale: float) -> None:
     """Update ``x`` (float32, contiguous) to ``x_{t-1}`` in place, and
     ``model_input`` (contiguous or channels_last; None for none) with its cast copy.
     ``model_input`` has no default: torch 2.11's custom ops raise IndexError on a
@@ -190,5 +235,7 @@ def ddpm_step_(x: torch.Tensor, model_output: torch.Tensor, step: torch.Tensor, 
 
     :param rng: the noise key ``(seed, sample_offset)``, int64 ``[2]`` on ``x``'s device, read by
         the kernel: a captured graph draws the noise of whatever it holds at replay time.
+    :param uncond_output, guidance_scale: classifier-free guidance (None: none), as ``ddpm_step``'s.
     """
-    ddpm_step_into(x, model_output, step, coefs, 0, 0, clip_denoised, x, model_input, rng=rng)
+    ddpm_step_into(x, model_output, step, coefs, 0, 0, clip_denoised, x, model_input, rng=rng,
+                   uncond_output=uncond_output, guidance_scale=guidance_scale)

@@ -8,6 +8,9 @@ that one call (it raises if it cannot run); without it the registry chooses.
 """
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 from ..checks import FLOAT_DTYPES, check_same_device, check_tensor
@@ -31,6 +34,18 @@ def _check_batch(op, x, t, **tables):
     for name, table in tables.items():
         check_tensor(name, table, dtypes=(torch.float32,))
     check_same_device(x=x, t=t, **tables)
+
+
+def _check_guidance(model_output, uncond_output, guidance_scale) -> None:
+    """Classifier-free guidance's arguments (metadata only): ``uncond_output`` None or a tensor of
+    ``model_output``'s shape and dtype on its device; ``guidance_scale`` a finite real number."""
+    if uncond_output is not None:
+        check_tensor("uncond_output", uncond_output, dtypes=(model_output.dtype,), shape=model_output.shape,
+                     device=model_output.device)
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real):
+        raise TypeError(f"guidance_scale must be a real number, got {type(guidance_scale).__name__}")
+    if not math.isfinite(guidance_scale):
+        raise ValueError(f"guidance_scale must be finite, got {guidance_scale!r}")
 
 
 # -- the ops ---------------------------------------------------------------------------
@@ -85,15 +100,18 @@ def diffusion_loss(model_output, x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alph
 
 
 def ddpm_step(x, model_output, step, coefs, *, seed: int, sample_offset: int = 0, clip_denoised: bool = True,
-              noise=None, backend: str | None = None):
+              noise=None, uncond_output=None, guidance_scale: float = 1.0, backend: str | None = None):
     """One reverse step ``x_t -> x_{t-1}`` for every sample.
 
     :param x: float32 ``[n, ...]``.
-    :param model_output: ``[n, ...]`` float32/bf16/fp16.
+    :param model_output: ``[n, ...]`` float32/bf16/fp16 (the conditional output, with guidance).
     :param step: int64 ``[n]`` or 0-dim: the process step index (row of
         ``coefs`` and the noise slot).
     :param coefs: float32 ``[K, 5]`` from ``reference.step_coefficients``.
     :param noise: explicit standard normals; default: the contract's.
+    :param uncond_output: classifier-free guidance's unconditional output (model_output's shape,
+        dtype and device), or None (no guidance): the step uses ``u + w * (c - u)``, fused.
+    :param guidance_scale: ``w`` (1: the conditional model alone); ignored without uncond_output.
     :return: float32 ``x_{t-1}``.
     """
     check_tensor("x", x, dtypes=(torch.float32,), min_ndim=1)
@@ -103,16 +121,19 @@ def ddpm_step(x, model_output, step, coefs, *, seed: int, sample_offset: int = 0
         raise ValueError(f"coefs must have shape (K, 5), got {tuple(coefs.shape)}")
     _check_batch("ddpm_step", x, step, coefs=coefs)
     check_same_device(x=x, model_output=model_output)
+    _check_guidance(model_output, uncond_output, guidance_scale)
     check_seed(seed)
     step = step.expand(x.shape[0]) if step.ndim == 0 else step
     if noise is None:
         impl = _impl("ddpm_step", x.device, model_output.dtype, backend)
         if impl is not None:
-            return impl(x, model_output, step, coefs, seed, sample_offset, bool(clip_denoised))
+            return impl(x, model_output, step, coefs, seed, sample_offset, bool(clip_denoised), uncond_output,
+                        float(guidance_scale))
         noise = reference.batch_noise(seed, sample_offset, step, x.shape, x.device)
     else:
         check_tensor("noise", noise, dtypes=FLOAT_DTYPES, shape=x.shape, device=x.device)
-    return reference.ddpm_step(x, model_output, coefs.index_select(0, step), clip_denoised, noise)
+    return reference.ddpm_step(x, model_output, coefs.index_select(0, step), clip_denoised, noise,
+                               uncond_output=uncond_output, guidance_scale=float(guidance_scale))
 
 
 _HISTORY_DTYPES = (torch.float32, torch.float64)
@@ -149,7 +170,8 @@ def _check_multistep_args(x, model_output, history, step, table) -> None:
 
 
 def multistep_step(x, model_output, history, step, table, *, seed: int = 0, sample_offset: int = 0,
-                   clip_denoised: bool = False, stochastic: bool = False, noise=None, backend: str | None = None):
+                   clip_denoised: bool = False, stochastic: bool = False, noise=None, uncond_output=None,
+                   guidance_scale: float = 1.0, backend: str | None = None):
     """One multistep solver step (``reference.multistep_step``); advances ``history`` in place.
 
     :param x: ``[n, ...]`` float32 (float64 for a float64 run: the reference computes it).
@@ -160,9 +182,13 @@ def multistep_step(x, model_output, history, step, table, *, seed: int = 0, samp
     :param table: ``[K, 12]`` float32 (a float64 one is cast to the compute dtype, as the reference's row).
     :param stochastic: add ``cz * z`` with the contract's noise of slot ``step`` (the SDE solver).
     :param noise: explicit standard normals instead (implies the noise term; runs the reference).
+    :param uncond_output: classifier-free guidance's unconditional output (model_output's shape,
+        dtype and device), or None: the update uses ``u + w * (c - u)`` (in the compute dtype), fused.
+    :param guidance_scale: ``w`` (1: the conditional model alone); ignored without uncond_output.
     :return: ``x_next`` in x's dtype (a new tensor; ``x`` is not modified).
     """
     _check_multistep_args(x, model_output, history, step, table)
+    _check_guidance(model_output, uncond_output, guidance_scale)
     check_seed(seed)
     if noise is None:
         # float64 runs select against float64, which only the reference supports
@@ -171,13 +197,14 @@ def multistep_step(x, model_output, history, step, table, *, seed: int = 0, samp
         if impl is not None:
             x_next = x.clone(memory_format=torch.contiguous_format)
             impl(x_next, model_output, history, step, table.to(torch.float32), _noise_key(seed, sample_offset, x.device),
-                 bool(clip_denoised), bool(stochastic), None)
+                 bool(clip_denoised), bool(stochastic), None, uncond_output, float(guidance_scale))
             return x_next
         if stochastic:
             noise = reference.batch_noise(seed, sample_offset, step.reshape(()), x.shape, x.device)
     else:
         check_tensor("noise", noise, dtypes=FLOAT_DTYPES + (torch.float64,), shape=x.shape, device=x.device)
-    return reference.multistep_step(x, model_output, history, step, table, clip_denoised, noise)
+    return reference.multistep_step(x, model_output, history, step, table, clip_denoised, noise,
+                                    uncond_output=uncond_output, guidance_scale=float(guidance_scale))
 
 
 def attention(q, k, v, *, backend: str | None = None):

@@ -31,13 +31,27 @@ def diffusion_loss_backward(grad, model_output, x0, t, sqrt_alphas_cumprod, sqrt
     return model_output.new_empty(model_output.shape)
 
 
-def ddpm_step(x, model_output, step, coefs, seed, sample_offset, clip_denoised):
+def _check_uncond_output(uncond_output, model_output):
+    """Classifier-free guidance's optional unconditional output: model_output's shape, dtype and device."""
+    if uncond_output is None:
+        return
+    torch._check(uncond_output.shape == model_output.shape and uncond_output.dtype == model_output.dtype
+                 and uncond_output.device == model_output.device,
+                 lambda: f"uncond_output must have model_output's shape {tuple(model_output.shape)}, dtype "
+                         f"{model_output.dtype} and device {model_output.device}, got {tuple(uncond_output.shape)} "
+                         f"{uncond_output.dtype} on {uncond_output.device}")
+
+
+def ddpm_step(x, model_output, step, coefs, seed, sample_offset, clip_denoised, uncond_output, guidance_scale):
     torch._check(model_output.shape == x.shape, lambda: "model_output must have x's shape")
+    _check_uncond_output(uncond_output, model_output)
     return x.new_empty(x.shape, dtype=torch.float32)
 
 
-def ddpm_step_cast(x, model_output, step, coefs, seed, sample_offset, clip_denoised, model_dtype, channels_last):
+def ddpm_step_cast(x, model_output, step, coefs, seed, sample_offset, clip_denoised, model_dtype, channels_last,
+                   uncond_output, guidance_scale):
     torch._check(model_output.shape == x.shape, lambda: "model_output must have x's shape")
+    _check_uncond_output(uncond_output, model_output)
     layout = torch.channels_last if channels_last else torch.contiguous_format
     return (x.new_empty(x.shape, dtype=torch.float32),
             torch.empty(x.shape, dtype=model_dtype, device=x.device, memory_format=layout))
@@ -61,15 +75,18 @@ def _check_model_input(model_input, x):
                          f"{x.device}, got {model_input.dtype} {tuple(model_input.shape)} on {model_input.device}")
 
 
-def ddpm_step_(x, model_output, step, coefs, rng, clip_denoised, model_input):
+def ddpm_step_(x, model_output, step, coefs, rng, clip_denoised, model_input, uncond_output, guidance_scale):
     torch._check(model_output.shape == x.shape, lambda: "model_output must have x's shape")
+    _check_uncond_output(uncond_output, model_output)
     _check_rng(rng, x)
     _check_model_input(model_input, x)
     return None
 
 
-def multistep_step_(x, model_output, history, step, table, rng, clip_denoised, stochastic, model_input):
+def multistep_step_(x, model_output, history, step, table, rng, clip_denoised, stochastic, model_input, uncond_output,
+                    guidance_scale):
     torch._check(model_output.shape == x.shape, lambda: "model_output must have x's shape")
+    _check_uncond_output(uncond_output, model_output)
     torch._check(history.shape == (3, *x.shape), lambda: f"history must have shape (3, *x.shape), got "
                                                            f"{tuple(history.shape)}")
     torch._check(table.dim() == 2 and table.shape[1] == MULTISTEP_WIDTH,

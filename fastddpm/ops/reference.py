@@ -17,6 +17,9 @@ functions.  Conventions:
   DDPM (Ho et al. Eq. 6-7, both variances, every prediction type) and DDIM
   (Song et al. Eq. 12, any eta) differ only in the coefficients, which
   ``step_coefficients`` computes in float64.
+* Classifier-free guidance (Ho & Salimans 2022) is part of the same pass: given the
+  unconditional output ``u`` too, the step uses ``out = u + w * (c - u)``
+  (``guided_output``; ``w = 1`` is the conditional output ``c`` alone).
 """
 from __future__ import annotations
 
@@ -40,6 +43,7 @@ __all__ = [
     "loss_weights",
     "diffusion_loss",
     "step_coefficients",
+    "guided_output",
     "predict_x0",
     "ddpm_step",
     "multistep_step",
@@ -176,15 +180,30 @@ def step_coefficients(schedule: NoiseSchedule, prediction: str = "epsilon", vari
     return np.stack([a, b, c0, c1, sigma], axis=1)
 
 
-def predict_x0(x_t, model_output, coefs, clip_denoised: bool):
-    """The step's float32 ``x0_hat = a * x_t + b * model_output`` from each sample's ``coefs`` row
-    (``[n, 5]``, as ``ddpm_step``), clamped to ``[-1, 1]`` if ``clip_denoised``."""
+def guided_output(model_output, uncond_output, guidance_scale: float, dtype: torch.dtype = torch.float32):
+    """The model output a step uses, in ``dtype``: classifier-free guidance (Ho & Salimans 2022,
+    diffusers' convention) ``u + w * (c - u)`` with ``c = model_output`` (the conditional output),
+    ``u = uncond_output`` and ``w = guidance_scale`` (1: the conditional model alone); or
+    ``model_output`` itself where ``uncond_output`` is None (``guidance_scale`` ignored)."""
+    c = model_output.to(dtype)
+    if uncond_output is None:
+        return c
+    u = uncond_output.to(dtype)
+    return u + guidance_scale * (c - u)
+
+
+def predict_x0(x_t, model_output, coefs, clip_denoised: bool, *, uncond_output=None, guidance_scale: float = 1.0):
+    """The step's float32 ``x0_hat = a * x_t + b * out`` from each sample's ``coefs`` row
+    (``[n, 5]``, as ``ddpm_step``), clamped to ``[-1, 1]`` if ``clip_denoised``; ``out`` is
+    ``guided_output(model_output, uncond_output, guidance_scale)``."""
     shape = (coefs.shape[0],) + (1,) * (x_t.ndim - 1)
-    x0_hat = coefs[:, 0].reshape(shape) * x_t.float() + coefs[:, 1].reshape(shape) * model_output.float()
+    out = guided_output(model_output, uncond_output, guidance_scale)
+    x0_hat = coefs[:, 0].reshape(shape) * x_t.float() + coefs[:, 1].reshape(shape) * out
     return x0_hat.clamp(-1.0, 1.0) if clip_denoised else x0_hat
 
 
-def ddpm_step(x_t, model_output, coefs, clip_denoised: bool, noise):
+def ddpm_step(x_t, model_output, coefs, clip_denoised: bool, noise, *, uncond_output=None,
+              guidance_scale: float = 1.0):
     """One reverse step, elementwise.
 
     :param x_t: float32 ``[n, ...]``.
@@ -192,24 +211,29 @@ def ddpm_step(x_t, model_output, coefs, clip_denoised: bool, noise):
     :param coefs: float32 ``[n, 5]``: each sample's ``(a, b, c0, c1, sigma)`` row.
     :param clip_denoised: clamp ``x0_hat`` to ``[-1, 1]``.
     :param noise: float32 ``[n, ...]`` standard normals.
+    :param uncond_output: the unconditional output (model_output's shape), or None: no guidance.
+    :param guidance_scale: ``w`` of ``guided_output``.
     :return: ``x_{t-1}`` in float32.
     """
     shape = (coefs.shape[0],) + (1,) * (x_t.ndim - 1)
     c0, c1, sigma = (coefs[:, i].reshape(shape) for i in (2, 3, 4))
-    x0_hat = predict_x0(x_t, model_output, coefs, clip_denoised)
+    x0_hat = predict_x0(x_t, model_output, coefs, clip_denoised, uncond_output=uncond_output,
+                        guidance_scale=guidance_scale)
     return c0 * x0_hat + c1 * x_t.float() + sigma * noise.float()
 
 
-def multistep_step(x, model_output, history, step, table, clip_denoised: bool, noise):
+def multistep_step(x, model_output, history, step, table, clip_denoised: bool, noise, *, uncond_output=None,
+                   guidance_scale: float = 1.0):
     """One multistep solver step (``fastddpm.multistep``), elementwise; advances ``history`` in place::
 
-        D      = a * x + b * model_output                  # clamped to [-1, 1] if clip_denoised
+        D      = a * x + b * out                           # clamped to [-1, 1] if clip_denoised
         x_corr = u * x + cl * history[2] + k0 * D + k1 * H1 + k2 * H2
         x_next = cx * x_corr + p0 * D + p1 * H1 + p2 * H2 + cz * z
         history[cur] = D,  history[2] = x_corr
 
-    with ``cur = step % 2``, ``H2 = history[cur]`` (two steps back), ``H1 = history[1 - cur]``.
-    Computed in ``history``'s dtype (float32, or float64 for a float64 run).
+    with ``out = guided_output(model_output, uncond_output, guidance_scale)``, ``cur = step % 2``,
+    ``H2 = history[cur]`` (two steps back), ``H1 = history[1 - cur]``.
+    Computed in ``history``'s dtype (float32, or float64 for a float64 run), the guidance too.
 
     :param x: ``[n, ...]`` current sample.
     :param model_output: ``[n, ...]`` any float dtype.
@@ -218,13 +242,15 @@ def multistep_step(x, model_output, history, step, table, clip_denoised: bool, n
     :param table: ``[K, 12]`` coefficient table (``MULTISTEP_COLUMNS``; its row is cast to the
         compute dtype).
     :param noise: ``[n, ...]`` standard normals for the SDE solver, or None (no noise term).
+    :param uncond_output: the unconditional output (model_output's shape), or None: no guidance.
+    :param guidance_scale: ``w`` of ``guided_output``.
     :return: the next sample, in the compute dtype.
     """
     dtype = history.dtype
     step = step.reshape(1)
     a, b, u, cl, k0, k1, k2, cx, p0, p1, p2, cz = table.index_select(0, step).to(dtype).reshape(-1).unbind(0)
     x = x.to(dtype)
-    d = a * x + b * model_output.to(dtype)
+    d = a * x + b * guided_output(model_output, uncond_output, guidance_scale, dtype)
     if clip_denoised:
         d = d.clamp(-1.0, 1.0)
     cur = torch.remainder(step, 2)  # ring slot: written at this step, read two steps later

@@ -15,10 +15,13 @@ from fastddpm.ops import reference
 from backends import need
 from op_cases import (DTYPES, LARGE_ODD_SHAPES, RNG_KEYS, SAMPLE_OFFSET, SEED, SHAPES, T, TARGETS, coefficients,
                       inputs, namespace_op, rng_key, target_id, timesteps, variant_id)
-from op_cases import STEP_VARIANTS
+from op_cases import DEVICE, STEP_VARIANTS
 from tolerances import EXACT, FP32, fp32_at, assert_close
 
 pytestmark = pytest.mark.ops
+
+
+DEVICE_OF = {"cpp": "cpu", "triton": DEVICE.type}  # where each backend's op is checked by opcheck
 
 
 def functional(backend):
@@ -73,8 +76,8 @@ def test_ddpm_step_single_step_index(target, step_shape, shape):
     x, out = inputs(shape, torch.float32, device)
     k = torch.tensor(T // 3, device=device)
     step = k.expand(shape[0]) if step_shape == "expanded" else k.reshape(step_shape)
-    got = functional(backend)(x, out, step, coefs, SEED, SAMPLE_OFFSET, True)
-    assert_close(got, functional(backend)(x, out, k.repeat(shape[0]), coefs, SEED, SAMPLE_OFFSET, True), **EXACT)
+    got = functional(backend)(x, out, step, coefs, SEED, SAMPLE_OFFSET, True, None, 1.0)
+    assert_close(got, functional(backend)(x, out, k.repeat(shape[0]), coefs, SEED, SAMPLE_OFFSET, True, None, 1.0), **EXACT)
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
@@ -89,16 +92,17 @@ def test_ddpm_step_cast_and_inplace(target, shape, model_dtype, channels_last):
     coefs = coefficients(("v", "ddim", "fixed_small", 0.5), device)
     x, out = inputs(shape, torch.float16, device)
     step = timesteps(shape[0], device)
-    x_prev = functional(backend)(x, out, step, coefs, SEED, SAMPLE_OFFSET, True)
+    x_prev = functional(backend)(x, out, step, coefs, SEED, SAMPLE_OFFSET, True, None, 1.0)
     x_cast, model_input = namespace_op(backend, "ddpm_step_cast")(x, out, step, coefs, SEED, SAMPLE_OFFSET, True,
-                                                                  model_dtype, channels_last)
+                                                                  model_dtype, channels_last, None, 1.0)
     layout = torch.channels_last if channels_last else torch.contiguous_format
     assert model_input.dtype == model_dtype and model_input.is_contiguous(memory_format=layout)
     assert_close(x_cast, x_prev, **EXACT)
     assert_close(model_input, x_prev.to(model_dtype), **EXACT, msg="model input")
     x_buf = x.clone()
     buf = torch.empty(shape, dtype=model_dtype, device=device).to(memory_format=layout)
-    ops.implementation("ddpm_step_", backend)(x_buf, out, step, coefs, rng_key(SEED, SAMPLE_OFFSET, device), True, buf)
+    ops.implementation("ddpm_step_", backend)(x_buf, out, step, coefs, rng_key(SEED, SAMPLE_OFFSET, device), True, buf,
+                                              None, 1.0)
     assert_close(x_buf, x_prev, **EXACT)
     assert_close(buf, model_input, **EXACT)
 
@@ -119,18 +123,18 @@ def test_ddpm_step_inplace_rng_equals_functional(target, key, shape, dtype, clip
     x, out = inputs(shape, dtype, device)
     inplace = ops.implementation("ddpm_step_", backend)
     for step in (timesteps(shape[0], device), torch.tensor(T // 2, device=device)):
-        want = functional(backend)(x, out, step.expand(shape[0]), coefs, seed, sample_offset, clip)
+        want = functional(backend)(x, out, step.expand(shape[0]), coefs, seed, sample_offset, clip, None, 1.0)
         for model_input in (None, torch.empty(shape, dtype=dtype, device=device),
                             torch.empty(shape, dtype=torch.float16, device=device).to(memory_format=torch.channels_last)):
             x_buf = x.clone()
-            inplace(x_buf, out, step, coefs, rng_key(seed, sample_offset, device), clip, model_input)
+            inplace(x_buf, out, step, coefs, rng_key(seed, sample_offset, device), clip, model_input, None, 1.0)
             assert_close(x_buf, want, **EXACT, msg=f"x, step {tuple(step.shape)}")
             if model_input is not None:
                 assert_close(model_input, x_buf.to(model_input.dtype), **EXACT, msg="model input")
     # the key is what rng holds: another seed or sample offset draws other noise
     for other in ((seed ^ 1, sample_offset), (seed, sample_offset + 1)):
         x_buf = x.clone()
-        inplace(x_buf, out, step, coefs, rng_key(*other, device), clip, None)
+        inplace(x_buf, out, step, coefs, rng_key(*other, device), clip, None, None, 1.0)
         assert not torch.equal(x_buf, want), other
 
 
@@ -141,7 +145,7 @@ def test_ddpm_step_last_step_adds_no_noise(target):
     coefs = coefficients(("epsilon", "ddpm", "fixed_large", 0.0), device)
     x, out = inputs((2, 1, 8, 8), torch.float32, device)
     step = torch.zeros(2, dtype=torch.int64, device=device)
-    got = functional(backend)(x, out, step, coefs, SEED, 0, True)
+    got = functional(backend)(x, out, step, coefs, SEED, 0, True, None, 1.0)
     want = reference.ddpm_step(x, out, coefs[step], True, torch.zeros_like(x))
     assert_close(got, want, **FP32)
 
@@ -158,3 +162,184 @@ def test_ddpm_step_backends_agree(variant):
         got, cpp = (ops.ddpm_step(x, out, step, coefs, seed=SEED, sample_offset=1, clip_denoised=clip, backend=b)
                     for b in ("triton", "cpp"))
         assert_close(got, cpp, **fp32_at(cpp.abs().max()))
+
+
+# -- classifier-free guidance: out = u + w (c - u), fused into the step ------------------------------
+GUIDANCE_SCALE = 7.5  # diffusers' default
+GUIDED_VARIANTS = [("epsilon", "ddpm", "fixed_small", 0.0), ("v", "ddim", "fixed_small", 0.5),
+                   ("x0", "ddpm", "fixed_large", 0.0)]
+
+
+def guided_inputs(shape, dtype, device="cpu", channels_last=False):
+    """x, and the conditional and unconditional outputs as the two halves (dim-0 views) of one
+    ``[2n, ...]`` model output, as a guided model call returns them (channels_last if asked)."""
+    x, cond = inputs(shape, dtype, device)
+    _, uncond = inputs(shape, dtype, device, seed=1)
+    both = torch.cat([cond, uncond])
+    if channels_last:
+        both = both.to(memory_format=torch.channels_last)
+    return x, both[:shape[0]], both[shape[0]:]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=target_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=target_id)
+@pytest.mark.parametrize("clip", [True, False], ids=["clip", "noclip"])
+@pytest.mark.parametrize("variant", GUIDED_VARIANTS, ids=variant_id)
+@pytest.mark.parametrize("target", TARGETS, ids=target_id)
+def test_ddpm_step_guided_matches_reference(target, variant, clip, dtype, shape):
+    """The guided step of each backend, in its three forms (functional, cast, in place), equals the
+    reference's; the outputs are dim-0 views of one [2n, ...] batch."""
+    backend, device = target
+    need(backend, "ddpm_step", device, dtype)
+    coefs = coefficients(variant, device)
+    x, cond, uncond = guided_inputs(shape, dtype, device)
+    step = timesteps(shape[0], device)
+    kw = dict(seed=SEED, sample_offset=SAMPLE_OFFSET, clip_denoised=clip, uncond_output=uncond,
+              guidance_scale=GUIDANCE_SCALE)
+    got = ops.ddpm_step(x, cond, step, coefs, backend=backend, **kw)
+    want = ops.ddpm_step(x, cond, step, coefs, backend="reference", **kw)
+    assert_close(got, want, **fp32_at(want.abs().max()), msg=f"guided ddpm_step {variant} clip={clip} {dtype}")
+    x_cast, model_input = namespace_op(backend, "ddpm_step_cast")(x, cond, step, coefs, SEED, SAMPLE_OFFSET, clip,
+                                                                  torch.float16, False, uncond, GUIDANCE_SCALE)
+    assert_close(x_cast, got, **EXACT, msg="cast")
+    assert_close(model_input, got.half(), **EXACT, msg="cast model input")
+    x_buf = x.clone()
+    ops.implementation("ddpm_step_", backend)(x_buf, cond, step, coefs, rng_key(SEED, SAMPLE_OFFSET, device), clip,
+                                              None, uncond, GUIDANCE_SCALE)
+    assert_close(x_buf, got, **EXACT, msg="in place")
+
+
+@pytest.mark.parametrize("model_dtype", [torch.float16, torch.bfloat16], ids=target_id)
+@pytest.mark.parametrize("shape", [(3, 5, 7, 9), (4, 3, 16, 16)], ids=target_id)
+@pytest.mark.parametrize("target", TARGETS, ids=target_id)
+def test_ddpm_step_guided_channels_last_views(target, shape, model_dtype):
+    """Guided with channels_last halves of a [2n, ...] model output (the layout a channels_last
+    model returns), and a channels_last model input: the contiguous halves' result."""
+    backend, device = target
+    need(backend, "ddpm_step_", device, model_dtype)
+    coefs = coefficients(("epsilon", "ddpm", "fixed_large", 0.0), device)
+    x, cond, uncond = guided_inputs(shape, torch.float16, device)
+    _, cond_cl, uncond_cl = guided_inputs(shape, torch.float16, device, channels_last=True)
+    assert uncond_cl.is_contiguous(memory_format=torch.channels_last) and not uncond_cl.is_contiguous()
+    step = timesteps(shape[0], device)
+    want = functional(backend)(x, cond, step, coefs, SEED, SAMPLE_OFFSET, True, uncond, 3.0)
+    got = functional(backend)(x, cond_cl, step, coefs, SEED, SAMPLE_OFFSET, True, uncond_cl, 3.0)
+    assert_close(got, want, **EXACT)
+    x_buf = x.clone()
+    buf = torch.empty(shape, dtype=model_dtype, device=device).to(memory_format=torch.channels_last)
+    ops.implementation("ddpm_step_", backend)(x_buf, cond_cl, step, coefs, rng_key(SEED, SAMPLE_OFFSET, device), True,
+                                              buf, uncond_cl, 3.0)
+    assert_close(x_buf, want, **EXACT)
+    assert_close(buf, want.to(model_dtype), **EXACT, msg="model input")
+
+
+@pytest.mark.parametrize("w", [0.0, 1.0, 3.0, -2.0])
+@pytest.mark.parametrize("dtype", DTYPES, ids=target_id)
+def test_reference_guided_step_is_the_combine_then_the_step(dtype, w):
+    """The reference's guided step is u + w (c - u), written out here in float32, followed by the
+    unguided reference step (and predict_x0 the same)."""
+    coefs = coefficients(("epsilon", "ddpm", "fixed_small", 0.0))
+    x, cond, uncond = guided_inputs((3, 5, 7, 9), dtype)
+    step = timesteps(3)
+    rows = coefs.index_select(0, step)
+    noise = reference.batch_noise(SEED, SAMPLE_OFFSET, step, x.shape, "cpu")
+    combined = uncond.float() + w * (cond.float() - uncond.float())
+    for clip in (True, False):
+        got = reference.ddpm_step(x, cond, rows, clip, noise, uncond_output=uncond, guidance_scale=w)
+        assert_close(got, reference.ddpm_step(x, combined, rows, clip, noise), **EXACT, msg=f"w={w} clip={clip}")
+        assert_close(reference.predict_x0(x, cond, rows, clip, uncond_output=uncond, guidance_scale=w),
+                     reference.predict_x0(x, combined, rows, clip), **EXACT, msg="predict_x0")
+    dispatched = ops.ddpm_step(x, cond, step, coefs, seed=SEED, sample_offset=SAMPLE_OFFSET, uncond_output=uncond,
+                               guidance_scale=w, backend="reference")
+    assert_close(dispatched, reference.ddpm_step(x, combined, rows, True, noise), **EXACT, msg="dispatch")
+
+
+@pytest.mark.parametrize("target", [("reference", "cpu")] + TARGETS, ids=target_id)
+def test_ddpm_step_guidance_scale_one_is_the_conditional_step(target):
+    """w = 1 is the conditional model alone (to float32 rounding of u + (c - u)); uncond_output None
+    is today's step whatever guidance_scale says."""
+    backend, device = target
+    need(backend, "ddpm_step", device) if backend != "reference" else None
+    coefs = coefficients(("v", "ddpm", "fixed_small", 0.0), device)
+    for dtype in DTYPES:
+        if backend != "reference" and ops.unsupported(backend, "ddpm_step", torch.device(device), dtype):
+            continue
+        x, cond, uncond = guided_inputs((3, 5, 7, 9), dtype, device)
+        step = timesteps(3, device)
+        kw = dict(seed=SEED, sample_offset=SAMPLE_OFFSET, backend=backend)
+        plain = ops.ddpm_step(x, cond, step, coefs, **kw)
+        one = ops.ddpm_step(x, cond, step, coefs, uncond_output=uncond, guidance_scale=1.0, **kw)
+        assert_close(one, plain, **fp32_at(plain.abs().max()), msg=f"w=1 {dtype}")
+        assert_close(ops.ddpm_step(x, cond, step, coefs, uncond_output=None, guidance_scale=5.0, **kw), plain,
+                     **EXACT, msg="uncond_output None")
+        assert not torch.equal(ops.ddpm_step(x, cond, step, coefs, uncond_output=uncond, guidance_scale=2.0, **kw),
+                               plain)
+
+
+def _bad_guidance(cond):
+    """(id, uncond_output, guidance_scale, error, match) the dispatch rejects, naming the argument."""
+    return [
+        ("uncond-shape", cond[:1], 2.0, ValueError, r"uncond_output must have shape \(3, 5, 7, 9\)"),
+        ("uncond-dtype", cond.half(), 2.0, TypeError, r"uncond_output must have dtype in \(float32\)"),
+        ("uncond-device", cond.to("meta"), 2.0, ValueError, "uncond_output must be on cpu"),
+        ("uncond-not-a-tensor", 1.0, 2.0, TypeError, "uncond_output must be a torch.Tensor"),
+        ("scale-nan", cond, float("nan"), ValueError, "guidance_scale must be finite"),
+        ("scale-inf", cond, float("inf"), ValueError, "guidance_scale must be finite"),
+        ("scale-nan-unguided", None, float("nan"), ValueError, "guidance_scale must be finite"),
+        ("scale-bool", cond, True, TypeError, "guidance_scale must be a real number"),
+        ("scale-tensor", cond, torch.tensor(2.0), TypeError, "guidance_scale must be a real number"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_guidance(torch.zeros(3, 5, 7, 9)))),
+                         ids=[c[0] for c in _bad_guidance(torch.zeros(3, 5, 7, 9))])
+def test_ddpm_step_rejects_bad_guidance(case):
+    coefs = coefficients()
+    x, cond = inputs((3, 5, 7, 9), torch.float32)
+    _, uncond, w, error, match = _bad_guidance(cond)[case]
+    for backend in ("reference", "cpp", "triton"):
+        if backend != "reference" and ops.load_error(backend) is not None:
+            continue
+        with pytest.raises(error, match=match):
+            ops.ddpm_step(x, cond, timesteps(3), coefs, seed=SEED, uncond_output=uncond, guidance_scale=w,
+                          backend=backend)
+
+
+@pytest.mark.parametrize("target", TARGETS, ids=target_id)
+def test_ddpm_step_ops_reject_bad_guidance(target):
+    """The backend ops themselves (as the engine calls them): errors naming the argument, x unchanged."""
+    backend, device = target
+    need(backend, "ddpm_step_", device)
+    coefs = coefficients(device=device)
+    x, cond, uncond = guided_inputs((2, 3, 4, 4), torch.float32, device)
+    step = timesteps(2, device)
+    error = RuntimeError if backend == "cpp" else ValueError
+    cases = [(uncond[:1], 2.0, "uncond_output must have"), (uncond.half(), 2.0, "uncond_output must have"),
+             (uncond, float("nan"), "guidance_scale must be finite"),
+             (None, float("inf"), "guidance_scale must be finite")]
+    for bad, w, match in cases:
+        x_buf = x.clone()
+        with pytest.raises(error, match=match):
+            ops.implementation("ddpm_step_", backend)(x_buf, cond, step, coefs, rng_key(SEED, 0, device), True, None,
+                                                      bad, w)
+        assert torch.equal(x_buf, x)
+        with pytest.raises(error, match=match):
+            functional(backend)(x, cond, step, coefs, SEED, 0, True, bad, w)
+        with pytest.raises(error, match=match):
+            namespace_op(backend, "ddpm_step_cast")(x, cond, step, coefs, SEED, 0, True, torch.float16, False, bad, w)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_ddpm_step_guided_opcheck(backend):
+    """torch.library.opcheck of the three step ops' guided signatures (a dim-0 view as uncond_output)."""
+    need(backend, "ddpm_step_", DEVICE_OF[backend])
+    device = DEVICE_OF[backend]
+    coefs = coefficients(device=device)
+    x, cond, uncond = guided_inputs((2, 3, 4, 4), torch.float16, device)
+    t = torch.tensor([0, T - 1], device=device)
+    torch.library.opcheck(namespace_op(backend, "ddpm_step"), (x, cond, t, coefs, SEED, 3, True, uncond, 7.5))
+    torch.library.opcheck(namespace_op(backend, "ddpm_step_cast"),
+                          (x, cond, t, coefs, SEED, 3, False, torch.bfloat16, True, uncond, 0.5))
+    torch.library.opcheck(namespace_op(backend, "ddpm_step_"),
+                          (x.clone(), cond, torch.tensor(7, device=device), coefs, rng_key(SEED, 3, device), True,
+                           torch.empty(2, 3, 4, 4, dtype=torch.float16, device=device), uncond, -1.0))

@@ -160,7 +160,7 @@ def test_inplace_op_updates_x_and_history(backend, step_shape):
     want = reference.multistep_step(x, out, want_history, step, table, True,
                                     reference.batch_noise(SEED, SAMPLE_OFFSET, int(step), x.shape, "cpu"))
     x_buf, h_buf = x.clone(), history.clone()
-    op(x_buf, out, h_buf, step.reshape(step_shape), table, rng, True, True, None)
+    op(x_buf, out, h_buf, step.reshape(step_shape), table, rng, True, True, None, None, 1.0)
     assert_close(x_buf, want, **FP32, msg=f"{backend} x")
     assert_close(h_buf, want_history, **FP32, msg=f"{backend} history")
 
@@ -170,12 +170,12 @@ def test_opcheck(backend):
     op = _inplace_op(backend)
     for dtype, clip, stochastic in [(torch.float32, True, True), (torch.float16, False, False)]:
         x, out, history, step, table, rng = _op_args(dtype=dtype)
-        torch.library.opcheck(op, (x, out, history, step, table, rng, clip, stochastic, None))
+        torch.library.opcheck(op, (x, out, history, step, table, rng, clip, stochastic, None, None, 1.0))
     for model_dtype, layout in [(torch.float16, torch.contiguous_format), (torch.float16, torch.channels_last),
                                 (torch.float32, torch.channels_last)]:
         x, out, history, step, table, rng = _op_args()
         model_input = torch.empty(x.shape, dtype=model_dtype, memory_format=layout)
-        torch.library.opcheck(op, (x, out, history, step, table, rng, True, True, model_input))
+        torch.library.opcheck(op, (x, out, history, step, table, rng, True, True, model_input, None, 1.0))
 
 
 # -- the model input: x_next in the model's dtype and layout, written by the op ----------------------
@@ -205,7 +205,7 @@ def _check_model_input_steps(backend, solver, shape, model_dtype, layout, tol, d
         step = torch.tensor(i, device=device)
         x_buf, h_buf = x.clone(), history.clone()
         model_input.fill_(float("nan"))  # every element must be written
-        op(x_buf, out, h_buf, step, table, rng_key(SEED, SAMPLE_OFFSET, device), True, stochastic, model_input)
+        op(x_buf, out, h_buf, step, table, rng_key(SEED, SAMPLE_OFFSET, device), True, stochastic, model_input, None, 1.0)
         noise = reference.batch_noise(SEED, SAMPLE_OFFSET, i, shape, device) if stochastic else None
         x = reference.multistep_step(x, out, history, step, table, True, noise)
         assert_close(x_buf, x, **tol, msg=f"{backend} x_next at step {i}")
@@ -252,7 +252,7 @@ def test_ops_reject_a_bad_model_input_naming_it(backend):
         error = error or (RuntimeError if backend == "cpp" else ValueError)
         x_buf, h_buf = x.clone(), history.clone()
         with pytest.raises(error, match=match):
-            op(x_buf, out, h_buf, step, table, rng, True, True, model_input)
+            op(x_buf, out, h_buf, step, table, rng, True, True, model_input, None, 1.0)
         assert torch.equal(x_buf, x) and torch.equal(h_buf, history), name
 
 
@@ -334,7 +334,7 @@ def test_ops_reject_bad_inputs_naming_the_argument(backend):
     for args, match in cases:
         x_buf, h_buf = args[0].clone(), args[2].clone()
         with pytest.raises(error, match=match):
-            op(x_buf, args[1], h_buf, *args[3:], True, True, None)
+            op(x_buf, args[1], h_buf, *args[3:], True, True, None, None, 1.0)
 
 
 def test_public_update_routes_through_the_dispatch(monkeypatch):
@@ -404,11 +404,11 @@ def test_cuda_graph_with_device_step_counter(backend):
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # warm up off the default stream, as capture requires
-        op(x.clone(), out_buf, history.clone(), step.clone(), table, rng, True, True, None)
+        op(x.clone(), out_buf, history.clone(), step.clone(), table, rng, True, True, None, None, 1.0)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        op(x, out_buf, history, step, table, rng, True, True, None)
+        op(x, out_buf, history, step, table, rng, True, True, None, None, 1.0)
         step.sub_(1)
     x.copy_(x0)
     history.zero_()
@@ -423,3 +423,184 @@ def test_cuda_graph_with_device_step_counter(backend):
     assert step.item() == -1
     assert_close(x, want, **FMA_FP32)
     assert_close(history, want_history, **FMA_FP32)
+
+
+# -- classifier-free guidance: out = u + w (c - u), fused into the update ------------------------------
+GUIDANCE_SCALE = 7.5
+
+
+def _guided_outputs(shape, dtype, steps, device="cpu", channels_last=False):
+    """Per step, the conditional and unconditional outputs as the halves (dim-0 views) of one
+    ``[2n, ...]`` model output, as a guided model call returns them."""
+    pairs = []
+    for cond, uncond in zip(_outputs(shape, dtype, steps, device), _outputs(shape, dtype, 2 * steps, device)[steps:]):
+        both = torch.cat([cond, uncond])
+        if channels_last:
+            both = both.to(memory_format=torch.channels_last)
+        pairs.append((both[:shape[0]], both[shape[0]:]))
+    return pairs
+
+
+def _check_guided_steps(backend, table, shape, dtype, clip, stochastic, tol, w=GUIDANCE_SCALE, device="cpu",
+                        channels_last=False):
+    """As ``_check_steps``, guided: at each step the backend gets the reference's state and the two
+    outputs and must give the reference's x_next and history."""
+    K = table.shape[0]
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(device)
+    history = torch.zeros((3, *shape), device=device)
+    history[2].normal_()
+    for i, (cond, uncond) in zip(reversed(range(K)), _guided_outputs(shape, dtype, K, device, channels_last)):
+        step = torch.tensor(i, device=device)
+        got_history = history.clone()
+        got = ops.multistep_step(x, cond, got_history, step, table, seed=SEED, sample_offset=SAMPLE_OFFSET,
+                                 clip_denoised=clip, stochastic=stochastic, uncond_output=uncond, guidance_scale=w,
+                                 backend=backend)
+        noise = reference.batch_noise(SEED, SAMPLE_OFFSET, i, shape, device) if stochastic else None
+        x = reference.multistep_step(x, cond, history, step, table, clip, noise, uncond_output=uncond,
+                                     guidance_scale=w)
+        assert_close(got, x, **tol, msg=f"{backend} guided x_next at step {i}")
+        assert_close(got_history, history, **tol, msg=f"{backend} guided history at step {i}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=target_id)
+@pytest.mark.parametrize("shape", SHAPES, ids=target_id)
+@pytest.mark.parametrize("solver", multistep.SOLVERS)
+@pytest.mark.parametrize("backend", FAST)
+def test_guided_matches_reference(backend, solver, shape, dtype):
+    need(backend, "multistep_step", "cpu", dtype)
+    for clip in (True, False):
+        _check_guided_steps(backend, _table(solver), shape, dtype, clip, _plan(solver).stochastic, FP32)
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_guided_channels_last_views_and_model_input(backend):
+    """channels_last halves of a [2n, ...] output give the contiguous halves' result, in place with a
+    channels_last model input too."""
+    need(backend, "multistep_step_", "cpu", torch.float16)
+    op = ops.implementation("multistep_step_", backend)
+    shape = (3, 5, 7, 9)
+    (cond, uncond), = _guided_outputs(shape, torch.float16, 1)
+    (cond_cl, uncond_cl), = _guided_outputs(shape, torch.float16, 1, channels_last=True)
+    assert uncond_cl.is_contiguous(memory_format=torch.channels_last) and not uncond_cl.is_contiguous()
+    x, _, history, step, table, rng = _op_args(shape)
+    results = []
+    for c, u in ((cond, uncond), (cond_cl, uncond_cl)):
+        x_buf, h_buf = x.clone(), history.clone()
+        model_input = torch.empty(shape, dtype=torch.float16, memory_format=torch.channels_last)
+        op(x_buf, c, h_buf, step, table, rng, True, True, model_input, u, 2.0)
+        assert_close(model_input, x_buf.half(), **EXACT, msg="model input")
+        results.append((x_buf, h_buf))
+    assert_close(results[1][0], results[0][0], **EXACT)
+    assert_close(results[1][1], results[0][1], **EXACT)
+
+
+@pytest.mark.parametrize("w", [0.0, 1.0, 3.0, -2.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_reference_guided_update_is_the_combine_then_the_update(dtype, w):
+    """The reference's guided update is u + w (c - u), written out here in the compute dtype (float64
+    for a float64 run), followed by the unguided reference update."""
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    table = _table("unipc").to(compute)
+    shape = (2, 3, 4, 4)
+    x = torch.randn(shape, dtype=compute)
+    (cond, uncond), = _guided_outputs(shape, dtype, 1)
+    history = torch.randn((3, *shape), dtype=compute)
+    want_history = history.clone()
+    got = reference.multistep_step(x, cond, history, torch.tensor(3), table, True, None, uncond_output=uncond,
+                                   guidance_scale=w)
+    combined = uncond.to(compute) + w * (cond.to(compute) - uncond.to(compute))
+    want = reference.multistep_step(x, combined, want_history, torch.tensor(3), table, True, None)
+    assert got.dtype == compute
+    assert_close(got, want, **EXACT)
+    assert_close(history, want_history, **EXACT)
+    assert torch.equal(reference.guided_output(cond, uncond, w, compute), combined)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + FAST)
+def test_guidance_scale_one_is_the_conditional_update(backend):
+    """w = 1 is the conditional model alone (to float32 rounding of u + (c - u)); uncond_output None is
+    today's update whatever guidance_scale says."""
+    need(backend, "multistep_step", "cpu") if backend != "reference" else None
+    table = _table("dpm++2m-sde")
+    shape = (3, 5, 7, 9)
+    (cond, uncond), = _guided_outputs(shape, torch.float32, 1)
+    x, history = torch.randn(shape), torch.randn((3, *shape))
+
+    def run(**kw):
+        h = history.clone()
+        return ops.multistep_step(x, cond, h, torch.tensor(4), table, seed=SEED, stochastic=True, backend=backend,
+                                  **kw), h
+
+    plain, plain_history = run()
+    one, one_history = run(uncond_output=uncond, guidance_scale=1.0)
+    assert_close(one, plain, **FP32)
+    assert_close(one_history, plain_history, **FP32)
+    ignored, ignored_history = run(uncond_output=None, guidance_scale=9.0)
+    assert_close(ignored, plain, **EXACT)
+    assert_close(ignored_history, plain_history, **EXACT)
+    assert not torch.equal(run(uncond_output=uncond, guidance_scale=2.0)[0], plain)
+
+
+def _bad_guidance_cases():
+    shape = (2, 3, 4, 4)
+    x, out, history = torch.randn(shape), torch.randn(shape), torch.zeros((3, *shape))
+    return [
+        ("uncond-shape", out[:1], 2.0, ValueError, r"uncond_output must have shape \(2, 3, 4, 4\)"),
+        ("uncond-dtype", out.half(), 2.0, TypeError, r"uncond_output must have dtype in \(float32\)"),
+        ("uncond-device", out.to("meta"), 2.0, ValueError, "uncond_output must be on cpu"),
+        ("scale-nan", out, float("nan"), ValueError, "guidance_scale must be finite"),
+        ("scale-inf", out, -float("inf"), ValueError, "guidance_scale must be finite"),
+        ("scale-str", out, "7.5", TypeError, "guidance_scale must be a real number"),
+    ], (x, out, history)
+
+
+@pytest.mark.parametrize("case", range(len(_bad_guidance_cases()[0])), ids=[c[0] for c in _bad_guidance_cases()[0]])
+def test_dispatch_rejects_bad_guidance(case):
+    cases, (x, out, history) = _bad_guidance_cases()
+    _, uncond, w, error, match = cases[case]
+    for backend in ["reference"] + FAST:
+        if backend != "reference" and ops.load_error(backend) is not None:
+            continue
+        with pytest.raises(error, match=match):
+            ops.multistep_step(x, out, history, torch.tensor(2), _table("dpm++2m"), uncond_output=uncond,
+                               guidance_scale=w, backend=backend)
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_ops_reject_bad_guidance_naming_it(backend):
+    """The in-place ops themselves: a wrong uncond_output or a non-finite scale is an error naming it,
+    before anything is written."""
+    op = _inplace_op(backend)
+    x, out, history, step, table, rng = _op_args()
+    error = RuntimeError if backend == "cpp" else ValueError
+    for uncond, w, match in [(out[:1], 2.0, "uncond_output must have"), (out.half(), 2.0, "uncond_output must have"),
+                             (out, float("nan"), "guidance_scale must be finite"),
+                             (None, float("inf"), "guidance_scale must be finite")]:
+        x_buf, h_buf = x.clone(), history.clone()
+        with pytest.raises(error, match=match):
+            op(x_buf, out, h_buf, step, table, rng, True, True, None, uncond, w)
+        assert torch.equal(x_buf, x) and torch.equal(h_buf, history)
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_guided_opcheck(backend):
+    op = _inplace_op(backend)
+    for dtype, clip, stochastic, w in [(torch.float32, True, True, 7.5), (torch.float16, False, False, -0.5)]:
+        x, out, history, step, table, rng = _op_args(dtype=dtype)
+        both = torch.cat([out, out.flip(0)])
+        torch.library.opcheck(op, (x, both[:2], history, step, table, rng, clip, stochastic, None, both[2:], w))
+    x, out, history, step, table, rng = _op_args()
+    model_input = torch.empty(x.shape, dtype=torch.float16, memory_format=torch.channels_last)
+    torch.library.opcheck(op, (x, out, history, step, table, rng, True, True, model_input, torch.randn_like(out), 3.0))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=target_id)
+@pytest.mark.parametrize("shape", SHAPES + [(8, 3, 64, 64)], ids=target_id)
+@pytest.mark.parametrize("solver", ["dpm++3m", "dpm++2m-sde", "unipc"])
+@pytest.mark.parametrize("backend", FAST)
+def test_cuda_guided_matches_reference(backend, solver, shape, dtype):
+    need(backend, "multistep_step", "cuda", dtype)
+    tol = FMA_FP32 if dtype == torch.float32 else BY_DTYPE[dtype]
+    _check_guided_steps(backend, _table(solver, "cuda"), shape, dtype, True, _plan(solver).stochastic, tol,
+                        device="cuda", channels_last=len(shape) == 4)
