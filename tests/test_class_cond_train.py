@@ -426,3 +426,17 @@ def test_two_ranks_train_class_conditionally_like_one_process(tmp_path, monkeypa
         assert_close(got[k], v, **AFTER_STEPS, msg=k)
     assert read_metadata(tmp_path / "run0" / "checkpoints" / "step_0000004.safetensors")["class_names"] == \
         [str(d) for d in range(10)]
+
+
+def test_the_readme_class_conditional_recipe(tmp_path, monkeypatch):
+    """The README's recipe of the class-conditional digits model, at the README tests' small scale."""
+    from test_readme import _blocks_after, _run_all
+
+    commands = _blocks_after("## Class-conditional training")
+    assert [c.split()[2 if c.startswith("OMP") else 1] for c in commands] == ["train", "export"]
+    assert "--class-cond" in commands[0]
+    (tmp_path / "fastddpm" / "assets").mkdir(parents=True)
+    _run_all(commands, tmp_path, monkeypatch)
+    model, process = load_model(tmp_path / "fastddpm" / "assets" / "digits_cond_small.safetensors")
+    assert model.num_classes == K and model.class_names == [str(d) for d in range(10)]
+    assert process.num_steps == 50
