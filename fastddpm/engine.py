@@ -201,7 +201,7 @@ def engine_sample(model, n: int, *, steps: int | None = None, seed: int = 0, dev
     shape = adapter.shape(n)
     check_start_noise(request, shape)
     check_noise_capacity(math.prod(shape[1:]), num_steps + 1, request.sample_offset + n - 1)
-    Denoiser(adapter, request, device)  # checks the conditioning against the model before any work
+    whole = Denoiser(adapter, request, device)  # checks the conditioning against the model before any work
     start = time.perf_counter()  # the plan's timing calls and any compile count as sampling time
     op = "multistep_step" if process.is_multistep else "ddpm_step"
     plan = make_plan(adapter, n, shape[1:], device, dtype=dtype, cuda_graph=cuda_graph, compile=compile,
@@ -213,6 +213,8 @@ def engine_sample(model, n: int, *, steps: int | None = None, seed: int = 0, dev
         forward = Denoiser(adapter, request.slice(0, min(plan.micro_batch, n)), device).forward
         plan, choice = _cpu_plan(model, adapter, n, shape, device, num_steps, op, plan, dtype, compile,
                                  channels_last, threads, forward)
+    if whole.guidance_scale is not None:  # how guidance calls the model, and why
+        plan = dataclasses.replace(plan, reasons=plan.reasons + (whole.batching_reason,))
     cache = DEFAULT_CACHE if cache is None else cache
     cache.last_plan = plan
 

@@ -347,6 +347,7 @@ def test_denoising_diffusion_pytorch_classifier_free_unet_as_it_is():
     d = Denoiser(adapter, SamplingRequest.make(2, class_labels=labels, guidance_scale=w), "cpu")
     assert not d.batched and "cond_drop_prob" in d.batching_reason  # one value per call: two calls
     assert_close(_sample(unet, 2, steps=4, image_size=8, class_labels=labels, guidance_scale=w), expected, **FP32)
+    assert "cond_drop_prob" in fastddpm.engine.last_plan().explain()  # the plan says why: two calls
     with pytest.raises(ValueError, match="needs class_labels"):
         _sample(unet, 2, steps=4, image_size=8)
 
