@@ -119,24 +119,43 @@ def drive_launchers() -> None:
             model_input = torch.empty(shape, dtype=model_dtype, memory_format=layout)
             step_mod.ddpm_step_into(x, out, step, coefs, 1, 0, clip, torch.empty(shape), model_input)
             step_mod.ddpm_step_into(x, out, step, coefs, 0, 0, clip, x.clone(), model_input, rng=rng)
-    for numel in numels[:-1]:  # the smaller blocks, one variant each
+    # ... guided (classifier-free guidance: uncond_output a dim-0 view of a [2n, ...] output): every
+    # output dtype x clip x key source, and the in-place form with each model-input dtype/layout
+    for out_dtype, clip in itertools.product(floats, (False, True)):
+        both = torch.randn((4, *shape[1:]), dtype=out_dtype)
+        out, uncond = both[:2], both[2:]
+        step_mod.ddpm_step_into(x, out, step, coefs, 1, 0, clip, torch.empty(shape), uncond_output=uncond,
+                                guidance_scale=7.5)
+        step_mod.ddpm_step_into(x, out, step, coefs, 0, 0, clip, x.clone(), rng=rng, uncond_output=uncond,
+                                guidance_scale=7.5)
+        for model_dtype, layout in itertools.product(floats, (torch.contiguous_format, torch.channels_last)):
+            model_input = torch.empty(shape, dtype=model_dtype, memory_format=layout)
+            step_mod.ddpm_step_into(x, out, step, coefs, 0, 0, clip, x.clone(), model_input, rng=rng,
+                                    uncond_output=uncond, guidance_scale=7.5)
+    for numel in numels[:-1]:  # the smaller blocks, one variant each (and guided)
         x = torch.randn(2, numel)
         step_mod.ddpm_step_into(x, x, step, coefs, 1, 0, True, torch.empty_like(x))
+        step_mod.ddpm_step_into(x, x, step, coefs, 1, 0, True, torch.empty_like(x), uncond_output=x,
+                                guidance_scale=7.5)
     # the multistep solver update: every output dtype x clip x stochastic, at every block size
     from fastddpm.kernels import multistep_step as ms_mod
 
     table = torch.rand(20, 12)
     for numel, out_dtype, clip, stochastic in itertools.product(numels, floats, (False, True), (False, True)):
         x = torch.randn(2, numel)
-        ms_mod.multistep_step_into(x, torch.randn(2, numel, dtype=out_dtype), torch.zeros(3, 2, numel), step, table,
-                                   rng, clip, stochastic)
+        out = torch.randn(2, numel, dtype=out_dtype)
+        ms_mod.multistep_step_into(x, out, torch.zeros(3, 2, numel), step, table, rng, clip, stochastic)
+        ms_mod.multistep_step_into(x, out, torch.zeros(3, 2, numel), step, table, rng, clip, stochastic,
+                                   uncond_output=torch.randn(2, numel, dtype=out_dtype), guidance_scale=7.5)
     # ... and with the model input: every output dtype x model-input dtype/layout x stochastic
     for out_dtype, model_dtype, layout, stochastic in itertools.product(
             floats, floats, (torch.contiguous_format, torch.channels_last), (False, True)):
         x = torch.randn(shape)
         model_input = torch.empty(shape, dtype=model_dtype, memory_format=layout)
-        ms_mod.multistep_step_into(x, torch.randn(shape, dtype=out_dtype), torch.zeros(3, *shape), step, table, rng,
-                                   True, stochastic, model_input)
+        out = torch.randn(shape, dtype=out_dtype)
+        ms_mod.multistep_step_into(x, out, torch.zeros(3, *shape), step, table, rng, True, stochastic, model_input)
+        ms_mod.multistep_step_into(x, out, torch.zeros(3, *shape), step, table, rng, True, stochastic, model_input,
+                                   uncond_output=torch.randn(shape, dtype=out_dtype), guidance_scale=7.5)
     # attention: fp16/bf16 (fp32 goes to SDPA on a GPU) at every head dim the tests, the
     # benchmarks and the U-Nets use (16 .. 256, padded ones too), L a multiple of 16 or not
     for dtype, d, L in itertools.product((torch.float16, torch.bfloat16), (16, 32, 40, 64, 128, 256), (256, 100)):
