@@ -137,10 +137,43 @@ def _plan_options(args, process) -> dict:
     return options
 
 
+def _class_labels(model, args):
+    """``(labels, row names)`` for --class (None, None without it): one class for every image, or with
+    ``all`` ``ceil(n / K)`` images of each of the model's K classes, a row each."""
+    from .adapters import ModelAdapter
+
+    if args.class_ is None:
+        if args.guidance is not None:
+            raise ValueError("--guidance needs --class (the class to guide toward, or 'all')")
+        return None, None
+    k = ModelAdapter(model).num_classes
+    if k is None:
+        raise ValueError("--class: this model is not class-conditional (trained without --class-cond)")
+    names = list(getattr(model, "class_names", None) or [str(c) for c in range(k)])
+    if args.class_ == "all":
+        per_class = -(-args.n // k)
+        return [c for c in range(k) for _ in range(per_class)], names
+    try:
+        label = int(args.class_)
+    except ValueError:
+        if args.class_ not in names:
+            raise ValueError(f"--class must be a class index in [0, {k - 1}], a class name ({', '.join(names)}) "
+                             f"or 'all', got {args.class_!r}") from None
+        label = names.index(args.class_)
+    if not 0 <= label < k:
+        raise ValueError(f"--class must lie in [0, {k - 1}] (the model's {k} classes), got {label}")
+    return label, None
+
+
 def _sample_and_save(model, process, steps, args, device) -> float:
     """Sample with ``(process, steps)`` from ``_sampling_process`` and write --out (and --gif)."""
     from . import images
     from .sampling import sample
+
+    labels, rows = _class_labels(model, args)
+    n = len(labels) if rows is not None else args.n
+    guidance = {"guidance_scale": args.guidance, "guidance_rescale": args.guidance_rescale} \
+        if args.guidance is not None else {}
 
     num_steps = steps or process.num_steps
     frames = []
@@ -152,9 +185,9 @@ def _sample_and_save(model, process, steps, args, device) -> float:
 
     options = _plan_options(args, process)
     start = time.perf_counter()  # sample() refuses a diverged model's images (finite but wrong)
-    x = sample(model, args.n, steps=steps, seed=args.seed, process=process, device=device,
-               batch_size=args.batch_size or min(args.n, DEFAULT_MICRO_BATCH), progress=not args.quiet,
-               callback=keep_frames if every else None, **options)
+    x = sample(model, n, steps=steps, seed=args.seed, process=process, device=device,
+               batch_size=args.batch_size or min(n, DEFAULT_MICRO_BATCH), progress=not args.quiet,
+               callback=keep_frames if every else None, class_labels=labels, **guidance, **options)
     seconds = time.perf_counter() - start
     if args.explain:
         from .engine import last_plan
@@ -166,7 +199,9 @@ def _sample_and_save(model, process, steps, args, device) -> float:
                                       f"dtype: {dtype}"))
     x = x.cpu()
     out = Path(args.out)
-    if out.suffix.lower() == ".png":
+    if out.suffix.lower() == ".png" and rows is not None:
+        images.save_labelled_rows(x, rows, out, scale=args.scale)
+    elif out.suffix.lower() == ".png":
         images.save_image_grid(x, out, scale=args.scale)
     else:
         images.save_images_npz(x, out)
@@ -182,8 +217,17 @@ def cmd_sample(args) -> int:
     _check_sample_outputs(args)
     model, process = load_model(args.checkpoint, ema=not args.no_ema, device=device)
     seconds = _sample_and_save(model, *_sampling_process(process, args), args, device)
-    print(f"sampled {args.n} images in {seconds:.1f} s -> {args.out}")
+    print(f"sampled {_count(model, args)} images in {seconds:.1f} s -> {args.out}")
     return 0
+
+
+def _count(model, args) -> int:
+    """The images --class all draws (a whole row per class), else -n."""
+    from .adapters import ModelAdapter
+
+    if args.class_ == "all":
+        return -(-args.n // ModelAdapter(model).num_classes) * ModelAdapter(model).num_classes
+    return args.n
 
 
 def cmd_demo(args) -> int:
@@ -226,6 +270,14 @@ def _add_sample_args(p, n=64, out="samples.png"):
                         "BF16 or AMX (about 1.9x at n=64) and on GPUs; the images are computed in float32")
     p.add_argument("--compile", choices=("auto", "yes", "no"), default="auto",
                    help="torch.compile the model (auto: on a CPU when it pays back within this run)")
+    p.add_argument("--class", dest="class_", default=None, metavar="CLASS",
+                   help="a class-conditional model's class for every image (index or name), or 'all': a grid of "
+                        "one labelled row per class, ceil(n / classes) images each")
+    p.add_argument("--guidance", type=float, default=None, metavar="W",
+                   help="classifier-free guidance scale w (diffusers' guidance_scale: 1 is the conditional model "
+                        "alone; needs --class and a model trained with --class-cond)")
+    p.add_argument("--guidance-rescale", type=float, default=0.0, metavar="PHI",
+                   help="rescale the guided output's std toward the conditional one's (Lin et al. 2023), in [0, 1]")
     p.add_argument("--explain", action="store_true", help="print the sampling plan and why")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 

@@ -361,3 +361,63 @@ def test_the_family_keywords_are_the_adapters():
     assert isinstance(_tiny_unet2d(num_class_embeds=3), UNet2DModel)
     null = ModelAdapter(LabelledPointwise()).null_kwargs(y)
     assert null["y"].tolist() == [3, 3]
+
+
+# -- the command line --------------------------------------------------------------------------------
+@pytest.fixture
+def cond_checkpoint(tmp_path):
+    from fastddpm.checkpoint import save_model
+
+    model = fastddpm.create_model("tiny", seed=0, num_classes=3)
+    model.class_names = ["cat", "dog", "eel"]
+    return save_model(tmp_path / "cond.safetensors", model, DDPM(num_timesteps=50))
+
+
+def test_cli_samples_a_class_with_guidance_and_a_labelled_row_per_class(tmp_path, cond_checkpoint, capsys):
+    from PIL import Image
+
+    from fastddpm.cli import main
+
+    one = tmp_path / "one.npz"
+    assert main(["sample", "--checkpoint", str(cond_checkpoint), "-n", "4", "--steps", "3", "--class", "dog",
+                 "--guidance", "3.0", "--out", str(one), "--quiet"]) == 0
+    model, process = fastddpm.load_model(cond_checkpoint)
+    expected = _sample(model, 4, steps=3, process=process, class_labels=1, guidance_scale=3.0, batch_size=4)
+    import numpy as np
+
+    from fastddpm.images import to_uint8
+    assert np.array_equal(np.load(one)["images"], to_uint8(expected))
+    grid = tmp_path / "all.png"
+    assert main(["sample", "--checkpoint", str(cond_checkpoint), "-n", "5", "--steps", "2", "--class", "all",
+                 "--out", str(grid), "--quiet", "--scale", "1"]) == 0
+    assert "sampled 6 images" in capsys.readouterr().out  # ceil(5 / 3) = 2 per class, a row each
+    width, height = Image.open(grid).size
+    side = model.image_size
+    assert height == 3 * (side + 2) + 2 and width > 2 * (side + 2) + 2  # three rows, the labels at the left
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--class", "7"], r"--class must lie in \[0, 2\]"),
+    (["--class", "fox"], r"--class must be a class index in \[0, 2\], a class name \(cat, dog, eel\)"),
+    (["--guidance", "2"], "--guidance needs --class"),
+    (["--class", "1", "--guidance", "2", "--guidance-rescale", "3"], r"guidance_rescale must be a number in \[0, 1\]"),
+])
+def test_cli_refuses_bad_class_and_guidance_flags(tmp_path, cond_checkpoint, capsys, argv, message):
+    import re
+
+    from fastddpm.cli import main
+
+    out = tmp_path / "x.png"
+    assert main(["sample", "--checkpoint", str(cond_checkpoint), "-n", "2", "--steps", "2", "--out", str(out),
+                 "--quiet", *argv]) == 2
+    assert re.search(message, capsys.readouterr().err) and not out.exists()
+
+
+def test_cli_class_on_an_unconditional_model_is_refused(tmp_path, capsys):
+    from fastddpm.checkpoint import save_model
+    from fastddpm.cli import main
+
+    path = save_model(tmp_path / "plain.safetensors", fastddpm.create_model("tiny", seed=0), DDPM(num_timesteps=50))
+    assert main(["sample", "--checkpoint", str(path), "-n", "2", "--steps", "2", "--class", "1",
+                 "--out", str(tmp_path / "x.png"), "--quiet"]) == 2
+    assert "not class-conditional" in capsys.readouterr().err
