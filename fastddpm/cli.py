@@ -27,6 +27,8 @@ from .modes import SAMPLERS, SOLVERS
 from .noise import MAX_SEED
 
 DEMO_MODEL = Path(__file__).parent / "assets" / "digits_small.safetensors"
+DEMO_COND_MODEL = Path(__file__).parent / "assets" / "digits_cond_small.safetensors"  # class-conditional
+DEMO_GUIDANCE, DEMO_PER_CLASS, DEMO_COND_STEPS = 3.0, 8, 20
 SAMPLER_CHOICES = SAMPLERS + SOLVERS
 
 
@@ -242,7 +244,29 @@ def cmd_demo(args) -> int:
     print(f"fastddpm demo: {args.n} digits from the shipped 'small' model, {how} on {device}")
     seconds = _sample_and_save(model, process, steps, args, device)
     print(f"sampling time: {seconds:.1f} s for {args.n} images ({args.n / seconds:.1f} images/s) -> {args.out}")
+    if args.checkpoint is None and args.by_class:
+        _demo_by_class(args, device)
     return 0
+
+
+def _demo_by_class(args, device) -> None:
+    """The shipped class-conditional model: one labelled row per digit, guided (dpm++2m, 20 model calls,
+    w = DEMO_GUIDANCE), written beside --out as ``<name>_by_class.png``."""
+    import argparse as _argparse
+
+    from .checkpoint import load_model
+
+    out = Path(args.out)
+    path = out.with_name(f"{out.stem}_by_class.png")
+    model, process = load_model(DEMO_COND_MODEL, device=device)
+    cond = _argparse.Namespace(**{**vars(args), "class_": "all", "guidance": DEMO_GUIDANCE, "guidance_rescale": 0.0,
+                                  "n": 10 * DEMO_PER_CLASS, "sampler": "dpm++2m", "steps": DEMO_COND_STEPS,
+                                  "eta": None, "out": str(path), "gif": None, "explain": False})
+    process, steps = _sampling_process(process, cond)
+    print(f"fastddpm demo: {DEMO_PER_CLASS} of each digit from the shipped class-conditional model, guidance "
+          f"w={DEMO_GUIDANCE:g}, {steps} dpm++2m model calls")
+    seconds = _sample_and_save(model, process, steps, cond, device)
+    print(f"sampling time: {seconds:.1f} s for {cond.n} images, one row per digit -> {path}")
 
 
 # -- parser ------------------------------------------------------------------------------------
@@ -340,6 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="sample digits with the model shipped in the package")
     p.add_argument("--checkpoint", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--by-class", action=argparse.BooleanOptionalAction, default=True,
+                   help="also sample the shipped class-conditional model, one labelled row per digit, guided, to "
+                        "<out>_by_class.png")
     _add_sample_args(p)
     p.set_defaults(func=cmd_demo)
 
