@@ -138,15 +138,20 @@ void for_each_chunk(int64_t n, int64_t numel, const Body& body) {
   });
 }
 
-// fn(clip, guided) with both flags as compile-time constants (std::true_type / false_type), so the
-// per-element loops have no branch on them and the unguided loop is today's.
+// fn(std::true_type{}) or fn(std::false_type{}): a runtime flag as a compile-time constant.
 template <typename Fn>
-void dispatch_flags(bool clip, bool guided, const Fn& fn) {
-  if (clip) {
-    if (guided) fn(std::true_type{}, std::true_type{}); else fn(std::true_type{}, std::false_type{});
-  } else {
-    if (guided) fn(std::false_type{}, std::true_type{}); else fn(std::false_type{}, std::false_type{});
-  }
+void dispatch_bool(bool flag, const Fn& fn) {
+  if (flag) fn(std::true_type{}); else fn(std::false_type{});
+}
+
+// fn(clip, guided, thresholded) with the three flags as compile-time constants, so the per-element
+// loops have no branch on them and the unguided, unthresholded loop is today's.  Thresholded, the
+// bound replaces the clip (fused_math.h's denoised_value ignores `clip` then).
+template <typename Fn>
+void dispatch_flags(bool clip, bool guided, bool thresholded, const Fn& fn) {
+  dispatch_bool(clip, [&](auto c) {
+    dispatch_bool(guided, [&](auto g) { dispatch_bool(thresholded, [&](auto t) { fn(c, g, t); }); });
+  });
 }
 
 // The model output a step uses at element i: c, or with guidance u + w (c - u) (fused_math.h).
@@ -205,14 +210,14 @@ void q_sample_impl(const QSampleArgs& a) {
   });
 }
 
-// The step formula over a chunk; `clip` and `guided` template arguments so the loop has no branch
-// (uncond is read only when guided).
-template <bool clip, bool guided, typename out_t>
-inline void step_chunk(const StepCoefs& c, const float* x, const out_t* out, const out_t* uncond, float w,
+// The step formula over a chunk; `clip`, `guided` and `thresholded` template arguments so the loop
+// has no branch (uncond is read only when guided; s, the row's bound, used only when thresholded).
+template <bool clip, bool guided, bool thresholded, typename out_t>
+inline void step_chunk(const StepCoefs& c, const float* x, const out_t* out, const out_t* uncond, float w, float s,
                        const float* z, int64_t len, float* xp) {
 #pragma omp simd
   for (int64_t i = 0; i < len; ++i) {
-    xp[i] = ddpm_step_value(c, x[i], step_output<guided>(out, uncond, w, i), z[i], clip);
+    xp[i] = ddpm_step_value(c, x[i], step_output<guided>(out, uncond, w, i), z[i], clip, thresholded, s);
   }
 }
 
@@ -236,8 +241,10 @@ void ddpm_step_impl(const StepArgs& a) {
     const out_t* out = model_output + b * a.numel + j;
     const out_t* uncond = uncond_output != nullptr ? uncond_output + b * a.numel + j : nullptr;
     float xp[kChunk];
-    dispatch_flags(a.clip_denoised, uncond != nullptr, [&](auto clip, auto guided) {
-      step_chunk<decltype(clip)::value, decltype(guided)::value>(c, x, out, uncond, a.guidance_scale, z, len, xp);
+    const float s = a.threshold != nullptr ? a.threshold[b] : 1.0f;
+    dispatch_flags(a.clip_denoised, uncond != nullptr, a.threshold != nullptr, [&](auto clip, auto guided, auto th) {
+      step_chunk<decltype(clip)::value, decltype(guided)::value, decltype(th)::value>(c, x, out, uncond,
+                                                                                    a.guidance_scale, s, z, len, xp);
     });
     std::copy(xp, xp + len, a.x_prev + b * a.numel + j);
     if (a.model_input != nullptr) {
@@ -247,13 +254,13 @@ void ddpm_step_impl(const StepArgs& a) {
 }
 
 // The multistep formula over a chunk: x becomes x_next, h2 (ring slot step % 2) D, x_last x_corr.
-template <bool clip, bool guided, typename out_t>
-inline void multistep_chunk(const MultistepCoefs& c, float* x, const out_t* out, const out_t* uncond, float w,
+template <bool clip, bool guided, bool thresholded, typename out_t>
+inline void multistep_chunk(const MultistepCoefs& c, float* x, const out_t* out, const out_t* uncond, float w, float s,
                             float* x_last, const float* h1, float* h2, const float* z, int64_t len) {
 #pragma omp simd
   for (int64_t i = 0; i < len; ++i) {
-    const MultistepValue v =
-        multistep_value(c, x[i], step_output<guided>(out, uncond, w, i), x_last[i], h1[i], h2[i], z[i], clip);
+    const MultistepValue v = multistep_value(c, x[i], step_output<guided>(out, uncond, w, i), x_last[i], h1[i], h2[i],
+                                             z[i], clip, thresholded, s);
     x[i] = v.x_next;
     h2[i] = v.d;
     x_last[i] = v.x_corr;
@@ -283,10 +290,10 @@ void multistep_step_impl(const MultistepArgs& a) {
     }
     const int64_t i = b * a.numel + j;
     const out_t* uncond = uncond_output != nullptr ? uncond_output + i : nullptr;
-    dispatch_flags(a.clip_denoised, uncond != nullptr, [&](auto clip, auto guided) {
-      multistep_chunk<decltype(clip)::value, decltype(guided)::value>(c, a.x + i, model_output + i, uncond,
-                                                                      a.guidance_scale, x_last + i, h1 + i, h2 + i,
-                                                                      z, len);
+    const float s = a.threshold != nullptr ? a.threshold[b] : 1.0f;
+    dispatch_flags(a.clip_denoised, uncond != nullptr, a.threshold != nullptr, [&](auto clip, auto guided, auto th) {
+      multistep_chunk<decltype(clip)::value, decltype(guided)::value, decltype(th)::value>(
+          c, a.x + i, model_output + i, uncond, a.guidance_scale, s, x_last + i, h1 + i, h2 + i, z, len);
     });
     if (a.model_input != nullptr) {  // x + i now holds x_next
       dispatch_float(a.model_input_dtype, [&](auto tag) { store_model_input<decltype(tag)>(a, b, j, len, a.x + i); });

@@ -184,7 +184,13 @@ __device__ __forceinline__ Pack<out_t, N> load_uncond(const void* uncond_output,
   return u;
 }
 
-template <int N, typename out_t, bool guided>
+// The bound of row b (dynamic thresholding), read only in the thresholded instantiation.
+template <bool thresholded>
+__device__ __forceinline__ float row_threshold(const float* threshold, int64_t b) {
+  return thresholded ? threshold[b] : 1.0f;
+}
+
+template <int N, typename out_t, bool guided, bool thresholded>
 __global__ void __launch_bounds__(kThreads) ddpm_step_kernel(StepArgs a) {
   // the noise key from device memory (ddpm_step_, graph replays) or the launch arguments
   const int64_t seed = a.rng != nullptr ? a.rng[0] : a.seed;
@@ -203,12 +209,14 @@ __global__ void __launch_bounds__(kThreads) ddpm_step_kernel(StepArgs a) {
     const Pack<float, N> x = load_pack<N>(a.x + i);
     const Pack<out_t, N> out = load_pack<N>(model_output + i);
     const Pack<out_t, N> uncond = load_uncond<guided, N, out_t>(a.uncond_output, i);
+    const float s = row_threshold<thresholded>(a.threshold, b);  // a pack lies within one row
     Pack<float, N> y;
 #pragma unroll
     for (int k = 0; k < N; ++k) {
       // sigma * z == 0 exactly when sigma == 0 (DDIM eta=0, the last step): skip the noise
       const float z = c.sigma != 0.0f ? philox_normal(key, hi | static_cast<uint64_t>(slot * a.numel + j + k)) : 0.0f;
-      y.v[k] = ddpm_step_value(c, x.v[k], step_output<guided>(out, uncond, a.guidance_scale, k), z, a.clip_denoised);
+      y.v[k] = ddpm_step_value(c, x.v[k], step_output<guided>(out, uncond, a.guidance_scale, k), z, a.clip_denoised,
+                               thresholded, s);
     }
     store_pack<N>(a.x_prev + i, y);
     if (a.model_input != nullptr) store_model_input<N>(a, b, j, y);
@@ -219,7 +227,7 @@ __global__ void __launch_bounds__(kThreads) ddpm_step_kernel(StepArgs a) {
 // In place: x <- x_next, history[step % 2] <- D, history[2] <- x_corr, model_input (if any) <- x_next
 // in its dtype and layout.  Every element reads its own x / history values before writing them, so
 // packs never race.
-template <int N, typename out_t, bool guided>
+template <int N, typename out_t, bool guided, bool thresholded>
 __global__ void __launch_bounds__(kThreads) multistep_step_kernel(MultistepArgs a) {
   const int64_t seed = a.rng[0];
   const int64_t sample_offset = a.rng[1];
@@ -246,12 +254,13 @@ __global__ void __launch_bounds__(kThreads) multistep_step_kernel(MultistepArgs 
     const Pack<float, N> x_last = load_pack<N>(x_last_base + i);
     const Pack<float, N> h1 = load_pack<N>(h1_base + i);
     const Pack<float, N> h2 = load_pack<N>(h2_base + i);
+    const float s = row_threshold<thresholded>(a.threshold, b);
     Pack<float, N> x_next, d, x_corr;
 #pragma unroll
     for (int k = 0; k < N; ++k) {
       const float z = noisy ? philox_normal(key, hi | static_cast<uint64_t>(step * a.numel + j + k)) : 0.0f;
       const MultistepValue v = multistep_value(c, x.v[k], step_output<guided>(out, uncond, a.guidance_scale, k),
-                                               x_last.v[k], h1.v[k], h2.v[k], z, a.clip_denoised);
+                                               x_last.v[k], h1.v[k], h2.v[k], z, a.clip_denoised, thresholded, s);
       x_next.v[k] = v.x_next;
       d.v[k] = v.d;
       x_corr.v[k] = v.x_corr;
@@ -363,14 +372,21 @@ bool model_input_aligned(const Args& a) {
   return ok;
 }
 
-// Launch `launch(guided)` with the guidance flag a compile-time constant (std::true_type /
-// false_type): the unguided kernel is today's.
+// Launch `launch(guided, thresholded)` with the guidance and thresholding flags compile-time
+// constants (std::true_type / false_type): the unguided, unthresholded kernel is today's.
 template <typename Fn>
-void dispatch_guided(const void* uncond_output, const Fn& launch) {
+void dispatch_flags(const void* uncond_output, const float* threshold, const Fn& launch) {
+  const auto with_threshold = [&](auto guided) {
+    if (threshold != nullptr) {
+      launch(guided, std::true_type{});
+    } else {
+      launch(guided, std::false_type{});
+    }
+  };
   if (uncond_output != nullptr) {
-    launch(std::true_type{});
+    with_threshold(std::true_type{});
   } else {
-    launch(std::false_type{});
+    with_threshold(std::false_type{});
   }
 }
 
@@ -405,12 +421,14 @@ cudaError_t ddpm_step(const StepArgs& a, int num_sms, cudaStream_t stream) {
     const bool uncond_aligned = a.uncond_output == nullptr || aligned<out_t>(a.uncond_output, kVec);
     const bool vec = a.numel % kVec == 0 && input_aligned && uncond_aligned && aligned<float>(a.x, kVec) &&
                      aligned<float>(a.x_prev, kVec) && aligned<out_t>(a.model_output, kVec);
-    dispatch_guided(a.uncond_output, [&](auto guided) {
+    dispatch_flags(a.uncond_output, a.threshold, [&](auto guided, auto thresholded) {
       constexpr bool kGuided = decltype(guided)::value;
+      constexpr bool kThresholded = decltype(thresholded)::value;
       if (vec) {
-        ddpm_step_kernel<kVec, out_t, kGuided><<<grid_size(total / kVec, num_sms), kThreads, 0, stream>>>(a);
+        ddpm_step_kernel<kVec, out_t, kGuided, kThresholded>
+            <<<grid_size(total / kVec, num_sms), kThreads, 0, stream>>>(a);
       } else {
-        ddpm_step_kernel<1, out_t, kGuided><<<grid_size(total, num_sms), kThreads, 0, stream>>>(a);
+        ddpm_step_kernel<1, out_t, kGuided, kThresholded><<<grid_size(total, num_sms), kThreads, 0, stream>>>(a);
       }
     });
   });
@@ -427,12 +445,14 @@ cudaError_t multistep_step(const MultistepArgs& a, int num_sms, cudaStream_t str
     const bool uncond_aligned = a.uncond_output == nullptr || aligned<out_t>(a.uncond_output, kVec);
     const bool vec = a.numel % kVec == 0 && input_aligned && uncond_aligned && aligned<float>(a.x, kVec) &&
                      aligned<float>(a.history, kVec) && aligned<out_t>(a.model_output, kVec);
-    dispatch_guided(a.uncond_output, [&](auto guided) {
+    dispatch_flags(a.uncond_output, a.threshold, [&](auto guided, auto thresholded) {
       constexpr bool kGuided = decltype(guided)::value;
+      constexpr bool kThresholded = decltype(thresholded)::value;
       if (vec) {
-        multistep_step_kernel<kVec, out_t, kGuided><<<grid_size(total / kVec, num_sms), kThreads, 0, stream>>>(a);
+        multistep_step_kernel<kVec, out_t, kGuided, kThresholded>
+            <<<grid_size(total / kVec, num_sms), kThreads, 0, stream>>>(a);
       } else {
-        multistep_step_kernel<1, out_t, kGuided><<<grid_size(total, num_sms), kThreads, 0, stream>>>(a);
+        multistep_step_kernel<1, out_t, kGuided, kThresholded><<<grid_size(total, num_sms), kThreads, 0, stream>>>(a);
       }
     });
   });

@@ -10,6 +10,7 @@
 //   * the noise offset of element j of batch row b:
 //       ((sample_offset + b) << 32) | (slot * numel + j)
 //   * classifier-free guidance  out = u + w * (c - u)  (reference.guided_output)
+//   * dynamic thresholding  x0 = clamp(x0_hat, -s, s) / s  (reference.predict_x0)
 //   * the reverse step  x_prev = c0 * clip?(a * x + b * out) + c1 * x + sigma * z
 //   * the multistep solver update (reference.multistep_step): one row of twelve coefficients
 //   * q_sample, the training target and the elementwise losses + gradients.
@@ -134,10 +135,27 @@ FDDPM_HD float clamp_unit(float v) {
   return v > 1.0f ? 1.0f : v;
 }
 
-// x0_hat = a x + b out (clamped to [-1, 1] if clip); x_prev = c0 x0_hat + c1 x + sigma z
-FDDPM_HD float ddpm_step_value(const StepCoefs& c, float x, float out, float z, bool clip) {
-  float x0_hat = c.a * x + c.b * out;
-  if (clip) x0_hat = clamp_unit(x0_hat);
+// -- dynamic thresholding (reference.predict_x0; Saharia et al. 2022, diffusers' _threshold_sample) --
+// x0 = clamp(x0_hat, -s, s) / s with the sample's bound s (reference.dynamic_threshold: >= 1;
+// s = 1 is the plain clip), clamped by comparisons as clamp_unit, then a true division as torch's.
+FDDPM_HD float threshold_value(float x0_hat, float s) {
+  float v = x0_hat < -s ? -s : x0_hat;
+  v = v > s ? s : v;
+  return v / s;
+}
+
+// The x0 prediction a step uses: thresholded by s (in place of the clip, whatever clip says), or
+// clamped to [-1, 1] if clip, or x0_hat.  Callers pass `thresholded` as a compile-time constant
+// (a template flag), so the unthresholded instantiations are the plain clip's code.
+FDDPM_HD float denoised_value(float x0_hat, bool clip, bool thresholded, float s) {
+  if (thresholded) return threshold_value(x0_hat, s);
+  return clip ? clamp_unit(x0_hat) : x0_hat;
+}
+
+// x0_hat = a x + b out (thresholded by s, or clamped to [-1, 1] if clip); x_prev = c0 x0_hat + c1 x + sigma z
+FDDPM_HD float ddpm_step_value(const StepCoefs& c, float x, float out, float z, bool clip, bool thresholded = false,
+                               float s = 1.0f) {
+  const float x0_hat = denoised_value(c.a * x + c.b * out, clip, thresholded, s);
   return c.c0 * x0_hat + c.c1 * x + c.sigma * z;
 }
 
@@ -158,12 +176,12 @@ struct MultistepValue {
   float x_next, d, x_corr;
 };
 
-// D = clip?(a x + b out); x_corr = u x + cl x_last + k0 D + k1 H1 + k2 H2 (UniPC's corrector);
-// x_next = cx x_corr + p0 D + p1 H1 + p2 H2 + cz z, summed left to right as the reference.
+// D = clip?(a x + b out) (or thresholded by s, as ddpm_step_value); x_corr = u x + cl x_last + k0 D
+// + k1 H1 + k2 H2 (UniPC's corrector); x_next = cx x_corr + p0 D + p1 H1 + p2 H2 + cz z, summed left to
+// right as the reference.
 FDDPM_HD MultistepValue multistep_value(const MultistepCoefs& c, float x, float out, float x_last, float h1,
-                                        float h2, float z, bool clip) {
-  float d = c.a * x + c.b * out;
-  if (clip) d = clamp_unit(d);
+                                        float h2, float z, bool clip, bool thresholded = false, float s = 1.0f) {
+  const float d = denoised_value(c.a * x + c.b * out, clip, thresholded, s);
   const float x_corr = c.u * x + c.cl * x_last + c.k0 * d + c.k1 * h1 + c.k2 * h2;
   const float x_next = c.cx * x_corr + c.p0 * d + c.p1 * h1 + c.p2 * h2 + c.cz * z;
   return MultistepValue{x_next, d, x_corr};

@@ -51,6 +51,9 @@ struct StepArgs {
   // nullptr: the step uses u + guidance_scale * (c - u) in place of model_output
   const void* uncond_output;
   float guidance_scale;
+  // dynamic thresholding: float32 [n], the bound s_b of each sample (x0 = clamp(x0_hat, -s_b, s_b) / s_b
+  // in place of the clip), or nullptr: none
+  const float* threshold;
   RowIndex step;        // row of coefs and noise slot
   const float* coefs;   // [K, 5]: (a, b, c0, c1, sigma)
   int64_t seed;
@@ -76,6 +79,7 @@ struct MultistepArgs {
   DType model_output_dtype;
   const void* uncond_output;  // as StepArgs': the guidance's unconditional output, or nullptr
   float guidance_scale;
+  const float* threshold;     // as StepArgs': float32 [n] per-sample bounds of D, or nullptr
   float* history;       // [3, n, numel]: slot step % 2 <- D, slot 2 <- x_corr
   RowIndex step;        // one value for the batch (stride 0): row of table and noise slot
   const float* table;   // [K, 12] (multistep.TABLE_COLUMNS)

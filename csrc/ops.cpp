@@ -353,15 +353,36 @@ Tensor set_guidance(Args& a, const Tensor& model_output, const std::optional<Ten
   return uc;
 }
 
+// -- dynamic thresholding ------------------------------------------------------------------------
+// The thresholding argument of every step op (StepArgs or MultistepArgs): threshold None, or the
+// float32 [n] per-sample bounds on x's device (ops.dynamic_threshold; made contiguous).  Only its
+// metadata is checked: reading the values of a CUDA tensor would synchronise.  Returns the
+// contiguous tensor the kernel reads (undefined for none), which the caller keeps alive.
+template <typename Args>
+Tensor set_threshold(Args& a, const std::optional<Tensor>& threshold, const Tensor& x) {
+  a.threshold = nullptr;
+  if (!threshold.has_value()) return Tensor();
+  const Tensor& s = *threshold;
+  TORCH_CHECK(s.scalar_type() == at::kFloat, "fastddpm: threshold must be float32 (one bound per sample), got ",
+              s.scalar_type());
+  TORCH_CHECK(s.dim() == 1 && s.size(0) == x.size(0), "fastddpm: threshold must have shape [", x.size(0),
+              "] (one bound per sample of x), got ", s.sizes());
+  check_device(s, x, "threshold");
+  Tensor sc = s.contiguous();
+  a.threshold = sc.data_ptr<float>();
+  return sc;
+}
+
 // -- ddpm_step ---------------------------------------------------------------------------------
 struct StepInputs {
-  Tensor model_output, uncond_output, coefs;
+  Tensor model_output, uncond_output, threshold, coefs;
   IndexArg step;
   StepArgs args;
 };
 
 StepInputs step_inputs(const Tensor& x, const Tensor& model_output, const Tensor& step, const Tensor& coefs,
-                       bool clip_denoised, const std::optional<Tensor>& uncond_output, double guidance_scale) {
+                       bool clip_denoised, const std::optional<Tensor>& uncond_output, double guidance_scale,
+                       const std::optional<Tensor>& threshold) {
   StepInputs in;
   check_dtype(x, at::kFloat, "x");
   const int64_t numel = sample_numel(x, "x");
@@ -386,6 +407,7 @@ StepInputs step_inputs(const Tensor& x, const Tensor& model_output, const Tensor
   a.n = x.size(0);
   a.numel = numel;
   in.uncond_output = set_guidance(a, model_output, uncond_output, guidance_scale);
+  in.threshold = set_threshold(a, threshold, x);
   return in;
 }
 
@@ -444,8 +466,8 @@ void run_step(const StepArgs& a, const Tensor& x) {
 
 Tensor ddpm_step_op(const Tensor& x, const Tensor& model_output, const Tensor& step, const Tensor& coefs, int64_t seed,
                  int64_t sample_offset, bool clip_denoised, const std::optional<Tensor>& uncond_output,
-                 double guidance_scale) {
-  StepInputs in = step_inputs(x, model_output, step, coefs, clip_denoised, uncond_output, guidance_scale);
+                 double guidance_scale, const std::optional<Tensor>& threshold) {
+  StepInputs in = step_inputs(x, model_output, step, coefs, clip_denoised, uncond_output, guidance_scale, threshold);
   set_seed(in.args, seed, sample_offset);
   const Tensor xc = x.contiguous();
   Tensor x_prev = at::empty(x.sizes(), x.options());
@@ -458,8 +480,9 @@ Tensor ddpm_step_op(const Tensor& x, const Tensor& model_output, const Tensor& s
 std::tuple<Tensor, Tensor> ddpm_step_cast_op(const Tensor& x, const Tensor& model_output, const Tensor& step,
                                           const Tensor& coefs, int64_t seed, int64_t sample_offset,
                                           bool clip_denoised, at::ScalarType model_dtype, bool channels_last,
-                                          const std::optional<Tensor>& uncond_output, double guidance_scale) {
-  StepInputs in = step_inputs(x, model_output, step, coefs, clip_denoised, uncond_output, guidance_scale);
+                                          const std::optional<Tensor>& uncond_output, double guidance_scale,
+                                          const std::optional<Tensor>& threshold) {
+  StepInputs in = step_inputs(x, model_output, step, coefs, clip_denoised, uncond_output, guidance_scale, threshold);
   set_seed(in.args, seed, sample_offset);
   TORCH_CHECK(!channels_last || x.dim() == 4, "fastddpm: channels_last needs a 4-D x, got shape ", x.sizes());
   float_dtype(model_dtype, "model_dtype");
@@ -477,8 +500,9 @@ std::tuple<Tensor, Tensor> ddpm_step_cast_op(const Tensor& x, const Tensor& mode
 
 void ddpm_step_inplace_op(const Tensor& x, const Tensor& model_output, const Tensor& step, const Tensor& coefs,
                           const Tensor& rng, bool clip_denoised, const std::optional<Tensor>& model_input,
-                          const std::optional<Tensor>& uncond_output, double guidance_scale) {
-  StepInputs in = step_inputs(x, model_output, step, coefs, clip_denoised, uncond_output, guidance_scale);
+                          const std::optional<Tensor>& uncond_output, double guidance_scale,
+                          const std::optional<Tensor>& threshold) {
+  StepInputs in = step_inputs(x, model_output, step, coefs, clip_denoised, uncond_output, guidance_scale, threshold);
   set_rng(in.args, rng, x);
   TORCH_CHECK(x.is_contiguous(), "fastddpm: ddpm_step_ updates x in place and needs it contiguous");
   in.args.x = x.data_ptr<float>();
@@ -489,12 +513,13 @@ void ddpm_step_inplace_op(const Tensor& x, const Tensor& model_output, const Ten
 
 // -- multistep_step_ -----------------------------------------------------------------------------
 // One multistep solver step in place (fastddpm/multistep.py): x <- x_next, history advanced, and
-// model_input (if given) <- x_next in its dtype and layout, as ddpm_step_; guided as ddpm_step.  Only
-// metadata is checked, plus the step index and the key for CPU tensors (CUDA kernels trap on bad ones).
+// model_input (if given) <- x_next in its dtype and layout, as ddpm_step_; guided and thresholded as
+// ddpm_step.  Only metadata is checked, plus the step index and the key for CPU tensors (CUDA kernels
+// trap on bad ones).
 void multistep_step_inplace_op(const Tensor& x, const Tensor& model_output, const Tensor& history, const Tensor& step,
                                const Tensor& table, const Tensor& rng, bool clip_denoised, bool stochastic,
                                const std::optional<Tensor>& model_input, const std::optional<Tensor>& uncond_output,
-                               double guidance_scale) {
+                               double guidance_scale, const std::optional<Tensor>& threshold) {
   check_dtype(x, at::kFloat, "x");
   const int64_t numel = sample_numel(x, "x");
   TORCH_CHECK(x.is_contiguous(), "fastddpm: multistep_step_ updates x in place and needs it contiguous");
@@ -533,6 +558,7 @@ void multistep_step_inplace_op(const Tensor& x, const Tensor& model_output, cons
   a.n = x.size(0);
   a.numel = numel;
   const Tensor uncond = set_guidance(a, model_output, uncond_output, guidance_scale);
+  const Tensor bounds = set_threshold(a, threshold, x);
   if (model_input.has_value()) set_model_input(a, *model_input, x);
   if (on_cuda(x)) {
     FASTDDPM_CUDA_RUN(x, cuda::multistep_step(a, launch.num_sms, launch.stream));

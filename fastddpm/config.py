@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import MISSING, dataclass, fields
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from .checks import is_int
 from .modes import (LOSSES, PREDICTIONS, SAMPLERS, SOLVERS, SPACINGS, VARIANCES, LossType, Prediction, SamplerChoice,
@@ -71,7 +71,12 @@ class DiffusionConfig(JsonConfig):
     :param betas: explicit betas (only with ``schedule="custom"``).
     :param prediction: what the model outputs: ``epsilon``, ``x0`` or ``v``.
     :param variance: reverse variance ``fixed_small`` (beta_tilde) or ``fixed_large`` (beta).
-    :param clip_denoised: clamp the predicted x0 to [-1, 1] in the reverse step.
+    :param clip_denoised: clamp the predicted x0 to [-1, 1] in the reverse step (True), not at all
+        (False), or ``"dynamic"``: Imagen's dynamic thresholding (Saharia et al. 2022; diffusers'
+        ``thresholding=True``): per sample ``s = quantile(|x0|, dynamic_thresholding_ratio)`` clamped to
+        ``[1, sample_max_value]``, then ``x0 = clamp(x0, -s, s) / s``.
+    :param dynamic_thresholding_ratio: the quantile of ``"dynamic"`` (diffusers' default 0.995).
+    :param sample_max_value: the largest ``s`` of ``"dynamic"`` (1: the plain clip).
     :param sampler: ``ddpm`` (ancestral), ``ddim``, or a multistep solver: ``dpm++2m``,
         ``dpm++3m``, ``dpm++2m-sde`` (DPM-Solver++, Lu et al. 2022) or ``unipc`` (UniPC-bh2,
         Zhao et al. 2023); see ``fastddpm.multistep``.
@@ -93,7 +98,9 @@ class DiffusionConfig(JsonConfig):
     betas: tuple[float, ...] | None = None
     prediction: Prediction = "epsilon"
     variance: Variance = "fixed_small"
-    clip_denoised: bool = True
+    clip_denoised: bool | Literal["dynamic"] = True
+    dynamic_thresholding_ratio: float = 0.995
+    sample_max_value: float = 1.0
     sampler: SamplerChoice = "ddpm"
     eta: float = 0.0
     timestep_spacing: Spacing = "linspace"
@@ -104,6 +111,13 @@ class DiffusionConfig(JsonConfig):
     min_snr_gamma: float | None = None
 
     _label: ClassVar[str] = "diffusion"
+
+    @property
+    def thresholding(self) -> tuple[float, float] | None:
+        """``(dynamic_thresholding_ratio, sample_max_value)`` for ``clip_denoised="dynamic"``, else None."""
+        if self.clip_denoised != "dynamic":
+            return None
+        return float(self.dynamic_thresholding_ratio), float(self.sample_max_value)
 
     def __post_init__(self):
         def choice(name, allowed):
@@ -127,8 +141,13 @@ class DiffusionConfig(JsonConfig):
         T = self.num_timesteps
         if not is_int(T) or not 1 <= T <= MAX_TIMESTEPS:
             raise ValueError(f"num_timesteps must be a positive int <= {MAX_TIMESTEPS}, got {T!r}")
-        if not isinstance(self.clip_denoised, bool):
-            raise TypeError(f"clip_denoised must be a bool, got {self.clip_denoised!r}")
+        if not isinstance(self.clip_denoised, bool) and self.clip_denoised != "dynamic":
+            raise TypeError(f"clip_denoised must be True, False or 'dynamic', got {self.clip_denoised!r}")
+        ratio, most = self.dynamic_thresholding_ratio, self.sample_max_value
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < ratio <= 1.0:
+            raise ValueError(f"dynamic_thresholding_ratio must be a quantile in (0, 1], got {ratio!r}")
+        if isinstance(most, bool) or not isinstance(most, (int, float)) or not 1.0 <= most < float("inf"):
+            raise ValueError(f"sample_max_value must be a finite number >= 1, got {most!r}")
         if not isinstance(self.karras_sigmas, bool):
             raise TypeError(f"karras_sigmas must be a bool, got {self.karras_sigmas!r}")
         if self.lambda_min_clipped is not None and (isinstance(self.lambda_min_clipped, bool) or not isinstance(

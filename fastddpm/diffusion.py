@@ -16,6 +16,7 @@ from .config import DiffusionConfig
 from .noise import check_seed
 from .ops import reference
 from .schedule import NoiseSchedule, spaced_timesteps
+from .thresholding import step_threshold
 
 __all__ = ["DDPM", "StepOutput"]
 
@@ -180,7 +181,8 @@ class DDPM:
             raise ValueError(f"sampler={c.sampler!r} is not a multistep solver {multistep.SOLVERS}")
         return multistep.make_plan(self._base_schedule(), c.sampler,
                                    multistep.DEFAULT_STEPS if steps is None else steps, c.prediction,
-                                   c.timestep_spacing, c.karras_sigmas, c.lambda_min_clipped, c.clip_denoised)
+                                   c.timestep_spacing, c.karras_sigmas, c.lambda_min_clipped, bool(c.clip_denoised),
+                                   c.thresholding)
 
     def _step_index(self, t, n: int, device) -> torch.Tensor:
         """Model timesteps -> this process's step indices (identity unless respaced).  Every method that
@@ -290,13 +292,14 @@ class DDPM:
         if generator is not None:
             noise = self._generator_noise(generator, noise, seed, sample_offset, t, model_output, x_t)
         coefs = self.tables(x_t.device)["coefs"]
+        threshold = step_threshold(x_t.float(), model_output, idx, coefs, self.config.thresholding)
         x_prev = ops.ddpm_step(x_t.float(), model_output, idx, coefs, seed=check_seed(0 if seed is None else seed),
                                sample_offset=_check_sample_offset(sample_offset or 0, x_t.shape[0]),
-                               clip_denoised=self.config.clip_denoised, noise=noise)
+                               clip_denoised=bool(self.config.clip_denoised), noise=noise, threshold=threshold)
         if not return_dict:
             return x_prev
         return StepOutput(x_prev, reference.predict_x0(x_t, model_output, coefs.index_select(0, idx),
-                                                       self.config.clip_denoised))
+                                                       bool(self.config.clip_denoised), threshold=threshold))
 
     def _generator_noise(self, generator, noise, seed, sample_offset, t, model_output, x_t) -> torch.Tensor:
         """``step``'s noise from a ``torch.Generator``, drawn where diffusers draws it (zeros elsewhere)."""

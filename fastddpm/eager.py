@@ -19,6 +19,7 @@ from .diffusion import DDPM
 from .noise import check_noise_capacity
 from .ops import reference
 from .request import SamplingRequest, check_start_noise, replaced_x
+from .thresholding import step_threshold
 
 __all__ = ["sample_eager"]
 
@@ -99,9 +100,10 @@ def _sample_batch(denoiser, adapter, process, request, shape, device, dtype, bar
     for i in reversed(range(K)):
         step = torch.full((shape[0],), i, dtype=torch.int64, device=device)
         out, uncond = _model_output(denoiser, adapter.dtype, x, timesteps[step], dtype, watch)
+        w = _scale(denoiser, uncond)
         x = ops.ddpm_step(x, out, step, coefs, seed=seed, sample_offset=offset,
-                          clip_denoised=process.config.clip_denoised, uncond_output=uncond,
-                          guidance_scale=_scale(denoiser, uncond))
+                          clip_denoised=bool(process.config.clip_denoised), uncond_output=uncond, guidance_scale=w,
+                          threshold=step_threshold(x, out, step, coefs, process.config.thresholding, uncond, w))
         bar.update(1)
         x = _callback(request, i, int(process.schedule.timesteps[i]), x)
     return x
@@ -118,9 +120,11 @@ def _multistep_batch(denoiser, adapter, plan, request, shape, device, dtype, bar
     for i in reversed(range(K)):
         step = torch.full((shape[0],), i, dtype=torch.int64, device=device)
         out, uncond = _model_output(denoiser, adapter.dtype, x, timesteps[step], dtype, watch)
+        w = _scale(denoiser, uncond)
         x = ops.multistep_step(x, out, history, step[0], table, seed=seed, sample_offset=offset,
                                clip_denoised=plan.clip_denoised, stochastic=plan.stochastic, uncond_output=uncond,
-                               guidance_scale=_scale(denoiser, uncond))
+                               guidance_scale=w,
+                               threshold=step_threshold(x, out, step[0], table, plan.thresholding, uncond, w))
         bar.update(1)
         x = _callback(request, i, int(plan.timesteps[i]), x)
     return x

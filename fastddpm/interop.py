@@ -17,6 +17,8 @@ field, its value and what is supported: a process is never silently approximated
     variance_type fixed_small(_log)/fixed_large  variance fixed_small/fixed_large (DDPM)
     clip_sample (clip_sample_range=1)          clip_denoised (DDPM, DDIM)
     thresholding (sample_max_value=1)          clip_denoised (the quantile is clamped to 1: a clip)
+    thresholding (sample_max_value > 1)        clip_denoised="dynamic" with dynamic_thresholding_ratio and
+                                               sample_max_value (Imagen's dynamic thresholding)
     timestep_spacing                           timestep_spacing (DDPM/DDIM respacing too)
     steps_offset                               0 only with leading spacing (unused otherwise)
     DDIM                                       sampler="ddim" (eta: a step argument; pass eta=)
@@ -27,7 +29,7 @@ field, its value and what is supported: a process is never silently approximated
     lambda_min_clipped                         lambda_min_clipped
 
 Refused (each a ValueError naming the field): rescale_betas_zero_snr=True; beta_schedule laplace/exp;
-trained_betas of another length than num_train_timesteps; dynamic thresholding (sample_max_value != 1);
+trained_betas of another length than num_train_timesteps; thresholding with sample_max_value < 1;
 clip_sample_range != 1; steps_offset != 0 with leading spacing; DDPM variance_type fixed_large_log,
 learned, learned_range, and fixed_large with trailing spacing (diffusers' last step then adds noise);
 DDIM set_alpha_to_one=False, linspace spacing (diffusers' DDIM steps t -> t - T//steps, not to the next
@@ -245,18 +247,25 @@ def _prediction(f: _Fields) -> str:
     return PREDICTIONS[f["prediction_type"]]
 
 
-def _clip(f: _Fields, has_clip_sample: bool) -> bool:
-    """thresholding with sample_max_value=1 clamps the quantile s to [1, 1]: exactly the clip to [-1, 1]."""
+def _clip(f: _Fields, has_clip_sample: bool) -> dict:
+    """``clip_denoised`` (and the dynamic thresholding's fields): thresholding with sample_max_value=1
+    clamps the quantile s to [1, 1], exactly the clip to [-1, 1]; above 1 it is the dynamic one."""
     if f["thresholding"]:
-        if f["sample_max_value"] != 1.0:
-            f.reject("sample_max_value", "1.0 with thresholding=True (then it is the clip to [-1, 1])",
-                     "dynamic thresholding rescales x0 per image; fastddpm only clips it to [-1, 1]")
-        return True
+        most, ratio = f["sample_max_value"], f["dynamic_thresholding_ratio"]
+        if isinstance(most, bool) or not isinstance(most, (int, float)) or not 1.0 <= most < math.inf:
+            f.reject("sample_max_value", "a finite number >= 1 with thresholding=True",
+                     "the quantile s is clamped to [1, sample_max_value]")
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < ratio <= 1.0:
+            f.reject("dynamic_thresholding_ratio", "a quantile in (0, 1]")
+        if most == 1.0:
+            return {"clip_denoised": True}
+        return {"clip_denoised": "dynamic", "dynamic_thresholding_ratio": float(ratio),
+                "sample_max_value": float(most)}
     if has_clip_sample and f["clip_sample"]:
         if f["clip_sample_range"] != 1.0:
             f.reject("clip_sample_range", "1.0", "fastddpm clips x0 to [-1, 1]")
-        return True
-    return False
+        return {"clip_denoised": True}
+    return {"clip_denoised": False}
 
 
 def _ddpm(f: _Fields) -> dict:
@@ -267,7 +276,7 @@ def _ddpm(f: _Fields) -> dict:
         f.reject("timestep_spacing", "'linspace' or 'leading' with variance_type='fixed_large'",
                  "with trailing timesteps diffusers' last step (t = T/steps - 1 > 0) adds sqrt(beta) noise, "
                  "fastddpm's last step adds none")
-    return {"sampler": "ddpm", "variance": variance[f["variance_type"]], "clip_denoised": _clip(f, True)}
+    return {"sampler": "ddpm", "variance": variance[f["variance_type"]], **_clip(f, True)}
 
 
 def _ddim(f: _Fields, use_clipped_model_output: bool) -> dict:
@@ -278,12 +287,12 @@ def _ddim(f: _Fields, use_clipped_model_output: bool) -> dict:
         f.reject("timestep_spacing", "'leading' or 'trailing'", "diffusers' DDIMScheduler steps t -> t - T//steps, "
                  "which is not the next linspace timestep; fastddpm's DDIM steps between kept timesteps")
     clip = _clip(f, True)
-    if clip and not use_clipped_model_output:
+    if clip["clip_denoised"] and not use_clipped_model_output:
         key = "thresholding" if f["thresholding"] else "clip_sample"
         f.reject(key, f"{key}=False, or from_diffusers(..., use_clipped_model_output=True)",
                  "diffusers' DDIM step (as DDIMPipeline calls it) takes its direction from the unclipped model "
                  "output, fastddpm's from the clipped x0 (diffusers' use_clipped_model_output=True)")
-    return {"sampler": "ddim", "clip_denoised": clip}
+    return {"sampler": "ddim", **clip}
 
 
 def _multistep_common(f: _Fields):
@@ -318,7 +327,7 @@ def _dpm_solver(f: _Fields) -> dict:
     if f["use_karras_sigmas"] and f["trained_betas"] is not None and f["beta_schedule"] == "squaredcos_cap_v2":
         f.reject("trained_betas", "None with beta_schedule='squaredcos_cap_v2' and use_karras_sigmas=True",
                  "diffusers truncates the Karras timesteps by the schedule's name, not its betas")
-    return {"sampler": solvers[(algorithm, f["solver_order"])], "clip_denoised": _clip(f, False),
+    return {"sampler": solvers[(algorithm, f["solver_order"])], **_clip(f, False),
             "karras_sigmas": f["use_karras_sigmas"], "lambda_min_clipped": float(lam)}
 
 
@@ -337,7 +346,7 @@ def _unipc(f: _Fields) -> dict:
         if f[key] is not None:
             f.reject(key, "None", why)
     # diffusers' UniPC has no lambda clip; fastddpm's default clips the cosine schedule
-    return {"sampler": "unipc", "clip_denoised": _clip(f, False), "karras_sigmas": f["use_karras_sigmas"],
+    return {"sampler": "unipc", **_clip(f, False), "karras_sigmas": f["use_karras_sigmas"],
             "lambda_min_clipped": -math.inf}
 
 

@@ -43,6 +43,7 @@ from . import ops
 from .checks import is_int
 from .modes import PREDICTIONS, SOLVERS, SPACINGS
 from .schedule import NoiseSchedule
+from .thresholding import step_threshold
 
 __all__ = [
     "SOLVERS",
@@ -279,12 +280,15 @@ class MultistepPlan:
     :param timesteps: int64 ``[K]``: model timestep of reverse-process step ``i`` (row ``i``).
     :param table: float64 ``[K, 12]`` coefficient table.
     :param clip_denoised: clamp ``D`` to [-1, 1] (diffusers: ``thresholding=True, sample_max_value=1``).
+    :param thresholding: ``(ratio, sample_max_value)`` of dynamic thresholding on ``D`` (diffusers:
+        ``thresholding=True`` with ``sample_max_value > 1``), or None.
     """
 
     solver: str
     timesteps: np.ndarray
     table: np.ndarray
     clip_denoised: bool = False
+    thresholding: tuple[float, float] | None = None
 
     @property
     def num_steps(self) -> int:
@@ -302,13 +306,14 @@ class MultistepPlan:
 
 def make_plan(schedule: NoiseSchedule, solver: str, steps: int, prediction: str = "epsilon",
               spacing: str = "linspace", karras_sigmas: bool = False, lambda_min_clipped: float | None = None,
-              clip_denoised: bool = False) -> MultistepPlan:
-    """The plan of ``solver`` over ``steps`` model calls of a model trained on ``schedule``."""
+              clip_denoised: bool = False, thresholding: tuple[float, float] | None = None) -> MultistepPlan:
+    """The plan of ``solver`` over ``steps`` model calls of a model trained on ``schedule``
+    (``thresholding``: ``(ratio, sample_max_value)`` of dynamic thresholding, or None)."""
     ts, sigmas = solver_timesteps(schedule, steps, solver, spacing, karras_sigmas, lambda_min_clipped)
     table = multistep_table(sigmas, solver, prediction)
     if not np.all(np.isfinite(table)):
         raise ValueError(f"{solver} table is not finite for this schedule; try lambda_min_clipped")
-    return MultistepPlan(solver, ts[::-1].copy(), table, bool(clip_denoised))
+    return MultistepPlan(solver, ts[::-1].copy(), table, bool(clip_denoised), thresholding)
 
 
 # -- the update --------------------------------------------------------------------------------
@@ -319,7 +324,8 @@ def new_history(x: torch.Tensor) -> torch.Tensor:
     return torch.zeros((HISTORY_SLOTS, *x.shape), dtype=dtype, device=x.device)
 
 
-def multistep_update(x, model_output, history, step, table, noise=None, clip_denoised: bool = False):
+def multistep_update(x, model_output, history, step, table, noise=None, clip_denoised: bool = False,
+                     thresholding: tuple[float, float] | None = None):
     """One multistep solver step, elementwise; advances ``history`` in place.
 
     The math is ``reference.multistep_step``; this runs it through ``fastddpm.ops`` (the fused
@@ -333,10 +339,12 @@ def multistep_update(x, model_output, history, step, table, noise=None, clip_den
     :param table: ``[K, 12]`` coefficient table (its row is cast to the compute dtype).
     :param noise: ``[n, ...]`` standard normals for the SDE solver (None: no noise term).
     :param clip_denoised: clamp the data prediction to [-1, 1].
+    :param thresholding: ``(ratio, sample_max_value)``: dynamic thresholding of the data prediction.
     :return: the next sample, in the compute dtype.
     """
-    return ops.multistep_step(x.to(history.dtype), model_output, history, step, table, clip_denoised=clip_denoised,
-                              noise=noise)
+    x = x.to(history.dtype)
+    return ops.multistep_step(x, model_output, history, step, table, clip_denoised=clip_denoised, noise=noise,
+                              threshold=step_threshold(x, model_output, step, table, thresholding))
 
 
 class MultistepSampler:
@@ -365,4 +373,5 @@ class MultistepSampler:
             raise ValueError(f"{self.plan.solver} needs noise at every step")
         step = torch.tensor(self.index, dtype=torch.int64, device=x.device)
         self.index -= 1
-        return multistep_update(x, model_output, self.history, step, self.table, noise, self.plan.clip_denoised)
+        return multistep_update(x, model_output, self.history, step, self.table, noise, self.plan.clip_denoised,
+                                self.plan.thresholding)

@@ -59,6 +59,7 @@ from .noise import check_noise_capacity
 from .ops import reference
 from .plan import INDUCTOR_GRAPH_MODES, Plan
 from .request import SamplingRequest, replaced_x
+from .thresholding import step_threshold
 
 __all__ = ["SamplerEngine", "WARMUP_STEPS"]
 
@@ -108,9 +109,11 @@ class SamplerEngine:
             tables = process.tables(device)
             self.coefs, self.timesteps = tables["coefs"], tables["timesteps"]
             self.clip_denoised = bool(process.config.clip_denoised)
+            self.thresholding = process.config.thresholding
         else:
             self.coefs, self.timesteps = self.solver.tensors(device)  # coefs: the [K, 12] table
             self.clip_denoised = self.solver.clip_denoised
+            self.thresholding = self.solver.thresholding
         # -- static buffers: allocated once, updated in place ------------------------------
         self.x = torch.empty(self.shape, dtype=torch.float32, device=device)
         # the multistep solvers' ring: [3, *shape] float32
@@ -171,31 +174,33 @@ class SamplerEngine:
             # shapes checked on its first call; ``diverged`` raised in place, on the device
             out, uncond = self.denoiser(model_input, self.model_t, self.diverged)
         w = self.denoiser.guidance_scale if uncond is not None else 1.0
+        # dynamic thresholding's per-sample bound: a reduction on the device, captured with the step
+        threshold = step_threshold(self.x, out, self.step_n, self.coefs, self.thresholding, uncond, w)
         if self.solver is not None:
-            self._multistep_update(out, uncond, w, seed, sample_offset)
+            self._multistep_update(out, uncond, w, threshold, seed, sample_offset)
         elif self._inplace is not None:  # fused: reads step on the device, writes x and the model input
             self._inplace(self.x, out, self.step, self.coefs, self.rng, self.clip_denoised, self.model_input,
-                          uncond, w)
+                          uncond, w, threshold)
         else:
             x_prev = ops.ddpm_step(self.x, out, self.step_n, self.coefs, seed=seed, sample_offset=sample_offset,
                                    clip_denoised=self.clip_denoised, uncond_output=uncond, guidance_scale=w,
-                                   backend="reference")
+                                   threshold=threshold, backend="reference")
             self.x.copy_(x_prev)
             if self.model_input is not None:
                 self.model_input.copy_(x_prev)
         self.step.sub_(1)
 
-    def _multistep_update(self, out: torch.Tensor, uncond, w: float, seed: int, sample_offset: int) -> None:
+    def _multistep_update(self, out: torch.Tensor, uncond, w: float, threshold, seed: int, sample_offset: int) -> None:
         """The solver's update after the model call: ``x``, ``history`` and the model input in place,
         the step index and (for the SDE solver) the noise key read on the device by the fused op."""
         if self._inplace is not None:  # fused: writes x, the history and the model input
             self._inplace(self.x, out, self.history, self.step, self.coefs, self.rng, self.clip_denoised,
-                          self.solver.stochastic, self.model_input, uncond, w)
+                          self.solver.stochastic, self.model_input, uncond, w, threshold)
         else:
             x_next = ops.multistep_step(self.x, out, self.history, self.step, self.coefs, seed=seed,
                                         sample_offset=sample_offset, clip_denoised=self.clip_denoised,
                                         stochastic=self.solver.stochastic, uncond_output=uncond,
-                                        guidance_scale=w, backend="reference")
+                                        guidance_scale=w, threshold=threshold, backend="reference")
             self.x.copy_(x_next)
             if self.model_input is not None:
                 self.model_input.copy_(x_next)

@@ -13,7 +13,9 @@ skips the noise generation.  Optionally the kernel also writes ``x_prev`` in the
 model's dtype, contiguous or channels_last: the next model call's input.  With
 classifier-free guidance (``uncond_output`` given) ``out = u + w * (c - u)`` in float32
 (``guided_output``) in the same pass; ``GUIDED`` is a compile-time flag, so the unguided
-kernel is unchanged.
+kernel is unchanged.  With dynamic thresholding (``threshold``: float32 ``[n]``, each sample's
+bound ``s``, from ``fastddpm.ops.dynamic_threshold``) ``x0_hat = clamp(x0_hat, -s, s) / s`` in
+place of the clip (``denoised``), under the compile-time flag ``THRESHOLD``.
 
 Ops (as the C++ backend's ``torch.ops.fastddpm.*``, here ``fastddpm_triton``):
 ``ddpm_step`` (functional), ``ddpm_step_cast`` (also returns the model-dtype
@@ -40,7 +42,7 @@ from fastddpm.ops import fakes
 from ._library import ELEMENTWISE_WARPS, elementwise_block, elementwise_grid, launch, op
 from .noise import contract_offsets
 
-__all__ = ["ddpm_step", "ddpm_step_cast", "ddpm_step_", "ddpm_step_into"]
+__all__ = ["ddpm_step", "ddpm_step_cast", "ddpm_step_", "ddpm_step_into", "check_threshold"]
 
 
 @triton.jit
@@ -53,6 +55,20 @@ def guided_output(out_ptr, uncond_ptr, offs, mask, guidance_scale, GUIDED: tl.co
         uncond = tl.load(uncond_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         out = uncond + guidance_scale * (out - uncond)
     return out
+
+
+@triton.jit
+def denoised(x0_hat, threshold_ptr, row, CLIP: tl.constexpr, THRESHOLD: tl.constexpr):
+    """The x0 prediction a step uses (``reference.predict_x0``): with ``THRESHOLD``,
+    ``clamp(x0_hat, -s, s) / s`` with row ``row``'s bound ``s`` (a correctly rounded division, as
+    torch's; whatever ``CLIP``), else clamped to ``[-1, 1]`` if ``CLIP``.  Shared by the DDPM and
+    multistep kernels."""
+    if THRESHOLD:
+        s = tl.load(threshold_ptr + row)
+        x0_hat = tl.div_rn(tl.minimum(tl.maximum(x0_hat, -s), s), s)
+    elif CLIP:
+        x0_hat = tl.minimum(tl.maximum(x0_hat, -1.0), 1.0)
+    return x0_hat
 
 
 @triton.jit
@@ -69,9 +85,10 @@ def store_model_input(model_input_ptr, base, element, value, mask, channels, spa
 
 @triton.jit
 def _ddpm_step_kernel(x_ptr, out_ptr, step_ptr, step_stride, coefs_ptr, x_prev_ptr, model_input_ptr, numel, channels,
-                      spatial, seed, sample_offset, rng_ptr, uncond_ptr, guidance_scale, CLIP: tl.constexpr,
-                      WRITE_MODEL_INPUT: tl.constexpr, CHANNELS_LAST: tl.constexpr, RNG_IN_MEMORY: tl.constexpr,
-                      GUIDED: tl.constexpr, BLOCK: tl.constexpr):
+                      spatial, seed, sample_offset, rng_ptr, uncond_ptr, guidance_scale, threshold_ptr,
+                      CLIP: tl.constexpr, WRITE_MODEL_INPUT: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+                      RNG_IN_MEMORY: tl.constexpr, GUIDED: tl.constexpr, THRESHOLD: tl.constexpr,
+                      BLOCK: tl.constexpr):
     row = tl.program_id(0)
     element = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = element < numel
@@ -85,9 +102,7 @@ def _ddpm_step_kernel(x_ptr, out_ptr, step_ptr, step_stride, coefs_ptr, x_prev_p
     sigma = tl.load(coef + 4)
     x = tl.load(x_ptr + base + element, mask=mask, other=0.0).to(tl.float32)
     out = guided_output(out_ptr, uncond_ptr, base + element, mask, guidance_scale, GUIDED)
-    x0_hat = a * x + b * out
-    if CLIP:
-        x0_hat = tl.minimum(tl.maximum(x0_hat, -1.0), 1.0)
+    x0_hat = denoised(a * x + b * out, threshold_ptr, row, CLIP, THRESHOLD)
     x_prev = c0 * x0_hat + c1 * x
     if sigma != 0.0:  # uniform per program: sigma*z == 0 exactly, skip Philox
         if RNG_IN_MEMORY:  # the key (seed, sample_offset) from device memory, not the launch arguments
@@ -137,6 +152,19 @@ def check_guidance(model_output: torch.Tensor, uncond_output, guidance_scale) ->
     return uncond_output.contiguous()
 
 
+def check_threshold(threshold, x: torch.Tensor) -> torch.Tensor | None:
+    """Dynamic thresholding's argument of every step op: None, or float32 ``[n]`` (one bound per
+    sample) on ``x``'s device (values not read: a GPU one would synchronise).  Returns it contiguous."""
+    if threshold is None:
+        return None
+    if not isinstance(threshold, torch.Tensor):
+        raise ValueError(f"threshold must be a tensor or None, got {type(threshold).__name__}")
+    if threshold.dtype != torch.float32 or threshold.shape != (x.shape[0],) or threshold.device != x.device:
+        raise ValueError(f"threshold must be a float32 tensor of shape ({x.shape[0]},) (one bound per sample) on "
+                         f"{x.device}, got {threshold.dtype} {tuple(threshold.shape)} on {threshold.device}")
+    return threshold.contiguous()
+
+
 def check_rng(rng: torch.Tensor, x: torch.Tensor) -> None:
     """``rng``: the noise key ``(seed, sample_offset)``, int64 ``[2]``, contiguous, on ``x``'s device.
     Its values are checked for CPU tensors only (reading a GPU one would synchronise)."""
@@ -155,7 +183,7 @@ def check_rng(rng: torch.Tensor, x: torch.Tensor) -> None:
 def ddpm_step_into(x, model_output, step, coefs, seed: int, sample_offset: int, clip_denoised: bool,
                    x_prev: torch.Tensor, model_input: torch.Tensor | None = None, *,
                    rng: torch.Tensor | None = None, uncond_output: torch.Tensor | None = None,
-                   guidance_scale: float = 1.0) -> None:
+                   guidance_scale: float = 1.0, threshold: torch.Tensor | None = None) -> None:
     """Host launcher writing into preallocated buffers.
 
     :param x: float32 ``[n, ...]`` contiguous; may be the same tensor as ``x_prev``
@@ -171,8 +199,10 @@ def ddpm_step_into(x, model_output, step, coefs, seed: int, sample_offset: int, 
         check ``sample_offset + n <= 2**32`` then; the caller does (the engine checks every run).
     :param uncond_output: classifier-free guidance's unconditional output (model_output's shape and
         dtype; made contiguous), or None; :param guidance_scale: its ``w`` (a float32 kernel argument).
+    :param threshold: dynamic thresholding's float32 ``[n]`` bounds on x's device, or None.
     """
     uncond_output = check_guidance(model_output, uncond_output, guidance_scale)
+    threshold = check_threshold(threshold, x)
     n = x.shape[0]
     numel = x.numel() // n if n else 0
     if rng is not None:
@@ -189,28 +219,30 @@ def ddpm_step_into(x, model_output, step, coefs, seed: int, sample_offset: int, 
     block = elementwise_block(numel)
     launch(_ddpm_step_kernel)[elementwise_grid(n, numel, block)](
         x, model_output.contiguous(), step, step_stride, coefs.contiguous(), x_prev, model_input, numel, channels,
-        spatial, seed, sample_offset, rng, uncond_output, float(guidance_scale), CLIP=bool(clip_denoised),
+        spatial, seed, sample_offset, rng, uncond_output, float(guidance_scale), threshold, CLIP=bool(clip_denoised),
         WRITE_MODEL_INPUT=model_input is not None, CHANNELS_LAST=channels_last, RNG_IN_MEMORY=rng is not None,
-        GUIDED=uncond_output is not None, BLOCK=block, num_warps=ELEMENTWISE_WARPS)
+        GUIDED=uncond_output is not None, THRESHOLD=threshold is not None, BLOCK=block, num_warps=ELEMENTWISE_WARPS)
 
 
 @op("ddpm_step", fake=fakes.ddpm_step)
 def ddpm_step(x: torch.Tensor, model_output: torch.Tensor, step: torch.Tensor, coefs: torch.Tensor, seed: int,
               sample_offset: int, clip_denoised: bool, uncond_output: Optional[torch.Tensor],
-              guidance_scale: float) -> torch.Tensor:
+              guidance_scale: float, threshold: Optional[torch.Tensor]) -> torch.Tensor:
     """:return: float32 ``x_{t-1}`` (see the module docstring); ``uncond_output`` (None for none)
-    and ``guidance_scale``: classifier-free guidance, fused."""
+    and ``guidance_scale``: classifier-free guidance, fused; ``threshold`` (None for none): dynamic
+    thresholding's per-sample bounds, fused."""
     x = x.contiguous()
     x_prev = torch.empty(x.shape, dtype=torch.float32, device=x.device)
     ddpm_step_into(x, model_output, step, coefs, seed, sample_offset, clip_denoised, x_prev,
-                   uncond_output=uncond_output, guidance_scale=guidance_scale)
+                   uncond_output=uncond_output, guidance_scale=guidance_scale, threshold=threshold)
     return x_prev
 
 
 @op("ddpm_step_cast", fake=fakes.ddpm_step_cast)
 def ddpm_step_cast(x: torch.Tensor, model_output: torch.Tensor, step: torch.Tensor, coefs: torch.Tensor, seed: int,
                    sample_offset: int, clip_denoised: bool, model_dtype: torch.dtype, channels_last: bool,
-                   uncond_output: Optional[torch.Tensor], guidance_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                   uncond_output: Optional[torch.Tensor], guidance_scale: float,
+                   threshold: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """:return: ``x_{t-1}`` in float32 and the same values in ``model_dtype``
     (channels_last if asked; needs a 4-D ``x``)."""
     if channels_last and x.ndim != 4:
@@ -220,14 +252,14 @@ def ddpm_step_cast(x: torch.Tensor, model_output: torch.Tensor, step: torch.Tens
     layout = torch.channels_last if channels_last else torch.contiguous_format
     model_input = torch.empty(x.shape, dtype=model_dtype, device=x.device, memory_format=layout)
     ddpm_step_into(x, model_output, step, coefs, seed, sample_offset, clip_denoised, x_prev, model_input,
-                   uncond_output=uncond_output, guidance_scale=guidance_scale)
+                   uncond_output=uncond_output, guidance_scale=guidance_scale, threshold=threshold)
     return x_prev, model_input
 
 
 @op("ddpm_step_", fake=fakes.ddpm_step_)
 def ddpm_step_(x: torch.Tensor, model_output: torch.Tensor, step: torch.Tensor, coefs: torch.Tensor, rng: torch.Tensor,
                clip_denoised: bool, model_input: Optional[torch.Tensor], uncond_output: Optional[torch.Tensor],
-               guidance_scale: float) -> None:
+               guidance_scale: float, threshold: Optional[torch.Tensor]) -> None:
     """Update ``x`` (float32, contiguous) to ``x_{t-1}`` in place, and
     ``model_input`` (contiguous or channels_last; None for none) with its cast copy.
     ``model_input`` has no default: torch 2.11's custom ops raise IndexError on a
@@ -236,6 +268,7 @@ def ddpm_step_(x: torch.Tensor, model_output: torch.Tensor, step: torch.Tensor, 
     :param rng: the noise key ``(seed, sample_offset)``, int64 ``[2]`` on ``x``'s device, read by
         the kernel: a captured graph draws the noise of whatever it holds at replay time.
     :param uncond_output, guidance_scale: classifier-free guidance (None: none), as ``ddpm_step``'s.
+    :param threshold: dynamic thresholding's bounds (None: none), as ``ddpm_step``'s.
     """
     ddpm_step_into(x, model_output, step, coefs, 0, 0, clip_denoised, x, model_input, rng=rng,
-                   uncond_output=uncond_output, guidance_scale=guidance_scale)
+                   uncond_output=uncond_output, guidance_scale=guidance_scale, threshold=threshold)

@@ -13,11 +13,13 @@ slot ``step`` under the key ``rng = (seed, sample_offset)`` (int64 ``[2]`` on th
 ``ddpm_step_``), skipped where ``cz == 0``.  Optionally the kernel also writes ``x_next`` into
 ``model_input`` in the model's dtype, contiguous or channels_last (the next model call's input), as
 ``ddpm_step_`` does.  With classifier-free guidance (``uncond_output`` given) ``out = u + w * (c - u)``
-in float32, as ``ddpm_step``'s (a compile-time flag: the unguided kernel is unchanged).
+in float32, as ``ddpm_step``'s (a compile-time flag: the unguided kernel is unchanged); with dynamic
+thresholding (``threshold``, float32 ``[n]``) ``D = clamp(D, -s, s) / s`` in place of the clip, as
+``ddpm_step``'s (``THRESHOLD``, a compile-time flag too).
 
 Op (as the C++ backend's ``torch.ops.fastddpm.multistep_step_``, here ``fastddpm_triton``):
 ``multistep_step_(x, model_output, history, step, table, rng, clip_denoised, stochastic, model_input,
-uncond_output, guidance_scale)``.
+uncond_output, guidance_scale, threshold)``.
 """
 from __future__ import annotations
 
@@ -32,7 +34,8 @@ from fastddpm.noise import check_noise_capacity
 from fastddpm.ops.reference import MULTISTEP_WIDTH
 
 from ._library import ELEMENTWISE_WARPS, elementwise_block, elementwise_grid, launch, op
-from .ddpm_step import check_guidance, check_rng, guided_output, model_input_layout, store_model_input
+from .ddpm_step import (check_guidance, check_rng, check_threshold, denoised, guided_output, model_input_layout,
+                        store_model_input)
 from .noise import contract_offsets
 
 __all__ = ["multistep_step_", "multistep_step_into"]
@@ -40,9 +43,9 @@ __all__ = ["multistep_step_", "multistep_step_into"]
 
 @triton.jit
 def _multistep_step_kernel(x_ptr, out_ptr, history_ptr, step_ptr, table_ptr, rng_ptr, model_input_ptr, numel, total,
-                           channels, spatial, uncond_ptr, guidance_scale, CLIP: tl.constexpr,
+                           channels, spatial, uncond_ptr, guidance_scale, threshold_ptr, CLIP: tl.constexpr,
                            STOCHASTIC: tl.constexpr, WRITE_MODEL_INPUT: tl.constexpr, CHANNELS_LAST: tl.constexpr,
-                           GUIDED: tl.constexpr, BLOCK: tl.constexpr):
+                           GUIDED: tl.constexpr, THRESHOLD: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     element = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = element < numel
@@ -70,9 +73,7 @@ def _multistep_step_kernel(x_ptr, out_ptr, history_ptr, step_ptr, table_ptr, rng
     x_last = tl.load(x_last_ptr, mask=mask, other=0.0)
     h1 = tl.load(h1_ptr, mask=mask, other=0.0)
     h2 = tl.load(h2_ptr, mask=mask, other=0.0)
-    d = a * x + b * out
-    if CLIP:
-        d = tl.minimum(tl.maximum(d, -1.0), 1.0)
+    d = denoised(a * x + b * out, threshold_ptr, row, CLIP, THRESHOLD)
     x_corr = u * x + cl * x_last + k0 * d + k1 * h1 + k2 * h2
     x_next = cx * x_corr + p0 * d + p1 * h1 + p2 * h2
     if STOCHASTIC:
@@ -90,7 +91,7 @@ def _multistep_step_kernel(x_ptr, out_ptr, history_ptr, step_ptr, table_ptr, rng
 
 def multistep_step_into(x, model_output, history, step, table, rng, clip_denoised: bool, stochastic: bool,
                         model_input: torch.Tensor | None = None, *, uncond_output: torch.Tensor | None = None,
-                        guidance_scale: float = 1.0) -> None:
+                        guidance_scale: float = 1.0, threshold: torch.Tensor | None = None) -> None:
     """Host launcher: validates metadata (no value of a device tensor is read: the step index and the
     key are checked where they are CPU tensors only) and launches.
 
@@ -105,6 +106,7 @@ def multistep_step_into(x, model_output, history, step, table, rng, clip_denoise
         device), contiguous or channels_last.
     :param uncond_output: classifier-free guidance's unconditional output (model_output's shape and
         dtype; made contiguous), or None; :param guidance_scale: its ``w`` (a float32 kernel argument).
+    :param threshold: dynamic thresholding's float32 ``[n]`` bounds on x's device, or None.
     """
     if x.dtype != torch.float32 or not x.is_contiguous():
         raise ValueError(f"multistep_step: x must be float32 and contiguous (updated in place), got {x.dtype}")
@@ -128,6 +130,7 @@ def multistep_step_into(x, model_output, history, step, table, rng, clip_denoise
         raise ValueError(f"step must lie in [0, {table.shape[0] - 1}] (a row of table), got {int(step.reshape(()))}")
     check_rng(rng, x)
     uncond_output = check_guidance(model_output, uncond_output, guidance_scale)
+    threshold = check_threshold(threshold, x)
     n = x.shape[0]
     numel = x.numel() // n if n else 0
     check_noise_capacity(numel, table.shape[0] + 1, n - 1)
@@ -137,19 +140,20 @@ def multistep_step_into(x, model_output, history, step, table, rng, clip_denoise
     block = elementwise_block(numel)
     launch(_multistep_step_kernel)[elementwise_grid(n, numel, block)](
         x, model_output.contiguous(), history, step, table.contiguous(), rng, model_input, numel, n * numel,
-        channels, spatial, uncond_output, float(guidance_scale), CLIP=bool(clip_denoised),
+        channels, spatial, uncond_output, float(guidance_scale), threshold, CLIP=bool(clip_denoised),
         STOCHASTIC=bool(stochastic), WRITE_MODEL_INPUT=model_input is not None, CHANNELS_LAST=channels_last,
-        GUIDED=uncond_output is not None, BLOCK=block, num_warps=ELEMENTWISE_WARPS)
+        GUIDED=uncond_output is not None, THRESHOLD=threshold is not None, BLOCK=block, num_warps=ELEMENTWISE_WARPS)
 
 
 @op("multistep_step_", fake=fakes.multistep_step_)
 def multistep_step_(x: torch.Tensor, model_output: torch.Tensor, history: torch.Tensor, step: torch.Tensor,
                     table: torch.Tensor, rng: torch.Tensor, clip_denoised: bool, stochastic: bool,
                     model_input: Optional[torch.Tensor], uncond_output: Optional[torch.Tensor],
-                    guidance_scale: float) -> None:
+                    guidance_scale: float, threshold: Optional[torch.Tensor]) -> None:
     """One multistep solver step in place (see the module docstring); ``model_input`` (contiguous or
     channels_last; None for none) gets the cast copy of ``x_next``; ``uncond_output`` (None for none)
-    and ``guidance_scale``: classifier-free guidance, fused.  No defaults: torch 2.11's custom ops
-    raise IndexError on a mutable optional argument with a default (and the table gives none)."""
+    and ``guidance_scale``: classifier-free guidance, fused; ``threshold`` (None for none): dynamic
+    thresholding's per-sample bounds, fused.  No defaults: torch 2.11's custom ops raise IndexError
+    on a mutable optional argument with a default (and the table gives none)."""
     multistep_step_into(x, model_output, history, step, table, rng, clip_denoised, stochastic, model_input,
-                        uncond_output=uncond_output, guidance_scale=guidance_scale)
+                        uncond_output=uncond_output, guidance_scale=guidance_scale, threshold=threshold)

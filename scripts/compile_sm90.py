@@ -132,11 +132,24 @@ def drive_launchers() -> None:
             model_input = torch.empty(shape, dtype=model_dtype, memory_format=layout)
             step_mod.ddpm_step_into(x, out, step, coefs, 0, 0, clip, x.clone(), model_input, rng=rng,
                                     uncond_output=uncond, guidance_scale=7.5)
-    for numel in numels[:-1]:  # the smaller blocks, one variant each (and guided)
+    # ... thresholded (dynamic thresholding: float32 [n] bounds), unguided and guided: every output
+    # dtype x clip x key source, and the in-place form with each model-input dtype/layout
+    bounds = torch.rand(2) + 1.0
+    for out_dtype, clip, guided in itertools.product(floats, (False, True), (False, True)):
+        both = torch.randn((4, *shape[1:]), dtype=out_dtype)
+        out, uncond = both[:2], (both[2:] if guided else None)
+        kw = dict(uncond_output=uncond, guidance_scale=7.5, threshold=bounds)
+        step_mod.ddpm_step_into(x, out, step, coefs, 1, 0, clip, torch.empty(shape), **kw)
+        step_mod.ddpm_step_into(x, out, step, coefs, 0, 0, clip, x.clone(), rng=rng, **kw)
+        for model_dtype, layout in itertools.product(floats, (torch.contiguous_format, torch.channels_last)):
+            model_input = torch.empty(shape, dtype=model_dtype, memory_format=layout)
+            step_mod.ddpm_step_into(x, out, step, coefs, 0, 0, clip, x.clone(), model_input, rng=rng, **kw)
+    for numel in numels[:-1]:  # the smaller blocks, one variant each (and guided, and thresholded)
         x = torch.randn(2, numel)
         step_mod.ddpm_step_into(x, x, step, coefs, 1, 0, True, torch.empty_like(x))
         step_mod.ddpm_step_into(x, x, step, coefs, 1, 0, True, torch.empty_like(x), uncond_output=x,
                                 guidance_scale=7.5)
+        step_mod.ddpm_step_into(x, x, step, coefs, 1, 0, True, torch.empty_like(x), threshold=bounds)
     # the multistep solver update: every output dtype x clip x stochastic, at every block size
     from fastddpm.kernels import multistep_step as ms_mod
 
@@ -147,6 +160,11 @@ def drive_launchers() -> None:
         ms_mod.multistep_step_into(x, out, torch.zeros(3, 2, numel), step, table, rng, clip, stochastic)
         ms_mod.multistep_step_into(x, out, torch.zeros(3, 2, numel), step, table, rng, clip, stochastic,
                                    uncond_output=torch.randn(2, numel, dtype=out_dtype), guidance_scale=7.5)
+        ms_mod.multistep_step_into(x, out, torch.zeros(3, 2, numel), step, table, rng, clip, stochastic,
+                                   threshold=bounds)
+        ms_mod.multistep_step_into(x, out, torch.zeros(3, 2, numel), step, table, rng, clip, stochastic,
+                                   uncond_output=torch.randn(2, numel, dtype=out_dtype), guidance_scale=7.5,
+                                   threshold=bounds)
     # ... and with the model input: every output dtype x model-input dtype/layout x stochastic
     for out_dtype, model_dtype, layout, stochastic in itertools.product(
             floats, floats, (torch.contiguous_format, torch.channels_last), (False, True)):
@@ -156,6 +174,8 @@ def drive_launchers() -> None:
         ms_mod.multistep_step_into(x, out, torch.zeros(3, *shape), step, table, rng, True, stochastic, model_input)
         ms_mod.multistep_step_into(x, out, torch.zeros(3, *shape), step, table, rng, True, stochastic, model_input,
                                    uncond_output=torch.randn(shape, dtype=out_dtype), guidance_scale=7.5)
+        ms_mod.multistep_step_into(x, out, torch.zeros(3, *shape), step, table, rng, True, stochastic, model_input,
+                                   threshold=bounds)
     # attention: fp16/bf16 (fp32 goes to SDPA on a GPU) at every head dim the tests, the
     # benchmarks and the U-Nets use (16 .. 256, padded ones too), L a multiple of 16 or not
     for dtype, d, L in itertools.product((torch.float16, torch.bfloat16), (16, 32, 40, 64, 128, 256), (256, 100)):

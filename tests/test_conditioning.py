@@ -421,3 +421,29 @@ def test_cli_class_on_an_unconditional_model_is_refused(tmp_path, capsys):
     assert main(["sample", "--checkpoint", str(path), "-n", "2", "--steps", "2", "--class", "1",
                  "--out", str(tmp_path / "x.png"), "--quiet"]) == 2
     assert "not class-conditional" in capsys.readouterr().err
+
+
+# -- dynamic thresholding on every path ---------------------------------------------------------------
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++2m", "unipc"])
+def test_dynamic_thresholding_is_the_same_on_every_path_and_differs_from_the_clip(sampler):
+    """clip_denoised="dynamic" (step for step against diffusers' thresholding=True in test_interop)
+    through the eager loop, the engine (fused and reference steps) and micro-batches, guided too."""
+    model = LabelledPointwise()
+    kw = dict(SAMPLERS[sampler], class_labels=LABELS, guidance_scale=4.0, clip_denoised="dynamic",
+              sample_max_value=2.0, dynamic_thresholding_ratio=0.9)
+    eager = _sample(model, 5, engine=False, **kw)
+    for path in ("engine", "engine-reference"):
+        assert_close(_sample(model, 5, batch_size=2, **PATHS[path], **kw), eager, **FP32)
+    clipped = _sample(model, 5, engine=False, **dict(kw, clip_denoised=True))
+    assert (eager - clipped).abs().max() > 1e-3
+    same_as_clip = _sample(model, 5, engine=False, **dict(kw, sample_max_value=1.0))  # s clamped to 1: the clip
+    assert_close(same_as_clip, clipped, **FP32)
+
+
+def test_dynamic_thresholding_options_are_checked():
+    with pytest.raises(ValueError, match="sample_max_value must be a finite number >= 1"):
+        DDPM(clip_denoised="dynamic", sample_max_value=0.5)
+    with pytest.raises(ValueError, match=r"dynamic_thresholding_ratio must be a quantile in \(0, 1\]"):
+        DDPM(clip_denoised="dynamic", dynamic_thresholding_ratio=1.5)
+    with pytest.raises(TypeError, match="clip_denoised must be True, False or 'dynamic'"):
+        DDPM(clip_denoised="yes")

@@ -50,6 +50,9 @@ DDPM_CONFIGS = [
          variance_type="fixed_small_log", thresholding=True, sample_max_value=1.0),
     dict(num_train_timesteps=300, trained_betas=torch.linspace(2e-4, 0.03, 300).tolist(), timestep_spacing="trailing"),
     dict(beta_schedule="sigmoid", prediction_type="v_prediction", steps_offset=1, timestep_spacing="linspace"),
+    # dynamic thresholding (Imagen): clip_denoised="dynamic"
+    dict(prediction_type="sample", thresholding=True, sample_max_value=1.5),
+    dict(thresholding=True, sample_max_value=3.0, dynamic_thresholding_ratio=0.9, timestep_spacing="trailing"),
 ]
 
 
@@ -84,6 +87,7 @@ DDIM_CONFIGS = [
          clip_sample=False),
     dict(),  # clip_sample=True: with use_clipped_model_output=True on both sides
     dict(thresholding=True, prediction_type="v_prediction"),
+    dict(thresholding=True, prediction_type="sample", sample_max_value=2.0, dynamic_thresholding_ratio=0.9),
 ]
 
 
@@ -119,6 +123,9 @@ MULTISTEP_CONFIGS = [
     (UniPCMultistepScheduler, dict(prediction_type="v_prediction", timestep_spacing="trailing", thresholding=True)),
     (UniPCMultistepScheduler, dict(use_karras_sigmas=True, prediction_type="sample", steps_offset=2)),
     (UniPCMultistepScheduler, dict(timestep_spacing="leading", beta_schedule="scaled_linear")),
+    # dynamic thresholding (Imagen): clip_denoised="dynamic"
+    (DPMSolverMultistepScheduler, dict(thresholding=True, sample_max_value=1.5, prediction_type="sample")),
+    (UniPCMultistepScheduler, dict(thresholding=True, sample_max_value=2.0, dynamic_thresholding_ratio=0.9)),
 ]
 
 
@@ -205,7 +212,7 @@ REJECTED = [
     (DDPMScheduler, dict(variance_type="learned_range"), "variance_type"),
     (DDPMScheduler, dict(variance_type="fixed_large_log"), "variance_type"),
     (DDPMScheduler, dict(variance_type="fixed_large", timestep_spacing="trailing"), "timestep_spacing"),
-    (DDPMScheduler, dict(thresholding=True, sample_max_value=1.5), "sample_max_value"),
+    (DDPMScheduler, dict(thresholding=True, sample_max_value=0.5), "sample_max_value"),
     (DDPMScheduler, dict(clip_sample_range=2.0), "clip_sample_range"),
     (DDPMScheduler, dict(rescale_betas_zero_snr=True), "rescale_betas_zero_snr"),
     (DDPMScheduler, dict(steps_offset=1), "steps_offset"),
@@ -228,7 +235,7 @@ REJECTED = [
     (DPMSolverMultistepScheduler, dict(variance_type="learned_range"), "variance_type"),
     (DPMSolverMultistepScheduler, dict(use_karras_sigmas=True, lambda_min_clipped=-5.1), "lambda_min_clipped"),
     (DPMSolverMultistepScheduler, dict(prediction_type="flow_prediction"), "prediction_type"),
-    (DPMSolverMultistepScheduler, dict(thresholding=True, sample_max_value=2.0), "sample_max_value"),
+    (DPMSolverMultistepScheduler, dict(thresholding=True, dynamic_thresholding_ratio=0.0), "dynamic_thresholding_ratio"),
     (DPMSolverMultistepScheduler, dict(use_flow_sigmas=True), "use_flow_sigmas"),
     (DPMSolverMultistepScheduler, dict(use_dynamic_shifting=True), "use_dynamic_shifting"),
     (DPMSolverMultistepScheduler, dict(use_karras_sigmas="yes"), "use_karras_sigmas"),

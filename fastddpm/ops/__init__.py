@@ -3,7 +3,8 @@
 Where things are:
 
 * ``fastddpm.ops.dispatch``: the ops as callers use them (``q_sample``, ``diffusion_loss``,
-  ``ddpm_step``, ``multistep_step``, ``attention``): argument checks, then the backend;
+  ``ddpm_step``, ``multistep_step``, ``attention``): argument checks, then the backend; and
+  ``dynamic_threshold``, the per-sample bounds the step ops' ``threshold`` takes (reference math);
 * ``fastddpm.ops.registry``: the one registry: which backend runs an op per (op, device,
   dtype), ``FASTDDPM_BACKEND`` and the scoped ``use_backend``, and ``implementation(op,
   backend)`` for the in-place kernels the sampler engine replays (``ddpm_step_``,
@@ -22,10 +23,10 @@ Everything public is re-exported here: ``from fastddpm import ops; ops.ddpm_step
 from __future__ import annotations
 
 from . import reference
-from .dispatch import attention, ddpm_step, diffusion_loss, multistep_step, q_sample
+from .dispatch import attention, ddpm_step, diffusion_loss, dynamic_threshold, multistep_step, q_sample
 from .registry import (BACKENDS, KERNELS, OPS, available_backends, implementation, load_error, resolve,
                        select_backend, unsupported, use_backend)
 
 __all__ = ["BACKENDS", "OPS", "KERNELS", "q_sample", "diffusion_loss", "ddpm_step", "multistep_step", "attention",
-           "select_backend", "use_backend", "available_backends", "load_error", "unsupported", "resolve",
-           "implementation", "reference"]
+           "dynamic_threshold", "select_backend", "use_backend", "available_backends", "load_error", "unsupported",
+           "resolve", "implementation", "reference"]

@@ -19,17 +19,18 @@ Ops (schemas in the one table, ``fastddpm/ops/schemas.def``):
   sample_offset, prediction, loss_type, huber_delta)`` and its backward.
 * ``ddpm_step(x, model_output, step, coefs, seed, sample_offset, clip_denoised, uncond_output,
   guidance_scale)`` (classifier-free guidance fused: ``uncond_output`` None, or the unconditional
-  output, and the step uses ``u + guidance_scale * (c - u)``; the same last two arguments on every
-  step op); ``ddpm_step_cast(..., model_dtype, channels_last, uncond_output, guidance_scale)`` also returns
+  output, and the step uses ``u + guidance_scale * (c - u)``; the same two arguments on every
+  step op, then ``threshold``: None, or dynamic thresholding's float32 ``[n]`` bounds, and the
+  x0 prediction is ``clamp(x0_hat, -s, s) / s`` in place of the clip); ``ddpm_step_cast(..., model_dtype, channels_last, uncond_output, guidance_scale)`` also returns
   ``x_prev`` in the model's dtype/layout; ``ddpm_step_(x, model_output, step, coefs, rng,
-  clip_denoised, model_input, uncond_output, guidance_scale)`` (``model_input`` None or a tensor) updates
+  clip_denoised, model_input, uncond_output, guidance_scale, threshold)`` (``model_input`` None or a tensor) updates
   ``x`` (and ``model_input``) in
   place, for CUDA graphs: its noise key ``rng`` is an int64 ``[2]`` tensor
   ``(seed, sample_offset)`` on ``x``'s device, read by the kernel, so one
   captured graph serves every seed.  ``step`` is int64 ``[n]`` or a single
   value (0-dim/``[1]``, e.g. a device step counter read by the kernel).
 * ``multistep_step_(x, model_output, history, step, table, rng, clip_denoised, stochastic,
-  model_input, uncond_output, guidance_scale)``: one multistep solver step (``reference.multistep_step``) in place: ``x`` becomes
+  model_input, uncond_output, guidance_scale, threshold)``: one multistep solver step (``reference.multistep_step``) in place: ``x`` becomes
   ``x_next`` and the ``[3, *x.shape]`` history ring advances; ``step`` holds one value; the SDE noise
   (``stochastic``) is slot ``step`` under the key ``rng``, as ``ddpm_step_``'s; ``model_input`` (None
   or a tensor) gets ``x_next`` in its dtype and layout, as ``ddpm_step_``'s.

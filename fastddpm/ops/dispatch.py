@@ -19,7 +19,7 @@ from ..noise import check_seed
 from . import reference
 from .registry import implementation, resolve
 
-__all__ = ["q_sample", "diffusion_loss", "ddpm_step", "multistep_step", "attention"]
+__all__ = ["q_sample", "diffusion_loss", "ddpm_step", "multistep_step", "dynamic_threshold", "attention"]
 
 
 def _impl(op: str, device: torch.device, dtype: torch.dtype, backend: str | None, head_dim: int | None = None):
@@ -46,6 +46,12 @@ def _check_guidance(model_output, uncond_output, guidance_scale) -> None:
         raise TypeError(f"guidance_scale must be a real number, got {type(guidance_scale).__name__}")
     if not math.isfinite(guidance_scale):
         raise ValueError(f"guidance_scale must be finite, got {guidance_scale!r}")
+
+
+def _check_threshold(x, threshold) -> None:
+    """Dynamic thresholding's bounds (metadata only): None or float32 ``[n]`` on ``x``'s device."""
+    if threshold is not None:
+        check_tensor("threshold", threshold, dtypes=(torch.float32,), shape=(x.shape[0],), device=x.device)
 
 
 # -- the ops ---------------------------------------------------------------------------
@@ -100,7 +106,8 @@ def diffusion_loss(model_output, x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alph
 
 
 def ddpm_step(x, model_output, step, coefs, *, seed: int, sample_offset: int = 0, clip_denoised: bool = True,
-              noise=None, uncond_output=None, guidance_scale: float = 1.0, backend: str | None = None):
+              noise=None, uncond_output=None, guidance_scale: float = 1.0, threshold=None,
+              backend: str | None = None):
     """One reverse step ``x_t -> x_{t-1}`` for every sample.
 
     :param x: float32 ``[n, ...]``.
@@ -112,6 +119,9 @@ def ddpm_step(x, model_output, step, coefs, *, seed: int, sample_offset: int = 0
     :param uncond_output: classifier-free guidance's unconditional output (model_output's shape,
         dtype and device), or None (no guidance): the step uses ``u + w * (c - u)``, fused.
     :param guidance_scale: ``w`` (1: the conditional model alone); ignored without uncond_output.
+    :param threshold: dynamic thresholding's float32 ``[n]`` bounds on x's device
+        (``dynamic_threshold``), or None: ``x0_hat`` becomes ``clamp(x0_hat, -s, s) / s`` in place
+        of the clip, whatever ``clip_denoised`` says.
     :return: float32 ``x_{t-1}``.
     """
     check_tensor("x", x, dtypes=(torch.float32,), min_ndim=1)
@@ -122,18 +132,19 @@ def ddpm_step(x, model_output, step, coefs, *, seed: int, sample_offset: int = 0
     _check_batch("ddpm_step", x, step, coefs=coefs)
     check_same_device(x=x, model_output=model_output)
     _check_guidance(model_output, uncond_output, guidance_scale)
+    _check_threshold(x, threshold)
     check_seed(seed)
     step = step.expand(x.shape[0]) if step.ndim == 0 else step
     if noise is None:
         impl = _impl("ddpm_step", x.device, model_output.dtype, backend)
         if impl is not None:
             return impl(x, model_output, step, coefs, seed, sample_offset, bool(clip_denoised), uncond_output,
-                        float(guidance_scale))
+                        float(guidance_scale), threshold)
         noise = reference.batch_noise(seed, sample_offset, step, x.shape, x.device)
     else:
         check_tensor("noise", noise, dtypes=FLOAT_DTYPES, shape=x.shape, device=x.device)
     return reference.ddpm_step(x, model_output, coefs.index_select(0, step), clip_denoised, noise,
-                               uncond_output=uncond_output, guidance_scale=float(guidance_scale))
+                               uncond_output=uncond_output, guidance_scale=float(guidance_scale), threshold=threshold)
 
 
 _HISTORY_DTYPES = (torch.float32, torch.float64)
@@ -171,7 +182,7 @@ def _check_multistep_args(x, model_output, history, step, table) -> None:
 
 def multistep_step(x, model_output, history, step, table, *, seed: int = 0, sample_offset: int = 0,
                    clip_denoised: bool = False, stochastic: bool = False, noise=None, uncond_output=None,
-                   guidance_scale: float = 1.0, backend: str | None = None):
+                   guidance_scale: float = 1.0, threshold=None, backend: str | None = None):
     """One multistep solver step (``reference.multistep_step``); advances ``history`` in place.
 
     :param x: ``[n, ...]`` float32 (float64 for a float64 run: the reference computes it).
@@ -185,10 +196,13 @@ def multistep_step(x, model_output, history, step, table, *, seed: int = 0, samp
     :param uncond_output: classifier-free guidance's unconditional output (model_output's shape,
         dtype and device), or None: the update uses ``u + w * (c - u)`` (in the compute dtype), fused.
     :param guidance_scale: ``w`` (1: the conditional model alone); ignored without uncond_output.
+    :param threshold: dynamic thresholding's float32 ``[n]`` bounds on x's device, or None: ``D``
+        becomes ``clamp(D, -s, s) / s`` in place of the clip (as ``ddpm_step``'s).
     :return: ``x_next`` in x's dtype (a new tensor; ``x`` is not modified).
     """
     _check_multistep_args(x, model_output, history, step, table)
     _check_guidance(model_output, uncond_output, guidance_scale)
+    _check_threshold(x, threshold)
     check_seed(seed)
     if noise is None:
         # float64 runs select against float64, which only the reference supports
@@ -197,14 +211,61 @@ def multistep_step(x, model_output, history, step, table, *, seed: int = 0, samp
         if impl is not None:
             x_next = x.clone(memory_format=torch.contiguous_format)
             impl(x_next, model_output, history, step, table.to(torch.float32), _noise_key(seed, sample_offset, x.device),
-                 bool(clip_denoised), bool(stochastic), None, uncond_output, float(guidance_scale))
+                 bool(clip_denoised), bool(stochastic), None, uncond_output, float(guidance_scale), threshold)
             return x_next
         if stochastic:
             noise = reference.batch_noise(seed, sample_offset, step.reshape(()), x.shape, x.device)
     else:
         check_tensor("noise", noise, dtypes=FLOAT_DTYPES + (torch.float64,), shape=x.shape, device=x.device)
     return reference.multistep_step(x, model_output, history, step, table, clip_denoised, noise,
-                                    uncond_output=uncond_output, guidance_scale=float(guidance_scale))
+                                    uncond_output=uncond_output, guidance_scale=float(guidance_scale),
+                                    threshold=threshold)
+
+
+def _check_real(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite real number, got {value!r}")
+    return float(value)
+
+
+def dynamic_threshold(x, model_output, step, table, *, ratio: float, max_value: float, uncond_output=None,
+                      guidance_scale: float = 1.0):
+    """Dynamic thresholding's per-sample bounds for this step (``reference.dynamic_threshold``;
+    Saharia et al. 2022, diffusers' ``thresholding=True``): ``s = clamp(quantile(|x0_hat|, ratio),
+    1, max_value)`` per sample, ``x0_hat = a * x + b * out`` from the table's first two columns at
+    ``step``.  Pass the result as the step's ``threshold``.  No host synchronisation (the rows are
+    gathered with ``index_select``), so it can be captured in a CUDA graph with the step.
+
+    :param x: ``[n, ...]`` float32 (float64 for a float64 multistep run).
+    :param model_output: ``[n, ...]`` float32/bf16/fp16 (float64 with a float64 x).
+    :param step: int64 ``[n]``, or 0-dim/``[1]`` (one step for the batch), on the device.
+    :param table: ``[K, 5]`` DDPM coefficients or ``[K, 12]`` multistep table (``a, b`` first).
+    :param ratio: the quantile, in ``(0, 1]`` (diffusers' ``dynamic_thresholding_ratio``, 0.995).
+    :param max_value: the largest bound, finite and ``>= 1`` (diffusers' ``sample_max_value``).
+    :param uncond_output, guidance_scale: classifier-free guidance, as ``ddpm_step``'s: the bound
+        is the guided ``x0_hat``'s.
+    :return: float32 ``[n]`` on x's device.
+    """
+    check_tensor("x", x, dtypes=_HISTORY_DTYPES, min_ndim=1)
+    check_tensor("model_output", model_output, dtypes=FLOAT_DTYPES + (torch.float64,), shape=x.shape)
+    check_tensor("table", table, dtypes=_HISTORY_DTYPES, ndim=2)
+    if table.shape[1] not in (len(reference.COEF_COLUMNS), reference.MULTISTEP_WIDTH):
+        raise ValueError(f"table must have shape (K, {len(reference.COEF_COLUMNS)}) or "
+                         f"(K, {reference.MULTISTEP_WIDTH}), got {tuple(table.shape)}")
+    check_tensor("step", step, dtypes=(torch.int64,))
+    if step.ndim > 1 or (step.ndim == 1 and step.shape[0] not in (1, x.shape[0])):
+        raise ValueError(f"step must be 0-dim or have shape (1,) or ({x.shape[0]},), got {tuple(step.shape)}")
+    check_same_device(x=x, model_output=model_output, step=step, table=table)
+    _check_guidance(model_output, uncond_output, guidance_scale)
+    ratio = _check_real("ratio", ratio)
+    if not 0.0 < ratio <= 1.0:
+        raise ValueError(f"ratio must lie in (0, 1], got {ratio!r}")
+    max_value = _check_real("max_value", max_value)
+    if max_value < 1.0:
+        raise ValueError(f"max_value must be >= 1 (the bound is at least 1), got {max_value!r}")
+    ab = table.index_select(0, step.reshape(-1))[:, :2]
+    return reference.dynamic_threshold(x, model_output, ab, ratio, max_value, uncond_output=uncond_output,
+                                       guidance_scale=float(guidance_scale))
 
 
 def attention(q, k, v, *, backend: str | None = None):

@@ -42,16 +42,29 @@ def _check_uncond_output(uncond_output, model_output):
                          f"{uncond_output.dtype} on {uncond_output.device}")
 
 
-def ddpm_step(x, model_output, step, coefs, seed, sample_offset, clip_denoised, uncond_output, guidance_scale):
+def _check_threshold(threshold, x):
+    """Dynamic thresholding's optional per-sample bounds: float32 ``[n]`` on ``x``'s device."""
+    if threshold is None:
+        return
+    torch._check(threshold.dtype == torch.float32 and threshold.shape == (x.shape[0],)
+                 and threshold.device == x.device,
+                 lambda: f"threshold must be a float32 [{x.shape[0]}] tensor (one bound per sample) on {x.device}, "
+                         f"got {threshold.dtype} {tuple(threshold.shape)} on {threshold.device}")
+
+
+def ddpm_step(x, model_output, step, coefs, seed, sample_offset, clip_denoised, uncond_output, guidance_scale,
+              threshold):
     torch._check(model_output.shape == x.shape, lambda: "model_output must have x's shape")
     _check_uncond_output(uncond_output, model_output)
+    _check_threshold(threshold, x)
     return x.new_empty(x.shape, dtype=torch.float32)
 
 
 def ddpm_step_cast(x, model_output, step, coefs, seed, sample_offset, clip_denoised, model_dtype, channels_last,
-                   uncond_output, guidance_scale):
+                   uncond_output, guidance_scale, threshold):
     torch._check(model_output.shape == x.shape, lambda: "model_output must have x's shape")
     _check_uncond_output(uncond_output, model_output)
+    _check_threshold(threshold, x)
     layout = torch.channels_last if channels_last else torch.contiguous_format
     return (x.new_empty(x.shape, dtype=torch.float32),
             torch.empty(x.shape, dtype=model_dtype, device=x.device, memory_format=layout))
@@ -75,18 +88,21 @@ def _check_model_input(model_input, x):
                          f"{x.device}, got {model_input.dtype} {tuple(model_input.shape)} on {model_input.device}")
 
 
-def ddpm_step_(x, model_output, step, coefs, rng, clip_denoised, model_input, uncond_output, guidance_scale):
+def ddpm_step_(x, model_output, step, coefs, rng, clip_denoised, model_input, uncond_output, guidance_scale,
+               threshold):
     torch._check(model_output.shape == x.shape, lambda: "model_output must have x's shape")
     _check_uncond_output(uncond_output, model_output)
+    _check_threshold(threshold, x)
     _check_rng(rng, x)
     _check_model_input(model_input, x)
     return None
 
 
 def multistep_step_(x, model_output, history, step, table, rng, clip_denoised, stochastic, model_input, uncond_output,
-                    guidance_scale):
+                    guidance_scale, threshold):
     torch._check(model_output.shape == x.shape, lambda: "model_output must have x's shape")
     _check_uncond_output(uncond_output, model_output)
+    _check_threshold(threshold, x)
     torch._check(history.shape == (3, *x.shape), lambda: f"history must have shape (3, *x.shape), got "
                                                            f"{tuple(history.shape)}")
     torch._check(table.dim() == 2 and table.shape[1] == MULTISTEP_WIDTH,

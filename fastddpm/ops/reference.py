@@ -20,6 +20,10 @@ functions.  Conventions:
 * Classifier-free guidance (Ho & Salimans 2022) is part of the same pass: given the
   unconditional output ``u`` too, the step uses ``out = u + w * (c - u)``
   (``guided_output``; ``w = 1`` is the conditional output ``c`` alone).
+* Dynamic thresholding (Saharia et al. 2022, Imagen; diffusers' ``thresholding=True``) too:
+  given each sample's bound ``s`` (float32 ``[n]``, ``dynamic_threshold``: a per-sample
+  quantile, so a pass of its own before the step), ``x0_hat = clamp(x0_hat, -s, s) / s``
+  in place of the ``[-1, 1]`` clamp (``s = 1`` is that clamp).
 """
 from __future__ import annotations
 
@@ -44,6 +48,8 @@ __all__ = [
     "diffusion_loss",
     "step_coefficients",
     "guided_output",
+    "dynamic_threshold",
+    "apply_threshold",
     "predict_x0",
     "ddpm_step",
     "multistep_step",
@@ -192,18 +198,54 @@ def guided_output(model_output, uncond_output, guidance_scale: float, dtype: tor
     return u + guidance_scale * (c - u)
 
 
-def predict_x0(x_t, model_output, coefs, clip_denoised: bool, *, uncond_output=None, guidance_scale: float = 1.0):
+def dynamic_threshold(x, model_output, ab, ratio: float, max_value: float, uncond_output=None,
+                      guidance_scale: float = 1.0) -> torch.Tensor:
+    """Dynamic thresholding's per-sample bounds (Saharia et al. 2022, Sec. 2.3; diffusers'
+    ``_threshold_sample``): ``s = clamp(quantile(|x0_hat|, ratio), 1, max_value)`` over each
+    sample's elements, in float32.
+
+    :param x: ``[n, ...]`` the current sample.
+    :param model_output: ``[n, ...]`` any float dtype (the conditional output, with guidance).
+    :param ab: ``[n, 2]`` or ``[1, 2]`` rows ``(a, b)`` with ``x0_hat = a * x + b * out``: the
+        first two columns of the DDPM ``[K, 5]`` table or the multistep ``[K, 12]`` one
+        (``table.index_select(0, step)[:, :2]``).
+    :param ratio: the quantile, in ``(0, 1]`` (diffusers' ``dynamic_thresholding_ratio``).
+    :param max_value: the largest bound, ``>= 1`` (diffusers' ``sample_max_value``).
+    :param uncond_output, guidance_scale: as ``guided_output``.
+    :return: float32 ``[n]``, each in ``[1, max_value]``.
+    """
+    n = x.shape[0]
+    shape = (ab.shape[0],) + (1,) * (x.ndim - 1)
+    ab = ab.float()
+    out = guided_output(model_output, uncond_output, guidance_scale)
+    x0_hat = ab[:, 0].reshape(shape) * x.float() + ab[:, 1].reshape(shape) * out
+    s = torch.quantile(x0_hat.abs().reshape(n, -1), ratio, dim=1)
+    return s.clamp(min=1.0, max=max_value)
+
+
+def apply_threshold(x0_hat, threshold):
+    """``clamp(x0_hat, -s, s) / s`` with sample ``b``'s bound ``s = threshold[b]`` (float32 ``[n]``),
+    in ``x0_hat``'s dtype."""
+    s = threshold.to(x0_hat.dtype).reshape((threshold.shape[0],) + (1,) * (x0_hat.ndim - 1))
+    return torch.clamp(x0_hat, -s, s) / s
+
+
+def predict_x0(x_t, model_output, coefs, clip_denoised: bool, *, uncond_output=None, guidance_scale: float = 1.0,
+               threshold=None):
     """The step's float32 ``x0_hat = a * x_t + b * out`` from each sample's ``coefs`` row
     (``[n, 5]``, as ``ddpm_step``), clamped to ``[-1, 1]`` if ``clip_denoised``; ``out`` is
-    ``guided_output(model_output, uncond_output, guidance_scale)``."""
+    ``guided_output(model_output, uncond_output, guidance_scale)``.  With ``threshold`` (float32
+    ``[n]``, ``dynamic_threshold``'s bounds) ``apply_threshold`` instead, whatever ``clip_denoised``."""
     shape = (coefs.shape[0],) + (1,) * (x_t.ndim - 1)
     out = guided_output(model_output, uncond_output, guidance_scale)
     x0_hat = coefs[:, 0].reshape(shape) * x_t.float() + coefs[:, 1].reshape(shape) * out
+    if threshold is not None:
+        return apply_threshold(x0_hat, threshold)
     return x0_hat.clamp(-1.0, 1.0) if clip_denoised else x0_hat
 
 
 def ddpm_step(x_t, model_output, coefs, clip_denoised: bool, noise, *, uncond_output=None,
-              guidance_scale: float = 1.0):
+              guidance_scale: float = 1.0, threshold=None):
     """One reverse step, elementwise.
 
     :param x_t: float32 ``[n, ...]``.
@@ -213,20 +255,23 @@ def ddpm_step(x_t, model_output, coefs, clip_denoised: bool, noise, *, uncond_ou
     :param noise: float32 ``[n, ...]`` standard normals.
     :param uncond_output: the unconditional output (model_output's shape), or None: no guidance.
     :param guidance_scale: ``w`` of ``guided_output``.
+    :param threshold: float32 ``[n]`` dynamic-thresholding bounds (``dynamic_threshold``), or None:
+        ``x0_hat`` is ``apply_threshold``'s in place of the clip.
     :return: ``x_{t-1}`` in float32.
     """
     shape = (coefs.shape[0],) + (1,) * (x_t.ndim - 1)
     c0, c1, sigma = (coefs[:, i].reshape(shape) for i in (2, 3, 4))
     x0_hat = predict_x0(x_t, model_output, coefs, clip_denoised, uncond_output=uncond_output,
-                        guidance_scale=guidance_scale)
+                        guidance_scale=guidance_scale, threshold=threshold)
     return c0 * x0_hat + c1 * x_t.float() + sigma * noise.float()
 
 
 def multistep_step(x, model_output, history, step, table, clip_denoised: bool, noise, *, uncond_output=None,
-                   guidance_scale: float = 1.0):
+                   guidance_scale: float = 1.0, threshold=None):
     """One multistep solver step (``fastddpm.multistep``), elementwise; advances ``history`` in place::
 
         D      = a * x + b * out                           # clamped to [-1, 1] if clip_denoised
+                                                           # (thresholded instead, given threshold)
         x_corr = u * x + cl * history[2] + k0 * D + k1 * H1 + k2 * H2
         x_next = cx * x_corr + p0 * D + p1 * H1 + p2 * H2 + cz * z
         history[cur] = D,  history[2] = x_corr
@@ -244,6 +289,8 @@ def multistep_step(x, model_output, history, step, table, clip_denoised: bool, n
     :param noise: ``[n, ...]`` standard normals for the SDE solver, or None (no noise term).
     :param uncond_output: the unconditional output (model_output's shape), or None: no guidance.
     :param guidance_scale: ``w`` of ``guided_output``.
+    :param threshold: float32 ``[n]`` dynamic-thresholding bounds, or None: ``D`` is
+        ``apply_threshold``'s (in the compute dtype) in place of the clip.
     :return: the next sample, in the compute dtype.
     """
     dtype = history.dtype
@@ -251,7 +298,9 @@ def multistep_step(x, model_output, history, step, table, clip_denoised: bool, n
     a, b, u, cl, k0, k1, k2, cx, p0, p1, p2, cz = table.index_select(0, step).to(dtype).reshape(-1).unbind(0)
     x = x.to(dtype)
     d = a * x + b * guided_output(model_output, uncond_output, guidance_scale, dtype)
-    if clip_denoised:
+    if threshold is not None:
+        d = apply_threshold(d, threshold)
+    elif clip_denoised:
         d = d.clamp(-1.0, 1.0)
     cur = torch.remainder(step, 2)  # ring slot: written at this step, read two steps later
     h2 = history.index_select(0, cur)[0]

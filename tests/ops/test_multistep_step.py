@@ -160,7 +160,7 @@ def test_inplace_op_updates_x_and_history(backend, step_shape):
     want = reference.multistep_step(x, out, want_history, step, table, True,
                                     reference.batch_noise(SEED, SAMPLE_OFFSET, int(step), x.shape, "cpu"))
     x_buf, h_buf = x.clone(), history.clone()
-    op(x_buf, out, h_buf, step.reshape(step_shape), table, rng, True, True, None, None, 1.0)
+    op(x_buf, out, h_buf, step.reshape(step_shape), table, rng, True, True, None, None, 1.0, None)
     assert_close(x_buf, want, **FP32, msg=f"{backend} x")
     assert_close(h_buf, want_history, **FP32, msg=f"{backend} history")
 
@@ -170,12 +170,12 @@ def test_opcheck(backend):
     op = _inplace_op(backend)
     for dtype, clip, stochastic in [(torch.float32, True, True), (torch.float16, False, False)]:
         x, out, history, step, table, rng = _op_args(dtype=dtype)
-        torch.library.opcheck(op, (x, out, history, step, table, rng, clip, stochastic, None, None, 1.0))
+        torch.library.opcheck(op, (x, out, history, step, table, rng, clip, stochastic, None, None, 1.0, None))
     for model_dtype, layout in [(torch.float16, torch.contiguous_format), (torch.float16, torch.channels_last),
                                 (torch.float32, torch.channels_last)]:
         x, out, history, step, table, rng = _op_args()
         model_input = torch.empty(x.shape, dtype=model_dtype, memory_format=layout)
-        torch.library.opcheck(op, (x, out, history, step, table, rng, True, True, model_input, None, 1.0))
+        torch.library.opcheck(op, (x, out, history, step, table, rng, True, True, model_input, None, 1.0, None))
 
 
 # -- the model input: x_next in the model's dtype and layout, written by the op ----------------------
@@ -205,7 +205,7 @@ def _check_model_input_steps(backend, solver, shape, model_dtype, layout, tol, d
         step = torch.tensor(i, device=device)
         x_buf, h_buf = x.clone(), history.clone()
         model_input.fill_(float("nan"))  # every element must be written
-        op(x_buf, out, h_buf, step, table, rng_key(SEED, SAMPLE_OFFSET, device), True, stochastic, model_input, None, 1.0)
+        op(x_buf, out, h_buf, step, table, rng_key(SEED, SAMPLE_OFFSET, device), True, stochastic, model_input, None, 1.0, None)
         noise = reference.batch_noise(SEED, SAMPLE_OFFSET, i, shape, device) if stochastic else None
         x = reference.multistep_step(x, out, history, step, table, True, noise)
         assert_close(x_buf, x, **tol, msg=f"{backend} x_next at step {i}")
@@ -252,7 +252,7 @@ def test_ops_reject_a_bad_model_input_naming_it(backend):
         error = error or (RuntimeError if backend == "cpp" else ValueError)
         x_buf, h_buf = x.clone(), history.clone()
         with pytest.raises(error, match=match):
-            op(x_buf, out, h_buf, step, table, rng, True, True, model_input, None, 1.0)
+            op(x_buf, out, h_buf, step, table, rng, True, True, model_input, None, 1.0, None)
         assert torch.equal(x_buf, x) and torch.equal(h_buf, history), name
 
 
@@ -334,7 +334,7 @@ def test_ops_reject_bad_inputs_naming_the_argument(backend):
     for args, match in cases:
         x_buf, h_buf = args[0].clone(), args[2].clone()
         with pytest.raises(error, match=match):
-            op(x_buf, args[1], h_buf, *args[3:], True, True, None, None, 1.0)
+            op(x_buf, args[1], h_buf, *args[3:], True, True, None, None, 1.0, None)
 
 
 def test_public_update_routes_through_the_dispatch(monkeypatch):
@@ -404,11 +404,11 @@ def test_cuda_graph_with_device_step_counter(backend):
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # warm up off the default stream, as capture requires
-        op(x.clone(), out_buf, history.clone(), step.clone(), table, rng, True, True, None, None, 1.0)
+        op(x.clone(), out_buf, history.clone(), step.clone(), table, rng, True, True, None, None, 1.0, None)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        op(x, out_buf, history, step, table, rng, True, True, None, None, 1.0)
+        op(x, out_buf, history, step, table, rng, True, True, None, None, 1.0, None)
         step.sub_(1)
     x.copy_(x0)
     history.zero_()
@@ -487,7 +487,7 @@ def test_guided_channels_last_views_and_model_input(backend):
     for c, u in ((cond, uncond), (cond_cl, uncond_cl)):
         x_buf, h_buf = x.clone(), history.clone()
         model_input = torch.empty(shape, dtype=torch.float16, memory_format=torch.channels_last)
-        op(x_buf, c, h_buf, step, table, rng, True, True, model_input, u, 2.0)
+        op(x_buf, c, h_buf, step, table, rng, True, True, model_input, u, 2.0, None)
         assert_close(model_input, x_buf.half(), **EXACT, msg="model input")
         results.append((x_buf, h_buf))
     assert_close(results[1][0], results[0][0], **EXACT)
@@ -578,7 +578,7 @@ def test_ops_reject_bad_guidance_naming_it(backend):
                              (None, float("inf"), "guidance_scale must be finite")]:
         x_buf, h_buf = x.clone(), history.clone()
         with pytest.raises(error, match=match):
-            op(x_buf, out, h_buf, step, table, rng, True, True, None, uncond, w)
+            op(x_buf, out, h_buf, step, table, rng, True, True, None, uncond, w, None)
         assert torch.equal(x_buf, x) and torch.equal(h_buf, history)
 
 
@@ -588,10 +588,10 @@ def test_guided_opcheck(backend):
     for dtype, clip, stochastic, w in [(torch.float32, True, True, 7.5), (torch.float16, False, False, -0.5)]:
         x, out, history, step, table, rng = _op_args(dtype=dtype)
         both = torch.cat([out, out.flip(0)])
-        torch.library.opcheck(op, (x, both[:2], history, step, table, rng, clip, stochastic, None, both[2:], w))
+        torch.library.opcheck(op, (x, both[:2], history, step, table, rng, clip, stochastic, None, both[2:], w, None))
     x, out, history, step, table, rng = _op_args()
     model_input = torch.empty(x.shape, dtype=torch.float16, memory_format=torch.channels_last)
-    torch.library.opcheck(op, (x, out, history, step, table, rng, True, True, model_input, torch.randn_like(out), 3.0))
+    torch.library.opcheck(op, (x, out, history, step, table, rng, True, True, model_input, torch.randn_like(out), 3.0, None))
 
 
 @pytest.mark.gpu
@@ -604,3 +604,147 @@ def test_cuda_guided_matches_reference(backend, solver, shape, dtype):
     tol = FMA_FP32 if dtype == torch.float32 else BY_DTYPE[dtype]
     _check_guided_steps(backend, _table(solver, "cuda"), shape, dtype, True, _plan(solver).stochastic, tol,
                         device="cuda", channels_last=len(shape) == 4)
+
+
+# -- dynamic thresholding: D = clamp(D, -s, s) / s with per-sample bounds, fused into the update -----
+RATIO, MAX_VALUE = 0.9, 3.0
+
+
+def _check_thresholded_steps(backend, table, shape, dtype, clip, stochastic, guided, tol, device="cpu"):
+    """As ``_check_guided_steps``, thresholded: at each step the bounds of the reference's state
+    (``ops.dynamic_threshold``), and the backend must give the reference's x_next and history."""
+    K = table.shape[0]
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(device)
+    history = torch.zeros((3, *shape), device=device)
+    history[2].normal_()
+    for i, (cond, uncond) in zip(reversed(range(K)), _guided_outputs(shape, dtype, K, device)):
+        uncond = uncond if guided else None
+        step = torch.tensor(i, device=device)
+        bounds = ops.dynamic_threshold(x, cond, step, table, ratio=RATIO, max_value=MAX_VALUE, uncond_output=uncond,
+                                       guidance_scale=GUIDANCE_SCALE)
+        got_history = history.clone()
+        got = ops.multistep_step(x, cond, got_history, step, table, seed=SEED, sample_offset=SAMPLE_OFFSET,
+                                 clip_denoised=clip, stochastic=stochastic, uncond_output=uncond,
+                                 guidance_scale=GUIDANCE_SCALE, threshold=bounds, backend=backend)
+        noise = reference.batch_noise(SEED, SAMPLE_OFFSET, i, shape, device) if stochastic else None
+        x = reference.multistep_step(x, cond, history, step, table, clip, noise, uncond_output=uncond,
+                                     guidance_scale=GUIDANCE_SCALE, threshold=bounds)
+        assert_close(got, x, **tol, msg=f"{backend} thresholded x_next at step {i}")
+        assert_close(got_history, history, **tol, msg=f"{backend} thresholded history at step {i}")
+
+
+@pytest.mark.parametrize("guided", [False, True], ids=["unguided", "guided"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=target_id)
+@pytest.mark.parametrize("shape", SHAPES, ids=target_id)
+@pytest.mark.parametrize("solver", multistep.SOLVERS)
+@pytest.mark.parametrize("backend", FAST)
+def test_thresholded_matches_reference(backend, solver, shape, dtype, guided):
+    need(backend, "multistep_step", "cpu", dtype)
+    for clip in (True, False):
+        _check_thresholded_steps(backend, _table(solver), shape, dtype, clip, _plan(solver).stochastic, guided, FP32)
+
+
+@pytest.mark.parametrize("guided", [False, True], ids=["unguided", "guided"])
+@pytest.mark.parametrize("solver", ["dpm++2m", "unipc"])
+def test_reference_thresholded_update_is_diffusers_threshold_then_the_update(solver, guided):
+    """The reference's thresholded update is diffusers' _threshold_sample on D = a x + b out, then the
+    unthresholded update with that D (a table whose a, b are 0, 1, fed the thresholded D)."""
+    diffusers = pytest.importorskip("diffusers")
+    table = _table(solver)
+    shape = (3, 5, 7, 9)
+    x = torch.randn(shape) * 3
+    (cond, uncond), = _guided_outputs(shape, torch.float32, 1)
+    uncond = uncond if guided else None
+    history = torch.randn((3, *shape))
+    want_history = history.clone()
+    step = torch.tensor(3)
+    bounds = ops.dynamic_threshold(x, cond, step, table, ratio=RATIO, max_value=MAX_VALUE, uncond_output=uncond,
+                                   guidance_scale=GUIDANCE_SCALE)
+    got = reference.multistep_step(x, cond, history, step, table, True, None, uncond_output=uncond,
+                                   guidance_scale=GUIDANCE_SCALE, threshold=bounds)
+    a, b = table[3, 0], table[3, 1]
+    d = a * x + b * reference.guided_output(cond, uncond, GUIDANCE_SCALE)
+    scheduler = diffusers.DPMSolverMultistepScheduler(thresholding=True, dynamic_thresholding_ratio=RATIO,
+                                                      sample_max_value=MAX_VALUE)
+    peer = scheduler._threshold_sample(d.clone())
+    as_x0 = table.clone()
+    as_x0[:, 0], as_x0[:, 1] = 0.0, 1.0
+    want = reference.multistep_step(x, peer, want_history, step, as_x0, False, None)
+    assert_close(got, want, **FP32)
+    assert_close(history, want_history, **FP32)
+    assert bool((bounds > 1).any())
+
+
+@pytest.mark.parametrize("backend", ["reference"] + FAST)
+def test_threshold_one_is_the_clip_and_none_is_today(backend):
+    need(backend, "multistep_step", "cpu") if backend != "reference" else None
+    table = _table("dpm++2m-sde")
+    shape = (3, 5, 7, 9)
+    (cond, _), = _guided_outputs(shape, torch.float32, 1)
+    x, history = torch.randn(shape) * 3, torch.randn((3, *shape))
+
+    def run(**kw):
+        h = history.clone()
+        return ops.multistep_step(x, cond, h, torch.tensor(4), table, seed=SEED, stochastic=True, backend=backend,
+                                  **kw), h
+
+    clipped, clipped_history = run(clip_denoised=True)
+    for clip in (True, False):
+        ones, ones_history = run(clip_denoised=clip, threshold=torch.ones(3))
+        assert_close(ones, clipped, **EXACT)
+        assert_close(ones_history, clipped_history, **EXACT)
+        none, none_history = run(clip_denoised=clip, threshold=None)
+        plain, plain_history = run(clip_denoised=clip)
+        assert_close(none, plain, **EXACT)
+        assert_close(none_history, plain_history, **EXACT)
+    assert not torch.equal(run(threshold=torch.full((3,), 2.0))[0], clipped)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + FAST)
+def test_dispatch_rejects_bad_threshold(backend):
+    if backend != "reference" and ops.load_error(backend) is not None:
+        pytest.skip(f"{backend} not loaded")
+    shape = (2, 3, 4, 4)
+    x, out, history = torch.randn(shape), torch.randn(shape), torch.zeros((3, *shape))
+    for bad, error, match in [(torch.ones(2, dtype=torch.float64), TypeError, "threshold must have dtype"),
+                              (torch.ones(3), ValueError, r"threshold must have shape \(2,\)"),
+                              (torch.ones(2, device="meta"), ValueError, "threshold must be on cpu")]:
+        with pytest.raises(error, match=match):
+            ops.multistep_step(x, out, history, torch.tensor(2), _table("dpm++2m"), threshold=bad, backend=backend)
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_ops_reject_bad_threshold_naming_it(backend):
+    op = _inplace_op(backend)
+    x, out, history, step, table, rng = _op_args()
+    error = RuntimeError if backend == "cpp" else ValueError
+    for bad in (torch.ones(2, dtype=torch.float64), torch.ones(3), torch.ones(2, 1)):
+        x_buf, h_buf = x.clone(), history.clone()
+        with pytest.raises(error, match="threshold must"):
+            op(x_buf, out, h_buf, step, table, rng, True, True, None, None, 1.0, bad)
+        assert torch.equal(x_buf, x) and torch.equal(h_buf, history)
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_thresholded_opcheck(backend):
+    op = _inplace_op(backend)
+    bounds = torch.tensor([1.0, 2.5])
+    for dtype, clip, stochastic, w in [(torch.float32, True, True, 7.5), (torch.float16, False, False, -0.5)]:
+        x, out, history, step, table, rng = _op_args(dtype=dtype)
+        both = torch.cat([out, out.flip(0)])
+        torch.library.opcheck(op, (x, both[:2], history, step, table, rng, clip, stochastic, None, None, 1.0, bounds))
+        torch.library.opcheck(op, (x, both[:2], history, step, table, rng, clip, stochastic, None, both[2:], w,
+                                   bounds))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("guided", [False, True], ids=["unguided", "guided"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=target_id)
+@pytest.mark.parametrize("shape", SHAPES + [(8, 3, 64, 64)], ids=target_id)
+@pytest.mark.parametrize("solver", ["dpm++3m", "dpm++2m-sde", "unipc"])
+@pytest.mark.parametrize("backend", FAST)
+def test_cuda_thresholded_matches_reference(backend, solver, shape, dtype, guided):
+    need(backend, "multistep_step", "cuda", dtype)
+    tol = FMA_FP32 if dtype == torch.float32 else BY_DTYPE[dtype]
+    _check_thresholded_steps(backend, _table(solver, "cuda"), shape, dtype, True, _plan(solver).stochastic, guided,
+                             tol, device="cuda")
