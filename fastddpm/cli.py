@@ -153,8 +153,9 @@ def _class_labels(model, args):
         raise ValueError("--class: this model is not class-conditional (trained without --class-cond)")
     names = list(getattr(model, "class_names", None) or [str(c) for c in range(k)])
     if args.class_ == "all":
-        per_class = -(-args.n // k)
-        return [c for c in range(k) for _ in range(per_class)], names
+        from .training.samples import class_rows
+
+        return class_rows(k, args.n), names
     try:
         label = int(args.class_)
     except ValueError:
@@ -167,8 +168,9 @@ def _class_labels(model, args):
     return label, None
 
 
-def _sample_and_save(model, process, steps, args, device) -> float:
-    """Sample with ``(process, steps)`` from ``_sampling_process`` and write --out (and --gif)."""
+def _sample_and_save(model, process, steps, args, device) -> tuple[float, int]:
+    """Sample with ``(process, steps)`` from ``_sampling_process`` and write --out (and --gif);
+    ``(seconds, images drawn)`` (``--class all`` draws whole rows, more than -n)."""
     from . import images
     from .sampling import sample
 
@@ -209,7 +211,7 @@ def _sample_and_save(model, process, steps, args, device) -> float:
         images.save_images_npz(x, out)
     if args.gif:
         images.save_gif(frames, args.gif, scale=args.scale)
-    return seconds
+    return seconds, n
 
 
 def cmd_sample(args) -> int:
@@ -218,18 +220,9 @@ def cmd_sample(args) -> int:
     device = resolve_device(args.device)
     _check_sample_outputs(args)
     model, process = load_model(args.checkpoint, ema=not args.no_ema, device=device)
-    seconds = _sample_and_save(model, *_sampling_process(process, args), args, device)
-    print(f"sampled {_count(model, args)} images in {seconds:.1f} s -> {args.out}")
+    seconds, n = _sample_and_save(model, *_sampling_process(process, args), args, device)
+    print(f"sampled {n} images in {seconds:.1f} s -> {args.out}")
     return 0
-
-
-def _count(model, args) -> int:
-    """The images --class all draws (a whole row per class), else -n."""
-    from .adapters import ModelAdapter
-
-    if args.class_ == "all":
-        return -(-args.n // ModelAdapter(model).num_classes) * ModelAdapter(model).num_classes
-    return args.n
 
 
 def cmd_demo(args) -> int:
@@ -242,7 +235,7 @@ def cmd_demo(args) -> int:
     how = (f"{steps} {process.config.sampler} model calls" if steps is not None
            else f"{process.num_steps} {process.config.sampler.upper()} steps")
     print(f"fastddpm demo: {args.n} digits from the shipped 'small' model, {how} on {device}")
-    seconds = _sample_and_save(model, process, steps, args, device)
+    seconds, _ = _sample_and_save(model, process, steps, args, device)
     print(f"sampling time: {seconds:.1f} s for {args.n} images ({args.n / seconds:.1f} images/s) -> {args.out}")
     if args.checkpoint is None and args.by_class:
         _demo_by_class(args, device)
@@ -252,21 +245,19 @@ def cmd_demo(args) -> int:
 def _demo_by_class(args, device) -> None:
     """The shipped class-conditional model: one labelled row per digit, guided (dpm++2m, 20 model calls,
     w = DEMO_GUIDANCE), written beside --out as ``<name>_by_class.png``."""
-    import argparse as _argparse
-
     from .checkpoint import load_model
 
     out = Path(args.out)
     path = out.with_name(f"{out.stem}_by_class.png")
     model, process = load_model(DEMO_COND_MODEL, device=device)
-    cond = _argparse.Namespace(**{**vars(args), "class_": "all", "guidance": DEMO_GUIDANCE, "guidance_rescale": 0.0,
+    cond = argparse.Namespace(**{**vars(args), "class_": "all", "guidance": DEMO_GUIDANCE, "guidance_rescale": 0.0,
                                   "n": 10 * DEMO_PER_CLASS, "sampler": "dpm++2m", "steps": DEMO_COND_STEPS,
                                   "eta": None, "out": str(path), "gif": None, "explain": False})
     process, steps = _sampling_process(process, cond)
     print(f"fastddpm demo: {DEMO_PER_CLASS} of each digit from the shipped class-conditional model, guidance "
           f"w={DEMO_GUIDANCE:g}, {steps} dpm++2m model calls")
-    seconds = _sample_and_save(model, process, steps, cond, device)
-    print(f"sampling time: {seconds:.1f} s for {cond.n} images, one row per digit -> {path}")
+    seconds, n = _sample_and_save(model, process, steps, cond, device)
+    print(f"sampling time: {seconds:.1f} s for {n} images, one row per digit -> {path}")
 
 
 # -- parser ------------------------------------------------------------------------------------

@@ -67,6 +67,10 @@ class Denoiser:
         self.static = static
         self.guidance_scale = request.guidance_scale if request.guided else None
         self.guidance_rescale = request.guidance_rescale
+        # the step op's guidance_scale: w where the call returns the unconditional half for the op to
+        # combine, 1 where there is none (no guidance, or the rescale combined the halves here)
+        combines = self.guidance_scale is not None and not self.guidance_rescale
+        self.step_scale = self.guidance_scale if combines else 1.0
         self._checked = False
         self.cond, self.uncond = self._keywords(request)
         self.batched, self.batching_reason = self._batching(request.guidance_batching)
@@ -161,12 +165,12 @@ class Denoiser:
         return (self.guidance_scale, self.guidance_rescale, self.batched, sig(self.cond), sig(self.uncond),
                 sig(self.doubled))
 
-    def load(self, request: SamplingRequest) -> None:
-        """Refill this static denoiser's keyword buffers with another batch's (same signature)."""
+    def load(self, other: "Denoiser") -> None:
+        """Refill this static denoiser's keyword buffers with those of ``other``, another batch's denoiser
+        of the same signature."""
         if not self.static:
             raise RuntimeError("load() is for a static denoiser (an engine's)")
-        other = Denoiser(self.adapter, request, self.device)
-        if other.batched != self.batched or request.n != self.n:
+        if other.batched != self.batched or other.n != self.n:
             raise ValueError("load(): the batch is conditioned differently from this engine's")
         for mine, theirs in ((self.cond, other.cond), (self.uncond, other.uncond), (self.doubled, other.doubled)):
             if mine is None:

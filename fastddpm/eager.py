@@ -100,7 +100,7 @@ def _sample_batch(denoiser, adapter, process, request, shape, device, dtype, bar
     for i in reversed(range(K)):
         step = torch.full((shape[0],), i, dtype=torch.int64, device=device)
         out, uncond = _model_output(denoiser, adapter.dtype, x, timesteps[step], dtype, watch)
-        w = _scale(denoiser, uncond)
+        w = denoiser.step_scale
         x = ops.ddpm_step(x, out, step, coefs, seed=seed, sample_offset=offset,
                           clip_denoised=bool(process.config.clip_denoised), uncond_output=uncond, guidance_scale=w,
                           threshold=step_threshold(x, out, step, coefs, process.config.thresholding, uncond, w))
@@ -120,7 +120,7 @@ def _multistep_batch(denoiser, adapter, plan, request, shape, device, dtype, bar
     for i in reversed(range(K)):
         step = torch.full((shape[0],), i, dtype=torch.int64, device=device)
         out, uncond = _model_output(denoiser, adapter.dtype, x, timesteps[step], dtype, watch)
-        w = _scale(denoiser, uncond)
+        w = denoiser.step_scale
         x = ops.multistep_step(x, out, history, step[0], table, seed=seed, sample_offset=offset,
                                clip_denoised=plan.clip_denoised, stochastic=plan.stochastic, uncond_output=uncond,
                                guidance_scale=w,
@@ -128,8 +128,3 @@ def _multistep_batch(denoiser, adapter, plan, request, shape, device, dtype, bar
         bar.update(1)
         x = _callback(request, i, int(plan.timesteps[i]), x)
     return x
-
-
-def _scale(denoiser: Denoiser, uncond) -> float:
-    """The step op's ``guidance_scale``: the denoiser's w when it returned an unconditional half."""
-    return denoiser.guidance_scale if uncond is not None else 1.0

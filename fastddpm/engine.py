@@ -68,12 +68,11 @@ class EngineCache:
         self.last_seconds: float | None = None  # its sampling time (plan, compile and loop)
 
     def engine(self, model, adapter, process, shape, plan: Plan, steps: int | None = None,
-               request: SamplingRequest | None = None) -> SamplerEngine:
+               request: SamplingRequest | None = None, denoiser: Denoiser | None = None) -> SamplerEngine:
         """The cached engine of these arguments, made on a miss (``steps``: a multistep solver's model
-        calls, else None; ``request``: the batch's, whose conditioning's form is part of the key)."""
-        conditioning = None
-        if request is not None and request.conditioned:
-            conditioning = Denoiser(adapter, request, plan.device).signature()
+        calls, else None; ``request``: the batch's, and ``denoiser`` its ``Denoiser`` when it is
+        conditioned, whose form is part of the key)."""
+        conditioning = denoiser.signature() if denoiser is not None else None
         # The cached engine holds the model, so id(model) cannot be reused while the entry lives.
         key = (id(model), _weights_signature(model), process.to_json(), tuple(shape), plan.key(), steps, conditioning)
         engine = self._engines.get(key)
@@ -223,11 +222,12 @@ def engine_sample(model, n: int, *, steps: int | None = None, seed: int = 0, dev
     chunks = []
     diverged = torch.zeros((), dtype=torch.bool, device=device)
     for _, batch in request.batches(m):
+        denoiser = Denoiser(adapter, batch, device) if batch.conditioned else None  # the key's and the run's
         engine = cache.engine(model, adapter, process, (batch.n, *shape[1:]), plan,
-                              num_steps if process.is_multistep else None, batch)
+                              num_steps if process.is_multistep else None, batch, denoiser)
         if choice is not None and plan.compile and engine.runs == 0:
             _compile_on_cpu(model, adapter, engine, choice)
-        chunks.append(engine.run(bar=bar, request=batch))
+        chunks.append(engine.run(bar=bar, request=batch, denoiser=denoiser))
         diverged |= engine.diverged  # on the device; the engine resets its flag each run
     bar.close()
     x = torch.cat(chunks) if len(chunks) > 1 else chunks[0]

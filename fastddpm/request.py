@@ -18,7 +18,7 @@ from typing import Any, Callable, Literal, Mapping
 
 import torch
 
-from .checks import is_int
+from .checks import check_sample_args, is_int
 from .noise import check_seed
 
 __all__ = ["SamplingRequest", "GUIDANCE_BATCHING", "GuidanceBatching", "REQUEST_OPTIONS"]
@@ -130,11 +130,8 @@ class SamplingRequest:
         (What needs the model — labels in its range, a null class for guidance — is checked by
         ``fastddpm.denoiser.Denoiser``, also before any sampling starts.)
         """
-        if not is_int(n) or n < 1:
-            raise ValueError(f"n must be a positive int, got {n!r}")
+        check_sample_args(n, sample_offset, None, callback)
         check_seed(seed)
-        if not is_int(sample_offset) or sample_offset < 0:
-            raise ValueError(f"sample_offset must be a non-negative int, got {sample_offset!r}")
         if guidance_scale is not None:
             if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) \
                     or not math.isfinite(guidance_scale):
@@ -149,8 +146,6 @@ class SamplingRequest:
         if guidance_scale is None and (uncond_kwargs is not None or guidance_rescale):
             given = "uncond_kwargs" if uncond_kwargs is not None else "guidance_rescale"
             raise ValueError(f"{given} is for classifier-free guidance: give guidance_scale= too")
-        if callback is not None and not callable(callback):
-            raise TypeError("callback must be callable as callback(i, t, x)")
         model_kwargs = _kwargs("model_kwargs", model_kwargs)
         uncond = None if uncond_kwargs is None else _kwargs("uncond_kwargs", uncond_kwargs)
 

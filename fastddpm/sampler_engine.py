@@ -173,7 +173,7 @@ class SamplerEngine:
                             cache_enabled=False):  # no cast cache: it would outlive a graph capture
             # shapes checked on its first call; ``diverged`` raised in place, on the device
             out, uncond = self.denoiser(model_input, self.model_t, self.diverged)
-        w = self.denoiser.guidance_scale if uncond is not None else 1.0
+        w = self.denoiser.step_scale
         # dynamic thresholding's per-sample bound: a reduction on the device, captured with the step
         threshold = step_threshold(self.x, out, self.step_n, self.coefs, self.thresholding, uncond, w)
         if self.solver is not None:
@@ -267,7 +267,7 @@ class SamplerEngine:
     # -- sampling ---------------------------------------------------------------------------
     @torch.no_grad()
     def run(self, seed: int = 0, sample_offset: int = 0, callback=None, bar=None,
-            request: SamplingRequest | None = None) -> torch.Tensor:
+            request: SamplingRequest | None = None, denoiser: Denoiser | None = None) -> torch.Tensor:
         """Sample one batch: global samples ``sample_offset .. sample_offset + m - 1`` of ``seed``.
 
         :param callback: ``callback(i, t, x)`` after every step (x a copy; a tensor it returns
@@ -276,14 +276,16 @@ class SamplerEngine:
         :param request: the batch's ``SamplingRequest`` (conditioned like the engine's), in place of
             ``seed``, ``sample_offset`` and ``callback``: its keyword tensors and start noise are copied
             into the engine's buffers before the loop.
+        :param denoiser: ``request``'s ``Denoiser`` when the caller already built it (the engine cache
+            does, for its key); None: built here.
         :return: float32 ``[m, C, H, W]``, a new tensor (the buffers are reused).
         """
         if request is None:
             request = SamplingRequest.make(self.shape[0], seed=seed, sample_offset=sample_offset, callback=callback)
             if self.request.conditioned:
                 raise ValueError("this engine's model call is conditioned: run(request=...) with its batch's request")
-        elif request is not self.request:
-            self.denoiser.load(request)
+        elif request is not self.request and (request.conditioned or self.request.conditioned):
+            self.denoiser.load(denoiser if denoiser is not None else Denoiser(self.adapter, request, self.plan.device))
         seed, sample_offset, callback = request.seed, request.sample_offset, request.callback
         check_sample_args(self.shape[0], sample_offset, None, callback)
         check_noise_capacity(self.numel, self.num_steps + 1, sample_offset + self.shape[0] - 1)

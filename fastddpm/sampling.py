@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import torch
 
-from .adapters import ModelAdapter
-from .denoiser import Denoiser
 from .diffusion import DDPM
 from .distributed import dist_info, sample_distributed
 from .local import resolve_pipeline, sample_local
@@ -90,14 +88,12 @@ def sample(model, n: int, *, steps: int | None = None, seed: int = 0, device=Non
     :return: float32 ``[n, C, H, W]`` in the model's data range [-1, 1], on ``device``.
     """
     model, process = resolve_pipeline(model, process)
-    # the request, checked once here (and against the model) before any sampling starts
+    # the request, checked once here; against the model by the loop that samples it (the eager loop's
+    # and the engine's Denoisers), before any sampling starts
     request = SamplingRequest.make(n, seed=seed, sample_offset=sample_offset, callback=callback,
                                    class_labels=class_labels, model_kwargs=model_kwargs,
                                    guidance_scale=guidance_scale, uncond_kwargs=uncond_kwargs,
                                    guidance_rescale=guidance_rescale, guidance_batching=guidance_batching, noise=noise)
-    adapter = ModelAdapter(model, image_size=image_size, channels=channels)
-    if request.conditioned:
-        Denoiser(adapter, request, device if device is not None else adapter.device)
     kwargs = dict(steps=steps, device=device, dtype=dtype, image_size=image_size, channels=channels,
                   batch_size=batch_size, process=process, engine=engine, threads=threads, **process_options)
     if distributed:

@@ -256,7 +256,8 @@ def test_static_denoiser_load_refuses_another_form():
     adapter = ModelAdapter(LabelledPointwise())
     d = Denoiser(adapter, SamplingRequest.make(2, class_labels=[0, 1], guidance_scale=2.0), "cpu", static=True)
     with pytest.raises(ValueError, match="conditioned differently"):
-        d.load(SamplingRequest.make(2, class_labels=[0, 1], guidance_scale=2.0, guidance_batching="sequential"))
+        d.load(Denoiser(adapter, SamplingRequest.make(2, class_labels=[0, 1], guidance_scale=2.0,
+                                                      guidance_batching="sequential"), "cpu"))
 
 
 # -- the model families as they are ------------------------------------------------------------------
