@@ -193,19 +193,25 @@ def test_ddpm_step_guided_matches_reference(target, variant, clip, dtype, shape)
     need(backend, "ddpm_step", device, dtype)
     coefs = coefficients(variant, device)
     x, cond, uncond = guided_inputs(shape, dtype, device)
-    step = timesteps(shape[0], device)
+    _three_forms_match_reference(backend, device, x, cond, uncond, timesteps(shape[0], device), coefs, clip, None,
+                                 f"guided ddpm_step {variant} clip={clip} {dtype}")
+
+
+def _three_forms_match_reference(backend, device, x, cond, uncond, step, coefs, clip, bounds, msg):
+    """``backend``'s functional step equals the reference's, and its cast and in-place forms equal
+    the functional one exactly (guided by ``uncond``, thresholded by ``bounds`` where given)."""
     kw = dict(seed=SEED, sample_offset=SAMPLE_OFFSET, clip_denoised=clip, uncond_output=uncond,
-              guidance_scale=GUIDANCE_SCALE)
+              guidance_scale=GUIDANCE_SCALE, threshold=bounds)
     got = ops.ddpm_step(x, cond, step, coefs, backend=backend, **kw)
     want = ops.ddpm_step(x, cond, step, coefs, backend="reference", **kw)
-    assert_close(got, want, **fp32_at(want.abs().max()), msg=f"guided ddpm_step {variant} clip={clip} {dtype}")
+    assert_close(got, want, **fp32_at(want.abs().max()), msg=msg)
     x_cast, model_input = namespace_op(backend, "ddpm_step_cast")(x, cond, step, coefs, SEED, SAMPLE_OFFSET, clip,
-                                                                  torch.float16, False, uncond, GUIDANCE_SCALE, None)
+                                                                  torch.float16, False, uncond, GUIDANCE_SCALE, bounds)
     assert_close(x_cast, got, **EXACT, msg="cast")
     assert_close(model_input, got.half(), **EXACT, msg="cast model input")
     x_buf = x.clone()
     ops.implementation("ddpm_step_", backend)(x_buf, cond, step, coefs, rng_key(SEED, SAMPLE_OFFSET, device), clip,
-                                              None, uncond, GUIDANCE_SCALE, None)
+                                              None, uncond, GUIDANCE_SCALE, bounds)
     assert_close(x_buf, got, **EXACT, msg="in place")
 
 
@@ -384,20 +390,8 @@ def test_ddpm_step_thresholded_matches_reference(target, variant, clip, guided, 
     backend, device = target
     need(backend, "ddpm_step", device, dtype)
     x, cond, uncond, step, coefs, bounds = threshold_inputs(shape, dtype, device, variant, guided)
-    kw = dict(seed=SEED, sample_offset=SAMPLE_OFFSET, clip_denoised=clip, uncond_output=uncond,
-              guidance_scale=GUIDANCE_SCALE, threshold=bounds)
-    got = ops.ddpm_step(x, cond, step, coefs, backend=backend, **kw)
-    want = ops.ddpm_step(x, cond, step, coefs, backend="reference", **kw)
-    msg = f"thresholded ddpm_step {variant} clip={clip} guided={guided} {dtype}"
-    assert_close(got, want, **fp32_at(want.abs().max()), msg=msg)
-    x_cast, model_input = namespace_op(backend, "ddpm_step_cast")(x, cond, step, coefs, SEED, SAMPLE_OFFSET, clip,
-                                                                  torch.float16, False, uncond, GUIDANCE_SCALE, bounds)
-    assert_close(x_cast, got, **EXACT, msg="cast")
-    assert_close(model_input, got.half(), **EXACT, msg="cast model input")
-    x_buf = x.clone()
-    ops.implementation("ddpm_step_", backend)(x_buf, cond, step, coefs, rng_key(SEED, SAMPLE_OFFSET, device), clip,
-                                              None, uncond, GUIDANCE_SCALE, bounds)
-    assert_close(x_buf, got, **EXACT, msg="in place")
+    _three_forms_match_reference(backend, device, x, cond, uncond, step, coefs, clip, bounds,
+                                 f"thresholded ddpm_step {variant} clip={clip} guided={guided} {dtype}")
 
 
 @pytest.mark.parametrize("shape", LARGE_ODD_SHAPES, ids=target_id)
