@@ -1,0 +1,267 @@
+"""``fastddpm.inpaint``: RePaint and replace, against diffusers' ``RePaintScheduler`` given the same model
+and noise, on every backend, with conditioning; the known pixels exact; bad input refused up front."""
+import numpy as np
+import pytest
+import torch
+
+import fastddpm
+from fastddpm import DDPM, ops
+from fastddpm.inpaint import inpaint, repaint_visits, visit_tables
+from fastddpm.ops import reference
+from backends import BACKENDS, need
+from tolerances import EXACT, FP32, PEER, assert_close
+from toy_models import LabelledPointwise, Pointwise
+
+T = 40
+BETAS = np.linspace(1e-4, 0.2, T)  # a short chain that still ends near pure noise (abar_T ~ 0.02)
+SHAPE = (Pointwise.in_channels, Pointwise.image_size, Pointwise.image_size)
+
+
+def _image(n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand((n, *SHAPE), generator=g) * 2 - 1
+
+
+def _mask(n=1):
+    m = torch.zeros(n, 1, SHAPE[1], SHAPE[2])
+    m[..., : SHAPE[1] // 2, :] = 1  # keep the top half
+    return m
+
+
+def _process(**options):
+    options = dict(dict(schedule="custom", betas=tuple(BETAS), num_timesteps=T, sampler="ddim", eta=0.0,
+                        clip_denoised=False), **options)
+    return DDPM(**options)
+
+
+def _diffusers_repaint(model, image, mask, steps, jump_length, jump_n_sample, noises, eta=0.0):
+    """diffusers' RePaintPipeline loop (pipeline_repaint.py) on our toy model, its randn fed ``noises``."""
+    from diffusers import RePaintScheduler
+    from diffusers.schedulers import scheduling_repaint
+
+    sched = RePaintScheduler(num_train_timesteps=T, trained_betas=BETAS.astype(np.float32), clip_sample=False, eta=eta)
+    sched.set_timesteps(steps, jump_length, jump_n_sample)
+    queue = iter(noises)
+    original = scheduling_repaint.randn_tensor
+    scheduling_repaint.randn_tensor = lambda *a, **k: next(queue).clone()
+    try:
+        x = next(queue).clone()
+        t_last = sched.timesteps[0] + 1
+        for t in sched.timesteps:
+            if t < t_last:
+                out = model(x, torch.full((x.shape[0],), int(t), dtype=torch.int64))
+                x = sched.step(out, t, x, image, mask, None).prev_sample
+            else:
+                x = sched.undo_step(x, t_last, None)
+            t_last = t
+    finally:
+        scheduling_repaint.randn_tensor = original
+    return x, sched.timesteps
+
+
+def _contract_noises(visits, seed, n):
+    """The noises our inpaint draws, in the order diffusers' loop asks for them: x_T (slot V), then per
+    visit the known region's z1 (slot V + 1 + v) for a reverse one, z (slot v) for an up one."""
+    V = len(visits)
+    shape = (n, *SHAPE)
+    noises = [reference.batch_noise(seed, 0, V, shape, "cpu")]
+    for v, (up, _k) in enumerate(visits):
+        noises.append(reference.batch_noise(seed, 0, v if up else V + 1 + v, shape, "cpu"))
+    return noises
+
+
+# -- the walk ------------------------------------------------------------------------------
+@pytest.mark.parametrize("steps, j, r", [(40, 5, 3), (250, 10, 10), (25, 10, 10), (7, 3, 2), (10, 10, 10), (5, 1, 4)])
+def test_walk_is_diffusers(steps, j, r):
+    from diffusers import RePaintScheduler
+
+    sched = RePaintScheduler(num_train_timesteps=1000)
+    sched.set_timesteps(steps, j, r)
+    visits = repaint_visits(steps, j, r)
+    gap = 1000 // steps
+    assert len(visits) == len(sched.timesteps)
+    theirs = sched.timesteps.tolist()
+    last = theirs[0] + gap
+    for (up, k), t in zip(visits, theirs):
+        assert up == (t >= last)
+        assert k == (last // gap if up else t // gap)  # an up visit is undo_step(t_last)
+        last = t
+    assert sum(not up for up, _ in visits) == steps + (r - 1) * j * len(range(0, steps - j, j))
+
+
+# -- the peer ------------------------------------------------------------------------------
+@pytest.mark.parametrize("jump_length, jump_n_sample", [(5, 3), (4, 1), (10, 2)])
+def test_repaint_equals_diffusers_repaint(jump_length, jump_n_sample):
+    """The whole RePaint run with ``steps = T`` (diffusers' undo_step is one beta per step then; with fewer
+    steps it multiplies the betas from t_last up, one step off the respaced chain's: see the respaced test),
+    DDIM eta=0 as diffusers' pipeline default, the same noises."""
+    model, n = Pointwise(), 2
+    image, mask = _image(n), _mask(n)
+    visits = repaint_visits(T, jump_length, jump_n_sample)
+    noises = _contract_noises(visits, seed=5, n=n)
+    theirs, _ = _diffusers_repaint(model, image, mask, T, jump_length, jump_n_sample, noises)
+    ours = inpaint(model, image, mask, jump_length=jump_length, jump_n_sample=jump_n_sample, seed=5,
+                   process=_process(), progress=False)
+    assert_close(ours, theirs, **PEER)
+
+
+def test_replace_respaced_equals_diffusers_without_jumps():
+    """10 of 40 steps, diffusers' timesteps (leading: 0, 4, ..., 36) as our respaced chain's; no jumps."""
+    model, n, steps = Pointwise(), 3, 10
+    image, mask = _image(n, seed=2), _mask(1)
+    process = _process().respace([i * (T // steps) for i in range(steps)])
+    visits = repaint_visits(steps, 10, 1)
+    theirs, _ = _diffusers_repaint(model, image, mask, steps, 10, 1, _contract_noises(visits, seed=9, n=n))
+    ours = inpaint(model, image, mask, method="replace", seed=9, process=process, progress=False)
+    assert_close(ours, theirs, **PEER)
+
+
+@pytest.mark.parametrize("eta", [0.5, 1.0])
+def test_one_step_equals_diffusers_with_eta(eta):
+    """diffusers' RePaint step reuses one noise for the unknown region's variance and the known region;
+    ours draws two (z and z1), so with eta > 0 the step is compared with both given that one noise."""
+    from diffusers import RePaintScheduler
+    from diffusers.schedulers import scheduling_repaint
+
+    steps, n = 10, 2
+    sched = RePaintScheduler(num_train_timesteps=T, trained_betas=BETAS.astype(np.float32), clip_sample=False, eta=eta)
+    sched.set_timesteps(steps, 10, 1)
+    process = _process(eta=eta).respace([i * (T // steps) for i in range(steps)])
+    visits = repaint_visits(steps, 10, 1)
+    table = torch.as_tensor(visit_tables(process, visits)["reverse"], dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    image, mask = _image(n), _mask(n).expand(n, *SHAPE).contiguous()
+    for v, (_, k) in enumerate(visits):
+        x, out, z = (torch.randn((n, *SHAPE), generator=g) for _ in range(3))
+        t = k * (T // steps)
+        original = scheduling_repaint.randn_tensor
+        scheduling_repaint.randn_tensor = lambda *a, **kw: z
+        try:
+            theirs = sched.step(out, t, x, image, mask, None).prev_sample
+        finally:
+            scheduling_repaint.randn_tensor = original
+        step = torch.full((n,), v, dtype=torch.int64)
+        ours = ops.ddpm_step(x, out, step, table, seed=0, clip_denoised=False, noise=z, known_noise=z,
+                             known=image, mask=mask)
+        assert_close(ours, theirs, **PEER, msg=f"t={t}")
+
+
+# -- what the user gets -------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["repaint", "replace"])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_known_pixels_are_the_input_exactly(method, sampler):
+    image, mask = _image(3), _mask(1)
+    x = inpaint(Pointwise(), image, mask, method=method, jump_length=4, jump_n_sample=2, steps=12, seed=3,
+                process=_process(sampler=sampler, clip_denoised=True), progress=False)
+    keep = mask.expand_as(x).bool()
+    assert_close(x[keep], image[keep], **EXACT)
+    assert not torch.equal(x[~keep], image[~keep])
+    assert bool(x.abs().max() < 10)
+
+
+def test_mask_forms_and_all_kept():
+    image = _image(2)
+    m2 = _mask(1)[0, 0]
+    results = [inpaint(Pointwise(), image, m, steps=6, method="replace", process=_process(), progress=False)
+               for m in (m2, m2[None], m2[None, None].expand(2, 1, -1, -1), m2.bool(),
+                         m2.expand(2, SHAPE[0], -1, -1))]
+    for r in results[1:]:
+        assert_close(r, results[0], **EXACT)
+    full = inpaint(Pointwise(), image, torch.ones(SHAPE[1:]), steps=6, process=_process(), progress=False)
+    assert_close(full, image, **EXACT)
+
+
+def test_replace_is_repaint_without_resampling():
+    image, mask = _image(2), _mask(2)
+    a = inpaint(Pointwise(), image, mask, method="replace", steps=12, process=_process(), progress=False)
+    b = inpaint(Pointwise(), image, mask, method="repaint", jump_n_sample=1, steps=12, process=_process(),
+                progress=False)
+    assert_close(a, b, **EXACT)
+
+
+def test_images_do_not_depend_on_the_batch():
+    image, mask = _image(4), _mask(4)
+    kwargs = dict(steps=8, jump_length=3, jump_n_sample=2, seed=11, process=_process(sampler="ddpm"), progress=False)
+    whole = inpaint(Pointwise(), image, mask, **kwargs)
+    split = inpaint(Pointwise(), image, mask, batch_size=3, **kwargs)
+    third = inpaint(Pointwise(), image[2:3], mask[2:3], sample_offset=2, **kwargs)
+    assert_close(split, whole, **EXACT)
+    assert_close(third, whole[2:3], **FP32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backends_equal_the_reference(backend):
+    need(backend, "ddpm_step", "cpu")
+    image, mask = _image(3), _mask(1)
+    kwargs = dict(steps=10, jump_length=3, jump_n_sample=2, seed=4, process=_process(sampler="ddpm"), progress=False)
+    with ops.use_backend("reference"):
+        ref = inpaint(Pointwise(), image, mask, **kwargs)
+    with ops.use_backend(backend):
+        got = inpaint(Pointwise(), image, mask, **kwargs)
+    assert_close(got, ref, **dict(atol=1e-4, rtol=1e-4))
+    keep = mask.expand_as(got).bool()
+    assert_close(got[keep], image[keep], **EXACT)
+
+
+def test_class_conditional_guided_inpainting():
+    model = LabelledPointwise()
+    image, mask = _image(3), _mask(1)
+    kwargs = dict(steps=8, jump_length=3, jump_n_sample=2, seed=2, process=_process(), progress=False)
+    plain = inpaint(model, image, mask, class_labels=[0, 1, 2], **kwargs)
+    model.calls = 0
+    guided = inpaint(model, image, mask, class_labels=[0, 1, 2], guidance_scale=3.0, **kwargs)
+    visits = repaint_visits(8, 3, 2)
+    assert model.calls == sum(not up for up, _ in visits)  # one call on the doubled batch per reverse visit
+    keep = mask.expand_as(guided).bool()
+    assert_close(guided[keep], image[keep], **EXACT)
+    assert not torch.allclose(plain, guided)
+    with pytest.raises(ValueError, match="class_labels"):
+        inpaint(model, image, mask, class_labels=[0, 1, 7], **kwargs)
+
+
+def test_callback_edits_x_and_noise_is_x_T():
+    image, mask = _image(2), _mask(2)
+    seen = []
+    x_T = torch.zeros((2, *SHAPE))
+    kwargs = dict(steps=5, method="replace", process=_process(), progress=False)
+    a = inpaint(Pointwise(), image, mask, noise=x_T, callback=lambda v, t, x: seen.append((v, t)), **kwargs)
+    assert [v for v, _ in seen] == list(range(5)) and seen[0][1] == T - 1  # linspace keeps both ends
+    b = inpaint(Pointwise(), image, mask, noise=x_T, callback=lambda v, t, x: x * 0 if v == 4 else None, **kwargs)
+    assert torch.equal(b, torch.zeros_like(b))
+    assert not torch.equal(a, b)
+
+
+# -- bad input, refused before any model call ---------------------------------------------
+class _Counting(Pointwise):
+    calls = 0
+
+    def forward(self, x, t):
+        type(self).calls += 1
+        return super().forward(x, t)
+
+
+@pytest.mark.parametrize("change, error, match", [
+    (dict(mask=torch.ones(5, 5)), ValueError, "mask must broadcast"),
+    (dict(mask=torch.ones(3, 1, 6, 6)), ValueError, "mask must broadcast"),
+    (dict(mask=torch.full((6, 6), 0.5)), ValueError, "mask must be binary"),
+    (dict(mask=np.ones((6, 6))), TypeError, "mask must be a tensor"),
+    (dict(image=torch.zeros(2, 3, 6, 6)), ValueError, "image must have the model's image shape"),
+    (dict(image=torch.zeros(2, 2, 8, 8)), ValueError, "image must have the model's image shape"),
+    (dict(image=torch.full((2, *SHAPE), 2.0)), ValueError, r"image must be in the model's data range"),
+    (dict(image=torch.full((2, *SHAPE), float("nan"))), ValueError, "image"),
+    (dict(image=torch.zeros(2, *SHAPE, dtype=torch.int64)), TypeError, "image must be a float tensor"),
+    (dict(method="fill"), ValueError, "method must be one of"),
+    (dict(jump_length=0), ValueError, "jump_length"),
+    (dict(jump_n_sample=1.5), ValueError, "jump_n_sample"),
+    (dict(sampler="dpm++2m"), ValueError, "one-step samplers"),
+    (dict(noise=torch.zeros(2, 2, 5, 5)), ValueError, "noise"),
+    (dict(steps=0), ValueError, "steps"),
+    (dict(batch_size=0), ValueError, "batch_size"),
+])
+def test_bad_input_is_refused_before_sampling(change, error, match):
+    args = dict(image=_image(2), mask=_mask(1)[0, 0])
+    args.update({k: change.pop(k) for k in ("image", "mask") if k in change})
+    _Counting.calls = 0
+    with pytest.raises(error, match=match):
+        inpaint(_Counting(), args["image"], args["mask"], progress=False, **change)
+    assert _Counting.calls == 0
