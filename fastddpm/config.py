@@ -89,6 +89,13 @@ class DiffusionConfig(JsonConfig):
     :param karras_sigmas: multistep solvers step on Karras et al.'s sigmas (rho = 7) instead.
     :param lambda_min_clipped: multistep solvers skip timesteps whose ``lambda = log(alpha/sigma)``
         is below this; None: -5.1 for the cosine schedule (DPM-Solver's fix), none otherwise.
+    :param begin_index: sampling begins part-way: the number of leading steps of the sampling plan to
+        skip (diffusers' ``set_begin_index``; 0: the whole plan).  For DDPM/DDIM (respaced or not) the
+        process is its first ``K - begin_index`` steps, the same rows and noise slots as the whole chain's
+        (``NoiseSchedule.truncate``); for a multistep solver its plan of ``steps`` model calls from step
+        ``begin_index`` on, warming up from first order with an empty history as diffusers does after
+        ``set_begin_index`` (``multistep.make_plan``).  The start ``x`` (``sample(..., noise=)``) is then the
+        sample at the first kept timestep, e.g. ``fastddpm.img2img``'s noised image.  Training ignores it.
     :param loss: ``l2``, ``l1`` or ``huber`` (with ``huber_delta``).
     :param min_snr_gamma: min-SNR-gamma loss weighting, or None for uniform.
     """
@@ -106,6 +113,7 @@ class DiffusionConfig(JsonConfig):
     timestep_spacing: Spacing = "linspace"
     karras_sigmas: bool = False
     lambda_min_clipped: float | None = None
+    begin_index: int = 0
     loss: LossType = "l2"
     huber_delta: float = 1.0
     min_snr_gamma: float | None = None
@@ -153,6 +161,9 @@ class DiffusionConfig(JsonConfig):
         if self.lambda_min_clipped is not None and (isinstance(self.lambda_min_clipped, bool) or not isinstance(
                 self.lambda_min_clipped, (int, float)) or self.lambda_min_clipped != self.lambda_min_clipped):
             raise ValueError(f"lambda_min_clipped must be a float or None, got {self.lambda_min_clipped!r}")
+        if not is_int(self.begin_index) or not 0 <= self.begin_index < MAX_TIMESTEPS:
+            raise ValueError(f"begin_index must be an int >= 0 (the leading sampling steps to skip), "
+                             f"got {self.begin_index!r}")
         if not (isinstance(self.eta, (int, float)) and 0.0 <= self.eta < float("inf")):
             raise ValueError(f"eta must be a float >= 0, got {self.eta!r}")
         if not (isinstance(self.huber_delta, (int, float)) and self.huber_delta > 0):

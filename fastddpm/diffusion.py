@@ -67,14 +67,28 @@ class DDPM:
             noise_schedule = self._base_schedule()
         elif not isinstance(noise_schedule, NoiseSchedule):
             raise TypeError(f"noise_schedule must be a NoiseSchedule, got {type(noise_schedule).__name__}")
-        self.schedule = noise_schedule
+        self.chain = noise_schedule  # the whole sampling chain: T steps, or the respaced ones
+        self.schedule = self._begun(noise_schedule)  # the part that runs (all of it unless begin_index)
         self._tables: dict = {}
 
     # -- structure ----------------------------------------------------------------
     @property
     def num_steps(self) -> int:
-        """Steps of this process (T, or fewer when respaced)."""
+        """Steps of this process (T, or fewer when respaced; less ``begin_index`` for DDPM/DDIM)."""
         return self.schedule.num_timesteps
+
+    def _begun(self, chain: NoiseSchedule) -> NoiseSchedule:
+        """The chain from ``begin_index`` on: its first ``K - begin_index`` steps (a multistep solver begins
+        part-way in its plan instead, ``multistep_plan``).  Skipping the leading steps of the reverse
+        process keeps the rest exactly (``NoiseSchedule.truncate``): row ``i`` and noise slot ``i`` of
+        step ``i`` are the whole chain's, so a run from the start timestep is the tail of a whole run."""
+        begin = self.config.begin_index
+        if begin == 0 or self.is_multistep:
+            return chain
+        if begin >= chain.num_timesteps:
+            raise ValueError(f"begin_index={begin} skips every step of this process's {chain.num_timesteps}-step "
+                             f"chain: it must be < {chain.num_timesteps} (the steps of the sampling plan)")
+        return chain.truncate(chain.num_timesteps - begin)
 
     def _base_schedule(self) -> NoiseSchedule:
         c = self.config
@@ -87,7 +101,7 @@ class DDPM:
         if isinstance(steps, numbers.Integral) and not isinstance(steps, bool) and \
                 self.config.timestep_spacing != "linspace":
             steps = self._spaced(int(steps))
-        return DDPM(self.config, noise_schedule=self._base_schedule().respace(steps))
+        return DDPM(self.config, noise_schedule=self._base_schedule().respace(steps))  # begin_index re-applied
 
     def _spaced(self, steps: int) -> list[int]:
         """``leading``/``trailing`` timesteps; for DDIM also diffusers' constraint: its ``DDIMScheduler``
@@ -137,14 +151,15 @@ class DDPM:
                 raise ValueError(f"steps must be a positive int, got {steps!r}")
             if steps > process.config.num_timesteps:
                 raise ValueError(f"steps must be <= num_timesteps={process.config.num_timesteps}, got {steps}")
-            if steps != process.num_steps:
+            if steps != process.chain.num_timesteps:  # the whole chain's steps: begin_index skips some of them
                 process = process.respace(steps)
         return process
 
     def with_options(self, **options) -> "DDPM":
-        """A copy with some config fields changed (the schedule is kept if respaced)."""
+        """A copy with some config fields changed (the chain is kept if respaced; ``begin_index`` applies
+        to it anew)."""
         schedule_fields = {"num_timesteps", "schedule", "betas"}
-        keep = None if schedule_fields & set(options) else self.schedule
+        keep = None if schedule_fields & set(options) else self.chain
         return DDPM(self.config.replace(**options), noise_schedule=keep)
 
     def tables(self, device) -> dict[str, torch.Tensor]:
@@ -332,9 +347,11 @@ class DDPM:
 
     # -- serialisation ------------------------------------------------------------------
     def to_dict(self) -> dict:
+        """``{"config": ..., "timesteps": the respaced chain's}``: the whole chain, with ``begin_index``
+        in the config, so ``from_dict`` makes the same chain and begins it at the same step."""
         d = {"config": self.config.to_dict()}
-        if self.schedule.is_respaced:
-            d["timesteps"] = list(self.schedule.timesteps)
+        if self.chain.is_respaced:
+            d["timesteps"] = list(self.chain.timesteps)
         return d
 
     @classmethod
@@ -353,6 +370,7 @@ class DDPM:
 
     def __repr__(self) -> str:
         c = self.config
-        steps = f", steps={self.num_steps}" if self.schedule.is_respaced else ""
+        steps = f", steps={self.chain.num_timesteps}" if self.chain.is_respaced else ""
+        steps += f", begin_index={c.begin_index}" if c.begin_index else ""
         return (f"DDPM(T={c.num_timesteps}, schedule={c.schedule!r}, prediction={c.prediction!r}, "
                 f"variance={c.variance!r}, clip_denoised={c.clip_denoised}, sampler={c.sampler!r}{steps})")

@@ -172,6 +172,20 @@ class NoiseSchedule:
         return NoiseSchedule(betas, timesteps=tuple(self.timesteps[k] for k in keep), kind=self.kind,
                              base_num_timesteps=self.base_num_timesteps)
 
+    def truncate(self, steps: int) -> "NoiseSchedule":
+        """The process of this one's first ``steps`` steps (its lowest timesteps), for sampling that
+        begins part-way (``DiffusionConfig.begin_index``).  The betas are these betas, not recomputed,
+        so row ``i`` of every table (and of the step coefficients) is this schedule's row ``i`` exactly.
+
+        :param steps: steps kept, in ``[1, num_timesteps]``.
+        """
+        if not isinstance(steps, numbers.Integral) or isinstance(steps, bool) or not 1 <= steps <= self.num_timesteps:
+            raise ValueError(f"truncate keeps steps in [1, {self.num_timesteps}], got {steps!r}")
+        if steps == self.num_timesteps:
+            return self
+        return NoiseSchedule(self.betas[:steps].copy(), timesteps=self.timesteps[:steps], kind=self.kind,
+                             base_num_timesteps=self.base_num_timesteps)
+
     # -- float64 tables -----------------------------------------------------------
     @property
     def num_timesteps(self) -> int:
