@@ -190,14 +190,15 @@ class DDPM:
 
     def multistep_plan(self, steps: int | None = None) -> multistep.MultistepPlan:
         """The timesteps and coefficient table of this process's multistep solver over ``steps``
-        model calls (default ``multistep.DEFAULT_STEPS``), from the full (unrespaced) schedule."""
+        model calls (default ``multistep.DEFAULT_STEPS``), from the full (unrespaced) schedule; with
+        ``begin_index`` the plan from that step on (``steps - begin_index`` model calls)."""
         c = self.config
         if not self.is_multistep:
             raise ValueError(f"sampler={c.sampler!r} is not a multistep solver {multistep.SOLVERS}")
         return multistep.make_plan(self._base_schedule(), c.sampler,
                                    multistep.DEFAULT_STEPS if steps is None else steps, c.prediction,
                                    c.timestep_spacing, c.karras_sigmas, c.lambda_min_clipped, bool(c.clip_denoised),
-                                   c.thresholding)
+                                   c.thresholding, begin_index=c.begin_index)
 
     def _step_index(self, t, n: int, device) -> torch.Tensor:
         """Model timesteps -> this process's step indices (identity unless respaced).  Every method that

@@ -69,8 +69,8 @@ class EngineCache:
 
     def engine(self, model, adapter, process, shape, plan: Plan, steps: int | None = None,
                request: SamplingRequest | None = None, denoiser: Denoiser | None = None) -> SamplerEngine:
-        """The cached engine of these arguments, made on a miss (``steps``: a multistep solver's model
-        calls, else None; ``request``: the batch's, and ``denoiser`` its ``Denoiser`` when it is
+        """The cached engine of these arguments, made on a miss (``steps``: a multistep solver's
+        ``multistep_plan(steps)``, the whole plan's steps even when it begins part-way, else None; ``request``: the batch's, and ``denoiser`` its ``Denoiser`` when it is
         conditioned, whose form is part of the key)."""
         conditioning = denoiser.signature() if denoiser is not None else None
         # The cached engine holds the model, so id(model) cannot be reused while the entry lives.
@@ -194,7 +194,8 @@ def engine_sample(model, n: int, *, steps: int | None = None, seed: int = 0, dev
         micro_batch = batch_size
     process = DDPM.resolve(process, steps, options)
     # a multistep solver's steps are its model calls (its plan, checked here once); else the respacing's
-    num_steps = process.multistep_plan(steps).num_steps if process.is_multistep else process.num_steps
+    solver = process.multistep_plan(steps) if process.is_multistep else None
+    num_steps = solver.num_steps if solver is not None else process.num_steps
     adapter = ModelAdapter(model, image_size=image_size, channels=channels)
     device = resolve_device(device if device is not None else adapter.device)
     shape = adapter.shape(n)
@@ -224,7 +225,7 @@ def engine_sample(model, n: int, *, steps: int | None = None, seed: int = 0, dev
     for _, batch in request.batches(m):
         denoiser = Denoiser(adapter, batch, device) if batch.conditioned else None  # the key's and the run's
         engine = cache.engine(model, adapter, process, (batch.n, *shape[1:]), plan,
-                              num_steps if process.is_multistep else None, batch, denoiser)
+                              solver.whole_steps if solver is not None else None, batch, denoiser)
         if choice is not None and plan.compile and engine.runs == 0:
             _compile_on_cpu(model, adapter, engine, choice)
         chunks.append(engine.run(bar=bar, request=batch, denoiser=denoiser))

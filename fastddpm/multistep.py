@@ -142,25 +142,33 @@ def _sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
     return (1 - w) * low + w * (low + 1)
 
 
-def solver_orders(solver: str, K: int) -> np.ndarray:
-    """The order of each step, in running order: warm-up from first order, and diffusers'
-    ``lower_order_final`` (the last step is first order; DPM-Solver++ also drops to second
-    order on the step before it when K < 15)."""
-    j = np.arange(K)
+def solver_orders(solver: str, K: int, begin_index: int = 0) -> np.ndarray:
+    """The order of each step of a K-step plan run from step ``begin_index`` on, in running order:
+    warm-up from first order at the first step run (the history starts empty there), and diffusers'
+    ``lower_order_final`` counted against the whole plan's K (the last step is first order;
+    DPM-Solver++ also drops to second order on the step before it when K < 15) -- exactly what
+    diffusers' ``step`` does after ``set_begin_index(begin_index)``: ``lower_order_nums`` counts the
+    steps taken, ``step_index`` starts at ``begin_index`` and ``len(timesteps)`` is K."""
+    j = np.arange(begin_index, K)
+    warm = j - begin_index + 1  # diffusers' lower_order_nums + 1
     if solver == "unipc":
-        return np.minimum(np.minimum(2, K - j), j + 1)
-    order = np.where((j == 1) | ((j == K - 2) & (K < 15)), 2, SOLVER_ORDER[solver])
-    order = np.minimum(order, SOLVER_ORDER[solver])
-    return np.where((j == 0) | (j == K - 1), 1, order)
+        return np.minimum(np.minimum(2, K - j), warm)
+    order = np.where((j == K - 2) & (K < 15), min(2, SOLVER_ORDER[solver]), SOLVER_ORDER[solver])
+    return np.minimum(np.where(j == K - 1, 1, order), warm)
 
 
 # -- the table -------------------------------------------------------------------------------
-def multistep_table(sigmas: np.ndarray, solver: str, prediction: str = "epsilon") -> np.ndarray:
+def multistep_table(sigmas: np.ndarray, solver: str, prediction: str = "epsilon",
+                    orders: np.ndarray | None = None) -> np.ndarray:
     """The float64 ``[K, 12]`` table (``TABLE_COLUMNS``), row ``i`` for reverse-process step ``i``.
 
-    :param sigmas: float64 ``[K + 1]`` from ``solver_timesteps`` (running order, last 0).
+    :param sigmas: float64 ``[K + 1]`` from ``solver_timesteps`` (running order, last 0), or its tail
+        from a begin index on.
     :param solver: one of ``SOLVERS``.
     :param prediction: ``epsilon``, ``x0`` or ``v``.
+    :param orders: the order of each of the K steps, running order (default ``solver_orders(solver, K)``;
+        a plan begun part-way gives ``solver_orders(solver, K_whole, begin_index)``).  The first step's
+        row has no history and no corrector whatever its order says.
     """
     _check_choice("sampler", solver, SOLVERS)
     K = sigmas.size - 1
@@ -182,7 +190,9 @@ def multistep_table(sigmas: np.ndarray, solver: str, prediction: str = "epsilon"
     else:
         raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
 
-    orders = solver_orders(solver, K)
+    orders = solver_orders(solver, K) if orders is None else np.asarray(orders)
+    if orders.shape != (K,) or orders[0] != 1:
+        raise ValueError(f"orders must be [K] = [{K}] with a first-order first step, got {orders!r}")
     j = np.arange(K)
     t = j + 1
     final = s[t] == 0.0
@@ -282,6 +292,10 @@ class MultistepPlan:
     :param clip_denoised: clamp ``D`` to [-1, 1] (diffusers: ``thresholding=True, sample_max_value=1``).
     :param thresholding: ``(ratio, sample_max_value)`` of dynamic thresholding on ``D`` (diffusers:
         ``thresholding=True`` with ``sample_max_value > 1``), or None.
+    :param sigmas: float64 ``[K]``: ``sigma = sqrt((1 - abar) / abar)`` of the ``x`` row ``i`` steps from
+        (diffusers' ``scheduler.sigmas``, row order); ``sigmas[-1]`` is the start's, where
+        ``add_noise`` noises an image (``x = alpha x0 + sigma_t z``, ``alpha = 1 / sqrt(1 + sigma^2)``).
+    :param begin_index: the leading steps of the whole plan that this one skips (0: none).
     """
 
     solver: str
@@ -289,10 +303,17 @@ class MultistepPlan:
     table: np.ndarray
     clip_denoised: bool = False
     thresholding: tuple[float, float] | None = None
+    sigmas: np.ndarray | None = None
+    begin_index: int = 0
 
     @property
     def num_steps(self) -> int:
         return int(self.timesteps.size)
+
+    @property
+    def whole_steps(self) -> int:
+        """The steps of the whole plan this one begins part-way in (``make_plan``'s ``steps``)."""
+        return self.num_steps + self.begin_index
 
     @property
     def stochastic(self) -> bool:
@@ -306,14 +327,26 @@ class MultistepPlan:
 
 def make_plan(schedule: NoiseSchedule, solver: str, steps: int, prediction: str = "epsilon",
               spacing: str = "linspace", karras_sigmas: bool = False, lambda_min_clipped: float | None = None,
-              clip_denoised: bool = False, thresholding: tuple[float, float] | None = None) -> MultistepPlan:
+              clip_denoised: bool = False, thresholding: tuple[float, float] | None = None, *,
+              begin_index: int = 0) -> MultistepPlan:
     """The plan of ``solver`` over ``steps`` model calls of a model trained on ``schedule``
-    (``thresholding``: ``(ratio, sample_max_value)`` of dynamic thresholding, or None)."""
+    (``thresholding``: ``(ratio, sample_max_value)`` of dynamic thresholding, or None).
+
+    :param begin_index: begin part-way, as diffusers' ``set_begin_index``: the whole plan's timesteps
+        and sigmas from step ``begin_index`` on (``steps - begin_index`` model calls), warming up from
+        first order with an empty history there, ``lower_order_final`` counted against ``steps``
+        (``solver_orders``).  Its row ``i`` is still the whole plan's step ``i`` from the end, so the
+        SDE noise slot of each step is the whole plan's.
+    """
     ts, sigmas = solver_timesteps(schedule, steps, solver, spacing, karras_sigmas, lambda_min_clipped)
-    table = multistep_table(sigmas, solver, prediction)
+    if not is_int(begin_index) or not 0 <= begin_index < steps:
+        raise ValueError(f"begin_index must be an int in [0, steps) = [0, {steps}) (the leading steps of the "
+                         f"{steps}-step plan to skip; at least one must run), got {begin_index!r}")
+    table = multistep_table(sigmas[begin_index:], solver, prediction, solver_orders(solver, steps, begin_index))
     if not np.all(np.isfinite(table)):
         raise ValueError(f"{solver} table is not finite for this schedule; try lambda_min_clipped")
-    return MultistepPlan(solver, ts[::-1].copy(), table, bool(clip_denoised), thresholding)
+    return MultistepPlan(solver, ts[begin_index:][::-1].copy(), table, bool(clip_denoised), thresholding,
+                         sigmas=sigmas[begin_index:-1][::-1].copy(), begin_index=begin_index)
 
 
 # -- the update --------------------------------------------------------------------------------
@@ -353,6 +386,9 @@ class MultistepSampler:
         sampler = MultistepSampler(plan, x)
         for t in sampler.timesteps:           # running order
             x = sampler.step(model(x, t), x)
+
+    To begin part-way, make the plan with ``begin_index`` (``make_plan``): moving ``index`` of a
+    whole plan's sampler would keep the whole plan's orders with an empty history.
 
     :param plan: a ``MultistepPlan``.
     :param x: the initial sample (sets shape, device and the compute dtype).
