@@ -6,6 +6,7 @@
 from .checkpoint import load_model, save_model
 from .config import DiffusionConfig
 from .diffusion import DDPM, StepOutput
+from .img2img import img2img
 from .inpaint import inpaint
 from .models import UNet, UNetConfig, create_model
 from .noise import normal
@@ -16,4 +17,4 @@ from .trainer import TrainConfig, Trainer
 from .version import __version__
 
 __all__ = ["DDPM", "DiffusionConfig", "NoiseSchedule", "TrainConfig", "Trainer", "UNet", "UNetConfig",
-           "create_model", "inpaint", "load_model", "normal", "patch_attention", "sample", "unpatch_attention", "save_model", "StepOutput", "__version__"]
+           "create_model", "img2img", "inpaint", "load_model", "normal", "patch_attention", "sample", "unpatch_attention", "save_model", "StepOutput", "__version__"]

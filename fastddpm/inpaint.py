@@ -195,6 +195,9 @@ def inpaint(model, image: torch.Tensor, mask: torch.Tensor, *, method: str = "re
     if base.config.sampler not in INPAINT_SAMPLERS:
         raise ValueError(f"inpaint runs the one-step samplers {INPAINT_SAMPLERS} (RePaint goes back up the chain, "
                          f"which a multistep solver's history cannot), got sampler={base.config.sampler!r}")
+    if getattr(base.config, "begin_index", 0):
+        raise ValueError(f"inpaint walks the whole chain: begin_index must be 0, got {base.config.begin_index} "
+                         "(to start part-way from an image, see fastddpm.img2img)")
     if steps is None:
         steps = base.num_steps if base.schedule.is_respaced else min(DEFAULT_INPAINT_STEPS, base.num_steps)
     process = DDPM.resolve(base, steps, {})

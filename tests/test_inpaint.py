@@ -255,6 +255,7 @@ class _Counting(Pointwise):
     (dict(jump_n_sample=1.5), ValueError, "jump_n_sample"),
     (dict(sampler="dpm++2m"), ValueError, "one-step samplers"),
     (dict(noise=torch.zeros(2, 2, 5, 5)), ValueError, "noise"),
+    (dict(begin_index=3), ValueError, "begin_index"),
     (dict(steps=0), ValueError, "steps"),
     (dict(batch_size=0), ValueError, "batch_size"),
 ])
