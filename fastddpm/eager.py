@@ -8,6 +8,8 @@ history; ``steps`` is then their number of model calls.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from tqdm.auto import tqdm
 
@@ -18,6 +20,7 @@ from .denoiser import Denoiser
 from .diffusion import DDPM
 from .noise import check_noise_capacity
 from .ops import reference
+from .repaint import make_walk
 from .request import SamplingRequest, check_start_noise, replaced_x
 from .thresholding import step_threshold
 
@@ -49,8 +52,10 @@ def sample_eager(model, n: int, *, steps: int | None = None, seed: int = 0, devi
     check_start_noise(request, shape)
     numel = int(torch.Size(shape[1:]).numel())
     plan = process.multistep_plan(steps) if process.is_multistep else None
-    num_steps = plan.num_steps if plan is not None else process.num_steps
-    check_noise_capacity(numel, num_steps + 1, request.sample_offset + n - 1)
+    # inpainting walks the chain (fastddpm.repaint): its visits are the steps, two noise slots each
+    walk = make_walk(process, request.inpainting, device) if request.inpainting is not None else None
+    num_steps = walk.num_steps if walk is not None else plan.num_steps if plan is not None else process.num_steps
+    check_noise_capacity(numel, (2 if walk is not None else 1) * num_steps + 1, request.sample_offset + n - 1)
 
     batch_size = batch_size or n
     # every batch's model call, built (and so checked) before any sampling starts
@@ -58,6 +63,8 @@ def sample_eager(model, n: int, *, steps: int | None = None, seed: int = 0, devi
     chunks = []
     bar = tqdm(total=num_steps * len(batches), disable=not progress, desc="sampling", unit="step", leave=False)
     run_batch = _sample_batch if plan is None else _multistep_batch
+    if walk is not None:
+        run_batch = functools.partial(_inpaint_batch, walk)
     watch = torch.zeros((), dtype=torch.bool, device=device)  # any model output non-finite or beyond the limit
     for batch, denoiser in batches:
         chunks.append(run_batch(denoiser, adapter, plan or process, batch, (batch.n, *shape[1:]), device, dtype,
@@ -127,4 +134,29 @@ def _multistep_batch(denoiser, adapter, plan, request, shape, device, dtype, bar
                                threshold=step_threshold(x, out, step[0], table, plan.thresholding, uncond, w))
         bar.update(1)
         x = _callback(request, i, int(plan.timesteps[i]), x)
+    return x
+
+
+def _inpaint_batch(walk, denoiser, adapter, process, request, shape, device, dtype, bar, watch):
+    """The inpainting walk (``fastddpm.repaint``): row ``r`` of its tables from ``V - 1`` down, a reverse
+    row a model call and the fused step with the blend, an up row the same op re-noising ``x``."""
+    V = walk.num_steps
+    seed, offset = request.seed, request.sample_offset
+    known = request.inpainting.known.to(device=device, dtype=torch.float32)
+    mask = request.inpainting.mask.to(device=device, dtype=torch.float32)
+    clip, thresholding = bool(process.config.clip_denoised), process.config.thresholding
+    x = _start(request, V, shape, device)
+    for r in reversed(range(V)):
+        step = torch.full((shape[0],), r, dtype=torch.int64, device=device)
+        if walk.up_rows[r]:
+            x = ops.ddpm_step(x, torch.zeros_like(x), step, walk.up, seed=seed, sample_offset=offset,
+                              clip_denoised=False)
+        else:
+            out, uncond = _model_output(denoiser, adapter.dtype, x, walk.timesteps[step], dtype, watch)
+            w = denoiser.step_scale
+            threshold = step_threshold(x, out, step, walk.reverse5, thresholding, uncond, w)
+            x = ops.ddpm_step(x, out, step, walk.reverse, seed=seed, sample_offset=offset, clip_denoised=clip,
+                              uncond_output=uncond, guidance_scale=w, threshold=threshold, known=known, mask=mask)
+        bar.update(1)
+        x = _callback(request, V - 1 - r, int(walk.timesteps[r]), x)
     return x

@@ -33,6 +33,7 @@ from .denoiser import Denoiser
 from .diffusion import DDPM
 from .noise import check_noise_capacity
 from .plan import COMPILE_MODES, Plan, make_plan, resolve_device
+from .repaint import make_walk
 from .request import SamplingRequest, check_start_noise
 from .sampler_engine import SamplerEngine
 
@@ -73,6 +74,8 @@ class EngineCache:
         ``multistep_plan(steps)``, the whole plan's steps even when it begins part-way, else None; ``request``: the batch's, and ``denoiser`` its ``Denoiser`` when it is
         conditioned, whose form is part of the key)."""
         conditioning = denoiser.signature() if denoiser is not None else None
+        if request is not None and request.inpainting is not None:  # the walk's form (fastddpm.repaint)
+            conditioning = (conditioning, request.inpainting.signature())
         # The cached engine holds the model, so id(model) cannot be reused while the entry lives.
         key = (id(model), _weights_signature(model), process.to_json(), tuple(shape), plan.key(), steps, conditioning)
         engine = self._engines.get(key)
@@ -196,11 +199,15 @@ def engine_sample(model, n: int, *, steps: int | None = None, seed: int = 0, dev
     # a multistep solver's steps are its model calls (its plan, checked here once); else the respacing's
     solver = process.multistep_plan(steps) if process.is_multistep else None
     num_steps = solver.num_steps if solver is not None else process.num_steps
+    slots, model_calls = num_steps + 1, num_steps
+    if request.inpainting is not None:  # the walk's rows are the steps, two noise slots each
+        walk = make_walk(process, request.inpainting, "cpu")
+        num_steps, slots, model_calls = walk.num_steps, 2 * walk.num_steps + 1, walk.model_calls
     adapter = ModelAdapter(model, image_size=image_size, channels=channels)
     device = resolve_device(device if device is not None else adapter.device)
     shape = adapter.shape(n)
     check_start_noise(request, shape)
-    check_noise_capacity(math.prod(shape[1:]), num_steps + 1, request.sample_offset + n - 1)
+    check_noise_capacity(math.prod(shape[1:]), slots, request.sample_offset + n - 1)
     whole = Denoiser(adapter, request, device)  # checks the conditioning against the model before any work
     start = time.perf_counter()  # the plan's timing calls and any compile count as sampling time
     op = "multistep_step" if process.is_multistep else "ddpm_step"
@@ -211,7 +218,7 @@ def engine_sample(model, n: int, *, steps: int | None = None, seed: int = 0, dev
     if device.type == "cpu":  # measured: compile, layout, dtype, threads (fastddpm.cpu_plan)
         # the plan times the whole model call of a micro-batch (the doubled one under guidance)
         forward = Denoiser(adapter, request.slice(0, min(plan.micro_batch, n)), device).forward
-        plan, choice = _cpu_plan(model, adapter, n, shape, device, num_steps, op, plan, dtype, compile,
+        plan, choice = _cpu_plan(model, adapter, n, shape, device, model_calls, op, plan, dtype, compile,
                                  channels_last, threads, forward)
     if whole.guidance_scale is not None:  # how guidance calls the model, and why
         plan = dataclasses.replace(plan, reasons=plan.reasons + (whole.batching_reason,))

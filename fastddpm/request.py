@@ -20,6 +20,7 @@ import torch
 
 from .checks import check_sample_args, is_int
 from .noise import check_seed
+from .repaint import Inpainting
 
 __all__ = ["SamplingRequest", "GUIDANCE_BATCHING", "GuidanceBatching", "REQUEST_OPTIONS"]
 
@@ -85,6 +86,17 @@ def _noise(noise, n: int) -> torch.Tensor | None:
     return noise
 
 
+def _inpainting(inpainting, n: int):
+    if inpainting is None:
+        return None
+    if not isinstance(inpainting, Inpainting):
+        raise TypeError(f"inpainting must be a fastddpm.repaint.Inpainting, got {type(inpainting).__name__}")
+    if inpainting.known.shape[0] != n or inpainting.mask.shape != inpainting.known.shape:
+        raise ValueError(f"inpainting's known image and mask must both be [n, C, H, W] with n={n}, got "
+                         f"{tuple(inpainting.known.shape)} and {tuple(inpainting.mask.shape)}")
+    return inpainting
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class SamplingRequest:
     """The samples ``[sample_offset, sample_offset + n)`` of ``seed``, and how the model is conditioned.
@@ -103,6 +115,8 @@ class SamplingRequest:
     :param guidance_batching: ``"batched"`` (one model call on the doubled batch) or ``"sequential"``.
     :param noise: the starting noise ``x_T`` ``[n, C, H, W]`` (None: the noise contract's slot K).
     :param callback: ``callback(i, t, x)`` after each step; a tensor it returns replaces ``x``.
+    :param inpainting: a ``fastddpm.repaint.Inpainting`` (the known image and mask, sliced with their
+        samples, and RePaint's jumps) for ``fastddpm.inpaint``, or None: a plain sample.
     """
 
     n: int
@@ -116,6 +130,7 @@ class SamplingRequest:
     guidance_batching: GuidanceBatching = "batched"
     noise: torch.Tensor | None = None
     callback: Callable | None = None
+    inpainting: Inpainting | None = None
     # the names of model_kwargs / uncond_kwargs that are per-sample, fixed when the request is made
     # (a slice of m samples must not take a shared tensor of first dimension m for a per-sample one)
     per_sample_names: frozenset = frozenset()
@@ -124,7 +139,7 @@ class SamplingRequest:
     @classmethod
     def make(cls, n: int, *, seed: int = 0, sample_offset: int = 0, class_labels=None, model_kwargs=None,
              uncond_kwargs=None, guidance_scale=None, guidance_rescale=0.0, guidance_batching="batched",
-             noise=None, callback=None) -> "SamplingRequest":
+             noise=None, callback=None, inpainting=None) -> "SamplingRequest":
         """Check the arguments of ``fastddpm.sample`` that do not need the model, and freeze them.
 
         (What needs the model — labels in its range, a null class for guidance — is checked by
@@ -156,7 +171,8 @@ class SamplingRequest:
         return cls(n=n, seed=seed, sample_offset=sample_offset, class_labels=_labels(class_labels, n),
                    model_kwargs=model_kwargs, uncond_kwargs=uncond, guidance_scale=guidance_scale,
                    guidance_rescale=float(guidance_rescale), guidance_batching=guidance_batching,
-                   noise=_noise(noise, n), callback=callback, per_sample_names=per_sample(model_kwargs),
+                   noise=_noise(noise, n), callback=callback, inpainting=_inpainting(inpainting, n),
+                   per_sample_names=per_sample(model_kwargs),
                    per_sample_uncond_names=per_sample(uncond))
 
     @classmethod
@@ -206,7 +222,8 @@ class SamplingRequest:
             class_labels=None if self.class_labels is None else self.class_labels[start:stop],
             model_kwargs=cut(self.model_kwargs, self.per_sample_names),
             uncond_kwargs=cut(self.uncond_kwargs, self.per_sample_uncond_names),
-            noise=None if self.noise is None else self.noise[start:stop])
+            noise=None if self.noise is None else self.noise[start:stop],
+            inpainting=None if self.inpainting is None else self.inpainting.slice(start, stop))
 
     def batches(self, size: int):
         """``(start, request)`` of each micro-batch of at most ``size`` samples, in order."""

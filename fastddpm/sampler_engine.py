@@ -23,6 +23,12 @@ Algorithm 2 (Ho et al.) with no host work per step on a GPU:
   index, and for the SDE solver the noise key, on the device, and writes both
   ``x`` and the model input, as ``ddpm_step_``).
 
+Inpainting (``fastddpm.repaint``): a request with an ``Inpainting`` makes the engine run its walk
+instead of the K steps: the walk's per-row tables replace ``coefs`` and ``timesteps``, the known image
+and the mask are static buffers (refilled from each batch's request before the loop) that the fused
+``ddpm_step_`` blends with, and the up rows (no model call) are the same op re-noising ``x``.  The
+graphs are one per run of same-kind rows (their form is fixed by the walk), replayed in the walk's order.
+
 Conditioning (``fastddpm.denoiser``): the model call is a static ``Denoiser`` built once per engine
 over its (compiled) model; its keyword tensors (class labels, per-sample ``model_kwargs``, the
 doubled guidance batch's) are buffers that ``run`` refills from the batch's request before the loop,
@@ -58,6 +64,7 @@ from .denoiser import Denoiser
 from .noise import check_noise_capacity
 from .ops import reference
 from .plan import INDUCTOR_GRAPH_MODES, Plan
+from .repaint import make_walk
 from .request import SamplingRequest, replaced_x
 from .thresholding import step_threshold
 
@@ -96,16 +103,30 @@ class SamplerEngine:
         self.shape = tuple(int(s) for s in shape)
         self.plan = plan
         self.solver = process.multistep_plan(steps) if process.is_multistep else None
-        self.num_steps = K = process.num_steps if self.solver is None else self.solver.num_steps
         n, device = self.shape[0], plan.device
+        inpainting = request.inpainting if request is not None else None
+        # inpainting: the walk's rows are the steps, with two noise slots each (fastddpm.repaint)
+        self.walk = make_walk(process, inpainting, device) if inpainting is not None else None
+        self.num_steps = K = (self.walk.num_steps if self.walk is not None else
+                              process.num_steps if self.solver is None else self.solver.num_steps)
         self.numel = math.prod(self.shape[1:])
-        check_noise_capacity(self.numel, K + 1, n - 1)
+        self._noise_slots = 2 * K + 1 if self.walk is not None else K + 1
+        check_noise_capacity(self.numel, self._noise_slots, n - 1)
         if plan.cuda_graph and device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs a CUDA device, got {device}")
         if plan.channels_last and len(self.shape) != 4:
             raise ValueError(f"channels_last needs a 4-D batch shape, got {self.shape}")
 
-        if self.solver is None:
+        self.known = self.mask = None  # inpainting's static buffers
+        if self.walk is not None:
+            self.coefs, self.timesteps = self.walk.reverse, self.walk.timesteps
+            self._threshold_table = self.walk.reverse5
+            self.clip_denoised = bool(process.config.clip_denoised)
+            self.thresholding = process.config.thresholding
+            self.known = torch.zeros(self.shape, dtype=torch.float32, device=device)
+            self.mask = torch.zeros(self.shape, dtype=torch.float32, device=device)
+            self._no_output = torch.zeros(self.shape, dtype=torch.float32, device=device)  # an up row reads none
+        elif self.solver is None:
             tables = process.tables(device)
             self.coefs, self.timesteps = tables["coefs"], tables["timesteps"]
             self.clip_denoised = bool(process.config.clip_denoised)
@@ -114,6 +135,8 @@ class SamplerEngine:
             self.coefs, self.timesteps = self.solver.tensors(device)  # coefs: the [K, 12] table
             self.clip_denoised = self.solver.clip_denoised
             self.thresholding = self.solver.thresholding
+        if self.walk is None:
+            self._threshold_table = self.coefs
         # -- static buffers: allocated once, updated in place ------------------------------
         self.x = torch.empty(self.shape, dtype=torch.float32, device=device)
         # the multistep solvers' ring: [3, *shape] float32
@@ -175,20 +198,41 @@ class SamplerEngine:
             out, uncond = self.denoiser(model_input, self.model_t, self.diverged)
         w = self.denoiser.step_scale
         # dynamic thresholding's per-sample bound: a reduction on the device, captured with the step
-        threshold = step_threshold(self.x, out, self.step_n, self.coefs, self.thresholding, uncond, w)
+        threshold = step_threshold(self.x, out, self.step_n, self._threshold_table, self.thresholding, uncond, w)
         if self.solver is not None:
             self._multistep_update(out, uncond, w, threshold, seed, sample_offset)
         elif self._inplace is not None:  # fused: reads step on the device, writes x and the model input
             self._inplace(self.x, out, self.step, self.coefs, self.rng, self.clip_denoised, self.model_input,
-                          uncond, w, threshold)
+                          uncond, w, threshold, self.known, self.mask)  # known, mask: None without inpainting
         else:
             x_prev = ops.ddpm_step(self.x, out, self.step_n, self.coefs, seed=seed, sample_offset=sample_offset,
                                    clip_denoised=self.clip_denoised, uncond_output=uncond, guidance_scale=w,
-                                   threshold=threshold, backend="reference")
+                                   threshold=threshold, known=self.known, mask=self.mask, backend="reference")
             self.x.copy_(x_prev)
             if self.model_input is not None:
                 self.model_input.copy_(x_prev)
         self.step.sub_(1)
+
+    def _up_step(self, seed: int, sample_offset: int) -> None:
+        """An up row of the inpainting walk: ``x <- sqrt(1 - beta) x + sqrt(beta) z`` (the same fused op, no
+        model call, noise slot ``step``), then ``step -= 1``, on the device."""
+        if self._inplace is not None:
+            self._inplace(self.x, self._no_output, self.step, self.walk.up, self.rng, False, self.model_input,
+                          None, 1.0, None, None, None)
+        else:
+            x_prev = ops.ddpm_step(self.x, self._no_output, self.step_n, self.walk.up, seed=seed,
+                                   sample_offset=sample_offset, clip_denoised=False, backend="reference")
+            self.x.copy_(x_prev)
+            if self.model_input is not None:
+                self.model_input.copy_(x_prev)
+        self.step.sub_(1)
+
+    def _row_step(self, row: int, seed: int, sample_offset: int) -> None:
+        """The step of ``row`` (the counter's value): an up row's or a model step."""
+        if self.walk is not None and self.walk.up_rows[row]:
+            self._up_step(seed, sample_offset)
+        else:
+            self._step(seed, sample_offset)
 
     def _multistep_update(self, out: torch.Tensor, uncond, w: float, threshold, seed: int, sample_offset: int) -> None:
         """The solver's update after the model call: ``x``, ``history`` and the model input in place,
@@ -232,15 +276,17 @@ class SamplerEngine:
             for _ in range(WARMUP_STEPS):
                 self._reset(seed, sample_offset)
                 self._step(seed, sample_offset)
+                if self.walk is not None:
+                    self._up_step(seed, sample_offset)
                 self.warmups += 1
         torch.cuda.current_stream(device).wait_stream(side)
         torch.cuda.synchronize(device)  # once per capture, outside the sampling loop
 
-    def _capture(self, steps: int, seed: int, sample_offset: int):
+    def _capture(self, steps: int, seed: int, sample_offset: int, up: bool = False):
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
             for _ in range(steps):
-                self._step(seed, sample_offset)
+                (self._up_step if up else self._step)(seed, sample_offset)
         self.captures += 1
         return graph
 
@@ -256,6 +302,9 @@ class SamplerEngine:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()  # shared by all this engine's graphs
         self._warm_up(seed, sample_offset)
+        if self.walk is not None:
+            self._graphs, self._graphs_key = self._walk_graphs(seed, sample_offset), key
+            return self._graphs
         per_graph = min(self.plan.steps_per_graph, self.num_steps)
         full, rest = divmod(self.num_steps, per_graph)
         sets = [(self._capture(per_graph, seed, sample_offset), per_graph, full)]
@@ -263,6 +312,21 @@ class SamplerEngine:
             sets.append((self._capture(rest, seed, sample_offset), rest, 1))
         self._graphs, self._graphs_key = sets, key
         return sets
+
+    def _walk_graphs(self, seed: int, sample_offset: int) -> list:
+        """The inpainting walk's ``[(graph, rows, 1), ...]`` in its order: one graph per run of same-kind rows
+        (at most ``steps_per_graph`` long), captured once per distinct (kind, length) and replayed."""
+        runs, row = [], self.num_steps - 1
+        while row >= 0:
+            up, length = self.walk.up_rows[row], 0
+            while row >= 0 and self.walk.up_rows[row] == up and length < self.plan.steps_per_graph:
+                row, length = row - 1, length + 1
+            runs.append((up, length))
+        graphs = {}
+        for up, length in runs:
+            if (up, length) not in graphs:
+                graphs[(up, length)] = self._capture(length, seed, sample_offset, up)
+        return [(graphs[r], r[1], 1) for r in runs]
 
     # -- sampling ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -288,7 +352,13 @@ class SamplerEngine:
             self.denoiser.load(denoiser if denoiser is not None else Denoiser(self.adapter, request, self.plan.device))
         seed, sample_offset, callback = request.seed, request.sample_offset, request.callback
         check_sample_args(self.shape[0], sample_offset, None, callback)
-        check_noise_capacity(self.numel, self.num_steps + 1, sample_offset + self.shape[0] - 1)
+        check_noise_capacity(self.numel, self._noise_slots, sample_offset + self.shape[0] - 1)
+        if (self.walk is None) != (request.inpainting is None):
+            raise ValueError("this engine's loop is " + ("an inpainting walk: run(request=...) with the batch's "
+                             "inpainting" if self.walk is not None else "a plain sample: its request has no inpainting"))
+        if self.walk is not None:  # the batch's known image and mask into the static buffers, before the loop
+            self.known.copy_(request.inpainting.known)
+            self.mask.copy_(request.inpainting.mask)
         noise = None if request.noise is None else request.noise.to(device=self.plan.device, dtype=torch.float32)
         if self.plan.cuda_graph and callback is None:
             sets = self.graphs(seed, sample_offset)  # captured (and warmed up) once
@@ -301,12 +371,15 @@ class SamplerEngine:
         else:
             self._reset(seed, sample_offset, noise)
             timesteps = self.process.schedule.timesteps if self.solver is None else self.solver.timesteps
+            if self.walk is not None:  # the walk's visit index and each row's model timestep
+                timesteps = self.walk.timesteps.tolist()
             for i in reversed(range(self.num_steps)):
-                self._step(seed, sample_offset)
+                self._row_step(i, seed, sample_offset)
                 if bar is not None:
                     bar.update(1)
                 if callback is not None:
-                    returned = callback(i, int(timesteps[i]), self.x.clone())
+                    returned = callback(i if self.walk is None else self.num_steps - 1 - i, int(timesteps[i]),
+                                        self.x.clone())
                     if returned is not None:  # the callback's x goes on (as diffusers' callback_on_step_end)
                         self.x.copy_(replaced_x(returned, self.x))
                         if self.model_input is not None:

@@ -48,6 +48,16 @@ CASES = {
 }
 
 
+def _inpaint_args():
+    """5 images, two masks, class-conditional guided RePaint: the images, masks and labels sliced per shard."""
+    image = torch.linspace(-1, 1, 5 * 72).reshape(5, 2, 6, 6)
+    mask = torch.zeros(5, 1, 6, 6)
+    mask[:, :, :3] = 1
+    mask[4] = 0
+    return (LabelledPointwise(), image, mask), dict(steps=6, jump_length=2, jump_n_sample=2, seed=5, class_labels=[0, 1, 2, 0, 1],
+                                                    guidance_scale=2.0, batch_size=2, progress=False)
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -63,6 +73,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         results = {"dist_info": torch.tensor(dist_info())}
         for name, (factory, n, kwargs) in CASES.items():
             results[name] = sample_distributed(factory(), n, **kwargs)
+        args, kwargs = _inpaint_args()
+        results["inpaint_5"] = fastddpm.inpaint(*args, distributed=True, **kwargs)
         try:
             sample_distributed(FailsOnRank1(), 3, steps=2)
         except Exception as e:  # noqa: BLE001
@@ -126,6 +138,13 @@ def test_batch_invariant_model_equals_one_process_exactly(gathered, name):
     expected = _single_process(name)
     for rank in range(WORLD_SIZE):
         assert torch.equal(gathered[rank][name], expected), f"rank {rank}"
+
+
+def test_inpainting_equals_one_process_exactly(gathered):
+    args, kwargs = _inpaint_args()
+    expected = fastddpm.inpaint(*args, **kwargs)
+    for rank in range(WORLD_SIZE):
+        assert torch.equal(gathered[rank]["inpaint_5"], expected), f"rank {rank}"
 
 
 def test_unet_equals_one_process(gathered):

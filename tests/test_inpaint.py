@@ -6,7 +6,8 @@ import torch
 
 import fastddpm
 from fastddpm import DDPM, ops
-from fastddpm.inpaint import inpaint, repaint_visits, visit_tables
+from fastddpm.inpaint import inpaint
+from fastddpm.repaint import repaint_visits, walk_tables
 from fastddpm.ops import reference
 from backends import BACKENDS, need
 from tolerances import EXACT, FP32, PEER, assert_close
@@ -61,12 +62,14 @@ def _diffusers_repaint(model, image, mask, steps, jump_length, jump_n_sample, no
 
 def _contract_noises(visits, seed, n):
     """The noises our inpaint draws, in the order diffusers' loop asks for them: x_T (slot V), then per
-    visit the known region's z1 (slot V + 1 + v) for a reverse one, z (slot v) for an up one."""
+    visit ``v`` (row ``r = V - 1 - v``) the known region's z1 (slot V + 1 + r) for a reverse one, z (slot r)
+    for an up one."""
     V = len(visits)
     shape = (n, *SHAPE)
     noises = [reference.batch_noise(seed, 0, V, shape, "cpu")]
     for v, (up, _k) in enumerate(visits):
-        noises.append(reference.batch_noise(seed, 0, v if up else V + 1 + v, shape, "cpu"))
+        r = V - 1 - v
+        noises.append(reference.batch_noise(seed, 0, r if up else V + 1 + r, shape, "cpu"))
     return noises
 
 
@@ -128,7 +131,7 @@ def test_one_step_equals_diffusers_with_eta(eta):
     sched.set_timesteps(steps, 10, 1)
     process = _process(eta=eta).respace([i * (T // steps) for i in range(steps)])
     visits = repaint_visits(steps, 10, 1)
-    table = torch.as_tensor(visit_tables(process, visits)["reverse"], dtype=torch.float32)
+    table = torch.as_tensor(walk_tables(process, visits)["reverse"], dtype=torch.float32)
     g = torch.Generator().manual_seed(0)
     image, mask = _image(n), _mask(n).expand(n, *SHAPE).contiguous()
     for v, (_, k) in enumerate(visits):
@@ -140,7 +143,7 @@ def test_one_step_equals_diffusers_with_eta(eta):
             theirs = sched.step(out, t, x, image, mask, None).prev_sample
         finally:
             scheduling_repaint.randn_tensor = original
-        step = torch.full((n,), v, dtype=torch.int64)
+        step = torch.full((n,), len(visits) - 1 - v, dtype=torch.int64)  # the row of visit v
         ours = ops.ddpm_step(x, out, step, table, seed=0, clip_denoised=False, noise=z, known_noise=z,
                              known=image, mask=mask)
         assert_close(ours, theirs, **PEER, msg=f"t={t}")
@@ -187,6 +190,32 @@ def test_images_do_not_depend_on_the_batch():
     third = inpaint(Pointwise(), image[2:3], mask[2:3], sample_offset=2, **kwargs)
     assert_close(split, whole, **EXACT)
     assert_close(third, whole[2:3], **FP32)
+
+
+@pytest.mark.parametrize("backend", ("reference",) + BACKENDS)
+@pytest.mark.parametrize("method", ["repaint", "replace"])
+def test_engine_equals_the_eager_loop(backend, method):
+    """The engine (static known/mask buffers, the walk's up rows, micro-batches through one cached engine)
+    against the eager loop, on each backend; a second call reuses the engine."""
+    if backend != "reference":
+        need(backend, "ddpm_step", "cpu")
+    from fastddpm.engine import cached_engines, clear_engine_cache
+
+    clear_engine_cache()
+    image, mask = _image(5), _mask(5)
+    mask[3] = 0  # another mask for one image: the buffers are refilled per batch
+    kwargs = dict(method=method, steps=10, jump_length=3, jump_n_sample=2, seed=4, process=_process(sampler="ddpm"),
+                  progress=False, class_labels=None)
+    with ops.use_backend(backend):
+        eager = inpaint(Pointwise(), image, mask, engine=False, **kwargs)
+        model = Pointwise()
+        engine = inpaint(model, image, mask, engine=True, batch_size=2, **kwargs)
+        again = inpaint(model, image, mask, engine=True, batch_size=2, **kwargs)
+    assert_close(engine, eager, **FP32)
+    assert_close(again, engine, **EXACT)
+    assert len(cached_engines()) == 2  # [2, ...] and the last [1, ...] batch, reused by the second call
+    keep = mask.expand_as(engine).bool()
+    assert_close(engine[keep], image[keep], **EXACT)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
