@@ -295,3 +295,45 @@ def test_bad_input_is_refused_before_sampling(change, error, match):
     with pytest.raises(error, match=match):
         inpaint(_Counting(), args["image"], args["mask"], progress=False, **change)
     assert _Counting.calls == 0
+
+
+def test_walk_graphs_follow_the_walk():
+    """The CUDA-graph path's plan, checked on a CPU (captures stubbed): one graph per run of same-kind rows,
+    at most steps_per_graph long, captured once per (kind, length), replayed in the walk's order."""
+    from fastddpm.plan import make_plan
+    from fastddpm.request import SamplingRequest
+    from fastddpm.repaint import Inpainting
+    from fastddpm.sampler_engine import SamplerEngine
+
+    image, mask = _image(1), _mask(1).expand(1, *SHAPE).contiguous()
+    request = SamplingRequest.make(1, inpainting=Inpainting(image, mask, 3, 3))
+    import dataclasses
+
+    from fastddpm.adapters import ModelAdapter
+
+    plan = make_plan(ModelAdapter(Pointwise()), 1, SHAPE, torch.device("cpu"), cuda_graph=False)
+    plan = dataclasses.replace(plan, steps_per_graph=4)
+    engine = SamplerEngine(Pointwise(), _process().respace(9), (1, *SHAPE), plan, request=request)
+    captured = []
+    engine._capture = lambda length, seed, offset, up=False: captured.append((up, length)) or (up, length)
+    sets = engine._walk_graphs(0, 0)
+    rows = [up for (up, length), _, _ in sets for _ in range(length)]
+    assert rows == list(reversed(engine.walk.up_rows))  # row V-1 first
+    assert all(length <= 4 and replays == 1 for _, length, replays in sets)
+    assert len(captured) == len(set(captured)) < len(sets)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cuda_graph_walk_equals_the_eager_loop(backend):
+    need(backend, "ddpm_step", "cuda")
+    image, mask = _image(3).cuda(), _mask(3).cuda()
+    kwargs = dict(steps=10, jump_length=3, jump_n_sample=2, seed=4, process=_process(sampler="ddpm"), progress=False,
+                  device="cuda")
+    model = Pointwise().cuda()
+    with ops.use_backend(backend):
+        eager = inpaint(model, image, mask, engine=False, **kwargs)
+        graphed = inpaint(model, image, mask, engine=True, cuda_graph=True, dtype=torch.float32, **kwargs)
+    assert_close(graphed, eager, **dict(atol=1e-4, rtol=1e-4))
+    keep = mask.expand_as(graphed).bool()
+    assert_close(graphed[keep], image[keep], **EXACT)
