@@ -7,10 +7,13 @@
     fastddpm plot-schedule --out schedules.png
     fastddpm forward-strip --data digits --out forward.png
     fastddpm eval --samples samples.npz --reference digits
+    fastddpm inpaint --model digits_small --image in.png --mask mask.png --out out.png
+    fastddpm img2img --model digits_small --image in.png --strength 0.5 --out out.png
+    fastddpm invert  --model digits_small --image in.png --out noise.safetensors
 
 Here: the parser, ``main`` and the commands that train and sample (``train``, ``sample``,
-``demo``); the small tools (``export``, ``plot-schedule``, ``forward-strip``, ``eval``) are
-``fastddpm.cli_tools``'.
+``demo``); the tools (``export``, ``plot-schedule``, ``forward-strip``, ``eval``) and the editing
+commands (``inpaint``, ``img2img``, ``invert``) are ``fastddpm.cli_tools``'.
 """
 from __future__ import annotations
 
@@ -21,13 +24,13 @@ import sys
 import time
 from pathlib import Path
 
-from .cli_args import check_output, int_in, resolve_device
+from .cli_args import SHIPPED_MODELS, check_output, class_label, int_in, model_classes, resolve_device
 from .cli_tools import add_tool_parsers
 from .modes import SAMPLERS, SOLVERS
 from .noise import MAX_SEED
 
-DEMO_MODEL = Path(__file__).parent / "assets" / "digits_small.safetensors"
-DEMO_COND_MODEL = Path(__file__).parent / "assets" / "digits_cond_small.safetensors"  # class-conditional
+DEMO_MODEL = SHIPPED_MODELS["digits_small"]
+DEMO_COND_MODEL = SHIPPED_MODELS["digits_cond_small"]  # class-conditional
 DEMO_GUIDANCE, DEMO_PER_CLASS, DEMO_COND_STEPS = 3.0, 8, 20
 SAMPLER_CHOICES = SAMPLERS + SOLVERS
 
@@ -142,30 +145,12 @@ def _plan_options(args, process) -> dict:
 def _class_labels(model, args):
     """``(labels, row names)`` for --class (None, None without it): one class for every image, or with
     ``all`` ``ceil(n / K)`` images of each of the model's K classes, a row each."""
-    from .adapters import ModelAdapter
-
-    if args.class_ is None:
-        if args.guidance is not None:
-            raise ValueError("--guidance needs --class (the class to guide toward, or 'all')")
-        return None, None
-    k = ModelAdapter(model).num_classes
-    if k is None:
-        raise ValueError("--class: this model is not class-conditional (trained without --class-cond)")
-    names = list(getattr(model, "class_names", None) or [str(c) for c in range(k)])
     if args.class_ == "all":
         from .training.samples import class_rows
 
+        k, names = model_classes(model)
         return class_rows(k, args.n), names
-    try:
-        label = int(args.class_)
-    except ValueError:
-        if args.class_ not in names:
-            raise ValueError(f"--class must be a class index in [0, {k - 1}], a class name ({', '.join(names)}) "
-                             f"or 'all', got {args.class_!r}") from None
-        label = names.index(args.class_)
-    if not 0 <= label < k:
-        raise ValueError(f"--class must lie in [0, {k - 1}] (the model's {k} classes), got {label}")
-    return label, None
+    return class_label(model, args.class_, args.guidance, allow_all=True), None
 
 
 def _sample_and_save(model, process, steps, args, device) -> tuple[float, int]:

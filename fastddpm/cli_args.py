@@ -1,13 +1,19 @@
 """Checks of command-line arguments that run before any work: argparse types for bounded
-integers, the device, and output paths (the suffix, and a folder that exists and is writable),
-each error naming the argument and what was expected."""
+numbers, the device, output paths (the suffix, and a folder that exists and is writable) and a
+class-conditional model's ``--class``, each error naming the argument and what was expected."""
 from __future__ import annotations
 
 import argparse
 import os
 from pathlib import Path
 
-__all__ = ["int_in", "check_output", "resolve_device"]
+__all__ = ["SHIPPED_MODELS", "int_in", "float_in", "check_output", "resolve_device", "model_path", "model_classes",
+           "class_label"]
+
+ASSETS = Path(__file__).parent / "assets"
+# the models that ship in the package, by the names --model takes (the demo's two)
+SHIPPED_MODELS = {"digits_small": ASSETS / "digits_small.safetensors",
+                  "digits_cond_small": ASSETS / "digits_cond_small.safetensors"}
 
 
 def int_in(lo: int, hi: int | None = None):
@@ -23,6 +29,21 @@ def int_in(lo: int, hi: int | None = None):
         return value
 
     parse.__name__ = "int"  # argparse names the type in some messages
+    return parse
+
+
+def float_in(lo: float, hi: float):
+    """An argparse ``type``: a float in ``[lo, hi]``."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = None
+        if value is None or not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"expected a number in [{lo:g}, {hi:g}], got {text!r}")
+        return value
+
+    parse.__name__ = "float"
     return parse
 
 
@@ -64,3 +85,47 @@ def resolve_device(name: str | None):
     elif device.type not in ("cpu", "mps", "xpu"):
         raise ValueError(f"--device {name!r} is not supported: use cpu or cuda")
     return device
+
+
+def model_path(name: str, arg: str = "--model") -> Path:
+    """A checkpoint file (``fastddpm train``/``export``'s), or the file of a shipped model's name."""
+    if name in SHIPPED_MODELS:
+        return SHIPPED_MODELS[name]
+    path = Path(name)
+    if not path.is_file():
+        what = "is a folder" if path.is_dir() else "does not exist"
+        raise ValueError(f"{arg} {name!r} {what}: give a checkpoint file (.safetensors) or a shipped model "
+                         f"({', '.join(SHIPPED_MODELS)})")
+    return path
+
+
+def model_classes(model) -> tuple[int, list[str]]:
+    """``(K, class names)`` of a class-conditional model, for ``--class``; raise for another model."""
+    from .adapters import ModelAdapter
+
+    k = ModelAdapter(model).num_classes
+    if k is None:
+        raise ValueError("--class: this model is not class-conditional (trained without --class-cond)")
+    return k, list(getattr(model, "class_names", None) or [str(c) for c in range(k)])
+
+
+def class_label(model, text: str | None, guidance: float | None, allow_all: bool = False) -> int | None:
+    """``--class`` as one class index of ``model`` (an index or a class name), None without it; ``--guidance``
+    needs it.  (``all``, one row per class, is ``fastddpm sample``'s: ``allow_all`` names it in the errors.)"""
+    if text is None:
+        if guidance is not None:
+            toward = "the class to guide toward, or 'all'" if allow_all else "the class to guide toward"
+            raise ValueError(f"--guidance needs --class ({toward})")
+        return None
+    k, names = model_classes(model)
+    try:
+        label = int(text)
+    except ValueError:
+        if text not in names:
+            forms = (f"a class index in [0, {k - 1}], a class name ({', '.join(names)}) or 'all'" if allow_all else
+                     f"a class index in [0, {k - 1}] or a class name ({', '.join(names)})")
+            raise ValueError(f"--class must be {forms}, got {text!r}") from None
+        label = names.index(text)
+    if not 0 <= label < k:
+        raise ValueError(f"--class must lie in [0, {k - 1}] (the model's {k} classes), got {label}")
+    return label
