@@ -8,6 +8,7 @@ from .config import DiffusionConfig
 from .diffusion import DDPM, StepOutput
 from .img2img import img2img
 from .inpaint import inpaint
+from .inversion import invert
 from .models import UNet, UNetConfig, create_model
 from .noise import normal
 from .patching import patch_attention, unpatch_attention
@@ -17,4 +18,4 @@ from .trainer import TrainConfig, Trainer
 from .version import __version__
 
 __all__ = ["DDPM", "DiffusionConfig", "NoiseSchedule", "TrainConfig", "Trainer", "UNet", "UNetConfig",
-           "create_model", "img2img", "inpaint", "load_model", "normal", "patch_attention", "sample", "unpatch_attention", "save_model", "StepOutput", "__version__"]
+           "create_model", "img2img", "inpaint", "invert", "load_model", "normal", "patch_attention", "sample", "unpatch_attention", "save_model", "StepOutput", "__version__"]
