@@ -221,6 +221,14 @@ inline void step_chunk(const StepCoefs& c, const float* x, const out_t* out, con
   }
 }
 
+// RePaint's blend over a chunk (fused_math.h's inpaint_value), on the step's values still in the
+// stack buffer xp: the same pass, and the unblended loop above is today's.
+inline void inpaint_chunk(const InpaintCoefs& c, const float* known, const float* mask, const float* z1, int64_t len,
+                          float* xp) {
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) xp[i] = inpaint_value(c, mask[i], known[i], z1[i], xp[i]);
+}
+
 template <typename out_t>
 void ddpm_step_impl(const StepArgs& a) {
   const int64_t seed = a.rng != nullptr ? a.rng[0] : a.seed;
@@ -230,7 +238,8 @@ void ddpm_step_impl(const StepArgs& a) {
   const out_t* uncond_output = static_cast<const out_t*>(a.uncond_output);  // nullptr: unguided
   for_each_chunk(a.n, a.numel, [&](int64_t b, int64_t j, int64_t len) {
     const int64_t slot = row_value(a.step, b);
-    const StepCoefs c = load_step_coefs(a.coefs + slot * kCoefColumns);
+    const float* row = a.coefs + slot * a.coef_columns;
+    const StepCoefs c = load_step_coefs(row);
     float z[kChunk];
     if (c.sigma != 0.0f) {
       normals(key, sample_word(sample_offset, b), static_cast<uint64_t>(slot * a.numel + j), len, z);
@@ -246,6 +255,17 @@ void ddpm_step_impl(const StepArgs& a) {
       step_chunk<decltype(clip)::value, decltype(guided)::value, decltype(th)::value>(c, x, out, uncond,
                                                                                     a.guidance_scale, s, z, len, xp);
     });
+    if (a.known != nullptr) {  // inpainting: the known image noised to the step's target where mask = 1
+      const InpaintCoefs k = load_inpaint_coefs(row);
+      float z1[kChunk];  // slot step + K + 1 (a.step.limit = K)
+      if (k.kb != 0.0f) {
+        normals(key, sample_word(sample_offset, b), static_cast<uint64_t>((slot + a.step.limit + 1) * a.numel + j),
+                len, z1);
+      } else {
+        std::fill(z1, z1 + len, 0.0f);  // kb * z1 == 0 exactly (the last step): skip the noise
+      }
+      inpaint_chunk(k, a.known + b * a.numel + j, a.mask + b * a.numel + j, z1, len, xp);
+    }
     std::copy(xp, xp + len, a.x_prev + b * a.numel + j);
     if (a.model_input != nullptr) {
       dispatch_float(a.model_input_dtype, [&](auto tag) { store_model_input<decltype(tag)>(a, b, j, len, xp); });

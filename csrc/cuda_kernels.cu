@@ -190,7 +190,15 @@ __device__ __forceinline__ float row_threshold(const float* threshold, int64_t b
   return thresholded ? threshold[b] : 1.0f;
 }
 
-template <int N, typename out_t, bool guided, bool thresholded>
+// A pack of the inpainting blend's known image or mask, read only in the blended instantiation.
+template <bool blended, int N>
+__device__ __forceinline__ Pack<float, N> load_blend_input(const float* p, int64_t i) {
+  Pack<float, N> v{};
+  if (blended) v = load_pack<N>(p + i);
+  return v;
+}
+
+template <int N, typename out_t, bool guided, bool thresholded, bool blended>
 __global__ void __launch_bounds__(kThreads) ddpm_step_kernel(StepArgs a) {
   // the noise key from device memory (ddpm_step_, graph replays) or the launch arguments
   const int64_t seed = a.rng != nullptr ? a.rng[0] : a.seed;
@@ -204,12 +212,18 @@ __global__ void __launch_bounds__(kThreads) ddpm_step_kernel(StepArgs a) {
     const int64_t b = i / a.numel;
     const int64_t j = i - b * a.numel;
     const int64_t slot = row_value(a.step, b);
-    const StepCoefs c = load_step_coefs(a.coefs + slot * kCoefColumns);
+    const float* row = a.coefs + slot * (blended ? kInpaintColumns : kCoefColumns);
+    const StepCoefs c = load_step_coefs(row);
     const uint64_t hi = sample_word(sample_offset, b);
     const Pack<float, N> x = load_pack<N>(a.x + i);
     const Pack<out_t, N> out = load_pack<N>(model_output + i);
     const Pack<out_t, N> uncond = load_uncond<guided, N, out_t>(a.uncond_output, i);
     const float s = row_threshold<thresholded>(a.threshold, b);  // a pack lies within one row
+    // inpainting: the known image noised to the step's target where mask = 1; z1 is slot step + K + 1
+    const InpaintCoefs kc = blended ? load_inpaint_coefs(row) : InpaintCoefs{0.0f, 0.0f};
+    const Pack<float, N> known = load_blend_input<blended, N>(a.known, i);
+    const Pack<float, N> mask = load_blend_input<blended, N>(a.mask, i);
+    const int64_t known_slot = slot + a.step.limit + 1;  // a.step.limit = K
     Pack<float, N> y;
 #pragma unroll
     for (int k = 0; k < N; ++k) {
@@ -217,6 +231,11 @@ __global__ void __launch_bounds__(kThreads) ddpm_step_kernel(StepArgs a) {
       const float z = c.sigma != 0.0f ? philox_normal(key, hi | static_cast<uint64_t>(slot * a.numel + j + k)) : 0.0f;
       y.v[k] = ddpm_step_value(c, x.v[k], step_output<guided>(out, uncond, a.guidance_scale, k), z, a.clip_denoised,
                                thresholded, s);
+      if (blended) {  // kb * z1 == 0 exactly when kb == 0 (the last step): skip the noise
+        const float z1 =
+            kc.kb != 0.0f ? philox_normal(key, hi | static_cast<uint64_t>(known_slot * a.numel + j + k)) : 0.0f;
+        y.v[k] = inpaint_value(kc, mask.v[k], known.v[k], z1, y.v[k]);
+      }
     }
     store_pack<N>(a.x_prev + i, y);
     if (a.model_input != nullptr) store_model_input<N>(a, b, j, y);
@@ -372,22 +391,23 @@ bool model_input_aligned(const Args& a) {
   return ok;
 }
 
+// fn(std::true_type{}) or fn(std::false_type{}): a runtime flag as a compile-time constant.
+template <typename Fn>
+void dispatch_bool(bool flag, const Fn& fn) {
+  if (flag) {
+    fn(std::true_type{});
+  } else {
+    fn(std::false_type{});
+  }
+}
+
 // Launch `launch(guided, thresholded)` with the guidance and thresholding flags compile-time
 // constants (std::true_type / false_type): the unguided, unthresholded kernel is today's.
 template <typename Fn>
 void dispatch_flags(const void* uncond_output, const float* threshold, const Fn& launch) {
-  const auto with_threshold = [&](auto guided) {
-    if (threshold != nullptr) {
-      launch(guided, std::true_type{});
-    } else {
-      launch(guided, std::false_type{});
-    }
-  };
-  if (uncond_output != nullptr) {
-    with_threshold(std::true_type{});
-  } else {
-    with_threshold(std::false_type{});
-  }
+  dispatch_bool(uncond_output != nullptr, [&](auto guided) {
+    dispatch_bool(threshold != nullptr, [&](auto thresholded) { launch(guided, thresholded); });
+  });
 }
 
 }  // namespace
@@ -419,17 +439,24 @@ cudaError_t ddpm_step(const StepArgs& a, int num_sms, cudaStream_t stream) {
   dispatch_float(a.model_output_dtype, [&](auto tag) {
     using out_t = decltype(tag);
     const bool uncond_aligned = a.uncond_output == nullptr || aligned<out_t>(a.uncond_output, kVec);
-    const bool vec = a.numel % kVec == 0 && input_aligned && uncond_aligned && aligned<float>(a.x, kVec) &&
-                     aligned<float>(a.x_prev, kVec) && aligned<out_t>(a.model_output, kVec);
+    const bool blend_aligned = a.known == nullptr || (aligned<float>(a.known, kVec) && aligned<float>(a.mask, kVec));
+    const bool vec = a.numel % kVec == 0 && input_aligned && uncond_aligned && blend_aligned &&
+                     aligned<float>(a.x, kVec) && aligned<float>(a.x_prev, kVec) &&
+                     aligned<out_t>(a.model_output, kVec);
     dispatch_flags(a.uncond_output, a.threshold, [&](auto guided, auto thresholded) {
-      constexpr bool kGuided = decltype(guided)::value;
-      constexpr bool kThresholded = decltype(thresholded)::value;
-      if (vec) {
-        ddpm_step_kernel<kVec, out_t, kGuided, kThresholded>
-            <<<grid_size(total / kVec, num_sms), kThreads, 0, stream>>>(a);
-      } else {
-        ddpm_step_kernel<1, out_t, kGuided, kThresholded><<<grid_size(total, num_sms), kThreads, 0, stream>>>(a);
-      }
+      // the inpainting blend a third flag: the unblended kernels are today's
+      dispatch_bool(a.known != nullptr, [&](auto blended) {
+        constexpr bool kGuided = decltype(guided)::value;
+        constexpr bool kThresholded = decltype(thresholded)::value;
+        constexpr bool kBlended = decltype(blended)::value;
+        if (vec) {
+          ddpm_step_kernel<kVec, out_t, kGuided, kThresholded, kBlended>
+              <<<grid_size(total / kVec, num_sms), kThreads, 0, stream>>>(a);
+        } else {
+          ddpm_step_kernel<1, out_t, kGuided, kThresholded, kBlended>
+              <<<grid_size(total, num_sms), kThreads, 0, stream>>>(a);
+        }
+      });
     });
   });
   return cudaGetLastError();

@@ -12,6 +12,7 @@
 //   * classifier-free guidance  out = u + w * (c - u)  (reference.guided_output)
 //   * dynamic thresholding  x0 = clamp(x0_hat, -s, s) / s  (reference.predict_x0)
 //   * the reverse step  x_prev = c0 * clip?(a * x + b * out) + c1 * x + sigma * z
+//   * the inpainting blend  x_prev = m * (ka * known + kb * z1) + (1 - m) * x_prev  (reference.inpaint_blend)
 //   * the multistep solver update (reference.multistep_step): one row of twelve coefficients
 //   * q_sample, the training target and the elementwise losses + gradients.
 #pragma once
@@ -157,6 +158,23 @@ FDDPM_HD float ddpm_step_value(const StepCoefs& c, float x, float out, float z, 
                                float s = 1.0f) {
   const float x0_hat = denoised_value(c.a * x + c.b * out, clip, thresholded, s);
   return c.c0 * x0_hat + c.c1 * x + c.sigma * z;
+}
+
+// -- inpainting (reference.inpaint_blend; RePaint, Lugmayr et al. 2022, Eq. 8-10) -------------
+// With known/mask the step's row has two more columns, (ka, kb) = (sqrt(abar_prev), sqrt(1 - abar_prev)):
+// the known image forward-noised to the step's target level.  Its noise z1 is slot step + K + 1.
+constexpr int kInpaintColumns = 7;  // (a, b, c0, c1, sigma, ka, kb)
+
+struct InpaintCoefs {
+  float ka, kb;
+};
+
+FDDPM_HD InpaintCoefs load_inpaint_coefs(const float* row) { return InpaintCoefs{row[5], row[6]}; }
+
+// m * (ka known + kb z1) + (1 - m) step, in the reference's operation order: m = 1, ka = 1, kb = 0
+// gives known bit for bit (0 * step = 0), m = 0 the step's value bit for bit.
+FDDPM_HD float inpaint_value(const InpaintCoefs& c, float m, float known, float z1, float step) {
+  return m * (c.ka * known + c.kb * z1) + (1.0f - m) * step;
 }
 
 // -- multistep solver update (reference.multistep_step, fastddpm/multistep.py) ------------

@@ -54,8 +54,14 @@ struct StepArgs {
   // dynamic thresholding: float32 [n], the bound s_b of each sample (x0 = clamp(x0_hat, -s_b, s_b) / s_b
   // in place of the clip), or nullptr: none
   const float* threshold;
+  // inpainting (RePaint): known (the image to keep) and mask (1 = keep), float32 [n, numel] contiguous, or
+  // both nullptr: none.  Given, coefs has kInpaintColumns (ka, kb last) and x_prev = mask * (ka * known +
+  // kb * z1) + (1 - mask) * x_prev, z1 the normal of slot step + step.limit + 1 (step.limit = K)
+  const float* known;
+  const float* mask;
   RowIndex step;        // row of coefs and noise slot
-  const float* coefs;   // [K, 5]: (a, b, c0, c1, sigma)
+  const float* coefs;   // [K, 5]: (a, b, c0, c1, sigma), or [K, 7] with known: (..., ka, kb)
+  int64_t coef_columns; // 5, or 7 with known
   int64_t seed;
   int64_t sample_offset;
   // (seed, sample_offset) in memory on the op's device, read by the kernel in place of the

@@ -13,6 +13,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "fused_math.h"
@@ -373,16 +374,51 @@ Tensor set_threshold(Args& a, const std::optional<Tensor>& threshold, const Tens
   return sc;
 }
 
+// -- inpainting -----------------------------------------------------------------------------------
+// The inpainting arguments of ddpm_step, ddpm_step_cast and ddpm_step_: known and mask both None, or
+// both float32 tensors of x's shape on its device (the caller broadcasts; made contiguous), and then
+// the 2K + 1 noise slots of the blend (z1 is slot step + K + 1) must fit the counter's low word.
+// Returns the contiguous pair the kernel reads (undefined for none), which the caller keeps alive.
+Tensor blend_arg(const Tensor& t, const Tensor& x, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat, "fastddpm: ", name, " must be float32 (the inpainting blend), got ",
+              t.scalar_type());
+  TORCH_CHECK(t.sizes() == x.sizes(), "fastddpm: ", name, " must have x's shape ", x.sizes(),
+              " (the caller broadcasts it), got ", t.sizes());
+  check_device(t, x, name);
+  return t.contiguous();
+}
+
+void check_inpaint_pair(const std::optional<Tensor>& known, const std::optional<Tensor>& mask) {
+  TORCH_CHECK(known.has_value() || !mask.has_value(),
+              "fastddpm: mask was given without known: the inpainting blend needs both (or neither)");
+  TORCH_CHECK(mask.has_value() || !known.has_value(),
+              "fastddpm: known was given without mask: the inpainting blend needs both (or neither)");
+}
+
+std::pair<Tensor, Tensor> set_inpaint(StepArgs& a, const std::optional<Tensor>& known,
+                                      const std::optional<Tensor>& mask, const Tensor& x, int64_t steps) {
+  a.known = a.mask = nullptr;
+  check_inpaint_pair(known, mask);
+  if (!known.has_value()) return {};
+  Tensor kc = blend_arg(*known, x, "known"), mc = blend_arg(*mask, x, "mask");
+  TORCH_CHECK((2 * steps + 1) * a.numel <= (int64_t{1} << 32), "fastddpm: noise counter overflow: the inpainting "
+              "blend's ", 2 * steps + 1, " noise slots x ", a.numel, " elements per sample exceed 2**32");
+  a.known = kc.data_ptr<float>();
+  a.mask = mc.data_ptr<float>();
+  return {kc, mc};
+}
+
 // -- ddpm_step ---------------------------------------------------------------------------------
 struct StepInputs {
-  Tensor model_output, uncond_output, threshold, coefs;
+  Tensor model_output, uncond_output, threshold, coefs, known, mask;
   IndexArg step;
   StepArgs args;
 };
 
 StepInputs step_inputs(const Tensor& x, const Tensor& model_output, const Tensor& step, const Tensor& coefs,
                        bool clip_denoised, const std::optional<Tensor>& uncond_output, double guidance_scale,
-                       const std::optional<Tensor>& threshold) {
+                       const std::optional<Tensor>& threshold, const std::optional<Tensor>& known,
+                       const std::optional<Tensor>& mask) {
   StepInputs in;
   check_dtype(x, at::kFloat, "x");
   const int64_t numel = sample_numel(x, "x");
@@ -392,8 +428,12 @@ StepInputs step_inputs(const Tensor& x, const Tensor& model_output, const Tensor
   check_device(model_output, x, "model_output");
   check_dtype(coefs, at::kFloat, "coefs");
   check_device(coefs, x, "coefs");
-  TORCH_CHECK(coefs.dim() == 2 && coefs.size(1) == kCoefColumns, "fastddpm: coefs must have shape [K, 5], got ",
-              coefs.sizes());
+  check_inpaint_pair(known, mask);
+  // 7 columns with the inpainting blend (its ka, kb last), 5 without
+  const int64_t columns = known.has_value() ? kInpaintColumns : kCoefColumns;
+  TORCH_CHECK(coefs.dim() == 2 && coefs.size(1) == columns, "fastddpm: coefs must have shape [K, ", columns, "] ",
+              known.has_value() ? "with known (a, b, c0, c1, sigma, ka, kb)" : "without known (a, b, c0, c1, sigma)",
+              ", got ", coefs.sizes());
   in.model_output = model_output.contiguous();
   in.coefs = coefs.contiguous();
   in.step = index_arg(step, x, coefs.size(0), "step");
@@ -403,11 +443,13 @@ StepInputs step_inputs(const Tensor& x, const Tensor& model_output, const Tensor
   a.model_output_dtype = out_dtype;
   a.step = in.step.index;
   a.coefs = in.coefs.data_ptr<float>();
+  a.coef_columns = columns;
   a.clip_denoised = clip_denoised;
   a.n = x.size(0);
   a.numel = numel;
   in.uncond_output = set_guidance(a, model_output, uncond_output, guidance_scale);
   in.threshold = set_threshold(a, threshold, x);
+  std::tie(in.known, in.mask) = set_inpaint(a, known, mask, x, coefs.size(0));
   return in;
 }
 
@@ -466,8 +508,10 @@ void run_step(const StepArgs& a, const Tensor& x) {
 
 Tensor ddpm_step_op(const Tensor& x, const Tensor& model_output, const Tensor& step, const Tensor& coefs, int64_t seed,
                  int64_t sample_offset, bool clip_denoised, const std::optional<Tensor>& uncond_output,
-                 double guidance_scale, const std::optional<Tensor>& threshold) {
-  StepInputs in = step_inputs(x, model_output, step, coefs, clip_denoised, uncond_output, guidance_scale, threshold);
+                 double guidance_scale, const std::optional<Tensor>& threshold, const std::optional<Tensor>& known,
+                 const std::optional<Tensor>& mask) {
+  StepInputs in = step_inputs(x, model_output, step, coefs, clip_denoised, uncond_output, guidance_scale, threshold,
+                              known, mask);
   set_seed(in.args, seed, sample_offset);
   const Tensor xc = x.contiguous();
   Tensor x_prev = at::empty(x.sizes(), x.options());
@@ -481,8 +525,10 @@ std::tuple<Tensor, Tensor> ddpm_step_cast_op(const Tensor& x, const Tensor& mode
                                           const Tensor& coefs, int64_t seed, int64_t sample_offset,
                                           bool clip_denoised, at::ScalarType model_dtype, bool channels_last,
                                           const std::optional<Tensor>& uncond_output, double guidance_scale,
-                                          const std::optional<Tensor>& threshold) {
-  StepInputs in = step_inputs(x, model_output, step, coefs, clip_denoised, uncond_output, guidance_scale, threshold);
+                                          const std::optional<Tensor>& threshold, const std::optional<Tensor>& known,
+                                          const std::optional<Tensor>& mask) {
+  StepInputs in = step_inputs(x, model_output, step, coefs, clip_denoised, uncond_output, guidance_scale, threshold,
+                              known, mask);
   set_seed(in.args, seed, sample_offset);
   TORCH_CHECK(!channels_last || x.dim() == 4, "fastddpm: channels_last needs a 4-D x, got shape ", x.sizes());
   float_dtype(model_dtype, "model_dtype");
@@ -501,8 +547,10 @@ std::tuple<Tensor, Tensor> ddpm_step_cast_op(const Tensor& x, const Tensor& mode
 void ddpm_step_inplace_op(const Tensor& x, const Tensor& model_output, const Tensor& step, const Tensor& coefs,
                           const Tensor& rng, bool clip_denoised, const std::optional<Tensor>& model_input,
                           const std::optional<Tensor>& uncond_output, double guidance_scale,
-                          const std::optional<Tensor>& threshold) {
-  StepInputs in = step_inputs(x, model_output, step, coefs, clip_denoised, uncond_output, guidance_scale, threshold);
+                          const std::optional<Tensor>& threshold, const std::optional<Tensor>& known,
+                          const std::optional<Tensor>& mask) {
+  StepInputs in = step_inputs(x, model_output, step, coefs, clip_denoised, uncond_output, guidance_scale, threshold,
+                              known, mask);
   set_rng(in.args, rng, x);
   TORCH_CHECK(x.is_contiguous(), "fastddpm: ddpm_step_ updates x in place and needs it contiguous");
   in.args.x = x.data_ptr<float>();

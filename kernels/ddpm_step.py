@@ -15,7 +15,10 @@ classifier-free guidance (``uncond_output`` given) ``out = u + w * (c - u)`` in 
 (``guided_output``) in the same pass; ``GUIDED`` is a compile-time flag, so the unguided
 kernel is unchanged.  With dynamic thresholding (``threshold``: float32 ``[n]``, each sample's
 bound ``s``, from ``fastddpm.ops.dynamic_threshold``) ``x0_hat = clamp(x0_hat, -s, s) / s`` in
-place of the clip (``denoised``), under the compile-time flag ``THRESHOLD``.
+place of the clip (``denoised``), under the compile-time flag ``THRESHOLD``.  With inpainting
+(RePaint, Lugmayr et al. 2022: ``known`` and ``mask``, float32 of x's shape, and a ``[K, 7]`` table
+``(a, b, c0, c1, sigma, ka, kb)``) ``x_prev = mask * (ka * known + kb * z1) + (1 - mask) * x_prev``
+(``inpaint_blend``), ``z1`` the contract's normal of slot ``step + K + 1``, under ``INPAINT``.
 
 Ops (as the C++ backend's ``torch.ops.fastddpm.*``, here ``fastddpm_triton``):
 ``ddpm_step`` (functional), ``ddpm_step_cast`` (also returns the model-dtype
@@ -42,7 +45,7 @@ from fastddpm.ops import fakes
 from ._library import ELEMENTWISE_WARPS, elementwise_block, elementwise_grid, launch, op
 from .noise import contract_offsets
 
-__all__ = ["ddpm_step", "ddpm_step_cast", "ddpm_step_", "ddpm_step_into", "check_threshold"]
+__all__ = ["ddpm_step", "ddpm_step_cast", "ddpm_step_", "ddpm_step_into", "check_threshold", "check_inpaint"]
 
 
 @triton.jit
@@ -72,6 +75,32 @@ def denoised(x0_hat, threshold_ptr, row, CLIP: tl.constexpr, THRESHOLD: tl.const
 
 
 @triton.jit
+def noise_key(seed, sample_offset, rng_ptr, row, RNG_IN_MEMORY: tl.constexpr):
+    """The key seed and the global sample index of row ``row``: from device memory (``rng_ptr``
+    holds ``(seed, sample_offset)``) or the launch arguments."""
+    if RNG_IN_MEMORY:
+        key_seed = tl.load(rng_ptr)
+        first_sample = tl.load(rng_ptr + 1)
+    else:
+        key_seed = seed
+        first_sample = sample_offset
+    return key_seed, row.to(tl.int64) + first_sample
+
+
+@triton.jit
+def inpaint_blend(x_prev, known_ptr, keep_ptr, offs, mask, ka, kb, key_seed, sample, low):
+    """RePaint's blend (``reference.inpaint_blend``): ``m * (ka * known + kb * z1) + (1 - m) * x_prev``
+    with ``m`` the inpainting mask at ``offs`` and ``z1`` the contract's normal of counters ``low``
+    (slot ``step + K + 1``), skipped where ``kb == 0`` (uniform per program: ``kb * z1 == 0``)."""
+    known = tl.load(known_ptr + offs, mask=mask, other=0.0)
+    m = tl.load(keep_ptr + offs, mask=mask, other=0.0)
+    known_part = ka * known
+    if kb != 0.0:
+        known_part = known_part + kb * tl.randn(key_seed, contract_offsets(sample, low))
+    return m * known_part + (1.0 - m) * x_prev
+
+
+@triton.jit
 def store_model_input(model_input_ptr, base, element, value, mask, channels, spatial, CHANNELS_LAST: tl.constexpr):
     """Write a row's new ``x`` (``value`` at ``element``, the row starting at ``base``) into the
     model-input buffer in its dtype: contiguous, or channels_last, where element c*HW + hw of the
@@ -85,16 +114,19 @@ def store_model_input(model_input_ptr, base, element, value, mask, channels, spa
 
 @triton.jit
 def _ddpm_step_kernel(x_ptr, out_ptr, step_ptr, step_stride, coefs_ptr, x_prev_ptr, model_input_ptr, numel, channels,
-                      spatial, seed, sample_offset, rng_ptr, uncond_ptr, guidance_scale, threshold_ptr,
-                      CLIP: tl.constexpr, WRITE_MODEL_INPUT: tl.constexpr, CHANNELS_LAST: tl.constexpr,
-                      RNG_IN_MEMORY: tl.constexpr, GUIDED: tl.constexpr, THRESHOLD: tl.constexpr,
-                      BLOCK: tl.constexpr):
+                      spatial, seed, sample_offset, rng_ptr, uncond_ptr, guidance_scale, threshold_ptr, known_ptr,
+                      keep_ptr, num_steps, CLIP: tl.constexpr, WRITE_MODEL_INPUT: tl.constexpr,
+                      CHANNELS_LAST: tl.constexpr, RNG_IN_MEMORY: tl.constexpr, GUIDED: tl.constexpr,
+                      THRESHOLD: tl.constexpr, INPAINT: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     element = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = element < numel
     base = row.to(tl.int64) * numel
     step = tl.load(step_ptr + row * step_stride).to(tl.int64)
-    coef = coefs_ptr + step * 5
+    if INPAINT:  # the [K, 7] table: (a, b, c0, c1, sigma, ka, kb)
+        coef = coefs_ptr + step * 7
+    else:
+        coef = coefs_ptr + step * 5
     a = tl.load(coef)
     b = tl.load(coef + 1)
     c0 = tl.load(coef + 2)
@@ -105,15 +137,14 @@ def _ddpm_step_kernel(x_ptr, out_ptr, step_ptr, step_stride, coefs_ptr, x_prev_p
     x0_hat = denoised(a * x + b * out, threshold_ptr, row, CLIP, THRESHOLD)
     x_prev = c0 * x0_hat + c1 * x
     if sigma != 0.0:  # uniform per program: sigma*z == 0 exactly, skip Philox
-        if RNG_IN_MEMORY:  # the key (seed, sample_offset) from device memory, not the launch arguments
-            key_seed = tl.load(rng_ptr)
-            first_sample = tl.load(rng_ptr + 1)
-        else:
-            key_seed = seed
-            first_sample = sample_offset
-        sample = row.to(tl.int64) + first_sample
+        # the key (seed, sample_offset) from device memory (RNG_IN_MEMORY) or the launch arguments
+        key_seed, sample = noise_key(seed, sample_offset, rng_ptr, row, RNG_IN_MEMORY)
         z = tl.randn(key_seed, contract_offsets(sample, step * numel + element))
         x_prev = x_prev + sigma * z
+    if INPAINT:  # the known image noised to the step's target where the mask keeps it; z1: slot step + K + 1
+        key_seed, sample = noise_key(seed, sample_offset, rng_ptr, row, RNG_IN_MEMORY)
+        x_prev = inpaint_blend(x_prev, known_ptr, keep_ptr, base + element, mask, tl.load(coef + 5), tl.load(coef + 6),
+                               key_seed, sample, (step + num_steps + 1) * numel + element)
     tl.store(x_prev_ptr + base + element, x_prev, mask=mask)
     if WRITE_MODEL_INPUT:
         store_model_input(model_input_ptr, base, element, x_prev, mask, channels, spatial, CHANNELS_LAST)
@@ -165,6 +196,29 @@ def check_threshold(threshold, x: torch.Tensor) -> torch.Tensor | None:
     return threshold.contiguous()
 
 
+def check_inpaint(known, mask, x: torch.Tensor, coefs: torch.Tensor) -> tuple:
+    """The inpainting arguments of the DDPM step ops: ``known`` and ``mask`` both None (a ``[K, 5]``
+    table), or both float32 tensors of ``x``'s shape on its device (a ``[K, 7]`` table, ``ka, kb``
+    last).  Returns them contiguous (the caller broadcasts; values not read)."""
+    if known is None and mask is not None:
+        raise ValueError("mask was given without known: the inpainting blend needs both (or neither)")
+    if known is not None and mask is None:
+        raise ValueError("known was given without mask: the inpainting blend needs both (or neither)")
+    width = 5 if known is None else 7
+    if coefs.ndim != 2 or coefs.shape[1] != width:
+        what = "without known (a, b, c0, c1, sigma)" if known is None else "with known (a, b, c0, c1, sigma, ka, kb)"
+        raise ValueError(f"coefs must have shape (K, {width}) {what}, got {tuple(coefs.shape)}")
+    if known is None:
+        return None, None
+    for name, t in (("known", known), ("mask", mask)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a tensor or None, got {type(t).__name__}")
+        if t.dtype != torch.float32 or t.shape != x.shape or t.device != x.device:
+            raise ValueError(f"{name} must be a float32 tensor of x's shape {tuple(x.shape)} on {x.device} (the "
+                             f"inpainting blend), got {t.dtype} {tuple(t.shape)} on {t.device}")
+    return known.contiguous(), mask.contiguous()
+
+
 def check_rng(rng: torch.Tensor, x: torch.Tensor) -> None:
     """``rng``: the noise key ``(seed, sample_offset)``, int64 ``[2]``, contiguous, on ``x``'s device.
     Its values are checked for CPU tensors only (reading a GPU one would synchronise)."""
@@ -183,14 +237,15 @@ def check_rng(rng: torch.Tensor, x: torch.Tensor) -> None:
 def ddpm_step_into(x, model_output, step, coefs, seed: int, sample_offset: int, clip_denoised: bool,
                    x_prev: torch.Tensor, model_input: torch.Tensor | None = None, *,
                    rng: torch.Tensor | None = None, uncond_output: torch.Tensor | None = None,
-                   guidance_scale: float = 1.0, threshold: torch.Tensor | None = None) -> None:
+                   guidance_scale: float = 1.0, threshold: torch.Tensor | None = None,
+                   known: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> None:
     """Host launcher writing into preallocated buffers.
 
     :param x: float32 ``[n, ...]`` contiguous; may be the same tensor as ``x_prev``
         (each element is read before it is written).
     :param model_output: ``[n, ...]`` float32/bf16/fp16 (made contiguous).
     :param step: int64 ``[n]`` (per sample) or 0-dim/``[1]`` (whole batch) on the device.
-    :param coefs: float32 ``[K, 5]``.
+    :param coefs: float32 ``[K, 5]`` (``[K, 7]`` with ``known``).
     :param seed, sample_offset: the noise key, as kernel arguments (baked into a captured graph).
     :param x_prev: float32 output, shape of ``x``, contiguous.
     :param model_input: optional copy of ``x_prev`` in another dtype, contiguous or channels_last.
@@ -200,14 +255,19 @@ def ddpm_step_into(x, model_output, step, coefs, seed: int, sample_offset: int, 
     :param uncond_output: classifier-free guidance's unconditional output (model_output's shape and
         dtype; made contiguous), or None; :param guidance_scale: its ``w`` (a float32 kernel argument).
     :param threshold: dynamic thresholding's float32 ``[n]`` bounds on x's device, or None.
+    :param known, mask: inpainting's image to keep and its mask (1 = keep), float32 of x's shape on
+        its device (made contiguous), or None; the blend's noise ``z1`` is slot ``step + K + 1``.
     """
     uncond_output = check_guidance(model_output, uncond_output, guidance_scale)
     threshold = check_threshold(threshold, x)
+    known, mask = check_inpaint(known, mask, x, coefs)
     n = x.shape[0]
     numel = x.numel() // n if n else 0
     if rng is not None:
         check_rng(rng, x)
-    check_noise_capacity(numel, coefs.shape[0] + 1, sample_offset + n - 1)
+    K = coefs.shape[0]
+    # slots 0..K-1 the steps' noise, K x_T's, K+1..2K the blend's z1
+    check_noise_capacity(numel, K + 1 if known is None else 2 * K + 1, sample_offset + n - 1)
     if not (x.is_contiguous() and x_prev.is_contiguous() and x_prev.dtype == torch.float32):
         raise ValueError("ddpm_step: x and x_prev must be contiguous, x_prev float32")
     if step.numel() not in (1, n):
@@ -219,22 +279,26 @@ def ddpm_step_into(x, model_output, step, coefs, seed: int, sample_offset: int, 
     block = elementwise_block(numel)
     launch(_ddpm_step_kernel)[elementwise_grid(n, numel, block)](
         x, model_output.contiguous(), step, step_stride, coefs.contiguous(), x_prev, model_input, numel, channels,
-        spatial, seed, sample_offset, rng, uncond_output, float(guidance_scale), threshold, CLIP=bool(clip_denoised),
-        WRITE_MODEL_INPUT=model_input is not None, CHANNELS_LAST=channels_last, RNG_IN_MEMORY=rng is not None,
-        GUIDED=uncond_output is not None, THRESHOLD=threshold is not None, BLOCK=block, num_warps=ELEMENTWISE_WARPS)
+        spatial, seed, sample_offset, rng, uncond_output, float(guidance_scale), threshold, known, mask, K,
+        CLIP=bool(clip_denoised), WRITE_MODEL_INPUT=model_input is not None, CHANNELS_LAST=channels_last,
+        RNG_IN_MEMORY=rng is not None, GUIDED=uncond_output is not None, THRESHOLD=threshold is not None,
+        INPAINT=known is not None, BLOCK=block, num_warps=ELEMENTWISE_WARPS)
 
 
 @op("ddpm_step", fake=fakes.ddpm_step)
 def ddpm_step(x: torch.Tensor, model_output: torch.Tensor, step: torch.Tensor, coefs: torch.Tensor, seed: int,
               sample_offset: int, clip_denoised: bool, uncond_output: Optional[torch.Tensor],
-              guidance_scale: float, threshold: Optional[torch.Tensor]) -> torch.Tensor:
+              guidance_scale: float, threshold: Optional[torch.Tensor], known: Optional[torch.Tensor],
+              mask: Optional[torch.Tensor]) -> torch.Tensor:
     """:return: float32 ``x_{t-1}`` (see the module docstring); ``uncond_output`` (None for none)
     and ``guidance_scale``: classifier-free guidance, fused; ``threshold`` (None for none): dynamic
-    thresholding's per-sample bounds, fused."""
+    thresholding's per-sample bounds, fused; ``known``, ``mask`` (None for none): the inpainting
+    blend, fused (``coefs`` ``[K, 7]`` then)."""
     x = x.contiguous()
     x_prev = torch.empty(x.shape, dtype=torch.float32, device=x.device)
     ddpm_step_into(x, model_output, step, coefs, seed, sample_offset, clip_denoised, x_prev,
-                   uncond_output=uncond_output, guidance_scale=guidance_scale, threshold=threshold)
+                   uncond_output=uncond_output, guidance_scale=guidance_scale, threshold=threshold, known=known,
+                   mask=mask)
     return x_prev
 
 
@@ -242,7 +306,8 @@ def ddpm_step(x: torch.Tensor, model_output: torch.Tensor, step: torch.Tensor, c
 def ddpm_step_cast(x: torch.Tensor, model_output: torch.Tensor, step: torch.Tensor, coefs: torch.Tensor, seed: int,
                    sample_offset: int, clip_denoised: bool, model_dtype: torch.dtype, channels_last: bool,
                    uncond_output: Optional[torch.Tensor], guidance_scale: float,
-                   threshold: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+                   threshold: Optional[torch.Tensor], known: Optional[torch.Tensor],
+                   mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """:return: ``x_{t-1}`` in float32 and the same values in ``model_dtype``
     (channels_last if asked; needs a 4-D ``x``)."""
     if channels_last and x.ndim != 4:
@@ -252,14 +317,16 @@ def ddpm_step_cast(x: torch.Tensor, model_output: torch.Tensor, step: torch.Tens
     layout = torch.channels_last if channels_last else torch.contiguous_format
     model_input = torch.empty(x.shape, dtype=model_dtype, device=x.device, memory_format=layout)
     ddpm_step_into(x, model_output, step, coefs, seed, sample_offset, clip_denoised, x_prev, model_input,
-                   uncond_output=uncond_output, guidance_scale=guidance_scale, threshold=threshold)
+                   uncond_output=uncond_output, guidance_scale=guidance_scale, threshold=threshold, known=known,
+                   mask=mask)
     return x_prev, model_input
 
 
 @op("ddpm_step_", fake=fakes.ddpm_step_)
 def ddpm_step_(x: torch.Tensor, model_output: torch.Tensor, step: torch.Tensor, coefs: torch.Tensor, rng: torch.Tensor,
                clip_denoised: bool, model_input: Optional[torch.Tensor], uncond_output: Optional[torch.Tensor],
-               guidance_scale: float, threshold: Optional[torch.Tensor]) -> None:
+               guidance_scale: float, threshold: Optional[torch.Tensor], known: Optional[torch.Tensor],
+               mask: Optional[torch.Tensor]) -> None:
     """Update ``x`` (float32, contiguous) to ``x_{t-1}`` in place, and
     ``model_input`` (contiguous or channels_last; None for none) with its cast copy.
     ``model_input`` has no default: torch 2.11's custom ops raise IndexError on a
@@ -269,6 +336,8 @@ def ddpm_step_(x: torch.Tensor, model_output: torch.Tensor, step: torch.Tensor, 
         the kernel: a captured graph draws the noise of whatever it holds at replay time.
     :param uncond_output, guidance_scale: classifier-free guidance (None: none), as ``ddpm_step``'s.
     :param threshold: dynamic thresholding's bounds (None: none), as ``ddpm_step``'s.
+    :param known, mask: the inpainting blend (None: none), as ``ddpm_step``'s; ``z1`` under the key ``rng``.
     """
     ddpm_step_into(x, model_output, step, coefs, 0, 0, clip_denoised, x, model_input, rng=rng,
-                   uncond_output=uncond_output, guidance_scale=guidance_scale, threshold=threshold)
+                   uncond_output=uncond_output, guidance_scale=guidance_scale, threshold=threshold, known=known,
+                   mask=mask)

@@ -18,12 +18,16 @@ Ops (schemas in the one table, ``fastddpm/ops/schemas.def``):
 * ``diffusion_loss(model_output, x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, weights, seed,
   sample_offset, prediction, loss_type, huber_delta)`` and its backward.
 * ``ddpm_step(x, model_output, step, coefs, seed, sample_offset, clip_denoised, uncond_output,
-  guidance_scale)`` (classifier-free guidance fused: ``uncond_output`` None, or the unconditional
+  guidance_scale, threshold, known, mask)`` (classifier-free guidance fused: ``uncond_output`` None, or the unconditional
   output, and the step uses ``u + guidance_scale * (c - u)``; the same two arguments on every
   step op, then ``threshold``: None, or dynamic thresholding's float32 ``[n]`` bounds, and the
-  x0 prediction is ``clamp(x0_hat, -s, s) / s`` in place of the clip); ``ddpm_step_cast(..., model_dtype, channels_last, uncond_output, guidance_scale)`` also returns
+  x0 prediction is ``clamp(x0_hat, -s, s) / s`` in place of the clip; then, on the three DDPM step
+  ops only, ``known, mask``: None, or inpainting's image to keep and its 0/1 mask, float32 of x's
+  shape, with a ``[K, 7]`` coefs whose ``ka, kb`` blend ``mask * (ka * known + kb * z1) + (1 -
+  mask) * x_prev``, ``z1`` of noise slot ``step + K + 1``); ``ddpm_step_cast(..., model_dtype,
+  channels_last, uncond_output, guidance_scale, threshold, known, mask)`` also returns
   ``x_prev`` in the model's dtype/layout; ``ddpm_step_(x, model_output, step, coefs, rng,
-  clip_denoised, model_input, uncond_output, guidance_scale, threshold)`` (``model_input`` None or a tensor) updates
+  clip_denoised, model_input, uncond_output, guidance_scale, threshold, known, mask)`` (``model_input`` None or a tensor) updates
   ``x`` (and ``model_input``) in
   place, for CUDA graphs: its noise key ``rng`` is an int64 ``[2]`` tensor
   ``(seed, sample_offset)`` on ``x``'s device, read by the kernel, so one

@@ -15,7 +15,7 @@ import torch
 
 from ..checks import FLOAT_DTYPES, check_same_device, check_tensor
 from ..modes import LOSSES, PREDICTIONS
-from ..noise import check_seed
+from ..noise import check_noise_capacity, check_seed
 from . import reference
 from .registry import implementation, resolve
 
@@ -52,6 +52,29 @@ def _check_threshold(x, threshold) -> None:
     """Dynamic thresholding's bounds (metadata only): None or float32 ``[n]`` on ``x``'s device."""
     if threshold is not None:
         check_tensor("threshold", threshold, dtypes=(torch.float32,), shape=(x.shape[0],), device=x.device)
+
+
+def _check_inpaint(x, coefs, known, mask, known_noise) -> None:
+    """The inpainting blend's arguments (metadata only): ``known`` and ``mask`` both None, or both
+    float32 tensors of ``x``'s exact shape on its device (the caller broadcasts a shared mask); the
+    table's width then 7, else 5; ``known_noise`` (explicit ``z1``) only with ``known``."""
+    if known is None:
+        if mask is not None:
+            raise ValueError("mask was given without known: the inpainting blend needs both (or neither)")
+        if known_noise is not None:
+            raise ValueError("known_noise was given without known: it is the inpainting blend's noise z1")
+    else:
+        if mask is None:
+            raise ValueError("known was given without mask: the inpainting blend needs both (mask 1 = keep known)")
+        check_tensor("known", known, dtypes=(torch.float32,), shape=x.shape, device=x.device)
+        check_tensor("mask", mask, dtypes=(torch.float32,), shape=x.shape, device=x.device)
+    width = coefs.shape[1]
+    if known is not None and width != len(reference.INPAINT_COEF_COLUMNS):
+        raise ValueError(f"coefs must have shape (K, 7) with known: (a, b, c0, c1, sigma) and the blend's ka, kb "
+                         f"(sqrt(abar_prev), sqrt(1 - abar_prev)), got {tuple(coefs.shape)}")
+    if known is None and width != len(reference.COEF_COLUMNS):
+        hint = " (7 columns are the inpainting table: pass known and mask with it)" if width == 7 else ""
+        raise ValueError(f"coefs must have shape (K, 5): (a, b, c0, c1, sigma){hint}, got {tuple(coefs.shape)}")
 
 
 # -- the ops ---------------------------------------------------------------------------
@@ -106,45 +129,62 @@ def diffusion_loss(model_output, x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alph
 
 
 def ddpm_step(x, model_output, step, coefs, *, seed: int, sample_offset: int = 0, clip_denoised: bool = True,
-              noise=None, uncond_output=None, guidance_scale: float = 1.0, threshold=None,
-              backend: str | None = None):
+              noise=None, uncond_output=None, guidance_scale: float = 1.0, threshold=None, known=None, mask=None,
+              known_noise=None, backend: str | None = None):
     """One reverse step ``x_t -> x_{t-1}`` for every sample.
 
     :param x: float32 ``[n, ...]``.
     :param model_output: ``[n, ...]`` float32/bf16/fp16 (the conditional output, with guidance).
     :param step: int64 ``[n]`` or 0-dim: the process step index (row of
         ``coefs`` and the noise slot).
-    :param coefs: float32 ``[K, 5]`` from ``reference.step_coefficients``.
-    :param noise: explicit standard normals; default: the contract's.
+    :param coefs: float32 ``[K, 5]`` from ``reference.step_coefficients`` (``[K, 7]`` with ``known``:
+        ``reference.INPAINT_COEF_COLUMNS``, the blend's ``ka, kb`` last).
+    :param noise: explicit standard normals; default: the contract's (slot ``step``).
     :param uncond_output: classifier-free guidance's unconditional output (model_output's shape,
         dtype and device), or None (no guidance): the step uses ``u + w * (c - u)``, fused.
     :param guidance_scale: ``w`` (1: the conditional model alone); ignored without uncond_output.
     :param threshold: dynamic thresholding's float32 ``[n]`` bounds on x's device
         (``dynamic_threshold``), or None: ``x0_hat`` becomes ``clamp(x0_hat, -s, s) / s`` in place
         of the clip, whatever ``clip_denoised`` says.
+    :param known: inpainting (RePaint, Lugmayr et al. 2022): the image to keep, float32 of x's shape
+        on its device, or None (today's step).  Given, ``x_prev = mask * (ka * known + kb * z1) +
+        (1 - mask) * step``, fused, ``z1`` the contract's normal of slot ``step + K + 1``
+        (``K = coefs.shape[0]``; the blend uses ``2K + 1`` slots in all).
+    :param mask: with ``known``: float32 of x's shape, 1 where ``known`` is kept, 0 where the model
+        fills in (values not checked: a GPU tensor would synchronise).
+    :param known_noise: explicit ``z1`` (with ``known``; runs the reference); default: the contract's.
     :return: float32 ``x_{t-1}``.
     """
     check_tensor("x", x, dtypes=(torch.float32,), min_ndim=1)
     check_tensor("model_output", model_output, dtypes=FLOAT_DTYPES, shape=x.shape)
     check_tensor("coefs", coefs, dtypes=(torch.float32,), ndim=2)
-    if coefs.shape[1] != 5:
-        raise ValueError(f"coefs must have shape (K, 5), got {tuple(coefs.shape)}")
+    _check_inpaint(x, coefs, known, mask, known_noise)
     _check_batch("ddpm_step", x, step, coefs=coefs)
     check_same_device(x=x, model_output=model_output)
     _check_guidance(model_output, uncond_output, guidance_scale)
     _check_threshold(x, threshold)
     check_seed(seed)
+    K = coefs.shape[0]
+    if known is not None:  # z1 draws slots K+1..2K: 2K+1 slots in all
+        check_noise_capacity(math.prod(x.shape[1:]), 2 * K + 1, sample_offset + x.shape[0] - 1)
     step = step.expand(x.shape[0]) if step.ndim == 0 else step
-    if noise is None:
+    if noise is None and known_noise is None:
         impl = _impl("ddpm_step", x.device, model_output.dtype, backend)
         if impl is not None:
             return impl(x, model_output, step, coefs, seed, sample_offset, bool(clip_denoised), uncond_output,
-                        float(guidance_scale), threshold)
+                        float(guidance_scale), threshold, known, mask)
+    if noise is None:
         noise = reference.batch_noise(seed, sample_offset, step, x.shape, x.device)
     else:
         check_tensor("noise", noise, dtypes=FLOAT_DTYPES, shape=x.shape, device=x.device)
+    if known is not None:
+        if known_noise is None:
+            known_noise = reference.batch_noise(seed, sample_offset, step + K + 1, x.shape, x.device)
+        else:
+            check_tensor("known_noise", known_noise, dtypes=FLOAT_DTYPES, shape=x.shape, device=x.device)
     return reference.ddpm_step(x, model_output, coefs.index_select(0, step), clip_denoised, noise,
-                               uncond_output=uncond_output, guidance_scale=float(guidance_scale), threshold=threshold)
+                               uncond_output=uncond_output, guidance_scale=float(guidance_scale), threshold=threshold,
+                               known=known, mask=mask, known_noise=known_noise)
 
 
 _HISTORY_DTYPES = (torch.float32, torch.float64)

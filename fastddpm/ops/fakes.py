@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..checks import FLOAT_DTYPES
-from .reference import MULTISTEP_WIDTH
+from .reference import COEF_COLUMNS, INPAINT_COEF_COLUMNS, MULTISTEP_WIDTH
 
 __all__ = ["q_sample", "diffusion_loss", "diffusion_loss_backward", "ddpm_step", "ddpm_step_cast", "ddpm_step_",
            "multistep_step_"]
@@ -52,19 +52,39 @@ def _check_threshold(threshold, x):
                          f"got {threshold.dtype} {tuple(threshold.shape)} on {threshold.device}")
 
 
+def _check_inpaint(known, mask, x, coefs):
+    """The inpainting blend's optional image and mask: both None (coefs ``[K, 5]``) or both float32 of
+    ``x``'s shape on its device (coefs ``[K, 7]``: the blend's ka, kb last)."""
+    torch._check(mask is None or known is not None, lambda: "mask was given without known: the inpainting blend "
+                                                           "needs both (or neither)")
+    torch._check(known is None or mask is not None, lambda: "known was given without mask: the inpainting blend "
+                                                           "needs both (or neither)")
+    for name, t in (("known", known), ("mask", mask)):
+        if t is not None:
+            torch._check(t.dtype == torch.float32 and t.shape == x.shape and t.device == x.device,
+                         lambda: f"{name} must be a float32 tensor of x's shape {tuple(x.shape)} on {x.device}, got "
+                                 f"{t.dtype} {tuple(t.shape)} on {t.device}")
+    width = len(INPAINT_COEF_COLUMNS) if known is not None else len(COEF_COLUMNS)
+    torch._check(coefs.dim() == 2 and coefs.shape[1] == width,
+                 lambda: f"coefs must have shape (K, {width}) {'with' if known is not None else 'without'} known, "
+                         f"got {tuple(coefs.shape)}")
+
+
 def ddpm_step(x, model_output, step, coefs, seed, sample_offset, clip_denoised, uncond_output, guidance_scale,
-              threshold):
+              threshold, known, mask):
     torch._check(model_output.shape == x.shape, lambda: "model_output must have x's shape")
     _check_uncond_output(uncond_output, model_output)
     _check_threshold(threshold, x)
+    _check_inpaint(known, mask, x, coefs)
     return x.new_empty(x.shape, dtype=torch.float32)
 
 
 def ddpm_step_cast(x, model_output, step, coefs, seed, sample_offset, clip_denoised, model_dtype, channels_last,
-                   uncond_output, guidance_scale, threshold):
+                   uncond_output, guidance_scale, threshold, known, mask):
     torch._check(model_output.shape == x.shape, lambda: "model_output must have x's shape")
     _check_uncond_output(uncond_output, model_output)
     _check_threshold(threshold, x)
+    _check_inpaint(known, mask, x, coefs)
     layout = torch.channels_last if channels_last else torch.contiguous_format
     return (x.new_empty(x.shape, dtype=torch.float32),
             torch.empty(x.shape, dtype=model_dtype, device=x.device, memory_format=layout))
@@ -89,10 +109,11 @@ def _check_model_input(model_input, x):
 
 
 def ddpm_step_(x, model_output, step, coefs, rng, clip_denoised, model_input, uncond_output, guidance_scale,
-               threshold):
+               threshold, known, mask):
     torch._check(model_output.shape == x.shape, lambda: "model_output must have x's shape")
     _check_uncond_output(uncond_output, model_output)
     _check_threshold(threshold, x)
+    _check_inpaint(known, mask, x, coefs)
     _check_rng(rng, x)
     _check_model_input(model_input, x)
     return None

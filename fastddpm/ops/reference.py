@@ -24,6 +24,10 @@ functions.  Conventions:
   given each sample's bound ``s`` (float32 ``[n]``, ``dynamic_threshold``: a per-sample
   quantile, so a pass of its own before the step), ``x0_hat = clamp(x0_hat, -s, s) / s``
   in place of the ``[-1, 1]`` clamp (``s = 1`` is that clamp).
+* Inpainting (RePaint, Lugmayr et al. 2022, Eq. 8-10) too: given the image to keep ``known``,
+  its ``mask`` (1 = keep) and a ``[K, 7]`` table whose last two columns ``(ka, kb)`` forward-noise
+  ``known`` to the step's target level, ``x_prev = mask * (ka * known + kb * z1) + (1 - mask) *
+  x_prev`` (``inpaint_blend``), ``z1`` the contract's normal of slot ``step + K + 1``.
 """
 from __future__ import annotations
 
@@ -51,6 +55,7 @@ __all__ = [
     "dynamic_threshold",
     "apply_threshold",
     "predict_x0",
+    "inpaint_blend",
     "ddpm_step",
     "multistep_step",
     "batch_noise",
@@ -58,6 +63,10 @@ __all__ = [
 ]
 
 COEF_COLUMNS = ("a", "b", "c0", "c1", "sigma")
+# The row of a step that also blends in the known image (inpainting: ``ddpm_step``'s known/mask):
+# ``ka, kb`` = sqrt(abar_prev), sqrt(1 - abar_prev) of the step's target level (csrc/fused_math.h:
+# kInpaintColumns; dispatch, fakes and the kernels check the width: 7 with known, 5 without).
+INPAINT_COEF_COLUMNS = COEF_COLUMNS + ("ka", "kb")
 # A multistep solver's [K, 12] row, in the order ``multistep_step`` reads it (``fastddpm.multistep``
 # builds it as ``TABLE_COLUMNS``, this tuple; dispatch, fakes and the Triton launcher check its width).
 MULTISTEP_COLUMNS = ("a", "b", "u", "cl", "k0", "k1", "k2", "cx", "p0", "p1", "p2", "cz")
@@ -244,26 +253,60 @@ def predict_x0(x_t, model_output, coefs, clip_denoised: bool, *, uncond_output=N
     return x0_hat.clamp(-1.0, 1.0) if clip_denoised else x0_hat
 
 
+def inpaint_blend(x_prev, known, mask, coefs, known_noise):
+    """RePaint's blend (Lugmayr et al. 2022, Eq. 8-10): the known region forward-noised to the
+    step's target level, the rest the reverse step's sample, in float32::
+
+        x_prev = mask * (ka * known + kb * z1) + (1 - mask) * x_prev
+
+    Written as ``m * known_part + (1 - m) * step_part`` so that ``m = 1, ka = 1, kb = 0`` (after
+    the last step) gives ``known`` bit for bit, and ``m = 0`` the step's ``x_prev`` bit for bit.
+
+    :param x_prev: float32 ``[n, ...]``, the reverse step's result.
+    :param known: ``[n, ...]`` the image to keep (float32).
+    :param mask: ``[n, ...]`` 1 where ``known`` is kept, 0 where the model fills in.
+    :param coefs: ``[n, 7]`` each sample's row (``INPAINT_COEF_COLUMNS``): ``ka, kb`` are the last two.
+    :param known_noise: ``[n, ...]`` standard normals ``z1`` (the contract's slot ``step + K + 1``).
+    """
+    if coefs.shape[-1] != len(INPAINT_COEF_COLUMNS):
+        raise ValueError(f"coefs must have {len(INPAINT_COEF_COLUMNS)} columns {INPAINT_COEF_COLUMNS} with known, "
+                         f"got shape {tuple(coefs.shape)}")
+    shape = (coefs.shape[0],) + (1,) * (x_prev.ndim - 1)
+    ka, kb = coefs[:, 5].reshape(shape), coefs[:, 6].reshape(shape)
+    m = mask.float()
+    return m * (ka * known.float() + kb * known_noise.float()) + (1.0 - m) * x_prev
+
+
 def ddpm_step(x_t, model_output, coefs, clip_denoised: bool, noise, *, uncond_output=None,
-              guidance_scale: float = 1.0, threshold=None):
+              guidance_scale: float = 1.0, threshold=None, known=None, mask=None, known_noise=None):
     """One reverse step, elementwise.
 
     :param x_t: float32 ``[n, ...]``.
     :param model_output: ``[n, ...]``, any float dtype (computed in float32).
-    :param coefs: float32 ``[n, 5]``: each sample's ``(a, b, c0, c1, sigma)`` row.
+    :param coefs: float32 ``[n, 5]``: each sample's ``(a, b, c0, c1, sigma)`` row (``[n, 7]``,
+        ``INPAINT_COEF_COLUMNS``, with ``known``).
     :param clip_denoised: clamp ``x0_hat`` to ``[-1, 1]``.
     :param noise: float32 ``[n, ...]`` standard normals.
     :param uncond_output: the unconditional output (model_output's shape), or None: no guidance.
     :param guidance_scale: ``w`` of ``guided_output``.
     :param threshold: float32 ``[n]`` dynamic-thresholding bounds (``dynamic_threshold``), or None:
         ``x0_hat`` is ``apply_threshold``'s in place of the clip.
+    :param known, mask, known_noise: inpainting (``inpaint_blend``): the image to keep, its mask
+        (1 = keep) and the normals ``z1`` of its forward noising, each ``[n, ...]``; or all None.
     :return: ``x_{t-1}`` in float32.
     """
     shape = (coefs.shape[0],) + (1,) * (x_t.ndim - 1)
     c0, c1, sigma = (coefs[:, i].reshape(shape) for i in (2, 3, 4))
     x0_hat = predict_x0(x_t, model_output, coefs, clip_denoised, uncond_output=uncond_output,
                         guidance_scale=guidance_scale, threshold=threshold)
-    return c0 * x0_hat + c1 * x_t.float() + sigma * noise.float()
+    x_prev = c0 * x0_hat + c1 * x_t.float() + sigma * noise.float()
+    if known is None:
+        if mask is not None or known_noise is not None:
+            raise ValueError("mask and known_noise are the inpainting blend's: they need known")
+        return x_prev
+    if mask is None or known_noise is None:
+        raise ValueError("known needs mask and known_noise (the inpainting blend)")
+    return inpaint_blend(x_prev, known, mask, coefs, known_noise)
 
 
 def multistep_step(x, model_output, history, step, table, clip_denoised: bool, noise, *, uncond_output=None,

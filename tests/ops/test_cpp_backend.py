@@ -77,7 +77,7 @@ def test_ddpm_step_inplace_rejects_bad_rng(rng, match):
     x, out = _inputs((2, 3, 4, 4), torch.float32)
     x_buf = x.clone()
     with pytest.raises(RuntimeError, match=match):
-        cpp_ops.ddpm_step_(x_buf, out, torch.tensor([0, 1]), coefs, rng, True, None, None, 1.0, None)
+        cpp_ops.ddpm_step_(x_buf, out, torch.tensor([0, 1]), coefs, rng, True, None, None, 1.0, None, None, None)
     assert torch.equal(x_buf, x)
 
 
@@ -85,13 +85,13 @@ def test_ddpm_step_rejects_bad_inputs():
     coefs = _coefs("epsilon", "ddpm", "fixed_small", 0.0)
     x, out = _inputs((2, 3, 4, 4), torch.float32)
     with pytest.raises(RuntimeError, match="step must lie in"):
-        cpp_ops.ddpm_step(x, out, torch.tensor([0, T]), coefs, SEED, 0, True, None, 1.0, None)
+        cpp_ops.ddpm_step(x, out, torch.tensor([0, T]), coefs, SEED, 0, True, None, 1.0, None, None, None)
     with pytest.raises(RuntimeError, match="x must be Float"):
-        cpp_ops.ddpm_step(x.double(), out, torch.tensor([0, 1]), coefs, SEED, 0, True, None, 1.0, None)
+        cpp_ops.ddpm_step(x.double(), out, torch.tensor([0, 1]), coefs, SEED, 0, True, None, 1.0, None, None, None)
     with pytest.raises(RuntimeError, match="coefs must have shape"):
-        cpp_ops.ddpm_step(x, out, torch.tensor([0, 1]), coefs[:, :4], SEED, 0, True, None, 1.0, None)
+        cpp_ops.ddpm_step(x, out, torch.tensor([0, 1]), coefs[:, :4], SEED, 0, True, None, 1.0, None, None, None)
     with pytest.raises(RuntimeError, match="model_output must have shape"):
-        cpp_ops.ddpm_step(x, out[:1], torch.tensor([0, 1]), coefs, SEED, 0, True, None, 1.0, None)
+        cpp_ops.ddpm_step(x, out[:1], torch.tensor([0, 1]), coefs, SEED, 0, True, None, 1.0, None, None, None)
 
 
 # -- torch.library: opcheck, compile, dispatch ------------------------------------------------------
@@ -109,11 +109,12 @@ def _opcheck_cases():
                             "v", "huber", 1.0)),
         ("diffusion_loss_backward", (torch.tensor(2.0), out, x, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod,
                                      _weights("v"), SEED, 3, "v", "l2", 1.0)),
-        ("ddpm_step", (x, out, t, coefs, SEED, 3, True, None, 1.0, None)),
-        ("ddpm_step_cast", (x, out, t, coefs, SEED, 3, True, torch.float16, True, None, 1.0, None)),
+        ("ddpm_step", (x, out, t, coefs, SEED, 3, True, None, 1.0, None, None, None)),
+        ("ddpm_step_cast", (x, out, t, coefs, SEED, 3, True, torch.float16, True, None, 1.0, None, None, None)),
         ("ddpm_step_", (x.clone(), out, torch.tensor(7), coefs, _rng(SEED, 3), False,
-                        torch.empty(2, 3, 4, 4, dtype=torch.bfloat16), None, 1.0, None)),
-        ("ddpm_step_", (x.clone(), out, torch.tensor(7), coefs, _rng(SEED, 3), False, None, None, 1.0, None)),
+                        torch.empty(2, 3, 4, 4, dtype=torch.bfloat16), None, 1.0, None, None, None)),
+        ("ddpm_step_", (x.clone(), out, torch.tensor(7), coefs, _rng(SEED, 3), False, None, None, 1.0, None, None,
+                        None)),
     ]
 
 
@@ -133,7 +134,7 @@ def test_torch_compile_fullgraph():
         x_t = torch.ops.fastddpm.q_sample(x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, SEED, 0)
         loss = torch.ops.fastddpm.diffusion_loss(out, x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod,
                                                  weights, SEED, 0, "x0", "l2", 1.0)
-        x_prev = torch.ops.fastddpm.ddpm_step(x_t, out, t, coefs, SEED, 0, True, None, 1.0, None)
+        x_prev = torch.ops.fastddpm.ddpm_step(x_t, out, t, coefs, SEED, 0, True, None, 1.0, None, None, None)
         return x_prev, loss
 
     compiled = torch.compile(train_and_step, fullgraph=True)
@@ -149,7 +150,7 @@ def test_dispatch_selects_cpp():
     with ops.use_backend("cpp"):
         assert ops.select_backend("ddpm_step", torch.device("cpu"), torch.float16) == "cpp"
         actual = ops.ddpm_step(x, out, step, coefs, seed=SEED, sample_offset=2)
-    expected = cpp_ops.ddpm_step(x, out, step.repeat(2), coefs, SEED, 2, True, None, 1.0, None)
+    expected = cpp_ops.ddpm_step(x, out, step.repeat(2), coefs, SEED, 2, True, None, 1.0, None, None, None)
     assert_close(actual, expected, **EXACT)
     with ops.use_backend("reference"):
         reference_result = ops.ddpm_step(x, out, step, coefs, seed=SEED, sample_offset=2)
@@ -182,8 +183,9 @@ def test_cuda_ddpm_step_matches_reference_and_cpu(variant, shape, dtype):
     coefs = _coefs(*variant)
     x, out = _inputs(shape, dtype)
     step = _timesteps(shape[0])
-    cpu = cpp_ops.ddpm_step(x, out, step, coefs, SEED, SAMPLE_OFFSET, True, None, 1.0, None)
-    cuda = cpp_ops.ddpm_step(x.cuda(), out.cuda(), step.cuda(), coefs.cuda(), SEED, SAMPLE_OFFSET, True, None, 1.0, None)
+    cpu = cpp_ops.ddpm_step(x, out, step, coefs, SEED, SAMPLE_OFFSET, True, None, 1.0, None, None, None)
+    cuda = cpp_ops.ddpm_step(x.cuda(), out.cuda(), step.cuda(), coefs.cuda(), SEED, SAMPLE_OFFSET, True, None, 1.0, None,
+                             None, None)
     expected = _ref_step(x.cuda(), out.cuda(), step.cuda(), coefs.cuda(), True)
     assert_close(cuda, expected, **BY_DTYPE[dtype], msg="cuda vs reference")
     assert_close(cuda, cpu, **BY_DTYPE[dtype], msg="cuda vs cpu")
@@ -199,7 +201,7 @@ def test_cuda_ddpm_step_cast(model_dtype, channels_last):
     step = _timesteps(4).cuda()
     x, out, coefs = x.cuda(), out.cuda(), coefs.cuda()
     x_prev, model_input = cpp_ops.ddpm_step_cast(x, out, step, coefs, SEED, 0, True, model_dtype, channels_last, None,
-                                                    1.0)
+                                                    1.0, None, None, None)
     assert_close(model_input, x_prev.to(model_dtype), **EXACT)
     assert model_input.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
@@ -241,14 +243,16 @@ def test_cuda_ddpm_step_inplace_rng_equals_functional(key):
     for shape in [(3, 5, 7, 9), (4, 3, 16, 16)]:
         x, out = (t.cuda() for t in _inputs(shape, torch.bfloat16))
         step = _timesteps(shape[0], "cuda")
-        want = cpp_ops.ddpm_step(x, out, step, coefs, seed, sample_offset, True, None, 1.0, None)
+        want = cpp_ops.ddpm_step(x, out, step, coefs, seed, sample_offset, True, None, 1.0, None, None, None)
         model_input = torch.empty(shape, device="cuda", dtype=torch.bfloat16).to(memory_format=torch.channels_last)
         x_buf = x.clone()
-        cpp_ops.ddpm_step_(x_buf, out, step, coefs, _rng(seed, sample_offset, "cuda"), True, model_input, None, 1.0, None)
+        cpp_ops.ddpm_step_(x_buf, out, step, coefs, _rng(seed, sample_offset, "cuda"), True, model_input, None, 1.0, None,
+                           None, None)
         assert_close(x_buf, want, **EXACT, msg="cuda in place vs functional")
         assert_close(model_input, want.to(torch.bfloat16), **EXACT, msg="model input")
     with pytest.raises(RuntimeError, match="rng must be on cuda"):
-        cpp_ops.ddpm_step_(x.clone(), out, step, coefs, _rng(seed, sample_offset), True, None, None, 1.0, None)
+        cpp_ops.ddpm_step_(x.clone(), out, step, coefs, _rng(seed, sample_offset), True, None, None, 1.0, None, None,
+                           None)
 
 
 @gpu
@@ -272,11 +276,12 @@ def test_cuda_graph_with_device_step_counter_and_noise_key():
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # warm up off the default stream, as capture requires
-        cpp_ops.ddpm_step_(x.clone(), out_buf, counter.clone(), coefs, rng, True, model_input.clone(), None, 1.0, None)
+        cpp_ops.ddpm_step_(x.clone(), out_buf, counter.clone(), coefs, rng, True, model_input.clone(), None, 1.0, None,
+                           None, None)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        cpp_ops.ddpm_step_(x, out_buf, counter, coefs, rng, True, model_input, None, 1.0, None)
+        cpp_ops.ddpm_step_(x, out_buf, counter, coefs, rng, True, model_input, None, 1.0, None, None, None)
         counter.sub_(1)
     for seed, sample_offset in [(SEED, 0), (2**32 + 3, 9)]:
         rng.copy_(_rng(seed, sample_offset))

@@ -76,8 +76,10 @@ def test_ddpm_step_single_step_index(target, step_shape, shape):
     x, out = inputs(shape, torch.float32, device)
     k = torch.tensor(T // 3, device=device)
     step = k.expand(shape[0]) if step_shape == "expanded" else k.reshape(step_shape)
-    got = functional(backend)(x, out, step, coefs, SEED, SAMPLE_OFFSET, True, None, 1.0, None)
-    assert_close(got, functional(backend)(x, out, k.repeat(shape[0]), coefs, SEED, SAMPLE_OFFSET, True, None, 1.0, None), **EXACT)
+    got = functional(backend)(x, out, step, coefs, SEED, SAMPLE_OFFSET, True, None, 1.0, None, None, None)
+    want = functional(backend)(x, out, k.repeat(shape[0]), coefs, SEED, SAMPLE_OFFSET, True, None, 1.0, None, None,
+                               None)
+    assert_close(got, want, **EXACT)
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
@@ -92,9 +94,10 @@ def test_ddpm_step_cast_and_inplace(target, shape, model_dtype, channels_last):
     coefs = coefficients(("v", "ddim", "fixed_small", 0.5), device)
     x, out = inputs(shape, torch.float16, device)
     step = timesteps(shape[0], device)
-    x_prev = functional(backend)(x, out, step, coefs, SEED, SAMPLE_OFFSET, True, None, 1.0, None)
+    x_prev = functional(backend)(x, out, step, coefs, SEED, SAMPLE_OFFSET, True, None, 1.0, None, None, None)
     x_cast, model_input = namespace_op(backend, "ddpm_step_cast")(x, out, step, coefs, SEED, SAMPLE_OFFSET, True,
-                                                                  model_dtype, channels_last, None, 1.0, None)
+                                                                  model_dtype, channels_last, None, 1.0, None, None,
+                                                                  None)
     layout = torch.channels_last if channels_last else torch.contiguous_format
     assert model_input.dtype == model_dtype and model_input.is_contiguous(memory_format=layout)
     assert_close(x_cast, x_prev, **EXACT)
@@ -102,7 +105,7 @@ def test_ddpm_step_cast_and_inplace(target, shape, model_dtype, channels_last):
     x_buf = x.clone()
     buf = torch.empty(shape, dtype=model_dtype, device=device).to(memory_format=layout)
     ops.implementation("ddpm_step_", backend)(x_buf, out, step, coefs, rng_key(SEED, SAMPLE_OFFSET, device), True, buf,
-                                              None, 1.0, None)
+                                              None, 1.0, None, None, None)
     assert_close(x_buf, x_prev, **EXACT)
     assert_close(buf, model_input, **EXACT)
 
@@ -123,18 +126,20 @@ def test_ddpm_step_inplace_rng_equals_functional(target, key, shape, dtype, clip
     x, out = inputs(shape, dtype, device)
     inplace = ops.implementation("ddpm_step_", backend)
     for step in (timesteps(shape[0], device), torch.tensor(T // 2, device=device)):
-        want = functional(backend)(x, out, step.expand(shape[0]), coefs, seed, sample_offset, clip, None, 1.0, None)
+        want = functional(backend)(x, out, step.expand(shape[0]), coefs, seed, sample_offset, clip, None, 1.0, None,
+                                   None, None)
         for model_input in (None, torch.empty(shape, dtype=dtype, device=device),
                             torch.empty(shape, dtype=torch.float16, device=device).to(memory_format=torch.channels_last)):
             x_buf = x.clone()
-            inplace(x_buf, out, step, coefs, rng_key(seed, sample_offset, device), clip, model_input, None, 1.0, None)
+            inplace(x_buf, out, step, coefs, rng_key(seed, sample_offset, device), clip, model_input, None, 1.0, None,
+                    None, None)
             assert_close(x_buf, want, **EXACT, msg=f"x, step {tuple(step.shape)}")
             if model_input is not None:
                 assert_close(model_input, x_buf.to(model_input.dtype), **EXACT, msg="model input")
     # the key is what rng holds: another seed or sample offset draws other noise
     for other in ((seed ^ 1, sample_offset), (seed, sample_offset + 1)):
         x_buf = x.clone()
-        inplace(x_buf, out, step, coefs, rng_key(*other, device), clip, None, None, 1.0, None)
+        inplace(x_buf, out, step, coefs, rng_key(*other, device), clip, None, None, 1.0, None, None, None)
         assert not torch.equal(x_buf, want), other
 
 
@@ -145,7 +150,7 @@ def test_ddpm_step_last_step_adds_no_noise(target):
     coefs = coefficients(("epsilon", "ddpm", "fixed_large", 0.0), device)
     x, out = inputs((2, 1, 8, 8), torch.float32, device)
     step = torch.zeros(2, dtype=torch.int64, device=device)
-    got = functional(backend)(x, out, step, coefs, SEED, 0, True, None, 1.0, None)
+    got = functional(backend)(x, out, step, coefs, SEED, 0, True, None, 1.0, None, None, None)
     want = reference.ddpm_step(x, out, coefs[step], True, torch.zeros_like(x))
     assert_close(got, want, **FP32)
 
@@ -206,12 +211,13 @@ def _three_forms_match_reference(backend, device, x, cond, uncond, step, coefs, 
     want = ops.ddpm_step(x, cond, step, coefs, backend="reference", **kw)
     assert_close(got, want, **fp32_at(want.abs().max()), msg=msg)
     x_cast, model_input = namespace_op(backend, "ddpm_step_cast")(x, cond, step, coefs, SEED, SAMPLE_OFFSET, clip,
-                                                                  torch.float16, False, uncond, GUIDANCE_SCALE, bounds)
+                                                                  torch.float16, False, uncond, GUIDANCE_SCALE, bounds,
+                                                                  None, None)
     assert_close(x_cast, got, **EXACT, msg="cast")
     assert_close(model_input, got.half(), **EXACT, msg="cast model input")
     x_buf = x.clone()
     ops.implementation("ddpm_step_", backend)(x_buf, cond, step, coefs, rng_key(SEED, SAMPLE_OFFSET, device), clip,
-                                              None, uncond, GUIDANCE_SCALE, bounds)
+                                              None, uncond, GUIDANCE_SCALE, bounds, None, None)
     assert_close(x_buf, got, **EXACT, msg="in place")
 
 
@@ -228,13 +234,13 @@ def test_ddpm_step_guided_channels_last_views(target, shape, model_dtype):
     _, cond_cl, uncond_cl = guided_inputs(shape, torch.float16, device, channels_last=True)
     assert uncond_cl.is_contiguous(memory_format=torch.channels_last) and not uncond_cl.is_contiguous()
     step = timesteps(shape[0], device)
-    want = functional(backend)(x, cond, step, coefs, SEED, SAMPLE_OFFSET, True, uncond, 3.0, None)
-    got = functional(backend)(x, cond_cl, step, coefs, SEED, SAMPLE_OFFSET, True, uncond_cl, 3.0, None)
+    want = functional(backend)(x, cond, step, coefs, SEED, SAMPLE_OFFSET, True, uncond, 3.0, None, None, None)
+    got = functional(backend)(x, cond_cl, step, coefs, SEED, SAMPLE_OFFSET, True, uncond_cl, 3.0, None, None, None)
     assert_close(got, want, **EXACT)
     x_buf = x.clone()
     buf = torch.empty(shape, dtype=model_dtype, device=device).to(memory_format=torch.channels_last)
     ops.implementation("ddpm_step_", backend)(x_buf, cond_cl, step, coefs, rng_key(SEED, SAMPLE_OFFSET, device), True,
-                                              buf, uncond_cl, 3.0, None)
+                                              buf, uncond_cl, 3.0, None, None, None)
     assert_close(x_buf, want, **EXACT)
     assert_close(buf, want.to(model_dtype), **EXACT, msg="model input")
 
@@ -327,12 +333,13 @@ def test_ddpm_step_ops_reject_bad_guidance(target):
         x_buf = x.clone()
         with pytest.raises(error, match=match):
             ops.implementation("ddpm_step_", backend)(x_buf, cond, step, coefs, rng_key(SEED, 0, device), True, None,
-                                                      bad, w, None)
+                                                      bad, w, None, None, None)
         assert torch.equal(x_buf, x)
         with pytest.raises(error, match=match):
-            functional(backend)(x, cond, step, coefs, SEED, 0, True, bad, w, None)
+            functional(backend)(x, cond, step, coefs, SEED, 0, True, bad, w, None, None, None)
         with pytest.raises(error, match=match):
-            namespace_op(backend, "ddpm_step_cast")(x, cond, step, coefs, SEED, 0, True, torch.float16, False, bad, w, None)
+            namespace_op(backend, "ddpm_step_cast")(x, cond, step, coefs, SEED, 0, True, torch.float16, False, bad, w,
+                                                    None, None, None)
 
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
@@ -343,12 +350,13 @@ def test_ddpm_step_guided_opcheck(backend):
     coefs = coefficients(device=device)
     x, cond, uncond = guided_inputs((2, 3, 4, 4), torch.float16, device)
     t = torch.tensor([0, T - 1], device=device)
-    torch.library.opcheck(namespace_op(backend, "ddpm_step"), (x, cond, t, coefs, SEED, 3, True, uncond, 7.5, None))
+    torch.library.opcheck(namespace_op(backend, "ddpm_step"),
+                          (x, cond, t, coefs, SEED, 3, True, uncond, 7.5, None, None, None))
     torch.library.opcheck(namespace_op(backend, "ddpm_step_cast"),
-                          (x, cond, t, coefs, SEED, 3, False, torch.bfloat16, True, uncond, 0.5, None))
+                          (x, cond, t, coefs, SEED, 3, False, torch.bfloat16, True, uncond, 0.5, None, None, None))
     torch.library.opcheck(namespace_op(backend, "ddpm_step_"),
                           (x.clone(), cond, torch.tensor(7, device=device), coefs, rng_key(SEED, 3, device), True,
-                           torch.empty(2, 3, 4, 4, dtype=torch.float16, device=device), uncond, -1.0, None))
+                           torch.empty(2, 3, 4, 4, dtype=torch.float16, device=device), uncond, -1.0, None, None, None))
 
 
 # -- dynamic thresholding: x0 = clamp(x0_hat, -s, s) / s with per-sample bounds, fused into the step ----
@@ -504,13 +512,13 @@ def test_ddpm_step_ops_reject_bad_threshold(target):
         x_buf = x.clone()
         with pytest.raises(error, match="threshold must"):
             ops.implementation("ddpm_step_", backend)(x_buf, cond, step, coefs, rng_key(SEED, 0, device), True, None,
-                                                      None, 1.0, bad)
+                                                      None, 1.0, bad, None, None)
         assert torch.equal(x_buf, x)
         with pytest.raises(error, match="threshold must"):
-            functional(backend)(x, cond, step, coefs, SEED, 0, True, None, 1.0, bad)
+            functional(backend)(x, cond, step, coefs, SEED, 0, True, None, 1.0, bad, None, None)
         with pytest.raises(error, match="threshold must"):
             namespace_op(backend, "ddpm_step_cast")(x, cond, step, coefs, SEED, 0, True, torch.float16, False, None,
-                                                    1.0, bad)
+                                                    1.0, bad, None, None)
 
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
@@ -523,12 +531,14 @@ def test_ddpm_step_thresholded_opcheck(backend):
     t = torch.tensor([0, T - 1], device=device)
     bounds = torch.tensor([1.0, 2.5], device=device)
     for u in (None, uncond):
-        torch.library.opcheck(namespace_op(backend, "ddpm_step"), (x, cond, t, coefs, SEED, 3, True, u, 7.5, bounds))
+        torch.library.opcheck(namespace_op(backend, "ddpm_step"),
+                              (x, cond, t, coefs, SEED, 3, True, u, 7.5, bounds, None, None))
         torch.library.opcheck(namespace_op(backend, "ddpm_step_cast"),
-                              (x, cond, t, coefs, SEED, 3, False, torch.bfloat16, True, u, 0.5, bounds))
+                              (x, cond, t, coefs, SEED, 3, False, torch.bfloat16, True, u, 0.5, bounds, None, None))
         torch.library.opcheck(namespace_op(backend, "ddpm_step_"),
                               (x.clone(), cond, torch.tensor(7, device=device), coefs, rng_key(SEED, 3, device), True,
-                               torch.empty(2, 3, 4, 4, dtype=torch.float16, device=device), u, -1.0, bounds))
+                               torch.empty(2, 3, 4, 4, dtype=torch.float16, device=device), u, -1.0, bounds, None,
+                               None))
 
 
 # -- ops.dynamic_threshold: the per-sample bounds, from the table's a, b at the step ------------------

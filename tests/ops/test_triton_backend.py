@@ -38,7 +38,7 @@ def test_ddpm_step_inplace_rejects_bad_rng(rng, match):
     x = torch.randn(2, 1, 8, 8, device=DEVICE)
     buffer = x.clone()
     with pytest.raises(ValueError, match=match):
-        ddpm_step_(buffer, torch.randn_like(x), torch.tensor([0, 1], device=DEVICE), coefs, rng.to(DEVICE), True, None, None, 1.0, None)
+        ddpm_step_(buffer, torch.randn_like(x), torch.tensor([0, 1], device=DEVICE), coefs, rng.to(DEVICE), True, None, None, 1.0, None, None, None)
     assert torch.equal(buffer, x)
 
 
@@ -48,10 +48,10 @@ def test_ddpm_step_inplace_rejects_rng_on_another_device():
     args = (x.clone(), torch.randn_like(x), torch.tensor([0, 1], device=DEVICE), coefs)
     if HAS_CUDA:
         with pytest.raises(ValueError, match="rng must be on x's device"):
-            ddpm_step_(*args, torch.tensor([SEED, 0]), True, None, None, 1.0, None)
+            ddpm_step_(*args, torch.tensor([SEED, 0]), True, None, None, 1.0, None, None, None)
     else:  # a meta rng with a CPU x dispatches to the fake implementation, which checks the device
         with pytest.raises(RuntimeError, match=r"rng must be an int64 \[2\] tensor .* on cpu"):
-            ddpm_step_(*args, torch.tensor([SEED, 0], device="meta"), True, None, None, 1.0, None)
+            ddpm_step_(*args, torch.tensor([SEED, 0], device="meta"), True, None, None, 1.0, None, None, None)
 
 
 # -- registration and dispatch ------------------------------------------------------
@@ -74,13 +74,13 @@ def test_opcheck_elementwise_ops():
     torch.library.opcheck(lib.q_sample, (x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, SEED, 0))
     torch.library.opcheck(lib.diffusion_loss, (out, x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod,
                                                torch.ones(T, device=DEVICE), SEED, 0, "v", "huber", 1.0))
-    torch.library.opcheck(lib.ddpm_step, (x0, out.detach(), t, coefs, SEED, 0, True, None, 1.0, None))
+    torch.library.opcheck(lib.ddpm_step, (x0, out.detach(), t, coefs, SEED, 0, True, None, 1.0, None, None, None))
     torch.library.opcheck(lib.ddpm_step_cast, (x0, out.detach(), t, coefs, SEED, 0, True, torch.float16, True,
-                                                    None, 1.0, None))
+                                                    None, 1.0, None, None, None))
     torch.library.opcheck(lib.ddpm_step_, (x0.clone(), out.detach(), t, coefs, rng_key(SEED, 0, DEVICE), True,
-                                           torch.empty_like(x0, dtype=torch.float16), None, 1.0, None))
+                                           torch.empty_like(x0, dtype=torch.float16), None, 1.0, None, None, None))
     torch.library.opcheck(lib.ddpm_step_, (x0.clone(), out.detach(), t, coefs, rng_key(SEED, 0, DEVICE), True, None,
-                                           None, 1.0, None))
+                                           None, 1.0, None, None, None))
 
 
 def test_torch_compile_sees_one_op():
@@ -93,7 +93,7 @@ def test_torch_compile_sees_one_op():
         loss = kernels.IMPLS["diffusion_loss"](out, x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, weights,
                                                SEED, 0, "epsilon", "l2", 1.0)
         x_t = kernels.IMPLS["q_sample"](x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, SEED, 0)
-        return loss, kernels.IMPLS["ddpm_step"](x, x_t, t, coefs, SEED, 0, True, None, 1.0, None)
+        return loss, kernels.IMPLS["ddpm_step"](x, x_t, t, coefs, SEED, 0, True, None, 1.0, None, None, None)
 
     backend = "inductor" if HAS_CUDA else "aot_eager"
     compiled = torch.compile(train_and_step, fullgraph=True, backend=backend)
@@ -123,10 +123,10 @@ def test_elementwise_ops_in_cuda_graph():
     rng = rng_key(SEED, 0, DEVICE)
     x_half = torch.empty_like(x, dtype=torch.bfloat16)
     start = x.clone()
-    ddpm_step_(x, out, step, coefs, rng, True, x_half, None, 1.0, None)  # warm-up (compiles)
+    ddpm_step_(x, out, step, coefs, rng, True, x_half, None, 1.0, None, None, None)  # warm-up (compiles)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        ddpm_step_(x, out, step, coefs, rng, True, x_half, None, 1.0, None)
+        ddpm_step_(x, out, step, coefs, rng, True, x_half, None, 1.0, None, None, None)
     for seed, sample_offset in [(SEED, 0), (2**40 + 1, 7)]:
         rng.copy_(torch.tensor([seed, sample_offset]))
         want = start
