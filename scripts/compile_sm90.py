@@ -144,12 +144,28 @@ def drive_launchers() -> None:
         for model_dtype, layout in itertools.product(floats, (torch.contiguous_format, torch.channels_last)):
             model_input = torch.empty(shape, dtype=model_dtype, memory_format=layout)
             step_mod.ddpm_step_into(x, out, step, coefs, 0, 0, clip, x.clone(), model_input, rng=rng, **kw)
-    for numel in numels[:-1]:  # the smaller blocks, one variant each (and guided, and thresholded)
+    # ... inpainting (known/mask with a [K, 7] table), unguided and guided: every output dtype x clip x
+    # key source, and the in-place form with each model-input dtype/layout; thresholded too, once per dtype
+    coefs7 = torch.rand(T, 7)
+    blend = dict(known=torch.randn(shape), mask=torch.rand(shape).round())
+    for out_dtype, clip, guided in itertools.product(floats, (False, True), (False, True)):
+        both = torch.randn((4, *shape[1:]), dtype=out_dtype)
+        out, uncond = both[:2], (both[2:] if guided else None)
+        kw = dict(uncond_output=uncond, guidance_scale=7.5, **blend)
+        step_mod.ddpm_step_into(x, out, step, coefs7, 1, 0, clip, torch.empty(shape), **kw)
+        step_mod.ddpm_step_into(x, out, step, coefs7, 0, 0, clip, x.clone(), rng=rng, **kw)
+        for model_dtype, layout in itertools.product(floats, (torch.contiguous_format, torch.channels_last)):
+            model_input = torch.empty(shape, dtype=model_dtype, memory_format=layout)
+            step_mod.ddpm_step_into(x, out, step, coefs7, 0, 0, clip, x.clone(), model_input, rng=rng, **kw)
+        if clip:
+            step_mod.ddpm_step_into(x, out, step, coefs7, 0, 0, clip, x.clone(), rng=rng, threshold=bounds, **kw)
+    for numel in numels[:-1]:  # the smaller blocks, one variant each (and guided, thresholded, blended)
         x = torch.randn(2, numel)
         step_mod.ddpm_step_into(x, x, step, coefs, 1, 0, True, torch.empty_like(x))
         step_mod.ddpm_step_into(x, x, step, coefs, 1, 0, True, torch.empty_like(x), uncond_output=x,
                                 guidance_scale=7.5)
         step_mod.ddpm_step_into(x, x, step, coefs, 1, 0, True, torch.empty_like(x), threshold=bounds)
+        step_mod.ddpm_step_into(x, x, step, coefs7, 1, 0, True, torch.empty_like(x), known=x, mask=x)
     # the multistep solver update: every output dtype x clip x stochastic, at every block size
     from fastddpm.kernels import multistep_step as ms_mod
 
