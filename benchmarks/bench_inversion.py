@@ -112,6 +112,7 @@ def main(argv=None) -> int:
     unknown = set(sets) - set(SETS)
     if unknown:
         raise SystemExit(f"--sets: unknown {sorted(unknown)}; known: {SETS}")
+    start = time.perf_counter()
     rows = []
     for name in sets:
         images = held_out_digits(n, mirrored=name == "mirrored")
@@ -122,7 +123,9 @@ def main(argv=None) -> int:
         "images": f"the first {n} of the digits classifier's held-out split (the diffusion model saw them in "
                   f"training: val_fraction 0); mirrored: the same flipped left-right (never seen)",
         "mse": "per image, mean over pixels of (sample - image)^2, images in [-1, 1]; psnr_db = 10 log10(4 / mse_mean)",
-        "verdicts": verdicts(rows)}
+        "clip": "invert never clips (a clipped x0 has no inverse); clip True samples back with the process's x0 "
+                "clip (sample()'s default for this model), clip False without it",
+        "wall_s": round(time.perf_counter() - start, 1), "verdicts": verdicts(rows)}
     write_results(name, rows, COLUMNS, meta, args.out_dir)
     for line in meta["verdicts"]:
         print(line)

@@ -156,6 +156,10 @@ def invert(model, image, *, steps: int | None = 50, seed: int = 0, class_labels=
     called on the current ``x`` at the next timestep; exact where the model's noise prediction does not
     change over a step).
 
+    The round trip is closest sampled back without the x0 clip (``clip_denoised=False``): the inversion never
+    clips, and on the shipped digits model the clip's error grows with the steps on a few images
+    (``benchmarks/results/inversion_cpu.md``: mean MSE 3.8e-4 unclipped against 8.6e-3 clipped at 100 steps).
+
     :param model: as ``fastddpm.sample`` takes it (a diffusers pipeline: its unet and scheduler).
     :param image: float ``[n, C, H, W]`` or ``[C, H, W]`` in [-1, 1], the model's channels and size.
     :param steps: DDIM steps (a respacing of ``process``, as ``sample``'s ``steps``); None: the process's own.
