@@ -337,3 +337,29 @@ def test_cuda_graph_walk_equals_the_eager_loop(backend):
     assert_close(graphed, eager, **dict(atol=1e-4, rtol=1e-4))
     keep = mask.expand_as(graphed).bool()
     assert_close(graphed[keep], image[keep], **EXACT)
+
+
+@pytest.mark.parametrize("family", ["fastddpm", "diffusers", "diffusers_pipeline"])
+def test_model_families(family):
+    """fastddpm's UNet (class-conditional, guided), a diffusers UNet2DModel with class embeddings, and a
+    diffusers pipeline (its scheduler as the process): the kept pixels exact, the hole filled."""
+    from diffusers import DDIMScheduler, DDPMPipeline, UNet2DModel
+
+    torch.manual_seed(0)
+    if family == "fastddpm":
+        model, kwargs = fastddpm.create_model("tiny", num_classes=3, image_size=8, in_channels=1, dropout=0.0).eval(), \
+            dict(class_labels=[0, 2], guidance_scale=2.0)
+    else:
+        model = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
+                            down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                            norm_num_groups=4, num_class_embeds=4 if family == "diffusers" else None).eval()
+        kwargs = dict(class_labels=[1, 3]) if family == "diffusers" else {}
+        if family == "diffusers_pipeline":
+            model = DDPMPipeline(unet=model, scheduler=DDIMScheduler(num_train_timesteps=50, clip_sample=False))
+    image = torch.rand(2, 1, 8, 8) * 2 - 1
+    mask = torch.ones(8, 8)
+    mask[2:6, 2:6] = 0
+    x = inpaint(model, image, mask, steps=6, jump_length=2, jump_n_sample=2, progress=False, **kwargs)
+    keep = mask.bool().expand_as(x)
+    assert_close(x[keep], image[keep], **EXACT)
+    assert bool(torch.isfinite(x).all()) and not torch.equal(x[~keep], image[~keep])
