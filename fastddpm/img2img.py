@@ -33,6 +33,7 @@ from .adapters import ModelAdapter
 from .checks import check_sample_args
 from .config import DiffusionConfig
 from .diffusion import DDPM
+from .image_tensors import check_model_images
 from .local import resolve_pipeline
 from .noise import check_seed
 from .ops import reference
@@ -52,32 +53,6 @@ def _check_strength(strength) -> float:
     if not 0.0 <= float(strength) <= 1.0:  # nan fails too
         raise ValueError(f"strength must be in [0, 1] (0: the image, 1: a plain sample), got {strength!r}")
     return float(strength)
-
-
-def _check_image(image, shape) -> torch.Tensor:
-    """``image`` as ``[n, C, H, W]``, checked against the model's ``[C, H, W]`` (``shape``) and [-1, 1]."""
-    if not isinstance(image, torch.Tensor) or not image.is_floating_point():
-        raise TypeError(f"image must be a floating-point tensor [n, C, H, W] (or [C, H, W]) in [-1, 1], got "
-                        f"{image.dtype if isinstance(image, torch.Tensor) else type(image).__name__}")
-    if image.ndim == len(shape):
-        image = image.unsqueeze(0)
-    if image.ndim != len(shape) + 1 or image.shape[0] < 1:
-        raise ValueError(f"image must be [n, {', '.join(map(str, shape))}] (or one image {list(shape)}) for this "
-                         f"model, got shape {tuple(image.shape)}")
-    if image.shape[1] != shape[0]:
-        raise ValueError(f"image has {image.shape[1]} channels, the model takes {shape[0]}: image must be "
-                         f"[n, {', '.join(map(str, shape))}], got {tuple(image.shape)}")
-    if tuple(image.shape[2:]) != tuple(shape[1:]):
-        raise ValueError(f"image is {'x'.join(map(str, image.shape[2:]))}, the model's images are "
-                         f"{'x'.join(map(str, shape[1:]))}: image must be [n, {', '.join(map(str, shape))}], "
-                         f"got {tuple(image.shape)}")
-    if not bool(torch.isfinite(image).all()):
-        raise ValueError("image has values that are not finite")
-    lo, hi = float(image.min()), float(image.max())
-    if lo < -1.0 - RANGE_SLACK or hi > 1.0 + RANGE_SLACK:
-        raise ValueError(f"image must be in the model's data range [-1, 1], got values in [{lo:.4g}, {hi:.4g}] "
-                         "(images in [0, 1]: pass 2 * image - 1)")
-    return image
 
 
 def start_step(num_steps: int, strength: float) -> int:
@@ -117,7 +92,7 @@ def img2img(model, image, *, strength: float = 0.6, steps: int | None = None, se
     strength = _check_strength(strength)
     model, process = resolve_pipeline(model, process)
     adapter = ModelAdapter(model, image_size=options.get("image_size"), channels=options.get("channels"))
-    image = _check_image(image, adapter.shape(1)[1:])
+    image = check_model_images("image", image, adapter.shape(1)[1:], slack=RANGE_SLACK)
     n = image.shape[0]
     check_seed(seed)
     check_sample_args(n, sample_offset, None, None)

@@ -24,6 +24,7 @@ from .adapters import ModelAdapter
 from .checks import check_sample_args
 from .diffusion import DDPM
 from .distributed import sample_distributed
+from .image_tensors import check_model_images
 from .local import resolve_pipeline, sample_local
 from .repaint import Inpainting, repaint_visits
 from .request import SamplingRequest, check_start_noise
@@ -33,25 +34,7 @@ __all__ = ["inpaint", "INPAINT_METHODS", "DEFAULT_INPAINT_STEPS"]
 INPAINT_METHODS = ("repaint", "replace")
 DEFAULT_INPAINT_STEPS = 250  # the RePaint paper's (and diffusers' RePaint example's) T
 INPAINT_SAMPLERS = ("ddpm", "ddim")
-
-
-def _check_image(image, shape) -> torch.Tensor:
-    if not isinstance(image, torch.Tensor) or not image.is_floating_point():
-        raise TypeError(f"image must be a float tensor [n, C, H, W] (or [C, H, W]) in [-1, 1], got "
-                        f"{image.dtype if isinstance(image, torch.Tensor) else type(image).__name__}")
-    image = image[None] if image.ndim == 3 else image
-    if image.ndim != 4 or tuple(image.shape[1:]) != tuple(shape):
-        raise ValueError(f"image must have the model's image shape [n, {', '.join(map(str, shape))}] "
-                         f"(or [{', '.join(map(str, shape))}]), got {tuple(image.shape)}")
-    if image.shape[0] < 1:
-        raise ValueError("image must hold at least one image, got n=0")
-    if not bool(torch.isfinite(image).all()):
-        raise ValueError(f"image has {int((~torch.isfinite(image)).sum())} values that are not finite")
-    lo, hi = float(image.min()), float(image.max())
-    if lo < -1.0 - 1e-6 or hi > 1.0 + 1e-6:
-        raise ValueError(f"image must be in the model's data range [-1, 1] (from [0, 1]: 2 * x - 1), got values "
-                         f"in [{lo:.4g}, {hi:.4g}]")
-    return image
+IMAGE_RANGE_SLACK = 1e-6  # images at +-1 that rounding moved past it
 
 
 def _check_mask(mask, image: torch.Tensor) -> torch.Tensor:
@@ -123,7 +106,7 @@ def inpaint(model, image: torch.Tensor, mask: torch.Tensor, *, method: str = "re
     model, process = resolve_pipeline(model, process)
     jump_n_sample = _check_method(method, jump_length, jump_n_sample)
     adapter = ModelAdapter(model)
-    image = _check_image(image, adapter.shape(1)[1:])
+    image = check_model_images("image", image, adapter.shape(1)[1:], slack=IMAGE_RANGE_SLACK)
     n = image.shape[0]
     check_sample_args(n, sample_offset, batch_size, callback)
     mask = _check_mask(mask, image)

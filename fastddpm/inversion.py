@@ -33,13 +33,14 @@ from .adapters import ModelAdapter
 from .checks import check_finite_values, check_float_dtype, check_output_flag
 from .denoiser import Denoiser
 from .diffusion import DDPM
+from .image_tensors import check_model_images
 from .local import resolve_pipeline
 from .modes import PREDICTIONS
 from .noise import check_noise_capacity
 from .request import SamplingRequest, replaced_x
 from .schedule import NoiseSchedule
 
-__all__ = ["invert", "inverse_step_coefficients", "inversion_process", "check_images"]
+__all__ = ["invert", "inverse_step_coefficients", "inversion_process"]
 
 # the conditioning keywords invert takes beside its named ones (fastddpm.request.REQUEST_OPTIONS less noise)
 _REQUEST_EXTRAS = ("uncond_kwargs", "guidance_rescale", "guidance_batching")
@@ -118,35 +119,6 @@ def inversion_process(process: DDPM | None, steps: int | None, options: dict) ->
     return DDPM.resolve(process, steps, {**options, "sampler": "ddim", "eta": 0.0})
 
 
-def check_images(name: str, image, adapter: ModelAdapter) -> torch.Tensor:
-    """``image`` as float32 ``[n, C, H, W]``: a float tensor ``[n, C, H, W]`` or ``[C, H, W]`` in [-1, 1]
-    of the model's channels and size, finite.  Checked before any model call; errors name ``name``."""
-    if not isinstance(image, torch.Tensor):
-        raise TypeError(f"{name} must be a float tensor [n, C, H, W] or [C, H, W] in [-1, 1], got "
-                        f"{type(image).__name__}")
-    if not image.is_floating_point():
-        hint = " (uint8 images: fastddpm.image_tensors.to_float_images maps [0, 255] to [-1, 1])" \
-            if image.dtype == torch.uint8 else ""
-        raise TypeError(f"{name} must be a float tensor in [-1, 1], got dtype {image.dtype}{hint}")
-    if image.ndim == 3:
-        image = image.unsqueeze(0)
-    want = adapter.shape(1)[1:]
-    if image.ndim != 4 or image.shape[0] < 1:
-        raise ValueError(f"{name} must be [n, C, H, W] or [C, H, W] with n >= 1; the model takes "
-                         f"[n, {', '.join(map(str, want))}], got shape {tuple(image.shape)}")
-    if tuple(image.shape[1:]) != tuple(want):
-        raise ValueError(f"{name} has shape {tuple(image.shape)}; the model takes [n, {', '.join(map(str, want))}] "
-                         f"(C, H, W): convert the channels and resize first (fastddpm.image_tensors)")
-    image = image.float()
-    if not bool(torch.isfinite(image).all()):
-        raise ValueError(f"{name} has values that are not finite")
-    lo, hi = float(image.min()), float(image.max())
-    if lo < -1.0 or hi > 1.0:
-        raise ValueError(f"{name} must lie in [-1, 1] (the model's data range), got values in [{lo:.4g}, {hi:.4g}]"
-                         + (" (images in [0, 1]: pass 2 * x - 1)" if lo >= 0.0 else ""))
-    return image
-
-
 @torch.no_grad()
 def invert(model, image, *, steps: int | None = 50, seed: int = 0, class_labels=None, model_kwargs=None,
            guidance_scale: float | None = None, process: DDPM | None = None, progress: bool = True, device=None,
@@ -183,7 +155,7 @@ def invert(model, image, *, steps: int | None = 50, seed: int = 0, class_labels=
     process = inversion_process(process, steps, options)
     check_float_dtype("the model's dtype", adapter.dtype)
     device = torch.device(device) if device is not None else adapter.device
-    x = check_images("image", image, adapter).to(device)
+    x = check_model_images("image", image, adapter.shape(1)[1:]).to(device)
     n = x.shape[0]
     request = SamplingRequest.make(n, seed=seed, class_labels=class_labels, model_kwargs=model_kwargs,
                                    guidance_scale=guidance_scale, callback=callback, **request_options)

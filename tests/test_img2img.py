@@ -312,9 +312,9 @@ def test_bad_image_raises_before_sampling(image, match):
 
 def test_other_errors_name_their_argument():
     model = LabelledPointwise()
-    with pytest.raises(TypeError, match="image must be a floating-point tensor"):
+    with pytest.raises(TypeError, match=r"image must be a float tensor in \[-1, 1\]"):
         img2img(model, torch.zeros(1, 2, 6, 6, dtype=torch.int64), progress=False)
-    with pytest.raises(TypeError, match="image must be a floating-point tensor"):
+    with pytest.raises(TypeError, match=r"image must be a float tensor in \[-1, 1\]"):
         img2img(model, [[0.0]], progress=False)
     for made in ("noise", "begin_index"):
         with pytest.raises(TypeError, match=f"img2img makes {made}= itself"):
