@@ -81,7 +81,7 @@ def fill(method, model, image, mask, mean_image, seed, steps, jump_length, jump_
 
 
 def model_calls(method, steps, jump_length, jump_n_sample) -> int:
-    from fastddpm.inpaint import repaint_visits
+    from fastddpm.repaint import repaint_visits
 
     if method in ("zero", "mean"):
         return 0

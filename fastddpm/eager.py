@@ -146,11 +146,11 @@ def _inpaint_batch(walk, denoiser, adapter, process, request, shape, device, dty
     mask = request.inpainting.mask.to(device=device, dtype=torch.float32)
     clip, thresholding = bool(process.config.clip_denoised), process.config.thresholding
     x = _start(request, V, shape, device)
+    no_output = torch.zeros_like(x)  # an up row reads no model output (its b is 0)
     for r in reversed(range(V)):
         step = torch.full((shape[0],), r, dtype=torch.int64, device=device)
         if walk.up_rows[r]:
-            x = ops.ddpm_step(x, torch.zeros_like(x), step, walk.up, seed=seed, sample_offset=offset,
-                              clip_denoised=False)
+            x = ops.ddpm_step(x, no_output, step, walk.up, seed=seed, sample_offset=offset, clip_denoised=False)
         else:
             out, uncond = _model_output(denoiser, adapter.dtype, x, walk.timesteps[step], dtype, watch)
             w = denoiser.step_scale

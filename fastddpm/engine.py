@@ -33,7 +33,7 @@ from .denoiser import Denoiser
 from .diffusion import DDPM
 from .noise import check_noise_capacity
 from .plan import COMPILE_MODES, Plan, make_plan, resolve_device
-from .repaint import make_walk
+from .repaint import walk_visits
 from .request import SamplingRequest, check_start_noise
 from .sampler_engine import SamplerEngine
 
@@ -200,9 +200,9 @@ def engine_sample(model, n: int, *, steps: int | None = None, seed: int = 0, dev
     solver = process.multistep_plan(steps) if process.is_multistep else None
     num_steps = solver.num_steps if solver is not None else process.num_steps
     slots, model_calls = num_steps + 1, num_steps
-    if request.inpainting is not None:  # the walk's rows are the steps, two noise slots each
-        walk = make_walk(process, request.inpainting, "cpu")
-        num_steps, slots, model_calls = walk.num_steps, 2 * walk.num_steps + 1, walk.model_calls
+    if request.inpainting is not None:  # the walk's rows are the steps, two noise slots each (each engine's tables)
+        visits = walk_visits(process, request.inpainting)
+        num_steps, slots, model_calls = len(visits), 2 * len(visits) + 1, sum(not up for up, _ in visits)
     adapter = ModelAdapter(model, image_size=image_size, channels=channels)
     device = resolve_device(device if device is not None else adapter.device)
     shape = adapter.shape(n)

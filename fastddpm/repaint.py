@@ -22,7 +22,7 @@ import torch
 from .checks import is_int
 from .ops import reference
 
-__all__ = ["Inpainting", "Walk", "repaint_visits", "make_walk"]
+__all__ = ["Inpainting", "Walk", "repaint_visits", "walk_visits", "make_walk"]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -90,10 +90,6 @@ class Walk:
         """Rows (visits): the loops' step count; the noise uses ``2 V + 1`` slots."""
         return len(self.visits)
 
-    @property
-    def model_calls(self) -> int:
-        return sum(not up for up in self.up_rows)
-
 
 def walk_tables(process, visits) -> dict[str, np.ndarray]:
     """The float64 tables of ``visits`` over ``process`` (``Walk``'s, before the cast), in row order."""
@@ -116,12 +112,17 @@ def walk_tables(process, visits) -> dict[str, np.ndarray]:
     return {"reverse": rev, "up": up, "timesteps": timesteps}
 
 
-def make_walk(process, inpainting: Inpainting, device) -> Walk:
-    """The walk of ``inpainting``'s jumps over ``process`` (a one-step sampler's), its tables on ``device``."""
+def walk_visits(process, inpainting: Inpainting) -> list[tuple[bool, int]]:
+    """The visits of ``inpainting``'s jumps over ``process``, which must be a one-step sampler's."""
     if process.is_multistep:
         raise ValueError(f"inpainting runs the one-step samplers (ddpm, ddim): RePaint goes back up the chain, "
                          f"which a multistep solver's history cannot; got sampler={process.config.sampler!r}")
-    visits = repaint_visits(process.num_steps, inpainting.jump_length, inpainting.jump_n_sample)
+    return repaint_visits(process.num_steps, inpainting.jump_length, inpainting.jump_n_sample)
+
+
+def make_walk(process, inpainting: Inpainting, device) -> Walk:
+    """The walk of ``inpainting``'s jumps over ``process`` (a one-step sampler's), its tables on ``device``."""
+    visits = walk_visits(process, inpainting)
     t = walk_tables(process, visits)
     rev = torch.as_tensor(t["reverse"]).to(torch.float32).to(device)
     return Walk(visits=tuple(visits), up_rows=tuple(up for up, _ in reversed(visits)), reverse=rev,

@@ -120,7 +120,6 @@ class SamplerEngine:
         self.known = self.mask = None  # inpainting's static buffers
         if self.walk is not None:
             self.coefs, self.timesteps = self.walk.reverse, self.walk.timesteps
-            self._threshold_table = self.walk.reverse5
             self.clip_denoised = bool(process.config.clip_denoised)
             self.thresholding = process.config.thresholding
             self.known = torch.zeros(self.shape, dtype=torch.float32, device=device)
@@ -135,8 +134,8 @@ class SamplerEngine:
             self.coefs, self.timesteps = self.solver.tensors(device)  # coefs: the [K, 12] table
             self.clip_denoised = self.solver.clip_denoised
             self.thresholding = self.solver.thresholding
-        if self.walk is None:
-            self._threshold_table = self.coefs
+        # the thresholding reads a, b: the walk's first five columns, else the table itself
+        self._threshold_table = self.walk.reverse5 if self.walk is not None else self.coefs
         # -- static buffers: allocated once, updated in place ------------------------------
         self.x = torch.empty(self.shape, dtype=torch.float32, device=device)
         # the multistep solvers' ring: [3, *shape] float32
