@@ -273,16 +273,16 @@ void ddpm_step_impl(const StepArgs& a) {
   });
 }
 
-// The multistep formula over a chunk: x becomes x_next, h2 (ring slot step % 2) D, x_last x_corr.
+// The multistep formula over a chunk: x becomes x_next, h3 (ring slot step % 3) E, x_last x_corr.
 template <bool clip, bool guided, bool thresholded, typename out_t>
 inline void multistep_chunk(const MultistepCoefs& c, float* x, const out_t* out, const out_t* uncond, float w, float s,
-                            float* x_last, const float* h1, float* h2, const float* z, int64_t len) {
+                            float* x_last, const float* h1, const float* h2, float* h3, const float* z, int64_t len) {
 #pragma omp simd
   for (int64_t i = 0; i < len; ++i) {
     const MultistepValue v = multistep_value(c, x[i], step_output<guided>(out, uncond, w, i), x_last[i], h1[i], h2[i],
-                                             z[i], clip, thresholded, s);
+                                             h3[i], z[i], clip, thresholded, s);
     x[i] = v.x_next;
-    h2[i] = v.d;
+    h3[i] = v.e;
     x_last[i] = v.x_corr;
   }
 }
@@ -292,10 +292,11 @@ void multistep_step_impl(const MultistepArgs& a) {
   const int64_t step = row_value(a.step, 0);
   const MultistepCoefs c = load_multistep_coefs(a.table + step * kMultistepColumns);
   const int64_t total = a.n * a.numel;
-  const int64_t cur = step % 2;  // ring slot of D: H2 (two steps back) is read there, then overwritten
-  float* h2 = a.history + cur * total;
-  const float* h1 = a.history + (1 - cur) * total;
-  float* x_last = a.history + 2 * total;
+  const RingSlots slot = ring_slots(step);  // H3 (three steps back) is read at slot step % 3, then overwritten
+  const float* h1 = a.history + slot.h1 * total;
+  const float* h2 = a.history + slot.h2 * total;
+  float* h3 = a.history + slot.h3 * total;
+  float* x_last = a.history + kHistoryRing * total;
   const PhiloxKey key = philox_key(a.rng[0]);
   const int64_t sample_offset = a.rng[1];
   const bool noisy = a.stochastic && c.cz != 0.0f;  // cz * z == 0 exactly otherwise: skip the noise
@@ -313,7 +314,7 @@ void multistep_step_impl(const MultistepArgs& a) {
     const float s = a.threshold != nullptr ? a.threshold[b] : 1.0f;
     dispatch_flags(a.clip_denoised, uncond != nullptr, a.threshold != nullptr, [&](auto clip, auto guided, auto th) {
       multistep_chunk<decltype(clip)::value, decltype(guided)::value, decltype(th)::value>(
-          c, a.x + i, model_output + i, uncond, a.guidance_scale, s, x_last + i, h1 + i, h2 + i, z, len);
+          c, a.x + i, model_output + i, uncond, a.guidance_scale, s, x_last + i, h1 + i, h2 + i, h3 + i, z, len);
     });
     if (a.model_input != nullptr) {  // x + i now holds x_next
       dispatch_float(a.model_input_dtype, [&](auto tag) { store_model_input<decltype(tag)>(a, b, j, len, a.x + i); });

@@ -243,7 +243,7 @@ __global__ void __launch_bounds__(kThreads) ddpm_step_kernel(StepArgs a) {
 }
 
 // -- multistep_step_ -----------------------------------------------------------------
-// In place: x <- x_next, history[step % 2] <- D, history[2] <- x_corr, model_input (if any) <- x_next
+// In place: x <- x_next, history[step % 3] <- E, history[3] <- x_corr, model_input (if any) <- x_next
 // in its dtype and layout.  Every element reads its own x / history values before writing them, so
 // packs never race.
 template <int N, typename out_t, bool guided, bool thresholded>
@@ -255,10 +255,11 @@ __global__ void __launch_bounds__(kThreads) multistep_step_kernel(MultistepArgs 
   const int64_t step = row_value(a.step, 0);
   const MultistepCoefs c = load_multistep_coefs(a.table + step * kMultistepColumns);
   const int64_t total = a.n * a.numel;
-  const int64_t cur = step & 1;  // ring slot of D
-  float* h2_base = a.history + cur * total;
-  const float* h1_base = a.history + (1 - cur) * total;
-  float* x_last_base = a.history + 2 * total;
+  const RingSlots slot = ring_slots(step);  // H3's slot step % 3 is read, then E overwrites it
+  const float* h1_base = a.history + slot.h1 * total;
+  const float* h2_base = a.history + slot.h2 * total;
+  float* h3_base = a.history + slot.h3 * total;
+  float* x_last_base = a.history + kHistoryRing * total;
   const bool noisy = a.stochastic && c.cz != 0.0f;  // cz * z == 0 exactly otherwise: skip the noise
   const out_t* model_output = static_cast<const out_t*>(a.model_output);
   const int64_t packs = total / N;
@@ -273,19 +274,21 @@ __global__ void __launch_bounds__(kThreads) multistep_step_kernel(MultistepArgs 
     const Pack<float, N> x_last = load_pack<N>(x_last_base + i);
     const Pack<float, N> h1 = load_pack<N>(h1_base + i);
     const Pack<float, N> h2 = load_pack<N>(h2_base + i);
+    const Pack<float, N> h3 = load_pack<N>(h3_base + i);
     const float s = row_threshold<thresholded>(a.threshold, b);
-    Pack<float, N> x_next, d, x_corr;
+    Pack<float, N> x_next, e, x_corr;
 #pragma unroll
     for (int k = 0; k < N; ++k) {
       const float z = noisy ? philox_normal(key, hi | static_cast<uint64_t>(step * a.numel + j + k)) : 0.0f;
       const MultistepValue v = multistep_value(c, x.v[k], step_output<guided>(out, uncond, a.guidance_scale, k),
-                                               x_last.v[k], h1.v[k], h2.v[k], z, a.clip_denoised, thresholded, s);
+                                               x_last.v[k], h1.v[k], h2.v[k], h3.v[k], z, a.clip_denoised,
+                                               thresholded, s);
       x_next.v[k] = v.x_next;
-      d.v[k] = v.d;
+      e.v[k] = v.e;
       x_corr.v[k] = v.x_corr;
     }
     store_pack<N>(a.x + i, x_next);
-    store_pack<N>(h2_base + i, d);
+    store_pack<N>(h3_base + i, e);
     store_pack<N>(x_last_base + i, x_corr);
     if (a.model_input != nullptr) store_model_input<N>(a, b, j, x_next);
   }

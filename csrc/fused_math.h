@@ -13,7 +13,7 @@
 //   * dynamic thresholding  x0 = clamp(x0_hat, -s, s) / s  (reference.predict_x0)
 //   * the reverse step  x_prev = c0 * clip?(a * x + b * out) + c1 * x + sigma * z
 //   * the inpainting blend  x_prev = m * (ka * known + kb * z1) + (1 - m) * x_prev  (reference.inpaint_blend)
-//   * the multistep solver update (reference.multistep_step): one row of twelve coefficients
+//   * the multistep solver update (reference.multistep_step): one row of fourteen coefficients
 //   * q_sample, the training target and the elementwise losses + gradients.
 #pragma once
 
@@ -178,31 +178,43 @@ FDDPM_HD float inpaint_value(const InpaintCoefs& c, float m, float known, float 
 }
 
 // -- multistep solver update (reference.multistep_step, fastddpm/multistep.py) ------------
-constexpr int kMultistepColumns = 12;  // multistep.TABLE_COLUMNS
-constexpr int kHistorySlots = 3;       // H (ring of two, slot step % 2) and x_last
+constexpr int kMultistepColumns = 14;  // multistep.TABLE_COLUMNS (reference.MULTISTEP_WIDTH)
+constexpr int kHistoryRing = 3;        // the last three stored predictions E, slot step % 3
+constexpr int kHistorySlots = 4;       // the ring and x_last (reference.MULTISTEP_HISTORY_SLOTS)
 
 struct MultistepCoefs {
-  float a, b, u, cl, k0, k1, k2, cx, p0, p1, p2, cz;
+  float a, b, u, cl, k0, k1, k2, cx, p0, p1, p2, cz, p3, hx;
 };
 
 FDDPM_HD MultistepCoefs load_multistep_coefs(const float* r) {
-  return MultistepCoefs{r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[10], r[11]};
+  return MultistepCoefs{r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[10], r[11], r[12], r[13]};
 }
 
-// What one element writes: x_next into x, d into the ring slot step % 2, x_corr into slot 2.
-struct MultistepValue {
-  float x_next, d, x_corr;
+// The ring slots of a step (the step index counts down, so step + 1 is the previous call): H1, H2,
+// H3 are read from the E of one, two and three calls back; E is then written over H3's slot.
+struct RingSlots {
+  int64_t h1, h2, h3;
 };
 
-// D = clip?(a x + b out) (or thresholded by s, as ddpm_step_value); x_corr = u x + cl x_last + k0 D
-// + k1 H1 + k2 H2 (UniPC's corrector); x_next = cx x_corr + p0 D + p1 H1 + p2 H2 + cz z, summed left to
-// right as the reference.
+FDDPM_HD RingSlots ring_slots(int64_t step) {
+  return RingSlots{(step + 1) % kHistoryRing, (step + 2) % kHistoryRing, step % kHistoryRing};
+}
+
+// What one element writes: x_next into x, e into the ring slot step % 3, x_corr into slot 3.
+struct MultistepValue {
+  float x_next, e, x_corr;
+};
+
+// D = clip?(a x + b out) (or thresholded by s, as ddpm_step_value); E = D + hx x (what the ring keeps);
+// x_corr = u x + cl x_last + k0 D + k1 H1 + k2 H2 (UniPC's corrector); x_next = cx x_corr + p0 D + p1 H1
+// + p2 H2 + p3 H3 + cz z, summed left to right as the reference (p3 = hx = 0 adds exact zeros).
 FDDPM_HD MultistepValue multistep_value(const MultistepCoefs& c, float x, float out, float x_last, float h1,
-                                        float h2, float z, bool clip, bool thresholded = false, float s = 1.0f) {
+                                        float h2, float h3, float z, bool clip, bool thresholded = false,
+                                        float s = 1.0f) {
   const float d = denoised_value(c.a * x + c.b * out, clip, thresholded, s);
   const float x_corr = c.u * x + c.cl * x_last + c.k0 * d + c.k1 * h1 + c.k2 * h2;
-  const float x_next = c.cx * x_corr + c.p0 * d + c.p1 * h1 + c.p2 * h2 + c.cz * z;
-  return MultistepValue{x_next, d, x_corr};
+  const float x_next = c.cx * x_corr + c.p0 * d + c.p1 * h1 + c.p2 * h2 + c.p3 * h3 + c.cz * z;
+  return MultistepValue{x_next, d + c.hx * x, x_corr};
 }
 
 // -- forward process and training (reference.q_sample / diffusion_loss) --------------

@@ -86,9 +86,9 @@ struct MultistepArgs {
   const void* uncond_output;  // as StepArgs': the guidance's unconditional output, or nullptr
   float guidance_scale;
   const float* threshold;     // as StepArgs': float32 [n] per-sample bounds of D, or nullptr
-  float* history;       // [3, n, numel]: slot step % 2 <- D, slot 2 <- x_corr
+  float* history;       // [4, n, numel]: slot step % 3 <- E, slot 3 <- x_corr
   RowIndex step;        // one value for the batch (stride 0): row of table and noise slot
-  const float* table;   // [K, 12] (multistep.TABLE_COLUMNS)
+  const float* table;   // [K, 14] (multistep.TABLE_COLUMNS)
   const int64_t* rng;   // (seed, sample_offset) on the op's device
   bool clip_denoised;
   bool stochastic;      // add cz * z (the SDE solver)

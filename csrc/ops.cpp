@@ -580,12 +580,12 @@ void multistep_step_inplace_op(const Tensor& x, const Tensor& model_output, cons
   std::vector<int64_t> ring(x.sizes().begin(), x.sizes().end());
   ring.insert(ring.begin(), kHistorySlots);
   TORCH_CHECK(history.sizes() == at::IntArrayRef(ring), "fastddpm: history must have shape ", at::IntArrayRef(ring),
-              " ([3, *x.shape]), got ", history.sizes());
+              " ([", kHistorySlots, ", *x.shape]), got ", history.sizes());
   TORCH_CHECK(history.is_contiguous(), "fastddpm: history is updated in place and must be contiguous");
   check_dtype(table, at::kFloat, "table");
   check_device(table, x, "table");
   TORCH_CHECK(table.dim() == 2 && table.size(0) >= 1 && table.size(1) == kMultistepColumns,
-              "fastddpm: table must have shape [K, 12] with K >= 1, got ", table.sizes());
+              "fastddpm: table must have shape [K, ", kMultistepColumns, "] with K >= 1, got ", table.sizes());
   check_dtype(step, at::kLong, "step");
   TORCH_CHECK(step.numel() == 1 && step.dim() <= 1,
               "fastddpm: step must hold one value (0-dim or [1]): the step of the whole batch, got shape ",

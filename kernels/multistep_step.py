@@ -1,14 +1,16 @@
 """One multistep solver step (``fastddpm.multistep``) in one elementwise pass, in place::
 
     D      = a * x + b * out                                # clamped to [-1, 1] if clip_denoised
+    E      = D + hx * x                                     # what the ring keeps
     x_corr = u * x + cl * x_last + k0 * D + k1 * H1 + k2 * H2
-    x_next = cx * x_corr + p0 * D + p1 * H1 + p2 * H2 + cz * z
+    x_next = cx * x_corr + p0 * D + p1 * H1 + p2 * H2 + p3 * H3 + cz * z
 
-with the row of the ``[K, 12]`` table picked by the step index, read from a device tensor in the
-kernel (one value for the batch), and the ``[3, *x.shape]`` history ring: ``H2 = history[step % 2]``,
-``H1 = history[1 - step % 2]``, ``x_last = history[2]``.  The kernel writes ``x_next`` into ``x``,
-``D`` into ``history[step % 2]`` and ``x_corr`` into ``history[2]``; every element reads its own
-values before writing them.  With ``stochastic`` (the SDE solver) ``z`` is the contract's noise of
+with the row of the ``[K, 14]`` table (``MULTISTEP_COLUMNS``) picked by the step index, read from a
+device tensor in the kernel (one value for the batch), and the ``[4, *x.shape]`` history, a ring of
+three and ``x_last = history[3]``: ``H1 = history[(step + 1) % 3]`` (the previous call's ``E``: the
+step counts down), ``H2 = history[(step + 2) % 3]``, ``H3 = history[step % 3]``.  The kernel writes
+``x_next`` into ``x``, ``E`` into ``history[step % 3]`` and ``x_corr`` into ``history[3]``; every
+element reads its own values before writing them.  With ``stochastic`` (the SDE solver) ``z`` is the contract's noise of
 slot ``step`` under the key ``rng = (seed, sample_offset)`` (int64 ``[2]`` on the device, as
 ``ddpm_step_``), skipped where ``cz == 0``.  Optionally the kernel also writes ``x_next`` into
 ``model_input`` in the model's dtype, contiguous or channels_last (the next model call's input), as
@@ -31,7 +33,7 @@ import triton.language as tl
 
 from fastddpm.ops import fakes
 from fastddpm.noise import check_noise_capacity
-from fastddpm.ops.reference import MULTISTEP_WIDTH
+from fastddpm.ops.reference import MULTISTEP_HISTORY_SLOTS, MULTISTEP_WIDTH
 
 from ._library import ELEMENTWISE_WARPS, elementwise_block, elementwise_grid, launch, op
 from .ddpm_step import (check_guidance, check_rng, check_threshold, denoised, guided_output, model_input_layout,
@@ -51,7 +53,7 @@ def _multistep_step_kernel(x_ptr, out_ptr, history_ptr, step_ptr, table_ptr, rng
     mask = element < numel
     offs = row.to(tl.int64) * numel + element
     step = tl.load(step_ptr).to(tl.int64)
-    coef = table_ptr + step * 12  # a row is MULTISTEP_WIDTH (12) floats, checked by the launcher
+    coef = table_ptr + step * 14  # a row is MULTISTEP_WIDTH (14) floats, checked by the launcher
     a = tl.load(coef)
     b = tl.load(coef + 1)
     u = tl.load(coef + 2)
@@ -64,25 +66,30 @@ def _multistep_step_kernel(x_ptr, out_ptr, history_ptr, step_ptr, table_ptr, rng
     p1 = tl.load(coef + 9)
     p2 = tl.load(coef + 10)
     cz = tl.load(coef + 11)
-    cur = step % 2  # ring slot of D: H2 (two steps back) is read there, then overwritten
-    h2_ptr = history_ptr + cur * total + offs
-    h1_ptr = history_ptr + (1 - cur) * total + offs
-    x_last_ptr = history_ptr + 2 * total + offs
+    p3 = tl.load(coef + 12)
+    hx = tl.load(coef + 13)
+    # the ring of three (the step counts down): H1 the previous call's E, H2 two back, H3 three back,
+    # whose slot step % 3 this step's E then overwrites; x_last after the ring
+    h1_ptr = history_ptr + ((step + 1) % 3) * total + offs
+    h2_ptr = history_ptr + ((step + 2) % 3) * total + offs
+    h3_ptr = history_ptr + (step % 3) * total + offs
+    x_last_ptr = history_ptr + 3 * total + offs
     x = tl.load(x_ptr + offs, mask=mask, other=0.0)
     out = guided_output(out_ptr, uncond_ptr, offs, mask, guidance_scale, GUIDED)
     x_last = tl.load(x_last_ptr, mask=mask, other=0.0)
     h1 = tl.load(h1_ptr, mask=mask, other=0.0)
     h2 = tl.load(h2_ptr, mask=mask, other=0.0)
+    h3 = tl.load(h3_ptr, mask=mask, other=0.0)
     d = denoised(a * x + b * out, threshold_ptr, row, CLIP, THRESHOLD)
     x_corr = u * x + cl * x_last + k0 * d + k1 * h1 + k2 * h2
-    x_next = cx * x_corr + p0 * d + p1 * h1 + p2 * h2
+    x_next = cx * x_corr + p0 * d + p1 * h1 + p2 * h2 + p3 * h3
     if STOCHASTIC:
         if cz != 0.0:  # uniform per program: cz * z == 0 exactly, skip Philox
             sample = row.to(tl.int64) + tl.load(rng_ptr + 1)
             z = tl.randn(tl.load(rng_ptr), contract_offsets(sample, step * numel + element))
             x_next = x_next + cz * z
     tl.store(x_ptr + offs, x_next, mask=mask)
-    tl.store(h2_ptr, d, mask=mask)
+    tl.store(h3_ptr, d + hx * x, mask=mask)
     tl.store(x_last_ptr, x_corr, mask=mask)
     if WRITE_MODEL_INPUT:
         store_model_input(model_input_ptr, row.to(tl.int64) * numel, element, x_next, mask, channels, spatial,
@@ -97,9 +104,9 @@ def multistep_step_into(x, model_output, history, step, table, rng, clip_denoise
 
     :param x: float32 ``[n, ...]`` contiguous, overwritten with ``x_next``.
     :param model_output: ``[n, ...]`` float32/bf16/fp16 (made contiguous).
-    :param history: float32 ``[3, n, ...]`` contiguous, advanced in place.
+    :param history: float32 ``[4, n, ...]`` contiguous (``MULTISTEP_HISTORY_SLOTS``), advanced in place.
     :param step: int64 0-dim or ``[1]`` on the device: the row of ``table`` and the noise slot.
-    :param table: float32 ``[K, 12]``.
+    :param table: float32 ``[K, 14]`` (``MULTISTEP_COLUMNS``).
     :param rng: the noise key ``(seed, sample_offset)``, int64 ``[2]`` on x's device.  The host cannot
         check ``sample_offset + n <= 2**32`` then; the caller does (the engine checks every run).
     :param model_input: optional copy of ``x_next`` in another dtype (float32/bf16/fp16, x's shape and
@@ -113,8 +120,9 @@ def multistep_step_into(x, model_output, history, step, table, rng, clip_denoise
     if model_output.shape != x.shape or model_output.device != x.device:
         raise ValueError(f"model_output must have x's shape {tuple(x.shape)} and device {x.device}, got "
                          f"{tuple(model_output.shape)} on {model_output.device}")
-    if history.dtype != torch.float32 or history.shape != (3, *x.shape) or history.device != x.device:
-        raise ValueError(f"history must be float32 of shape {(3, *x.shape)} on {x.device}, got {history.dtype} "
+    slots = (MULTISTEP_HISTORY_SLOTS, *x.shape)
+    if history.dtype != torch.float32 or history.shape != slots or history.device != x.device:
+        raise ValueError(f"history must be float32 of shape {slots} on {x.device}, got {history.dtype} "
                          f"{tuple(history.shape)} on {history.device}")
     if not history.is_contiguous():
         raise ValueError("history is updated in place and must be contiguous")

@@ -169,16 +169,17 @@ def drive_launchers() -> None:
     # the multistep solver update: every output dtype x clip x stochastic, at every block size
     from fastddpm.kernels import multistep_step as ms_mod
 
-    table = torch.rand(20, 12)
+    table = torch.rand(20, ms_mod.MULTISTEP_WIDTH)  # and a history of [slots, *x.shape]
+    slots = ms_mod.MULTISTEP_HISTORY_SLOTS
     for numel, out_dtype, clip, stochastic in itertools.product(numels, floats, (False, True), (False, True)):
         x = torch.randn(2, numel)
         out = torch.randn(2, numel, dtype=out_dtype)
-        ms_mod.multistep_step_into(x, out, torch.zeros(3, 2, numel), step, table, rng, clip, stochastic)
-        ms_mod.multistep_step_into(x, out, torch.zeros(3, 2, numel), step, table, rng, clip, stochastic,
+        ms_mod.multistep_step_into(x, out, torch.zeros(slots, 2, numel), step, table, rng, clip, stochastic)
+        ms_mod.multistep_step_into(x, out, torch.zeros(slots, 2, numel), step, table, rng, clip, stochastic,
                                    uncond_output=torch.randn(2, numel, dtype=out_dtype), guidance_scale=7.5)
-        ms_mod.multistep_step_into(x, out, torch.zeros(3, 2, numel), step, table, rng, clip, stochastic,
+        ms_mod.multistep_step_into(x, out, torch.zeros(slots, 2, numel), step, table, rng, clip, stochastic,
                                    threshold=bounds)
-        ms_mod.multistep_step_into(x, out, torch.zeros(3, 2, numel), step, table, rng, clip, stochastic,
+        ms_mod.multistep_step_into(x, out, torch.zeros(slots, 2, numel), step, table, rng, clip, stochastic,
                                    uncond_output=torch.randn(2, numel, dtype=out_dtype), guidance_scale=7.5,
                                    threshold=bounds)
     # ... and with the model input: every output dtype x model-input dtype/layout x stochastic
@@ -187,10 +188,10 @@ def drive_launchers() -> None:
         x = torch.randn(shape)
         model_input = torch.empty(shape, dtype=model_dtype, memory_format=layout)
         out = torch.randn(shape, dtype=out_dtype)
-        ms_mod.multistep_step_into(x, out, torch.zeros(3, *shape), step, table, rng, True, stochastic, model_input)
-        ms_mod.multistep_step_into(x, out, torch.zeros(3, *shape), step, table, rng, True, stochastic, model_input,
+        ms_mod.multistep_step_into(x, out, torch.zeros(slots, *shape), step, table, rng, True, stochastic, model_input)
+        ms_mod.multistep_step_into(x, out, torch.zeros(slots, *shape), step, table, rng, True, stochastic, model_input,
                                    uncond_output=torch.randn(shape, dtype=out_dtype), guidance_scale=7.5)
-        ms_mod.multistep_step_into(x, out, torch.zeros(3, *shape), step, table, rng, True, stochastic, model_input,
+        ms_mod.multistep_step_into(x, out, torch.zeros(slots, *shape), step, table, rng, True, stochastic, model_input,
                                    threshold=bounds)
     # attention: fp16/bf16 (fp32 goes to SDPA on a GPU) at every head dim the tests, the
     # benchmarks and the U-Nets use (16 .. 256, padded ones too), L a multiple of 16 or not

@@ -234,8 +234,8 @@ def test_multistep_engine_equals_sample(backend, solver):
                                   return_plan=True, **kw)
         assert_close(got, expected, **EXACT, msg=f"{backend} {solver} seed {seed}")
     (engine,) = cached_engines()
-    assert engine.runs == 2 and engine.num_steps == 7 and engine.coefs.shape == (7, 12)
-    assert engine.history.shape == (3, 3, 2, 6, 6) and engine.step.item() == -1
+    assert engine.runs == 2 and engine.num_steps == 7 and engine.coefs.shape == (7, 14)
+    assert engine.history.shape == (4, 3, 2, 6, 6) and engine.step.item() == -1
 
 
 def test_multistep_engine_steps_callback_and_model_input():

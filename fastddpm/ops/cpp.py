@@ -35,7 +35,7 @@ Ops (schemas in the one table, ``fastddpm/ops/schemas.def``):
   value (0-dim/``[1]``, e.g. a device step counter read by the kernel).
 * ``multistep_step_(x, model_output, history, step, table, rng, clip_denoised, stochastic,
   model_input, uncond_output, guidance_scale, threshold)``: one multistep solver step (``reference.multistep_step``) in place: ``x`` becomes
-  ``x_next`` and the ``[3, *x.shape]`` history ring advances; ``step`` holds one value; the SDE noise
+  ``x_next`` and the ``[4, *x.shape]`` history ring advances; ``step`` holds one value; the SDE noise
   (``stochastic``) is slot ``step`` under the key ``rng``, as ``ddpm_step_``'s; ``model_input`` (None
   or a tensor) gets ``x_next`` in its dtype and layout, as ``ddpm_step_``'s.
 """

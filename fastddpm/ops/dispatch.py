@@ -204,7 +204,7 @@ def _check_multistep_args(x, model_output, history, step, table) -> None:
     (a device one is not read: that would synchronise; the CUDA kernel traps instead)."""
     check_tensor("x", x, dtypes=_HISTORY_DTYPES, min_ndim=1)
     check_tensor("model_output", model_output, dtypes=FLOAT_DTYPES + (torch.float64,), shape=x.shape)
-    check_tensor("history", history, dtypes=_HISTORY_DTYPES, shape=(3, *x.shape))
+    check_tensor("history", history, dtypes=_HISTORY_DTYPES, shape=(reference.MULTISTEP_HISTORY_SLOTS, *x.shape))
     if x.dtype != history.dtype:
         raise TypeError(f"x must have history's dtype {history.dtype} (the compute dtype), got {x.dtype}")
     check_tensor("step", step, dtypes=(torch.int64,))
@@ -227,10 +227,12 @@ def multistep_step(x, model_output, history, step, table, *, seed: int = 0, samp
 
     :param x: ``[n, ...]`` float32 (float64 for a float64 run: the reference computes it).
     :param model_output: ``[n, ...]`` float32/bf16/fp16.
-    :param history: ``[3, n, ...]`` in x's dtype (``multistep.new_history``).
+    :param history: ``[4, n, ...]`` in x's dtype (``multistep.new_history``): the ring of three stored
+        predictions and ``x_last``.
     :param step: int64 0-dim or ``[1]`` on the device: the reverse-process step (row of ``table``,
         and the SDE noise slot).
-    :param table: ``[K, 12]`` float32 (a float64 one is cast to the compute dtype, as the reference's row).
+    :param table: ``[K, 14]`` float32 (``reference.MULTISTEP_COLUMNS``; a float64 one is cast to the
+        compute dtype, as the reference's row).
     :param stochastic: add ``cz * z`` with the contract's noise of slot ``step`` (the SDE solver).
     :param noise: explicit standard normals instead (implies the noise term; runs the reference).
     :param uncond_output: classifier-free guidance's unconditional output (model_output's shape,
@@ -279,7 +281,7 @@ def dynamic_threshold(x, model_output, step, table, *, ratio: float, max_value: 
     :param x: ``[n, ...]`` float32 (float64 for a float64 multistep run).
     :param model_output: ``[n, ...]`` float32/bf16/fp16 (float64 with a float64 x).
     :param step: int64 ``[n]``, or 0-dim/``[1]`` (one step for the batch), on the device.
-    :param table: ``[K, 5]`` DDPM coefficients or ``[K, 12]`` multistep table (``a, b`` first).
+    :param table: ``[K, 5]`` DDPM coefficients or ``[K, 14]`` multistep table (``a, b`` first).
     :param ratio: the quantile, in ``(0, 1]`` (diffusers' ``dynamic_thresholding_ratio``, 0.995).
     :param max_value: the largest bound, finite and ``>= 1`` (diffusers' ``sample_max_value``).
     :param uncond_output, guidance_scale: classifier-free guidance, as ``ddpm_step``'s: the bound

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..checks import FLOAT_DTYPES
-from .reference import COEF_COLUMNS, INPAINT_COEF_COLUMNS, MULTISTEP_WIDTH
+from .reference import COEF_COLUMNS, INPAINT_COEF_COLUMNS, MULTISTEP_HISTORY_SLOTS, MULTISTEP_WIDTH
 
 __all__ = ["q_sample", "diffusion_loss", "diffusion_loss_backward", "ddpm_step", "ddpm_step_cast", "ddpm_step_",
            "multistep_step_"]
@@ -124,8 +124,8 @@ def multistep_step_(x, model_output, history, step, table, rng, clip_denoised, s
     torch._check(model_output.shape == x.shape, lambda: "model_output must have x's shape")
     _check_uncond_output(uncond_output, model_output)
     _check_threshold(threshold, x)
-    torch._check(history.shape == (3, *x.shape), lambda: f"history must have shape (3, *x.shape), got "
-                                                           f"{tuple(history.shape)}")
+    torch._check(history.shape == (MULTISTEP_HISTORY_SLOTS, *x.shape),
+                 lambda: f"history must have shape ({MULTISTEP_HISTORY_SLOTS}, *x.shape), got {tuple(history.shape)}")
     torch._check(table.dim() == 2 and table.shape[1] == MULTISTEP_WIDTH,
                  lambda: f"table must have shape (K, {MULTISTEP_WIDTH}), got {tuple(table.shape)}")
     _check_rng(rng, x)

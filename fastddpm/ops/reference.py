@@ -67,10 +67,15 @@ COEF_COLUMNS = ("a", "b", "c0", "c1", "sigma")
 # ``ka, kb`` = sqrt(abar_prev), sqrt(1 - abar_prev) of the step's target level (csrc/fused_math.h:
 # kInpaintColumns; dispatch, fakes and the kernels check the width: 7 with known, 5 without).
 INPAINT_COEF_COLUMNS = COEF_COLUMNS + ("ka", "kb")
-# A multistep solver's [K, 12] row, in the order ``multistep_step`` reads it (``fastddpm.multistep``
+# A multistep solver's [K, 14] row, in the order ``multistep_step`` reads it (``fastddpm.multistep``
 # builds it as ``TABLE_COLUMNS``, this tuple; dispatch, fakes and the Triton launcher check its width).
-MULTISTEP_COLUMNS = ("a", "b", "u", "cl", "k0", "k1", "k2", "cx", "p0", "p1", "p2", "cz")
-MULTISTEP_WIDTH = len(MULTISTEP_COLUMNS)  # 12 (csrc/fused_math.h: kMultistepColumns)
+# ``p3`` (the third-previous history term) and ``hx`` (what the ring stores, D + hx * x) came last so
+# the first twelve kept their indices; 0 in both is the 12-column update (DPM-Solver++, UniPC).
+MULTISTEP_COLUMNS = ("a", "b", "u", "cl", "k0", "k1", "k2", "cx", "p0", "p1", "p2", "cz", "p3", "hx")
+MULTISTEP_WIDTH = len(MULTISTEP_COLUMNS)  # 14 (csrc/fused_math.h: kMultistepColumns)
+# The history ring: the last three stored predictions (slot step % 3) and x_last (slot 3).
+MULTISTEP_RING = 3
+MULTISTEP_HISTORY_SLOTS = MULTISTEP_RING + 1  # 4 (csrc/fused_math.h: kHistorySlots)
 
 
 def extract(table: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -216,7 +221,7 @@ def dynamic_threshold(x, model_output, ab, ratio: float, max_value: float, uncon
     :param x: ``[n, ...]`` the current sample.
     :param model_output: ``[n, ...]`` any float dtype (the conditional output, with guidance).
     :param ab: ``[n, 2]`` or ``[1, 2]`` rows ``(a, b)`` with ``x0_hat = a * x + b * out``: the
-        first two columns of the DDPM ``[K, 5]`` table or the multistep ``[K, 12]`` one
+        first two columns of the DDPM ``[K, 5]`` table or the multistep ``[K, 14]`` one
         (``table.index_select(0, step)[:, :2]``).
     :param ratio: the quantile, in ``(0, 1]`` (diffusers' ``dynamic_thresholding_ratio``).
     :param max_value: the largest bound, ``>= 1`` (diffusers' ``sample_max_value``).
@@ -315,19 +320,24 @@ def multistep_step(x, model_output, history, step, table, clip_denoised: bool, n
 
         D      = a * x + b * out                           # clamped to [-1, 1] if clip_denoised
                                                            # (thresholded instead, given threshold)
-        x_corr = u * x + cl * history[2] + k0 * D + k1 * H1 + k2 * H2
-        x_next = cx * x_corr + p0 * D + p1 * H1 + p2 * H2 + cz * z
-        history[cur] = D,  history[2] = x_corr
+        E      = D + hx * x                                # what the ring keeps (hx = 0: D itself)
+        x_corr = u * x + cl * history[3] + k0 * D + k1 * H1 + k2 * H2
+        x_next = cx * x_corr + p0 * D + p1 * H1 + p2 * H2 + p3 * H3 + cz * z
+        history[step % 3] = E,  history[3] = x_corr
 
-    with ``out = guided_output(model_output, uncond_output, guidance_scale)``, ``cur = step % 2``,
-    ``H2 = history[cur]`` (two steps back), ``H1 = history[1 - cur]``.
+    with ``out = guided_output(model_output, uncond_output, guidance_scale)`` and the ring read before
+    it is written: ``H1 = history[(step + 1) % 3]``, ``H2 = history[(step + 2) % 3]``,
+    ``H3 = history[step % 3]``.  The step index counts down, so these are the ``E`` of the previous
+    call (step + 1), of two calls back and of three calls back.  ``p3 = hx = 0`` (DPM-Solver++,
+    UniPC) is the 12-column update bit for bit: ``+ 0 * H3`` and ``+ 0 * x`` add an exact zero.
     Computed in ``history``'s dtype (float32, or float64 for a float64 run), the guidance too.
 
     :param x: ``[n, ...]`` current sample.
     :param model_output: ``[n, ...]`` any float dtype.
-    :param history: ``[3, n, ...]`` the ring of the last two data predictions and the last ``x_corr``.
+    :param history: ``[4, n, ...]`` the ring of the last three stored predictions ``E`` and the
+        last ``x_corr`` (``MULTISTEP_HISTORY_SLOTS``).
     :param step: int64 tensor holding one value: the reverse-process step index (row of ``table``).
-    :param table: ``[K, 12]`` coefficient table (``MULTISTEP_COLUMNS``; its row is cast to the
+    :param table: ``[K, 14]`` coefficient table (``MULTISTEP_COLUMNS``; its row is cast to the
         compute dtype).
     :param noise: ``[n, ...]`` standard normals for the SDE solver, or None (no noise term).
     :param uncond_output: the unconditional output (model_output's shape), or None: no guidance.
@@ -338,22 +348,25 @@ def multistep_step(x, model_output, history, step, table, clip_denoised: bool, n
     """
     dtype = history.dtype
     step = step.reshape(1)
-    a, b, u, cl, k0, k1, k2, cx, p0, p1, p2, cz = table.index_select(0, step).to(dtype).reshape(-1).unbind(0)
+    row = table.index_select(0, step).to(dtype).reshape(-1).unbind(0)
+    a, b, u, cl, k0, k1, k2, cx, p0, p1, p2, cz, p3, hx = row
     x = x.to(dtype)
     d = a * x + b * guided_output(model_output, uncond_output, guidance_scale, dtype)
     if threshold is not None:
         d = apply_threshold(d, threshold)
     elif clip_denoised:
         d = d.clamp(-1.0, 1.0)
-    cur = torch.remainder(step, 2)  # ring slot: written at this step, read two steps later
-    h2 = history.index_select(0, cur)[0]
-    h1 = history.index_select(0, 1 - cur)[0]
-    x_corr = u * x + cl * history[2] + k0 * d + k1 * h1 + k2 * h2
-    x_next = cx * x_corr + p0 * d + p1 * h1 + p2 * h2
+    cur = torch.remainder(step, MULTISTEP_RING)  # ring slot: written at this step, read at the next three
+    h1 = history.index_select(0, torch.remainder(step + 1, MULTISTEP_RING))[0]
+    h2 = history.index_select(0, torch.remainder(step + 2, MULTISTEP_RING))[0]
+    h3 = history.index_select(0, cur)[0]
+    x_last = history[MULTISTEP_RING]
+    x_corr = u * x + cl * x_last + k0 * d + k1 * h1 + k2 * h2
+    x_next = cx * x_corr + p0 * d + p1 * h1 + p2 * h2 + p3 * h3
     if noise is not None:
         x_next = x_next + cz * noise.to(dtype)
-    history.index_copy_(0, cur, d.unsqueeze(0))
-    history[2].copy_(x_corr)
+    history.index_copy_(0, cur, (d + hx * x).unsqueeze(0))
+    x_last.copy_(x_corr)
     return x_next
 
 

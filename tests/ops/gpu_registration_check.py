@@ -30,7 +30,7 @@ def examples(name):
         "ddpm_step": (x, x.half(), t, coefs, 1, 0, True, x.half(), 7.5, None, None, None),
         "ddpm_step_cast": (x, x, t, torch.rand(T, 7), 1, 0, False, torch.bfloat16, True, None, 1.0, None, x, x),
         "ddpm_step_": (x.clone(), x, t, coefs, rng, True, x.to(torch.bfloat16), x, 3.0, torch.ones(3), None, None),
-        "multistep_step_": (x.clone(), x, torch.zeros(3, *x.shape), torch.tensor([2]), torch.rand(12, 12), rng, True,
+        "multistep_step_": (x.clone(), x, torch.zeros(4, *x.shape), torch.tensor([2]), torch.rand(12, 14), rng, True,
                             True, x.half().contiguous(memory_format=torch.channels_last), x, 2.0, torch.ones(3)),
         "attention_forward": (q, q, q),
         "attention_backward": (q, q, q, q, q, torch.randn(2, 3, 9)),

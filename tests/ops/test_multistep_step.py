@@ -33,6 +33,8 @@ STEPS = 6
 SHAPES = [(3, 5, 7, 9), (4, 3, 16, 16), (5, 123)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 FAST = ["cpp", "triton"]
+SLOTS = reference.MULTISTEP_HISTORY_SLOTS  # [4, *shape]: the ring of three stored predictions, then x_last
+X_LAST = reference.MULTISTEP_RING
 
 
 @lru_cache(maxsize=None)
@@ -49,13 +51,20 @@ def _outputs(shape, dtype, steps, device="cpu"):
     return [(torch.randn(shape, generator=g) * 1.5).to(device=device, dtype=dtype) for _ in range(steps)]
 
 
-def _check_steps(backend, table, shape, dtype, clip, stochastic, tol, device="cpu"):
+def _start_history(shape, device="cpu", full=False):
+    """A starting ring: zero but a non-zero x_last (every term of a solver table is exercised), or
+    (``full``) every slot random, so that a table's H1, H2 and H3 are all non-zero from the start."""
+    history = torch.zeros((SLOTS, *shape), device=device)
+    (history if full else history[X_LAST]).normal_()
+    return history
+
+
+def _check_steps(backend, table, shape, dtype, clip, stochastic, tol, device="cpu", full_history=False):
     """Run the reference over every row of ``table``; at each step the backend gets copies of the
     reference's state and must produce its x_next and history."""
     K = table.shape[0]
     x = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(device)
-    history = torch.zeros((3, *shape), device=device)
-    history[2].normal_()  # a non-zero x_last from the start: every term is exercised
+    history = _start_history(shape, device, full_history)
     for i, out in zip(reversed(range(K)), _outputs(shape, dtype, K, device)):
         step = torch.tensor(i, device=device)
         got_history = history.clone()
@@ -92,6 +101,136 @@ def test_other_tables_match_reference(backend, solver, options):
                  FP32)
 
 
+# -- linear multistep (LMS, PLMS, DEIS): p3 reads a third stored prediction, hx stores E = D + hx x ----
+LMS_STEPS = 7  # seven calls: the ring of three wraps twice, every slot is written and read back
+COLUMN = {name: i for i, name in enumerate(reference.MULTISTEP_COLUMNS)}
+
+
+def _lms_table(device="cpu", steps=LMS_STEPS, seed=5):
+    """A ``[steps, 14]`` table whose every coefficient is random and non-zero, p3 and hx included
+    (magnitudes in [0.1, 0.5], random signs, ``a`` near 1), so each term of the update moves the
+    result and a slot mix-up anywhere shows."""
+    g = torch.Generator().manual_seed(seed)
+    magnitude = 0.1 + 0.4 * torch.rand(steps, reference.MULTISTEP_WIDTH, generator=g)
+    sign = torch.randint(0, 2, (steps, reference.MULTISTEP_WIDTH), generator=g) * 2.0 - 1.0
+    table = magnitude * sign
+    table[:, COLUMN["a"]] += 1.0
+    return table.to(device)
+
+
+def test_lms_table_exercises_the_new_columns():
+    table = _lms_table()
+    assert table.shape == (LMS_STEPS, 14) and LMS_STEPS > reference.MULTISTEP_RING
+    assert bool((table[:, COLUMN["p3"]].abs() >= 0.1).all()) and bool((table[:, COLUMN["hx"]].abs() >= 0.1).all())
+
+
+@pytest.mark.parametrize("stochastic", [False, True], ids=["ode", "sde"])
+@pytest.mark.parametrize("clip", [True, False], ids=["clip", "noclip"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=target_id)
+@pytest.mark.parametrize("shape", SHAPES, ids=target_id)
+@pytest.mark.parametrize("backend", FAST)
+def test_lms_columns_match_reference(backend, shape, dtype, clip, stochastic):
+    """Random non-zero p3 and hx over seven consecutive steps from a random ring: every backend gives
+    the reference's x_next and its ring (E in slot step % 3, x_corr in slot 3) at every step."""
+    need(backend, "multistep_step", "cpu", dtype)
+    _check_steps(backend, _lms_table(), shape, dtype, clip, stochastic, FP32, full_history=True)
+
+
+@pytest.mark.parametrize("guided", [False, True], ids=["unguided", "guided"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=target_id)
+@pytest.mark.parametrize("backend", FAST)
+def test_lms_columns_thresholded_match_reference(backend, dtype, guided):
+    """The same with dynamic thresholding (guided or not): E = D + hx x is made of the thresholded D."""
+    need(backend, "multistep_step", "cpu", dtype)
+    _check_thresholded_steps(backend, _lms_table(), (3, 5, 7, 9), dtype, True, True, guided, FP32, full_history=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=target_id)
+@pytest.mark.parametrize("backend", FAST)
+def test_lms_columns_guided_match_reference(backend, dtype):
+    need(backend, "multistep_step", "cpu", dtype)
+    table = _lms_table()
+    x = torch.randn((5, 123), generator=torch.Generator().manual_seed(1))
+    history = _start_history((5, 123), full=True)
+    for i, (cond, uncond) in zip(reversed(range(LMS_STEPS)), _guided_outputs((5, 123), dtype, LMS_STEPS)):
+        got_history = history.clone()
+        got = ops.multistep_step(x, cond, got_history, torch.tensor(i), table, uncond_output=uncond,
+                                 guidance_scale=GUIDANCE_SCALE, backend=backend)
+        x = reference.multistep_step(x, cond, history, torch.tensor(i), table, False, None, uncond_output=uncond,
+                                     guidance_scale=GUIDANCE_SCALE)
+        assert_close(got, x, **FP32, msg=f"{backend} guided x_next at step {i}")
+        assert_close(got_history, history, **FP32, msg=f"{backend} guided history at step {i}")
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_lms_columns_write_the_model_input(backend):
+    need(backend, "multistep_step", "cpu", torch.float16)
+    _check_model_input_steps(backend, "dpm++2m-sde", (4, 3, 16, 16), torch.float16, torch.channels_last, FP32,
+                             table=_lms_table(), full_history=True)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + FAST)
+def test_ring_of_three_reads_one_two_and_three_calls_back(backend):
+    """The ring's meaning, not just agreement with the reference: with D = out and E = D + hx x, a row
+    whose only predictor term is p1 (p2, p3) returns the E stored one (two, three) calls back, zero
+    before there were that many; x_corr = x (u = 1) lands in slot 3 and cl reads it back next call."""
+    need(backend, "multistep_step", "cpu") if backend != "reference" else None
+    shape, hx = (2, 3, 5), 0.5
+    outs = _outputs(shape, torch.float32, LMS_STEPS)
+    for lag, name in enumerate(("p1", "p2", "p3"), start=1):
+        table = torch.zeros(LMS_STEPS, reference.MULTISTEP_WIDTH)
+        table[:, COLUMN["b"]], table[:, COLUMN["u"]], table[:, COLUMN["hx"]], table[:, COLUMN[name]] = 1, 1, hx, 1
+        x, history, stored = torch.randn(shape), multistep.new_history(torch.zeros(shape)), []
+        for i, out in zip(reversed(range(LMS_STEPS)), outs):
+            x_next = ops.multistep_step(x, out, history, torch.tensor(i), table, backend=backend)
+            want = stored[-lag] if len(stored) >= lag else torch.zeros(shape)
+            assert_close(x_next, want, **EXACT, msg=f"{backend} {name} at step {i}")
+            stored.append(out + hx * x)
+            assert_close(history[i % 3], stored[-1], **EXACT, msg=f"{backend} E in slot {i % 3} at step {i}")
+            assert_close(history[X_LAST], x, **EXACT, msg=f"{backend} x_corr at step {i}")
+            x = x_next + 1.0  # a new x, so each stored E differs
+    # cl reads x_last: the previous call's x_corr
+    table = torch.zeros(LMS_STEPS, reference.MULTISTEP_WIDTH)
+    table[:, COLUMN["u"]], table[:, COLUMN["cl"]], table[:, COLUMN["cx"]] = 1, 1, 1
+    history = multistep.new_history(torch.zeros(shape))
+    x0, x1 = torch.randn(shape), torch.randn(shape)
+    ops.multistep_step(x0, outs[0], history, torch.tensor(4), table, backend=backend)
+    assert_close(ops.multistep_step(x1, outs[1], history, torch.tensor(3), table, backend=backend), x1 + x0, **EXACT)
+
+
+def _two_slot_update(x, out, history, step, table, clip, noise):
+    """The 12-column update over a ring of two (slot step % 2) and x_last, as it was before p3 and hx."""
+    a, b, u, cl, k0, k1, k2, cx, p0, p1, p2, cz = table[int(step), :12].to(history.dtype)
+    d = a * x.to(history.dtype) + b * out.to(history.dtype)
+    d = d.clamp(-1.0, 1.0) if clip else d
+    cur = int(step) % 2
+    h2, h1 = history[cur].clone(), history[1 - cur]
+    x_corr = u * x + cl * history[2] + k0 * d + k1 * h1 + k2 * h2
+    x_next = cx * x_corr + p0 * d + p1 * h1 + p2 * h2
+    if noise is not None:
+        x_next = x_next + cz * noise
+    history[cur], history[2] = d, x_corr
+    return x_next
+
+
+@pytest.mark.parametrize("clip", [True, False], ids=["clip", "noclip"])
+@pytest.mark.parametrize("solver", multistep.SOLVERS)
+def test_zero_p3_and_hx_is_the_two_slot_update(solver, clip):
+    """Every solver table has p3 = hx = 0 and gives, over a whole run, the two-slot update's samples
+    bit for bit: the ring of three holds the same D values at the slots H1 and H2 name."""
+    table, stochastic = _table(solver), _plan(solver).stochastic
+    assert not table[:, COLUMN["p3"]].any() and not table[:, COLUMN["hx"]].any()
+    shape = (3, 5, 7, 9)
+    x = old_x = torch.randn(shape)
+    history, old_history = _start_history(shape), torch.zeros((3, *shape))
+    old_history[2] = history[X_LAST]
+    for i, out in zip(reversed(range(table.shape[0])), _outputs(shape, torch.float32, table.shape[0])):
+        noise = reference.batch_noise(SEED, SAMPLE_OFFSET, i, shape, "cpu") if stochastic else None
+        x = reference.multistep_step(x, out, history, torch.tensor(i), table, clip, noise)
+        old_x = _two_slot_update(old_x, out, old_history, torch.tensor(i), table, clip, noise)
+        assert_close(x, old_x, **EXACT, msg=f"x_next at step {i}")
+
+
 # -- the SDE noise: the contract's, on every backend and any batch split ---------------------------
 @pytest.mark.parametrize("backend", ["reference"] + FAST)
 def test_sde_noise_is_independent_of_the_batch_split(backend):
@@ -102,7 +241,7 @@ def test_sde_noise_is_independent_of_the_batch_split(backend):
     outs = _outputs(shape, torch.float32, table.shape[0])
 
     def run(rows, sample_offset):
-        x, history = x0[rows].clone(), torch.zeros((3, *x0[rows].shape))
+        x, history = x0[rows].clone(), torch.zeros((SLOTS, *x0[rows].shape))
         for i, out in zip(reversed(range(table.shape[0])), outs):
             x = ops.multistep_step(x, out[rows], history, torch.tensor(i), table, seed=SEED,
                                    sample_offset=sample_offset, stochastic=True, backend=backend)
@@ -114,7 +253,7 @@ def test_sde_noise_is_independent_of_the_batch_split(backend):
     # the noise is there and follows the key
     assert not torch.equal(run(slice(0, 5), SAMPLE_OFFSET + 1), whole)
     with_no_noise = torch.zeros_like(whole)
-    x, history = x0.clone(), torch.zeros((3, *shape))
+    x, history = x0.clone(), torch.zeros((SLOTS, *shape))
     for i, out in zip(reversed(range(table.shape[0])), outs):
         x = ops.multistep_step(x, out, history, torch.tensor(i), table, stochastic=False, backend=backend)
     with_no_noise.copy_(x)
@@ -130,7 +269,7 @@ def test_sde_noise_equal_across_backends():
     x0, out = torch.randn(shape), torch.randn(shape)
     results = {}
     for backend in available:
-        history = torch.zeros((3, *shape))
+        history = torch.zeros((SLOTS, *shape))
         results[backend] = ops.multistep_step(x0, out, history, torch.tensor(STEPS - 1), table, seed=SEED,
                                               sample_offset=SAMPLE_OFFSET, stochastic=True, backend=backend)
     for backend in available[1:]:
@@ -147,7 +286,7 @@ def _inplace_op(backend):
 
 def _op_args(shape=(2, 3, 4, 4), dtype=torch.float32, step=STEPS - 2):
     x = torch.randn(shape)
-    return (x, torch.randn(shape).to(dtype), torch.randn((3, *shape)), torch.tensor(step),
+    return (x, torch.randn(shape).to(dtype), torch.randn((SLOTS, *shape)), torch.tensor(step),
             _table("dpm++2m-sde"), rng_key(SEED, SAMPLE_OFFSET))
 
 
@@ -189,17 +328,18 @@ def _model_input_case_id(case):
     return f"{target_id(shape)}-{'channels_last' if layout is torch.channels_last else 'contiguous'}"
 
 
-def _check_model_input_steps(backend, solver, shape, model_dtype, layout, tol, device="cpu"):
+def _check_model_input_steps(backend, solver, shape, model_dtype, layout, tol, device="cpu", table=None,
+                             full_history=False):
     """Every row of the solver's table: the op, given the reference's state (float32 x and model
     output) and a model-input buffer, writes the reference's x_next and history, and x_next in the
     buffer's dtype and layout: its own x_next cast (exactly), the reference's within the dtype's
-    tolerance."""
+    tolerance.  ``table``: in place of the solver's (``solver`` then only says whether it is stochastic)."""
     op = ops.implementation("multistep_step_", backend)
-    table, stochastic = _table(solver, device), _plan(solver).stochastic
+    table = _table(solver, device) if table is None else table.to(device)
+    stochastic = _plan(solver).stochastic
     K = table.shape[0]
     x = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(device)
-    history = torch.zeros((3, *shape), device=device)
-    history[2].normal_()
+    history = _start_history(shape, device, full_history)
     model_input = torch.empty(shape, dtype=model_dtype, device=device, memory_format=layout)
     for i, out in zip(reversed(range(K)), _outputs(shape, torch.float32, K, device)):
         step = torch.tensor(i, device=device)
@@ -290,12 +430,12 @@ def test_float64_runs_on_the_reference():
 # -- bad input --------------------------------------------------------------------------------------
 def _bad_cases():
     shape = (2, 3, 4, 4)
-    x, out, history = torch.randn(shape), torch.randn(shape), torch.zeros((3, *shape))
+    x, out, history = torch.randn(shape), torch.randn(shape), torch.zeros((SLOTS, *shape))
     table, step = _table("dpm++2m"), torch.tensor(2)
     return [
-        ("table-columns", (x, out, history, step, table[:, :11]), ValueError, r"table must have shape \(K, 12\)"),
+        ("table-columns", (x, out, history, step, table[:, :12]), ValueError, r"table must have shape \(K, 14\)"),
         ("table-1d", (x, out, history, step, table[0]), ValueError, "table must be 2-D"),
-        ("history-shape", (x, out, history[:2], step, table), ValueError, r"history must have shape \(3, 2, 3, 4, 4\)"),
+        ("history-shape", (x, out, history[:3], step, table), ValueError, r"history must have shape \(4, 2, 3, 4, 4\)"),
         ("history-dtype", (x, out, history.half(), step, table), TypeError, "history must have dtype"),
         ("history-vs-x", (x, out, history.double(), step, table), TypeError, "x must have history's dtype"),
         ("out-shape", (x, out[:1], history, step, table), ValueError, "model_output must have shape"),
@@ -322,8 +462,8 @@ def test_ops_reject_bad_inputs_naming_the_argument(backend):
     x, out, history, step, table, rng = _op_args()
     error = RuntimeError if backend == "cpp" else ValueError
     cases = [
-        ((x, out, history, step, table[:, :11], rng), "table must"),
-        ((x, out, history[:2], step, table, rng), "history must"),
+        ((x, out, history, step, table[:, :12], rng), "table must"),
+        ((x, out, history[:3], step, table, rng), "history must"),
         ((x, out, history.double(), step, table, rng), "history must"),
         ((x, out, history, torch.tensor([1, 1]), table, rng), "step must"),
         ((x, out, history, step, table, rng[:1]), "rng must"),
@@ -362,6 +502,18 @@ def test_cuda_matches_reference(backend, solver, shape, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=target_id)
+@pytest.mark.parametrize("shape", SHAPES + [(8, 3, 64, 64)], ids=target_id)
+@pytest.mark.parametrize("backend", FAST)
+def test_cuda_lms_columns_match_reference(backend, shape, dtype):
+    need(backend, "multistep_step", "cuda", dtype)
+    tol = FMA_FP32 if dtype == torch.float32 else BY_DTYPE[dtype]
+    for clip, stochastic in ((True, True), (False, False)):
+        _check_steps(backend, _lms_table("cuda"), shape, dtype, clip, stochastic, tol, device="cuda",
+                     full_history=True)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("case", MODEL_INPUT_CASES + [((8, 3, 64, 64), torch.channels_last)],
                          ids=_model_input_case_id)
 @pytest.mark.parametrize("model_dtype", [torch.bfloat16, torch.float16], ids=target_id)
@@ -380,9 +532,9 @@ def test_cuda_sde_noise_equals_cpu(backend):
     table = _table("dpm++2m-sde")
     shape = (4, 3, 16, 16)
     x, out = torch.randn(shape), torch.randn(shape)
-    want = ops.multistep_step(x, out, torch.zeros((3, *shape)), torch.tensor(STEPS - 1), table, seed=SEED,
+    want = ops.multistep_step(x, out, torch.zeros((SLOTS, *shape)), torch.tensor(STEPS - 1), table, seed=SEED,
                               sample_offset=SAMPLE_OFFSET, stochastic=True, backend="reference")
-    got = ops.multistep_step(x.cuda(), out.cuda(), torch.zeros((3, *shape), device="cuda"),
+    got = ops.multistep_step(x.cuda(), out.cuda(), torch.zeros((SLOTS, *shape), device="cuda"),
                              torch.tensor(STEPS - 1, device="cuda"), table.cuda(), seed=SEED,
                              sample_offset=SAMPLE_OFFSET, stochastic=True, backend=backend)
     assert_close(got, want, **FMA_FP32)
@@ -399,7 +551,7 @@ def test_cuda_graph_with_device_step_counter(backend):
     K, shape = table.shape[0], (4, 3, 16, 16)
     x0 = torch.randn(shape, device="cuda")
     outs = _outputs(shape, torch.bfloat16, K, "cuda")
-    x, history, out_buf = x0.clone(), torch.zeros((3, *shape), device="cuda"), outs[0].clone()
+    x, history, out_buf = x0.clone(), torch.zeros((SLOTS, *shape), device="cuda"), outs[0].clone()
     step, rng = torch.tensor(K - 1, device="cuda"), rng_key(SEED, SAMPLE_OFFSET, "cuda")
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -447,8 +599,7 @@ def _check_guided_steps(backend, table, shape, dtype, clip, stochastic, tol, w=G
     outputs and must give the reference's x_next and history."""
     K = table.shape[0]
     x = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(device)
-    history = torch.zeros((3, *shape), device=device)
-    history[2].normal_()
+    history = _start_history(shape, device)
     for i, (cond, uncond) in zip(reversed(range(K)), _guided_outputs(shape, dtype, K, device, channels_last)):
         step = torch.tensor(i, device=device)
         got_history = history.clone()
@@ -504,7 +655,7 @@ def test_reference_guided_update_is_the_combine_then_the_update(dtype, w):
     shape = (2, 3, 4, 4)
     x = torch.randn(shape, dtype=compute)
     (cond, uncond), = _guided_outputs(shape, dtype, 1)
-    history = torch.randn((3, *shape), dtype=compute)
+    history = torch.randn((SLOTS, *shape), dtype=compute)
     want_history = history.clone()
     got = reference.multistep_step(x, cond, history, torch.tensor(3), table, True, None, uncond_output=uncond,
                                    guidance_scale=w)
@@ -524,7 +675,7 @@ def test_guidance_scale_one_is_the_conditional_update(backend):
     table = _table("dpm++2m-sde")
     shape = (3, 5, 7, 9)
     (cond, uncond), = _guided_outputs(shape, torch.float32, 1)
-    x, history = torch.randn(shape), torch.randn((3, *shape))
+    x, history = torch.randn(shape), torch.randn((SLOTS, *shape))
 
     def run(**kw):
         h = history.clone()
@@ -543,7 +694,7 @@ def test_guidance_scale_one_is_the_conditional_update(backend):
 
 def _bad_guidance_cases():
     shape = (2, 3, 4, 4)
-    x, out, history = torch.randn(shape), torch.randn(shape), torch.zeros((3, *shape))
+    x, out, history = torch.randn(shape), torch.randn(shape), torch.zeros((SLOTS, *shape))
     return [
         ("uncond-shape", out[:1], 2.0, ValueError, r"uncond_output must have shape \(2, 3, 4, 4\)"),
         ("uncond-dtype", out.half(), 2.0, TypeError, r"uncond_output must have dtype in \(float32\)"),
@@ -610,13 +761,13 @@ def test_cuda_guided_matches_reference(backend, solver, shape, dtype):
 RATIO, MAX_VALUE = 0.9, 3.0
 
 
-def _check_thresholded_steps(backend, table, shape, dtype, clip, stochastic, guided, tol, device="cpu"):
+def _check_thresholded_steps(backend, table, shape, dtype, clip, stochastic, guided, tol, device="cpu",
+                             full_history=False):
     """As ``_check_guided_steps``, thresholded: at each step the bounds of the reference's state
     (``ops.dynamic_threshold``), and the backend must give the reference's x_next and history."""
     K = table.shape[0]
     x = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(device)
-    history = torch.zeros((3, *shape), device=device)
-    history[2].normal_()
+    history = _start_history(shape, device, full_history)
     for i, (cond, uncond) in zip(reversed(range(K)), _guided_outputs(shape, dtype, K, device)):
         uncond = uncond if guided else None
         step = torch.tensor(i, device=device)
@@ -655,7 +806,7 @@ def test_reference_thresholded_update_is_diffusers_threshold_then_the_update(sol
     x = torch.randn(shape) * 3
     (cond, uncond), = _guided_outputs(shape, torch.float32, 1)
     uncond = uncond if guided else None
-    history = torch.randn((3, *shape))
+    history = torch.randn((SLOTS, *shape))
     want_history = history.clone()
     step = torch.tensor(3)
     bounds = ops.dynamic_threshold(x, cond, step, table, ratio=RATIO, max_value=MAX_VALUE, uncond_output=uncond,
@@ -681,7 +832,7 @@ def test_threshold_one_is_the_clip_and_none_is_today(backend):
     table = _table("dpm++2m-sde")
     shape = (3, 5, 7, 9)
     (cond, _), = _guided_outputs(shape, torch.float32, 1)
-    x, history = torch.randn(shape) * 3, torch.randn((3, *shape))
+    x, history = torch.randn(shape) * 3, torch.randn((SLOTS, *shape))
 
     def run(**kw):
         h = history.clone()
@@ -705,7 +856,7 @@ def test_dispatch_rejects_bad_threshold(backend):
     if backend != "reference" and ops.load_error(backend) is not None:
         pytest.skip(f"{backend} not loaded")
     shape = (2, 3, 4, 4)
-    x, out, history = torch.randn(shape), torch.randn(shape), torch.zeros((3, *shape))
+    x, out, history = torch.randn(shape), torch.randn(shape), torch.zeros((SLOTS, *shape))
     for bad, error, match in [(torch.ones(2, dtype=torch.float64), TypeError, "threshold must have dtype"),
                               (torch.ones(3), ValueError, r"threshold must have shape \(2,\)"),
                               (torch.ones(2, device="meta"), ValueError, "threshold must be on cpu")]:
