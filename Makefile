@@ -14,6 +14,9 @@ export HF_HUB_OFFLINE := 1
 
 BUILD_DEPS := $(TORCH_SPEC) setuptools wheel ninja
 TEST_DEPS := pytest pytest-benchmark diffusers denoising-diffusion-pytorch scikit-learn
+# k-diffusion, a test peer of fastddpm.ksamplers: its sampling module and what it imports, without its
+# training stack (clip, kornia, wandb, ...), which the tests do not load (tests/test_ksamplers.py)
+KDIFF_DEPS := k-diffusion==0.1.1.post1 torchsde==0.2.6 torchdiffeq==0.2.5 trampoline==0.1.2
 
 # The lent GPU machine's stack, tested on a CPU: Python 3.12, torch 2.11.0 (its CUDA 13.0 build),
 # triton 3.6.0, numpy >= 2.4, in .venv-device.  The extension is built in place for sm_90 (the .so the
@@ -34,6 +37,7 @@ $(DEVICE_VENV)/.installed: pyproject.toml
 	@test -n "$(PYTHON_DEVICE)" || { echo "make device-stack needs a python3.12 (PYTHON_DEVICE=...)"; exit 1; }
 	$(PYTHON_DEVICE) -m venv $(DEVICE_VENV)
 	$(DEVICE_PY) -m pip install -q $(DEVICE_SPEC) $(DEVICE_TEST_DEPS)
+	$(DEVICE_PY) -m pip install -q --no-deps $(KDIFF_DEPS)
 	touch $@
 
 device-stack: $(DEVICE_VENV)/.installed
@@ -54,6 +58,7 @@ $(VENV)/.installed: $(PY) pyproject.toml setup.py $(wildcard csrc/*) fastddpm/op
 
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(PIP) install -q $(TORCH_SPEC) $(TEST_DEPS)
+	$(PIP) install -q --no-deps $(KDIFF_DEPS)
 	touch $@
 
 install: $(VENV)/.installed

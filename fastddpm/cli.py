@@ -24,15 +24,15 @@ import sys
 import time
 from pathlib import Path
 
-from .cli_args import SHIPPED_MODELS, check_output, class_label, int_in, model_classes, resolve_device
+from .cli_args import SHIPPED_MODELS, check_output, sampler_help, class_label, int_in, model_classes, resolve_device
 from .cli_tools import add_tool_parsers
-from .modes import SAMPLERS, SOLVERS
+from .modes import KSAMPLERS, SAMPLERS, SOLVERS
 from .noise import MAX_SEED
 
 DEMO_MODEL = SHIPPED_MODELS["digits_small"]
 DEMO_COND_MODEL = SHIPPED_MODELS["digits_cond_small"]  # class-conditional
 DEMO_GUIDANCE, DEMO_PER_CLASS, DEMO_COND_STEPS = 3.0, 8, 20
-SAMPLER_CHOICES = SAMPLERS + SOLVERS
+SAMPLER_CHOICES = SAMPLERS + SOLVERS + KSAMPLERS
 
 
 def _diffusion_options(args) -> dict:
@@ -255,8 +255,9 @@ def _add_diffusion_args(p):
 def _add_sample_args(p, n=64, out="samples.png"):
     p.add_argument("-n", type=int_in(1), default=n, help=f"number of images (default: {n})")
     p.add_argument("--steps", type=int_in(1), default=None,
-                   help="sampling steps; fewer than T respaces (a multistep sampler: model calls, default 20)")
-    p.add_argument("--sampler", choices=SAMPLER_CHOICES, default=None, help="override the sampler")
+                   help="sampling steps; fewer than T respaces (a multistep solver: model calls, default 20; a "
+                        "k-sampler: sigma steps, default 20)")
+    p.add_argument("--sampler", choices=SAMPLER_CHOICES, default=None, help=sampler_help(SAMPLER_CHOICES))
     p.add_argument("--eta", type=float, default=None, help="DDIM eta (with --sampler ddim; default: 0)")
     p.add_argument("--seed", type=int_in(0, MAX_SEED), default=0)
     p.add_argument("--batch-size", type=int_in(1), default=None,

@@ -7,11 +7,35 @@ import argparse
 import os
 from pathlib import Path
 
-__all__ = ["SHIPPED_MODELS", "int_in", "float_in", "check_output", "resolve_device", "model_path", "model_classes",
+__all__ = ["SHIPPED_MODELS", "SAMPLER_HELP", "sampler_help", "int_in", "float_in", "check_output", "resolve_device", "model_path", "model_classes",
            "class_label"]
 
 ASSETS = Path(__file__).parent / "assets"
 # the models that ship in the package, by the names --model takes (the demo's two)
+# --sampler's choices, each with its one line in --help (tests/test_cli.py holds this to modes' tuples)
+SAMPLER_HELP = {
+    "ddpm": "ancestral DDPM (Ho et al. 2020), steps < T respaced",
+    "ddim": "DDIM (Song et al. 2021), --eta for its noise",
+    "dpm++2m": "DPM-Solver++(2M) (Lu et al. 2022), 10-25 calls",
+    "dpm++3m": "DPM-Solver++(3M)",
+    "dpm++2m-sde": "SDE-DPM-Solver++(2M), stochastic",
+    "unipc": "UniPC-bh2 (Zhao et al. 2023), predictor-corrector",
+    "euler": "Euler in sigma (Karras et al. 2022; diffusers' EulerDiscreteScheduler)",
+    "euler-a": "Euler ancestral (k-diffusion), stochastic",
+    "heun": "Heun, 2nd order (EDM): 2 x steps - 1 calls",
+    "dpm2": "DPM2 (k-diffusion): 2 x steps - 1 calls",
+    "dpm2-a": "DPM2 ancestral: 2 x steps - 1 calls, stochastic",
+    "dpm++2s-a": "DPM++ 2S ancestral (k-diffusion): 2 x steps - 1 calls, stochastic",
+    "dpm++sde": "DPM++ SDE (k-diffusion, Brownian noise): 2 x steps - 1 calls",
+    "dpm++3m-sde": "DPM++ 3M SDE (k-diffusion), stochastic",
+}
+
+
+def sampler_help(choices) -> str:
+    """``--sampler``'s help: each choice and its line."""
+    return "override the sampler: " + "; ".join(f"{name}: {SAMPLER_HELP[name]}" for name in choices)
+
+
 SHIPPED_MODELS = {"digits_small": ASSETS / "digits_small.safetensors",
                   "digits_cond_small": ASSETS / "digits_cond_small.safetensors"}
 

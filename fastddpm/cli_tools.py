@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from .cli_args import SHIPPED_MODELS, check_output, class_label, float_in, int_in, model_path, resolve_device
+from .cli_args import (SHIPPED_MODELS, check_output, class_label, float_in, int_in, model_path, resolve_device,
+                       sampler_help)
 from .metrics.features import FEATURES, INCEPTION_GLOB
 from .modes import SAMPLERS, SOLVERS
 from .noise import MAX_SEED
@@ -278,7 +279,8 @@ def add_edit_parsers(subparsers) -> None:
                    help="how far to noise, in [0, 1]: 0 keeps the image, 1 ignores it (default: 0.6)")
     p.add_argument("--steps", type=int_in(1), default=None,
                    help="the whole plan's steps, about strength x steps run (default: the sampler's, as sample)")
-    p.add_argument("--sampler", choices=SAMPLERS + SOLVERS, default=None, help="override the model's sampler")
+    p.add_argument("--sampler", choices=SAMPLERS + SOLVERS, default=None,
+                   help=sampler_help(SAMPLERS + SOLVERS) + " (k-samplers cannot begin part-way yet)")
     p.add_argument("--batch-size", type=int_in(1), default=None, help="micro-batch size (default: all at once)")
     p.set_defaults(func=cmd_img2img)
 

@@ -8,7 +8,7 @@ from dataclasses import MISSING, dataclass, fields
 from typing import ClassVar, Literal
 
 from .checks import is_int
-from .modes import (LOSSES, PREDICTIONS, SAMPLERS, SOLVERS, SPACINGS, VARIANCES, LossType, Prediction, SamplerChoice,
+from .modes import (KSAMPLERS, LOSSES, PREDICTIONS, SAMPLERS, SOLVERS, SPACINGS, VARIANCES, LossType, Prediction, SamplerChoice,
                     Spacing, Variance)
 from .schedule import SCHEDULE_KINDS, ScheduleKind
 
@@ -77,16 +77,25 @@ class DiffusionConfig(JsonConfig):
         ``[1, sample_max_value]``, then ``x0 = clamp(x0, -s, s) / s``.
     :param dynamic_thresholding_ratio: the quantile of ``"dynamic"`` (diffusers' default 0.995).
     :param sample_max_value: the largest ``s`` of ``"dynamic"`` (1: the plain clip).
-    :param sampler: ``ddpm`` (ancestral), ``ddim``, or a multistep solver: ``dpm++2m``,
+    :param sampler: ``ddpm`` (ancestral), ``ddim``, a multistep solver: ``dpm++2m``,
         ``dpm++3m``, ``dpm++2m-sde`` (DPM-Solver++, Lu et al. 2022) or ``unipc`` (UniPC-bh2,
-        Zhao et al. 2023); see ``fastddpm.multistep``.
-    :param eta: DDIM's eta (0: deterministic; 1: DDPM's fixed_small variance).
+        Zhao et al. 2023), see ``fastddpm.multistep``; or a k-sampler: ``euler``, ``euler-a``, ``heun``,
+        ``dpm2``, ``dpm2-a``, ``dpm++2s-a``, ``dpm++sde``, ``dpm++3m-sde`` (k-diffusion's ``sample_*``,
+        diffusers' ``*DiscreteScheduler``), see ``fastddpm.ksamplers``.
+    :param eta: DDIM's eta (0: deterministic; 1: DDPM's fixed_small variance).  The ancestral k-samplers
+        use k-diffusion's eta 1 (``ksamplers.make_kplan(eta=)`` for others); here it must stay 0 for them.
     :param timestep_spacing: how a sampler picks its timesteps from a number of steps: ``linspace``,
         ``leading`` or ``trailing`` (diffusers' ``timestep_spacing``, ``steps_offset=0``).  For DDPM and
         DDIM respacing ``linspace`` is improved-diffusion's (both ends kept; diffusers' for steps >= 2);
         DDIM with ``trailing`` needs steps that divide ``num_timesteps``, as diffusers' DDIM steps
         ``t -> t - T // steps``.
-    :param karras_sigmas: multistep solvers step on Karras et al.'s sigmas (rho = 7) instead.
+    :param karras_sigmas: multistep solvers and k-samplers step on Karras et al.'s sigmas (rho = 7) instead.
+    :param exponential_sigmas: k-samplers step on sigmas even in log sigma (diffusers'
+        ``use_exponential_sigmas``).
+    :param beta_sigmas: k-samplers step on beta(0.6, 0.6)-spaced sigmas (diffusers' ``use_beta_sigmas``;
+        needs scipy).  At most one of the three.
+    :param final_sigmas_type: a single-stage k-sampler's last sigma: ``zero`` (lands on the data
+        prediction) or ``sigma_min`` (the schedule's smallest; diffusers' ``final_sigmas_type``).
     :param lambda_min_clipped: multistep solvers skip timesteps whose ``lambda = log(alpha/sigma)``
         is below this; None: -5.1 for the cosine schedule (DPM-Solver's fix), none otherwise.
     :param begin_index: sampling begins part-way: the number of leading steps of the sampling plan to
@@ -112,6 +121,9 @@ class DiffusionConfig(JsonConfig):
     eta: float = 0.0
     timestep_spacing: Spacing = "linspace"
     karras_sigmas: bool = False
+    exponential_sigmas: bool = False
+    beta_sigmas: bool = False
+    final_sigmas_type: Literal["zero", "sigma_min"] = "zero"
     lambda_min_clipped: float | None = None
     begin_index: int = 0
     loss: LossType = "l2"
@@ -119,6 +131,12 @@ class DiffusionConfig(JsonConfig):
     min_snr_gamma: float | None = None
 
     _label: ClassVar[str] = "diffusion"
+
+    @property
+    def sigma_schedule(self) -> str:
+        """A k-sampler's sigmas: ``karras``, ``exponential``, ``beta`` or ``default``."""
+        return ("karras" if self.karras_sigmas else "exponential" if self.exponential_sigmas
+                else "beta" if self.beta_sigmas else "default")
 
     @property
     def thresholding(self) -> tuple[float, float] | None:
@@ -136,7 +154,8 @@ class DiffusionConfig(JsonConfig):
         choice("schedule", SCHEDULE_KINDS + ("custom",))
         choice("prediction", PREDICTIONS)
         choice("variance", VARIANCES)
-        choice("sampler", SAMPLERS + SOLVERS)
+        choice("sampler", SAMPLERS + SOLVERS + KSAMPLERS)
+        choice("final_sigmas_type", ("zero", "sigma_min"))
         choice("timestep_spacing", SPACINGS)
         choice("loss", LOSSES)
         if self.betas is not None:
@@ -156,8 +175,18 @@ class DiffusionConfig(JsonConfig):
             raise ValueError(f"dynamic_thresholding_ratio must be a quantile in (0, 1], got {ratio!r}")
         if isinstance(most, bool) or not isinstance(most, (int, float)) or not 1.0 <= most < float("inf"):
             raise ValueError(f"sample_max_value must be a finite number >= 1, got {most!r}")
-        if not isinstance(self.karras_sigmas, bool):
-            raise TypeError(f"karras_sigmas must be a bool, got {self.karras_sigmas!r}")
+        for name in ("karras_sigmas", "exponential_sigmas", "beta_sigmas"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.karras_sigmas + self.exponential_sigmas + self.beta_sigmas > 1:
+            raise ValueError("at most one of karras_sigmas, exponential_sigmas and beta_sigmas can be True")
+        if self.sampler not in KSAMPLERS:
+            for name in ("exponential_sigmas", "beta_sigmas"):
+                if getattr(self, name):
+                    raise ValueError(f"{name}=True is for the k-samplers {KSAMPLERS}, not sampler={self.sampler!r}")
+            if self.final_sigmas_type != "zero":
+                raise ValueError(f"final_sigmas_type={self.final_sigmas_type!r} is for the k-samplers {KSAMPLERS}, "
+                                 f"not sampler={self.sampler!r}")
         if self.lambda_min_clipped is not None and (isinstance(self.lambda_min_clipped, bool) or not isinstance(
                 self.lambda_min_clipped, (int, float)) or self.lambda_min_clipped != self.lambda_min_clipped):
             raise ValueError(f"lambda_min_clipped must be a float or None, got {self.lambda_min_clipped!r}")
@@ -166,6 +195,9 @@ class DiffusionConfig(JsonConfig):
                              f"got {self.begin_index!r}")
         if not (isinstance(self.eta, (int, float)) and 0.0 <= self.eta < float("inf")):
             raise ValueError(f"eta must be a float >= 0, got {self.eta!r}")
+        if self.eta and self.sampler in KSAMPLERS:
+            raise ValueError(f"eta is DDIM's; sampler={self.sampler!r} uses k-diffusion's eta=1 "
+                             f"(fastddpm.ksamplers.make_kplan(..., eta=) for another), got eta={self.eta!r}")
         if not (isinstance(self.huber_delta, (int, float)) and self.huber_delta > 0):
             raise ValueError(f"huber_delta must be > 0, got {self.huber_delta!r}")
         if self.min_snr_gamma is not None and not (isinstance(self.min_snr_gamma, (int, float)) and self.min_snr_gamma > 0):

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import interop, multistep, ops
+from . import interop, ksamplers, multistep, ops
 from .adapters import ModelAdapter
 from .checks import FLOAT_DTYPES, check_tensor, check_timesteps, is_int
 from .config import DiffusionConfig
@@ -181,8 +181,9 @@ class DDPM:
 
     @property
     def is_multistep(self) -> bool:
-        """Whether the sampler is a multistep solver (``fastddpm.multistep.SOLVERS``)."""
-        return self.config.sampler in multistep.SOLVERS
+        """Whether the sampler runs on the multistep table: a multistep solver (``fastddpm.multistep.SOLVERS``)
+        or a k-sampler (``fastddpm.ksamplers.KSAMPLERS``)."""
+        return self.config.sampler in multistep.SOLVERS or self.config.sampler in ksamplers.KSAMPLERS
 
     @property
     def _one_step_sampler(self) -> str:
@@ -194,7 +195,15 @@ class DDPM:
         ``begin_index`` the plan from that step on (``steps - begin_index`` model calls)."""
         c = self.config
         if not self.is_multistep:
-            raise ValueError(f"sampler={c.sampler!r} is not a multistep solver {multistep.SOLVERS}")
+            raise ValueError(f"sampler={c.sampler!r} is not a multistep solver {multistep.SOLVERS} "
+                             f"or a k-sampler {ksamplers.KSAMPLERS}")
+        if c.sampler in ksamplers.KSAMPLERS:  # steps: sigma steps (ksamplers.model_calls gives the calls)
+            if c.begin_index:
+                raise ValueError(f"begin_index={c.begin_index} is not supported by the k-sampler {c.sampler!r} "
+                                 f"yet: use a multistep solver ({', '.join(multistep.SOLVERS)}) or ddpm/ddim")
+            return ksamplers.make_kplan(self._base_schedule(), c.sampler, multistep.DEFAULT_STEPS if steps is None
+                                        else steps, c.prediction, c.timestep_spacing, c.sigma_schedule,
+                                        c.final_sigmas_type, bool(c.clip_denoised), c.thresholding)
         return multistep.make_plan(self._base_schedule(), c.sampler,
                                    multistep.DEFAULT_STEPS if steps is None else steps, c.prediction,
                                    c.timestep_spacing, c.karras_sigmas, c.lambda_min_clipped, bool(c.clip_denoised),

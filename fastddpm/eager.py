@@ -123,6 +123,8 @@ def _multistep_batch(denoiser, adapter, plan, request, shape, device, dtype, bar
     K = plan.num_steps
     seed, offset = request.seed, request.sample_offset
     x = _start(request, K, shape, device)
+    if plan.start_scale != 1.0:  # a k-sampler's start: init_noise_sigma x_T, as the model sees it
+        x.mul_(plan.start_scale)
     history = multistep.new_history(x)
     for i in reversed(range(K)):
         step = torch.full((shape[0],), i, dtype=torch.int64, device=device)
@@ -133,7 +135,7 @@ def _multistep_batch(denoiser, adapter, plan, request, shape, device, dtype, bar
                                guidance_scale=w,
                                threshold=step_threshold(x, out, step[0], table, plan.thresholding, uncond, w))
         bar.update(1)
-        x = _callback(request, i, int(plan.timesteps[i]), x)
+        x = _callback(request, i, plan.callback_timestep(i), x)
     return x
 
 

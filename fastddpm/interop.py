@@ -2,7 +2,9 @@
 and the duck typing of a diffusers pipeline (``DDPMPipeline``, ``DDIMPipeline``).
 
 ``diffusion_config`` (the conversion behind ``DDPM.from_diffusers``) maps every ``__init__`` field of ``DDPMScheduler``, ``DDIMScheduler``,
-``DPMSolverMultistepScheduler`` and ``UniPCMultistepScheduler`` (diffusers 0.42) to the
+``DPMSolverMultistepScheduler``, ``UniPCMultistepScheduler`` and the k-samplers' ``EulerDiscreteScheduler``,
+``EulerAncestralDiscreteScheduler``, ``HeunDiscreteScheduler``, ``KDPM2DiscreteScheduler`` and
+``KDPM2AncestralDiscreteScheduler`` (diffusers 0.42) to the
 ``DiffusionConfig`` that samples the same trajectory, or raises a ``ValueError`` that names the
 field, its value and what is supported: a process is never silently approximated.
 
@@ -27,6 +29,11 @@ field, its value and what is supported: a process is never silently approximated
     UniPC (bh2, order 2, predict_x0)           sampler unipc, lambda_min_clipped=-inf
     use_karras_sigmas                          karras_sigmas
     lambda_min_clipped                         lambda_min_clipped
+    Euler / EulerAncestral / Heun /            sampler euler / euler-a / heun / dpm2 / dpm2-a
+      KDPM2 / KDPM2Ancestral                   (fastddpm.ksamplers)
+    use_exponential_sigmas, use_beta_sigmas    exponential_sigmas, beta_sigmas (k-samplers)
+    final_sigmas_type (Euler)                  final_sigmas_type
+    clip_sample (Heun, clip_sample_range=1)    clip_denoised
 
 Refused (each a ValueError naming the field): rescale_betas_zero_snr=True; beta_schedule laplace/exp;
 trained_betas of another length than num_train_timesteps; thresholding with sample_max_value < 1;
@@ -37,7 +44,8 @@ linspace timestep), clip_sample/thresholding unless ``use_clipped_model_output=T
 algorithm_type dpmsolver/sde-dpmsolver, solver_order 1 (3 with SDE), solver_type heun, lower_order_final=False,
 final_sigmas_type sigma_min, exponential/beta/Lu/flow sigmas, dynamic shifting, learned variance, Karras
 sigmas with a finite lambda_min_clipped; UniPC bh1, solver_order != 2, predict_x0=False,
-disable_corrector, solver_p, sigma_min/sigma_max/shift_terminal; prediction_type flow_prediction.
+disable_corrector, solver_p, sigma_min/sigma_max/shift_terminal; prediction_type flow_prediction; Euler
+interpolation_type log_linear, timestep_type continuous, sigma_min/sigma_max.
 At sample time, DDIM with trailing spacing needs steps that divide num_train_timesteps (``DDPM.respace``).
 
 A scheduler's state (``set_timesteps``) is not read: the number of steps is ``sample``'s ``steps``.
@@ -60,7 +68,12 @@ from .schedule import make_betas
 
 __all__ = ["SCHEDULERS", "diffusion_config", "scheduler_config", "is_pipeline"]
 
-SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler")
+# the k-samplers' schedulers (fastddpm.ksamplers) and the sampler each is
+K_SCHEDULERS = {"EulerDiscreteScheduler": "euler", "EulerAncestralDiscreteScheduler": "euler-a",
+                "HeunDiscreteScheduler": "heun", "KDPM2DiscreteScheduler": "dpm2",
+                "KDPM2AncestralDiscreteScheduler": "dpm2-a"}
+SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler",
+              *K_SCHEDULERS)
 PREDICTIONS = {"epsilon": "epsilon", "sample": "x0", "v_prediction": "v"}
 _COMMON = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
            "thresholding", "dynamic_thresholding_ratio", "sample_max_value", "timestep_spacing", "steps_offset",
@@ -77,6 +90,17 @@ HANDLED = {
     "UniPCMultistepScheduler": _COMMON + _MULTISTEP + ("predict_x0", "disable_corrector", "solver_p", "sigma_min",
                                                        "sigma_max", "shift_terminal"),
 }
+_K_COMMON = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
+             "timestep_spacing", "steps_offset")
+_K_SIGMAS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
+HANDLED.update({
+    "EulerDiscreteScheduler": _K_COMMON + _K_SIGMAS + ("interpolation_type", "sigma_min", "sigma_max", "timestep_type",
+                                                       "rescale_betas_zero_snr", "final_sigmas_type"),
+    "EulerAncestralDiscreteScheduler": _K_COMMON + ("rescale_betas_zero_snr",),
+    "HeunDiscreteScheduler": _K_COMMON + _K_SIGMAS + ("clip_sample", "clip_sample_range"),
+    "KDPM2DiscreteScheduler": _K_COMMON + _K_SIGMAS,
+    "KDPM2AncestralDiscreteScheduler": _K_COMMON + _K_SIGMAS,
+})
 
 
 class _Fields:
@@ -192,7 +216,9 @@ def diffusion_config(scheduler_or_config, *, use_clipped_model_output: bool = Fa
         f.reject("steps_offset", "0 with timestep_spacing='leading' (any value with 'linspace' or 'trailing')",
                  "fastddpm's leading timesteps start at 0")
     kw["timestep_spacing"] = spacing
-    if name == "DDPMScheduler":
+    if name in K_SCHEDULERS:
+        kw.update(_k_sampler(f, K_SCHEDULERS[name]))
+    elif name == "DDPMScheduler":
         kw.update(_ddpm(f))
     elif name == "DDIMScheduler":
         kw.update(_ddim(f, use_clipped_model_output))
@@ -209,7 +235,7 @@ def _schedule(f: _Fields) -> dict:
     T = f["num_train_timesteps"]
     if not is_int(T) or T < 1:
         f.reject("num_train_timesteps", "a positive int")
-    if f["rescale_betas_zero_snr"]:
+    if f.config.get("rescale_betas_zero_snr"):
         f.reject("rescale_betas_zero_snr", "False", "zero terminal SNR makes beta_T = 1, where x_T carries no "
                  "signal and fastddpm's reverse coefficients are infinite")
     if f["trained_betas"] is not None:
@@ -348,6 +374,33 @@ def _unipc(f: _Fields) -> dict:
     # diffusers' UniPC has no lambda clip; fastddpm's default clips the cosine schedule
     return {"sampler": "unipc", **_clip(f, False), "karras_sigmas": f["use_karras_sigmas"],
             "lambda_min_clipped": -math.inf}
+
+
+def _k_sampler(f: _Fields, sampler: str) -> dict:
+    """Euler, Euler ancestral, Heun, KDPM2, KDPM2 ancestral: ``fastddpm.ksamplers`` with the same sigmas."""
+    kw = {"sampler": sampler, "clip_denoised": False}
+    chosen = [key for key in _K_SIGMAS if f.config.get(key)]
+    for key in chosen:
+        if not isinstance(f[key], bool):
+            f.reject(key, "True or False")
+    if len(chosen) > 1:
+        f.reject(chosen[1], f"False with {chosen[0]}=True", "one sigma schedule at a time")
+    if chosen:
+        kw[{"use_karras_sigmas": "karras_sigmas", "use_exponential_sigmas": "exponential_sigmas",
+            "use_beta_sigmas": "beta_sigmas"}[chosen[0]]] = True
+    if "interpolation_type" in f.config:
+        f.require("interpolation_type", ("linear",), "fastddpm interpolates the schedule's sigmas linearly")
+        f.require("timestep_type", ("discrete",), "continuous timesteps are for EDM-trained v models")
+        for key in ("sigma_min", "sigma_max"):
+            if f[key] is not None:
+                f.reject(key, "None", "the sigmas span the schedule's own")
+        f.require("final_sigmas_type", ("zero", "sigma_min"))
+        kw["final_sigmas_type"] = f["final_sigmas_type"]
+    if "clip_sample" in f.config and f["clip_sample"]:
+        if f["clip_sample_range"] != 1.0:
+            f.reject("clip_sample_range", "1.0", "fastddpm clips x0 to [-1, 1]")
+        kw["clip_denoised"] = True
+    return kw
 
 
 # -- pipelines -----------------------------------------------------------------------------------

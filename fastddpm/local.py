@@ -10,6 +10,7 @@ import time
 
 import torch
 
+from .modes import KSAMPLERS
 from . import multistep
 from .adapters import ModelAdapter
 from .cpu_plan import using_threads
@@ -76,4 +77,4 @@ def _engine_by_default(model, device, process, process_options) -> bool:
     except (RuntimeError, TypeError, ValueError):
         return False  # the eager path reports the bad argument
     sampler = process_options.get("sampler", process.config.sampler if isinstance(process, DDPM) else "ddpm")
-    return where.type == "cpu" and sampler not in multistep.SOLVERS
+    return where.type == "cpu" and sampler not in multistep.SOLVERS and sampler not in KSAMPLERS

@@ -11,6 +11,7 @@ from typing import Literal, get_args
 
 __all__ = ["Prediction", "Variance", "LossType", "Sampler", "Solver", "SamplerChoice", "Spacing", "TorchCompileMode",
            "TrainCompileMode", "PREDICTIONS", "VARIANCES", "LOSSES", "SAMPLERS", "SOLVERS", "SPACINGS",
+           "KSampler", "KSAMPLERS", "SigmaSchedule", "SIGMA_SCHEDULES",
            "TORCH_COMPILE_MODES", "TRAIN_COMPILE_MODES"]
 
 Prediction = Literal["epsilon", "x0", "v"]  # what the model outputs
@@ -18,7 +19,10 @@ Variance = Literal["fixed_small", "fixed_large"]  # the reverse step's sigma^2: 
 LossType = Literal["l2", "l1", "huber"]
 Sampler = Literal["ddpm", "ddim"]  # one-step samplers: a [K, 5] coefficient table (ops.ddpm_step)
 Solver = Literal["dpm++2m", "dpm++3m", "dpm++2m-sde", "unipc"]  # multistep solvers (ops.multistep_step)
-SamplerChoice = Literal[Sampler, Solver]  # DiffusionConfig.sampler: either kind
+# sigma-space samplers (k-diffusion's sample_*, diffusers' *DiscreteScheduler): rows of the multistep table
+KSampler = Literal["euler", "euler-a", "heun", "dpm2", "dpm2-a", "dpm++2s-a", "dpm++sde", "dpm++3m-sde"]
+SamplerChoice = Literal[Sampler, Solver, KSampler]  # DiffusionConfig.sampler: any kind
+SigmaSchedule = Literal["default", "karras", "exponential", "beta"]  # a k-sampler's sigmas (diffusers' use_*_sigmas)
 Spacing = Literal["linspace", "leading", "trailing"]  # a multistep solver's timesteps (diffusers' timestep_spacing)
 # torch.compile's modes.  The sampler engine takes compile=True/False/None or one of these; a
 # training config spells "off" as "no" (a CLI choice and a JSON value), so its set has one more.
@@ -31,5 +35,7 @@ LOSSES: tuple[str, ...] = get_args(LossType)
 SAMPLERS: tuple[str, ...] = get_args(Sampler)
 SOLVERS: tuple[str, ...] = get_args(Solver)
 SPACINGS: tuple[str, ...] = get_args(Spacing)
+KSAMPLERS: tuple[str, ...] = get_args(KSampler)
+SIGMA_SCHEDULES: tuple[str, ...] = get_args(SigmaSchedule)
 TORCH_COMPILE_MODES: tuple[str, ...] = get_args(TorchCompileMode)
 TRAIN_COMPILE_MODES: tuple[str, ...] = get_args(TrainCompileMode)

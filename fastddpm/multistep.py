@@ -10,16 +10,21 @@ Each solver approximates ``D`` over the step by a polynomial through the last on
 three model outputs, so every step is a linear combination of ``x``, the current
 ``D`` and the previous one or two, with coefficients that depend only on the
 schedule.  They are all computed here once, in float64, into a per-step table
-whose row ``i`` holds twelve numbers (``TABLE_COLUMNS``)::
+whose row ``i`` holds fourteen numbers (``TABLE_COLUMNS``)::
 
     D      = a * x + b * model_output              # x0 from the prediction type
     D      = clamp(D, -1, 1)                        # if clip_denoised
+    E      = D + hx * x                             # what the history keeps (hx = 0: D)
     x_corr = u * x + cl * x_last + k0 * D + k1 * H1 + k2 * H2   # UniPC's corrector (else x_corr = x)
-    x_next = cx * x_corr + p0 * D + p1 * H1 + p2 * H2 + cz * z  # predictor (+ SDE noise)
+    x_next = cx * x_corr + p0 * D + p1 * H1 + p2 * H2 + p3 * H3 + cz * z  # predictor (+ SDE noise)
 
-where ``H1``, ``H2`` are the data predictions of the previous two steps and
+where ``H1``, ``H2``, ``H3`` are the stored ``E`` of the previous three steps and
 ``x_last`` the (corrected) ``x`` of the previous step, all kept in a small
-history buffer on the device that ``multistep_update`` advances.  The step index
+history buffer on the device that ``multistep_update`` advances: ``[4, *x.shape]``,
+a ring of three (step ``i`` reads ``H1, H2, H3`` at slots ``(i + 1) % 3, (i + 2) % 3,
+i % 3``, then writes ``E`` at ``i % 3``) and ``x_last`` at slot 3.  DPM-Solver++ and
+UniPC set ``p3 = hx = 0`` (``E = D``, two steps of history); the two columns leave
+room for linear-multistep methods of order up to four.  The step index
 is the only per-step input; the update branches on nothing but static flags.
 
 Conventions are those of the DDPM sampler (``reference.step_coefficients``): row
@@ -68,7 +73,7 @@ SOLVER_ORDER = {"dpm++2m": 2, "dpm++3m": 3, "dpm++2m-sde": 2, "unipc": 2}
 # cosine pipelines (DeepFloyd IF, unCLIP) use -5.1.  We apply it by default for the cosine schedule.
 COSINE_LAMBDA_MIN = -5.1
 DEFAULT_STEPS = 20  # model calls when none are given (DPM-Solver: ~DDPM-1000 quality at 10-25)
-HISTORY_SLOTS = 3  # two data predictions (a ring indexed by step % 2) and x_last
+HISTORY_SLOTS = ops.reference.MULTISTEP_HISTORY_SLOTS  # 4: three stored predictions (a ring, step % 3) and x_last
 
 
 def _check_choice(name, value, allowed):
@@ -125,7 +130,7 @@ def solver_timesteps(schedule: NoiseSchedule, steps: int, solver: str = "dpm++2m
         ramp = np.linspace(0, 1, K)
         hi, lo = all_sigmas[last - 1] ** (1 / rho), all_sigmas[0] ** (1 / rho)  # the clip bounds sigma_max too
         sigmas = (hi + ramp * (lo - hi)) ** rho
-        t_cont = _sigma_to_t(sigmas, np.log(all_sigmas))
+        t_cont = sigma_to_t(sigmas, np.log(all_sigmas))
         # diffusers rounds, except DPM-Solver on the cosine schedule, where it truncates
         ts = (t_cont if solver != "unipc" and schedule.kind == "cosine" else t_cont.round()).astype(np.int64)
     else:
@@ -133,7 +138,7 @@ def solver_timesteps(schedule: NoiseSchedule, steps: int, solver: str = "dpm++2m
     return ts, np.append(sigmas, 0.0)
 
 
-def _sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
+def sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
     """The fractional timestep of each sigma: linear interpolation in log sigma."""
     log_sigma = np.log(np.maximum(sigmas, 1e-10))
     dists = log_sigma - log_sigmas[:, None]
@@ -160,7 +165,7 @@ def solver_orders(solver: str, K: int, begin_index: int = 0) -> np.ndarray:
 # -- the table -------------------------------------------------------------------------------
 def multistep_table(sigmas: np.ndarray, solver: str, prediction: str = "epsilon",
                     orders: np.ndarray | None = None) -> np.ndarray:
-    """The float64 ``[K, 12]`` table (``TABLE_COLUMNS``), row ``i`` for reverse-process step ``i``.
+    """The float64 ``[K, 14]`` table (``TABLE_COLUMNS``), row ``i`` for reverse-process step ``i``.
 
     :param sigmas: float64 ``[K + 1]`` from ``solver_timesteps`` (running order, last 0), or its tail
         from a begin index on.
@@ -288,7 +293,7 @@ class MultistepPlan:
 
     :param solver: one of ``SOLVERS``.
     :param timesteps: int64 ``[K]``: model timestep of reverse-process step ``i`` (row ``i``).
-    :param table: float64 ``[K, 12]`` coefficient table.
+    :param table: float64 ``[K, 14]`` coefficient table.
     :param clip_denoised: clamp ``D`` to [-1, 1] (diffusers: ``thresholding=True, sample_max_value=1``).
     :param thresholding: ``(ratio, sample_max_value)`` of dynamic thresholding on ``D`` (diffusers:
         ``thresholding=True`` with ``sample_max_value > 1``), or None.
@@ -306,9 +311,15 @@ class MultistepPlan:
     sigmas: np.ndarray | None = None
     begin_index: int = 0
 
+    start_scale = 1.0  # the start x is x_T times this (a k-sampler's init_noise_sigma: ksamplers.KPlan)
+
     @property
     def num_steps(self) -> int:
         return int(self.timesteps.size)
+
+    def callback_timestep(self, i: int):
+        """The model timestep of row ``i`` as a callback gets it: an int (a k-sampler's may be a float)."""
+        return int(self.timesteps[i])
 
     @property
     def whole_steps(self) -> int:
@@ -320,7 +331,7 @@ class MultistepPlan:
         return self.solver.endswith("-sde")
 
     def tensors(self, device, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(table [K, 12] in dtype, timesteps int64 [K])`` on ``device``."""
+        """``(table [K, 14] in dtype, timesteps int64 [K])`` on ``device``."""
         table = torch.as_tensor(self.table, dtype=torch.float64).to(dtype).to(device)
         return table, torch.as_tensor(self.timesteps, dtype=torch.int64, device=device)
 
@@ -351,8 +362,8 @@ def make_plan(schedule: NoiseSchedule, solver: str, steps: int, prediction: str 
 
 # -- the update --------------------------------------------------------------------------------
 def new_history(x: torch.Tensor) -> torch.Tensor:
-    """A zeroed history buffer for a batch like ``x``: ``[3, *x.shape]`` (float64 for a
-    float64 ``x``, else float32)."""
+    """A zeroed history buffer for a batch like ``x``: ``[4, *x.shape]`` (``HISTORY_SLOTS``: the
+    ring of three stored predictions, then ``x_last``; float64 for a float64 ``x``, else float32)."""
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     return torch.zeros((HISTORY_SLOTS, *x.shape), dtype=dtype, device=x.device)
 
@@ -369,7 +380,7 @@ def multistep_update(x, model_output, history, step, table, noise=None, clip_den
     :param model_output: ``[n, ...]`` any float dtype.
     :param history: ``new_history(x)`` at the first step, then passed back unchanged.
     :param step: int64 0-dim (or ``[1]``) device tensor: the reverse-process step index (row).
-    :param table: ``[K, 12]`` coefficient table (its row is cast to the compute dtype).
+    :param table: ``[K, 14]`` coefficient table (its row is cast to the compute dtype).
     :param noise: ``[n, ...]`` standard normals for the SDE solver (None: no noise term).
     :param clip_denoised: clamp the data prediction to [-1, 1].
     :param thresholding: ``(ratio, sample_max_value)``: dynamic thresholding of the data prediction.

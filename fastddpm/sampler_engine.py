@@ -260,6 +260,8 @@ class SamplerEngine:
             self.x.copy_(noise.reshape(self.shape))
         else:
             self.x.copy_(reference.batch_noise(seed, sample_offset, self._slot_x_T, self.shape, self.plan.device))
+        if self.solver is not None and self.solver.start_scale != 1.0:  # a k-sampler's init_noise_sigma
+            self.x.mul_(self.solver.start_scale)
         if self.model_input is not None:
             self.model_input.copy_(self.x)
         self.step.fill_(self.num_steps - 1)
@@ -369,7 +371,7 @@ class SamplerEngine:
                         bar.update(steps)
         else:
             self._reset(seed, sample_offset, noise)
-            timesteps = self.process.schedule.timesteps if self.solver is None else self.solver.timesteps
+            timesteps = self.process.schedule.timesteps
             if self.walk is not None:  # the walk's visit index and each row's model timestep
                 timesteps = self.walk.timesteps.tolist()
             for i in reversed(range(self.num_steps)):
@@ -377,7 +379,8 @@ class SamplerEngine:
                 if bar is not None:
                     bar.update(1)
                 if callback is not None:
-                    returned = callback(i if self.walk is None else self.num_steps - 1 - i, int(timesteps[i]),
+                    t_i = self.solver.callback_timestep(i) if self.solver is not None else int(timesteps[i])
+                    returned = callback(i if self.walk is None else self.num_steps - 1 - i, t_i,
                                         self.x.clone())
                     if returned is not None:  # the callback's x goes on (as diffusers' callback_on_step_end)
                         self.x.copy_(replaced_x(returned, self.x))

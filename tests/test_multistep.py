@@ -170,12 +170,13 @@ def test_first_order_rows_and_final_step_land_on_the_data_prediction():
 
 def test_update_reads_only_the_row_of_its_step_and_advances_the_ring():
     """The update's result depends on the table only through row ``step`` and the history;
-    the data prediction goes into slot step % 2 and x_corr into slot 2."""
+    the data prediction (E = D: hx = 0) goes into ring slot step % 3, x_corr into slot 3, and the
+    other two ring slots are kept."""
     plan = make_plan(NoiseSchedule.make("linear", T), "unipc", 9, clip_denoised=True)
     table = torch.as_tensor(plan.table, dtype=torch.float32)
     g = torch.Generator().manual_seed(3)
     x, out = torch.randn(2, 3, 5, 5, generator=g), torch.randn(2, 3, 5, 5, generator=g)
-    hist = torch.randn(3, 2, 3, 5, 5, generator=g)
+    hist = torch.randn(multistep.HISTORY_SLOTS, 2, 3, 5, 5, generator=g)
     step = torch.tensor(4)
     scrambled = table.clone()
     scrambled[torch.arange(9) != 4] = float("nan")
@@ -184,7 +185,8 @@ def test_update_reads_only_the_row_of_its_step_and_advances_the_ring():
     b = multistep_update(x, out, h2, step, scrambled, clip_denoised=True)
     assert torch.equal(a, b) and torch.equal(h1, h2)
     d = (table[4, 0] * x + table[4, 1] * out).clamp(-1, 1)
-    assert torch.equal(h1[0], d) and torch.equal(h1[1], hist[1])
+    assert torch.equal(h1[1], d) and torch.equal(h1[0], hist[0]) and torch.equal(h1[2], hist[2])
+    assert not torch.equal(h1[3], hist[3])  # x_corr
 
 
 def test_errors_name_the_valid_choices():
@@ -207,7 +209,7 @@ def test_errors_name_the_valid_choices():
 def test_new_history_is_zero_and_follows_the_compute_dtype():
     assert new_history(torch.ones(2, 3, dtype=torch.float16)).dtype == torch.float32
     h = new_history(torch.ones(2, 3, dtype=torch.float64))
-    assert h.dtype == torch.float64 and h.shape == (3, 2, 3) and not h.any()
+    assert h.dtype == torch.float64 and h.shape == (4, 2, 3) and not h.any()
 
 
 # -- fastddpm.sample and DDPM with a multistep sampler ---------------------------------------------
@@ -297,10 +299,12 @@ def test_sample_errors_for_solvers():
 
 
 def test_cli_sample_with_a_solver(tmp_path, capsys):
-    from fastddpm import cli
+    from fastddpm import cli, cli_args
+    from fastddpm.modes import KSAMPLERS
     from fastddpm.ops import reference
 
-    assert cli.SAMPLER_CHOICES == reference.SAMPLERS + multistep.SOLVERS
+    assert cli.SAMPLER_CHOICES == reference.SAMPLERS + multistep.SOLVERS + KSAMPLERS
+    assert set(cli_args.SAMPLER_HELP) == set(cli.SAMPLER_CHOICES)
     out = tmp_path / "s.npz"
     assert cli.main(["sample", "--checkpoint", str(cli.DEMO_MODEL), "-n", "2", "--steps", "4", "--sampler",
                      "dpm++2m", "--out", str(out), "--quiet", "--device", "cpu"]) == 0
@@ -309,7 +313,10 @@ def test_cli_sample_with_a_solver(tmp_path, capsys):
                      "dpm++3m", "--out", str(out), "--quiet", "--device", "cpu"]) == 2
     assert "dpm++3m is a 3-step method" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        cli.build_parser().parse_args(["sample", "--checkpoint", "x", "--sampler", "euler"])
+        cli.build_parser().parse_args(["sample", "--checkpoint", "x", "--sampler", "euler_a"])
+    assert cli.main(["sample", "--checkpoint", str(cli.DEMO_MODEL), "-n", "2", "--steps", "3", "--sampler",
+                     "heun", "--out", str(out), "--quiet", "--device", "cpu"]) == 0
+    assert np.load(out)["images"].shape[0] == 2
 
 
 # -- quality on the shipped digits model ----------------------------------------------------------
