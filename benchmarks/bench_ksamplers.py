@@ -307,8 +307,9 @@ def parse_rows(text: str) -> list[tuple[str, str, int]]:
 
 
 def plot(rows: list[dict], path: Path) -> Path:
-    """Fréchet distance against model calls, a line per impl and sampler (a dot where it has one row),
-    fastddpm's first (a peer's dot of the same images lies on fastddpm's line)."""
+    """Fréchet distance (log scale: at 5 calls it is 10x that at 20) against model calls, a line per
+    impl and sampler (a dot where it has one row), fastddpm's first (on the same seeds a peer's dot,
+    the same images, lies on fastddpm's line)."""
     from fastddpm.plots import plot_lines
 
     order = {(impl, sampler): k for k, (impl, sampler) in enumerate(
@@ -319,7 +320,7 @@ def plot(rows: list[dict], path: Path) -> Path:
         xs.append(r["model_calls"])
         ys.append(r["fd"])
     return plot_lines(series, path, title="k-samplers: quality per model call (shipped digits model)",
-                      xlabel="model calls", ylabel="Frechet distance", size=(900, 640))
+                      xlabel="model calls", ylabel="Frechet distance (log)", logy=True, size=(900, 640))
 
 
 def _seeds(text: str, flag: str, p) -> list[int]:
