@@ -16,9 +16,9 @@ Algorithm 2 (Ho et al.) with no host work per step on a GPU:
   and replayed ``K / steps_per_graph`` times.
 * Before the loop, on the device and outside the graph: ``rng`` is filled with
   this run's seed and sample offset, and ``x_T`` (noise slot K) is drawn.
-* The multistep solvers (``fastddpm.multistep``: DPM-Solver++ 2M/3M/2M-SDE, UniPC)
-  run the same loop: their ``[K, 12]`` table and timesteps replace the DDPM ones,
-  a static ``[3, *shape]`` history ring (zeroed before the loop) is advanced by
+* The multistep solvers (``fastddpm.multistep``: DPM-Solver++ 2M/3M/2M-SDE, UniPC; the k-samplers too)
+  run the same loop: their ``[R, 14]`` table and timesteps replace the DDPM ones,
+  a static ``[4, *shape]`` history ring (zeroed before the loop) is advanced by
   the fused in-place ``multistep_step_`` after the model call (it reads the step
   index, and for the SDE solver the noise key, on the device, and writes both
   ``x`` and the model input, as ``ddpm_step_``).
@@ -87,8 +87,8 @@ class SamplerEngine:
         (its keyword tensors' shapes and its guidance settings are the engine's; ``run`` takes later
         batches of the same form); None: the plain ``model(x, t)``.
 
-    A multistep solver runs the same loop with its own ``[K, 12]`` table, its timesteps, and a static
-    ``[3, *shape]`` float32 history ring that ``_reset`` zeroes and the fused ``multistep_step_``
+    A multistep solver runs the same loop with its own ``[R, 14]`` table, its timesteps, and a static
+    ``[4, *shape]`` float32 history ring that ``_reset`` zeroes and the fused ``multistep_step_``
     advances in place after the model call (it reads the step index from the device counter and
     writes the model input too).
 
@@ -131,14 +131,14 @@ class SamplerEngine:
             self.clip_denoised = bool(process.config.clip_denoised)
             self.thresholding = process.config.thresholding
         else:
-            self.coefs, self.timesteps = self.solver.tensors(device)  # coefs: the [K, 12] table
+            self.coefs, self.timesteps = self.solver.tensors(device)  # coefs: the [R, 14] table
             self.clip_denoised = self.solver.clip_denoised
             self.thresholding = self.solver.thresholding
         # the thresholding reads a, b: the walk's first five columns, else the table itself
         self._threshold_table = self.walk.reverse5 if self.walk is not None else self.coefs
         # -- static buffers: allocated once, updated in place ------------------------------
         self.x = torch.empty(self.shape, dtype=torch.float32, device=device)
-        # the multistep solvers' ring: [3, *shape] float32
+        # the multistep solvers' ring: [4, *shape] float32
         self.history = multistep.new_history(self.x) if self.solver is not None else None
         self.model_input = None  # None: the model reads x itself
         if plan.dtype != torch.float32 or plan.channels_last:
