@@ -119,7 +119,8 @@ def _sampling_process(process, args):
     sampler = args.sampler or process.config.sampler
     if args.eta is not None and sampler != "ddim":
         raise ValueError(f"--eta is DDIM's: give --sampler ddim with it (the process samples with {sampler!r})")
-    options = {k: v for k, v in (("sampler", args.sampler), ("eta", args.eta)) if v is not None}
+    options = {k: v for k, v in (("sampler", args.sampler), ("eta", args.eta), ("solver_order", args.order),
+                                 ("s_churn", args.s_churn)) if v is not None}
     chosen = process.with_options(**options) if options else process
     if chosen.is_multistep:
         return chosen, chosen.multistep_plan(args.steps).num_steps
@@ -259,6 +260,10 @@ def _add_sample_args(p, n=64, out="samples.png"):
                         "k-sampler: sigma steps, default 20)")
     p.add_argument("--sampler", choices=SAMPLER_CHOICES, default=None, help=sampler_help(SAMPLER_CHOICES))
     p.add_argument("--eta", type=float, default=None, help="DDIM eta (with --sampler ddim; default: 0)")
+    p.add_argument("--order", type=int_in(1, 4), default=None,
+                   help="the order of a sampler that has one (lms: 1-4, default 4)")
+    p.add_argument("--s-churn", type=float, default=None,
+                   help="EDM's churn for euler, heun, dpm2 (k-diffusion's s_churn; default 0: none)")
     p.add_argument("--seed", type=int_in(0, MAX_SEED), default=0)
     p.add_argument("--batch-size", type=int_in(1), default=None,
                    help=f"micro-batch size (default: up to {DEFAULT_MICRO_BATCH}; the images do not depend on it)")

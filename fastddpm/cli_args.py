@@ -25,6 +25,7 @@ SAMPLER_HELP = {
     "heun": "Heun, 2nd order (EDM): 2 x steps - 1 calls",
     "dpm2": "DPM2 (k-diffusion): 2 x steps - 1 calls",
     "dpm2-a": "DPM2 ancestral: 2 x steps - 1 calls, stochastic",
+    "lms": "linear multistep in sigma, order 4 (--order; diffusers' LMSDiscreteScheduler)",
     "dpm++2s-a": "DPM++ 2S ancestral (k-diffusion): 2 x steps - 1 calls, stochastic",
     "dpm++sde": "DPM++ SDE (k-diffusion, Brownian noise): 2 x steps - 1 calls",
     "dpm++3m-sde": "DPM++ 3M SDE (k-diffusion), stochastic",

@@ -8,8 +8,8 @@ from dataclasses import MISSING, dataclass, fields
 from typing import ClassVar, Literal
 
 from .checks import is_int
-from .modes import (KSAMPLERS, LOSSES, PREDICTIONS, SAMPLERS, SOLVERS, SPACINGS, VARIANCES, LossType, Prediction, SamplerChoice,
-                    Spacing, Variance)
+from .modes import (CHURNED, KSAMPLERS, LMS_ORDER, LOSSES, PREDICTIONS, SAMPLERS, SOLVERS, SPACINGS, VARIANCES,
+                    LossType, Prediction, SamplerChoice, Spacing, Variance)
 from .schedule import SCHEDULE_KINDS, ScheduleKind
 
 __all__ = ["JsonConfig", "DiffusionConfig", "MAX_TIMESTEPS"]
@@ -98,6 +98,13 @@ class DiffusionConfig(JsonConfig):
         prediction) or ``sigma_min`` (the schedule's smallest; diffusers' ``final_sigmas_type``).
     :param lambda_min_clipped: multistep solvers skip timesteps whose ``lambda = log(alpha/sigma)``
         is below this; None: -5.1 for the cosine schedule (DPM-Solver's fix), none otherwise.
+    :param solver_order: the order of a sampler that has one: ``lms`` 1-4 (None: 4, diffusers' and
+        k-diffusion's default).
+    :param s_churn: EDM's stochastic sampling (Karras et al. 2022, Algorithm 2) for ``euler``, ``heun`` and
+        ``dpm2``, as k-diffusion's ``s_churn``: 0 (none) or the total churn; each step whose sigma is in
+        ``[s_tmin, s_tmax]`` (``s_tmax`` None: no upper bound) is first raised to ``sigma (1 + gamma)``,
+        ``gamma = min(s_churn / steps, sqrt 2 - 1)``, by a draw (``ksamplers.make_kplan``).
+    :param s_noise: the scale of a k-sampler's draws (k-diffusion's ``s_noise``; 1: none).
     :param begin_index: sampling begins part-way: the number of leading steps of the sampling plan to
         skip (diffusers' ``set_begin_index``; 0: the whole plan).  For DDPM/DDIM (respaced or not) the
         process is its first ``K - begin_index`` steps, the same rows and noise slots as the whole chain's
@@ -125,6 +132,11 @@ class DiffusionConfig(JsonConfig):
     beta_sigmas: bool = False
     final_sigmas_type: Literal["zero", "sigma_min"] = "zero"
     lambda_min_clipped: float | None = None
+    solver_order: int | None = None
+    s_churn: float = 0.0
+    s_tmin: float = 0.0
+    s_tmax: float | None = None
+    s_noise: float = 1.0
     begin_index: int = 0
     loss: LossType = "l2"
     huber_delta: float = 1.0
@@ -137,6 +149,29 @@ class DiffusionConfig(JsonConfig):
         """A k-sampler's sigmas: ``karras``, ``exponential``, ``beta`` or ``default``."""
         return ("karras" if self.karras_sigmas else "exponential" if self.exponential_sigmas
                 else "beta" if self.beta_sigmas else "default")
+
+    def _check_k_options(self):
+        def number(name, low=0.0):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not low <= v < float("inf"):
+                raise ValueError(f"{name} must be a finite number >= {low}, got {v!r}")
+
+        for name in ("s_churn", "s_tmin", "s_noise"):
+            number(name)
+        if self.s_tmax is not None:
+            number("s_tmax", self.s_tmin)
+        if (self.s_churn or self.s_tmin or self.s_tmax is not None) and self.sampler not in CHURNED:
+            raise ValueError(f"s_churn, s_tmin and s_tmax are for the samplers {CHURNED} (k-diffusion's "
+                             f"sample_euler/heun/dpm_2), not sampler={self.sampler!r}")
+        if self.s_noise != 1.0 and self.sampler not in KSAMPLERS:
+            raise ValueError(f"s_noise is for the k-samplers {KSAMPLERS}, not sampler={self.sampler!r}")
+        if self.solver_order is not None:
+            if self.sampler != "lms":
+                raise ValueError(f"solver_order is for sampler 'lms', not sampler={self.sampler!r} "
+                                 f"(whose order its name says)")
+            if not is_int(self.solver_order) or not 1 <= self.solver_order <= LMS_ORDER:
+                raise ValueError(f"solver_order must be an int in [1, {LMS_ORDER}] for lms, "
+                                 f"got {self.solver_order!r}")
 
     @property
     def thresholding(self) -> tuple[float, float] | None:
@@ -187,6 +222,7 @@ class DiffusionConfig(JsonConfig):
             if self.final_sigmas_type != "zero":
                 raise ValueError(f"final_sigmas_type={self.final_sigmas_type!r} is for the k-samplers {KSAMPLERS}, "
                                  f"not sampler={self.sampler!r}")
+        self._check_k_options()
         if self.lambda_min_clipped is not None and (isinstance(self.lambda_min_clipped, bool) or not isinstance(
                 self.lambda_min_clipped, (int, float)) or self.lambda_min_clipped != self.lambda_min_clipped):
             raise ValueError(f"lambda_min_clipped must be a float or None, got {self.lambda_min_clipped!r}")

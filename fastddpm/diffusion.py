@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import numbers
 from dataclasses import dataclass
 
@@ -203,7 +204,9 @@ class DDPM:
                                  f"yet: use a multistep solver ({', '.join(multistep.SOLVERS)}) or ddpm/ddim")
             return ksamplers.make_kplan(self._base_schedule(), c.sampler, multistep.DEFAULT_STEPS if steps is None
                                         else steps, c.prediction, c.timestep_spacing, c.sigma_schedule,
-                                        c.final_sigmas_type, bool(c.clip_denoised), c.thresholding)
+                                        c.final_sigmas_type, bool(c.clip_denoised), c.thresholding,
+                                        order=c.solver_order, s_churn=c.s_churn, s_tmin=c.s_tmin,
+                                        s_tmax=math.inf if c.s_tmax is None else c.s_tmax, s_noise=c.s_noise)
         return multistep.make_plan(self._base_schedule(), c.sampler,
                                    multistep.DEFAULT_STEPS if steps is None else steps, c.prediction,
                                    c.timestep_spacing, c.karras_sigmas, c.lambda_min_clipped, bool(c.clip_denoised),

@@ -3,8 +3,8 @@ and the duck typing of a diffusers pipeline (``DDPMPipeline``, ``DDIMPipeline``)
 
 ``diffusion_config`` (the conversion behind ``DDPM.from_diffusers``) maps every ``__init__`` field of ``DDPMScheduler``, ``DDIMScheduler``,
 ``DPMSolverMultistepScheduler``, ``UniPCMultistepScheduler`` and the k-samplers' ``EulerDiscreteScheduler``,
-``EulerAncestralDiscreteScheduler``, ``HeunDiscreteScheduler``, ``KDPM2DiscreteScheduler`` and
-``KDPM2AncestralDiscreteScheduler`` (diffusers 0.42) to the
+``EulerAncestralDiscreteScheduler``, ``HeunDiscreteScheduler``, ``KDPM2DiscreteScheduler``,
+``KDPM2AncestralDiscreteScheduler`` and ``LMSDiscreteScheduler`` (diffusers 0.42) to the
 ``DiffusionConfig`` that samples the same trajectory, or raises a ``ValueError`` that names the
 field, its value and what is supported: a process is never silently approximated.
 
@@ -29,8 +29,8 @@ field, its value and what is supported: a process is never silently approximated
     UniPC (bh2, order 2, predict_x0)           sampler unipc, lambda_min_clipped=-inf
     use_karras_sigmas                          karras_sigmas
     lambda_min_clipped                         lambda_min_clipped
-    Euler / EulerAncestral / Heun /            sampler euler / euler-a / heun / dpm2 / dpm2-a
-      KDPM2 / KDPM2Ancestral                   (fastddpm.ksamplers)
+    Euler / EulerAncestral / Heun /            sampler euler / euler-a / heun / dpm2 / dpm2-a / lms
+      KDPM2 / KDPM2Ancestral / LMS             (fastddpm.ksamplers; LMS order 4, step()'s default)
     use_exponential_sigmas, use_beta_sigmas    exponential_sigmas, beta_sigmas (k-samplers)
     final_sigmas_type (Euler)                  final_sigmas_type
     clip_sample (Heun, clip_sample_range=1)    clip_denoised
@@ -71,7 +71,7 @@ __all__ = ["SCHEDULERS", "diffusion_config", "scheduler_config", "is_pipeline"]
 # the k-samplers' schedulers (fastddpm.ksamplers) and the sampler each is
 K_SCHEDULERS = {"EulerDiscreteScheduler": "euler", "EulerAncestralDiscreteScheduler": "euler-a",
                 "HeunDiscreteScheduler": "heun", "KDPM2DiscreteScheduler": "dpm2",
-                "KDPM2AncestralDiscreteScheduler": "dpm2-a"}
+                "KDPM2AncestralDiscreteScheduler": "dpm2-a", "LMSDiscreteScheduler": "lms"}
 SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler",
               *K_SCHEDULERS)
 PREDICTIONS = {"epsilon": "epsilon", "sample": "x0", "v_prediction": "v"}
@@ -100,6 +100,7 @@ HANDLED.update({
     "HeunDiscreteScheduler": _K_COMMON + _K_SIGMAS + ("clip_sample", "clip_sample_range"),
     "KDPM2DiscreteScheduler": _K_COMMON + _K_SIGMAS,
     "KDPM2AncestralDiscreteScheduler": _K_COMMON + _K_SIGMAS,
+    "LMSDiscreteScheduler": _K_COMMON + _K_SIGMAS,
 })
 
 
@@ -377,7 +378,8 @@ def _unipc(f: _Fields) -> dict:
 
 
 def _k_sampler(f: _Fields, sampler: str) -> dict:
-    """Euler, Euler ancestral, Heun, KDPM2, KDPM2 ancestral: ``fastddpm.ksamplers`` with the same sigmas."""
+    """Euler, Euler ancestral, Heun, KDPM2, KDPM2 ancestral, LMS: ``fastddpm.ksamplers`` with the same sigmas
+    (LMS of order 4, the default of diffusers' ``step(order=)``)."""
     kw = {"sampler": sampler, "clip_denoised": False}
     chosen = [key for key in _K_SIGMAS if f.config.get(key)]
     for key in chosen:

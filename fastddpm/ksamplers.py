@@ -1,6 +1,7 @@
 """The sigma-space samplers of k-diffusion and diffusers' ``*DiscreteScheduler``: Euler, Euler
-ancestral, Heun, DPM2, DPM2 ancestral, DPM++ 2S ancestral, DPM++ SDE and DPM++ 3M SDE -- as rows of
-the one fused multistep table (``fastddpm.multistep``).
+ancestral, Heun, DPM2, DPM2 ancestral, LMS, DPM++ 2S ancestral, DPM++ SDE and DPM++ 3M SDE -- as rows
+of the one fused multistep table (``fastddpm.multistep``); EDM's churn (``s_churn``) for Euler, Heun
+and DPM2.
 
 These samplers are written (Karras et al. 2022, "EDM") for ``x = x0 + sigma * eps`` with
 ``sigma = sqrt((1 - abar) / abar)``: a DDPM sample is ``x_vp = alpha x`` with ``alpha = 1 / sqrt(1 +
@@ -12,7 +13,9 @@ computed here once in float64 and rescaled to the DDPM variable the loop keeps::
 
     x_next = alpha_out * (cx * x / alpha_in + cl * x_start / alpha_start + cd * D + c1 * H1 + c2 * H2 + cz * z)
 
-A two-stage step (Heun, DPM2, DPM++ 2S, DPM++ SDE) is two rows: the first keeps the ``x`` it began
+LMS keeps ``E = D - x = -sigma d`` in the ring (the row's ``hx``), so its order-4 step ``x + sum_j
+c_j d_{i-j}`` reads the three earlier derivatives as ``H1..H3``; the ``c_j`` are the Lagrange
+integrals (``lms_coefficients``).  A two-stage step (Heun, DPM2, DPM++ 2S, DPM++ SDE) is two rows: the first keeps the ``x`` it began
 from in the history's ``x_last``, the second reads it back.  ``steps`` is, as diffusers'
 ``num_inference_steps``, the number of sigmas stepped from; the last step (to sigma 0) is always one
 Euler call, so a two-stage sampler makes ``2 * steps - 1`` model calls (``model_calls``).
@@ -36,12 +39,12 @@ import numpy as np
 import torch
 
 from .checks import is_int
-from .modes import KSAMPLERS, PREDICTIONS, SIGMA_SCHEDULES, SPACINGS
+from .modes import CHURNED, KSAMPLERS, LMS_ORDER, PREDICTIONS, SIGMA_SCHEDULES, SPACINGS
 from .multistep import TABLE_COLUMNS, MultistepPlan, sigma_to_t
 from .schedule import NoiseSchedule
 
-__all__ = ["KSAMPLERS", "SIGMA_SCHEDULES", "TWO_STAGE", "STOCHASTIC", "KPlan", "ksampler_sigmas", "make_kplan",
-           "model_calls", "ancestral_step"]
+__all__ = ["KSAMPLERS", "SIGMA_SCHEDULES", "TWO_STAGE", "STOCHASTIC", "CHURNED", "lms_coefficients", "KPlan",
+           "ksampler_sigmas", "make_kplan", "model_calls", "ancestral_step"]
 
 TWO_STAGE = ("heun", "dpm2", "dpm2-a", "dpm++2s-a", "dpm++sde")  # two model calls per step but the last
 STOCHASTIC = ("euler-a", "dpm2-a", "dpm++2s-a", "dpm++sde", "dpm++3m-sde")
@@ -133,7 +136,9 @@ class _Row:
     cd: float = 0.0  # D
     c1: float = 0.0  # H1: the previous call's D
     c2: float = 0.0  # H2: two calls back
+    c3: float = 0.0  # H3: three calls back
     cz: float = 0.0  # the row's normal draw
+    hx: float = 0.0  # the ring keeps E = D + hx x (sigma space; LMS: -1, so E = -sigma d)
     keep: bool = True  # x_last <- this row's x (a step's first row); False: the row reads x_last
     s_last: float = 0.0  # sigma of x_last, when read
     final: bool = False
@@ -147,17 +152,58 @@ def _euler(t, s, s_to, s_out=None):
     return _Row(t, s, s_to if s_out is None else s_out, cx=r, cd=1.0 - r)
 
 
-def _rows(sampler, sigmas, ts, log_sigmas, eta=1.0, s_noise=1.0):
+def _churn(sigmas, s_churn, s_tmin, s_tmax):
+    """EDM's churn (Karras et al. 2022, Algorithm 2; k-diffusion's ``s_churn``): the ``sigma_hat`` each step
+    raises its sigma to, ``gamma = min(s_churn / steps, sqrt 2 - 1)`` where ``s_tmin <= sigma <= s_tmax``."""
+    K = sigmas.size - 1
+    gamma = min(s_churn / K, math.sqrt(2.0) - 1.0) if s_churn else 0.0
+    return [s * (1.0 + gamma) if gamma > 0.0 and s_tmin <= s <= s_tmax else s for s in sigmas[:K].tolist()]
+
+
+def lms_coefficients(sigmas, i: int, order: int) -> list[float]:
+    """The ``order`` weights of ``d_i, d_{i-1}, ...`` in LMS step ``i``: the integral over ``[sigma_i,
+    sigma_{i+1}]`` of each Lagrange basis polynomial through ``sigma_i, ..., sigma_{i-order+1}`` (diffusers'
+    ``get_lms_coefficient``, k-diffusion's ``linear_multistep_coeff``), exact: Gauss-Legendre with as
+    many nodes as the order integrates a polynomial of degree ``order - 1`` to rounding."""
+    nodes = [float(sigmas[i - k]) for k in range(order)]
+    lo, hi = float(sigmas[i]), float(sigmas[i + 1])
+    xg, wg = np.polynomial.legendre.leggauss(max(order, 1))
+    tau = 0.5 * (hi - lo) * xg + 0.5 * (hi + lo)
+    out = []
+    for j in range(order):
+        basis = np.ones_like(tau)
+        for k in range(order):
+            if k != j:
+                basis *= (tau - nodes[k]) / (nodes[j] - nodes[k])
+        out.append(float(0.5 * (hi - lo) * np.dot(wg, basis)))
+    return out
+
+
+def _lms_row(t, s, s_next, i, sigmas, order):
+    """LMS step ``i``: ``x + sum_j c_j d_{i-j}``, ``d = (x - D) / sigma``; the ring keeps ``E = D - x = -sigma d``."""
+    q = min(i + 1, order)
+    c = lms_coefficients(sigmas, i, q)
+    row = _Row(t, s, s_next, cx=1.0 + c[0] / s, cd=-c[0] / s, hx=-1.0)
+    for j, name in zip(range(1, q), ("c1", "c2", "c3")):
+        setattr(row, name, -c[j] / float(sigmas[i - j]))
+    return row
+
+
+def _rows(sampler, sigmas, ts, log_sigmas, eta=1.0, s_noise=1.0, order=4, churn=None):
     K = ts.size
     t_of = lambda sig: float(sigma_to_t(np.array([sig]), log_sigmas)[0])  # noqa: E731
+    hats = list(sigmas[:K]) if churn is None else churn  # sigma_hat of each step (EDM's churn)
     rows = []
     h_prev = []  # DPM++ 3M SDE: the previous steps' h
     for i in range(K):
-        s, s_next, t = float(sigmas[i]), float(sigmas[i + 1]), float(ts[i])
+        s, s_next = float(hats[i]), float(sigmas[i + 1])
+        t = float(ts[i]) if s == float(sigmas[i]) else t_of(s)  # the model sees sigma_hat
         t_next = float(ts[i + 1]) if i + 1 < K else None
         last = i == K - 1
         if sampler == "euler":
             rows.append(_euler(t, s, s_next))
+        elif sampler == "lms":
+            rows.append(_lms_row(t, s, s_next, i, sigmas, order))
         elif sampler == "euler-a":
             down, up = ancestral_step(s, s_next, eta)
             row = _euler(t, s, down, s_out=s_next)
@@ -195,6 +241,11 @@ def _rows(sampler, sigmas, ts, log_sigmas, eta=1.0, s_noise=1.0):
             raise ValueError(sampler)
         if last:
             rows[-1].final = True
+        elif float(hats[i + 1]) != s_next:  # the next step's churn: its draw ends this step, at sigma_hat
+            if rows[-1].cz:  # pragma: no cover - only CHURNED samplers churn, and their last rows draw nothing
+                raise AssertionError(f"{sampler}'s step {i} already draws")
+            rows[-1].cz = math.sqrt(float(hats[i + 1]) ** 2 - s_next**2) * s_noise
+            rows[-1].s_out = float(hats[i + 1])
     return rows
 
 
@@ -273,6 +324,7 @@ def _table(rows, prediction: str) -> np.ndarray:
             raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
         a_out = 1.0 if row.final else _alpha(row.s_out)
         out[col["p0"]], out[col["p1"]], out[col["p2"]] = a_out * row.cd, a_out * row.c1, a_out * row.c2
+        out[col["p3"]], out[col["hx"]] = a_out * row.c3, row.hx / a_in  # x_sigma = x / alpha_in
         out[col["cz"]] = a_out * row.cz
         if row.keep:  # x_corr = x (kept as x_last), x_next = cx x + ...
             if row.cl:
@@ -324,18 +376,39 @@ class KPlan(MultistepPlan):
 def make_kplan(schedule: NoiseSchedule, sampler: str, steps: int, prediction: str = "epsilon",
                spacing: str = "linspace", sigma_schedule: str = "default", final_sigmas_type: str = "zero",
                clip_denoised: bool = False, thresholding: tuple[float, float] | None = None, *,
-               round_karras_timesteps: bool | None = None, eta: float = 1.0, s_noise: float = 1.0) -> KPlan:
+               round_karras_timesteps: bool | None = None, eta: float = 1.0, s_noise: float = 1.0,
+               order: int | None = None, s_churn: float = 0.0, s_tmin: float = 0.0,
+               s_tmax: float = math.inf) -> KPlan:
     """The plan of ``sampler`` over ``steps`` sigma steps (``model_calls(sampler, steps)`` model calls).
 
     :param eta: the ancestral samplers' and SDE samplers' noise (k-diffusion's ``eta``, 1 by default; 0
         makes them deterministic).
     :param s_noise: k-diffusion's ``s_noise``: the scale of every draw.
+    :param order: LMS's order, 1 to 4 (None: 4, diffusers' and k-diffusion's default); only for ``lms``.
+    :param s_churn, s_tmin, s_tmax: EDM's stochastic sampling for ``euler``, ``heun`` and ``dpm2``
+        (k-diffusion's, Karras et al. 2022 Algorithm 2): each step whose sigma is in ``[s_tmin, s_tmax]``
+        first raises it to ``sigma_hat = sigma (1 + gamma)``, ``gamma = min(s_churn / steps, sqrt 2 - 1)``,
+        by a draw of variance ``sigma_hat^2 - sigma^2`` (times ``s_noise^2``), and the model sees
+        ``sigma_hat``.  The draw ends the step before (its last row's noise slot); the first step's is
+        folded into the start, whose scale is then ``sqrt(sigma_0^2 + sigma_hat_0^2 - sigma_0^2)``: the
+        same distribution from one draw.  diffusers' ``EulerDiscreteScheduler.step(s_churn=)`` differs: its
+        model sees the un-churned ``x`` at ``sigma``.
     :param round_karras_timesteps: None: as diffusers' scheduler for this sampler (KDPM2 rounds).
     """
     _check_choice("sampler", sampler, KSAMPLERS)
-    for name, v in (("eta", eta), ("s_noise", s_noise)):
+    for name, v in (("eta", eta), ("s_noise", s_noise), ("s_churn", s_churn), ("s_tmin", s_tmin)):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < math.inf:
             raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+    if isinstance(s_tmax, bool) or not isinstance(s_tmax, (int, float)) or not s_tmax >= s_tmin:
+        raise ValueError(f"s_tmax must be a number >= s_tmin={s_tmin!r} (inf: no upper bound), got {s_tmax!r}")
+    if s_churn and sampler not in CHURNED:
+        raise ValueError(f"s_churn is for {CHURNED} (k-diffusion's sample_euler/heun/dpm_2), not sampler={sampler!r}")
+    if order is not None and sampler != "lms":
+        raise ValueError(f"order is LMS's (sampler='lms'), not sampler={sampler!r}'s")
+    order = LMS_ORDER if order is None else order
+    if not is_int(order) or not 1 <= order <= LMS_ORDER:
+        raise ValueError(f"order must be an int in [1, {LMS_ORDER}] (the op keeps three earlier derivatives), "
+                         f"got {order!r}")
     if round_karras_timesteps is None:
         round_karras_timesteps = sampler in ("dpm2", "dpm2-a")
     sigmas, ts = ksampler_sigmas(schedule, steps, spacing, sigma_schedule, final_sigmas_type, round_karras_timesteps)
@@ -343,14 +416,18 @@ def make_kplan(schedule: NoiseSchedule, sampler: str, steps: int, prediction: st
         raise ValueError(f"final_sigmas_type={final_sigmas_type!r} is only for single-stage samplers; "
                          f"{sampler} ends on sigma 0")
     log_sigmas = np.log(np.sqrt((1.0 - schedule.alphas_cumprod64) / schedule.alphas_cumprod64))
-    rows = _rows(sampler, sigmas, ts, log_sigmas, eta=float(eta), s_noise=float(s_noise))
+    hats = _churn(sigmas, float(s_churn), float(s_tmin), float(s_tmax)) if s_churn else None
+    rows = _rows(sampler, sigmas, ts, log_sigmas, eta=float(eta), s_noise=float(s_noise), order=int(order),
+                 churn=hats)
     table = _table(rows, prediction)
     if not np.all(np.isfinite(table)):
         raise ValueError(f"{sampler} table is not finite for this schedule")
     init_sigma = sigmas[0] if spacing in ("linspace", "trailing") else math.sqrt(sigmas[0] ** 2 + 1.0)
+    s0 = float(rows[0].s)  # sigma_hat of the first step
+    start = math.sqrt(init_sigma**2 + (s0**2 - float(sigmas[0]) ** 2) * float(s_noise) ** 2)
     noisy = bool(np.any(table[:, TABLE_COLUMNS.index("cz")] != 0.0))
     timesteps = np.array([r.t for r in rows], dtype=np.float64)[::-1].copy()
     row_sigmas = np.array([r.s for r in rows], dtype=np.float64)[::-1].copy()
     return KPlan(sampler, timesteps, table, bool(clip_denoised), thresholding, sigmas=row_sigmas,
-                 start_scale=float(_alpha(sigmas[0]) * init_sigma), noisy=noisy, sigma_steps=int(steps),
+                 start_scale=float(_alpha(s0) * start), noisy=noisy, sigma_steps=int(steps),
                  step_sigmas=sigmas)

@@ -11,7 +11,7 @@ from typing import Literal, get_args
 
 __all__ = ["Prediction", "Variance", "LossType", "Sampler", "Solver", "SamplerChoice", "Spacing", "TorchCompileMode",
            "TrainCompileMode", "PREDICTIONS", "VARIANCES", "LOSSES", "SAMPLERS", "SOLVERS", "SPACINGS",
-           "KSampler", "KSAMPLERS", "SigmaSchedule", "SIGMA_SCHEDULES",
+           "KSampler", "KSAMPLERS", "SigmaSchedule", "SIGMA_SCHEDULES", "CHURNED", "LMS_ORDER",
            "TORCH_COMPILE_MODES", "TRAIN_COMPILE_MODES"]
 
 Prediction = Literal["epsilon", "x0", "v"]  # what the model outputs
@@ -20,7 +20,7 @@ LossType = Literal["l2", "l1", "huber"]
 Sampler = Literal["ddpm", "ddim"]  # one-step samplers: a [K, 5] coefficient table (ops.ddpm_step)
 Solver = Literal["dpm++2m", "dpm++3m", "dpm++2m-sde", "unipc"]  # multistep solvers (ops.multistep_step)
 # sigma-space samplers (k-diffusion's sample_*, diffusers' *DiscreteScheduler): rows of the multistep table
-KSampler = Literal["euler", "euler-a", "heun", "dpm2", "dpm2-a", "dpm++2s-a", "dpm++sde", "dpm++3m-sde"]
+KSampler = Literal["euler", "euler-a", "heun", "dpm2", "dpm2-a", "lms", "dpm++2s-a", "dpm++sde", "dpm++3m-sde"]
 SamplerChoice = Literal[Sampler, Solver, KSampler]  # DiffusionConfig.sampler: any kind
 SigmaSchedule = Literal["default", "karras", "exponential", "beta"]  # a k-sampler's sigmas (diffusers' use_*_sigmas)
 Spacing = Literal["linspace", "leading", "trailing"]  # a multistep solver's timesteps (diffusers' timestep_spacing)
@@ -37,5 +37,7 @@ SOLVERS: tuple[str, ...] = get_args(Solver)
 SPACINGS: tuple[str, ...] = get_args(Spacing)
 KSAMPLERS: tuple[str, ...] = get_args(KSampler)
 SIGMA_SCHEDULES: tuple[str, ...] = get_args(SigmaSchedule)
+CHURNED: tuple[str, ...] = ("euler", "heun", "dpm2")  # EDM's s_churn (k-diffusion's sample_euler/heun/dpm_2)
+LMS_ORDER = 4  # LMS's default and largest order: the multistep ring holds three earlier derivatives
 TORCH_COMPILE_MODES: tuple[str, ...] = get_args(TorchCompileMode)
 TRAIN_COMPILE_MODES: tuple[str, ...] = get_args(TrainCompileMode)

@@ -29,7 +29,7 @@ T = 1000
 SHAPE = (3, 2, 5, 7)  # odd
 DIFFUSERS = {"euler": "EulerDiscreteScheduler", "euler-a": "EulerAncestralDiscreteScheduler",
              "heun": "HeunDiscreteScheduler", "dpm2": "KDPM2DiscreteScheduler",
-             "dpm2-a": "KDPM2AncestralDiscreteScheduler"}
+             "dpm2-a": "KDPM2AncestralDiscreteScheduler", "lms": "LMSDiscreteScheduler"}
 DIFFUSERS_PREDICTION = {"epsilon": "epsilon", "v": "v_prediction", "x0": "sample"}
 PEER64_LOOP = dict(atol=1e-9, rtol=1e-9)  # float64 tables, chained through a whole loop
 # diffusers at float32 on Karras sigmas: its float32 1 - alphas_cumprod moves sigma_min by 8e-5
@@ -182,8 +182,9 @@ def _k_diffusion():
 
 
 K_FUNCTIONS = {"euler": "sample_euler", "euler-a": "sample_euler_ancestral", "heun": "sample_heun",
-               "dpm2": "sample_dpm_2", "dpm2-a": "sample_dpm_2_ancestral", "dpm++2s-a": "sample_dpmpp_2s_ancestral",
-               "dpm++sde": "sample_dpmpp_sde", "dpm++3m-sde": "sample_dpmpp_3m_sde"}
+               "dpm2": "sample_dpm_2", "dpm2-a": "sample_dpm_2_ancestral", "lms": "sample_lms",
+               "dpm++2s-a": "sample_dpmpp_2s_ancestral", "dpm++sde": "sample_dpmpp_sde",
+               "dpm++3m-sde": "sample_dpmpp_3m_sde"}
 
 
 def _k_noise(plan, sigmas, seed, dtype):
@@ -247,6 +248,63 @@ def test_equals_k_diffusion(sampler, sigmas):
     assert_close(fast, theirs, **_scaled(PEER, theirs), msg=f"{sampler} float32")
 
 
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_lms_orders_equal_k_diffusion(order):
+    """``sample_lms(order=)``: our LMS of each lower order on the same model, sigmas and start (float64)."""
+    ks, ext = _k_diffusion()
+    schedule = NoiseSchedule.make("linear", T)
+    plan = make_kplan(schedule, "lms", 6, sigma_schedule="karras", order=order)
+    inner = Logged()
+    denoiser = ext.DiscreteEpsDDPMDenoiser(inner, torch.as_tensor(schedule.alphas_cumprod64), quantize=False)
+    sigmas = torch.as_tensor(plan.step_sigmas)
+    x = batch_noise(1, 0, plan.num_steps, SHAPE, "cpu").double() * sigmas[0]
+    theirs = ks.sample_lms(denoiser, x, sigmas, disable=True, order=order)
+    ours = _our_loop(plan, Logged(), 1, torch.float64)
+    assert_close(ours, theirs, **PEER64_LOOP, msg=f"lms order {order}")
+    assert DDPM(sampler="lms", solver_order=order, karras_sigmas=True).multistep_plan(6).table.tolist() == \
+        plan.table.tolist()
+
+
+@pytest.mark.parametrize("window", [(0.0, math.inf), (0.5, 10.0)], ids=["every-step", "tmin-tmax"])
+@pytest.mark.parametrize("sampler", ksamplers.CHURNED)
+def test_churn_equals_k_diffusion(sampler, window):
+    """EDM's stochastic sampler (``s_churn``, ``s_tmin``, ``s_tmax``, ``s_noise``) equals k-diffusion's
+    ``sample_euler`` / ``sample_heun`` / ``sample_dpm_2`` given the same draws: step i's (k-diffusion's i-th
+    ``randn_like``) is the contract's noise of our step i-1's last row; the first step's churn is folded into
+    our start, so k-diffusion gets that start and a zero first draw."""
+    ks, ext = _k_diffusion()
+    schedule = NoiseSchedule.make("linear", T)
+    K, seed, churn, s_noise = 6, 3, 2.0, 0.9
+    kw = dict(s_churn=churn, s_tmin=window[0], s_tmax=window[1], s_noise=s_noise)
+    plan = make_kplan(schedule, sampler, K, sigma_schedule="karras", round_karras_timesteps=False, **kw)
+    assert plan.stochastic
+    R = plan.num_steps
+    last_call = [2 * i + 1 if sampler != "euler" and i < K - 1 else (2 * i if sampler != "euler" else i)
+                 for i in range(K)]
+    draws = iter([torch.zeros(SHAPE, dtype=torch.float64)] + [
+        batch_noise(seed, 0, R - 1 - last_call[i - 1], SHAPE, "cpu").double() for i in range(1, K)])
+    inner = Logged()
+    denoiser = ext.DiscreteEpsDDPMDenoiser(inner, torch.as_tensor(schedule.alphas_cumprod64), quantize=False)
+    sigmas = torch.as_tensor(plan.step_sigmas)
+    hats = ksamplers._churn(plan.step_sigmas, churn, *window)
+    x_start = batch_noise(seed, 0, R, SHAPE, "cpu").double() * plan.start_scale / ksamplers._alpha(hats[0])
+    mp = pytest.MonkeyPatch()
+    with mp.context() as m:
+        m.setattr(ks.torch, "randn_like", lambda x, **_: next(draws).to(x.dtype))
+        theirs = getattr(ks, K_FUNCTIONS[sampler])(denoiser, x_start, sigmas, disable=True, **kw)
+    assert len(inner.calls) == R
+    ours_model = Logged()
+    ours = _our_loop(plan, ours_model, seed, torch.float64)
+    for j, ((xo, to), (xt, tt)) in enumerate(zip(ours_model.calls, inner.calls)):
+        assert_close(to, tt, atol=1e-8, rtol=0, msg=f"{sampler}: t of call {j}")
+        assert_close(xo, xt, **PEER64_LOOP, msg=f"{sampler}: model input of call {j}")
+    assert_close(ours, theirs, **PEER64_LOOP, msg=sampler)
+    if window == (0.0, math.inf):
+        assert hats[0] > plan.step_sigmas[0]  # the first step churned: its start is sigma_hat_0's
+    else:
+        assert hats[0] == plan.step_sigmas[0] and any(h > s for h, s in zip(hats, plan.step_sigmas))
+
+
 # -- every path ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("sampler", KSAMPLERS)
 def test_engine_equals_eager_and_the_float64_loop(sampler):
@@ -260,10 +318,27 @@ def test_engine_equals_eager_and_the_float64_loop(sampler):
     assert_close(eager, truth, **_scaled(PEER, truth), msg=f"{sampler} vs float64")
 
 
-@pytest.mark.parametrize("sampler", ["euler-a", "dpm++sde"])
-def test_noise_contract(sampler):
+@pytest.mark.parametrize("sampler", ["euler", "heun"])
+def test_churn_through_sample_engine_and_eager(sampler):
+    """``s_churn`` through ``fastddpm.sample``: the engine equals the eager loop, both our float64 plan loop,
+    and churn changes the sample (it is not ignored)."""
+    kw = dict(steps=5, seed=4, sampler=sampler, clip_denoised=False, progress=False, s_churn=1.5, s_tmax=30.0,
+              s_noise=1.003)
+    eager = fastddpm.sample(Logged(), SHAPE[0], engine=False, **kw)
+    engine = fastddpm.sample(Logged(), SHAPE[0], engine=True, **kw)
+    assert_close(engine, eager, **FP32, msg=sampler)
+    plan = DDPM(sampler=sampler, clip_denoised=False, s_churn=1.5, s_tmax=30.0, s_noise=1.003).multistep_plan(5)
+    truth = _our_loop(plan, Logged(), 4, torch.float64)
+    assert_close(eager, truth, **_scaled(PEER, truth), msg=f"{sampler} vs float64")
+    plain = fastddpm.sample(Logged(), SHAPE[0], steps=5, seed=4, sampler=sampler, clip_denoised=False,
+                            progress=False)
+    assert (plain - eager).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("sampler,options", [("euler-a", {}), ("dpm++sde", {}), ("heun", {"s_churn": 1.0})])
+def test_noise_contract(sampler, options):
     """Sample i of a seed is the same for any n, batch split or offset."""
-    kw = dict(steps=4, seed=9, sampler=sampler, progress=False)
+    kw = dict(steps=4, seed=9, sampler=sampler, progress=False, **options)
     whole = fastddpm.sample(Logged(), 5, **kw)
     assert torch.equal(fastddpm.sample(Logged(), 5, batch_size=2, **kw), whole)
     assert torch.equal(fastddpm.sample(Logged(), 2, sample_offset=3, **kw), whole[3:])
@@ -308,6 +383,25 @@ def test_plans_and_errors():
         DDPM(sampler="euler-a", eta=0.5)
     with pytest.raises(ValueError, match="s_noise must be a finite number >= 0"):
         make_kplan(schedule, "euler-a", 4, s_noise=-1.0)
+    with pytest.raises(ValueError, match=r"s_churn is for \('euler', 'heun', 'dpm2'\).*not sampler='euler-a'"):
+        make_kplan(schedule, "euler-a", 4, s_churn=1.0)
+    with pytest.raises(ValueError, match=r"s_tmax must be a number >= s_tmin=2.0"):
+        make_kplan(schedule, "euler", 4, s_churn=1.0, s_tmin=2.0, s_tmax=1.0)
+    with pytest.raises(ValueError, match=r"order is LMS's \(sampler='lms'\), not sampler='heun'"):
+        make_kplan(schedule, "heun", 4, order=2)
+    with pytest.raises(ValueError, match=r"order must be an int in \[1, 4\]"):
+        make_kplan(schedule, "lms", 4, order=5)
+    assert make_kplan(schedule, "lms", 4, order=1).table[:, -2].tolist() == [0.0] * 4  # Euler: no H3
+    with pytest.raises(ValueError, match=r"s_churn, s_tmin and s_tmax are for the samplers .*not sampler='lms'"):
+        DDPM(sampler="lms", s_churn=0.5)
+    with pytest.raises(ValueError, match=r"s_tmax must be a finite number >= 1.0"):
+        DDPM(sampler="euler", s_churn=0.5, s_tmin=1.0, s_tmax=0.5)
+    with pytest.raises(ValueError, match=r"s_noise is for the k-samplers"):
+        DDPM(sampler="dpm++2m", s_noise=0.9)
+    with pytest.raises(ValueError, match=r"solver_order is for sampler 'lms', not sampler='euler'"):
+        DDPM(sampler="euler", solver_order=2)
+    with pytest.raises(ValueError, match=r"solver_order must be an int in \[1, 4\] for lms, got 0"):
+        fastddpm.sample(Logged(), 1, sampler="lms", solver_order=0, progress=False)
     with pytest.raises(ValueError, match=r"steps must be an int in \[1, 1000\]"):
         fastddpm.sample(Logged(), 1, sampler="heun", steps=0, progress=False)
     with pytest.raises(ValueError, match="begin_index=2 is not supported by the k-sampler 'euler'"):
@@ -331,7 +425,7 @@ def test_from_diffusers_samples_as_the_scheduler(sampler, monkeypatch):
     assert process.config.sampler == sampler and process.config.prediction == "v"
     assert process.config.karras_sigmas == options.get("use_karras_sigmas", False)
     assert DDPM.from_diffusers({**scheduler.config, "_class_name": cls.__name__}).config == process.config
-    if sampler.startswith("dpm2"):  # KDPM2 and KDPM2Ancestral have the same fields: the class must be named
+    if sampler.startswith("dpm2") or sampler == "lms":  # KDPM2, KDPM2Ancestral and LMS have the same fields
         with pytest.raises(ValueError, match="config dict without '_class_name' whose keys are not exactly one"):
             DDPM.from_diffusers(dict(scheduler.config))
     else:
