@@ -26,13 +26,13 @@ from pathlib import Path
 
 from .cli_args import SHIPPED_MODELS, check_output, sampler_help, class_label, int_in, model_classes, resolve_device
 from .cli_tools import add_tool_parsers
-from .modes import KSAMPLERS, SAMPLERS, SOLVERS
+from .modes import ALL_SAMPLERS
 from .noise import MAX_SEED
 
 DEMO_MODEL = SHIPPED_MODELS["digits_small"]
 DEMO_COND_MODEL = SHIPPED_MODELS["digits_cond_small"]  # class-conditional
 DEMO_GUIDANCE, DEMO_PER_CLASS, DEMO_COND_STEPS = 3.0, 8, 20
-SAMPLER_CHOICES = SAMPLERS + SOLVERS + KSAMPLERS
+SAMPLER_CHOICES = ALL_SAMPLERS
 
 
 def _diffusion_options(args) -> dict:
@@ -261,7 +261,7 @@ def _add_sample_args(p, n=64, out="samples.png"):
     p.add_argument("--sampler", choices=SAMPLER_CHOICES, default=None, help=sampler_help(SAMPLER_CHOICES))
     p.add_argument("--eta", type=float, default=None, help="DDIM eta (with --sampler ddim; default: 0)")
     p.add_argument("--order", type=int_in(1, 4), default=None,
-                   help="the order of a sampler that has one (lms: 1-4, default 4)")
+                   help="the order of a sampler that has one (lms: 1-4, default 4; deis, dpm-solver: 1-3, default 2)")
     p.add_argument("--s-churn", type=float, default=None,
                    help="EDM's churn for euler, heun, dpm2 (k-diffusion's s_churn; default 0: none)")
     p.add_argument("--seed", type=int_in(0, MAX_SEED), default=0)

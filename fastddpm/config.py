@@ -8,7 +8,7 @@ from dataclasses import MISSING, dataclass, fields
 from typing import ClassVar, Literal
 
 from .checks import is_int
-from .modes import (CHURNED, KSAMPLERS, LMS_ORDER, LOSSES, PREDICTIONS, SAMPLERS, SOLVERS, SPACINGS, VARIANCES,
+from .modes import (ALL_SAMPLERS, CHURNED, KSAMPLERS, LOSSES, PREDICTIONS, SOLVER_ORDERS, SPACINGS, VARIANCES,
                     LossType, Prediction, SamplerChoice, Spacing, Variance)
 from .schedule import SCHEDULE_KINDS, ScheduleKind
 
@@ -79,9 +79,11 @@ class DiffusionConfig(JsonConfig):
     :param sample_max_value: the largest ``s`` of ``"dynamic"`` (1: the plain clip).
     :param sampler: ``ddpm`` (ancestral), ``ddim``, a multistep solver: ``dpm++2m``,
         ``dpm++3m``, ``dpm++2m-sde`` (DPM-Solver++, Lu et al. 2022) or ``unipc`` (UniPC-bh2,
-        Zhao et al. 2023), see ``fastddpm.multistep``; or a k-sampler: ``euler``, ``euler-a``, ``heun``,
-        ``dpm2``, ``dpm2-a``, ``dpm++2s-a``, ``dpm++sde``, ``dpm++3m-sde`` (k-diffusion's ``sample_*``,
-        diffusers' ``*DiscreteScheduler``), see ``fastddpm.ksamplers``.
+        Zhao et al. 2023), see ``fastddpm.multistep``; ``dpm-solver`` (singlestep DPM-Solver, orders 1-3,
+        ``fastddpm.singlestep``), ``deis`` (DEIS, Zhang & Chen 2023) or ``pndm`` (PLMS, Liu et al. 2022),
+        see ``fastddpm.lmsolvers``; or a k-sampler: ``euler``, ``euler-a``, ``heun``, ``dpm2``, ``dpm2-a``,
+        ``lms``, ``dpm++2s-a``, ``dpm++sde``, ``dpm++3m-sde`` (k-diffusion's ``sample_*``, diffusers'
+        ``*DiscreteScheduler``), see ``fastddpm.ksamplers``.
     :param eta: DDIM's eta (0: deterministic; 1: DDPM's fixed_small variance).  The ancestral k-samplers
         use k-diffusion's eta 1 (``ksamplers.make_kplan(eta=)`` for others); here it must stay 0 for them.
     :param timestep_spacing: how a sampler picks its timesteps from a number of steps: ``linspace``,
@@ -94,12 +96,21 @@ class DiffusionConfig(JsonConfig):
         ``use_exponential_sigmas``).
     :param beta_sigmas: k-samplers step on beta(0.6, 0.6)-spaced sigmas (diffusers' ``use_beta_sigmas``;
         needs scipy).  At most one of the three.
-    :param final_sigmas_type: a single-stage k-sampler's last sigma: ``zero`` (lands on the data
-        prediction) or ``sigma_min`` (the schedule's smallest; diffusers' ``final_sigmas_type``).
+    :param final_sigmas_type: a single-stage k-sampler's or ``dpm-solver``'s last sigma: ``zero`` (lands on
+        the data prediction) or ``sigma_min`` (the schedule's smallest; diffusers' ``final_sigmas_type``).
     :param lambda_min_clipped: multistep solvers skip timesteps whose ``lambda = log(alpha/sigma)``
         is below this; None: -5.1 for the cosine schedule (DPM-Solver's fix), none otherwise.
-    :param solver_order: the order of a sampler that has one: ``lms`` 1-4 (None: 4, diffusers' and
-        k-diffusion's default).
+    :param solver_order: the order of a sampler that has one (None: its default): ``lms`` 1-4 (4, diffusers'
+        and k-diffusion's), ``deis`` and ``dpm-solver`` 1-3 (2, diffusers').
+    :param lower_order_final: ``deis`` and ``dpm-solver``: lower the order of the last steps (below 15
+        steps), as diffusers' flag; False keeps the full order to the end.
+    :param algorithm_type: ``dpm-solver``'s form: ``dpmsolver++`` (data prediction), ``dpmsolver`` (noise
+        prediction; needs ``final_sigmas_type="sigma_min"``, as diffusers) or ``sde-dpmsolver++`` (stochastic),
+        diffusers' ``algorithm_type``; ``solver_type`` its ``midpoint`` or ``heun``.
+    :param set_alpha_to_one: ``pndm``: the last step lands on ``abar = 1`` (True) or on ``abar_0``
+        (diffusers' ``PNDMScheduler`` default False).
+    :param steps_offset: ``pndm`` with ``leading`` spacing: added to every timestep (Stable Diffusion's
+        configs: 1), diffusers' ``steps_offset``.
     :param s_churn: EDM's stochastic sampling (Karras et al. 2022, Algorithm 2) for ``euler``, ``heun`` and
         ``dpm2``, as k-diffusion's ``s_churn``: 0 (none) or the total churn; each step whose sigma is in
         ``[s_tmin, s_tmax]`` (``s_tmax`` None: no upper bound) is first raised to ``sigma (1 + gamma)``,
@@ -133,6 +144,11 @@ class DiffusionConfig(JsonConfig):
     final_sigmas_type: Literal["zero", "sigma_min"] = "zero"
     lambda_min_clipped: float | None = None
     solver_order: int | None = None
+    lower_order_final: bool = True
+    algorithm_type: Literal["dpmsolver++", "dpmsolver", "sde-dpmsolver++"] = "dpmsolver++"
+    solver_type: Literal["midpoint", "heun"] = "midpoint"
+    set_alpha_to_one: bool = True
+    steps_offset: int = 0
     s_churn: float = 0.0
     s_tmin: float = 0.0
     s_tmax: float | None = None
@@ -166,12 +182,29 @@ class DiffusionConfig(JsonConfig):
         if self.s_noise != 1.0 and self.sampler not in KSAMPLERS:
             raise ValueError(f"s_noise is for the k-samplers {KSAMPLERS}, not sampler={self.sampler!r}")
         if self.solver_order is not None:
-            if self.sampler != "lms":
-                raise ValueError(f"solver_order is for sampler 'lms', not sampler={self.sampler!r} "
-                                 f"(whose order its name says)")
-            if not is_int(self.solver_order) or not 1 <= self.solver_order <= LMS_ORDER:
-                raise ValueError(f"solver_order must be an int in [1, {LMS_ORDER}] for lms, "
-                                 f"got {self.solver_order!r}")
+            if self.sampler not in SOLVER_ORDERS:
+                raise ValueError(f"solver_order is for the samplers {tuple(SOLVER_ORDERS)}, not sampler="
+                                 f"{self.sampler!r} (whose order its name says)")
+            orders = SOLVER_ORDERS[self.sampler][0]
+            if not is_int(self.solver_order) or self.solver_order not in orders:
+                raise ValueError(f"solver_order must be one of {orders} for {self.sampler}, got {self.solver_order!r}")
+        only = {"lower_order_final": (True, ("deis", "dpm-solver")), "algorithm_type": ("dpmsolver++", ("dpm-solver",)),
+                "solver_type": ("midpoint", ("dpm-solver",)), "set_alpha_to_one": (True, ("pndm",)),
+                "steps_offset": (0, ("pndm",))}
+        for name, (default, samplers) in only.items():
+            value = getattr(self, name)
+            if value != default and self.sampler not in samplers:
+                raise ValueError(f"{name}={value!r} is for the samplers {samplers}, not sampler={self.sampler!r}")
+        for name in ("lower_order_final", "set_alpha_to_one"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.algorithm_type not in ("dpmsolver++", "dpmsolver", "sde-dpmsolver++"):
+            raise ValueError(f"algorithm_type must be one of ('dpmsolver++', 'dpmsolver', 'sde-dpmsolver++'), "
+                             f"got {self.algorithm_type!r}")
+        if self.solver_type not in ("midpoint", "heun"):
+            raise ValueError(f"solver_type must be one of ('midpoint', 'heun'), got {self.solver_type!r}")
+        if not is_int(self.steps_offset) or self.steps_offset < 0:
+            raise ValueError(f"steps_offset must be an int >= 0, got {self.steps_offset!r}")
 
     @property
     def thresholding(self) -> tuple[float, float] | None:
@@ -189,7 +222,7 @@ class DiffusionConfig(JsonConfig):
         choice("schedule", SCHEDULE_KINDS + ("custom",))
         choice("prediction", PREDICTIONS)
         choice("variance", VARIANCES)
-        choice("sampler", SAMPLERS + SOLVERS + KSAMPLERS)
+        choice("sampler", ALL_SAMPLERS)
         choice("final_sigmas_type", ("zero", "sigma_min"))
         choice("timestep_spacing", SPACINGS)
         choice("loss", LOSSES)
@@ -219,9 +252,9 @@ class DiffusionConfig(JsonConfig):
             for name in ("exponential_sigmas", "beta_sigmas"):
                 if getattr(self, name):
                     raise ValueError(f"{name}=True is for the k-samplers {KSAMPLERS}, not sampler={self.sampler!r}")
-            if self.final_sigmas_type != "zero":
-                raise ValueError(f"final_sigmas_type={self.final_sigmas_type!r} is for the k-samplers {KSAMPLERS}, "
-                                 f"not sampler={self.sampler!r}")
+            if self.final_sigmas_type != "zero" and self.sampler != "dpm-solver":
+                raise ValueError(f"final_sigmas_type={self.final_sigmas_type!r} is for the k-samplers {KSAMPLERS} and "
+                                 f"dpm-solver, not sampler={self.sampler!r}")
         self._check_k_options()
         if self.lambda_min_clipped is not None and (isinstance(self.lambda_min_clipped, bool) or not isinstance(
                 self.lambda_min_clipped, (int, float)) or self.lambda_min_clipped != self.lambda_min_clipped):

@@ -10,10 +10,11 @@ from dataclasses import dataclass
 
 import torch
 
-from . import interop, ksamplers, multistep, ops
+from . import interop, ksamplers, lmsolvers, multistep, ops, singlestep
 from .adapters import ModelAdapter
 from .checks import FLOAT_DTYPES, check_tensor, check_timesteps, is_int
 from .config import DiffusionConfig
+from .modes import MULTISTEP_SAMPLERS, SOLVER_ORDERS
 from .noise import check_seed
 from .ops import reference
 from .schedule import NoiseSchedule, spaced_timesteps
@@ -182,9 +183,10 @@ class DDPM:
 
     @property
     def is_multistep(self) -> bool:
-        """Whether the sampler runs on the multistep table: a multistep solver (``fastddpm.multistep.SOLVERS``)
-        or a k-sampler (``fastddpm.ksamplers.KSAMPLERS``)."""
-        return self.config.sampler in multistep.SOLVERS or self.config.sampler in ksamplers.KSAMPLERS
+        """Whether the sampler runs on the multistep table (``modes.MULTISTEP_SAMPLERS``): a multistep solver
+        (``fastddpm.multistep``), ``dpm-solver`` (``fastddpm.singlestep``), ``deis`` or ``pndm``
+        (``fastddpm.lmsolvers``) or a k-sampler (``fastddpm.ksamplers``)."""
+        return self.config.sampler in MULTISTEP_SAMPLERS
 
     @property
     def _one_step_sampler(self) -> str:
@@ -196,21 +198,39 @@ class DDPM:
         ``begin_index`` the plan from that step on (``steps - begin_index`` model calls)."""
         c = self.config
         if not self.is_multistep:
-            raise ValueError(f"sampler={c.sampler!r} is not a multistep solver {multistep.SOLVERS} "
-                             f"or a k-sampler {ksamplers.KSAMPLERS}")
+            raise ValueError(f"sampler={c.sampler!r} does not run on the multistep table {MULTISTEP_SAMPLERS}")
+        steps = multistep.DEFAULT_STEPS if steps is None else steps
+        if c.sampler in multistep.SOLVERS:
+            return multistep.make_plan(self._base_schedule(), c.sampler, steps, c.prediction, c.timestep_spacing,
+                                       c.karras_sigmas, c.lambda_min_clipped, bool(c.clip_denoised), c.thresholding,
+                                       begin_index=c.begin_index)
+        if c.begin_index:
+            raise ValueError(f"begin_index={c.begin_index} is not supported by sampler={c.sampler!r} yet: use a "
+                             f"multistep solver ({', '.join(multistep.SOLVERS)}) or ddpm/ddim")
+        order = c.solver_order if c.solver_order is not None else SOLVER_ORDERS.get(c.sampler, (None, None))[1]
+        clip, schedule = bool(c.clip_denoised), self._base_schedule()
         if c.sampler in ksamplers.KSAMPLERS:  # steps: sigma steps (ksamplers.model_calls gives the calls)
-            if c.begin_index:
-                raise ValueError(f"begin_index={c.begin_index} is not supported by the k-sampler {c.sampler!r} "
-                                 f"yet: use a multistep solver ({', '.join(multistep.SOLVERS)}) or ddpm/ddim")
-            return ksamplers.make_kplan(self._base_schedule(), c.sampler, multistep.DEFAULT_STEPS if steps is None
-                                        else steps, c.prediction, c.timestep_spacing, c.sigma_schedule,
-                                        c.final_sigmas_type, bool(c.clip_denoised), c.thresholding,
-                                        order=c.solver_order, s_churn=c.s_churn, s_tmin=c.s_tmin,
-                                        s_tmax=math.inf if c.s_tmax is None else c.s_tmax, s_noise=c.s_noise)
-        return multistep.make_plan(self._base_schedule(), c.sampler,
-                                   multistep.DEFAULT_STEPS if steps is None else steps, c.prediction,
-                                   c.timestep_spacing, c.karras_sigmas, c.lambda_min_clipped, bool(c.clip_denoised),
-                                   c.thresholding, begin_index=c.begin_index)
+            return ksamplers.make_kplan(schedule, c.sampler, steps, c.prediction, c.timestep_spacing, c.sigma_schedule,
+                                        c.final_sigmas_type, clip, c.thresholding,
+                                        order=order if c.sampler == "lms" else None, s_churn=c.s_churn,
+                                        s_tmin=c.s_tmin, s_tmax=math.inf if c.s_tmax is None else c.s_tmax,
+                                        s_noise=c.s_noise)
+        for name, unused in (("karras_sigmas", c.karras_sigmas and c.sampler == "pndm"),
+                             ("lambda_min_clipped", c.lambda_min_clipped is not None and c.sampler != "dpm-solver")):
+            if unused:
+                raise ValueError(f"{name}={getattr(c, name)!r} is not used by sampler={c.sampler!r} (diffusers' "
+                                 f"scheduler has none): leave it at its default")
+        if c.sampler == "pndm":
+            return lmsolvers.make_pndm_plan(schedule, steps, c.prediction, c.timestep_spacing, clip, c.thresholding,
+                                            set_alpha_to_one=c.set_alpha_to_one, steps_offset=c.steps_offset)
+        if c.sampler == "deis":
+            return lmsolvers.make_deis_plan(schedule, steps, c.prediction, c.timestep_spacing, c.karras_sigmas, clip,
+                                            c.thresholding, order=order, lower_order_final=c.lower_order_final)
+        return singlestep.make_singlestep_plan(schedule, steps, c.prediction, c.timestep_spacing, c.karras_sigmas,
+                                               c.lambda_min_clipped, clip, c.thresholding, order=order,
+                                               algorithm=c.algorithm_type, solver_type=c.solver_type,
+                                               lower_order_final=c.lower_order_final,
+                                               final_sigmas_type=c.final_sigmas_type)
 
     def _step_index(self, t, n: int, device) -> torch.Tensor:
         """Model timesteps -> this process's step indices (identity unless respaced).  Every method that

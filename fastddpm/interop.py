@@ -2,7 +2,8 @@
 and the duck typing of a diffusers pipeline (``DDPMPipeline``, ``DDIMPipeline``).
 
 ``diffusion_config`` (the conversion behind ``DDPM.from_diffusers``) maps every ``__init__`` field of ``DDPMScheduler``, ``DDIMScheduler``,
-``DPMSolverMultistepScheduler``, ``UniPCMultistepScheduler`` and the k-samplers' ``EulerDiscreteScheduler``,
+``DPMSolverMultistepScheduler``, ``UniPCMultistepScheduler``, ``DPMSolverSinglestepScheduler``,
+``DEISMultistepScheduler``, ``PNDMScheduler`` and the k-samplers' ``EulerDiscreteScheduler``,
 ``EulerAncestralDiscreteScheduler``, ``HeunDiscreteScheduler``, ``KDPM2DiscreteScheduler``,
 ``KDPM2AncestralDiscreteScheduler`` and ``LMSDiscreteScheduler`` (diffusers 0.42) to the
 ``DiffusionConfig`` that samples the same trajectory, or raises a ``ValueError`` that names the
@@ -34,6 +35,11 @@ field, its value and what is supported: a process is never silently approximated
     use_exponential_sigmas, use_beta_sigmas    exponential_sigmas, beta_sigmas (k-samplers)
     final_sigmas_type (Euler)                  final_sigmas_type
     clip_sample (Heun, clip_sample_range=1)    clip_denoised
+    DPMSolverSinglestep (orders 1-3,           sampler dpm-solver, solver_order, algorithm_type, solver_type,
+      dpmsolver++/dpmsolver/sde-dpmsolver++,     lower_order_final, final_sigmas_type (fastddpm.singlestep)
+      midpoint/heun)
+    DEIS (deis, logrho, orders 1-3)            sampler deis, solver_order, lower_order_final (fastddpm.lmsolvers)
+    PNDM (skip_prk_steps=True: PLMS)           sampler pndm, set_alpha_to_one, steps_offset (leading)
 
 Refused (each a ValueError naming the field): rescale_betas_zero_snr=True; beta_schedule laplace/exp;
 trained_betas of another length than num_train_timesteps; thresholding with sample_max_value < 1;
@@ -45,7 +51,9 @@ algorithm_type dpmsolver/sde-dpmsolver, solver_order 1 (3 with SDE), solver_type
 final_sigmas_type sigma_min, exponential/beta/Lu/flow sigmas, dynamic shifting, learned variance, Karras
 sigmas with a finite lambda_min_clipped; UniPC bh1, solver_order != 2, predict_x0=False,
 disable_corrector, solver_p, sigma_min/sigma_max/shift_terminal; prediction_type flow_prediction; Euler
-interpolation_type log_linear, timestep_type continuous, sigma_min/sigma_max.
+interpolation_type log_linear, timestep_type continuous, sigma_min/sigma_max; PNDM skip_prk_steps=False (the
+PRK warm-up outlives the fused step's history) and sample prediction; DEIS/singlestep exponential, beta or
+flow sigmas, dynamic shifting; singlestep Karras sigmas with a finite lambda_min_clipped.
 At sample time, DDIM with trailing spacing needs steps that divide num_train_timesteps (``DDPM.respace``).
 
 A scheduler's state (``set_timesteps``) is not read: the number of steps is ``sample``'s ``steps``.
@@ -73,7 +81,7 @@ K_SCHEDULERS = {"EulerDiscreteScheduler": "euler", "EulerAncestralDiscreteSchedu
                 "HeunDiscreteScheduler": "heun", "KDPM2DiscreteScheduler": "dpm2",
                 "KDPM2AncestralDiscreteScheduler": "dpm2-a", "LMSDiscreteScheduler": "lms"}
 SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler",
-              *K_SCHEDULERS)
+              "DPMSolverSinglestepScheduler", "DEISMultistepScheduler", "PNDMScheduler", *K_SCHEDULERS)
 PREDICTIONS = {"epsilon": "epsilon", "sample": "x0", "v_prediction": "v"}
 _COMMON = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
            "thresholding", "dynamic_thresholding_ratio", "sample_max_value", "timestep_spacing", "steps_offset",
@@ -89,6 +97,12 @@ HANDLED = {
                                                            "lambda_min_clipped", "variance_type"),
     "UniPCMultistepScheduler": _COMMON + _MULTISTEP + ("predict_x0", "disable_corrector", "solver_p", "sigma_min",
                                                        "sigma_max", "shift_terminal"),
+    # diffusers' singlestep scheduler has no timestep_spacing or steps_offset (its timesteps are linspace)
+    "DPMSolverSinglestepScheduler": tuple(k for k in _COMMON if k not in ("timestep_spacing", "steps_offset"))
+    + _MULTISTEP + ("algorithm_type", "lambda_min_clipped", "variance_type"),
+    "DEISMultistepScheduler": _COMMON + _MULTISTEP + ("algorithm_type",),
+    "PNDMScheduler": ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+                      "prediction_type", "timestep_spacing", "steps_offset", "skip_prk_steps", "set_alpha_to_one"),
 }
 _K_COMMON = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
              "timestep_spacing", "steps_offset")
@@ -211,9 +225,11 @@ def diffusion_config(scheduler_or_config, *, use_clipped_model_output: bool = Fa
     if use_clipped_model_output and name != "DDIMScheduler":
         raise ValueError(f"use_clipped_model_output is DDIMScheduler's, not {name}'s")
     kw = {**_schedule(f), "prediction": _prediction(f)}
+    if "timestep_spacing" not in f.config:  # DPMSolverSinglestepScheduler: linspace, no offset
+        f.config.update(timestep_spacing="linspace", steps_offset=0)
     spacing = f["timestep_spacing"]
     f.require("timestep_spacing", SPACINGS)
-    if spacing == "leading" and f["steps_offset"] != 0:
+    if spacing == "leading" and f["steps_offset"] != 0 and name != "PNDMScheduler":
         f.reject("steps_offset", "0 with timestep_spacing='leading' (any value with 'linspace' or 'trailing')",
                  "fastddpm's leading timesteps start at 0")
     kw["timestep_spacing"] = spacing
@@ -225,6 +241,12 @@ def diffusion_config(scheduler_or_config, *, use_clipped_model_output: bool = Fa
         kw.update(_ddim(f, use_clipped_model_output))
     elif name == "DPMSolverMultistepScheduler":
         kw.update(_dpm_solver(f))
+    elif name == "DPMSolverSinglestepScheduler":
+        kw.update(_singlestep(f))
+    elif name == "DEISMultistepScheduler":
+        kw.update(_deis(f))
+    elif name == "PNDMScheduler":
+        kw.update(_pndm(f))
     else:
         kw.update(_unipc(f))
     config = DiffusionConfig(**kw)
@@ -356,6 +378,61 @@ def _dpm_solver(f: _Fields) -> dict:
                  "diffusers truncates the Karras timesteps by the schedule's name, not its betas")
     return {"sampler": solvers[(algorithm, f["solver_order"])], **_clip(f, False),
             "karras_sigmas": f["use_karras_sigmas"], "lambda_min_clipped": float(lam)}
+
+
+def _table_sampler_common(f: _Fields, final_sigmas=("zero",)):
+    """The fields DPM-Solver singlestep and DEIS share with the multistep schedulers."""
+    for key in ("use_exponential_sigmas", "use_beta_sigmas", "use_flow_sigmas", "use_dynamic_shifting"):
+        if f[key]:
+            f.reject(key, "False", "fastddpm's solvers step on the schedule's sigmas or Karras'")
+    if "final_sigmas_type" in f.config:
+        f.require("final_sigmas_type", final_sigmas)
+    for key in ("use_karras_sigmas", "lower_order_final"):
+        if not isinstance(f[key], bool):
+            f.reject(key, "True or False")
+    if not is_int(f["solver_order"]) or f["solver_order"] not in (1, 2, 3):
+        f.reject("solver_order", "1, 2 or 3")
+    return {"solver_order": int(f["solver_order"]), "lower_order_final": f["lower_order_final"],
+            "karras_sigmas": f["use_karras_sigmas"], **_clip(f, False)}
+
+
+def _singlestep(f: _Fields) -> dict:
+    """``DPMSolverSinglestepScheduler``: ``dpm-solver`` (``fastddpm.singlestep``)."""
+    kw = _table_sampler_common(f, ("zero", "sigma_min"))
+    f.require("algorithm_type", ("dpmsolver++", "dpmsolver", "sde-dpmsolver++"))
+    f.require("solver_type", ("midpoint", "heun"))
+    if f["variance_type"] is not None:
+        f.reject("variance_type", "None", "a learned-variance model outputs 2x channels")
+    lam = f["lambda_min_clipped"]
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or lam != lam:
+        f.reject("lambda_min_clipped", "a float (-inf: no clip)")
+    if f["use_karras_sigmas"] and lam != -math.inf:
+        f.reject("lambda_min_clipped", "-inf with use_karras_sigmas=True",
+                 "diffusers' Karras sigmas ignore the clip, fastddpm's keep to it")
+    return {"sampler": "dpm-solver", **kw, "algorithm_type": f["algorithm_type"], "solver_type": f["solver_type"],
+            "final_sigmas_type": f["final_sigmas_type"], "lambda_min_clipped": float(lam)}
+
+
+def _deis(f: _Fields) -> dict:
+    """``DEISMultistepScheduler``: ``deis`` (``fastddpm.lmsolvers``)."""
+    kw = _table_sampler_common(f)
+    f.require("algorithm_type", ("deis",), "diffusers implements DEIS only")
+    f.require("solver_type", ("logrho",), "diffusers implements logrho only")
+    return {"sampler": "deis", **kw}
+
+
+def _pndm(f: _Fields) -> dict:
+    """``PNDMScheduler``: ``pndm`` (PLMS, ``fastddpm.lmsolvers``), its final alpha and timestep offset."""
+    f.require("skip_prk_steps", (True,), "the PRK warm-up needs the first outputs of three earlier 4-call steps, "
+              "more than the fused step's history holds; skip_prk_steps=True (Stable Diffusion's setting) is PLMS")
+    f.require("prediction_type", ("epsilon", "v_prediction"), "diffusers' PNDM has no x0 form")
+    if not isinstance(f["set_alpha_to_one"], bool):
+        f.reject("set_alpha_to_one", "True or False")
+    if not is_int(f["steps_offset"]) or f["steps_offset"] < 0:
+        f.reject("steps_offset", "an int >= 0")
+    offset = int(f["steps_offset"]) if f["timestep_spacing"] == "leading" else 0  # diffusers adds it there only
+    return {"sampler": "pndm", "clip_denoised": False, "set_alpha_to_one": f["set_alpha_to_one"],
+            "steps_offset": offset}
 
 
 def _unipc(f: _Fields) -> dict:

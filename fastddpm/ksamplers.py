@@ -356,11 +356,6 @@ class KPlan(MultistepPlan):
     def stochastic(self) -> bool:
         return self.noisy
 
-    @property
-    def whole_steps(self) -> int:
-        """``make_kplan``'s ``steps`` (sigma steps; the plan's rows are its model calls)."""
-        return self.sigma_steps
-
     def callback_timestep(self, i: int):
         t = float(self.timesteps[i])
         return int(t) if t.is_integer() else t
@@ -429,5 +424,6 @@ def make_kplan(schedule: NoiseSchedule, sampler: str, steps: int, prediction: st
     timesteps = np.array([r.t for r in rows], dtype=np.float64)[::-1].copy()
     row_sigmas = np.array([r.s for r in rows], dtype=np.float64)[::-1].copy()
     return KPlan(sampler, timesteps, table, bool(clip_denoised), thresholding, sigmas=row_sigmas,
-                 start_scale=float(_alpha(s0) * start), noisy=noisy, sigma_steps=int(steps),
+                 steps_given=int(steps), start_scale=float(_alpha(s0) * start), noisy=noisy,
+                 sigma_steps=int(steps),
                  step_sigmas=sigmas)

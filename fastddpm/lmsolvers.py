@@ -184,7 +184,7 @@ def make_pndm_plan(schedule: NoiseSchedule, steps: int, prediction: str = "epsil
     if not np.all(np.isfinite(tab)):
         raise ValueError("pndm table is not finite for this schedule")
     return MultistepPlan("pndm", ts[::-1].copy(), tab[::-1].copy(), clip_denoised, thresholding,
-                         sigmas=np.sqrt((1.0 - ac[ts]) / ac[ts])[::-1].copy())
+                         sigmas=np.sqrt((1.0 - ac[ts]) / ac[ts])[::-1].copy(), steps_given=int(steps))
 
 
 # -- DEIS ------------------------------------------------------------------------------------

@@ -10,14 +10,13 @@ import time
 
 import torch
 
-from .modes import KSAMPLERS
-from . import multistep
 from .adapters import ModelAdapter
 from .cpu_plan import using_threads
 from .diffusion import DDPM
 from .eager import sample_eager
 from .engine import DEFAULT_CACHE, engine_sample
 from .interop import is_pipeline
+from .modes import SAMPLERS
 
 __all__ = ["sample_local", "resolve_pipeline", "ENGINE_OPTIONS"]
 
@@ -77,4 +76,4 @@ def _engine_by_default(model, device, process, process_options) -> bool:
     except (RuntimeError, TypeError, ValueError):
         return False  # the eager path reports the bad argument
     sampler = process_options.get("sampler", process.config.sampler if isinstance(process, DDPM) else "ddpm")
-    return where.type == "cpu" and sampler not in multistep.SOLVERS and sampler not in KSAMPLERS
+    return where.type == "cpu" and sampler in SAMPLERS

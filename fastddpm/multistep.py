@@ -301,6 +301,7 @@ class MultistepPlan:
         (diffusers' ``scheduler.sigmas``, row order); ``sigmas[-1]`` is the start's, where
         ``add_noise`` noises an image (``x = alpha x0 + sigma_t z``, ``alpha = 1 / sqrt(1 + sigma^2)``).
     :param begin_index: the leading steps of the whole plan that this one skips (0: none).
+    :param steps_given: the ``steps`` the plan was made from where its model calls differ (0: the calls).
     """
 
     solver: str
@@ -310,6 +311,7 @@ class MultistepPlan:
     thresholding: tuple[float, float] | None = None
     sigmas: np.ndarray | None = None
     begin_index: int = 0
+    steps_given: int = 0
 
     start_scale = 1.0  # the start x is x_T times this (a k-sampler's init_noise_sigma: ksamplers.KPlan)
 
@@ -323,8 +325,9 @@ class MultistepPlan:
 
     @property
     def whole_steps(self) -> int:
-        """The steps of the whole plan this one begins part-way in (``make_plan``'s ``steps``)."""
-        return self.num_steps + self.begin_index
+        """The ``steps`` the whole plan was made from, that rebuild it (``make_plan``'s; ``steps_given``
+        where a sampler's calls are not its steps, e.g. PNDM's ``steps + 1``)."""
+        return self.steps_given or self.num_steps + self.begin_index
 
     @property
     def stochastic(self) -> bool:

@@ -268,8 +268,8 @@ def test_unrepresentable_fields_are_refused_by_name(cls, kw, field):
 def test_bad_arguments_name_themselves():
     with pytest.raises(TypeError, match="scheduler_or_config must be a diffusers scheduler"):
         DDPM.from_diffusers(42)
-    with pytest.raises(ValueError, match="_class_name='PNDMScheduler' has no fastddpm equivalent"):
-        DDPM.from_diffusers({"_class_name": "PNDMScheduler"})
+    with pytest.raises(ValueError, match="_class_name='ScoreSdeVeScheduler' has no fastddpm equivalent"):
+        DDPM.from_diffusers({"_class_name": "ScoreSdeVeScheduler"})
     with pytest.raises(ValueError, match="without '_class_name'"):
         DDPM.from_diffusers({"beta_start": 0.001})
     with pytest.raises(ValueError, match="use_clipped_model_output is DDIMScheduler's"):

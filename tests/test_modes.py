@@ -29,7 +29,8 @@ def test_config_fields_are_the_literals():
     assert get_args(hints["prediction"]) == modes.PREDICTIONS
     assert get_args(hints["variance"]) == modes.VARIANCES
     assert get_args(hints["loss"]) == modes.LOSSES
-    assert get_args(hints["sampler"]) == modes.SAMPLERS + modes.SOLVERS + modes.KSAMPLERS
+    assert get_args(hints["sampler"]) == modes.SAMPLERS + modes.SOLVERS + modes.TABLE_SAMPLERS + modes.KSAMPLERS
+    assert modes.ALL_SAMPLERS == get_args(hints["sampler"])
     assert get_args(hints["final_sigmas_type"]) == ("zero", "sigma_min")
     assert get_args(get_type_hints(train_config.TrainConfig)["compile"]) == modes.TRAIN_COMPILE_MODES
 

@@ -278,7 +278,7 @@ def test_ddpm_with_a_multistep_sampler():
     with pytest.raises(ValueError, match="MultistepSampler"):
         process.step(x, 999, x)
     assert process.loss(lambda x, t: x, x, torch.tensor([1, 2])).isfinite()  # training is unaffected
-    with pytest.raises(ValueError, match="not a multistep solver"):
+    with pytest.raises(ValueError, match="does not run on the multistep table"):
         DDPM().multistep_plan(10)
 
 
@@ -300,10 +300,10 @@ def test_sample_errors_for_solvers():
 
 def test_cli_sample_with_a_solver(tmp_path, capsys):
     from fastddpm import cli, cli_args
-    from fastddpm.modes import KSAMPLERS
+    from fastddpm.modes import KSAMPLERS, TABLE_SAMPLERS
     from fastddpm.ops import reference
 
-    assert cli.SAMPLER_CHOICES == reference.SAMPLERS + multistep.SOLVERS + KSAMPLERS
+    assert cli.SAMPLER_CHOICES == reference.SAMPLERS + multistep.SOLVERS + TABLE_SAMPLERS + KSAMPLERS
     assert set(cli_args.SAMPLER_HELP) == set(cli.SAMPLER_CHOICES)
     out = tmp_path / "s.npz"
     assert cli.main(["sample", "--checkpoint", str(cli.DEMO_MODEL), "-n", "2", "--steps", "4", "--sampler",
