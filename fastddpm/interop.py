@@ -5,7 +5,7 @@ and the duck typing of a diffusers pipeline (``DDPMPipeline``, ``DDIMPipeline``)
 ``DPMSolverMultistepScheduler``, ``UniPCMultistepScheduler``, ``DPMSolverSinglestepScheduler``,
 ``DEISMultistepScheduler``, ``PNDMScheduler`` and the k-samplers' ``EulerDiscreteScheduler``,
 ``EulerAncestralDiscreteScheduler``, ``HeunDiscreteScheduler``, ``KDPM2DiscreteScheduler``,
-``KDPM2AncestralDiscreteScheduler`` and ``LMSDiscreteScheduler`` (diffusers 0.42) to the
+``KDPM2AncestralDiscreteScheduler``, ``LMSDiscreteScheduler`` and ``DPMSolverSDEScheduler`` (diffusers 0.42) to the
 ``DiffusionConfig`` that samples the same trajectory, or raises a ``ValueError`` that names the
 field, its value and what is supported: a process is never silently approximated.
 
@@ -32,6 +32,8 @@ field, its value and what is supported: a process is never silently approximated
     lambda_min_clipped                         lambda_min_clipped
     Euler / EulerAncestral / Heun /            sampler euler / euler-a / heun / dpm2 / dpm2-a / lms
       KDPM2 / KDPM2Ancestral / LMS             (fastddpm.ksamplers; LMS order 4, step()'s default)
+    DPMSolverSDE                               sampler dpm++sde (its noise_sampler_seed: the draws are
+                                               the noise contract's Brownian increments)
     use_exponential_sigmas, use_beta_sigmas    exponential_sigmas, beta_sigmas (k-samplers)
     final_sigmas_type (Euler)                  final_sigmas_type
     clip_sample (Heun, clip_sample_range=1)    clip_denoised
@@ -79,7 +81,8 @@ __all__ = ["SCHEDULERS", "diffusion_config", "scheduler_config", "is_pipeline"]
 # the k-samplers' schedulers (fastddpm.ksamplers) and the sampler each is
 K_SCHEDULERS = {"EulerDiscreteScheduler": "euler", "EulerAncestralDiscreteScheduler": "euler-a",
                 "HeunDiscreteScheduler": "heun", "KDPM2DiscreteScheduler": "dpm2",
-                "KDPM2AncestralDiscreteScheduler": "dpm2-a", "LMSDiscreteScheduler": "lms"}
+                "KDPM2AncestralDiscreteScheduler": "dpm2-a", "LMSDiscreteScheduler": "lms",
+                "DPMSolverSDEScheduler": "dpm++sde"}
 SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler",
               "DPMSolverSinglestepScheduler", "DEISMultistepScheduler", "PNDMScheduler", *K_SCHEDULERS)
 PREDICTIONS = {"epsilon": "epsilon", "sample": "x0", "v_prediction": "v"}
@@ -115,6 +118,8 @@ HANDLED.update({
     "KDPM2DiscreteScheduler": _K_COMMON + _K_SIGMAS,
     "KDPM2AncestralDiscreteScheduler": _K_COMMON + _K_SIGMAS,
     "LMSDiscreteScheduler": _K_COMMON + _K_SIGMAS,
+    # its Brownian tree's seed: fastddpm's draws are the noise contract's (sample(seed=)), the same path law
+    "DPMSolverSDEScheduler": _K_COMMON + _K_SIGMAS + ("noise_sampler_seed",),
 })
 
 
@@ -359,6 +364,11 @@ def _dpm_solver(f: _Fields) -> dict:
     algorithm = "dpmsolver++" if f["algorithm_type"] == "deis" else f["algorithm_type"]  # as diffusers maps it
     solvers = {("dpmsolver++", 2): "dpm++2m", ("dpmsolver++", 3): "dpm++3m", ("sde-dpmsolver++", 2): "dpm++2m-sde"}
     f.require("algorithm_type", ("dpmsolver++", "sde-dpmsolver++", "deis"), "the data-prediction forms only")
+    if (algorithm, f["solver_order"]) == ("sde-dpmsolver++", 3):
+        f.reject("solver_order", "2 with algorithm_type='sde-dpmsolver++' (sampler='dpm++3m-sde' for k-diffusion's "
+                 "third-order SDE solver)", "diffusers' third-order SDE update weights D2 by (1 - e^-2h - 2h) / "
+                 "(2h)^2 - 1/2; its ODE form's convention (and k-diffusion's sample_dpmpp_3m_sde) gives + 1/2, "
+                 "and fastddpm does not reproduce the difference")
     if (algorithm, f["solver_order"]) not in solvers:
         f.reject("solver_order", "2 or 3 with algorithm_type='dpmsolver++', 2 with 'sde-dpmsolver++'")
     # diffusers turns these solver_types into midpoint

@@ -437,6 +437,34 @@ def test_from_diffusers_samples_as_the_scheduler(sampler, monkeypatch):
     assert_close(ours, theirs, **_scaled(PEER_KARRAS, theirs), msg=sampler)
 
 
+@pytest.mark.parametrize("sigmas", ["default", "karras"])
+@pytest.mark.parametrize("prediction", ["epsilon", "v"])
+def test_dpm_solver_sde_scheduler_equals_dpmpp_sde(prediction, sigmas, monkeypatch):
+    """diffusers' ``DPMSolverSDEScheduler`` (k-diffusion's DPM++ SDE with a Brownian tree) is ``dpm++sde``: a
+    pipeline with it samples as diffusers' loop given the same Brownian increments (its ``noise_sampler``
+    handed our rows' draws), call for call, in float64."""
+    import diffusers
+
+    sched = diffusers.DPMSolverSDEScheduler(num_train_timesteps=T, prediction_type=DIFFUSERS_PREDICTION[prediction],
+                                            use_karras_sigmas=sigmas == "karras", noise_sampler_seed=123)
+    process = DDPM.from_diffusers(sched)
+    assert process.config.sampler == "dpm++sde" and process.config.karras_sigmas == (sigmas == "karras")
+    _as_float64(sched, NoiseSchedule.make("linear", T), monkeypatch)
+    K, seed = 5, 6
+    plan = make_kplan(NoiseSchedule.make("linear", T), "dpm++sde", K, prediction, sigma_schedule=sigmas)
+    sched.set_timesteps(K)
+    sched.noise_sampler = _k_noise(plan, torch.as_tensor(plan.step_sigmas), seed, torch.float64)
+    theirs_model, ours_model = Logged(), Logged()
+    x = batch_noise(seed, 0, plan.num_steps, SHAPE, "cpu").double() * sched.init_noise_sigma
+    with torch.no_grad():
+        for t in sched.timesteps:
+            out = theirs_model(sched.scale_model_input(x, t), t.expand(SHAPE[0]))
+            x = sched.step(out, t, x).prev_sample
+    ours = _our_loop(plan, ours_model, seed, torch.float64)
+    _compare_calls(ours_model, theirs_model, PEER64_LOOP, f"DPMSolverSDE {prediction} {sigmas}")
+    assert_close(ours, x, **PEER64_LOOP, msg=f"DPMSolverSDE {prediction} {sigmas}")
+
+
 def test_from_diffusers_refuses_what_it_cannot_represent():
     import diffusers
 

@@ -100,6 +100,8 @@ def test_config_fields_and_errors():
         assert DDPM.from_json(DDPM(sampler=sampler).to_json()).config.sampler == sampler
     with pytest.raises(ValueError, match=r"PNDMScheduler.skip_prk_steps=False has no fastddpm equivalent: the PRK"):
         DDPM.from_diffusers(diffusers.PNDMScheduler())
+    with pytest.raises(ValueError, match=r"solver_order=3 has no fastddpm equivalent: diffusers' third-order SDE"):
+        DDPM.from_diffusers(diffusers.DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++", solver_order=3))
     with pytest.raises(ValueError, match=r"DEISMultistepScheduler.solver_type='bh2'"):
         DDPM.from_diffusers({"_class_name": "DEISMultistepScheduler", "solver_type": "bh2"})
     with pytest.raises(ValueError, match=r"DPMSolverSinglestepScheduler.use_exponential_sigmas=True"):
