@@ -64,10 +64,11 @@ IMPLS = ("fastddpm", "fastddpm-clip", "diffusers", "k-diffusion")
 PEERS = ("diffusers", "k-diffusion")
 DIFFUSERS_SCHEDULERS = {"euler": "EulerDiscreteScheduler", "euler-a": "EulerAncestralDiscreteScheduler",
                         "heun": "HeunDiscreteScheduler", "dpm2": "KDPM2DiscreteScheduler",
-                        "dpm2-a": "KDPM2AncestralDiscreteScheduler"}
+                        "dpm2-a": "KDPM2AncestralDiscreteScheduler", "lms": "LMSDiscreteScheduler"}
 K_FUNCTIONS = {"euler": "sample_euler", "euler-a": "sample_euler_ancestral", "heun": "sample_heun",
-               "dpm2": "sample_dpm_2", "dpm2-a": "sample_dpm_2_ancestral", "dpm++2s-a": "sample_dpmpp_2s_ancestral",
-               "dpm++sde": "sample_dpmpp_sde", "dpm++3m-sde": "sample_dpmpp_3m_sde"}
+               "dpm2": "sample_dpm_2", "dpm2-a": "sample_dpm_2_ancestral", "lms": "sample_lms",
+               "dpm++2s-a": "sample_dpmpp_2s_ancestral", "dpm++sde": "sample_dpmpp_sde",
+               "dpm++3m-sde": "sample_dpmpp_3m_sde"}
 BUDGETS = (5, 8, 10, 15, 20, 35)
 COLUMNS = ["impl", "sampler", "budget", "steps", "model_calls", "seeds", "fd", "fd_range", "precision", "recall",
            "seconds", "seconds_per_call", "bare_call_seconds", "overhead", "note"]

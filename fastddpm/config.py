@@ -107,8 +107,8 @@ class DiffusionConfig(JsonConfig):
     :param algorithm_type: ``dpm-solver``'s form: ``dpmsolver++`` (data prediction), ``dpmsolver`` (noise
         prediction; needs ``final_sigmas_type="sigma_min"``, as diffusers) or ``sde-dpmsolver++`` (stochastic),
         diffusers' ``algorithm_type``; ``solver_type`` its ``midpoint`` or ``heun``.
-    :param set_alpha_to_one: ``pndm``: the last step lands on ``abar = 1`` (True) or on ``abar_0``
-        (diffusers' ``PNDMScheduler`` default False).
+    :param set_alpha_to_one: ``ddim`` and ``pndm``: the last step lands on ``abar = 1`` (True) or on the
+        schedule's ``abar_0`` (diffusers' flag; ``PNDMScheduler``'s default False, ``DDIMScheduler``'s True).
     :param steps_offset: ``pndm`` with ``leading`` spacing: added to every timestep (Stable Diffusion's
         configs: 1), diffusers' ``steps_offset``.
     :param s_churn: EDM's stochastic sampling (Karras et al. 2022, Algorithm 2) for ``euler``, ``heun`` and
@@ -189,7 +189,7 @@ class DiffusionConfig(JsonConfig):
             if not is_int(self.solver_order) or self.solver_order not in orders:
                 raise ValueError(f"solver_order must be one of {orders} for {self.sampler}, got {self.solver_order!r}")
         only = {"lower_order_final": (True, ("deis", "dpm-solver")), "algorithm_type": ("dpmsolver++", ("dpm-solver",)),
-                "solver_type": ("midpoint", ("dpm-solver",)), "set_alpha_to_one": (True, ("pndm",)),
+                "solver_type": ("midpoint", ("dpm-solver",)), "set_alpha_to_one": (True, ("pndm", "ddim")),
                 "steps_offset": (0, ("pndm",))}
         for name, (default, samplers) in only.items():
             value = getattr(self, name)

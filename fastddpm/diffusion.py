@@ -176,7 +176,7 @@ class DDPM:
                 "sqrt_one_minus_alphas_cumprod": s.table("sqrt_one_minus_alphas_cumprod", device),
                 "loss_weights": as32(reference.loss_weights(s, c.prediction, c.min_snr_gamma)),
                 # a multistep solver's own table is its plan's (``multistep_plan``); step() is DDPM's
-                "coefs": as32(reference.step_coefficients(s, c.prediction, c.variance, self._one_step_sampler, c.eta)),
+                "coefs": as32(self.step_coefficients()),
                 "timesteps": s.timesteps_tensor(device),
             }
         return self._tables[key]
@@ -187,6 +187,15 @@ class DDPM:
         (``fastddpm.multistep``), ``dpm-solver`` (``fastddpm.singlestep``), ``deis`` or ``pndm``
         (``fastddpm.lmsolvers``) or a k-sampler (``fastddpm.ksamplers``)."""
         return self.config.sampler in MULTISTEP_SAMPLERS
+
+    def step_coefficients(self):
+        """The float64 ``[K, 5]`` one-step table of this process (``reference.step_coefficients``): DDPM's, or
+        DDIM's with ``eta`` and, where ``set_alpha_to_one=False``, its last step onto the full schedule's
+        ``abar_0``."""
+        c = self.config
+        final = None if c.set_alpha_to_one or c.sampler != "ddim" else float(self._base_schedule().alphas_cumprod64[0])
+        return reference.step_coefficients(self.schedule, c.prediction, c.variance, self._one_step_sampler, c.eta,
+                                           final_alpha_cumprod=final)
 
     @property
     def _one_step_sampler(self) -> str:

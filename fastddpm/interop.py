@@ -24,7 +24,8 @@ field, its value and what is supported: a process is never silently approximated
                                                sample_max_value (Imagen's dynamic thresholding)
     timestep_spacing                           timestep_spacing (DDPM/DDIM respacing too)
     steps_offset                               0 only with leading spacing (unused otherwise)
-    DDIM                                       sampler="ddim" (eta: a step argument; pass eta=)
+    DDIM                                       sampler="ddim" (eta: a step argument; pass eta=),
+                                               set_alpha_to_one
     DPM-Solver++ (dpmsolver++ order 2/3,       sampler dpm++2m / dpm++3m / dpm++2m-sde
       sde-dpmsolver++ order 2, midpoint)
     UniPC (bh2, order 2, predict_x0)           sampler unipc, lambda_min_clipped=-inf
@@ -47,7 +48,7 @@ Refused (each a ValueError naming the field): rescale_betas_zero_snr=True; beta_
 trained_betas of another length than num_train_timesteps; thresholding with sample_max_value < 1;
 clip_sample_range != 1; steps_offset != 0 with leading spacing; DDPM variance_type fixed_large_log,
 learned, learned_range, and fixed_large with trailing spacing (diffusers' last step then adds noise);
-DDIM set_alpha_to_one=False, linspace spacing (diffusers' DDIM steps t -> t - T//steps, not to the next
+DDIM linspace spacing (diffusers' DDIM steps t -> t - T//steps, not to the next
 linspace timestep), clip_sample/thresholding unless ``use_clipped_model_output=True``; DPM-Solver
 algorithm_type dpmsolver/sde-dpmsolver, solver_order 1 (3 with SDE), solver_type heun, lower_order_final=False,
 final_sigmas_type sigma_min, exponential/beta/Lu/flow sigmas, dynamic shifting, learned variance, Karras
@@ -334,9 +335,8 @@ def _ddpm(f: _Fields) -> dict:
 
 
 def _ddim(f: _Fields, use_clipped_model_output: bool) -> dict:
-    if not f["set_alpha_to_one"]:
-        f.reject("set_alpha_to_one", "True", "fastddpm's DDIM ends on alphas_cumprod = 1 (x_0 itself), "
-                 "diffusers' set_alpha_to_one=False on alphas_cumprod[0]")
+    if not isinstance(f["set_alpha_to_one"], bool):
+        f.reject("set_alpha_to_one", "True or False")
     if f["timestep_spacing"] == "linspace":
         f.reject("timestep_spacing", "'leading' or 'trailing'", "diffusers' DDIMScheduler steps t -> t - T//steps, "
                  "which is not the next linspace timestep; fastddpm's DDIM steps between kept timesteps")
@@ -346,7 +346,7 @@ def _ddim(f: _Fields, use_clipped_model_output: bool) -> dict:
         f.reject(key, f"{key}=False, or from_diffusers(..., use_clipped_model_output=True)",
                  "diffusers' DDIM step (as DDIMPipeline calls it) takes its direction from the unclipped model "
                  "output, fastddpm's from the clipped x0 (diffusers' use_clipped_model_output=True)")
-    return {"sampler": "ddim", **clip}
+    return {"sampler": "ddim", "set_alpha_to_one": f["set_alpha_to_one"], **clip}
 
 
 def _multistep_common(f: _Fields):

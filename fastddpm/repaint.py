@@ -20,7 +20,6 @@ import numpy as np
 import torch
 
 from .checks import is_int
-from .ops import reference
 
 __all__ = ["Inpainting", "Walk", "repaint_visits", "walk_visits", "make_walk"]
 
@@ -93,9 +92,8 @@ class Walk:
 
 def walk_tables(process, visits) -> dict[str, np.ndarray]:
     """The float64 tables of ``visits`` over ``process`` (``Walk``'s, before the cast), in row order."""
-    c = process.config
     tb = process.schedule.tables64()
-    coefs = reference.step_coefficients(process.schedule, c.prediction, c.variance, c.sampler, c.eta)
+    coefs = process.step_coefficients()
     V = len(visits)
     rev, up = np.zeros((V, 7)), np.zeros((V, 5))
     timesteps = np.zeros(V, dtype=np.int64)

@@ -93,7 +93,7 @@ def test_rows_are_parsed_and_checked():
         ("fastddpm", "euler", 10), ("k-diffusion", "dpm++sde", 20)]  # in the table's order
     assert bench_ksamplers.parse_rows("diffusers:*:5") == [
         ("diffusers", s, 5) for s in bench_ksamplers.DIFFUSERS_SCHEDULERS]
-    assert len(bench_ksamplers.parse_rows("*:*:10")) == 8 + 8 + 5 + 8
+    assert len(bench_ksamplers.parse_rows("*:*:10")) == 9 + 9 + 6 + 9  # fastddpm(-clip), diffusers, k-diffusion
     for bad in ("fastddpm:euler", "fastddpm:euler:x", "fastddpm:euler:7", "diffusers:dpm++sde:10", ""):
         with pytest.raises(ValueError, match="--rows"):
             bench_ksamplers.parse_rows(bad)

@@ -88,6 +88,9 @@ DDIM_CONFIGS = [
     dict(),  # clip_sample=True: with use_clipped_model_output=True on both sides
     dict(thresholding=True, prediction_type="v_prediction"),
     dict(thresholding=True, prediction_type="sample", sample_max_value=2.0, dynamic_thresholding_ratio=0.9),
+    dict(clip_sample=False, set_alpha_to_one=False),  # the last step onto alphas_cumprod[0], eta's noise there too
+    dict(clip_sample=False, set_alpha_to_one=False, prediction_type="v_prediction", timestep_spacing="trailing",
+         steps_offset=1),
 ]
 
 
@@ -222,7 +225,6 @@ REJECTED = [
     (DDPMScheduler, dict(timestep_spacing="uniform"), "timestep_spacing"),
     (DDIMScheduler, dict(clip_sample=True), "clip_sample"),
     (DDIMScheduler, dict(clip_sample=False, thresholding=True), "thresholding"),
-    (DDIMScheduler, dict(clip_sample=False, set_alpha_to_one=False), "set_alpha_to_one"),
     (DDIMScheduler, dict(clip_sample=False, timestep_spacing="linspace"), "timestep_spacing"),
     (DPMSolverMultistepScheduler, dict(algorithm_type="dpmsolver"), "algorithm_type"),
     (DPMSolverMultistepScheduler, dict(solver_order=1), "solver_order"),

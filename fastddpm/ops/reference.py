@@ -157,7 +157,7 @@ def diffusion_loss(model_output, x0, noise, t, sqrt_alphas_cumprod, sqrt_one_min
 
 # -- reverse process -----------------------------------------------------------------
 def step_coefficients(schedule: NoiseSchedule, prediction: str = "epsilon", variance: str = "fixed_small",
-                      sampler: str = "ddpm", eta: float = 0.0) -> np.ndarray:
+                      sampler: str = "ddpm", eta: float = 0.0, final_alpha_cumprod: float | None = None) -> np.ndarray:
     """The ``(a, b, c0, c1, sigma)`` row of every step, float64 ``[K, 5]``.
 
     ``a, b`` turn the model output into ``x0_hat`` (epsilon: Eq. 15 of Ho et al.;
@@ -165,10 +165,19 @@ def step_coefficients(schedule: NoiseSchedule, prediction: str = "epsilon", vari
     mean of Eq. 7 and ``sigma^2 = beta_tilde`` (fixed_small) or ``beta``
     (fixed_large).  DDIM rewrites Eq. 12 of Song et al. with ``eps`` re-derived
     from the (clipped) ``x0_hat``, as improved-diffusion and GLIDE do.
-    ``sigma_0 = 0`` always: the last step adds no noise.
+    ``sigma_0 = 0``: the last step adds no noise -- except DDIM given ``final_alpha_cumprod``
+    (diffusers' ``set_alpha_to_one=False``: the last step lands on that ``abar``, e.g. the full
+    schedule's ``abar_0``, instead of 1, with eta's noise as any other step).
     """
     tb = schedule.tables64()
     ac, ac_prev = tb["alphas_cumprod"], tb["alphas_cumprod_prev"]
+    if final_alpha_cumprod is not None:
+        if sampler != "ddim":
+            raise ValueError(f"final_alpha_cumprod is DDIM's (set_alpha_to_one=False), not sampler={sampler!r}'s")
+        if not 0.0 < final_alpha_cumprod <= 1.0:
+            raise ValueError(f"final_alpha_cumprod must be in (0, 1], got {final_alpha_cumprod!r}")
+        ac_prev = ac_prev.copy()
+        ac_prev[0] = float(final_alpha_cumprod)
     if prediction == "epsilon":
         a, b = tb["sqrt_recip_alphas_cumprod"], -tb["sqrt_recipm1_alphas_cumprod"]
     elif prediction == "x0":
@@ -196,7 +205,8 @@ def step_coefficients(schedule: NoiseSchedule, prediction: str = "epsilon", vari
     else:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     sigma = np.array(sigma, dtype=np.float64)
-    sigma[0] = 0.0
+    if final_alpha_cumprod is None:
+        sigma[0] = 0.0
     return np.stack([a, b, c0, c1, sigma], axis=1)
 
 
