@@ -31,10 +31,21 @@ Conventions are those of the DDPM sampler (``reference.step_coefficients``): row
 ``i`` is the reverse-process step index, ``K-1`` first and ``0`` last; the model
 timestep of row ``i`` is ``timesteps[i]``; SDE noise of row ``i`` is noise slot ``i``.
 
-Everything equals diffusers' ``DPMSolverMultistepScheduler`` (``dpmsolver++``,
-``sde-dpmsolver++``, midpoint) and ``UniPCMultistepScheduler`` (bh2, order 2) with
-their default final-step handling (``lower_order_final=True``,
-``final_sigmas_type="zero"``): the last step is first order and lands on ``D``.
+Everything equals diffusers' ``DPMSolverMultistepScheduler`` (``dpmsolver++``, ``dpmsolver``,
+``sde-dpmsolver++``; ``midpoint`` or ``heun``; ``lower_order_final``, ``euler_at_final``,
+``final_sigmas_type``, ``use_lu_lambdas``) and ``UniPCMultistepScheduler`` (bh2, order 2;
+``lower_order_final``, ``final_sigmas_type``) step for step.  The defaults are diffusers': the last
+step is first order and lands on ``D`` (``final_sigmas_type="zero"``).  Where diffusers' own step is
+not finite we refuse (UniPC's second-order step onto sigma 0) or take the limit: ``sigma_min`` after
+Karras or Lu sigmas, which end at the schedule's smallest already, makes the last step of length 0
+(UniPC's, exactly: its row is ``x_next = x_corr``) or ~1 ulp (DPM-Solver's: ``x_next`` ~ ``x``), where
+diffusers' float32 heun and third-order forms divide 0 by 0 and its float64 SDE takes the square root
+of ``1 - e^{-2h} < 0`` (NaN both).
+
+``algorithm="dpmsolver"`` (DPM-Solver's noise-prediction form) keeps ``D`` the x0 prediction (so
+clipping and thresholding act on it, as diffusers' thresholding does before it rebuilds ``eps``) and
+stores ``E = D - x / alpha = -(sigma / alpha) eps`` in the ring (``hx = -1 / alpha``): a past step's
+``eps`` is ``-H / s`` (``s = sigma / alpha`` of that step), the current one ``x / sigma - D / s``.
 """
 from __future__ import annotations
 
@@ -53,11 +64,16 @@ from .thresholding import step_threshold
 __all__ = [
     "SOLVERS",
     "SPACINGS",
+    "ALGORITHMS",
+    "SOLVER_TYPES",
+    "FINAL_SIGMAS_TYPES",
     "TABLE_COLUMNS",
     "COSINE_LAMBDA_MIN",
     "MultistepPlan",
     "make_plan",
+    "check_options",
     "solver_timesteps",
+    "solver_orders",
     "multistep_table",
     "new_history",
     "multistep_update",
@@ -67,6 +83,9 @@ __all__ = [
 TABLE_COLUMNS = ops.reference.MULTISTEP_COLUMNS  # the order the reference step reads a row in
 # The order of each solver, which is also the fewest steps it accepts.
 SOLVER_ORDER = {"dpm++2m": 2, "dpm++3m": 3, "dpm++2m-sde": 2, "unipc": 2}
+ALGORITHMS = ("dpmsolver++", "dpmsolver")  # diffusers' algorithm_type of dpm++2m/dpm++3m (data or noise prediction)
+SOLVER_TYPES = ("midpoint", "heun")  # diffusers' solver_type: the form of DPM-Solver's second-order steps
+FINAL_SIGMAS_TYPES = ("zero", "sigma_min")  # diffusers' final_sigmas_type: the last step onto 0 or sigma(t=0)
 # The cosine schedule's alpha_T is ~1e-4 (beta capped at 0.999), so lambda_T ~ -9 and the first
 # step's 1/alpha amplifies rounding by ~1e4.  DPM-Solver's authors stop the ODE early for it
 # (T = 0.9946 for the continuous cosine); diffusers expresses that as lambda_min_clipped, and its
@@ -81,26 +100,78 @@ def _check_choice(name, value, allowed):
         raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
 
 
+def check_options(solver: str, *, lower_order_final: bool = True, final_sigmas_type: str = "zero",
+                  euler_at_final: bool = False, use_lu_lambdas: bool = False, algorithm: str = "dpmsolver++",
+                  solver_type: str = "midpoint", karras_sigmas: bool = False) -> None:
+    """Refuse (``ValueError`` naming the argument and what it takes) the final-step, spacing and form
+    options of ``make_plan`` that ``solver`` does not have, or that diffusers cannot step:
+
+    * ``euler_at_final``, ``use_lu_lambdas`` and ``solver_type="heun"`` are DPM-Solver's (diffusers'
+      UniPC has neither of the first two; its ``solver_type`` is bh2 here);
+    * ``algorithm="dpmsolver"`` is for ``dpm++2m``/``dpm++3m`` and needs ``final_sigmas_type="sigma_min"``
+      (diffusers refuses ``"zero"``: ``alpha_t / alpha_s x - sigma_t (e^h - 1) eps`` at ``sigma_t = 0``);
+    * UniPC with ``lower_order_final=False`` needs ``final_sigmas_type="sigma_min"``: diffusers takes its last
+      step onto sigma 0 at second order, whose ``(m1 - m0) / r`` with ``r = (lambda_1 - lambda_0) / inf``
+      is infinite (it returns inf/nan);
+    * ``use_lu_lambdas`` and ``karras_sigmas`` both choose the sigmas (diffusers silently takes Karras').
+    """
+    _check_choice("sampler", solver, SOLVERS)
+    for name, value in (("lower_order_final", lower_order_final), ("euler_at_final", euler_at_final),
+                        ("use_lu_lambdas", use_lu_lambdas)):
+        if not isinstance(value, (bool, np.bool_)):
+            raise ValueError(f"{name} must be a bool, got {value!r}")
+    _check_choice("final_sigmas_type", final_sigmas_type, FINAL_SIGMAS_TYPES)
+    _check_choice("algorithm", algorithm, ALGORITHMS)
+    _check_choice("solver_type", solver_type, SOLVER_TYPES)
+    if algorithm == "dpmsolver" and solver not in ("dpm++2m", "dpm++3m"):
+        raise ValueError(f"algorithm='dpmsolver' (noise prediction) is for dpm++2m and dpm++3m; expected "
+                         f"algorithm='dpmsolver++' for {solver}")
+    if algorithm == "dpmsolver" and final_sigmas_type == "zero":
+        raise ValueError("algorithm='dpmsolver' (noise prediction) cannot step to sigma 0: expected "
+                         "final_sigmas_type='sigma_min' (as diffusers) or algorithm='dpmsolver++'")
+    if solver == "unipc":
+        for name, value, default in (("euler_at_final", euler_at_final, False),
+                                     ("use_lu_lambdas", use_lu_lambdas, False), ("solver_type", solver_type, "midpoint")):
+            if value != default:
+                raise ValueError(f"{name}={value!r} is DPM-Solver's (dpm++2m, dpm++3m, dpm++2m-sde): unipc is "
+                                 f"diffusers' UniPC-bh2, which has none; expected {name}={default!r} for unipc")
+        if not lower_order_final and final_sigmas_type == "zero":
+            raise ValueError("lower_order_final=False with final_sigmas_type='zero' is not finite for unipc (diffusers' "
+                             "second-order last step onto sigma 0 returns inf/nan): expected lower_order_final=True "
+                             "or final_sigmas_type='sigma_min'")
+    if use_lu_lambdas and karras_sigmas:
+        raise ValueError("use_lu_lambdas and karras_sigmas both choose the sigmas: expected at most one of them True")
+
+
 # -- the steps -------------------------------------------------------------------------------
 def default_lambda_min(schedule: NoiseSchedule) -> float:
     return COSINE_LAMBDA_MIN if schedule.kind == "cosine" else -math.inf
 
 
 def solver_timesteps(schedule: NoiseSchedule, steps: int, solver: str = "dpm++2m", spacing: str = "linspace",
-                     karras_sigmas: bool = False, lambda_min_clipped: float | None = None):
+                     karras_sigmas: bool = False, lambda_min_clipped: float | None = None, *,
+                     use_lu_lambdas: bool = False, final_sigmas_type: str = "zero"):
     """The model timesteps and sigmas of ``steps`` solver steps, in the order they run.
 
     As diffusers' ``set_timesteps`` (``linspace``/``leading``/``trailing``, ``steps_offset=0``):
     timesteps where ``lambda`` is below ``lambda_min_clipped`` are dropped, and Karras sigmas
-    (Karras et al. 2022, rho = 7) replace the spacing when asked.  diffusers has the
-    clip for DPM-Solver++'s spacings only; we apply it to every solver and to the Karras
-    sigma_max too (so ``lambda_min_clipped=-inf`` gives diffusers' UniPC and Karras sigmas).
+    (Karras et al. 2022, rho = 7) or, with ``use_lu_lambdas``, sigmas uniform in lambda (Lu et al.
+    2022; diffusers' ``_convert_to_lu``: log sigma linear from the largest to the smallest) replace the
+    spacing when asked, their timesteps from ``sigma_to_t``.  diffusers has the
+    clip for DPM-Solver++'s spacings only; we apply it to every solver and to the Karras and Lu
+    sigma_max too (so ``lambda_min_clipped=-inf`` gives diffusers' UniPC, Karras and Lu sigmas).
 
+    :param final_sigmas_type: the sigma after the last step: ``zero`` or ``sigma_min``, the schedule's
+        sigma at t = 0 (UniPC's on Karras sigmas: the last Karras sigma, as diffusers, which is the same
+        up to rounding, so that last step has length ~0).
     :return: ``(timesteps int64 [K], sigmas float64 [K + 1])`` with ``sigma = sqrt((1 - abar) / abar)``
-        and a final sigma of 0.
+        and the final sigma.
     """
     _check_choice("sampler", solver, SOLVERS)
     _check_choice("timestep_spacing", spacing, SPACINGS)
+    _check_choice("final_sigmas_type", final_sigmas_type, FINAL_SIGMAS_TYPES)
+    if use_lu_lambdas and karras_sigmas:
+        raise ValueError("use_lu_lambdas and karras_sigmas both choose the sigmas: expected at most one of them True")
     T = schedule.num_timesteps
     if schedule.is_respaced:
         raise ValueError("multistep solvers choose their own timesteps: give the full (not respaced) schedule")
@@ -125,17 +196,26 @@ def solver_timesteps(schedule: NoiseSchedule, steps: int, solver: str = "dpm++2m
         ts = (np.arange(0, K + 1) * ratio).round()[::-1][:-1].astype(np.int64)
     else:  # trailing
         ts = np.arange(last, 0, -T / K).round().astype(np.int64) - 1
-    if karras_sigmas:
-        rho = 7.0
+    if karras_sigmas or use_lu_lambdas:
         ramp = np.linspace(0, 1, K)
-        hi, lo = all_sigmas[last - 1] ** (1 / rho), all_sigmas[0] ** (1 / rho)  # the clip bounds sigma_max too
-        sigmas = (hi + ramp * (lo - hi)) ** rho
-        t_cont = sigma_to_t(sigmas, np.log(all_sigmas))
+        log_sigmas = np.log(all_sigmas)
+        if karras_sigmas:
+            rho = 7.0
+            hi, lo = all_sigmas[last - 1] ** (1 / rho), all_sigmas[0] ** (1 / rho)  # the clip bounds sigma_max too
+            sigmas = (hi + ramp * (lo - hi)) ** rho
+        else:  # diffusers' _convert_to_lu: its "lambdas" are log sigmas, rho = 1
+            hi, lo = log_sigmas[last - 1], log_sigmas[0]
+            sigmas = np.exp(hi + ramp * (lo - hi))
+        t_cont = sigma_to_t(sigmas, log_sigmas)
         # diffusers rounds, except DPM-Solver on the cosine schedule, where it truncates
         ts = (t_cont if solver != "unipc" and schedule.kind == "cosine" else t_cont.round()).astype(np.int64)
     else:
         sigmas = all_sigmas[ts]
-    return ts, np.append(sigmas, 0.0)
+    if final_sigmas_type == "zero":
+        final = 0.0
+    else:
+        final = sigmas[-1] if solver == "unipc" and karras_sigmas else all_sigmas[0]
+    return ts, np.append(sigmas, final)
 
 
 def sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
@@ -147,35 +227,54 @@ def sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
     return (1 - w) * low + w * (low + 1)
 
 
-def solver_orders(solver: str, K: int, begin_index: int = 0) -> np.ndarray:
+def solver_orders(solver: str, K: int, begin_index: int = 0, *, lower_order_final: bool = True,
+                  final_sigmas_type: str = "zero", euler_at_final: bool = False) -> np.ndarray:
     """The order of each step of a K-step plan run from step ``begin_index`` on, in running order:
-    warm-up from first order at the first step run (the history starts empty there), and diffusers'
-    ``lower_order_final`` counted against the whole plan's K (the last step is first order;
-    DPM-Solver++ also drops to second order on the step before it when K < 15) -- exactly what
-    diffusers' ``step`` does after ``set_begin_index(begin_index)``: ``lower_order_nums`` counts the
-    steps taken, ``step_index`` starts at ``begin_index`` and ``len(timesteps)`` is K."""
+    warm-up from first order at the first step run (the history starts empty there), and the final
+    steps counted against the whole plan's K -- exactly what diffusers' ``step`` does after
+    ``set_begin_index(begin_index)``: ``lower_order_nums`` counts the steps taken, ``step_index``
+    starts at ``begin_index`` and ``len(timesteps)`` is K.
+
+    * DPM-Solver: the last step is first order when ``euler_at_final``, or ``lower_order_final`` and
+      K < 15, or ``final_sigmas_type="zero"`` (whatever ``lower_order_final`` says); the step before it is
+      at most second order when ``lower_order_final`` and K < 15.
+    * UniPC: ``lower_order_final`` lowers the order to the steps left (``min(2, K - j)``: the last step
+      first order, for any K); without it every step after the warm-up is second order.
+    """
     j = np.arange(begin_index, K)
     warm = j - begin_index + 1  # diffusers' lower_order_nums + 1
     if solver == "unipc":
-        return np.minimum(np.minimum(2, K - j), warm)
-    order = np.where((j == K - 2) & (K < 15), min(2, SOLVER_ORDER[solver]), SOLVER_ORDER[solver])
-    return np.minimum(np.where(j == K - 1, 1, order), warm)
+        return np.minimum(np.minimum(2, K - j) if lower_order_final else 2, warm)
+    full = SOLVER_ORDER[solver]
+    low = lower_order_final and K < 15
+    order = np.where((j == K - 2) & low, min(2, full), full)
+    final_first = euler_at_final or low or final_sigmas_type == "zero"
+    return np.minimum(np.where((j == K - 1) & final_first, 1, order), warm)
 
 
 # -- the table -------------------------------------------------------------------------------
 def multistep_table(sigmas: np.ndarray, solver: str, prediction: str = "epsilon",
-                    orders: np.ndarray | None = None) -> np.ndarray:
+                    orders: np.ndarray | None = None, *, algorithm: str = "dpmsolver++",
+                    solver_type: str = "midpoint") -> np.ndarray:
     """The float64 ``[K, 14]`` table (``TABLE_COLUMNS``), row ``i`` for reverse-process step ``i``.
 
-    :param sigmas: float64 ``[K + 1]`` from ``solver_timesteps`` (running order, last 0), or its tail
-        from a begin index on.
+    :param sigmas: float64 ``[K + 1]`` from ``solver_timesteps`` (running order, last 0 or sigma_min),
+        or its tail from a begin index on.
     :param solver: one of ``SOLVERS``.
     :param prediction: ``epsilon``, ``x0`` or ``v``.
     :param orders: the order of each of the K steps, running order (default ``solver_orders(solver, K)``;
         a plan begun part-way gives ``solver_orders(solver, K_whole, begin_index)``).  The first step's
-        row has no history and no corrector whatever its order says.
+        row has no history and no corrector whatever its order says, and a step of length 0 (equal
+        sigmas) is first order: the identity.
+    :param algorithm: ``dpmsolver++`` or ``dpmsolver`` (dpm++2m/dpm++3m onto sigma_min: ``_noise_columns``).
+    :param solver_type: ``midpoint`` or ``heun``: the form of DPM-Solver's second-order steps.
     """
     _check_choice("sampler", solver, SOLVERS)
+    _check_choice("algorithm", algorithm, ALGORITHMS)
+    _check_choice("solver_type", solver_type, SOLVER_TYPES)
+    if algorithm == "dpmsolver" and (solver not in ("dpm++2m", "dpm++3m") or sigmas[-1] == 0):
+        raise ValueError(f"algorithm='dpmsolver' is for dpm++2m and dpm++3m onto a last sigma above 0, "
+                         f"got {solver} onto {sigmas[-1]}")
     K = sigmas.size - 1
     s = np.asarray(sigmas, dtype=np.float64)
     alpha = 1.0 / np.sqrt(1.0 + s**2)  # VP: alpha^2 + sigma^2 = 1, s = sigma / alpha
@@ -203,6 +302,7 @@ def multistep_table(sigmas: np.ndarray, solver: str, prediction: str = "epsilon"
     final = s[t] == 0.0
     # e^{-h} = sigma-ratio of the step and h_phi_1 = e^{-h} - 1, exact 0 and -1 on the final step
     h = np.where(final, np.inf, lam[np.minimum(t, K)] - lam[j])
+    orders = np.where(h == 0.0, 1, orders)  # a step of length 0 (sigma_min after Karras sigmas): the identity
     with np.errstate(invalid="ignore"):
         em1 = np.where(final, -1.0, np.expm1(-h))  # e^{-h} - 1
     e = em1 + 1.0
@@ -215,37 +315,79 @@ def multistep_table(sigmas: np.ndarray, solver: str, prediction: str = "epsilon"
         r1 = (lam_m1 - lam_m2) / h
 
     col["u"][:] = 1.0
-    if solver in ("dpm++2m", "dpm++3m"):
-        # DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2; "midpoint" as diffusers) and the
-        # third-order multistep form diffusers uses for solver_order=3
-        col["cx"][:] = ratio
-        phi = -alpha[t] * em1  # alpha_t (1 - e^{-h})
-        o2, o3 = orders == 2, orders == 3
-        col["p0"][:] = phi
-        col["p0"][o2] += 0.5 * phi[o2] / r0[o2]
-        col["p1"][o2] = -0.5 * phi[o2] / r0[o2]
-        if o3.any():
-            hh, rr0, rr1 = h[o3], r0[o3], r1[o3]
-            g1 = alpha[t][o3] * (em1[o3] / hh + 1.0)
-            g2 = -alpha[t][o3] * ((em1[o3] + hh) / hh**2 - 0.5)
-            # D1 = (1 + r0/(r0+r1)) D1_0 - r0/(r0+r1) D1_1,  D2 = (D1_0 - D1_1)/(r0+r1)
-            A = g1 * (1.0 + rr0 / (rr0 + rr1)) + g2 / (rr0 + rr1)
-            B = -g1 * rr0 / (rr0 + rr1) - g2 / (rr0 + rr1)
-            col["p0"][o3] = phi[o3] + A / rr0
-            col["p1"][o3] = -A / rr0 + B / rr1
-            col["p2"][o3] = -B / rr1
-    elif solver == "dpm++2m-sde":
-        # SDE-DPM-Solver++(2M) (Lu et al. 2022; midpoint, as diffusers' sde-dpmsolver++)
-        col["cx"][:] = ratio * e
-        phi = alpha[t] * (1.0 - e**2)
-        o2 = orders == 2
-        col["p0"][:] = phi
-        col["p0"][o2] += 0.5 * phi[o2] / r0[o2]
-        col["p1"][o2] = -0.5 * phi[o2] / r0[o2]
-        col["cz"][:] = sigma[t] * np.sqrt(np.maximum(1.0 - e**2, 0.0))
-    else:
+    if solver == "unipc":
         _unipc_columns(col, orders, alpha, ratio, em1, h, r0, lam)
+        return tab[::-1].copy()
+    at = alpha[t]
+    with np.errstate(divide="ignore", invalid="ignore"):  # h = inf on the final step: first order there
+        if solver == "dpm++2m-sde":
+            # SDE-DPM-Solver++(2M) (Lu et al. 2022; diffusers' sde-dpmsolver++): x_t = cx x + c0 D0 + g D1 (+ cz z)
+            col["cx"][:] = ratio * e
+            c0 = at * (1.0 - e**2)
+            col["cz"][:] = sigma[t] * np.sqrt(np.maximum(1.0 - e**2, 0.0))
+            g1 = at * (-np.expm1(-2.0 * h) / (-2.0 * h) + 1.0)  # heun's D1 weight
+            g2 = np.full(K, np.nan)  # no third order
+        elif algorithm == "dpmsolver++":
+            # DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) and the third-order multistep form
+            # diffusers uses for solver_order=3: x_t = cx x + c0 D0 + g1 D1 + g2 D2
+            col["cx"][:] = ratio
+            c0 = -at * em1  # alpha_t (1 - e^{-h})
+            g1 = at * (em1 / h + 1.0)
+            g2 = -at * ((em1 + h) / h**2 - 0.5)
+        else:  # dpmsolver: the same in eps, x_t = alpha_t / alpha_s x + c0 eps0 + g1 eps'_1 + g2 eps'_2
+            ep1 = np.expm1(h)
+            c0 = -sigma[t] * ep1
+            g1 = -sigma[t] * (ep1 / h - 1.0)
+            g2 = -sigma[t] * ((ep1 - h) / h**2 - 0.5)
+        w0, w1, w2 = _dpm_weights(orders, r0, r1, c0, g1 if solver_type == "heun" else 0.5 * c0, g1, g2)
+    if algorithm == "dpmsolver++":
+        col["p0"][:], col["p1"][:], col["p2"][:] = c0 + w0, w1, w2
+    else:
+        _noise_columns(col, s, alpha, sigma, ratio, em1, w0, w1, w2)
     return tab[::-1].copy()
+
+
+def _dpm_weights(orders, r0, r1, c0, g, g1, g2):
+    """The weights of the last three model values ``m0, m1, m2`` in DPM-Solver's multistep update
+    beyond the first-order ``c0 m0`` (diffusers' ``D0, D1, D2``; zero where the order is 1):
+
+    * order 2: ``g D1`` with ``D1 = (m0 - m1) / r0`` (``g = c0 / 2``: midpoint, ``g1``: heun);
+    * order 3: ``g1 D1 + g2 D2`` with ``D1 = (1 + r0/(r0+r1)) D1_0 - r0/(r0+r1) D1_1``,
+      ``D2 = (D1_0 - D1_1)/(r0+r1)``, ``D1_0 = (m0 - m1) / r0``, ``D1_1 = (m1 - m2) / r1``.
+
+    :return: ``(w0, w1, w2)`` float64 ``[K]`` each.
+    """
+    w0, w1, w2 = (np.zeros(orders.shape) for _ in range(3))
+    o2, o3 = orders == 2, orders == 3
+    w0[o2] = g[o2] / r0[o2]
+    w1[o2] = -w0[o2]
+    if o3.any():
+        rr0, rr1 = r0[o3], r1[o3]
+        A = g1[o3] * (1.0 + rr0 / (rr0 + rr1)) + g2[o3] / (rr0 + rr1)
+        B = -g1[o3] * rr0 / (rr0 + rr1) - g2[o3] / (rr0 + rr1)
+        w0[o3] = A / rr0
+        w1[o3] = -A / rr0 + B / rr1
+        w2[o3] = -B / rr1
+    return w0, w1, w2
+
+
+def _noise_columns(col, s, alpha, sigma, ratio, em1, w0, w1, w2):
+    """The columns of DPM-Solver's noise-prediction form (diffusers' ``algorithm_type="dpmsolver"``).
+
+    The ring keeps ``E = D - x / alpha = -s eps`` (``hx = -1 / alpha``, ``s = sigma / alpha``), so the
+    previous steps' ``eps`` are ``-H1 / s_{j-1}``, ``-H2 / s_{j-2}`` and the current one is
+    ``x / sigma_j - D / s_j`` (the true x0 prediction ``D``, clipped or thresholded as diffusers' is before
+    it rebuilds ``eps``).  The first-order part ``alpha_t / alpha_s x - sigma_t (e^h - 1) eps`` is the DDIM
+    step, written as DPM-Solver++'s ``sigma_t / sigma_s x + alpha_t (1 - e^{-h}) D`` (no cancellation);
+    the higher-order weights ``w`` of ``eps`` go onto ``x``, ``D``, ``H1`` and ``H2``.
+    """
+    K = w0.size
+    j = np.arange(K)
+    col["hx"][:] = -1.0 / alpha[:K]
+    col["cx"][:] = ratio + w0 / sigma[:K]
+    col["p0"][:] = -alpha[1:] * em1 - w0 / s[:K]
+    col["p1"][1:] = -w1[1:] / s[j[1:] - 1]
+    col["p2"][2:] = -w2[2:] / s[j[2:] - 2]
 
 
 def _unipc_columns(col, orders, alpha, ratio, em1, h, r0, lam):
@@ -342,7 +484,9 @@ class MultistepPlan:
 def make_plan(schedule: NoiseSchedule, solver: str, steps: int, prediction: str = "epsilon",
               spacing: str = "linspace", karras_sigmas: bool = False, lambda_min_clipped: float | None = None,
               clip_denoised: bool = False, thresholding: tuple[float, float] | None = None, *,
-              begin_index: int = 0) -> MultistepPlan:
+              begin_index: int = 0, lower_order_final: bool = True, final_sigmas_type: str = "zero",
+              euler_at_final: bool = False, use_lu_lambdas: bool = False, algorithm: str = "dpmsolver++",
+              solver_type: str = "midpoint") -> MultistepPlan:
     """The plan of ``solver`` over ``steps`` model calls of a model trained on ``schedule``
     (``thresholding``: ``(ratio, sample_max_value)`` of dynamic thresholding, or None).
 
@@ -351,12 +495,33 @@ def make_plan(schedule: NoiseSchedule, solver: str, steps: int, prediction: str 
         first order with an empty history there, ``lower_order_final`` counted against ``steps``
         (``solver_orders``).  Its row ``i`` is still the whole plan's step ``i`` from the end, so the
         SDE noise slot of each step is the whole plan's.
+
+    The rest are diffusers' options of the same names (``check_options`` refuses those a solver lacks):
+
+    :param lower_order_final: lower the order of the final steps (``solver_orders``): DPM-Solver below
+        15 steps only, UniPC always.  False keeps the full order to the end, except that DPM-Solver's
+        last step onto sigma 0 is first order whatever it says (as diffusers').
+    :param final_sigmas_type: ``zero``: the last step lands on ``D``; ``sigma_min``: it ends at the
+        schedule's sigma at t = 0 (``solver_timesteps``), so the last row is an ordinary step.
+    :param euler_at_final: DPM-Solver: the last step first order (matters with ``sigma_min``).
+    :param use_lu_lambdas: DPM-Solver: timesteps uniform in lambda (``solver_timesteps``).
+    :param algorithm: dpm++2m/dpm++3m: ``dpmsolver++`` (data prediction) or ``dpmsolver`` (noise
+        prediction; needs ``final_sigmas_type="sigma_min"``).
+    :param solver_type: DPM-Solver's second-order steps: ``midpoint`` or ``heun`` (dpm++3m's too,
+        at its warm-up and lowered steps).
     """
-    ts, sigmas = solver_timesteps(schedule, steps, solver, spacing, karras_sigmas, lambda_min_clipped)
+    check_options(solver, lower_order_final=lower_order_final, final_sigmas_type=final_sigmas_type,
+                  euler_at_final=euler_at_final, use_lu_lambdas=use_lu_lambdas, algorithm=algorithm,
+                  solver_type=solver_type, karras_sigmas=karras_sigmas)
+    ts, sigmas = solver_timesteps(schedule, steps, solver, spacing, karras_sigmas, lambda_min_clipped,
+                                  use_lu_lambdas=use_lu_lambdas, final_sigmas_type=final_sigmas_type)
     if not is_int(begin_index) or not 0 <= begin_index < steps:
         raise ValueError(f"begin_index must be an int in [0, steps) = [0, {steps}) (the leading steps of the "
                          f"{steps}-step plan to skip; at least one must run), got {begin_index!r}")
-    table = multistep_table(sigmas[begin_index:], solver, prediction, solver_orders(solver, steps, begin_index))
+    orders = solver_orders(solver, steps, begin_index, lower_order_final=lower_order_final,
+                           final_sigmas_type=final_sigmas_type, euler_at_final=euler_at_final)
+    table = multistep_table(sigmas[begin_index:], solver, prediction, orders, algorithm=algorithm,
+                            solver_type=solver_type)
     if not np.all(np.isfinite(table)):
         raise ValueError(f"{solver} table is not finite for this schedule; try lambda_min_clipped")
     return MultistepPlan(solver, ts[begin_index:][::-1].copy(), table, bool(clip_denoised), thresholding,

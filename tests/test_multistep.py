@@ -27,18 +27,25 @@ DIFFUSERS_SCHEDULE = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
 SPACINGS = ["linspace", "leading", "trailing", "karras"]
 
 
-def _diffusers(solver, prediction, spacing, schedule="linear", clip=False, lambda_min=-math.inf):
+def _diffusers(solver, prediction, spacing, schedule="linear", clip=False, lambda_min=-math.inf, **options):
+    """diffusers' scheduler of a plan; ``spacing`` ``karras`` or ``lu`` is linspace with Karras or Lu sigmas,
+    ``options`` are ``make_plan``'s final-step and form options (``lower_order_final``, ``final_sigmas_type``,
+    ``euler_at_final``, ``algorithm``, ``solver_type``), passed on under diffusers' names."""
     from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
+    options = dict(options)
     kw = dict(num_train_timesteps=T, beta_schedule=DIFFUSERS_SCHEDULE[schedule],
               prediction_type=DIFFUSERS_PREDICTION[prediction],
-              timestep_spacing="linspace" if spacing == "karras" else spacing,
-              use_karras_sigmas=spacing == "karras", thresholding=clip, sample_max_value=1.0)
+              timestep_spacing="linspace" if spacing in ("karras", "lu") else spacing,
+              use_karras_sigmas=spacing == "karras", thresholding=clip, sample_max_value=1.0,
+              **{k: options.pop(k) for k in ("lower_order_final", "final_sigmas_type") if k in options})
     if solver == "unipc":
-        return UniPCMultistepScheduler(**kw)
+        return UniPCMultistepScheduler(**kw, **options)
+    algorithm = options.pop("algorithm", "dpmsolver++")
     return DPMSolverMultistepScheduler(
         **kw, solver_order=3 if solver == "dpm++3m" else 2, lambda_min_clipped=lambda_min,
-        algorithm_type="sde-dpmsolver++" if solver == "dpm++2m-sde" else "dpmsolver++")
+        algorithm_type="sde-dpmsolver++" if solver == "dpm++2m-sde" else algorithm,
+        use_lu_lambdas=spacing == "lu", **options)
 
 
 def _as_float64(sched, schedule: NoiseSchedule, monkeypatch):
@@ -59,31 +66,37 @@ def _as_float64(sched, schedule: NoiseSchedule, monkeypatch):
 
 
 def _run_both(solver, prediction, spacing, steps, dtype, monkeypatch, *, schedule="linear", clip=False,
-              lambda_min=-math.inf, shape=(2, 3, 4, 4), seed=0):
-    """Run diffusers and fastddpm side by side; return the worst difference and the tolerance."""
-    sched = _diffusers(solver, prediction, spacing, schedule, clip, lambda_min)
+              lambda_min=-math.inf, shape=(2, 3, 4, 4), seed=0, begin=0, nan_at_end=False, **options):
+    """Run diffusers and fastddpm side by side; return the worst difference.
+
+    ``spacing`` ``karras``/``lu``: linspace with Karras sigmas / Lu's lambdas (``use_lu_lambdas``);
+    ``options``: ``make_plan``'s (and diffusers') final-step and form options; ``begin``: the plan's
+    ``begin_index`` and diffusers' ``set_begin_index``.  ``nan_at_end``: diffusers' last step is 0/0 (a zero-length step in a heun or third-order form): it must be NaN, and ours the
+    limit, ``x`` itself."""
+    sched = _diffusers(solver, prediction, spacing, schedule, clip, lambda_min, **options)
     ours_schedule = NoiseSchedule.make(schedule, T)
     if dtype == torch.float64:
         _as_float64(sched, ours_schedule, monkeypatch)
-    elif spacing == "karras":
-        # diffusers' float32 cumprod drifts ~5e-5 (relative) by t = T-1, which Karras' sigma_max
+    elif spacing in ("karras", "lu"):
+        # diffusers' float32 cumprod drifts ~5e-5 (relative) by t = T-1, which Karras' (Lu's) sigma_max
         # carries into every sigma: give it our alphas_cumprod rounded to float32 instead
         sched.alphas_cumprod = torch.as_tensor(ours_schedule.alphas_cumprod64).float()
     sched.set_timesteps(steps)
-    sched.set_begin_index(0)  # with repeated timesteps (Karras) diffusers' lookup starts at the second
-    plan = make_plan(ours_schedule, solver, steps, prediction, "linspace" if spacing == "karras" else spacing,
-                     karras_sigmas=spacing == "karras", lambda_min_clipped=lambda_min, clip_denoised=clip)
-    assert plan.timesteps[::-1].tolist() == sched.timesteps.tolist()
+    sched.set_begin_index(begin)  # with repeated timesteps (Karras) diffusers' lookup starts at the second
+    plan = make_plan(ours_schedule, solver, steps, prediction, "linspace" if spacing in ("karras", "lu") else spacing,
+                     karras_sigmas=spacing == "karras", lambda_min_clipped=lambda_min, clip_denoised=clip,
+                     use_lu_lambdas=spacing == "lu", begin_index=begin, **options)
+    assert plan.timesteps[::-1].tolist() == sched.timesteps[begin:].tolist()
 
     g = torch.Generator().manual_seed(seed)
     data = (0.8 * torch.randn(shape, generator=g)).to(dtype)  # some |x0| > 1, so clipping acts
     x = torch.randn(shape, generator=g).to(dtype)
     ours_sampler = MultistepSampler(plan, x)
     exact = MultistepSampler(plan, x.double()) if dtype != torch.float64 else None
-    tol = PEER64 if dtype == torch.float64 else PEER_KARRAS32 if spacing == "karras" else PEER
+    tol = PEER64 if dtype == torch.float64 else PEER_KARRAS32 if spacing in ("karras", "lu") else PEER
     worst = 0.0
-    for j, t in enumerate(sched.timesteps.tolist()):
-        s = float(sched.sigmas[j])
+    for j, t in enumerate(sched.timesteps[begin:].tolist()):
+        s = float(sched.sigmas[begin + j])
         alpha, sigma = 1 / math.sqrt(1 + s * s), s / math.sqrt(1 + s * s)
         eps = (x - alpha * data) / sigma + 0.05 * torch.randn(shape, generator=g).to(dtype)
         out = {"epsilon": eps, "x0": data + 0.05 * torch.randn(shape, generator=g).to(dtype),
@@ -94,7 +107,11 @@ def _run_both(solver, prediction, spacing, steps, dtype, monkeypatch, *, schedul
         theirs = sched.step(out, t, x, **kw).prev_sample
         ours = ours_sampler.step(out, x, noise=noise)
         assert ours.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-        assert_close(ours, theirs, **tol, msg=f"{solver} {prediction} {spacing} step {j} (t={t})")
+        if nan_at_end and j == steps - begin - 1:
+            assert theirs.isnan().all(), f"{solver} {options}: diffusers' last step is finite"
+            assert_close(ours, x, **FP32, msg=f"{solver} {prediction} {spacing} {options}: zero-length last step")
+            return worst
+        assert_close(ours, theirs, **tol, msg=f"{solver} {prediction} {spacing} {options} step {j} (t={t})")
         if exact is not None:
             truth = exact.step(out.double(), x.double(), noise=None if noise is None else noise.double())
             assert_close(ours, truth, **FP32, msg=f"float64 {solver} {prediction} {spacing} step {j}")
