@@ -119,14 +119,17 @@ FDDPM_HD float philox_normal(PhiloxKey key, uint64_t offset) {
 FDDPM_HD float guided_value(float c, float u, float w) { return u + w * (c - u); }
 
 // -- reverse step (reference.ddpm_step) -----------------------------------------------
-constexpr int kCoefColumns = 5;  // (a, b, c0, c1, sigma)
+// c2 weights the raw (guided) model output (diffusers' DDIM with clip_sample: the direction from the
+// unclipped output); 0 in every other table, where the term is skipped (a select, not + 0 * out, so an
+// inf or NaN output the clip bounds today stays bounded: c2 = 0 is the five-column step bit for bit).
+constexpr int kCoefColumns = 6;  // (a, b, c0, c1, sigma, c2) (reference.COEF_COLUMNS)
 
 struct StepCoefs {
-  float a, b, c0, c1, sigma;
+  float a, b, c0, c1, sigma, c2;
 };
 
 FDDPM_HD StepCoefs load_step_coefs(const float* row) {
-  return StepCoefs{row[0], row[1], row[2], row[3], row[4]};
+  return StepCoefs{row[0], row[1], row[2], row[3], row[4], row[5]};
 }
 
 FDDPM_HD float clamp_unit(float v) {
@@ -153,23 +156,26 @@ FDDPM_HD float denoised_value(float x0_hat, bool clip, bool thresholded, float s
   return clip ? clamp_unit(x0_hat) : x0_hat;
 }
 
-// x0_hat = a x + b out (thresholded by s, or clamped to [-1, 1] if clip); x_prev = c0 x0_hat + c1 x + sigma z
+// x0_hat = a x + b out (thresholded by s, or clamped to [-1, 1] if clip);
+// x_prev = c0 x0_hat + c1 x + c2 out + sigma z, summed left to right as the reference (c2 = 0: no c2 term)
 FDDPM_HD float ddpm_step_value(const StepCoefs& c, float x, float out, float z, bool clip, bool thresholded = false,
                                float s = 1.0f) {
   const float x0_hat = denoised_value(c.a * x + c.b * out, clip, thresholded, s);
-  return c.c0 * x0_hat + c.c1 * x + c.sigma * z;
+  float v = c.c0 * x0_hat + c.c1 * x;
+  v = c.c2 != 0.0f ? v + c.c2 * out : v;
+  return v + c.sigma * z;
 }
 
 // -- inpainting (reference.inpaint_blend; RePaint, Lugmayr et al. 2022, Eq. 8-10) -------------
 // With known/mask the step's row has two more columns, (ka, kb) = (sqrt(abar_prev), sqrt(1 - abar_prev)):
 // the known image forward-noised to the step's target level.  Its noise z1 is slot step + K + 1.
-constexpr int kInpaintColumns = 7;  // (a, b, c0, c1, sigma, ka, kb)
+constexpr int kInpaintColumns = 8;  // (a, b, c0, c1, sigma, c2, ka, kb) (reference.INPAINT_COEF_COLUMNS)
 
 struct InpaintCoefs {
   float ka, kb;
 };
 
-FDDPM_HD InpaintCoefs load_inpaint_coefs(const float* row) { return InpaintCoefs{row[5], row[6]}; }
+FDDPM_HD InpaintCoefs load_inpaint_coefs(const float* row) { return InpaintCoefs{row[6], row[7]}; }
 
 // m * (ka known + kb z1) + (1 - m) step, in the reference's operation order: m = 1, ka = 1, kb = 0
 // gives known bit for bit (0 * step = 0), m = 0 the step's value bit for bit.

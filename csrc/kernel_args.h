@@ -60,8 +60,8 @@ struct StepArgs {
   const float* known;
   const float* mask;
   RowIndex step;        // row of coefs and noise slot
-  const float* coefs;   // [K, 5]: (a, b, c0, c1, sigma), or [K, 7] with known: (..., ka, kb)
-  int64_t coef_columns; // 5, or 7 with known
+  const float* coefs;   // [K, 6]: (a, b, c0, c1, sigma, c2), or [K, 8] with known: (..., ka, kb)
+  int64_t coef_columns; // 6, or 8 with known
   int64_t seed;
   int64_t sample_offset;
   // (seed, sample_offset) in memory on the op's device, read by the kernel in place of the

@@ -429,10 +429,10 @@ StepInputs step_inputs(const Tensor& x, const Tensor& model_output, const Tensor
   check_dtype(coefs, at::kFloat, "coefs");
   check_device(coefs, x, "coefs");
   check_inpaint_pair(known, mask);
-  // 7 columns with the inpainting blend (its ka, kb last), 5 without
+  // 8 columns with the inpainting blend (its ka, kb last), 6 without
   const int64_t columns = known.has_value() ? kInpaintColumns : kCoefColumns;
   TORCH_CHECK(coefs.dim() == 2 && coefs.size(1) == columns, "fastddpm: coefs must have shape [K, ", columns, "] ",
-              known.has_value() ? "with known (a, b, c0, c1, sigma, ka, kb)" : "without known (a, b, c0, c1, sigma)",
+              known.has_value() ? "with known (a, b, c0, c1, sigma, c2, ka, kb)" : "without known (a, b, c0, c1, sigma, c2)",
               ", got ", coefs.sizes());
   in.model_output = model_output.contiguous();
   in.coefs = coefs.contiguous();

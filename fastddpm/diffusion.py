@@ -189,13 +189,15 @@ class DDPM:
         return self.config.sampler in MULTISTEP_SAMPLERS
 
     def step_coefficients(self):
-        """The float64 ``[K, 5]`` one-step table of this process (``reference.step_coefficients``): DDPM's, or
+        """The float64 ``[K, 6]`` one-step table of this process (``reference.step_coefficients``): DDPM's, or
         DDIM's with ``eta`` and, where ``set_alpha_to_one=False``, its last step onto the full schedule's
-        ``abar_0``."""
+        ``abar_0``; with ``ddim_direction="raw"`` DDIM's direction from the raw output (diffusers'
+        ``clip_sample``)."""
         c = self.config
         final = None if c.set_alpha_to_one or c.sampler != "ddim" else float(self._base_schedule().alphas_cumprod64[0])
+        raw = c.sampler == "ddim" and getattr(c, "ddim_direction", "clipped") == "raw"
         return reference.step_coefficients(self.schedule, c.prediction, c.variance, self._one_step_sampler, c.eta,
-                                           final_alpha_cumprod=final)
+                                           final_alpha_cumprod=final, direction="raw" if raw else "clipped")
 
     @property
     def _one_step_sampler(self) -> str:

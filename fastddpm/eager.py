@@ -156,7 +156,7 @@ def _inpaint_batch(walk, denoiser, adapter, process, request, shape, device, dty
         else:
             out, uncond = _model_output(denoiser, adapter.dtype, x, walk.timesteps[step], dtype, watch)
             w = denoiser.step_scale
-            threshold = step_threshold(x, out, step, walk.reverse5, thresholding, uncond, w)
+            threshold = step_threshold(x, out, step, walk.reverse_step, thresholding, uncond, w)
             x = ops.ddpm_step(x, out, step, walk.reverse, seed=seed, sample_offset=offset, clip_denoised=clip,
                               uncond_output=uncond, guidance_scale=w, threshold=threshold, known=known, mask=mask)
         bar.update(1)

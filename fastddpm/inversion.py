@@ -17,7 +17,7 @@ output read as ``x0`` and ``eps`` at the current level, then DDIM's Eq. 12 with 
 (diffusers' ``timestep - T // steps`` is the previous kept timestep for ``leading`` spacing and for
 ``trailing`` with steps dividing T; here it is the previous kept timestep for every spacing.)
 
-The update is linear in ``(x, out)``, so it is a row ``(a, b, c0, c1, sigma = 0)`` of the fused step op
+The update is linear in ``(x, out)``, so it is a row ``(a, b, c0, c1, sigma = 0, c2 = 0)`` of the fused step op
 ``ops.ddpm_step`` with the clip off (``inverse_step_coefficients``, float64 on the host): the loop runs
 on every backend, and the model call is the package's one ``Denoiser`` (class labels,
 ``model_kwargs``, classifier-free guidance), as the samplers make it.
@@ -48,7 +48,7 @@ _REQUEST_EXTRAS = ("uncond_kwargs", "guidance_rescale", "guidance_batching")
 
 def inverse_step_coefficients(schedule: NoiseSchedule, prediction: str = "epsilon",
                               start_alpha_cumprod: float = 1.0) -> np.ndarray:
-    """The ``(a, b, c0, c1, sigma)`` row of every inverse DDIM step, float64 ``[K, 5]``, for ``ops.ddpm_step``
+    """The ``(a, b, c0, c1, sigma, c2)`` row of every inverse DDIM step, float64 ``[K, 6]``, for ``ops.ddpm_step``
     with ``clip_denoised=False``: row ``i`` takes ``x`` from ``abar_cur = abar[i - 1]`` (``start_alpha_cumprod``
     for ``i = 0``) to ``abar_next = abar[i]`` of ``schedule`` (respaced: its kept timesteps).
 
@@ -68,7 +68,7 @@ def inverse_step_coefficients(schedule: NoiseSchedule, prediction: str = "epsilo
     :param prediction: ``epsilon``, ``x0`` or ``v``.
     :param start_alpha_cumprod: the level of the image, in (0, 1]: 1 (diffusers' ``set_alpha_to_one=True``),
         or ``abar_0`` of the unrespaced process (``False``).
-    :return: float64 ``[K, 5]``, sigma 0.
+    :return: float64 ``[K, 6]``, sigma 0 and c2 0 (``reference.COEF_COLUMNS``).
     """
     if not 0.0 < start_alpha_cumprod <= 1.0:
         raise ValueError(f"start_alpha_cumprod must lie in (0, 1], got {start_alpha_cumprod!r}")
@@ -96,7 +96,7 @@ def inverse_step_coefficients(schedule: NoiseSchedule, prediction: str = "epsilo
     # rows where out does not move x0_hat: x0_hat := out, c0 = B, c1 = A
     c0, c1 = np.where(top, B, c0), np.where(top, A, c1)
     a, b = np.where(top, 0.0, a), np.where(top, 1.0, b)
-    rows = np.stack([a, b, c0, c1, np.zeros_like(ac_next)], axis=1)
+    rows = np.stack([a, b, c0, c1, np.zeros_like(ac_next), np.zeros_like(ac_next)], axis=1)
     if not np.isfinite(rows).all():
         raise ValueError(f"the inverse DDIM table of this schedule is not finite (abar in "
                          f"[{ac_next.min():.3g}, {ac_next.max():.3g}]): a level of 0 cannot be inverted")

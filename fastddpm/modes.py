@@ -18,7 +18,7 @@ __all__ = ["Prediction", "Variance", "LossType", "Sampler", "Solver", "SamplerCh
 Prediction = Literal["epsilon", "x0", "v"]  # what the model outputs
 Variance = Literal["fixed_small", "fixed_large"]  # the reverse step's sigma^2: beta_tilde or beta
 LossType = Literal["l2", "l1", "huber"]
-Sampler = Literal["ddpm", "ddim"]  # one-step samplers: a [K, 5] coefficient table (ops.ddpm_step)
+Sampler = Literal["ddpm", "ddim"]  # one-step samplers: a [K, 6] coefficient table (ops.ddpm_step)
 Solver = Literal["dpm++2m", "dpm++3m", "dpm++2m-sde", "unipc"]  # multistep solvers (ops.multistep_step)
 # samplers on the multistep table whose rows their own modules build (fastddpm.singlestep, fastddpm.lmsolvers)
 TableSampler = Literal["dpm-solver", "deis", "pndm"]

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .checks import is_int
+from .ops import reference
 
 __all__ = ["Inpainting", "Walk", "repaint_visits", "walk_visits", "make_walk"]
 
@@ -72,15 +73,16 @@ def repaint_visits(num_steps: int, jump_length: int = 10, jump_n_sample: int = 1
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Walk:
-    """A walk's tables on a device, row ``r`` = visit ``V - 1 - r``: ``reverse`` float32 ``[V, 7]`` (the
-    step's ``(a, b, c0, c1, sigma)`` and the blend's ``(sqrt(abar_{k-1}), sqrt(1 - abar_{k-1}))``),
-    ``reverse5`` its first five columns (the thresholding reads ``a, b``), ``up`` ``[V, 5]``, ``timesteps``
+    """A walk's tables on a device, row ``r`` = visit ``V - 1 - r``: ``reverse`` float32 ``[V, 8]`` (the
+    step's ``(a, b, c0, c1, sigma, c2)`` and the blend's ``(sqrt(abar_{k-1}), sqrt(1 - abar_{k-1}))``:
+    ``reference.INPAINT_COEF_COLUMNS``), ``reverse_step`` its first six columns (``COEF_COLUMNS``: the
+    thresholding reads ``a, b``), ``up`` ``[V, 6]``, ``timesteps``
     int64 ``[V]`` (each row's model timestep), ``up_rows`` (whether each row goes up), ``visits``."""
 
     visits: tuple
     up_rows: tuple
     reverse: torch.Tensor
-    reverse5: torch.Tensor
+    reverse_step: torch.Tensor
     up: torch.Tensor
     timesteps: torch.Tensor
 
@@ -95,17 +97,18 @@ def walk_tables(process, visits) -> dict[str, np.ndarray]:
     tb = process.schedule.tables64()
     coefs = process.step_coefficients()
     V = len(visits)
-    rev, up = np.zeros((V, 7)), np.zeros((V, 5))
+    width = reference.COEF_WIDTH
+    rev, up = np.zeros((V, reference.INPAINT_COEF_WIDTH)), np.zeros((V, width))
     timesteps = np.zeros(V, dtype=np.int64)
     kept = np.asarray(process.schedule.timesteps, dtype=np.int64)
     for v, (is_up, k) in enumerate(visits):
         r = V - 1 - v
         if is_up:
-            up[r] = (1.0, 0.0, 0.0, np.sqrt(1.0 - tb["betas"][k]), np.sqrt(tb["betas"][k]))
+            up[r] = (1.0, 0.0, 0.0, np.sqrt(1.0 - tb["betas"][k]), np.sqrt(tb["betas"][k]), 0.0)  # c2 = 0
         else:
             ac_prev = tb["alphas_cumprod_prev"][k]
-            rev[r, :5] = coefs[k]
-            rev[r, 5:] = (np.sqrt(ac_prev), np.sqrt(1.0 - ac_prev))
+            rev[r, :width] = coefs[k]
+            rev[r, width:] = (np.sqrt(ac_prev), np.sqrt(1.0 - ac_prev))
         timesteps[r] = kept[k]
     return {"reverse": rev, "up": up, "timesteps": timesteps}
 
@@ -124,5 +127,5 @@ def make_walk(process, inpainting: Inpainting, device) -> Walk:
     t = walk_tables(process, visits)
     rev = torch.as_tensor(t["reverse"]).to(torch.float32).to(device)
     return Walk(visits=tuple(visits), up_rows=tuple(up for up, _ in reversed(visits)), reverse=rev,
-                reverse5=rev[:, :5].contiguous(), up=torch.as_tensor(t["up"]).to(torch.float32).to(device),
+                reverse_step=rev[:, :reference.COEF_WIDTH].contiguous(), up=torch.as_tensor(t["up"]).to(torch.float32).to(device),
                 timesteps=torch.as_tensor(t["timesteps"]).to(device))

@@ -134,8 +134,8 @@ class SamplerEngine:
             self.coefs, self.timesteps = self.solver.tensors(device)  # coefs: the [R, 14] table
             self.clip_denoised = self.solver.clip_denoised
             self.thresholding = self.solver.thresholding
-        # the thresholding reads a, b: the walk's first five columns, else the table itself
-        self._threshold_table = self.walk.reverse5 if self.walk is not None else self.coefs
+        # the thresholding reads a, b: the walk's one-step columns, else the table itself
+        self._threshold_table = self.walk.reverse_step if self.walk is not None else self.coefs
         # -- static buffers: allocated once, updated in place ------------------------------
         self.x = torch.empty(self.shape, dtype=torch.float32, device=device)
         # the multistep solvers' ring: [4, *shape] float32

@@ -2,22 +2,23 @@
 
     x0_hat = a * x_t + b * out            # from the prediction type
     x0_hat = clamp(x0_hat, -1, 1)         # if clip_denoised
-    x_prev = c0 * x0_hat + c1 * x_t + sigma * z
+    x_prev = c0 * x0_hat + c1 * x_t + c2 * out + sigma * z
 
-with the row ``(a, b, c0, c1, sigma)`` of ``coefs`` picked by the step index,
+with the row ``(a, b, c0, c1, sigma, c2)`` of ``coefs`` picked by the step index,
 which is read from a device tensor in the kernel: per sample (``step`` of
 shape ``[n]``) or one for the batch (0-dim or ``[1]``, read with stride 0), so
 a captured CUDA graph replays every step by updating that tensor.  The noise
 slot is the step index.  ``sigma == 0`` (last DDPM step, DDIM with eta 0)
-skips the noise generation.  Optionally the kernel also writes ``x_prev`` in the
+skips the noise generation, and ``c2 == 0`` (every row but DDIM's raw direction) the
+``c2 * out`` term (so an inf output the clip bounds stays bounded).  Optionally the kernel also writes ``x_prev`` in the
 model's dtype, contiguous or channels_last: the next model call's input.  With
 classifier-free guidance (``uncond_output`` given) ``out = u + w * (c - u)`` in float32
 (``guided_output``) in the same pass; ``GUIDED`` is a compile-time flag, so the unguided
 kernel is unchanged.  With dynamic thresholding (``threshold``: float32 ``[n]``, each sample's
 bound ``s``, from ``fastddpm.ops.dynamic_threshold``) ``x0_hat = clamp(x0_hat, -s, s) / s`` in
 place of the clip (``denoised``), under the compile-time flag ``THRESHOLD``.  With inpainting
-(RePaint, Lugmayr et al. 2022: ``known`` and ``mask``, float32 of x's shape, and a ``[K, 7]`` table
-``(a, b, c0, c1, sigma, ka, kb)``) ``x_prev = mask * (ka * known + kb * z1) + (1 - mask) * x_prev``
+(RePaint, Lugmayr et al. 2022: ``known`` and ``mask``, float32 of x's shape, and a ``[K, 8]`` table
+``(a, b, c0, c1, sigma, c2, ka, kb)``) ``x_prev = mask * (ka * known + kb * z1) + (1 - mask) * x_prev``
 (``inpaint_blend``), ``z1`` the contract's normal of slot ``step + K + 1``, under ``INPAINT``.
 
 Ops (as the C++ backend's ``torch.ops.fastddpm.*``, here ``fastddpm_triton``):
@@ -41,11 +42,16 @@ from fastddpm.checks import FLOAT_DTYPES
 from fastddpm.noise import check_noise_capacity
 
 from fastddpm.ops import fakes
+from fastddpm.ops.reference import COEF_COLUMNS, COEF_WIDTH, INPAINT_COEF_COLUMNS, INPAINT_COEF_WIDTH
 
 from ._library import ELEMENTWISE_WARPS, elementwise_block, elementwise_grid, launch, op
 from .noise import contract_offsets
 
 __all__ = ["ddpm_step", "ddpm_step_cast", "ddpm_step_", "ddpm_step_into", "check_threshold", "check_inpaint"]
+
+# a row's width in the kernel (the launcher checks coefs against the reference's widths, 6 and 8)
+STEP_COLUMNS: tl.constexpr = tl.constexpr(COEF_WIDTH)
+INPAINT_COLUMNS: tl.constexpr = tl.constexpr(INPAINT_COEF_WIDTH)
 
 
 @triton.jit
@@ -123,19 +129,22 @@ def _ddpm_step_kernel(x_ptr, out_ptr, step_ptr, step_stride, coefs_ptr, x_prev_p
     mask = element < numel
     base = row.to(tl.int64) * numel
     step = tl.load(step_ptr + row * step_stride).to(tl.int64)
-    if INPAINT:  # the [K, 7] table: (a, b, c0, c1, sigma, ka, kb)
-        coef = coefs_ptr + step * 7
-    else:
-        coef = coefs_ptr + step * 5
+    if INPAINT:  # the [K, 8] table: (a, b, c0, c1, sigma, c2, ka, kb)
+        coef = coefs_ptr + step * INPAINT_COLUMNS
+    else:  # the [K, 6] table: (a, b, c0, c1, sigma, c2)
+        coef = coefs_ptr + step * STEP_COLUMNS
     a = tl.load(coef)
     b = tl.load(coef + 1)
     c0 = tl.load(coef + 2)
     c1 = tl.load(coef + 3)
     sigma = tl.load(coef + 4)
+    c2 = tl.load(coef + 5)
     x = tl.load(x_ptr + base + element, mask=mask, other=0.0).to(tl.float32)
     out = guided_output(out_ptr, uncond_ptr, base + element, mask, guidance_scale, GUIDED)
     x0_hat = denoised(a * x + b * out, threshold_ptr, row, CLIP, THRESHOLD)
     x_prev = c0 * x0_hat + c1 * x
+    if c2 != 0.0:  # uniform per program: DDIM's raw direction weighs the (guided) output itself
+        x_prev = x_prev + c2 * out
     if sigma != 0.0:  # uniform per program: sigma*z == 0 exactly, skip Philox
         # the key (seed, sample_offset) from device memory (RNG_IN_MEMORY) or the launch arguments
         key_seed, sample = noise_key(seed, sample_offset, rng_ptr, row, RNG_IN_MEMORY)
@@ -143,7 +152,8 @@ def _ddpm_step_kernel(x_ptr, out_ptr, step_ptr, step_stride, coefs_ptr, x_prev_p
         x_prev = x_prev + sigma * z
     if INPAINT:  # the known image noised to the step's target where the mask keeps it; z1: slot step + K + 1
         key_seed, sample = noise_key(seed, sample_offset, rng_ptr, row, RNG_IN_MEMORY)
-        x_prev = inpaint_blend(x_prev, known_ptr, keep_ptr, base + element, mask, tl.load(coef + 5), tl.load(coef + 6),
+        x_prev = inpaint_blend(x_prev, known_ptr, keep_ptr, base + element, mask, tl.load(coef + STEP_COLUMNS),
+                               tl.load(coef + STEP_COLUMNS + 1),
                                key_seed, sample, (step + num_steps + 1) * numel + element)
     tl.store(x_prev_ptr + base + element, x_prev, mask=mask)
     if WRITE_MODEL_INPUT:
@@ -197,16 +207,17 @@ def check_threshold(threshold, x: torch.Tensor) -> torch.Tensor | None:
 
 
 def check_inpaint(known, mask, x: torch.Tensor, coefs: torch.Tensor) -> tuple:
-    """The inpainting arguments of the DDPM step ops: ``known`` and ``mask`` both None (a ``[K, 5]``
-    table), or both float32 tensors of ``x``'s shape on its device (a ``[K, 7]`` table, ``ka, kb``
+    """The inpainting arguments of the DDPM step ops: ``known`` and ``mask`` both None (a ``[K, 6]``
+    table), or both float32 tensors of ``x``'s shape on its device (a ``[K, 8]`` table, ``ka, kb``
     last).  Returns them contiguous (the caller broadcasts; values not read)."""
     if known is None and mask is not None:
         raise ValueError("mask was given without known: the inpainting blend needs both (or neither)")
     if known is not None and mask is None:
         raise ValueError("known was given without mask: the inpainting blend needs both (or neither)")
-    width = 5 if known is None else 7
+    width = COEF_WIDTH if known is None else INPAINT_COEF_WIDTH
     if coefs.ndim != 2 or coefs.shape[1] != width:
-        what = "without known (a, b, c0, c1, sigma)" if known is None else "with known (a, b, c0, c1, sigma, ka, kb)"
+        what = (f"without known ({', '.join(COEF_COLUMNS)})" if known is None
+                else f"with known ({', '.join(INPAINT_COEF_COLUMNS)})")
         raise ValueError(f"coefs must have shape (K, {width}) {what}, got {tuple(coefs.shape)}")
     if known is None:
         return None, None
@@ -245,7 +256,7 @@ def ddpm_step_into(x, model_output, step, coefs, seed: int, sample_offset: int, 
         (each element is read before it is written).
     :param model_output: ``[n, ...]`` float32/bf16/fp16 (made contiguous).
     :param step: int64 ``[n]`` (per sample) or 0-dim/``[1]`` (whole batch) on the device.
-    :param coefs: float32 ``[K, 5]`` (``[K, 7]`` with ``known``).
+    :param coefs: float32 ``[K, 6]`` (``[K, 8]`` with ``known``).
     :param seed, sample_offset: the noise key, as kernel arguments (baked into a captured graph).
     :param x_prev: float32 output, shape of ``x``, contiguous.
     :param model_input: optional copy of ``x_prev`` in another dtype, contiguous or channels_last.
@@ -293,7 +304,7 @@ def ddpm_step(x: torch.Tensor, model_output: torch.Tensor, step: torch.Tensor, c
     """:return: float32 ``x_{t-1}`` (see the module docstring); ``uncond_output`` (None for none)
     and ``guidance_scale``: classifier-free guidance, fused; ``threshold`` (None for none): dynamic
     thresholding's per-sample bounds, fused; ``known``, ``mask`` (None for none): the inpainting
-    blend, fused (``coefs`` ``[K, 7]`` then)."""
+    blend, fused (``coefs`` ``[K, 8]`` then)."""
     x = x.contiguous()
     x_prev = torch.empty(x.shape, dtype=torch.float32, device=x.device)
     ddpm_step_into(x, model_output, step, coefs, seed, sample_offset, clip_denoised, x_prev,

@@ -95,7 +95,7 @@ def drive_launchers() -> None:
     floats = (torch.float32, torch.float16, torch.bfloat16)
     T = 1000
     table = torch.rand(T)
-    coefs = torch.rand(T, 5)
+    coefs = torch.rand(T, 6)  # c2 != 0: the raw-output term is compiled and run
     # numel per sample -> every elementwise BLOCK (128 .. ELEMENTWISE_BLOCK), odd and round
     numels = [100, 255, 500, ELEMENTWISE_BLOCK * 3]
     for numel, dtype in itertools.product(numels, floats):
@@ -144,9 +144,9 @@ def drive_launchers() -> None:
         for model_dtype, layout in itertools.product(floats, (torch.contiguous_format, torch.channels_last)):
             model_input = torch.empty(shape, dtype=model_dtype, memory_format=layout)
             step_mod.ddpm_step_into(x, out, step, coefs, 0, 0, clip, x.clone(), model_input, rng=rng, **kw)
-    # ... inpainting (known/mask with a [K, 7] table), unguided and guided: every output dtype x clip x
+    # ... inpainting (known/mask with a [K, 8] table), unguided and guided: every output dtype x clip x
     # key source, and the in-place form with each model-input dtype/layout; thresholded too, once per dtype
-    coefs7 = torch.rand(T, 7)
+    coefs7 = torch.rand(T, 8)
     blend = dict(known=torch.randn(shape), mask=torch.rand(shape).round())
     for out_dtype, clip, guided in itertools.product(floats, (False, True), (False, True)):
         both = torch.randn((4, *shape[1:]), dtype=out_dtype)

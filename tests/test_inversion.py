@@ -298,6 +298,6 @@ def test_the_table_is_float64_and_the_first_row_reads_the_image():
     """abar = 1 before the first step: an epsilon model's first step is sqrt(abar_0) x + sqrt(1-abar_0) out."""
     schedule = DDPM(num_timesteps=T).respace(K).schedule
     rows = inverse_step_coefficients(schedule, "epsilon")
-    assert rows.dtype == np.float64 and rows.shape == (K, 5)
+    assert rows.dtype == np.float64 and rows.shape == (K, 6)
     a0 = schedule.alphas_cumprod64[0]
-    np.testing.assert_allclose(rows[0], [0.0, 1.0, np.sqrt(1 - a0), np.sqrt(a0), 0.0], rtol=1e-15)
+    np.testing.assert_allclose(rows[0], [0.0, 1.0, np.sqrt(1 - a0), np.sqrt(a0), 0.0, 0.0], rtol=1e-15)

@@ -47,9 +47,12 @@ def test_x0_hat_recovers_x0_for_every_prediction():
 def test_clip_denoised_clamps_x0_hat():
     x = torch.zeros(1, 1, 2, 2)
     out = torch.full((1, 1, 2, 2), 5.0)
-    coefs = torch.tensor([[0.0, 1.0, 1.0, 0.0, 0.0]])
+    coefs = torch.tensor([[0.0, 1.0, 1.0, 0.0, 0.0, 0.0]])
     assert torch.equal(reference.ddpm_step(x, out, coefs, True, torch.zeros_like(x)), torch.ones_like(x))
     assert torch.equal(reference.ddpm_step(x, out, coefs, False, torch.zeros_like(x)), out)
+    # c2 weighs the raw output: the clip does not reach it
+    raw = torch.tensor([[0.0, 1.0, 1.0, 0.0, 0.0, 0.5]])
+    assert torch.equal(reference.ddpm_step(x, out, raw, True, torch.zeros_like(x)), torch.full_like(x, 3.5))
 
 
 def _huber(a, b, delta=0.5):
@@ -171,9 +174,9 @@ def test_step_and_q_sample_validate_inputs():
 
 
 def test_ops_validate_metadata():
-    coefs = torch.zeros(10, 5)
+    coefs = torch.zeros(10, 6)
     x = torch.zeros(2, 3)
-    with pytest.raises(ValueError, match=r"coefs must have shape \(K, 5\)"):
+    with pytest.raises(ValueError, match=r"coefs must have shape \(K, 6\)"):
         ops.ddpm_step(x, x, torch.tensor(1), torch.zeros(10, 4), seed=0)
     with pytest.raises(TypeError, match="x must have dtype in"):
         ops.ddpm_step(x.half(), x, torch.tensor(1), coefs, seed=0)

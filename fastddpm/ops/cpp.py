@@ -23,7 +23,7 @@ Ops (schemas in the one table, ``fastddpm/ops/schemas.def``):
   step op, then ``threshold``: None, or dynamic thresholding's float32 ``[n]`` bounds, and the
   x0 prediction is ``clamp(x0_hat, -s, s) / s`` in place of the clip; then, on the three DDPM step
   ops only, ``known, mask``: None, or inpainting's image to keep and its 0/1 mask, float32 of x's
-  shape, with a ``[K, 7]`` coefs whose ``ka, kb`` blend ``mask * (ka * known + kb * z1) + (1 -
+  shape, with a ``[K, 8]`` coefs whose ``ka, kb`` blend ``mask * (ka * known + kb * z1) + (1 -
   mask) * x_prev``, ``z1`` of noise slot ``step + K + 1``); ``ddpm_step_cast(..., model_dtype,
   channels_last, uncond_output, guidance_scale, threshold, known, mask)`` also returns
   ``x_prev`` in the model's dtype/layout; ``ddpm_step_(x, model_output, step, coefs, rng,

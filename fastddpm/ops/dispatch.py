@@ -57,7 +57,7 @@ def _check_threshold(x, threshold) -> None:
 def _check_inpaint(x, coefs, known, mask, known_noise) -> None:
     """The inpainting blend's arguments (metadata only): ``known`` and ``mask`` both None, or both
     float32 tensors of ``x``'s exact shape on its device (the caller broadcasts a shared mask); the
-    table's width then 7, else 5; ``known_noise`` (explicit ``z1``) only with ``known``."""
+    table's width then 8, else 6 (``reference.INPAINT_COEF_WIDTH``, ``COEF_WIDTH``); ``known_noise`` (explicit ``z1``) only with ``known``."""
     if known is None:
         if mask is not None:
             raise ValueError("mask was given without known: the inpainting blend needs both (or neither)")
@@ -69,12 +69,15 @@ def _check_inpaint(x, coefs, known, mask, known_noise) -> None:
         check_tensor("known", known, dtypes=(torch.float32,), shape=x.shape, device=x.device)
         check_tensor("mask", mask, dtypes=(torch.float32,), shape=x.shape, device=x.device)
     width = coefs.shape[1]
-    if known is not None and width != len(reference.INPAINT_COEF_COLUMNS):
-        raise ValueError(f"coefs must have shape (K, 7) with known: (a, b, c0, c1, sigma) and the blend's ka, kb "
-                         f"(sqrt(abar_prev), sqrt(1 - abar_prev)), got {tuple(coefs.shape)}")
-    if known is None and width != len(reference.COEF_COLUMNS):
-        hint = " (7 columns are the inpainting table: pass known and mask with it)" if width == 7 else ""
-        raise ValueError(f"coefs must have shape (K, 5): (a, b, c0, c1, sigma){hint}, got {tuple(coefs.shape)}")
+    step_columns = ", ".join(reference.COEF_COLUMNS)
+    if known is not None and width != reference.INPAINT_COEF_WIDTH:
+        raise ValueError(f"coefs must have shape (K, {reference.INPAINT_COEF_WIDTH}) with known: ({step_columns}) and "
+                         f"the blend's ka, kb (sqrt(abar_prev), sqrt(1 - abar_prev)), got {tuple(coefs.shape)}")
+    if known is None and width != reference.COEF_WIDTH:
+        hint = (f" ({reference.INPAINT_COEF_WIDTH} columns are the inpainting table: pass known and mask with it)"
+                if width == reference.INPAINT_COEF_WIDTH else "")
+        raise ValueError(f"coefs must have shape (K, {reference.COEF_WIDTH}): ({step_columns}){hint}, "
+                         f"got {tuple(coefs.shape)}")
 
 
 # -- the ops ---------------------------------------------------------------------------
@@ -137,7 +140,7 @@ def ddpm_step(x, model_output, step, coefs, *, seed: int, sample_offset: int = 0
     :param model_output: ``[n, ...]`` float32/bf16/fp16 (the conditional output, with guidance).
     :param step: int64 ``[n]`` or 0-dim: the process step index (row of
         ``coefs`` and the noise slot).
-    :param coefs: float32 ``[K, 5]`` from ``reference.step_coefficients`` (``[K, 7]`` with ``known``:
+    :param coefs: float32 ``[K, 6]`` from ``reference.step_coefficients`` (``[K, 8]`` with ``known``:
         ``reference.INPAINT_COEF_COLUMNS``, the blend's ``ka, kb`` last).
     :param noise: explicit standard normals; default: the contract's (slot ``step``).
     :param uncond_output: classifier-free guidance's unconditional output (model_output's shape,
@@ -281,7 +284,7 @@ def dynamic_threshold(x, model_output, step, table, *, ratio: float, max_value: 
     :param x: ``[n, ...]`` float32 (float64 for a float64 multistep run).
     :param model_output: ``[n, ...]`` float32/bf16/fp16 (float64 with a float64 x).
     :param step: int64 ``[n]``, or 0-dim/``[1]`` (one step for the batch), on the device.
-    :param table: ``[K, 5]`` DDPM coefficients or ``[K, 14]`` multistep table (``a, b`` first).
+    :param table: ``[K, 6]`` DDPM coefficients or ``[K, 14]`` multistep table (``a, b`` first).
     :param ratio: the quantile, in ``(0, 1]`` (diffusers' ``dynamic_thresholding_ratio``, 0.995).
     :param max_value: the largest bound, finite and ``>= 1`` (diffusers' ``sample_max_value``).
     :param uncond_output, guidance_scale: classifier-free guidance, as ``ddpm_step``'s: the bound

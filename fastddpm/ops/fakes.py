@@ -53,8 +53,8 @@ def _check_threshold(threshold, x):
 
 
 def _check_inpaint(known, mask, x, coefs):
-    """The inpainting blend's optional image and mask: both None (coefs ``[K, 5]``) or both float32 of
-    ``x``'s shape on its device (coefs ``[K, 7]``: the blend's ka, kb last)."""
+    """The inpainting blend's optional image and mask: both None (coefs ``[K, 6]``) or both float32 of
+    ``x``'s shape on its device (coefs ``[K, 8]``: the blend's ka, kb last)."""
     torch._check(mask is None or known is not None, lambda: "mask was given without known: the inpainting blend "
                                                            "needs both (or neither)")
     torch._check(known is None or mask is not None, lambda: "known was given without mask: the inpainting blend "

@@ -7,16 +7,19 @@ functions.  Conventions:
   it (``extract``), never indexed with a Python int, and branches on values
   are masks, so every function could run inside a CUDA graph.
 * Arithmetic is float32 whatever the model output's dtype.
-* The reverse step is one elementwise pass driven by a row of five
-  coefficients per step, ``(a, b, c0, c1, sigma)``::
+* The reverse step is one elementwise pass driven by a row of six
+  coefficients per step, ``(a, b, c0, c1, sigma, c2)`` (``COEF_COLUMNS``)::
 
       x0_hat = a * x_t + b * out          # from the prediction type
       x0_hat = clamp(x0_hat, -1, 1)       # if clip_denoised
-      x_prev = c0 * x0_hat + c1 * x_t + sigma * z
+      x_prev = c0 * x0_hat + c1 * x_t + c2 * out + sigma * z
 
   DDPM (Ho et al. Eq. 6-7, both variances, every prediction type) and DDIM
   (Song et al. Eq. 12, any eta) differ only in the coefficients, which
-  ``step_coefficients`` computes in float64.
+  ``step_coefficients`` computes in float64.  ``c2`` weights the raw (guided) model
+  output: 0 but in DDIM's ``direction="raw"`` (diffusers' ``DDIMScheduler`` with
+  ``clip_sample``: the direction from the unclipped output), and where it is 0 the term is
+  not added at all (a mask, not ``+ 0 * out``: an inf output the clip bounds stays bounded).
 * Classifier-free guidance (Ho & Salimans 2022) is part of the same pass: given the
   unconditional output ``u`` too, the step uses ``out = u + w * (c - u)``
   (``guided_output``; ``w = 1`` is the conditional output ``c`` alone).
@@ -25,7 +28,7 @@ functions.  Conventions:
   quantile, so a pass of its own before the step), ``x0_hat = clamp(x0_hat, -s, s) / s``
   in place of the ``[-1, 1]`` clamp (``s = 1`` is that clamp).
 * Inpainting (RePaint, Lugmayr et al. 2022, Eq. 8-10) too: given the image to keep ``known``,
-  its ``mask`` (1 = keep) and a ``[K, 7]`` table whose last two columns ``(ka, kb)`` forward-noise
+  its ``mask`` (1 = keep) and a ``[K, 8]`` table whose last two columns ``(ka, kb)`` forward-noise
   ``known`` to the step's target level, ``x_prev = mask * (ka * known + kb * z1) + (1 - mask) *
   x_prev`` (``inpaint_blend``), ``z1`` the contract's normal of slot ``step + K + 1``.
 """
@@ -62,11 +65,17 @@ __all__ = [
     "attention",
 ]
 
-COEF_COLUMNS = ("a", "b", "c0", "c1", "sigma")
+# A one-step row (``ddpm_step``): ``c2`` (the raw output's weight) came last so the first five kept
+# their indices (csrc/fused_math.h: kCoefColumns; dispatch, fakes and the kernels check the width).
+COEF_COLUMNS = ("a", "b", "c0", "c1", "sigma", "c2")
+COEF_WIDTH = len(COEF_COLUMNS)  # 6
 # The row of a step that also blends in the known image (inpainting: ``ddpm_step``'s known/mask):
 # ``ka, kb`` = sqrt(abar_prev), sqrt(1 - abar_prev) of the step's target level (csrc/fused_math.h:
-# kInpaintColumns; dispatch, fakes and the kernels check the width: 7 with known, 5 without).
+# kInpaintColumns; dispatch, fakes and the kernels check the width: 8 with known, 6 without).
 INPAINT_COEF_COLUMNS = COEF_COLUMNS + ("ka", "kb")
+INPAINT_COEF_WIDTH = len(INPAINT_COEF_COLUMNS)  # 8
+# The step directions of DDIM's rows (step_coefficients): eps from the clipped x0_hat, or from the raw output.
+DIRECTIONS = ("clipped", "raw")
 # A multistep solver's [K, 14] row, in the order ``multistep_step`` reads it (``fastddpm.multistep``
 # builds it as ``TABLE_COLUMNS``, this tuple; dispatch, fakes and the Triton launcher check its width).
 # ``p3`` (the third-previous history term) and ``hx`` (what the ring stores, D + hx * x) came last so
@@ -157,8 +166,9 @@ def diffusion_loss(model_output, x0, noise, t, sqrt_alphas_cumprod, sqrt_one_min
 
 # -- reverse process -----------------------------------------------------------------
 def step_coefficients(schedule: NoiseSchedule, prediction: str = "epsilon", variance: str = "fixed_small",
-                      sampler: str = "ddpm", eta: float = 0.0, final_alpha_cumprod: float | None = None) -> np.ndarray:
-    """The ``(a, b, c0, c1, sigma)`` row of every step, float64 ``[K, 5]``.
+                      sampler: str = "ddpm", eta: float = 0.0, final_alpha_cumprod: float | None = None,
+                      direction: str = "clipped") -> np.ndarray:
+    """The ``(a, b, c0, c1, sigma, c2)`` row of every step, float64 ``[K, 6]`` (``COEF_COLUMNS``).
 
     ``a, b`` turn the model output into ``x0_hat`` (epsilon: Eq. 15 of Ho et al.;
     v: ``x0 = sqrt(abar) x_t - sqrt(1-abar) v``).  DDPM uses the posterior
@@ -168,7 +178,19 @@ def step_coefficients(schedule: NoiseSchedule, prediction: str = "epsilon", vari
     ``sigma_0 = 0``: the last step adds no noise -- except DDIM given ``final_alpha_cumprod``
     (diffusers' ``set_alpha_to_one=False``: the last step lands on that ``abar``, e.g. the full
     schedule's ``abar_0``, instead of 1, with eta's noise as any other step).
+
+    ``direction`` (DDIM only): ``"clipped"`` (the above; ``c2 = 0``) or ``"raw"``, diffusers'
+    ``DDIMScheduler`` with ``clip_sample=True`` (``use_clipped_model_output=False``): ``x_prev =
+    sqrt(abar_prev) clip(x0_hat) + sqrt(1 - abar_prev - sigma^2) eps_raw + sigma z``, ``eps_raw = ex x_t
+    + eo out`` the epsilon of the raw output (epsilon: ``out``; v: ``sqrt(abar) out + sqrt(1-abar) x_t``;
+    x0: ``(x_t - sqrt(abar) out) / sqrt(1-abar)``), so ``c0 = sqrt(abar_prev)``, ``c1`` and ``c2`` the
+    direction times ``ex`` and ``eo``.  Without a clip (or threshold) both directions are the same step.
+    DDPM's rows always have ``c2 = 0``.
     """
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    if direction != "clipped" and sampler != "ddim":
+        raise ValueError(f"direction={direction!r} is DDIM's (diffusers' clip_sample), not sampler={sampler!r}'s")
     tb = schedule.tables64()
     ac, ac_prev = tb["alphas_cumprod"], tb["alphas_cumprod_prev"]
     if final_alpha_cumprod is not None:
@@ -178,14 +200,19 @@ def step_coefficients(schedule: NoiseSchedule, prediction: str = "epsilon", vari
             raise ValueError(f"final_alpha_cumprod must be in (0, 1], got {final_alpha_cumprod!r}")
         ac_prev = ac_prev.copy()
         ac_prev[0] = float(final_alpha_cumprod)
+    # x0_hat = a x + b out; eps_raw = ex x + eo out (the raw output's epsilon, DDIM's raw direction)
     if prediction == "epsilon":
         a, b = tb["sqrt_recip_alphas_cumprod"], -tb["sqrt_recipm1_alphas_cumprod"]
+        ex, eo = np.zeros_like(ac), np.ones_like(ac)
     elif prediction == "x0":
         a, b = np.zeros_like(ac), np.ones_like(ac)
+        ex, eo = 1.0 / np.sqrt(1.0 - ac), -np.sqrt(ac) / np.sqrt(1.0 - ac)
     elif prediction == "v":
         a, b = tb["sqrt_alphas_cumprod"], -tb["sqrt_one_minus_alphas_cumprod"]
+        ex, eo = tb["sqrt_one_minus_alphas_cumprod"], tb["sqrt_alphas_cumprod"]
     else:
         raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+    c2 = np.zeros_like(ac)
     if sampler == "ddpm":
         c0, c1 = tb["posterior_mean_coef1"], tb["posterior_mean_coef2"]
         if variance == "fixed_small":
@@ -198,16 +225,20 @@ def step_coefficients(schedule: NoiseSchedule, prediction: str = "epsilon", vari
         if not (isinstance(eta, (int, float)) and eta >= 0 and np.isfinite(eta)):
             raise ValueError(f"eta must be a finite float >= 0, got {eta!r}")
         sigma = eta * np.sqrt((1.0 - ac_prev) / (1.0 - ac) * (1.0 - ac / ac_prev))
-        direction = np.sqrt(np.maximum(1.0 - ac_prev - sigma**2, 0.0))
-        # x_prev = sqrt(abar_prev) x0 + direction * eps,  eps = (x_t - sqrt(abar) x0) / sqrt(1 - abar)
-        c1 = direction / np.sqrt(1.0 - ac)
-        c0 = np.sqrt(ac_prev) - c1 * np.sqrt(ac)
+        weight = np.sqrt(np.maximum(1.0 - ac_prev - sigma**2, 0.0))
+        if direction == "clipped":
+            # x_prev = sqrt(abar_prev) x0 + weight * eps,  eps = (x_t - sqrt(abar) x0) / sqrt(1 - abar)
+            c1 = weight / np.sqrt(1.0 - ac)
+            c0 = np.sqrt(ac_prev) - c1 * np.sqrt(ac)
+        else:
+            # x_prev = sqrt(abar_prev) x0 + weight * eps_raw,  eps_raw = ex x_t + eo out
+            c0, c1, c2 = np.sqrt(ac_prev), weight * ex, weight * eo
     else:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     sigma = np.array(sigma, dtype=np.float64)
     if final_alpha_cumprod is None:
         sigma[0] = 0.0
-    return np.stack([a, b, c0, c1, sigma], axis=1)
+    return np.stack([a, b, c0, c1, sigma, c2], axis=1)
 
 
 def guided_output(model_output, uncond_output, guidance_scale: float, dtype: torch.dtype = torch.float32):
@@ -231,7 +262,7 @@ def dynamic_threshold(x, model_output, ab, ratio: float, max_value: float, uncon
     :param x: ``[n, ...]`` the current sample.
     :param model_output: ``[n, ...]`` any float dtype (the conditional output, with guidance).
     :param ab: ``[n, 2]`` or ``[1, 2]`` rows ``(a, b)`` with ``x0_hat = a * x + b * out``: the
-        first two columns of the DDPM ``[K, 5]`` table or the multistep ``[K, 14]`` one
+        first two columns of the DDPM ``[K, 6]`` table or the multistep ``[K, 14]`` one
         (``table.index_select(0, step)[:, :2]``).
     :param ratio: the quantile, in ``(0, 1]`` (diffusers' ``dynamic_thresholding_ratio``).
     :param max_value: the largest bound, ``>= 1`` (diffusers' ``sample_max_value``).
@@ -257,7 +288,7 @@ def apply_threshold(x0_hat, threshold):
 def predict_x0(x_t, model_output, coefs, clip_denoised: bool, *, uncond_output=None, guidance_scale: float = 1.0,
                threshold=None):
     """The step's float32 ``x0_hat = a * x_t + b * out`` from each sample's ``coefs`` row
-    (``[n, 5]``, as ``ddpm_step``), clamped to ``[-1, 1]`` if ``clip_denoised``; ``out`` is
+    (``[n, 6]``, as ``ddpm_step``), clamped to ``[-1, 1]`` if ``clip_denoised``; ``out`` is
     ``guided_output(model_output, uncond_output, guidance_scale)``.  With ``threshold`` (float32
     ``[n]``, ``dynamic_threshold``'s bounds) ``apply_threshold`` instead, whatever ``clip_denoised``."""
     shape = (coefs.shape[0],) + (1,) * (x_t.ndim - 1)
@@ -280,14 +311,14 @@ def inpaint_blend(x_prev, known, mask, coefs, known_noise):
     :param x_prev: float32 ``[n, ...]``, the reverse step's result.
     :param known: ``[n, ...]`` the image to keep (float32).
     :param mask: ``[n, ...]`` 1 where ``known`` is kept, 0 where the model fills in.
-    :param coefs: ``[n, 7]`` each sample's row (``INPAINT_COEF_COLUMNS``): ``ka, kb`` are the last two.
+    :param coefs: ``[n, 8]`` each sample's row (``INPAINT_COEF_COLUMNS``): ``ka, kb`` are the last two.
     :param known_noise: ``[n, ...]`` standard normals ``z1`` (the contract's slot ``step + K + 1``).
     """
     if coefs.shape[-1] != len(INPAINT_COEF_COLUMNS):
         raise ValueError(f"coefs must have {len(INPAINT_COEF_COLUMNS)} columns {INPAINT_COEF_COLUMNS} with known, "
                          f"got shape {tuple(coefs.shape)}")
     shape = (coefs.shape[0],) + (1,) * (x_prev.ndim - 1)
-    ka, kb = coefs[:, 5].reshape(shape), coefs[:, 6].reshape(shape)
+    ka, kb = coefs[:, COEF_WIDTH].reshape(shape), coefs[:, COEF_WIDTH + 1].reshape(shape)
     m = mask.float()
     return m * (ka * known.float() + kb * known_noise.float()) + (1.0 - m) * x_prev
 
@@ -298,8 +329,8 @@ def ddpm_step(x_t, model_output, coefs, clip_denoised: bool, noise, *, uncond_ou
 
     :param x_t: float32 ``[n, ...]``.
     :param model_output: ``[n, ...]``, any float dtype (computed in float32).
-    :param coefs: float32 ``[n, 5]``: each sample's ``(a, b, c0, c1, sigma)`` row (``[n, 7]``,
-        ``INPAINT_COEF_COLUMNS``, with ``known``).
+    :param coefs: float32 ``[n, 6]``: each sample's ``(a, b, c0, c1, sigma, c2)`` row (``[n, 8]``,
+        ``INPAINT_COEF_COLUMNS``, with ``known``); ``c2`` weights ``out`` itself, where it is not 0.
     :param clip_denoised: clamp ``x0_hat`` to ``[-1, 1]``.
     :param noise: float32 ``[n, ...]`` standard normals.
     :param uncond_output: the unconditional output (model_output's shape), or None: no guidance.
@@ -311,10 +342,13 @@ def ddpm_step(x_t, model_output, coefs, clip_denoised: bool, noise, *, uncond_ou
     :return: ``x_{t-1}`` in float32.
     """
     shape = (coefs.shape[0],) + (1,) * (x_t.ndim - 1)
-    c0, c1, sigma = (coefs[:, i].reshape(shape) for i in (2, 3, 4))
+    c0, c1, sigma, c2 = (coefs[:, i].reshape(shape) for i in (2, 3, 4, 5))
     x0_hat = predict_x0(x_t, model_output, coefs, clip_denoised, uncond_output=uncond_output,
                         guidance_scale=guidance_scale, threshold=threshold)
-    x_prev = c0 * x0_hat + c1 * x_t.float() + sigma * noise.float()
+    x_prev = c0 * x0_hat + c1 * x_t.float()
+    # c2 = 0: no term (a mask, so that an inf output the clip bounded stays bounded)
+    x_prev = torch.where(c2 != 0, x_prev + c2 * guided_output(model_output, uncond_output, guidance_scale), x_prev)
+    x_prev = x_prev + sigma * noise.float()
     if known is None:
         if mask is not None or known_noise is not None:
             raise ValueError("mask and known_noise are the inpainting blend's: they need known")

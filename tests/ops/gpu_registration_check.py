@@ -20,7 +20,7 @@ def examples(name):
     x = torch.randn(3, 2, 5, 7)
     t = torch.randint(0, T, (3,))
     table = torch.rand(T, dtype=torch.float64)
-    coefs = torch.rand(T, 5)
+    coefs = torch.rand(T, 6)
     rng = torch.tensor([1, 0])
     q = torch.randn(2, 3, 9, 16, dtype=torch.float16)
     return {
@@ -28,7 +28,7 @@ def examples(name):
         "diffusion_loss": (x, x, t, table, table, table, 1, 0, "epsilon", "l2", 1.0),
         "diffusion_loss_backward": (torch.ones(()), x, x, t, table, table, table, 1, 0, "v", "huber", 0.5),
         "ddpm_step": (x, x.half(), t, coefs, 1, 0, True, x.half(), 7.5, None, None, None),
-        "ddpm_step_cast": (x, x, t, torch.rand(T, 7), 1, 0, False, torch.bfloat16, True, None, 1.0, None, x, x),
+        "ddpm_step_cast": (x, x, t, torch.rand(T, 8), 1, 0, False, torch.bfloat16, True, None, 1.0, None, x, x),
         "ddpm_step_": (x.clone(), x, t, coefs, rng, True, x.to(torch.bfloat16), x, 3.0, torch.ones(3), None, None),
         "multistep_step_": (x.clone(), x, torch.zeros(4, *x.shape), torch.tensor([2]), torch.rand(12, 14), rng, True,
                             True, x.half().contiguous(memory_format=torch.channels_last), x, 2.0, torch.ones(3)),

@@ -581,7 +581,7 @@ def test_dynamic_threshold_rejects_bad_inputs(case):
         kw["max_value"] = {"max-below-1": 0.5, "max-inf": float("inf")}[case]
         match = "max_value must"
     elif case == "table-width":
-        args["table"], match = coefs[:, :4], r"table must have shape \(K, 5\) or \(K, 14\)"
+        args["table"], match = coefs[:, :4], r"table must have shape \(K, 6\) or \(K, 14\)"
     elif case == "step-shape":
         args["step"], match = timesteps(2), "step must be 0-dim or have shape"
     elif case == "step-dtype":

@@ -1,7 +1,7 @@
 """The inpainting blend (RePaint, Lugmayr et al. 2022, Eq. 8-10) fused into ``ddpm_step``,
 ``ddpm_step_cast`` and ``ddpm_step_`` on every backend against the reference.
 
-With ``known`` and ``mask`` (float32 of x's shape) and a ``[K, 7]`` table ``(a, b, c0, c1, sigma,
+With ``known`` and ``mask`` (float32 of x's shape) and a ``[K, 8]`` table ``(a, b, c0, c1, sigma, c2,
 ka, kb)`` the step is ``x_prev = mask * (ka * known + kb * z1) + (1 - mask) * step``, ``z1`` the
 noise contract's normal of slot ``step + K + 1``.  Reference: ``fastddpm.ops.reference.inpaint_blend``
 (used by ``reference.ddpm_step``); kernels: ``csrc/`` (``fused_math.h``'s ``inpaint_value``) and
@@ -27,7 +27,7 @@ INPAINT_VARIANTS = [("epsilon", "ddpm", "fixed_small", 0.0), ("v", "ddim", "fixe
 
 
 def inpaint_table(variant=("epsilon", "ddpm", "fixed_small", 0.0), device="cpu") -> torch.Tensor:
-    """The ``[K, 7]`` table: the step's five columns, then ``ka, kb = sqrt(abar_prev), sqrt(1 -
+    """The ``[K, 8]`` table: the step's six columns, then ``ka, kb = sqrt(abar_prev), sqrt(1 -
     abar_prev)`` (the known image forward-noised to the step's target level), float64 -> float32.
     Row 0 (the last step) has ``ka = 1, kb = 0``."""
     prediction, sampler, variance, eta = variant
@@ -107,13 +107,13 @@ def test_inpaint_step_with_guidance_and_threshold(target, extras, dtype, shape):
     step = timesteps(shape[0], device)
     bounds = None
     if "thresholded" in extras:
-        bounds = ops.dynamic_threshold(x, cond, step, table[:, :5], ratio=0.9, max_value=3.0, uncond_output=uncond,
+        bounds = ops.dynamic_threshold(x, cond, step, table[:, :6], ratio=0.9, max_value=3.0, uncond_output=uncond,
                                        guidance_scale=GUIDANCE_SCALE)
     known, mask = known_and_mask(shape, device)
     got = _three_forms_match_reference(backend, device, x, cond, step, table, False, known, mask,
                                        f"inpaint {extras} {dtype}", uncond=uncond, bounds=bounds)
     # the unknown region is the guided / thresholded step of the same op without the blend
-    plain = ops.ddpm_step(x, cond, step, table[:, :5].contiguous(), seed=SEED, sample_offset=SAMPLE_OFFSET,
+    plain = ops.ddpm_step(x, cond, step, table[:, :6].contiguous(), seed=SEED, sample_offset=SAMPLE_OFFSET,
                           clip_denoised=False, uncond_output=uncond, guidance_scale=GUIDANCE_SCALE, threshold=bounds,
                           backend=backend)
     fill = mask == 0
@@ -145,7 +145,7 @@ def test_inpaint_mask_zero_is_todays_step(target):
     if backend != "reference":
         need(backend, "ddpm_step_", device)
     table = inpaint_table(("epsilon", "ddpm", "fixed_large", 0.0), device)
-    table5 = table[:, :5].contiguous()
+    table6 = table[:, :6].contiguous()
     for dtype in DTYPES:
         if backend != "reference" and ops.unsupported(backend, "ddpm_step", torch.device(device), dtype):
             continue
@@ -156,7 +156,7 @@ def test_inpaint_mask_zero_is_todays_step(target):
             for u in (None, uncond):
                 kw = dict(seed=SEED, sample_offset=SAMPLE_OFFSET, clip_denoised=True, uncond_output=u,
                           guidance_scale=GUIDANCE_SCALE, backend=backend)
-                today = ops.ddpm_step(x, cond, step, table5, **kw)
+                today = ops.ddpm_step(x, cond, step, table6, **kw)
                 assert_close(ops.ddpm_step(x, cond, step, table, known=known, mask=zeros, **kw), today, **EXACT,
                              msg=f"mask 0 {dtype} guided={u is not None}")
                 if backend == "reference":
@@ -175,7 +175,7 @@ def test_inpaint_last_step_keeps_known_exactly(target):
     if backend != "reference":
         need(backend, "ddpm_step_", device)
     table = inpaint_table(("epsilon", "ddpm", "fixed_small", 0.0), device)
-    assert table[0, 5].item() == 1.0 and table[0, 6].item() == 0.0
+    assert table[0, 6].item() == 1.0 and table[0, 7].item() == 0.0
     x, out = inputs((4, 3, 16, 16), torch.float32, device)
     known, mask = known_and_mask(x.shape, device)
     step = torch.zeros(4, dtype=torch.int64, device=device)
@@ -183,7 +183,7 @@ def test_inpaint_last_step_keeps_known_exactly(target):
     got = ops.ddpm_step(x, out, step, table, known=known, mask=mask, **kw)
     keep = mask == 1
     assert torch.equal(got[keep], known[keep])
-    today = ops.ddpm_step(x, out, step, table[:, :5].contiguous(), **kw)
+    today = ops.ddpm_step(x, out, step, table[:, :6].contiguous(), **kw)
     assert torch.equal(got[~keep], today[~keep])
     ones = torch.ones_like(x)
     assert torch.equal(ops.ddpm_step(x, out, step, table, known=known, mask=ones, **kw), known)
@@ -209,7 +209,7 @@ def test_inpaint_noise_is_slot_step_plus_K_plus_1(target):
         need(backend, "ddpm_step_", device)
     K = 20
     table = inpaint_table(device=device)[:K].clone()
-    table[:, 5], table[:, 6] = 0.0, 1.0
+    table[:, 6], table[:, 7] = 0.0, 1.0
     shape = (3, 2, 5, 7)
     x, out = inputs(shape, torch.float32, device)
     known, _ = known_and_mask(shape, device)
@@ -247,8 +247,8 @@ def test_reference_inpaint_is_the_blend_written_out():
     rows = table.index_select(0, step)
     noise = reference.batch_noise(SEED, SAMPLE_OFFSET, step, x.shape, "cpu")
     z1 = reference.batch_noise(SEED, SAMPLE_OFFSET, step + K + 1, x.shape, "cpu")
-    step_part = reference.ddpm_step(x, cond, rows[:, :5], True, noise, uncond_output=uncond, guidance_scale=2.0)
-    ka, kb = rows[:, 5].reshape(3, 1, 1, 1), rows[:, 6].reshape(3, 1, 1, 1)
+    step_part = reference.ddpm_step(x, cond, rows[:, :6], True, noise, uncond_output=uncond, guidance_scale=2.0)
+    ka, kb = rows[:, 6].reshape(3, 1, 1, 1), rows[:, 7].reshape(3, 1, 1, 1)
     want = mask * (ka * known + kb * z1) + (1 - mask) * step_part
     got = reference.ddpm_step(x, cond, rows, True, noise, uncond_output=uncond, guidance_scale=2.0, known=known,
                               mask=mask, known_noise=z1)
@@ -264,41 +264,43 @@ def test_reference_inpaint_is_the_blend_written_out():
 
 
 # -- bad inputs: errors naming the argument -------------------------------------------------------
-def _bad_cases(x, table5, table7):
+def _bad_cases(x, table6, table8):
     """(id, coefs, kwargs, error, match) the dispatch rejects, naming the argument."""
     known, mask = known_and_mask(x.shape)
     return [
-        ("known-without-mask", table7, dict(known=known), ValueError, "known was given without mask"),
-        ("mask-without-known", table5, dict(mask=mask), ValueError, "mask was given without known"),
-        ("known-noise-without-known", table5, dict(known_noise=known), ValueError,
+        ("known-without-mask", table8, dict(known=known), ValueError, "known was given without mask"),
+        ("mask-without-known", table6, dict(mask=mask), ValueError, "mask was given without known"),
+        ("known-noise-without-known", table6, dict(known_noise=known), ValueError,
          "known_noise was given without known"),
-        ("known-shape", table7, dict(known=known[:1], mask=mask), ValueError, r"known must have shape \(3, 5, 7, 9\)"),
-        ("known-broadcast", table7, dict(known=known[:, :1], mask=mask), ValueError, "known must have shape"),
-        ("mask-shape", table7, dict(known=known, mask=mask[..., :1]), ValueError, r"mask must have shape"),
-        ("known-dtype", table7, dict(known=known.half(), mask=mask), TypeError, r"known must have dtype in \(float32\)"),
-        ("mask-dtype", table7, dict(known=known, mask=mask.bool()), TypeError, r"mask must have dtype in \(float32\)"),
-        ("known-device", table7, dict(known=known.to("meta"), mask=mask), ValueError, "known must be on cpu"),
-        ("mask-not-a-tensor", table7, dict(known=known, mask=1.0), TypeError, "mask must be a torch.Tensor"),
-        ("known-noise-shape", table7, dict(known=known, mask=mask, known_noise=known[:1]), ValueError,
+        ("known-shape", table8, dict(known=known[:1], mask=mask), ValueError, r"known must have shape \(3, 5, 7, 9\)"),
+        ("known-broadcast", table8, dict(known=known[:, :1], mask=mask), ValueError, "known must have shape"),
+        ("mask-shape", table8, dict(known=known, mask=mask[..., :1]), ValueError, r"mask must have shape"),
+        ("known-dtype", table8, dict(known=known.half(), mask=mask), TypeError, r"known must have dtype in \(float32\)"),
+        ("mask-dtype", table8, dict(known=known, mask=mask.bool()), TypeError, r"mask must have dtype in \(float32\)"),
+        ("known-device", table8, dict(known=known.to("meta"), mask=mask), ValueError, "known must be on cpu"),
+        ("mask-not-a-tensor", table8, dict(known=known, mask=1.0), TypeError, "mask must be a torch.Tensor"),
+        ("known-noise-shape", table8, dict(known=known, mask=mask, known_noise=known[:1]), ValueError,
          "known_noise must have shape"),
-        ("five-columns-with-known", table5, dict(known=known, mask=mask), ValueError,
-         r"coefs must have shape \(K, 7\) with known"),
-        ("seven-columns-without-known", table7, dict(), ValueError,
-         r"coefs must have shape \(K, 5\).*7 columns are the inpainting table"),
-        ("six-columns-with-known", table7[:, :6], dict(known=known, mask=mask), ValueError,
-         r"coefs must have shape \(K, 7\)"),
+        ("six-columns-with-known", table6, dict(known=known, mask=mask), ValueError,
+         r"coefs must have shape \(K, 8\) with known"),
+        ("eight-columns-without-known", table8, dict(), ValueError,
+         r"coefs must have shape \(K, 6\).*8 columns are the inpainting table"),
+        ("seven-columns-with-known", table8[:, :7], dict(known=known, mask=mask), ValueError,
+         r"coefs must have shape \(K, 8\)"),
+        ("five-columns-without-known", table6[:, :5].contiguous(), dict(), ValueError,
+         r"coefs must have shape \(K, 6\)"),
     ]
 
 
-_CASE_IDS = [c[0] for c in _bad_cases(torch.zeros(3, 5, 7, 9), torch.zeros(1, 5), torch.zeros(1, 7))]
+_CASE_IDS = [c[0] for c in _bad_cases(torch.zeros(3, 5, 7, 9), torch.zeros(1, 6), torch.zeros(1, 8))]
 
 
 @pytest.mark.parametrize("case", range(len(_CASE_IDS)), ids=_CASE_IDS)
 def test_ddpm_step_rejects_bad_inpaint_inputs(case):
-    table7 = inpaint_table()
-    table5 = table7[:, :5].contiguous()
+    table8 = inpaint_table()
+    table6 = table8[:, :6].contiguous()
     x, out = inputs((3, 5, 7, 9), torch.float32)
-    _, coefs, kw, error, match = _bad_cases(x, table5, table7)[case]
+    _, coefs, kw, error, match = _bad_cases(x, table6, table8)[case]
     for backend in ("reference", "cpp", "triton"):
         if backend != "reference" and ops.load_error(backend) is not None:
             continue
@@ -311,7 +313,7 @@ def test_ddpm_step_rejects_inpaint_noise_overflow():
     K, numel = 3, 2**30  # 4 slots fit 2**32 counters exactly, 7 do not
     x = torch.zeros(1, 1).expand(1, numel)  # metadata only: nothing of this size is allocated
     with pytest.raises(ValueError, match="noise counter overflow: 7 noise slots"):
-        ops.ddpm_step(x, x, torch.tensor(0), torch.zeros(K, 7), seed=SEED, known=x, mask=x)
+        ops.ddpm_step(x, x, torch.tensor(0), torch.zeros(K, 8), seed=SEED, known=x, mask=x)
 
 
 @pytest.mark.parametrize("target", TARGETS, ids=target_id)
@@ -319,16 +321,16 @@ def test_ddpm_step_ops_reject_bad_inpaint_inputs(target):
     """The backend ops themselves (as the engine calls them): errors naming the argument, x unchanged."""
     backend, device = target
     need(backend, "ddpm_step_", device)
-    table7 = inpaint_table(device=device)
-    table5 = table7[:, :5].contiguous()
+    table8 = inpaint_table(device=device)
+    table6 = table8[:, :6].contiguous()
     x, out = inputs((2, 3, 4, 4), torch.float32, device)
     known, mask = known_and_mask(x.shape, device)
     step = timesteps(2, device)
-    cases = [(table7, known, None, "known was given without mask"),
-             (table5, None, mask, "mask was given without known"),
-             (table7, known[:1], mask, "known must"), (table7, known, mask.double(), "mask must"),
-             (table7, known, mask[..., :2], "mask must"),
-             (table5, known, mask, r"coefs must have shape .K, 7"), (table7, None, None, r"coefs must have shape .K, 5")]
+    cases = [(table8, known, None, "known was given without mask"),
+             (table6, None, mask, "mask was given without known"),
+             (table8, known[:1], mask, "known must"), (table8, known, mask.double(), "mask must"),
+             (table8, known, mask[..., :2], "mask must"),
+             (table6, known, mask, r"coefs must have shape .K, 8"), (table8, None, None, r"coefs must have shape .K, 6")]
     for coefs, k, m, match in cases:
         error = RuntimeError if backend == "cpp" else ValueError
         x_buf = x.clone()
