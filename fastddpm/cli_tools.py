@@ -16,11 +16,13 @@ from types import SimpleNamespace
 from .cli_args import (SHIPPED_MODELS, check_output, class_label, float_in, int_in, model_path, resolve_device,
                        sampler_help)
 from .metrics.features import FEATURES, INCEPTION_GLOB
-from .modes import SAMPLERS, SOLVERS
+from .modes import KSAMPLERS, SAMPLERS, SOLVERS
 from .noise import MAX_SEED
 
 __all__ = ["add_tool_parsers", "add_eval_parser", "add_edit_parsers", "cmd_export", "cmd_plot_schedule",
            "cmd_forward_strip", "cmd_eval", "cmd_inpaint", "cmd_img2img", "cmd_invert"]
+
+BEGINNABLE = SAMPLERS + SOLVERS + ("deis",) + KSAMPLERS  # the samplers img2img can begin part-way
 
 
 # -- export ------------------------------------------------------------------------------------
@@ -279,8 +281,8 @@ def add_edit_parsers(subparsers) -> None:
                    help="how far to noise, in [0, 1]: 0 keeps the image, 1 ignores it (default: 0.6)")
     p.add_argument("--steps", type=int_in(1), default=None,
                    help="the whole plan's steps, about strength x steps run (default: the sampler's, as sample)")
-    p.add_argument("--sampler", choices=SAMPLERS + SOLVERS, default=None,
-                   help=sampler_help(SAMPLERS + SOLVERS) + " (k-samplers cannot begin part-way yet)")
+    p.add_argument("--sampler", choices=BEGINNABLE, default=None,
+                   help=sampler_help(BEGINNABLE) + " (dpm-solver and pndm cannot begin part-way yet)")
     p.add_argument("--batch-size", type=int_in(1), default=None, help="micro-batch size (default: all at once)")
     p.set_defaults(func=cmd_img2img)
 

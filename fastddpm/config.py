@@ -8,7 +8,7 @@ from dataclasses import MISSING, dataclass, fields
 from typing import ClassVar, Literal
 
 from .checks import is_int
-from .modes import (ALL_SAMPLERS, CHURNED, KSAMPLERS, LOSSES, PREDICTIONS, SOLVER_ORDERS, SPACINGS, VARIANCES,
+from .modes import (ALL_SAMPLERS, CHURNED, KSAMPLERS, LOSSES, PREDICTIONS, SOLVER_ORDERS, SOLVERS, SPACINGS, VARIANCES,
                     LossType, Prediction, SamplerChoice, Spacing, Variance)
 from .schedule import SCHEDULE_KINDS, ScheduleKind
 
@@ -102,13 +102,19 @@ class DiffusionConfig(JsonConfig):
         is below this; None: -5.1 for the cosine schedule (DPM-Solver's fix), none otherwise.
     :param solver_order: the order of a sampler that has one (None: its default): ``lms`` 1-4 (4, diffusers'
         and k-diffusion's), ``deis`` and ``dpm-solver`` 1-3 (2, diffusers').
-    :param lower_order_final: ``deis`` and ``dpm-solver``: lower the order of the last steps (below 15
-        steps), as diffusers' flag; False keeps the full order to the end.
-    :param algorithm_type: ``dpm-solver``'s form: ``dpmsolver++`` (data prediction), ``dpmsolver`` (noise
-        prediction; needs ``final_sigmas_type="sigma_min"``, as diffusers) or ``sde-dpmsolver++`` (stochastic),
-        diffusers' ``algorithm_type``; ``solver_type`` its ``midpoint`` or ``heun``.
+    :param lower_order_final: the multistep solvers, ``deis`` and ``dpm-solver``: lower the order of the
+        last steps (DPM-Solver below 15 steps, UniPC always), as diffusers' flag; False keeps the full order.
+    :param algorithm_type: ``dpm-solver``'s, ``dpm++2m``'s and ``dpm++3m``'s form: ``dpmsolver++`` (data
+        prediction), ``dpmsolver`` (noise prediction; needs ``final_sigmas_type="sigma_min"``, as diffusers)
+        or (``dpm-solver`` only) ``sde-dpmsolver++``, diffusers' ``algorithm_type``; ``solver_type`` the
+        second-order form, ``midpoint`` or ``heun`` (DPM-Solver's, multistep and singlestep).
+    :param euler_at_final, use_lu_lambdas: the DPM-Solver++ multistep solvers' options of those names
+        (diffusers'; ``fastddpm.multistep.make_plan``).
     :param set_alpha_to_one: ``ddim`` and ``pndm``: the last step lands on ``abar = 1`` (True) or on the
         schedule's ``abar_0`` (diffusers' flag; ``PNDMScheduler``'s default False, ``DDIMScheduler``'s True).
+    :param ddim_direction: DDIM with ``clip_denoised``: the step's direction from the ``clipped`` x0's
+        epsilon (improved-diffusion's and diffusers' ``use_clipped_model_output=True``) or from the ``raw``
+        model output (diffusers' ``DDIMScheduler`` default, ``clip_sample=True`` alone).
     :param steps_offset: ``pndm`` with ``leading`` spacing: added to every timestep (Stable Diffusion's
         configs: 1), diffusers' ``steps_offset``.
     :param s_churn: EDM's stochastic sampling (Karras et al. 2022, Algorithm 2) for ``euler``, ``heun`` and
@@ -148,6 +154,9 @@ class DiffusionConfig(JsonConfig):
     algorithm_type: Literal["dpmsolver++", "dpmsolver", "sde-dpmsolver++"] = "dpmsolver++"
     solver_type: Literal["midpoint", "heun"] = "midpoint"
     set_alpha_to_one: bool = True
+    ddim_direction: Literal["clipped", "raw"] = "clipped"
+    euler_at_final: bool = False
+    use_lu_lambdas: bool = False
     steps_offset: int = 0
     s_churn: float = 0.0
     s_tmin: float = 0.0
@@ -188,14 +197,17 @@ class DiffusionConfig(JsonConfig):
             orders = SOLVER_ORDERS[self.sampler][0]
             if not is_int(self.solver_order) or self.solver_order not in orders:
                 raise ValueError(f"solver_order must be one of {orders} for {self.sampler}, got {self.solver_order!r}")
-        only = {"lower_order_final": (True, ("deis", "dpm-solver")), "algorithm_type": ("dpmsolver++", ("dpm-solver",)),
-                "solver_type": ("midpoint", ("dpm-solver",)), "set_alpha_to_one": (True, ("pndm", "ddim")),
-                "steps_offset": (0, ("pndm",))}
+        dpm = ("dpm++2m", "dpm++3m", "dpm++2m-sde")
+        only = {"lower_order_final": (True, ("deis", "dpm-solver") + SOLVERS),
+                "algorithm_type": ("dpmsolver++", ("dpm-solver", "dpm++2m", "dpm++3m")),
+                "solver_type": ("midpoint", ("dpm-solver",) + dpm), "set_alpha_to_one": (True, ("pndm", "ddim")),
+                "steps_offset": (0, ("pndm",)), "ddim_direction": ("clipped", ("ddim",)),
+                "euler_at_final": (False, dpm), "use_lu_lambdas": (False, dpm)}
         for name, (default, samplers) in only.items():
             value = getattr(self, name)
             if value != default and self.sampler not in samplers:
                 raise ValueError(f"{name}={value!r} is for the samplers {samplers}, not sampler={self.sampler!r}")
-        for name in ("lower_order_final", "set_alpha_to_one"):
+        for name in ("lower_order_final", "set_alpha_to_one", "euler_at_final", "use_lu_lambdas"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.algorithm_type not in ("dpmsolver++", "dpmsolver", "sde-dpmsolver++"):
@@ -203,6 +215,11 @@ class DiffusionConfig(JsonConfig):
                              f"got {self.algorithm_type!r}")
         if self.solver_type not in ("midpoint", "heun"):
             raise ValueError(f"solver_type must be one of ('midpoint', 'heun'), got {self.solver_type!r}")
+        if self.algorithm_type == "sde-dpmsolver++" and self.sampler != "dpm-solver":
+            raise ValueError(f"algorithm_type='sde-dpmsolver++' is dpm-solver's; the multistep SDE solver is "
+                             f"sampler='dpm++2m-sde', not sampler={self.sampler!r}")
+        if self.ddim_direction not in ("clipped", "raw"):
+            raise ValueError(f"ddim_direction must be one of ('clipped', 'raw'), got {self.ddim_direction!r}")
         if not is_int(self.steps_offset) or self.steps_offset < 0:
             raise ValueError(f"steps_offset must be an int >= 0, got {self.steps_offset!r}")
 
@@ -252,9 +269,9 @@ class DiffusionConfig(JsonConfig):
             for name in ("exponential_sigmas", "beta_sigmas"):
                 if getattr(self, name):
                     raise ValueError(f"{name}=True is for the k-samplers {KSAMPLERS}, not sampler={self.sampler!r}")
-            if self.final_sigmas_type != "zero" and self.sampler != "dpm-solver":
-                raise ValueError(f"final_sigmas_type={self.final_sigmas_type!r} is for the k-samplers {KSAMPLERS} and "
-                                 f"dpm-solver, not sampler={self.sampler!r}")
+            if self.final_sigmas_type != "zero" and self.sampler not in ("dpm-solver",) + SOLVERS:
+                raise ValueError(f"final_sigmas_type={self.final_sigmas_type!r} is for the k-samplers {KSAMPLERS}, "
+                                 f"the multistep solvers {SOLVERS} and dpm-solver, not sampler={self.sampler!r}")
         self._check_k_options()
         if self.lambda_min_clipped is not None and (isinstance(self.lambda_min_clipped, bool) or not isinstance(
                 self.lambda_min_clipped, (int, float)) or self.lambda_min_clipped != self.lambda_min_clipped):

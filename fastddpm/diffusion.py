@@ -195,7 +195,7 @@ class DDPM:
         ``clip_sample``)."""
         c = self.config
         final = None if c.set_alpha_to_one or c.sampler != "ddim" else float(self._base_schedule().alphas_cumprod64[0])
-        raw = c.sampler == "ddim" and getattr(c, "ddim_direction", "clipped") == "raw"
+        raw = c.sampler == "ddim" and c.ddim_direction == "raw"
         return reference.step_coefficients(self.schedule, c.prediction, c.variance, self._one_step_sampler, c.eta,
                                            final_alpha_cumprod=final, direction="raw" if raw else "clipped")
 
@@ -212,12 +212,16 @@ class DDPM:
             raise ValueError(f"sampler={c.sampler!r} does not run on the multistep table {MULTISTEP_SAMPLERS}")
         steps = multistep.DEFAULT_STEPS if steps is None else steps
         if c.sampler in multistep.SOLVERS:
+            dpm = c.sampler != "unipc"
             return multistep.make_plan(self._base_schedule(), c.sampler, steps, c.prediction, c.timestep_spacing,
                                        c.karras_sigmas, c.lambda_min_clipped, bool(c.clip_denoised), c.thresholding,
-                                       begin_index=c.begin_index)
-        if c.begin_index:
+                                       begin_index=c.begin_index, lower_order_final=c.lower_order_final,
+                                       final_sigmas_type=c.final_sigmas_type, euler_at_final=c.euler_at_final,
+                                       use_lu_lambdas=c.use_lu_lambdas, algorithm=c.algorithm_type if dpm
+                                       else "dpmsolver++", solver_type=c.solver_type if dpm else "midpoint")
+        if c.begin_index and c.sampler in ("dpm-solver", "pndm"):
             raise ValueError(f"begin_index={c.begin_index} is not supported by sampler={c.sampler!r} yet: use a "
-                             f"multistep solver ({', '.join(multistep.SOLVERS)}) or ddpm/ddim")
+                             f"multistep solver ({', '.join(multistep.SOLVERS)}), deis, a k-sampler or ddpm/ddim")
         order = c.solver_order if c.solver_order is not None else SOLVER_ORDERS.get(c.sampler, (None, None))[1]
         clip, schedule = bool(c.clip_denoised), self._base_schedule()
         if c.sampler in ksamplers.KSAMPLERS:  # steps: sigma steps (ksamplers.model_calls gives the calls)
@@ -225,7 +229,7 @@ class DDPM:
                                         c.final_sigmas_type, clip, c.thresholding,
                                         order=order if c.sampler == "lms" else None, s_churn=c.s_churn,
                                         s_tmin=c.s_tmin, s_tmax=math.inf if c.s_tmax is None else c.s_tmax,
-                                        s_noise=c.s_noise)
+                                        s_noise=c.s_noise, begin_index=c.begin_index)
         for name, unused in (("karras_sigmas", c.karras_sigmas and c.sampler == "pndm"),
                              ("lambda_min_clipped", c.lambda_min_clipped is not None and c.sampler != "dpm-solver")):
             if unused:
@@ -236,7 +240,8 @@ class DDPM:
                                             set_alpha_to_one=c.set_alpha_to_one, steps_offset=c.steps_offset)
         if c.sampler == "deis":
             return lmsolvers.make_deis_plan(schedule, steps, c.prediction, c.timestep_spacing, c.karras_sigmas, clip,
-                                            c.thresholding, order=order, lower_order_final=c.lower_order_final)
+                                            c.thresholding, order=order, lower_order_final=c.lower_order_final,
+                                            begin_index=c.begin_index)
         return singlestep.make_singlestep_plan(schedule, steps, c.prediction, c.timestep_spacing, c.karras_sigmas,
                                                c.lambda_min_clipped, clip, c.thresholding, order=order,
                                                algorithm=c.algorithm_type, solver_type=c.solver_type,

@@ -102,7 +102,8 @@ def img2img(model, image, *, strength: float = 0.6, steps: int | None = None, se
                          **{k: options[k] for k in REQUEST_OPTIONS if k in options})
     process_options = {k: options.pop(k) for k in list(options) if k in PROCESS_OPTIONS}
     whole = DDPM.resolve(process, steps, {**process_options, "begin_index": 0})
-    num_steps = whole.multistep_plan(steps).num_steps if whole.is_multistep else whole.num_steps
+    # the steps strength counts: a k-sampler's sigma steps (diffusers' t_start * scheduler.order skips its calls)
+    num_steps = whole.multistep_plan(steps).whole_steps if whole.is_multistep else whole.num_steps
     device = torch.device(device) if device is not None else adapter.device
     t_start = start_step(num_steps, strength)
     run = dict(steps=steps, seed=seed, sample_offset=sample_offset, class_labels=class_labels,

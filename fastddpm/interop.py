@@ -25,9 +25,12 @@ field, its value and what is supported: a process is never silently approximated
     timestep_spacing                           timestep_spacing (DDPM/DDIM respacing too)
     steps_offset                               0 only with leading spacing (unused otherwise)
     DDIM                                       sampler="ddim" (eta: a step argument; pass eta=),
-                                               set_alpha_to_one
+                                               set_alpha_to_one, ddim_direction "raw" (clip_sample or
+                                               thresholding; "clipped" with use_clipped_model_output=True)
     DPM-Solver++ (dpmsolver++ order 2/3,       sampler dpm++2m / dpm++3m / dpm++2m-sde
-      sde-dpmsolver++ order 2, midpoint)
+      sde-dpmsolver++ order 2)                 (dpmsolver: algorithm_type; heun: solver_type)
+    lower_order_final, final_sigmas_type,      the same fields (DPM-Solver, UniPC)
+      use_lu_lambdas, euler_at_final
     UniPC (bh2, order 2, predict_x0)           sampler unipc, lambda_min_clipped=-inf
     use_karras_sigmas                          karras_sigmas
     lambda_min_clipped                         lambda_min_clipped
@@ -49,10 +52,9 @@ trained_betas of another length than num_train_timesteps; thresholding with samp
 clip_sample_range != 1; steps_offset != 0 with leading spacing; DDPM variance_type fixed_large_log,
 learned, learned_range, and fixed_large with trailing spacing (diffusers' last step then adds noise);
 DDIM linspace spacing (diffusers' DDIM steps t -> t - T//steps, not to the next
-linspace timestep), clip_sample/thresholding unless ``use_clipped_model_output=True``; DPM-Solver
-algorithm_type dpmsolver/sde-dpmsolver, solver_order 1 (3 with SDE), solver_type heun, lower_order_final=False,
-final_sigmas_type sigma_min, exponential/beta/Lu/flow sigmas, dynamic shifting, learned variance, Karras
-sigmas with a finite lambda_min_clipped; UniPC bh1, solver_order != 2, predict_x0=False,
+linspace timestep), DPM-Solver
+algorithm_type sde-dpmsolver, solver_order 1 (3 with sde-dpmsolver++: its D2 weight), exponential/beta/flow
+sigmas, dynamic shifting, learned variance, Karras or Lu sigmas with a finite lambda_min_clipped; UniPC bh1, solver_order != 2, predict_x0=False,
 disable_corrector, solver_p, sigma_min/sigma_max/shift_terminal; prediction_type flow_prediction; Euler
 interpolation_type log_linear, timestep_type continuous, sigma_min/sigma_max; PNDM skip_prk_steps=False (the
 PRK warm-up outlives the fused step's history) and sample prediction; DEIS/singlestep exponential, beta or
@@ -217,10 +219,10 @@ def diffusion_config(scheduler_or_config, *, use_clipped_model_output: bool = Fa
 
     :param scheduler_or_config: a ``DDPMScheduler``, ``DDIMScheduler``, ``DPMSolverMultistepScheduler``
         or ``UniPCMultistepScheduler``, or its config (``scheduler.config`` or a dict with ``_class_name``).
-    :param use_clipped_model_output: DDIM with ``clip_sample=True`` only: accept fastddpm's DDIM, which
-        takes the step's direction from the clipped x0 (diffusers' ``step(..., use_clipped_model_output=True)``,
-        ``DDIMPipeline(..., use_clipped_model_output=True)``).  diffusers' default takes it from the raw model
-        output, which fastddpm's one-pass step cannot express, so without this such a config raises.
+    :param use_clipped_model_output: DDIM with ``clip_sample=True`` (or thresholding): the step's direction
+        from the clipped x0 (diffusers' ``step(..., use_clipped_model_output=True)``, ``DDIMPipeline(...,
+        use_clipped_model_output=True)``; ``ddim_direction="clipped"``).  Without it, diffusers' default: the
+        direction from the raw model output (``ddim_direction="raw"``, the fused step's ``c2`` column).
     :param options: ``DiffusionConfig`` fields set after the conversion (e.g. DDIM's ``eta``, the training
         ``loss``).
     :return: a ``DiffusionConfig`` over the full ``num_train_timesteps``; ``sample(..., steps=K)`` picks
@@ -341,53 +343,66 @@ def _ddim(f: _Fields, use_clipped_model_output: bool) -> dict:
         f.reject("timestep_spacing", "'leading' or 'trailing'", "diffusers' DDIMScheduler steps t -> t - T//steps, "
                  "which is not the next linspace timestep; fastddpm's DDIM steps between kept timesteps")
     clip = _clip(f, True)
-    if clip["clip_denoised"] and not use_clipped_model_output:
-        key = "thresholding" if f["thresholding"] else "clip_sample"
-        f.reject(key, f"{key}=False, or from_diffusers(..., use_clipped_model_output=True)",
-                 "diffusers' DDIM step (as DDIMPipeline calls it) takes its direction from the unclipped model "
-                 "output, fastddpm's from the clipped x0 (diffusers' use_clipped_model_output=True)")
-    return {"sampler": "ddim", "set_alpha_to_one": f["set_alpha_to_one"], **clip}
+    # diffusers' DDIM step (as DDIMPipeline calls it) takes its direction from the unclipped model output;
+    # its use_clipped_model_output=True from the clipped x0's epsilon (fastddpm's default form)
+    direction = "raw" if clip["clip_denoised"] and not use_clipped_model_output else "clipped"
+    return {"sampler": "ddim", "set_alpha_to_one": f["set_alpha_to_one"], "ddim_direction": direction, **clip}
 
 
-def _multistep_common(f: _Fields):
+def _multistep_common(f: _Fields) -> dict:
     for key in ("use_exponential_sigmas", "use_beta_sigmas", "use_flow_sigmas", "use_dynamic_shifting"):
         if f[key]:
-            f.reject(key, "False", "fastddpm's solvers step on the schedule's sigmas or Karras'")
-    f.require("final_sigmas_type", ("zero",), "fastddpm's last step lands on sigma = 0")
-    f.require("lower_order_final", (True,), "fastddpm's solvers lower the order at the end as diffusers' default")
-    if not isinstance(f["use_karras_sigmas"], bool):
-        f.reject("use_karras_sigmas", "True or False")
+            f.reject(key, "False", "fastddpm's solvers step on the schedule's sigmas, Karras' or Lu's")
+    f.require("final_sigmas_type", ("zero", "sigma_min"))
+    for key in ("use_karras_sigmas", "lower_order_final"):
+        if not isinstance(f[key], bool):
+            f.reject(key, "True or False")
+    return {"karras_sigmas": f["use_karras_sigmas"], "lower_order_final": f["lower_order_final"],
+            "final_sigmas_type": f["final_sigmas_type"]}
 
 
 def _dpm_solver(f: _Fields) -> dict:
-    _multistep_common(f)
+    kw = _multistep_common(f)
     algorithm = "dpmsolver++" if f["algorithm_type"] == "deis" else f["algorithm_type"]  # as diffusers maps it
-    solvers = {("dpmsolver++", 2): "dpm++2m", ("dpmsolver++", 3): "dpm++3m", ("sde-dpmsolver++", 2): "dpm++2m-sde"}
-    f.require("algorithm_type", ("dpmsolver++", "sde-dpmsolver++", "deis"), "the data-prediction forms only")
+    f.require("algorithm_type", ("dpmsolver++", "dpmsolver", "sde-dpmsolver++", "deis"),
+              "sde-dpmsolver (the noise-prediction SDE) is not fastddpm's")
     if (algorithm, f["solver_order"]) == ("sde-dpmsolver++", 3):
         f.reject("solver_order", "2 with algorithm_type='sde-dpmsolver++' (sampler='dpm++3m-sde' for k-diffusion's "
                  "third-order SDE solver)", "diffusers' third-order SDE update weights D2 by (1 - e^-2h - 2h) / "
                  "(2h)^2 - 1/2; its ODE form's convention (and k-diffusion's sample_dpmpp_3m_sde) gives + 1/2, "
                  "and fastddpm does not reproduce the difference")
+    solvers = {("dpmsolver++", 2): "dpm++2m", ("dpmsolver++", 3): "dpm++3m", ("dpmsolver", 2): "dpm++2m",
+               ("dpmsolver", 3): "dpm++3m", ("sde-dpmsolver++", 2): "dpm++2m-sde"}
     if (algorithm, f["solver_order"]) not in solvers:
-        f.reject("solver_order", "2 or 3 with algorithm_type='dpmsolver++', 2 with 'sde-dpmsolver++'")
+        f.reject("solver_order", "2 or 3 (2 with 'sde-dpmsolver++')", "a first-order DPM-Solver is DDIM: "
+                 "sampler='ddim'" if f["solver_order"] == 1 else "")
     # diffusers turns these solver_types into midpoint
-    f.require("solver_type", ("midpoint", "logrho", "bh1", "bh2"), "fastddpm's DPM-Solver++ is the midpoint form")
-    if f["use_lu_lambdas"]:
-        f.reject("use_lu_lambdas", "False", "fastddpm's solvers step on the schedule's sigmas or Karras'")
+    f.require("solver_type", ("midpoint", "heun", "logrho", "bh1", "bh2"))
+    solver_type = "heun" if f["solver_type"] == "heun" else "midpoint"
+    for key in ("use_lu_lambdas", "euler_at_final"):
+        if not isinstance(f[key], bool):
+            f.reject(key, "True or False")
+    if f["use_lu_lambdas"] and f["use_karras_sigmas"]:
+        f.reject("use_lu_lambdas", "False with use_karras_sigmas=True", "diffusers then uses Karras' silently")
     if f["variance_type"] is not None:
         f.reject("variance_type", "None", "a learned-variance model outputs 2x channels")
     lam = f["lambda_min_clipped"]
     if isinstance(lam, bool) or not isinstance(lam, (int, float)) or lam != lam:
         f.reject("lambda_min_clipped", "a float (-inf: no clip)")
-    if f["use_karras_sigmas"] and lam != -math.inf:
-        f.reject("lambda_min_clipped", "-inf with use_karras_sigmas=True",
-                 "diffusers' Karras sigmas ignore the clip, fastddpm's keep to it")
+    if (f["use_karras_sigmas"] or f["use_lu_lambdas"]) and lam != -math.inf:
+        f.reject("lambda_min_clipped", "-inf with use_karras_sigmas=True or use_lu_lambdas=True",
+                 "diffusers' Karras and Lu sigmas ignore the clip, fastddpm's keep to it")
     if f["use_karras_sigmas"] and f["trained_betas"] is not None and f["beta_schedule"] == "squaredcos_cap_v2":
         f.reject("trained_betas", "None with beta_schedule='squaredcos_cap_v2' and use_karras_sigmas=True",
                  "diffusers truncates the Karras timesteps by the schedule's name, not its betas")
-    return {"sampler": solvers[(algorithm, f["solver_order"])], **_clip(f, False),
-            "karras_sigmas": f["use_karras_sigmas"], "lambda_min_clipped": float(lam)}
+    out = {"sampler": solvers[(algorithm, f["solver_order"])], **kw, **_clip(f, False),
+           "lambda_min_clipped": float(lam), "use_lu_lambdas": f["use_lu_lambdas"],
+           "euler_at_final": f["euler_at_final"]}
+    if algorithm == "dpmsolver":
+        out["algorithm_type"] = "dpmsolver"
+    if solver_type == "heun":
+        out["solver_type"] = "heun"
+    return out
 
 
 def _table_sampler_common(f: _Fields, final_sigmas=("zero",)):
@@ -446,7 +461,7 @@ def _pndm(f: _Fields) -> dict:
 
 
 def _unipc(f: _Fields) -> dict:
-    _multistep_common(f)
+    kw = _multistep_common(f)
     f.require("solver_order", (2,), "fastddpm's UniPC is of order 2")
     f.require("predict_x0", (True,), "fastddpm's UniPC predicts x0 (data prediction)")
     # diffusers turns midpoint/heun/logrho into bh2
@@ -459,9 +474,11 @@ def _unipc(f: _Fields) -> dict:
                      ("shift_terminal", "flow sigmas are not fastddpm's")):
         if f[key] is not None:
             f.reject(key, "None", why)
+    if not f["lower_order_final"] and f["final_sigmas_type"] == "zero":
+        f.reject("lower_order_final", "True with final_sigmas_type='zero'", "diffusers' second-order last step "
+                 "onto sigma 0 divides by an infinite step and returns inf")
     # diffusers' UniPC has no lambda clip; fastddpm's default clips the cosine schedule
-    return {"sampler": "unipc", **_clip(f, False), "karras_sigmas": f["use_karras_sigmas"],
-            "lambda_min_clipped": -math.inf}
+    return {"sampler": "unipc", **kw, **_clip(f, False), "lambda_min_clipped": -math.inf}
 
 
 def _k_sampler(f: _Fields, sampler: str) -> dict:

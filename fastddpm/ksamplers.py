@@ -373,7 +373,7 @@ def make_kplan(schedule: NoiseSchedule, sampler: str, steps: int, prediction: st
                clip_denoised: bool = False, thresholding: tuple[float, float] | None = None, *,
                round_karras_timesteps: bool | None = None, eta: float = 1.0, s_noise: float = 1.0,
                order: int | None = None, s_churn: float = 0.0, s_tmin: float = 0.0,
-               s_tmax: float = math.inf) -> KPlan:
+               s_tmax: float = math.inf, begin_index: int = 0) -> KPlan:
     """The plan of ``sampler`` over ``steps`` sigma steps (``model_calls(sampler, steps)`` model calls).
 
     :param eta: the ancestral samplers' and SDE samplers' noise (k-diffusion's ``eta``, 1 by default; 0
@@ -389,6 +389,11 @@ def make_kplan(schedule: NoiseSchedule, sampler: str, steps: int, prediction: st
         same distribution from one draw.  diffusers' ``EulerDiscreteScheduler.step(s_churn=)`` differs: its
         model sees the un-churned ``x`` at ``sigma``.
     :param round_karras_timesteps: None: as diffusers' scheduler for this sampler (KDPM2 rounds).
+    :param begin_index: begin part-way (img2img): the leading sigma steps of the whole plan to skip, as
+        diffusers' ``set_begin_index(t_start * scheduler.order)``.  The rows are the whole plan's from that
+        step on (the same noise slots); LMS and DPM++ 3M SDE warm up from first order there (their history
+        starts empty, as k-diffusion's ``sample_*`` on ``sigmas[begin_index:]``).  The start is the sample at
+        that step's sigma (``sigmas[-1]``: ``fastddpm.img2img`` noises an image to it), ``start_scale`` 1.
     """
     _check_choice("sampler", sampler, KSAMPLERS)
     for name, v in (("eta", eta), ("s_noise", s_noise), ("s_churn", s_churn), ("s_tmin", s_tmin)):
@@ -410,9 +415,13 @@ def make_kplan(schedule: NoiseSchedule, sampler: str, steps: int, prediction: st
     if sampler in TWO_STAGE and final_sigmas_type != "zero":
         raise ValueError(f"final_sigmas_type={final_sigmas_type!r} is only for single-stage samplers; "
                          f"{sampler} ends on sigma 0")
+    if not is_int(begin_index) or not 0 <= begin_index < steps:
+        raise ValueError(f"begin_index must be an int in [0, steps) = [0, {steps}) (the leading sigma steps of the "
+                         f"{steps}-step plan to skip; at least one must run), got {begin_index!r}")
+    b = int(begin_index)
     log_sigmas = np.log(np.sqrt((1.0 - schedule.alphas_cumprod64) / schedule.alphas_cumprod64))
-    hats = _churn(sigmas, float(s_churn), float(s_tmin), float(s_tmax)) if s_churn else None
-    rows = _rows(sampler, sigmas, ts, log_sigmas, eta=float(eta), s_noise=float(s_noise), order=int(order),
+    hats = _churn(sigmas, float(s_churn), float(s_tmin), float(s_tmax))[b:] if s_churn else None
+    rows = _rows(sampler, sigmas[b:], ts[b:], log_sigmas, eta=float(eta), s_noise=float(s_noise), order=int(order),
                  churn=hats)
     table = _table(rows, prediction)
     if not np.all(np.isfinite(table)):
@@ -420,10 +429,10 @@ def make_kplan(schedule: NoiseSchedule, sampler: str, steps: int, prediction: st
     init_sigma = sigmas[0] if spacing in ("linspace", "trailing") else math.sqrt(sigmas[0] ** 2 + 1.0)
     s0 = float(rows[0].s)  # sigma_hat of the first step
     start = math.sqrt(init_sigma**2 + (s0**2 - float(sigmas[0]) ** 2) * float(s_noise) ** 2)
+    start_scale = float(_alpha(s0) * start) if b == 0 else 1.0  # begun: the given x is the start
     noisy = bool(np.any(table[:, TABLE_COLUMNS.index("cz")] != 0.0))
     timesteps = np.array([r.t for r in rows], dtype=np.float64)[::-1].copy()
     row_sigmas = np.array([r.s for r in rows], dtype=np.float64)[::-1].copy()
     return KPlan(sampler, timesteps, table, bool(clip_denoised), thresholding, sigmas=row_sigmas,
-                 steps_given=int(steps), start_scale=float(_alpha(s0) * start), noisy=noisy,
-                 sigma_steps=int(steps),
-                 step_sigmas=sigmas)
+                 begin_index=b, steps_given=int(steps), start_scale=start_scale, noisy=noisy,
+                 sigma_steps=int(steps), step_sigmas=sigmas)

@@ -188,10 +188,12 @@ def make_pndm_plan(schedule: NoiseSchedule, steps: int, prediction: str = "epsil
 
 
 # -- DEIS ------------------------------------------------------------------------------------
-def deis_orders(K: int, order: int, lower_order_final: bool = True) -> np.ndarray:
-    """The order of each of the K steps (running order), as diffusers' ``DEISMultistepScheduler.step``."""
-    j = np.arange(K)
-    q = np.minimum(order, j + 1)  # warm-up: lower_order_nums
+def deis_orders(K: int, order: int, lower_order_final: bool = True, begin_index: int = 0) -> np.ndarray:
+    """The order of each step run of a K-step plan begun at ``begin_index`` (running order), as diffusers'
+    ``DEISMultistepScheduler.step`` after ``set_begin_index``: warm-up from the first step run, the final
+    steps' lowering counted against the whole K."""
+    j = np.arange(begin_index, K)
+    q = np.minimum(order, j - begin_index + 1)  # warm-up: lower_order_nums
     if lower_order_final and K < LOWER_ORDER_FINAL_BELOW:
         q = np.where(j == K - 2, np.minimum(q, 2), q)
         q = np.where(j == K - 1, 1, q)
@@ -217,7 +219,7 @@ def deis_coefficients(rho_t: float, nodes: np.ndarray) -> np.ndarray:
 def make_deis_plan(schedule: NoiseSchedule, steps: int, prediction: str = "epsilon", spacing: str = "linspace",
                    karras_sigmas: bool = False, clip_denoised: bool = False,
                    thresholding: tuple[float, float] | None = None, *, order: int = 2,
-                   lower_order_final: bool = True) -> MultistepPlan:
+                   lower_order_final: bool = True, begin_index: int = 0) -> MultistepPlan:
     """The plan of diffusers' ``DEISMultistepScheduler`` (``deis``, ``logrho``, ``solver_order=order``)
     over ``steps`` model calls (``steps >= 2``: a one-step DEIS is one DDIM step, ``sampler="ddim"``).
 
@@ -225,6 +227,9 @@ def make_deis_plan(schedule: NoiseSchedule, steps: int, prediction: str = "epsil
     :param spacing: diffusers' ``timestep_spacing`` (``steps_offset=0``); ``karras_sigmas`` its
         ``use_karras_sigmas``.
     :param clip_denoised: diffusers' ``thresholding=True, sample_max_value=1``.
+    :param begin_index: begin part-way (img2img), as diffusers' ``set_begin_index``: the whole plan's steps
+        from ``begin_index`` on, warming up from first order there (``deis_orders``); the rows keep the whole
+        plan's indices.
     """
     _check_common(schedule, steps, clip_denoised, thresholding, low=2)
     _check_choice("prediction", prediction, DEIS_PREDICTIONS)
@@ -241,13 +246,17 @@ def make_deis_plan(schedule: NoiseSchedule, steps: int, prediction: str = "epsil
     ac = schedule.alphas_cumprod64
     rho = rho.copy()
     rho[-1] = rho[-2] if karras_sigmas else math.sqrt((1.0 - ac[0]) / ac[0])  # diffusers' last sigma
-    K = steps
+    if not is_int(begin_index) or not 0 <= begin_index < steps:
+        raise ValueError(f"begin_index must be an int in [0, steps) = [0, {steps}), got {begin_index!r}")
+    orders = deis_orders(steps, order, lower_order_final, int(begin_index))
+    ts, rho = ts[begin_index:], rho[begin_index:]
+    K = steps - begin_index
     alpha = 1.0 / np.sqrt(1.0 + rho**2)
     tab = np.zeros((K, len(TABLE_COLUMNS)), dtype=np.float64)
     c = {name: tab[:, k] for k, name in enumerate(TABLE_COLUMNS)}
     c["a"][:], c["b"][:] = _x0_columns(prediction, alpha[:K], rho[:K] * alpha[:K])
     c["hx"][:], c["u"][:] = -1.0 / alpha[:K], 1.0  # E = D - x / alpha = -rho * m
-    for j, q in enumerate(deis_orders(K, order, lower_order_final)):
+    for j, q in enumerate(orders):
         coef = deis_coefficients(rho[j + 1], rho[j - np.arange(q)])
         at = alpha[j + 1]
         c["cx"][j] = at / alpha[j] * (1.0 + coef[0] / rho[j])  # m0 = (x / alpha - D) / rho
@@ -257,4 +266,4 @@ def make_deis_plan(schedule: NoiseSchedule, steps: int, prediction: str = "epsil
     if not np.all(np.isfinite(tab)):
         raise ValueError("deis table is not finite for this schedule")
     return MultistepPlan("deis", ts[::-1].copy(), tab[::-1].copy(), clip_denoised, thresholding,
-                         sigmas=rho[:-1][::-1].copy())
+                         sigmas=rho[:-1][::-1].copy(), begin_index=int(begin_index))

@@ -20,7 +20,7 @@ from fastddpm.schedule import space_timesteps, spaced_timesteps
 from tolerances import PEER, PEER_KARRAS32, assert_close
 
 diffusers = pytest.importorskip("diffusers")
-from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,  # noqa: E402
+from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, PNDMScheduler,  # noqa: E402
                        UniPCMultistepScheduler)
 from diffusers.schedulers import scheduling_ddpm  # noqa: E402
 
@@ -223,17 +223,12 @@ REJECTED = [
     (DDPMScheduler, dict(trained_betas=[0.1, 0.2]), "trained_betas"),
     (DDPMScheduler, dict(num_train_timesteps=0), "num_train_timesteps"),
     (DDPMScheduler, dict(timestep_spacing="uniform"), "timestep_spacing"),
-    (DDIMScheduler, dict(clip_sample=True), "clip_sample"),
-    (DDIMScheduler, dict(clip_sample=False, thresholding=True), "thresholding"),
     (DDIMScheduler, dict(clip_sample=False, timestep_spacing="linspace"), "timestep_spacing"),
-    (DPMSolverMultistepScheduler, dict(algorithm_type="dpmsolver"), "algorithm_type"),
+    (DPMSolverMultistepScheduler, dict(algorithm_type="sde-dpmsolver"), "algorithm_type"),
+    (DPMSolverMultistepScheduler, dict(use_lu_lambdas=True, use_karras_sigmas=True), "use_lu_lambdas"),
     (DPMSolverMultistepScheduler, dict(solver_order=1), "solver_order"),
     (DPMSolverMultistepScheduler, dict(algorithm_type="sde-dpmsolver++", solver_order=3), "solver_order"),
-    (DPMSolverMultistepScheduler, dict(solver_type="heun"), "solver_type"),
     (DPMSolverMultistepScheduler, dict(use_exponential_sigmas=True), "use_exponential_sigmas"),
-    (DPMSolverMultistepScheduler, dict(use_lu_lambdas=True), "use_lu_lambdas"),
-    (DPMSolverMultistepScheduler, dict(final_sigmas_type="sigma_min"), "final_sigmas_type"),
-    (DPMSolverMultistepScheduler, dict(lower_order_final=False), "lower_order_final"),
     (DPMSolverMultistepScheduler, dict(variance_type="learned_range"), "variance_type"),
     (DPMSolverMultistepScheduler, dict(use_karras_sigmas=True, lambda_min_clipped=-5.1), "lambda_min_clipped"),
     (DPMSolverMultistepScheduler, dict(prediction_type="flow_prediction"), "prediction_type"),
@@ -249,7 +244,6 @@ REJECTED = [
     (UniPCMultistepScheduler, dict(predict_x0=False), "predict_x0"),
     (UniPCMultistepScheduler, dict(disable_corrector=[0]), "disable_corrector"),
     (UniPCMultistepScheduler, dict(lower_order_final=False), "lower_order_final"),
-    (UniPCMultistepScheduler, dict(final_sigmas_type="sigma_min"), "final_sigmas_type"),
     (UniPCMultistepScheduler, dict(use_beta_sigmas=True), "use_beta_sigmas"),
     (UniPCMultistepScheduler, dict(sigma_max=10.0), "sigma_max"),
     (UniPCMultistepScheduler, dict(sigma_min=0.1), "sigma_min"),
@@ -409,12 +403,12 @@ def test_sample_refuses_a_broken_pipeline():
     with pytest.raises(TypeError, match=r"pipeline \(NoUnet\) but has no \.unet"):
         fastddpm.sample(NoUnet(), 1, progress=False)
 
-    class ClippedDDIM:
+    class PRKPipeline:
         unet = _unet()
-        scheduler = DDIMScheduler()
+        scheduler = PNDMScheduler()  # diffusers' default skip_prk_steps=False
 
-    with pytest.raises(ValueError, match=r"ClippedDDIM.scheduler: DDIMScheduler.clip_sample=True .*process="):
-        fastddpm.sample(ClippedDDIM(), 1, progress=False)
+    with pytest.raises(ValueError, match=r"PRKPipeline.scheduler: PNDMScheduler.skip_prk_steps=False .*process="):
+        fastddpm.sample(PRKPipeline(), 1, progress=False)
 
 
 def test_a_field_newer_than_interop_is_accepted_at_its_default_and_refused_otherwise(monkeypatch):

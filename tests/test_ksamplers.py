@@ -19,7 +19,7 @@ import torch
 import fastddpm
 from fastddpm import DDPM, ksamplers
 from fastddpm.ksamplers import KSAMPLERS, make_kplan, model_calls
-from fastddpm.multistep import MultistepSampler
+from fastddpm.multistep import TABLE_COLUMNS, MultistepSampler
 from fastddpm.ops.reference import batch_noise
 from fastddpm.schedule import NoiseSchedule
 from test_multistep import _as_float64
@@ -405,8 +405,7 @@ def test_plans_and_errors():
         fastddpm.sample(Logged(), 1, sampler="lms", solver_order=0, progress=False)
     with pytest.raises(ValueError, match=r"steps must be an int in \[1, 1000\]"):
         fastddpm.sample(Logged(), 1, sampler="heun", steps=0, progress=False)
-    with pytest.raises(ValueError, match="begin_index=2 is not supported by sampler='euler'"):
-        DDPM(sampler="euler", begin_index=2).multistep_plan(5)
+    assert DDPM(sampler="euler", begin_index=2).multistep_plan(5).num_steps == 3  # img2img's begun plan
     process = DDPM(sampler="dpm++3m-sde", karras_sigmas=True, prediction="v")
     assert DDPM.from_json(process.to_json()).config == process.config
 
@@ -463,6 +462,80 @@ def test_dpm_solver_sde_scheduler_equals_dpmpp_sde(prediction, sigmas, monkeypat
     ours = _our_loop(plan, ours_model, seed, torch.float64)
     _compare_calls(ours_model, theirs_model, PEER64_LOOP, f"DPMSolverSDE {prediction} {sigmas}")
     assert_close(ours, x, **PEER64_LOOP, msg=f"DPMSolverSDE {prediction} {sigmas}")
+
+
+@pytest.mark.parametrize("strength,N", [(0.6, 6), (0.35, 9)])
+@pytest.mark.parametrize("sampler", [s for s in DIFFUSERS if s != "lms"])
+def test_img2img_equals_the_diffusers_loop(sampler, strength, N, monkeypatch):
+    """``fastddpm.img2img`` with a k-sampler is diffusers' img2img loop: ``set_begin_index(t_start * order)``,
+    ``add_noise`` at that sigma (the contract's noise of our x_T slot), the rest of the calls (each model
+    input and timestep equal) and the result."""
+    from fastddpm.img2img import img2img, start_step
+
+    sched = _scheduler(sampler)
+    sched.set_timesteps(N)
+    t_start = start_step(N, strength)
+    sched.set_begin_index(t_start * sched.order)
+    timesteps = sched.timesteps[t_start * sched.order:]
+    R = len(timesteps)
+    image = torch.rand(SHAPE, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    module = sys.modules[type(sched).__module__]
+    call = {"j": 0}
+    if hasattr(module, "randn_tensor"):
+        monkeypatch.setattr(module, "randn_tensor",
+                            lambda *a, **k: batch_noise(8, 0, R - 1 - call["j"], SHAPE, "cpu"))
+    theirs_model = Logged()
+    x = sched.add_noise(image, batch_noise(8, 0, R, SHAPE, "cpu"), timesteps[:1].repeat(SHAPE[0]))
+    with torch.no_grad():
+        for j, t in enumerate(timesteps):
+            call["j"] = j
+            x = sched.step(theirs_model(sched.scale_model_input(x, t), t.expand(SHAPE[0])), t, x).prev_sample
+    ours_model = Logged()
+    ours = img2img(ours_model, image, strength=strength, steps=N, seed=8, sampler=sampler, clip_denoised=False,
+                   progress=False)
+    msg = f"img2img {sampler} strength={strength} N={N}"
+    _compare_calls(ours_model, theirs_model, PEER, msg)
+    assert_close(ours, x, **_scaled(PEER, x), msg=msg)
+
+
+@pytest.mark.parametrize("order", [2, 4])
+def test_lms_img2img_equals_k_diffusion(order):
+    """LMS begun part-way warms up from first order, as k-diffusion's ``sample_lms`` on ``sigmas[t_start:]``.
+    (diffusers' ``LMSDiscreteScheduler`` after ``set_begin_index`` keeps the whole plan's order and drops the
+    terms of the derivatives it has not seen: its first steps are not a consistent method; not reproduced.)"""
+    from fastddpm.img2img import img2img, start_step
+
+    ks, ext = _k_diffusion()
+    schedule = NoiseSchedule.make("linear", T)
+    N, strength = 8, 0.6
+    t_start = start_step(N, strength)
+    image = torch.rand(SHAPE, generator=torch.Generator().manual_seed(1)).double() * 2 - 1
+    whole = make_kplan(schedule, "lms", N, order=order)
+    sigmas = torch.as_tensor(whole.step_sigmas[t_start:])
+    begun = make_kplan(schedule, "lms", N, order=order, begin_index=t_start)
+    x = image + sigmas[0] * batch_noise(3, 0, begun.num_steps, SHAPE, "cpu").double()  # add_noise, k-diffusion's x
+    inner = Logged()
+    denoiser = ext.DiscreteEpsDDPMDenoiser(inner, torch.as_tensor(schedule.alphas_cumprod64), quantize=False)
+    theirs = ks.sample_lms(denoiser, x, sigmas, disable=True, order=order)
+    ours = img2img(Logged(), image.float(), strength=strength, steps=N, seed=3, sampler="lms", solver_order=order,
+                   clip_denoised=False, progress=False)
+    assert_close(ours, theirs, **_scaled(PEER, theirs), msg=f"lms order {order} img2img")
+
+
+def test_begun_plans_are_the_whole_plans_tail():
+    """Begun part-way, a history-free k-sampler's rows are the whole plan's last rows (the same noise slots);
+    LMS and DPM++ 3M SDE restart their history (k-diffusion's sample_* on the tail of the sigmas)."""
+    schedule = NoiseSchedule.make("linear", T)
+    for sampler in ("euler", "euler-a", "heun", "dpm2-a", "dpm++sde"):
+        whole, begun = make_kplan(schedule, sampler, 7), make_kplan(schedule, sampler, 7, begin_index=3)
+        R = begun.num_steps
+        assert R == model_calls(sampler, 4) and begun.start_scale == 1.0 and begun.whole_steps == 7
+        assert np.array_equal(begun.table, whole.table[:R]) and np.array_equal(begun.timesteps, whole.timesteps[:R])
+    lms = make_kplan(schedule, "lms", 7, begin_index=3)
+    assert lms.table[-1, TABLE_COLUMNS.index("p1")] == 0.0  # its first step is first order
+    assert not np.array_equal(lms.table, make_kplan(schedule, "lms", 7).table[:4])  # the whole plan's is 4th order
+    with pytest.raises(ValueError, match=r"begin_index must be an int in \[0, steps\) = \[0, 7\)"):
+        make_kplan(schedule, "euler", 7, begin_index=7)
 
 
 def test_from_diffusers_refuses_what_it_cannot_represent():

@@ -108,13 +108,20 @@ def test_config_fields_and_errors():
         DDPM.from_diffusers(diffusers.DPMSolverSinglestepScheduler(use_exponential_sigmas=True))
     with pytest.raises(ValueError, match=r"solver_order must be one of \(1, 2, 3\) for deis, got 4"):
         DDPM(sampler="deis", solver_order=4)
-    with pytest.raises(ValueError, match=r"lower_order_final=False is for the samplers \('deis', 'dpm-solver'\)"):
-        DDPM(sampler="dpm++2m", lower_order_final=False)
-    with pytest.raises(ValueError, match=r"set_alpha_to_one=False is for the samplers \('pndm',\)"):
-        DDPM(sampler="ddim", set_alpha_to_one=False)
+    with pytest.raises(ValueError,
+                       match=r"lower_order_final=False is for the samplers \('deis', 'dpm-solver', 'dpm\+\+2m'"):
+        DDPM(sampler="euler", lower_order_final=False)
+    with pytest.raises(ValueError, match=r"algorithm_type='sde-dpmsolver\+\+' is dpm-solver's"):
+        DDPM(sampler="dpm++2m", algorithm_type="sde-dpmsolver++")
+    with pytest.raises(ValueError, match=r"ddim_direction='raw' is for the samplers \('ddim',\)"):
+        DDPM(sampler="ddpm", ddim_direction="raw")
+    with pytest.raises(ValueError, match=r"euler_at_final=True is for the samplers"):
+        DDPM(sampler="unipc", euler_at_final=True)
+    with pytest.raises(ValueError, match=r"set_alpha_to_one=False is for the samplers \('pndm', 'ddim'\)"):
+        DDPM(sampler="ddpm", set_alpha_to_one=False)
     with pytest.raises(ValueError, match=r"steps_offset=1 is for the samplers \('pndm',\)"):
         DDPM(sampler="deis", steps_offset=1)
-    with pytest.raises(ValueError, match=r"algorithm_type='dpmsolver' is for the samplers \('dpm-solver',\)"):
+    with pytest.raises(ValueError, match=r"algorithm_type='dpmsolver' is for the samplers \('dpm-solver', 'dpm\+\+2m'"):
         DDPM(sampler="deis", algorithm_type="dpmsolver")
     with pytest.raises(ValueError, match=r"algorithm_type must be one of"):
         DDPM(sampler="dpm-solver", algorithm_type="dpmsolver+")
