@@ -74,7 +74,8 @@ class DiffusionConfig(JsonConfig):
     :param clip_denoised: clamp the predicted x0 to [-1, 1] in the reverse step (True), not at all
         (False), or ``"dynamic"``: Imagen's dynamic thresholding (Saharia et al. 2022; diffusers'
         ``thresholding=True``): per sample ``s = quantile(|x0|, dynamic_thresholding_ratio)`` clamped to
-        ``[1, sample_max_value]``, then ``x0 = clamp(x0, -s, s) / s``.
+        ``[1, sample_max_value]``, then ``x0 = clamp(x0, -s, s) / s`` (with ``sample_max_value < 1``
+        every ``s`` is ``sample_max_value``, as diffusers' ``torch.clamp(s, min=1, max=...)`` gives).
     :param dynamic_thresholding_ratio: the quantile of ``"dynamic"`` (diffusers' default 0.995).
     :param sample_max_value: the largest ``s`` of ``"dynamic"`` (1: the plain clip).
     :param sampler: ``ddpm`` (ancestral), ``ddim``, a multistep solver: ``dpm++2m``,
@@ -258,8 +259,8 @@ class DiffusionConfig(JsonConfig):
         ratio, most = self.dynamic_thresholding_ratio, self.sample_max_value
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < ratio <= 1.0:
             raise ValueError(f"dynamic_thresholding_ratio must be a quantile in (0, 1], got {ratio!r}")
-        if isinstance(most, bool) or not isinstance(most, (int, float)) or not 1.0 <= most < float("inf"):
-            raise ValueError(f"sample_max_value must be a finite number >= 1, got {most!r}")
+        if isinstance(most, bool) or not isinstance(most, (int, float)) or not 0.0 < most < float("inf"):
+            raise ValueError(f"sample_max_value must be a finite number > 0, got {most!r}")
         for name in ("karras_sigmas", "exponential_sigmas", "beta_sigmas"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")

@@ -20,8 +20,9 @@ field, its value and what is supported: a process is never silently approximated
     variance_type fixed_small(_log)/fixed_large  variance fixed_small/fixed_large (DDPM)
     clip_sample (clip_sample_range=1)          clip_denoised (DDPM, DDIM)
     thresholding (sample_max_value=1)          clip_denoised (the quantile is clamped to 1: a clip)
-    thresholding (sample_max_value > 1)        clip_denoised="dynamic" with dynamic_thresholding_ratio and
-                                               sample_max_value (Imagen's dynamic thresholding)
+    thresholding (sample_max_value != 1)       clip_denoised="dynamic" with dynamic_thresholding_ratio and
+                                               sample_max_value (Imagen's dynamic thresholding; below 1
+                                               every bound is sample_max_value, as diffusers' clamp gives)
     timestep_spacing                           timestep_spacing (DDPM/DDIM respacing too)
     steps_offset                               0 only with leading spacing (unused otherwise)
     DDIM                                       sampler="ddim" (eta: a step argument; pass eta=),
@@ -48,7 +49,7 @@ field, its value and what is supported: a process is never silently approximated
     PNDM (skip_prk_steps=True: PLMS)           sampler pndm, set_alpha_to_one, steps_offset (leading)
 
 Refused (each a ValueError naming the field): rescale_betas_zero_snr=True; beta_schedule laplace/exp;
-trained_betas of another length than num_train_timesteps; thresholding with sample_max_value < 1;
+trained_betas of another length than num_train_timesteps;
 clip_sample_range != 1; steps_offset != 0 with leading spacing; DDPM variance_type fixed_large_log,
 learned, learned_range, and fixed_large with trailing spacing (diffusers' last step then adds noise);
 DDIM linspace spacing (diffusers' DDIM steps t -> t - T//steps, not to the next
@@ -309,9 +310,8 @@ def _clip(f: _Fields, has_clip_sample: bool) -> dict:
     clamps the quantile s to [1, 1], exactly the clip to [-1, 1]; above 1 it is the dynamic one."""
     if f["thresholding"]:
         most, ratio = f["sample_max_value"], f["dynamic_thresholding_ratio"]
-        if isinstance(most, bool) or not isinstance(most, (int, float)) or not 1.0 <= most < math.inf:
-            f.reject("sample_max_value", "a finite number >= 1 with thresholding=True",
-                     "the quantile s is clamped to [1, sample_max_value]")
+        if isinstance(most, bool) or not isinstance(most, (int, float)) or not 0.0 < most < math.inf:
+            f.reject("sample_max_value", "a finite number > 0 with thresholding=True")
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < ratio <= 1.0:
             f.reject("dynamic_thresholding_ratio", "a quantile in (0, 1]")
         if most == 1.0:

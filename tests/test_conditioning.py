@@ -442,8 +442,8 @@ def test_dynamic_thresholding_is_the_same_on_every_path_and_differs_from_the_cli
 
 
 def test_dynamic_thresholding_options_are_checked():
-    with pytest.raises(ValueError, match="sample_max_value must be a finite number >= 1"):
-        DDPM(clip_denoised="dynamic", sample_max_value=0.5)
+    with pytest.raises(ValueError, match="sample_max_value must be a finite number > 0"):
+        DDPM(clip_denoised="dynamic", sample_max_value=0.0)
     with pytest.raises(ValueError, match=r"dynamic_thresholding_ratio must be a quantile in \(0, 1\]"):
         DDPM(clip_denoised="dynamic", dynamic_thresholding_ratio=1.5)
     with pytest.raises(TypeError, match="clip_denoised must be True, False or 'dynamic'"):

@@ -214,10 +214,7 @@ CASES = [
          DPM_MULTI, "tail", (318.4111, 0.4146), t_start=5, marks=MULTI_REFUSED),
     Case(MULTI_FILE, "DPMSolverMultistepSchedulerTest.test_full_loop_no_noise_thres", "DPMSolverMultistepScheduler",
          dict(DPM_MULTI, thresholding=True, dynamic_thresholding_ratio=0.87, sample_max_value=0.5), "sample",
-         (None, 1.1364), marks=refused("final_sigmas_type='sigma_min', lower_order_final=False and "
-                                       "sample_max_value=0.5", "each refused on its own: fastddpm's DPM-Solver++ lands on sigma 0 with a "
-                                       "first-order last step, and its dynamic thresholding clamps the quantile "
-                                       "to [1, sample_max_value], so sample_max_value < 1 has no equivalent")),
+         (None, 1.1364), marks=MULTI_REFUSED),
     Case(MULTI_FILE, "DPMSolverMultistepSchedulerTest.test_full_loop_with_v_prediction", "DPMSolverMultistepScheduler",
          dict(DPM_MULTI, **V), "sample", (None, 0.2251), marks=MULTI_REFUSED),
     Case(MULTI_FILE, "DPMSolverMultistepSchedulerTest.test_full_loop_with_karras_and_v_prediction",

@@ -53,6 +53,7 @@ DDPM_CONFIGS = [
     # dynamic thresholding (Imagen): clip_denoised="dynamic"
     dict(prediction_type="sample", thresholding=True, sample_max_value=1.5),
     dict(thresholding=True, sample_max_value=3.0, dynamic_thresholding_ratio=0.9, timestep_spacing="trailing"),
+    dict(thresholding=True, sample_max_value=0.5),  # below 1: every bound is 0.5 (diffusers' clamp, min > max)
 ]
 
 
@@ -129,6 +130,7 @@ MULTISTEP_CONFIGS = [
     # dynamic thresholding (Imagen): clip_denoised="dynamic"
     (DPMSolverMultistepScheduler, dict(thresholding=True, sample_max_value=1.5, prediction_type="sample")),
     (UniPCMultistepScheduler, dict(thresholding=True, sample_max_value=2.0, dynamic_thresholding_ratio=0.9)),
+    (DPMSolverMultistepScheduler, dict(thresholding=True, sample_max_value=0.5, dynamic_thresholding_ratio=0.87)),
 ]
 
 
@@ -215,7 +217,7 @@ REJECTED = [
     (DDPMScheduler, dict(variance_type="learned_range"), "variance_type"),
     (DDPMScheduler, dict(variance_type="fixed_large_log"), "variance_type"),
     (DDPMScheduler, dict(variance_type="fixed_large", timestep_spacing="trailing"), "timestep_spacing"),
-    (DDPMScheduler, dict(thresholding=True, sample_max_value=0.5), "sample_max_value"),
+    (DDPMScheduler, dict(thresholding=True, sample_max_value=0.0), "sample_max_value"),
     (DDPMScheduler, dict(clip_sample_range=2.0), "clip_sample_range"),
     (DDPMScheduler, dict(rescale_betas_zero_snr=True), "rescale_betas_zero_snr"),
     (DDPMScheduler, dict(steps_offset=1), "steps_offset"),

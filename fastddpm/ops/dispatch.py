@@ -286,7 +286,8 @@ def dynamic_threshold(x, model_output, step, table, *, ratio: float, max_value: 
     :param step: int64 ``[n]``, or 0-dim/``[1]`` (one step for the batch), on the device.
     :param table: ``[K, 6]`` DDPM coefficients or ``[K, 14]`` multistep table (``a, b`` first).
     :param ratio: the quantile, in ``(0, 1]`` (diffusers' ``dynamic_thresholding_ratio``, 0.995).
-    :param max_value: the largest bound, finite and ``>= 1`` (diffusers' ``sample_max_value``).
+    :param max_value: the largest bound, finite and ``> 0`` (diffusers' ``sample_max_value``); below 1
+        every bound is ``max_value``, as ``torch.clamp(q, min=1, max=max_value)`` gives (diffusers').
     :param uncond_output, guidance_scale: classifier-free guidance, as ``ddpm_step``'s: the bound
         is the guided ``x0_hat``'s.
     :return: float32 ``[n]`` on x's device.
@@ -306,8 +307,8 @@ def dynamic_threshold(x, model_output, step, table, *, ratio: float, max_value: 
     if not 0.0 < ratio <= 1.0:
         raise ValueError(f"ratio must lie in (0, 1], got {ratio!r}")
     max_value = _check_real("max_value", max_value)
-    if max_value < 1.0:
-        raise ValueError(f"max_value must be >= 1 (the bound is at least 1), got {max_value!r}")
+    if not 0.0 < max_value < math.inf:
+        raise ValueError(f"max_value must be a finite number > 0, got {max_value!r}")
     ab = table.index_select(0, step.reshape(-1))[:, :2]
     return reference.dynamic_threshold(x, model_output, ab, ratio, max_value, uncond_output=uncond_output,
                                        guidance_scale=float(guidance_scale))

@@ -265,9 +265,10 @@ def dynamic_threshold(x, model_output, ab, ratio: float, max_value: float, uncon
         first two columns of the DDPM ``[K, 6]`` table or the multistep ``[K, 14]`` one
         (``table.index_select(0, step)[:, :2]``).
     :param ratio: the quantile, in ``(0, 1]`` (diffusers' ``dynamic_thresholding_ratio``).
-    :param max_value: the largest bound, ``>= 1`` (diffusers' ``sample_max_value``).
+    :param max_value: the largest bound, ``> 0`` (diffusers' ``sample_max_value``).
     :param uncond_output, guidance_scale: as ``guided_output``.
-    :return: float32 ``[n]``, each in ``[1, max_value]``.
+    :return: float32 ``[n]``, each in ``[1, max_value]``; every one ``max_value`` when it is below 1
+        (``torch.clamp`` with ``min > max`` gives ``max``: diffusers' ``_threshold_sample`` the same).
     """
     n = x.shape[0]
     shape = (ab.shape[0],) + (1,) * (x.ndim - 1)

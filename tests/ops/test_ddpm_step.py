@@ -566,7 +566,7 @@ def test_dynamic_threshold_is_diffusers_bound(dtype, guided):
         assert_close(ops.dynamic_threshold(x, cond, shared, coefs, **kw), one, **EXACT, msg=str(tuple(shared.shape)))
 
 
-@pytest.mark.parametrize("case", ["ratio-0", "ratio-above-1", "ratio-nan", "ratio-bool", "max-below-1", "max-inf",
+@pytest.mark.parametrize("case", ["ratio-0", "ratio-above-1", "ratio-nan", "ratio-bool", "max-0", "max-inf",
                                   "table-width", "step-shape", "step-dtype", "out-shape", "uncond-shape"])
 def test_dynamic_threshold_rejects_bad_inputs(case):
     coefs = coefficients()
@@ -578,7 +578,7 @@ def test_dynamic_threshold_rejects_bad_inputs(case):
         kw["ratio"] = {"ratio-0": 0.0, "ratio-above-1": 1.5, "ratio-nan": float("nan"), "ratio-bool": True}[case]
         match = "ratio must"
     elif case.startswith("max"):
-        kw["max_value"] = {"max-below-1": 0.5, "max-inf": float("inf")}[case]
+        kw["max_value"] = {"max-0": 0.0, "max-inf": float("inf")}[case]
         match = "max_value must"
     elif case == "table-width":
         args["table"], match = coefs[:, :4], r"table must have shape \(K, 6\) or \(K, 14\)"
