@@ -22,7 +22,7 @@ from .noise import MAX_SEED
 __all__ = ["add_tool_parsers", "add_eval_parser", "add_edit_parsers", "cmd_export", "cmd_plot_schedule",
            "cmd_forward_strip", "cmd_eval", "cmd_inpaint", "cmd_img2img", "cmd_invert"]
 
-BEGINNABLE = SAMPLERS + SOLVERS + ("deis",) + KSAMPLERS  # the samplers img2img can begin part-way
+BEGINNABLE = SAMPLERS + SOLVERS + ("dpm-solver", "deis") + KSAMPLERS  # the samplers img2img can begin part-way
 
 
 # -- export ------------------------------------------------------------------------------------
@@ -282,7 +282,7 @@ def add_edit_parsers(subparsers) -> None:
     p.add_argument("--steps", type=int_in(1), default=None,
                    help="the whole plan's steps, about strength x steps run (default: the sampler's, as sample)")
     p.add_argument("--sampler", choices=BEGINNABLE, default=None,
-                   help=sampler_help(BEGINNABLE) + " (dpm-solver and pndm cannot begin part-way yet)")
+                   help=sampler_help(BEGINNABLE) + " (pndm cannot begin part-way yet)")
     p.add_argument("--batch-size", type=int_in(1), default=None, help="micro-batch size (default: all at once)")
     p.set_defaults(func=cmd_img2img)
 

@@ -219,9 +219,10 @@ class DDPM:
                                        final_sigmas_type=c.final_sigmas_type, euler_at_final=c.euler_at_final,
                                        use_lu_lambdas=c.use_lu_lambdas, algorithm=c.algorithm_type if dpm
                                        else "dpmsolver++", solver_type=c.solver_type if dpm else "midpoint")
-        if c.begin_index and c.sampler in ("dpm-solver", "pndm"):
+        if c.begin_index and c.sampler == "pndm":
             raise ValueError(f"begin_index={c.begin_index} is not supported by sampler={c.sampler!r} yet: use a "
-                             f"multistep solver ({', '.join(multistep.SOLVERS)}), deis, a k-sampler or ddpm/ddim")
+                             f"multistep solver ({', '.join(multistep.SOLVERS)}), dpm-solver, deis, a k-sampler "
+                             f"or ddpm/ddim")
         order = c.solver_order if c.solver_order is not None else SOLVER_ORDERS.get(c.sampler, (None, None))[1]
         clip, schedule = bool(c.clip_denoised), self._base_schedule()
         if c.sampler in ksamplers.KSAMPLERS:  # steps: sigma steps (ksamplers.model_calls gives the calls)
@@ -246,7 +247,7 @@ class DDPM:
                                                c.lambda_min_clipped, clip, c.thresholding, order=order,
                                                algorithm=c.algorithm_type, solver_type=c.solver_type,
                                                lower_order_final=c.lower_order_final,
-                                               final_sigmas_type=c.final_sigmas_type)
+                                               final_sigmas_type=c.final_sigmas_type, begin_index=c.begin_index)
 
     def _step_index(self, t, n: int, device) -> torch.Tensor:
         """Model timesteps -> this process's step indices (identity unless respaced).  Every method that

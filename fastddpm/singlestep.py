@@ -37,6 +37,13 @@ sigma at t = 0 (``"sigma_min"``, which ``dpmsolver`` requires, as in diffusers).
 ``set_timesteps``, ``lower_order_final=False`` is taken as True unless ``steps`` is a multiple of the
 order and ``final_sigmas_type="sigma_min"``.  Row ``i`` is the reverse-process step index (``K-1``
 runs first); the SDE noise of row ``i`` is noise slot ``i``.
+
+Beginning part-way (img2img, diffusers' ``set_begin_index(b)``) keeps the whole plan's order list and
+runs its calls ``b ..`` with an empty history: diffusers lowers a call's order while
+``model_outputs[-order] is None``, so call ``b + m`` is of order ``min(orders[b + m], m + 1)``, and a
+first-order call stores its ``x`` as the group's ``x_s``.  Begun mid-group, the first call starts a
+group of its own (its ``x_s`` the start) that runs on with the whole list's orders: still groups
+``1, 2, ..`` (``singlestep_orders(..., begin_index=b)``), the rows the whole plan's last ``K - b``.
 """
 from __future__ import annotations
 
@@ -68,11 +75,16 @@ def _check_steps(steps, T):
 
 
 def singlestep_orders(steps: int, order: int, lower_order_final: bool = True,
-                      final_sigmas_type: str = "zero") -> np.ndarray:
+                      final_sigmas_type: str = "zero", begin_index: int = 0) -> np.ndarray:
     """The order of each model call, running order: diffusers' ``get_order_list``.  Groups ``[1, 2, 3]``
     (order 3) or ``[1, 2]`` (order 2); with ``lower_order_final`` the tail is lower order, and a final
     sigma of 0 makes the last call first order.  ``lower_order_final=False`` needs ``steps`` a multiple of
-    ``order`` (diffusers' list would be short: its ``set_timesteps`` sets it True instead)."""
+    ``order`` (diffusers' list would be short: its ``set_timesteps`` sets it True instead).
+
+    :param begin_index: the calls from ``begin_index`` on (``steps - begin_index`` of them) as diffusers'
+        ``step`` runs them after ``set_begin_index``: the list's order lowered while the history is short,
+        ``min(list[begin_index + m], m + 1)``.
+    """
     if not is_int(steps) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
     _check_choice("order", order, ORDERS)
@@ -93,7 +105,11 @@ def singlestep_orders(steps: int, order: int, lower_order_final: bool = True,
         orders = group * full + list(range(1, rest + 1))
     if final_sigmas_type == "zero":
         orders[-1] = 1
-    return np.asarray(orders, dtype=np.int64)
+    if not is_int(begin_index) or not 0 <= begin_index < steps:
+        raise ValueError(f"begin_index must be an int in [0, steps) = [0, {steps}) (the leading calls of the "
+                         f"{steps}-call plan to skip; at least one must run), got {begin_index!r}")
+    # diffusers: `while self.model_outputs[-order] is None: order -= 1` (begin_index + m has m outputs before it)
+    return np.minimum(np.asarray(orders[begin_index:], dtype=np.int64), np.arange(1, steps - begin_index + 1))
 
 
 def singlestep_timesteps(schedule: NoiseSchedule, steps: int, spacing: str = "linspace", karras_sigmas: bool = False,
@@ -214,11 +230,16 @@ def make_singlestep_plan(schedule: NoiseSchedule, steps: int, prediction: str = 
                          karras_sigmas: bool = False, lambda_min_clipped: float | None = None,
                          clip_denoised: bool = False, thresholding: tuple[float, float] | None = None, *,
                          order: int = 2, algorithm: str = "dpmsolver++", solver_type: str = "midpoint",
-                         lower_order_final: bool = True, final_sigmas_type: str = "zero") -> MultistepPlan:
+                         lower_order_final: bool = True, final_sigmas_type: str = "zero",
+                         begin_index: int = 0) -> MultistepPlan:
     """The plan of singlestep DPM-Solver over ``steps`` model calls (diffusers' ``num_inference_steps``)
     of a model trained on ``schedule``: diffusers' ``DPMSolverSinglestepScheduler(solver_order=order,
     algorithm_type=algorithm, solver_type=solver_type, lower_order_final=..., final_sigmas_type=...)``.
 
+    :param begin_index: begin part-way (img2img), as diffusers' ``set_begin_index``: the whole plan's calls
+        from ``begin_index`` on (``steps - begin_index`` of them), the orders lowered where the history is
+        short (``singlestep_orders``), the first call's ``x`` the group start; the rows are the whole plan's
+        last ones, so the SDE noise slot of each call is the whole plan's.
     :return: a ``MultistepPlan`` with solver ``"dpm-solver"`` (``"dpm-solver-sde"``: stochastic, for
         ``sde-dpmsolver++``), timesteps int64 ``[K]`` in row order and ``sigmas`` the sigma/alpha of the
         ``x`` each row is called at.
@@ -236,10 +257,11 @@ def make_singlestep_plan(schedule: NoiseSchedule, steps: int, prediction: str = 
     ts, sigmas = singlestep_timesteps(schedule, steps, spacing, karras_sigmas, lambda_min_clipped, final_sigmas_type)
     # diffusers' set_timesteps: lower_order_final=False only for whole groups ending above sigma 0
     lower_order_final = lower_order_final or steps % order != 0 or final_sigmas_type == "zero"
-    orders = singlestep_orders(steps, order, lower_order_final, final_sigmas_type)
-    table = singlestep_table(sigmas, orders, prediction, algorithm, solver_type)
+    orders = singlestep_orders(steps, order, lower_order_final, final_sigmas_type, begin_index)
+    b = int(begin_index)
+    table = singlestep_table(sigmas[b:], orders, prediction, algorithm, solver_type)
     if not np.all(np.isfinite(table)):
         raise ValueError("dpm-solver table is not finite for this schedule; try lambda_min_clipped")
     name = SOLVER_NAME + ("-sde" if algorithm.startswith("sde") else "")
-    return MultistepPlan(name, ts[::-1].copy(), table, bool(clip_denoised), thresholding,
-                         sigmas=sigmas[:-1][::-1].copy())
+    return MultistepPlan(name, ts[b:][::-1].copy(), table, bool(clip_denoised), thresholding,
+                         sigmas=sigmas[b:-1][::-1].copy(), begin_index=b)

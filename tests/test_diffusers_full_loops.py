@@ -227,8 +227,7 @@ CASES = [
          "sample", (None, 0.3301), switch=True, marks=MULTI_REFUSED),
     # DPM-Solver singlestep
     Case(SINGLE_FILE, "DPMSolverSinglestepSchedulerTest.test_full_uneven_loop", "DPMSolverSinglestepScheduler",
-         DPM_SINGLE, "tail", (None, 0.2574), steps=50, t_start=3, noised=False,
-         marks=refused("begin_index=3", "fastddpm's singlestep plan cannot begin part-way")),
+         DPM_SINGLE, "tail", (None, 0.2574), steps=50, t_start=3, noised=False),
     Case(SINGLE_FILE, "DPMSolverSinglestepSchedulerTest.test_switch", "DPMSolverSinglestepScheduler", DPM_SINGLE,
          "sample", (None, 0.2791), switch=True),
     Case(SINGLE_FILE, "DPMSolverSinglestepSchedulerTest.test_full_loop_no_noise", "DPMSolverSinglestepScheduler",
@@ -240,8 +239,7 @@ CASES = [
     Case(SINGLE_FILE, "DPMSolverSinglestepSchedulerTest.test_full_loop_with_karras_and_v_prediction",
          "DPMSolverSinglestepScheduler", dict(DPM_SINGLE, use_karras_sigmas=True, **V), "sample", (None, 0.0649)),
     Case(SINGLE_FILE, "DPMSolverSinglestepSchedulerTest.test_full_loop_with_noise", "DPMSolverSinglestepScheduler",
-         DPM_SINGLE, "tail", (269.2187, 0.3505), t_start=5,
-         marks=refused("begin_index=5", "fastddpm's singlestep plan cannot begin part-way")),
+         DPM_SINGLE, "tail", (269.2187, 0.3505), t_start=5),
     # DEIS
     Case("test_scheduler_deis.py", "DEISMultistepSchedulerTest.test_switch", "DEISMultistepScheduler", DEIS,
          "sample", (None, 0.23916), switch=True),

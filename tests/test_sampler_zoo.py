@@ -129,8 +129,8 @@ def test_config_fields_and_errors():
         DDPM(sampler="pndm", karras_sigmas=True).multistep_plan(5)
     with pytest.raises(ValueError, match=r"lambda_min_clipped=-5.0 is not used by sampler='deis'"):
         DDPM(sampler="deis", lambda_min_clipped=-5.0).multistep_plan(5)
-    with pytest.raises(ValueError, match=r"begin_index=2 is not supported by sampler='dpm-solver' yet"):
-        DDPM(sampler="dpm-solver", begin_index=2).multistep_plan(5)
+    with pytest.raises(ValueError, match=r"begin_index=2 is not supported by sampler='pndm' yet"):
+        DDPM(sampler="pndm", begin_index=2).multistep_plan(5)
     with pytest.raises(ValueError, match=r"final_sigmas_type='sigma_min' is for the k-samplers .* and dpm-solver"):
         DDPM(sampler="deis", final_sigmas_type="sigma_min")
     with pytest.raises(ValueError, match=r"sampler must be one of \(.*'dpm-solver', 'deis', 'pndm'"):

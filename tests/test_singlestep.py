@@ -35,8 +35,9 @@ def _final(algorithm):
 
 def _run_both(order, algorithm, solver_type, steps, dtype, monkeypatch, *, prediction="epsilon", spacing="linspace",
               lower_order_final=True, final=None, schedule="linear", clip=False, lambda_min=-math.inf,
-              shape=(2, 3, 4, 4), seed=0):
-    """Run diffusers and fastddpm side by side, asserting each call; return the worst difference."""
+              shape=(2, 3, 4, 4), seed=0, begin=0):
+    """Run diffusers and fastddpm side by side, asserting each call; return the worst difference.
+    ``begin``: the plan's ``begin_index`` and diffusers' ``set_begin_index`` (its calls from there on)."""
     from diffusers import DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler
 
     final = final or _final(algorithm)
@@ -54,20 +55,21 @@ def _run_both(order, algorithm, solver_type, steps, dtype, monkeypatch, *, predi
         sched.alphas_cumprod = torch.as_tensor(ours_schedule.alphas_cumprod64).float()
     plan = make_singlestep_plan(ours_schedule, steps, prediction, "linspace" if karras else spacing, karras,
                                 lambda_min, clip, order=order, algorithm=algorithm, solver_type=solver_type,
-                                lower_order_final=lower_order_final, final_sigmas_type=final)
+                                lower_order_final=lower_order_final, final_sigmas_type=final, begin_index=begin)
+    assert plan.num_steps == steps - begin and plan.begin_index == begin and plan.whole_steps == steps
     ours_ts = plan.timesteps[::-1].tolist()
     if spacing in ("leading", "trailing"):
         multi = DPMSolverMultistepScheduler(num_train_timesteps=T, beta_schedule=DIFFUSERS_SCHEDULE[schedule],
                                             timestep_spacing=spacing, lambda_min_clipped=lambda_min)
         multi.set_timesteps(steps)
-        assert ours_ts == multi.timesteps.tolist()
-        sched.set_timesteps(timesteps=ours_ts)
+        assert ours_ts == multi.timesteps.tolist()[begin:]
+        sched.set_timesteps(timesteps=multi.timesteps.tolist())
     else:
         sched.set_timesteps(steps)
-    assert ours_ts == sched.timesteps.tolist()
-    assert np.allclose(plan.sigmas[::-1], sched.sigmas[:-1].double().numpy(),  # fp32: diffusers' cumprod drifts
+    assert ours_ts == sched.timesteps.tolist()[begin:]
+    assert np.allclose(plan.sigmas[::-1], sched.sigmas[begin:-1].double().numpy(),  # fp32: cumprod drifts
                        rtol=1e-12 if dtype == torch.float64 else 2e-4, atol=0)
-    sched.set_begin_index(0)  # repeated Karras timesteps
+    sched.set_begin_index(begin)  # begun part-way; at 0 too: repeated Karras timesteps
     if algorithm == "dpmsolver" and clip:
         # diffusers' dpmsolver thresholding reads alpha_t[timestep] with timestep=None (a [1, T] broadcast):
         # give it the current timestep, as intended
@@ -86,8 +88,8 @@ def _run_both(order, algorithm, solver_type, steps, dtype, monkeypatch, *, predi
     # see the module docstring
     ill = algorithm == "dpmsolver" and (order > 1 and steps <= 3 or schedule == "cosine")
     worst, d_mag = 0.0, []
-    for j, t in enumerate(sched.timesteps.tolist()):
-        s = float(sched.sigmas[j])
+    for j, t in enumerate(sched.timesteps[begin:].tolist()):
+        s = float(sched.sigmas[begin + j])
         alpha, sigma = 1 / math.sqrt(1 + s * s), s / math.sqrt(1 + s * s)
         eps = (x - alpha * data) / sigma + 0.05 * torch.randn(shape, generator=g).to(dtype)
         out = {"epsilon": eps, "x0": data + 0.05 * torch.randn(shape, generator=g).to(dtype),
@@ -97,7 +99,8 @@ def _run_both(order, algorithm, solver_type, steps, dtype, monkeypatch, *, predi
         theirs = sched.step(out, t, x).prev_sample
         ours = ours_sampler.step(out, x, noise=noise[0])
         assert ours.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-        msg = f"order {order} {algorithm} {solver_type} {prediction} {spacing} steps {steps} call {j} (t={t})"
+        msg = (f"order {order} {algorithm} {solver_type} {prediction} {spacing} steps {steps} begin {begin} "
+               f"call {j} (t={t})")
         row = plan.table[plan.num_steps - 1 - j]
         if dtype == torch.float64:
             assert_close(ours, theirs, **tol, msg=msg)
@@ -179,6 +182,127 @@ def test_odd_shapes_match_diffusers(shape, monkeypatch):
         _run_both(3, algorithm, "heun", 7, torch.float32, monkeypatch, shape=shape, seed=1, spacing="trailing")
 
 
+# -- beginning part-way (img2img, set_begin_index) ----------------------------------------------------
+BEGUN = ((7, 1), (7, 2), (7, 3), (7, 5), (7, 6), (12, 4), (12, 8), (12, 10))  # (steps, begin): mid-group ones too
+
+
+@DTYPES
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("order", singlestep.ORDERS)
+def test_begun_plan_matches_diffusers_after_set_begin_index(order, algorithm, dtype, monkeypatch):
+    """The plan from call ``begin`` on equals diffusers after ``set_timesteps(steps)``, ``set_begin_index(begin)``:
+    its order list kept, each order lowered while the history is short, the first call's x the group start."""
+    for steps, begin in BEGUN:
+        _run_both(order, algorithm, "midpoint", steps, dtype, monkeypatch, begin=begin)
+    for steps, begin, prediction in ((7, 2, "v"), (9, 4, "v"), (8, 1, "x0")):
+        _run_both(order, algorithm, "heun", steps, dtype, monkeypatch, prediction=prediction, begin=begin)
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_begun_spacings_match_diffusers(algorithm, monkeypatch):
+    for spacing, order, steps, begin in (("trailing", 3, 8, 2), ("leading", 2, 7, 3), ("karras", 3, 9, 4)):
+        _run_both(order, algorithm, "midpoint", steps, torch.float64, monkeypatch, spacing=spacing, begin=begin)
+
+
+def test_begun_orders_are_the_orders_diffusers_steps_with():
+    """``singlestep_orders(..., begin_index=b)`` is the ``order`` diffusers' ``step`` hands its update, call for
+    call, after ``set_begin_index(b)`` (recorded from ``singlestep_dpm_solver_update``)."""
+    from diffusers import DPMSolverSinglestepScheduler
+
+    x = torch.zeros(1, 2)
+    for order in singlestep.ORDERS:
+        for lower, final in ((True, "zero"), (False, "sigma_min")):
+            sched = DPMSolverSinglestepScheduler(solver_order=order, lower_order_final=lower, final_sigmas_type=final)
+            seen = []
+            update = sched.singlestep_dpm_solver_update
+            sched.singlestep_dpm_solver_update = lambda *a, **k: (seen.append(k["order"]), update(*a, **k))[1]
+            for steps in range(1, 13):
+                sched.set_timesteps(steps)
+                lof = sched.config.lower_order_final  # set_timesteps may have forced it True
+                for begin in range(steps):
+                    sched.set_timesteps(steps)
+                    sched.set_begin_index(begin)
+                    seen.clear()
+                    for t in sched.timesteps[begin:]:
+                        sched.step(x, t, x)
+                    want = singlestep_orders(steps, order, lof, final, begin_index=begin).tolist()
+                    assert seen == want, f"order {order} {final} steps {steps} begin {begin}"
+    # the first call of a begun plan starts a group: its x is the x_s of the calls after it
+    plan = make_singlestep_plan(NoiseSchedule.make("linear", T), 8, order=3, begin_index=1)
+    col = {name: plan.table[::-1, c] for c, name in enumerate(TABLE_COLUMNS)}  # running order
+    assert singlestep_orders(8, 3, begin_index=1).tolist() == [1, 2, 1, 2, 3, 1, 1]
+    assert col["u"][0] == 1 and col["cl"][0] == 0 and col["u"][1] == 0 and col["cl"][1] == 1
+
+
+IMG2IMG = {  # diffusers' DPMSolverSinglestepScheduler options
+    "order2": dict(),
+    "order3-heun-v": dict(solver_order=3, solver_type="heun", prediction_type="v_prediction"),
+    "noise": dict(solver_order=3, algorithm_type="dpmsolver", final_sigmas_type="sigma_min"),
+    "sde": dict(algorithm_type="sde-dpmsolver++"),
+}
+
+
+@pytest.mark.parametrize("strength,N", [(0.6, 6), (0.35, 9), (0.75, 8)])  # t_start 3, 6, 2 (mid-group ones)
+@pytest.mark.parametrize("config", list(IMG2IMG))
+def test_img2img_equals_the_diffusers_loop(config, strength, N, monkeypatch):
+    """``fastddpm.img2img`` with ``sampler="dpm-solver"`` (the process ``from_diffusers``) is diffusers' img2img
+    loop: ``set_begin_index(t_start)``, ``add_noise`` at that sigma (the contract's noise of our x_T slot), the
+    rest of the calls (each model input and timestep equal; sde: the contract's noise of each row) and the
+    result."""
+    import sys
+
+    from diffusers import DPMSolverSinglestepScheduler
+
+    from fastddpm import DDPM
+    from fastddpm.img2img import img2img, start_step
+    from fastddpm.ops.reference import batch_noise
+    from test_ksamplers import SHAPE, Logged, _compare_calls, _scaled
+
+    sched = DPMSolverSinglestepScheduler(num_train_timesteps=T, **IMG2IMG[config])
+    process = DDPM.from_diffusers(sched)
+    assert process.config.sampler == "dpm-solver"
+    sched.set_timesteps(N)
+    t_start = start_step(N, strength)
+    assert 0 < t_start < N and sched.order == 1
+    sched.set_begin_index(t_start)
+    timesteps = sched.timesteps[t_start:]
+    R = len(timesteps)
+    image = torch.rand(SHAPE, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    call = {"j": 0}
+    monkeypatch.setattr(sys.modules[type(sched).__module__], "randn_tensor",
+                        lambda *a, **k: batch_noise(8, 0, R - 1 - call["j"], SHAPE, "cpu"))
+    theirs_model = Logged()
+    x = sched.add_noise(image, batch_noise(8, 0, R, SHAPE, "cpu"), timesteps[:1].repeat(SHAPE[0]))
+    with torch.no_grad():
+        for j, t in enumerate(timesteps):
+            call["j"] = j
+            x = sched.step(theirs_model(sched.scale_model_input(x, t), t.expand(SHAPE[0])), t, x).prev_sample
+    ours_model = Logged()
+    ours = img2img(ours_model, image, strength=strength, steps=N, seed=8, process=process, progress=False)
+    msg = f"img2img dpm-solver {config} strength={strength} N={N}"
+    tol = dict(atol=5e-3, rtol=1e-3) if config == "noise" else PEER  # as test_sampler_zoo's dpm-solver-noise
+    _compare_calls(ours_model, theirs_model, tol, msg)
+    assert_close(ours, x, **_scaled(tol, x), msg=msg)
+
+
+# diffusers' tests/schedulers/test_scheduler_dpm_single.py numbers of the loops that begin part-way, through
+# test_diffusers_full_loops' own loop (the whole plan's call t_start on; add_noise there unless noised=False)
+BEGUN_FULL_LOOPS = [
+    ("DPMSolverSinglestepSchedulerTest.test_full_uneven_loop", dict(steps=50, t_start=3, noised=False),
+     (None, 0.2574)),
+    ("DPMSolverSinglestepSchedulerTest.test_full_loop_with_noise", dict(t_start=5), (269.2187, 0.3505)),
+]
+
+
+@pytest.mark.parametrize("test, loop, expected", BEGUN_FULL_LOOPS, ids=[c[0].split(".")[1] for c in BEGUN_FULL_LOOPS])
+def test_diffusers_begun_full_loops(test, loop, expected):
+    import test_diffusers_full_loops as full
+
+    case = full.Case(full.SINGLE_FILE, test, "DPMSolverSinglestepScheduler", full.DPM_SINGLE, "tail", expected,
+                     **loop)
+    full._check(case, full.run_case(case))
+
+
 # -- the orders, the table and the errors -------------------------------------------------------------
 def test_orders_equal_diffusers_get_order_list():
     from diffusers import DPMSolverSinglestepScheduler
@@ -249,3 +373,19 @@ def test_errors_name_the_argument():
         singlestep_orders(10, 0, True)
     with pytest.raises(ValueError, match="orders must be"):
         singlestep_table(np.array([2.0, 1.0, 0.0]), np.array([1, 3]))
+
+
+def test_bad_begin_index_is_refused():
+    from fastddpm import DDPM
+
+    lin = NoiseSchedule.make("linear", T)
+    for bad in (-1, 10, 11, 2.0, True, None):
+        with pytest.raises(ValueError, match=r"begin_index must be an int in \[0, steps\) = \[0, 10\)"):
+            make_singlestep_plan(lin, 10, begin_index=bad)
+        with pytest.raises(ValueError, match=r"begin_index must be an int in \[0, steps\) = \[0, 10\)"):
+            singlestep_orders(10, 2, begin_index=bad)
+    with pytest.raises(ValueError, match=r"begin_index must be an int in \[0, steps\) = \[0, 5\)"):
+        DDPM(sampler="dpm-solver", begin_index=5).multistep_plan(5)
+    assert DDPM(sampler="dpm-solver", begin_index=2).multistep_plan(5).num_steps == 3
+    with pytest.raises(ValueError, match=r"begin_index=2 is not supported by sampler='pndm' yet"):
+        DDPM(sampler="pndm", begin_index=2).multistep_plan(5)
