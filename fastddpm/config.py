@@ -10,7 +10,7 @@ from typing import ClassVar, Literal
 from .checks import is_int
 from .modes import (ALL_SAMPLERS, CHURNED, KSAMPLERS, LOSSES, PREDICTIONS, SOLVER_ORDERS, SOLVERS, SPACINGS, VARIANCES,
                     LossType, Prediction, SamplerChoice, Spacing, Variance)
-from .schedule import SCHEDULE_KINDS, ScheduleKind
+from .schedule import SCHEDULE_KINDS, ScheduleKind, table_dtype_name
 
 __all__ = ["JsonConfig", "DiffusionConfig", "MAX_TIMESTEPS"]
 
@@ -132,6 +132,10 @@ class DiffusionConfig(JsonConfig):
         sample at the first kept timestep, e.g. ``fastddpm.img2img``'s noised image.  Training ignores it.
     :param loss: ``l2``, ``l1`` or ``huber`` (with ``huber_delta``).
     :param min_snr_gamma: min-SNR-gamma loss weighting, or None for uniform.
+    :param table_dtype: ``"float64"`` (the default; ``torch.float64`` is taken too): the schedule's tables are
+        the exact math in float64.  ``"float32"`` (``torch.float32``): diffusers' float32 rounding of them, to
+        reproduce its numbers (``NoiseSchedule``'s ``table_dtype``; ``DDPM.from_diffusers(...,
+        table_dtype=torch.float32)``); for the ``ddpm`` and ``ddim`` samplers only.
     """
 
     num_timesteps: int = 1000
@@ -167,6 +171,7 @@ class DiffusionConfig(JsonConfig):
     loss: LossType = "l2"
     huber_delta: float = 1.0
     min_snr_gamma: float | None = None
+    table_dtype: Literal["float64", "float32"] = "float64"
 
     _label: ClassVar[str] = "diffusion"
 
@@ -244,6 +249,10 @@ class DiffusionConfig(JsonConfig):
         choice("final_sigmas_type", ("zero", "sigma_min"))
         choice("timestep_spacing", SPACINGS)
         choice("loss", LOSSES)
+        object.__setattr__(self, "table_dtype", table_dtype_name(self.table_dtype))
+        if self.table_dtype == "float32" and self.sampler not in ("ddpm", "ddim"):
+            raise ValueError(f"table_dtype='float32' (diffusers' float32 tables) is for the samplers ('ddpm', "
+                             f"'ddim'), not sampler={self.sampler!r}, whose plan is float64 math")
         if self.betas is not None:
             object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
             if self.schedule != "custom":

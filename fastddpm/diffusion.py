@@ -94,7 +94,8 @@ class DDPM:
 
     def _base_schedule(self) -> NoiseSchedule:
         c = self.config
-        return NoiseSchedule.make(c.betas if c.schedule == "custom" else c.schedule, c.num_timesteps)
+        return NoiseSchedule.make(c.betas if c.schedule == "custom" else c.schedule, c.num_timesteps,
+                                  table_dtype=c.table_dtype)
 
     def respace(self, steps) -> "DDPM":
         """The same model sampled over ``steps`` kept timesteps (int or list).  An int keeps them by the
@@ -160,7 +161,7 @@ class DDPM:
     def with_options(self, **options) -> "DDPM":
         """A copy with some config fields changed (the chain is kept if respaced; ``begin_index`` applies
         to it anew)."""
-        schedule_fields = {"num_timesteps", "schedule", "betas"}
+        schedule_fields = {"num_timesteps", "schedule", "betas", "table_dtype"}
         keep = None if schedule_fields & set(options) else self.chain
         return DDPM(self.config.replace(**options), noise_schedule=keep)
 

@@ -16,6 +16,9 @@ field, its value and what is supported: a process is never silently approximated
     beta_schedule squaredcos_cap_v2            cosine
     beta_schedule sigmoid (DDPM)               explicit betas (diffusers' GeoDiff formula, float64)
     trained_betas                              schedule="custom", betas
+    (from_diffusers table_dtype=torch.float32,  table_dtype="float32": the schedule built in float32 as
+      DDPM and DDIM only)                       diffusers' __init__ builds it, its float32 alphas_cumprod
+                                               and step arithmetic (float64 default: the exact math)
     prediction_type epsilon/sample/v_prediction  prediction epsilon/x0/v
     variance_type fixed_small(_log)/fixed_large  variance fixed_small/fixed_large (DDPM)
     clip_sample (clip_sample_range=1)          clip_denoised (DDPM, DDIM)
@@ -78,7 +81,7 @@ import torch
 from .checks import is_int
 from .config import DiffusionConfig
 from .modes import SPACINGS
-from .schedule import make_betas
+from .schedule import NoiseSchedule, betas_from_float32_cumprod, diffusers_betas32, make_betas, table_dtype_name
 
 __all__ = ["SCHEDULERS", "diffusion_config", "scheduler_config", "is_pipeline"]
 
@@ -214,7 +217,7 @@ def _class_of(config: dict) -> str:
 
 
 def diffusion_config(scheduler_or_config, *, use_clipped_model_output: bool = False,
-                     **options) -> DiffusionConfig:
+                     table_dtype=torch.float64, **options) -> DiffusionConfig:
     """The config of the fastddpm process (and sampler) equal to a diffusers scheduler; see the module
     docstring.  ``DDPM.from_diffusers`` is the process made from it.
 
@@ -224,16 +227,24 @@ def diffusion_config(scheduler_or_config, *, use_clipped_model_output: bool = Fa
         from the clipped x0 (diffusers' ``step(..., use_clipped_model_output=True)``, ``DDIMPipeline(...,
         use_clipped_model_output=True)``; ``ddim_direction="clipped"``).  Without it, diffusers' default: the
         direction from the raw model output (``ddim_direction="raw"``, the fused step's ``c2`` column).
+    :param table_dtype: ``torch.float64`` (the default): fastddpm's tables are the exact math of the schedule
+        in float64.  ``torch.float32`` (``DDPMScheduler``, ``DDIMScheduler``): the schedule built in float32
+        as their ``__init__`` builds it (``alphas_cumprod`` equal to the scheduler's) and the tables from
+        diffusers' float32 step arithmetic, to reproduce diffusers' rounding (``table_dtype="float32"``).
     :param options: ``DiffusionConfig`` fields set after the conversion (e.g. DDIM's ``eta``, the training
         ``loss``).
     :return: a ``DiffusionConfig`` over the full ``num_train_timesteps``; ``sample(..., steps=K)`` picks
         the K timesteps as the scheduler's ``set_timesteps(K)`` does.
     """
+    table_dtype = table_dtype_name(table_dtype)
     name, config = scheduler_config(scheduler_or_config)
     f = _Fields(name, config)
     if use_clipped_model_output and name != "DDIMScheduler":
         raise ValueError(f"use_clipped_model_output is DDIMScheduler's, not {name}'s")
-    kw = {**_schedule(f), "prediction": _prediction(f)}
+    if table_dtype == "float32" and name not in ("DDPMScheduler", "DDIMScheduler"):
+        raise ValueError(f"table_dtype=torch.float32 is for DDPMScheduler and DDIMScheduler (whose step is "
+                         f"reproduced in float32), not {name}: its fastddpm plan is float64 math")
+    kw = {**(_schedule32(f) if table_dtype == "float32" else _schedule(f)), "prediction": _prediction(f)}
     if "timestep_spacing" not in f.config:  # DPMSolverSinglestepScheduler: linspace, no offset
         f.config.update(timestep_spacing="linspace", steps_offset=0)
     spacing = f["timestep_spacing"]
@@ -291,6 +302,21 @@ def _schedule(f: _Fields) -> dict:
     if named is not None and _equals_named(betas, named, T):
         return {"schedule": named, "num_timesteps": T}
     return {"schedule": "custom", "betas": tuple(betas.tolist())}
+
+
+def _schedule32(f: _Fields) -> dict:
+    """The schedule as a ``DDPMScheduler``/``DDIMScheduler`` builds it in float32 (``diffusers_betas32``, a
+    float32 ``torch.cumprod``), kept by the betas whose products round to its ``alphas_cumprod``; named where
+    fastddpm's ``table_dtype="float32"`` schedule of that name is the same."""
+    named = _schedule(f)  # its checks and refusals
+    T = f["num_train_timesteps"]
+    betas32 = diffusers_betas32(f["beta_schedule"], T, float(f["beta_start"]), float(f["beta_end"]),
+                                f["trained_betas"])
+    betas = betas_from_float32_cumprod(torch.cumprod(1.0 - betas32, dim=0))
+    if named["schedule"] != "custom" and np.array_equal(
+            betas, NoiseSchedule.make(named["schedule"], T, table_dtype="float32").betas):
+        return {**named, "table_dtype": "float32"}
+    return {"schedule": "custom", "betas": tuple(betas.tolist()), "table_dtype": "float32"}
 
 
 def _equals_named(betas: np.ndarray, kind: str, T: int) -> bool:

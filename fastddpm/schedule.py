@@ -2,7 +2,9 @@
 
 Tables are computed in float64 (as improved-diffusion and
 denoising-diffusion-pytorch do) and handed out as float32 tensors on the
-device that uses them, cached per device.
+device that uses them, cached per device.  ``table_dtype="float32"`` builds
+them as diffusers does instead (``NoiseSchedule``): its float32 rounding, for
+reproducing diffusers' numbers.
 """
 from __future__ import annotations
 
@@ -16,10 +18,80 @@ import torch
 
 from .modes import SPACINGS
 
-__all__ = ["ScheduleKind", "NoiseSchedule", "make_betas", "space_timesteps", "spaced_timesteps"]
+__all__ = ["ScheduleKind", "NoiseSchedule", "make_betas", "space_timesteps", "spaced_timesteps", "TABLE_DTYPES",
+           "table_dtype_name", "betas_from_float32_cumprod", "diffusers_betas32"]
 
 ScheduleKind = Literal["linear", "cosine", "sigmoid", "quadratic", "custom"]
 SCHEDULE_KINDS = ("linear", "cosine", "sigmoid", "quadratic")
+TABLE_DTYPES = ("float64", "float32")
+
+
+def table_dtype_name(table_dtype) -> str:
+    """``"float64"`` or ``"float32"`` for a table dtype given as that name, a torch dtype or a numpy dtype;
+    anything else raises ValueError naming ``table_dtype``."""
+    for name in TABLE_DTYPES:
+        if (isinstance(table_dtype, str) and table_dtype == name) or table_dtype is getattr(torch, name) or (
+                not isinstance(table_dtype, (str, bool, torch.dtype)) and _is_numpy_dtype(table_dtype, name)):
+            return name
+    raise ValueError(f"table_dtype must be torch.float64 (the default: exact tables) or torch.float32 (diffusers' "
+                     f"float32 rounding), or their names, got {table_dtype!r}")
+
+
+def _is_numpy_dtype(value, name: str) -> bool:
+    try:
+        return np.dtype(value) == np.dtype(name)
+    except TypeError:
+        return False
+
+
+def betas_from_float32_cumprod(alphas_cumprod32: torch.Tensor) -> np.ndarray:
+    """The float64 betas ``1 - abar_t / abar_{t-1}`` of float32 ``alphas_cumprod``: their float64 products
+    are within ~1e-13 relative of those values, so they round back to exactly them (how a
+    ``table_dtype="float32"`` schedule stores diffusers' float32 ``alphas_cumprod``)."""
+    ac = alphas_cumprod32.detach().to("cpu", torch.float32).double().numpy()
+    return 1.0 - ac / np.append(1.0, ac[:-1])
+
+
+def diffusers_betas32(kind: str, num_timesteps: int, beta_start: float, beta_end: float,
+                      trained_betas=None) -> torch.Tensor:
+    """float32 betas ``[T]`` as diffusers' ``DDPMScheduler.__init__`` builds them (``DDIMScheduler``'s are the
+    same but for ``sigmoid``): ``linear`` ``torch.linspace(beta_start, beta_end, T, dtype=torch.float32)``,
+    ``scaled_linear`` the same in sqrt(beta) squared, ``squaredcos_cap_v2`` ``betas_for_alpha_bar`` (Python
+    floats, then float32), ``sigmoid`` GeoDiff's ``sigmoid(linspace(-6, 6, T)) * (end - start) + start`` in
+    float32; ``trained_betas`` (given) ``torch.tensor(trained_betas, dtype=torch.float32)``."""
+    T = num_timesteps
+    if trained_betas is not None:
+        return torch.tensor(np.asarray(trained_betas, dtype=np.float64).reshape(-1).tolist(), dtype=torch.float32)
+    if kind == "linear":
+        return torch.linspace(beta_start, beta_end, T, dtype=torch.float32)
+    if kind == "scaled_linear":
+        return torch.linspace(beta_start**0.5, beta_end**0.5, T, dtype=torch.float32) ** 2
+    if kind == "squaredcos_cap_v2":
+        def alpha_bar(t):
+            return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+        return torch.tensor([min(1 - alpha_bar((i + 1) / T) / alpha_bar(i / T), 0.999) for i in range(T)],
+                            dtype=torch.float32)
+    if kind == "sigmoid":
+        return torch.sigmoid(torch.linspace(-6, 6, T)) * (beta_end - beta_start) + beta_start
+    raise ValueError(f"diffusers' beta_schedule {kind!r} has no float32 construction here; supported: 'linear', "
+                     "'scaled_linear', 'squaredcos_cap_v2', 'sigmoid' or trained_betas")
+
+
+def _float32_schedule(kind: str, num_timesteps: int, beta_start=None, beta_end=None) -> np.ndarray:
+    """A named fastddpm schedule built in float32 as diffusers builds its equal (linear, quadratic:
+    ``scaled_linear``, cosine: ``squaredcos_cap_v2``; sigmoid, which diffusers lacks: fastddpm's float64
+    betas rounded to float32), its ``alphas_cumprod`` a float32 ``torch.cumprod``: the betas of that."""
+    if kind in ("linear", "quadratic"):
+        make_betas(kind, num_timesteps, beta_start, beta_end)  # its checks (every beta < 1)
+        scale = 1000.0 / num_timesteps
+        start = beta_start if beta_start is not None else scale * 1e-4
+        end = beta_end if beta_end is not None else scale * 0.02
+        betas32 = diffusers_betas32("linear" if kind == "linear" else "scaled_linear", num_timesteps, start, end)
+    elif kind == "cosine":
+        betas32 = diffusers_betas32("squaredcos_cap_v2", num_timesteps, 0.0, 0.0)
+    else:
+        betas32 = torch.tensor(make_betas(kind, num_timesteps, beta_start, beta_end), dtype=torch.float32)
+    return betas_from_float32_cumprod(torch.cumprod(1.0 - betas32, dim=0))
 
 
 def _betas_from_alphas_cumprod(alphas_cumprod: np.ndarray, max_beta: float = 0.999) -> np.ndarray:
@@ -112,12 +184,20 @@ class NoiseSchedule:
     :param kind: the name it was made from, for serialisation.
     :param base_num_timesteps: T of the process it was respaced from (0: its own length, or past its
         last timestep).
+    :param table_dtype: ``"float64"`` (the default): every table is the exact math of the betas in float64.
+        ``"float32"``: the tables diffusers' ``DDPMScheduler``/``DDIMScheduler`` compute, to reproduce its
+        rounding: ``alphas_cumprod`` is rounded to float32 (diffusers keeps a float32 ``torch.cumprod``; the
+        betas of ``make(..., table_dtype="float32")`` are built in float32 as diffusers builds them), and the
+        per-step quantities are diffusers' ``step`` arithmetic in float32 on it (``1 - abar``, ``abar_t /
+        abar_{t-1}``, ``beta_t = 1 - that``: near t = 0 its cancellation moves the DDPM posterior
+        coefficients by ~1e-4 relative), upcast to float64.
     """
 
     betas: np.ndarray
     timesteps: tuple[int, ...] = ()
     kind: str = "custom"
     base_num_timesteps: int = 0
+    table_dtype: str = "float64"
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self):
@@ -138,16 +218,26 @@ class NoiseSchedule:
         if base < betas.size or max(ts) >= base:
             raise ValueError(f"base_num_timesteps={base} is smaller than the schedule's timesteps")
         object.__setattr__(self, "base_num_timesteps", base)
+        object.__setattr__(self, "table_dtype", table_dtype_name(self.table_dtype))
 
     # -- constructors -------------------------------------------------------------
     @classmethod
-    def make(cls, kind: str | Sequence[float] = "linear", num_timesteps: int = 1000, **kw) -> "NoiseSchedule":
-        """A named schedule (``linear``, ``cosine``, ``sigmoid``, ``quadratic``) or explicit betas."""
+    def make(cls, kind: str | Sequence[float] = "linear", num_timesteps: int = 1000, table_dtype="float64",
+             **kw) -> "NoiseSchedule":
+        """A named schedule (``linear``, ``cosine``, ``sigmoid``, ``quadratic``) or explicit betas.
+
+        :param table_dtype: ``"float64"``/``torch.float64`` (exact tables) or ``"float32"``/``torch.float32``:
+            a named schedule built in float32 as diffusers builds its equal (``_float32_schedule``) and
+            diffusers' float32 tables (see the class); explicit betas are taken as they are and their
+            ``alphas_cumprod`` rounded to float32.
+        """
+        table_dtype = table_dtype_name(table_dtype)
         if isinstance(kind, str):
             if not isinstance(num_timesteps, int) or num_timesteps < 1:
                 raise ValueError(f"num_timesteps must be a positive int, got {num_timesteps!r}")
-            return cls(make_betas(kind, num_timesteps, **kw), kind=kind)
-        return cls(np.asarray(kind, dtype=np.float64), kind="custom")
+            make = _float32_schedule if table_dtype == "float32" else make_betas
+            return cls(make(kind, num_timesteps, **kw), kind=kind, table_dtype=table_dtype)
+        return cls(np.asarray(kind, dtype=np.float64), kind="custom", table_dtype=table_dtype)
 
     def respace(self, steps: int | Sequence[int]) -> "NoiseSchedule":
         """The respaced process over fewer steps (improved-diffusion's ``respace.py``):
@@ -170,7 +260,7 @@ class NoiseSchedule:
         ac = self.alphas_cumprod64[keep]
         betas = 1.0 - ac / np.append(1.0, ac[:-1])
         return NoiseSchedule(betas, timesteps=tuple(self.timesteps[k] for k in keep), kind=self.kind,
-                             base_num_timesteps=self.base_num_timesteps)
+                             base_num_timesteps=self.base_num_timesteps, table_dtype=self.table_dtype)
 
     def truncate(self, steps: int) -> "NoiseSchedule":
         """The process of this one's first ``steps`` steps (its lowest timesteps), for sampling that
@@ -184,7 +274,7 @@ class NoiseSchedule:
         if steps == self.num_timesteps:
             return self
         return NoiseSchedule(self.betas[:steps].copy(), timesteps=self.timesteps[:steps], kind=self.kind,
-                             base_num_timesteps=self.base_num_timesteps)
+                             base_num_timesteps=self.base_num_timesteps, table_dtype=self.table_dtype)
 
     # -- float64 tables -----------------------------------------------------------
     @property
@@ -199,10 +289,15 @@ class NoiseSchedule:
 
     @property
     def alphas_cumprod64(self) -> np.ndarray:
-        return np.cumprod(1.0 - self.betas)
+        """float64 ``[T]``; with ``table_dtype="float32"`` the float32 rounding of it (upcast)."""
+        ac = np.cumprod(1.0 - self.betas)
+        return ac if self.table_dtype == "float64" else ac.astype(np.float32).astype(np.float64)
 
     def tables64(self) -> dict[str, np.ndarray]:
-        """Every derived table in float64 (names as improved-diffusion)."""
+        """Every derived table in float64 (names as improved-diffusion); with ``table_dtype="float32"``
+        diffusers' float32 values of them, upcast (``_tables32``)."""
+        if self.table_dtype == "float32":
+            return self._tables32()
         betas = self.betas
         ac = self.alphas_cumprod64
         ac_prev = np.append(1.0, ac[:-1])
@@ -223,6 +318,31 @@ class NoiseSchedule:
             "snr": ac / (1.0 - ac),
         }
 
+    def _tables32(self) -> dict[str, np.ndarray]:
+        """The tables as diffusers' ``DDPMScheduler.step``/``_get_variance`` and ``add_noise`` compute them, in
+        float32 from the float32 ``alphas_cumprod`` (the previous one 1 before step 0), upcast to float64."""
+        ac = torch.from_numpy(self.alphas_cumprod64).to(torch.float32)
+        ac_prev = torch.cat([torch.ones(1), ac[:-1]])
+        beta_prod, beta_prod_prev = 1 - ac, 1 - ac_prev
+        alphas = ac / ac_prev
+        betas = 1 - alphas  # diffusers' current_beta_t
+        tables = {
+            "betas": betas,
+            "alphas": alphas,
+            "alphas_cumprod": ac,
+            "alphas_cumprod_prev": ac_prev,
+            "sqrt_alphas_cumprod": ac**0.5,
+            "sqrt_one_minus_alphas_cumprod": beta_prod**0.5,
+            # x0 = (x_t - beta_prod**0.5 * eps) / ac**0.5
+            "sqrt_recip_alphas_cumprod": 1 / ac**0.5,
+            "sqrt_recipm1_alphas_cumprod": beta_prod**0.5 / ac**0.5,
+            "posterior_variance": torch.clamp(beta_prod_prev / beta_prod * betas, min=1e-20),
+            "posterior_mean_coef1": ac_prev**0.5 * betas / beta_prod,
+            "posterior_mean_coef2": alphas**0.5 * beta_prod_prev / beta_prod,
+            "snr": ac / beta_prod,
+        }
+        return {k: v.double().numpy() for k, v in tables.items()}
+
     # -- float32 tensors per device -----------------------------------------------
     def table(self, name: str, device: torch.device | str | None = None) -> torch.Tensor:
         """A float32 table on ``device`` (cached)."""
@@ -240,10 +360,14 @@ class NoiseSchedule:
         return self._cache[key]
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "betas": self.betas.tolist(), "timesteps": list(self.timesteps),
-                "base_num_timesteps": self.base_num_timesteps}
+        d = {"kind": self.kind, "betas": self.betas.tolist(), "timesteps": list(self.timesteps),
+             "base_num_timesteps": self.base_num_timesteps}
+        if self.table_dtype != "float64":  # the default stays out: earlier files read the same
+            d["table_dtype"] = self.table_dtype
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "NoiseSchedule":
         return cls(np.asarray(d["betas"], dtype=np.float64), timesteps=tuple(d["timesteps"]),
-                   kind=d.get("kind", "custom"), base_num_timesteps=int(d.get("base_num_timesteps", 0)))
+                   kind=d.get("kind", "custom"), base_num_timesteps=int(d.get("base_num_timesteps", 0)),
+                   table_dtype=d.get("table_dtype", "float64"))
